@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install (if needed) and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DVC_NO_ANALYTICS=1 TF_CPP_MIN_LOG_LEVEL=2
+bash scripts/setup_env.sh
+exec .venv/bin/python -m pytest -q "$@"

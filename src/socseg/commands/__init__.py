@@ -1,0 +1,1 @@
+"""Thin click commands; the logic lives in the library modules they call."""

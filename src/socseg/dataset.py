@@ -1,0 +1,113 @@
+"""Training samples: random augmented crops from the training slabs, as a Keras ``PyDataset``.
+
+Pure NumPy, so it feeds any Keras backend (TensorFlow here, JAX on a GPU machine). Each batch is
+drawn from a generator seeded by ``(seed, epoch, batch index)``: runs are reproducible and
+workers (if enabled) do not repeat each other's crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import keras
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    flips: bool = True
+    rot90: bool = True
+    intensity_jitter: float = 0.05  # +- relative scale and offset on [0, 1] grey values
+
+    @classmethod
+    def from_params(cls, augment: dict | None) -> "Augmentation":
+        augment = augment or {}
+        return cls(
+            flips=bool(augment.get("flips", True)),
+            rot90=bool(augment.get("rot90", True)),
+            intensity_jitter=float(augment.get("intensity_jitter", 0.0)),
+        )
+
+    def __call__(self, image: np.ndarray, target: np.ndarray, rng: np.random.Generator):
+        """Augment one (H, W) crop pair; geometric transforms hit both, intensity only the image."""
+        if self.flips:
+            if rng.random() < 0.5:
+                image, target = image[::-1], target[::-1]
+            if rng.random() < 0.5:
+                image, target = image[:, ::-1], target[:, ::-1]
+        if self.rot90 and image.shape[0] == image.shape[1]:
+            k = int(rng.integers(0, 4))
+            image, target = np.rot90(image, k), np.rot90(target, k)
+        if self.intensity_jitter > 0:
+            scale = 1.0 + rng.uniform(-self.intensity_jitter, self.intensity_jitter)
+            offset = rng.uniform(-self.intensity_jitter, self.intensity_jitter)
+            image = image * np.float32(scale) + np.float32(offset)
+        return image, target
+
+
+class RandomCrops(keras.utils.PyDataset):
+    """Batches ``(x, y)``: x ``(B, size, size, 1)`` float32, y ``(B, size, size)`` uint8 class indices.
+
+    ``images`` are normalised training slabs ``(Z, H, W)`` (several volumes allowed), ``targets``
+    the matching class-index slabs. A slab is picked with probability proportional to its voxel count.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        targets: Sequence[np.ndarray],
+        size: int,
+        batch_size: int,
+        steps: int,
+        augmentation: Augmentation | None = None,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not images or len(images) != len(targets):
+            raise ValueError("need one target slab per image slab, and at least one slab")
+        for image, target in zip(images, targets):
+            if image.shape != target.shape or image.ndim != 3 or image.shape[0] == 0:
+                raise ValueError(f"bad training slab: image {image.shape}, target {target.shape}")
+        self.images = [self._pad(np.asarray(i, np.float32), size) for i in images]
+        self.targets = [self._pad(np.asarray(t, np.uint8), size) for t in targets]
+        self.size = size
+        self.batch_size = batch_size
+        self.steps = steps
+        self.augmentation = augmentation or Augmentation(False, False, 0.0)
+        self.seed = seed
+        self.epoch = 0
+        sizes = np.array([i.size for i in self.images], dtype=np.float64)
+        self.slab_probabilities = sizes / sizes.sum()
+
+    @staticmethod
+    def _pad(stack: np.ndarray, size: int) -> np.ndarray:
+        pad_y, pad_x = max(0, size - stack.shape[1]), max(0, size - stack.shape[2])
+        if pad_y or pad_x:
+            stack = np.pad(stack, [(0, 0), (0, pad_y), (0, pad_x)], mode="symmetric")
+        return stack
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int):
+        # Separate streams: where crops come from does not depend on which augmentations are on.
+        rng = np.random.default_rng((self.seed, self.epoch, index, 0))
+        aug_rng = np.random.default_rng((self.seed, self.epoch, index, 1))
+        x = np.empty((self.batch_size, self.size, self.size, 1), np.float32)
+        y = np.empty((self.batch_size, self.size, self.size), np.uint8)
+        for b in range(self.batch_size):
+            slab = int(rng.choice(len(self.images), p=self.slab_probabilities))
+            image, target = self.images[slab], self.targets[slab]
+            z = int(rng.integers(0, image.shape[0]))
+            top = int(rng.integers(0, image.shape[1] - self.size + 1))
+            left = int(rng.integers(0, image.shape[2] - self.size + 1))
+            window = np.s_[z, top : top + self.size, left : left + self.size]
+            crop, label = self.augmentation(image[window], target[window], aug_rng)
+            x[b, ..., 0] = crop
+            y[b] = label
+        return x, y
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1

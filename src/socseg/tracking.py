@@ -1,0 +1,59 @@
+"""MLflow plumbing shared by training, search and registry: where to track, what data was used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import mlflow
+import yaml
+
+
+def configure_tracking(params: Mapping) -> str:
+    """Use ``$MLFLOW_TRACKING_URI`` if set (``mlflow run`` sets it), else params' ``mlflow.tracking_uri``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.get("mlflow", {}).get("tracking_uri", "sqlite:///mlflow.db")
+    mlflow.set_tracking_uri(uri)
+    if not os.environ.get("MLFLOW_EXPERIMENT_ID") and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or params.get("mlflow", {}).get("experiment", "socseg"))
+    return uri
+
+
+def dvc_data_md5(dvc_file: str | Path = "data.dvc") -> str | None:
+    """The md5 DVC recorded for ``data/`` (None where there is no .dvc file)."""
+    path = Path(dvc_file)
+    if not path.is_file():
+        return None
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+def volumes_fingerprint(checksums: Iterable[Mapping[str, str]]) -> str:
+    """One sha256 over the stored-file checksums of the volumes used: the data version of a run."""
+    digest = hashlib.sha256()
+    for entry in checksums:
+        digest.update(json.dumps(dict(sorted(entry.items())), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flat_params(params: Mapping, prefix: str = "") -> dict[str, str]:
+    """Flatten a nested params dict to ``section.key`` strings (MLflow params are flat)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flat_params(value, name + "."))
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,347 @@
+"""One tracked training run: volumes -> slab split -> normalisation -> U-Net -> MLflow.
+
+Used by ``socseg train`` and the ``train`` MLproject entry point, and (with a trial's params,
+``nested=True`` and a pruning callback) by the hyperparameter search.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
+
+from socseg import tracking
+from socseg.config import parse_bool
+from socseg.dataset import Augmentation, RandomCrops
+from socseg.inference import predict_probabilities
+from socseg.losses import get_loss
+from socseg.metrics import ThresholdedIoU, confusion_matrix, probabilities_to_classes, scores_from_confusion
+from socseg.models import build_model
+from socseg.normalise import IntensityNormalisation, Normaliser
+from socseg.plots import overlay_figure, training_curves_figure
+from socseg.runtime import runtime_tags, seed_everything, set_precision
+from socseg.split import SlabSplit, split_from_params
+from socseg.tasks import check_task, task_class_names, task_targets
+from socseg.volume import Volume, load_volume, volume_dir
+
+
+@dataclass
+class Slab:
+    """One subset of one volume, ready for the network."""
+
+    volume: str
+    z_range: tuple[int, int]
+    images: np.ndarray  # normalised float32 (Z, H, W)
+    targets: np.ndarray  # task class indices uint8 (Z, H, W)
+
+
+@dataclass
+class PreparedData:
+    task: str
+    class_names: list[str]
+    phase_map: dict[int, str]
+    normaliser: Normaliser
+    splits: dict[str, SlabSplit]
+    slabs: dict[str, list[Slab]]  # subset -> slabs (one per volume with a non-empty subset)
+    checksums: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        return tracking.volumes_fingerprint(self.checksums)
+
+
+def load_labelled_volumes(params: Mapping, names: Sequence[str]) -> list[Volume]:
+    data_dir = params["data"]["dir"]
+    volumes = []
+    for name in names:
+        volume = load_volume(volume_dir(name, data_dir))
+        if volume.labels is None:
+            raise ValueError(f"volume {name!r} has no labels: training needs labelled volumes")
+        volumes.append(volume)
+    phase_names = {tuple(v.class_names) for v in volumes}
+    if len(phase_names) > 1:
+        raise ValueError(f"volumes disagree on their phases: {sorted(phase_names)}")
+    return volumes
+
+
+def prepare_data(params: Mapping, volumes: Sequence[Volume], task: str) -> PreparedData:
+    """Split every volume into slabs, fit the normaliser on the training slabs only, build targets."""
+    check_task(task)
+    phase_names = volumes[0].class_names
+    class_names = task_class_names(task, phase_names)
+    splits = {v.meta.name: split_from_params(v.image.shape[0], params["split"]) for v in volumes}
+    norm = params["normalise"]
+    normaliser = Normaliser.fit(
+        [v.image[splits[v.meta.name].range("train")] for v in volumes],
+        norm["low_percentile"],
+        norm["high_percentile"],
+    )
+    slabs: dict[str, list[Slab]] = {"train": [], "val": [], "test": []}
+    for volume in volumes:
+        split = splits[volume.meta.name]
+        class_index = volume.class_index()
+        for subset in slabs:
+            start, stop = getattr(split, subset)
+            if stop > start:
+                slabs[subset].append(
+                    Slab(
+                        volume=volume.meta.name,
+                        z_range=(start, stop),
+                        images=normaliser.apply(volume.image[start:stop]),
+                        targets=task_targets(class_index[start:stop], task, phase_names),
+                    )
+                )
+    if not slabs["train"]:
+        raise ValueError("the split leaves no training slices")
+    return PreparedData(
+        task=task,
+        class_names=class_names,
+        phase_map=dict(volumes[0].meta.phase_map),
+        normaliser=normaliser,
+        splits=splits,
+        slabs=slabs,
+        checksums=[dict(v.meta.checksums) for v in volumes],
+    )
+
+
+def evaluate_slabs(
+    model: keras.Model, slabs: Sequence[Slab], task: str, class_names: list[str], tile_size: int, batch_size: int
+) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Scores over all slabs (each pixel counted once) and the predicted class maps."""
+    cm = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
+    predictions = []
+    for slab in slabs:
+        probs = predict_probabilities(model.predict_on_batch, slab.images, tile_size, batch_size)
+        classes = probabilities_to_classes(probs, task)
+        cm += confusion_matrix(slab.targets, classes, len(class_names))
+        predictions.append(classes)
+    return scores_from_confusion(cm, class_names), predictions
+
+
+class SlabValidation(keras.callbacks.Callback):
+    """Adds ``val_<score>`` for the whole validation slabs to the epoch logs.
+
+    Scores come from the fixed tiling, thresholded, each pixel once: the same code as the final
+    evaluation, so early stopping optimises exactly what is reported.
+    """
+
+    def __init__(self, slabs: Sequence[Slab], task: str, class_names: list[str], tile_size: int, batch_size: int):
+        super().__init__()
+        self.slabs, self.task, self.class_names = slabs, task, class_names
+        self.tile_size, self.batch_size = tile_size, batch_size
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        scores, _ = evaluate_slabs(self.model, self.slabs, self.task, self.class_names, self.tile_size, self.batch_size)
+        if logs is not None:
+            logs.update({f"val_{k}": v for k, v in scores.items() if k.startswith(("iou", "mean_iou", "mean_dice"))})
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Logs every epoch's logs (loss, train metrics, validation IoU per class) as MLflow metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[str, list[float]] = {}
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        values = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or np.ndim(v) == 0}
+        for key, value in values.items():
+            self.history.setdefault(key, []).append(value)
+        mlflow.log_metrics(values, step=epoch)
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+    history: dict[str, list[float]]
+    best_epoch: int
+    seconds: float
+
+
+def _settings(params: Mapping) -> dict[str, Any]:
+    t = params["train"]
+    return {
+        "encoder": str(t["encoder"]),
+        "task": check_task(str(t["task"])),
+        "epochs": int(t["epochs"]),
+        "batch_size": int(t["batch_size"]),
+        "learning_rate": float(t["learning_rate"]),
+        "dropout": float(t["dropout"]),
+        "loss": str(t["loss"]),
+        "precision": str(t["precision"]),
+        "encoder_weights": str(t["encoder_weights"]),
+        "freeze_encoder": parse_bool(t["freeze_encoder"]),
+        "base_filters": int(t["base_filters"]),
+        "patience": int(t["patience"]),
+        "seed": int(t["seed"]),
+        "tile_size": int(params["tiles"]["size"]),
+        "steps_per_epoch": int(params["tiles"]["steps_per_epoch"]),
+    }
+
+
+def export_model(model: keras.Model, normaliser: Normaliser) -> keras.Model:
+    """The model users get: raw grey slices (B, H, W, 1) in, class probabilities out."""
+    inputs = keras.Input(shape=(None, None, 1), dtype="float32", name="grey")
+    normalised = IntensityNormalisation(normaliser.low, normaliser.high, name="normalise")(inputs)
+    return keras.Model(inputs, model(normalised), name=f"socseg_{model.name}")
+
+
+def train(
+    params: Mapping,
+    volume_names: Sequence[str] | None = None,
+    run_name: str | None = None,
+    nested: bool = False,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    log_model: bool = True,
+) -> TrainResult:
+    """Train one U-Net with ``params`` and track everything in one MLflow run."""
+    s = _settings(params)
+    names = list(volume_names or params["data"]["volumes"])
+    tracking.configure_tracking(params)
+    set_precision(s["precision"])
+    seed_everything(s["seed"])
+    try:
+        volumes = load_labelled_volumes(params, names)
+        data = prepare_data(params, volumes, s["task"])
+        n_classes = len(data.class_names)
+        model = build_model(
+            s["encoder"],
+            s["task"],
+            n_classes=n_classes,
+            dropout=s["dropout"],
+            encoder_weights=s["encoder_weights"],
+            freeze_encoder=s["freeze_encoder"],
+            base_filters=s["base_filters"],
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=s["learning_rate"]),
+            loss=get_loss(s["loss"], s["task"]),
+            metrics=[ThresholdedIoU(task=s["task"], n_classes=n_classes, name="mean_iou")],
+        )
+        crops = RandomCrops(
+            [slab.images for slab in data.slabs["train"]],
+            [slab.targets for slab in data.slabs["train"]],
+            size=s["tile_size"],
+            batch_size=s["batch_size"],
+            steps=s["steps_per_epoch"],
+            augmentation=Augmentation.from_params(params["tiles"].get("augment")),
+            seed=s["seed"],
+        )
+        val_slabs = data.slabs["val"] or data.slabs["train"]
+        logger = MlflowEpochLogger()
+        callbacks = [
+            SlabValidation(val_slabs, s["task"], data.class_names, s["tile_size"], s["batch_size"]),
+            keras.callbacks.EarlyStopping(
+                monitor="val_mean_iou", mode="max", patience=s["patience"], restore_best_weights=True
+            ),
+            logger,
+            *extra_callbacks,
+        ]
+        with mlflow.start_run(run_name=run_name, nested=nested) as run:
+            mlflow.set_tags(
+                {
+                    **runtime_tags(s["precision"]),
+                    "encoder": s["encoder"],
+                    "task": s["task"],
+                    "data_fingerprint": data.fingerprint,
+                    "data_md5_dvc": tracking.dvc_data_md5() or "none",
+                    "git_commit": tracking.git_commit() or "none",
+                    "volumes": ",".join(names),
+                }
+            )
+            # Section-prefixed names ("train.epochs"): `mlflow run` already logs its own entry-point
+            # parameters under the bare names, and MLflow params cannot be logged twice.
+            effective = {**params, "train": {**params["train"], **{k: s[k] for k in params["train"] if k in s}}}
+            mlflow.log_params(tracking.flat_params({k: effective[k] for k in ("train", "tiles", "split", "normalise")}))
+            mlflow.log_param("data.volumes", ",".join(names))
+            mlflow.log_params(
+                {f"split_{name}_{subset}": f"{a}-{b}" for name, sp in data.splits.items()
+                 for subset, (a, b) in (("train", sp.train), ("val", sp.val), ("test", sp.test))}
+            )
+            mlflow.log_params({"normalise.low": data.normaliser.low, "normalise.high": data.normaliser.high})
+            started = time.perf_counter()
+            model.fit(crops, epochs=s["epochs"], callbacks=callbacks, verbose=2)
+            seconds = time.perf_counter() - started
+            history = logger.history
+            best_epoch = int(np.argmax(history["val_mean_iou"])) if history.get("val_mean_iou") else 0
+
+            metrics: dict[str, float] = {"train_seconds": seconds, "best_epoch": float(best_epoch)}
+            for subset in ("val", "test"):
+                if data.slabs[subset]:
+                    scores, predictions = evaluate_slabs(
+                        model, data.slabs[subset], s["task"], data.class_names, s["tile_size"], s["batch_size"]
+                    )
+                    metrics.update({f"{subset}_{k}": v for k, v in scores.items()})
+                    if subset == "test":
+                        _log_overlays(data.slabs["test"], predictions, data.class_names)
+            mlflow.log_metrics({f"final_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()})
+            _log_artifacts(data, history)
+            model_uri = ""
+            if log_model:
+                model_uri = _log_model(model, data, s["tile_size"])
+            return TrainResult(run.info.run_id, model_uri, metrics, history, best_epoch, seconds)
+    finally:
+        set_precision("float32")
+
+
+def _log_overlays(slabs: Sequence[Slab], predictions: Sequence[np.ndarray], class_names: list[str]) -> None:
+    """Test-slab overlays (first, middle and last slice of the first test slab)."""
+    slab, pred = slabs[0], predictions[0]
+    picks = sorted({0, len(slab.images) // 2, len(slab.images) - 1})
+    fig = overlay_figure(
+        [slab.images[k] for k in picks],
+        [slab.targets[k] for k in picks],
+        [pred[k] for k in picks],
+        class_names,
+        titles=[f"{slab.volume} z={slab.z_range[0] + k}" for k in picks],
+    )
+    mlflow.log_figure(fig, "plots/test_overlays.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _log_artifacts(data: PreparedData, history: dict[str, list[float]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = training_curves_figure(history)
+    mlflow.log_figure(fig, "plots/training_curves.png")
+    plt.close(fig)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        frame = pd.DataFrame(history)
+        frame.insert(0, "epoch", np.arange(len(frame)))
+        frame.to_csv(tmp_path / "history.csv", index=False)
+        (tmp_path / "split.json").write_text(json.dumps({k: v.to_dict() for k, v in data.splits.items()}, indent=2))
+        data.normaliser.save(tmp_path / "normalisation.json")
+        mlflow.log_artifacts(tmp, "training")
+
+
+def _log_model(model: keras.Model, data: PreparedData, tile_size: int) -> str:
+    exported = export_model(model, data.normaliser)
+    example = data.slabs["train"][0].images[:1, :tile_size, :tile_size]
+    raw_example = (example * (data.normaliser.high - data.normaliser.low) + data.normaliser.low)[..., None]
+    raw_example = raw_example.astype(np.float32)
+    signature = infer_signature(raw_example, np.asarray(exported.predict_on_batch(raw_example)))
+    socseg_meta = {
+        "task": data.task,
+        "class_names": data.class_names,
+        "phase_map": {str(k): v for k, v in data.phase_map.items()},
+        "normalisation": data.normaliser.to_dict(),
+        "tile_size": tile_size,
+    }
+    info = mlflow.keras.log_model(
+        exported, name="model", signature=signature, input_example=raw_example, metadata={"socseg": socseg_meta}
+    )
+    return info.model_uri

@@ -1,0 +1,63 @@
+"""Shared fixtures: params, the real SOCPristine data from ../shared, tiny synthetic volumes, MLflow stores."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only SOCPristine slices next to the checkout (never copied into the repo)."""
+    path = Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared" / "data" / "socpristine"))
+    if not (path / "data").is_dir():
+        pytest.fail(f"real PXCT data not found at {path}: set SOCSEG_SHARED_DATA")
+    return path
+
+
+@pytest.fixture()
+def params():
+    from socseg.config import load_params
+
+    return load_params(REPO / "params.yaml")
+
+
+@pytest.fixture()
+def tiny_params(tmp_path, params):
+    """params.yaml shrunk for CPU tests: a 24x64x64 phantom, 32-pixel tiles, one epoch of 2 steps."""
+    from socseg.synth import synth_from_params
+    from socseg.volume import save_volume
+
+    p = copy.deepcopy(params)
+    p["data"]["dir"] = str(tmp_path / "data")
+    p["data"]["volumes"] = ["tiny"]
+    p["split"].update(train=0.6, val=0.2, test=0.2, gap=2)
+    p["tiles"].update(size=32, steps_per_epoch=2)
+    p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1)
+    p["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    volume = synth_from_params(p, "tiny", shape=(24, 64, 64), seed=1)
+    save_volume(volume, Path(p["data"]["dir"]) / "tiny")
+    return p
+
+
+@pytest.fixture()
+def mlflow_env(tmp_path, monkeypatch):
+    """A private MLflow SQLite store for one test (set through the environment, as `mlflow run` does)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    return uri

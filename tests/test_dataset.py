@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from socseg.dataset import Augmentation, RandomCrops
+
+
+def _slabs():
+    rng = np.random.default_rng(0)
+    image = rng.random((5, 40, 50)).astype(np.float32)
+    target = (image > 0.5).astype(np.uint8)
+    return image, target
+
+
+def test_crops_have_the_right_shapes_and_match_their_targets():
+    image, target = _slabs()
+    crops = RandomCrops([image], [target], size=32, batch_size=4, steps=3, augmentation=Augmentation(True, True, 0.0))
+    assert len(crops) == 3
+    x, y = crops[0]
+    assert x.shape == (4, 32, 32, 1) and x.dtype == np.float32
+    assert y.shape == (4, 32, 32) and y.dtype == np.uint8
+    # Geometric augmentation moves image and target together.
+    np.testing.assert_array_equal((x[..., 0] > 0.5).astype(np.uint8), y)
+
+
+def test_batches_are_reproducible_and_change_between_epochs():
+    image, target = _slabs()
+    a = RandomCrops([image], [target], size=32, batch_size=2, steps=2, seed=3)
+    b = RandomCrops([image], [target], size=32, batch_size=2, steps=2, seed=3)
+    np.testing.assert_array_equal(a[1][0], b[1][0])
+    first = a[1][0].copy()
+    a.on_epoch_end()
+    assert not np.array_equal(a[1][0], first)
+
+
+def test_intensity_jitter_changes_grey_values_only():
+    image, target = _slabs()
+    plain = RandomCrops([image], [target], size=32, batch_size=2, steps=1, augmentation=Augmentation(False, False, 0.0), seed=1)
+    jitter = RandomCrops([image], [target], size=32, batch_size=2, steps=1, augmentation=Augmentation(False, False, 0.2), seed=1)
+    (x0, y0), (x1, y1) = plain[0], jitter[0]
+    np.testing.assert_array_equal(y0, y1)
+    assert not np.allclose(x0, x1)
+    assert np.abs(x0 - x1).max() < 0.45
+
+
+def test_slices_smaller_than_the_crop_are_mirror_padded():
+    image, target = _slabs()
+    crops = RandomCrops([image[:, :20, :20]], [target[:, :20, :20]], size=32, batch_size=1, steps=1)
+    x, y = crops[0]
+    assert x.shape == (1, 32, 32, 1)
+
+
+def test_mismatched_slabs_are_rejected():
+    image, target = _slabs()
+    with pytest.raises(ValueError, match="bad training slab"):
+        RandomCrops([image], [target[:, :10]], size=8, batch_size=1, steps=1)
