@@ -1,0 +1,46 @@
+import pytest
+
+from socseg.config import load_params, override, parse_bool
+
+
+def test_params_lookup_order(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text("train: {epochs: 99}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_params()["train"]["epochs"] == 99
+    other = tmp_path / "other.yaml"
+    other.write_text("train: {epochs: 7}\n")
+    monkeypatch.setenv("SOCSEG_PARAMS", str(other))
+    assert load_params()["train"]["epochs"] == 7
+    assert load_params(tmp_path / "params.yaml")["train"]["epochs"] == 99
+
+
+def test_packaged_defaults_outside_a_project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SOCSEG_PARAMS", raising=False)
+    assert load_params()["train"]["encoder"] in {"vgg16", "resnet50", "unet"}
+
+
+def test_missing_or_malformed_params(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_params(bad)
+
+
+def test_override_copies_and_skips_none(params):
+    updated = override(params, "train", epochs=3, dropout=None)
+    assert updated["train"]["epochs"] == 3
+    assert updated["train"]["dropout"] == params["train"]["dropout"]
+    assert params["train"]["epochs"] != 3 or updated is not params
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("False", False), ("1", True), ("no", False), (True, True)])
+def test_parse_bool(text, value):
+    assert parse_bool(text) is value
+
+
+def test_parse_bool_rejects_garbage():
+    with pytest.raises(ValueError):
+        parse_bool("maybe")
