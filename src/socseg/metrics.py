@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from socseg.models import check_task
+from socseg.tasks import check_task
 
 PHASE_NAMES = ("pore", "ysz", "ni")
 NI_NAMES = ("rest", "ni")

@@ -17,8 +17,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from socseg.tasks import check_task
+
 ENCODERS = ("vgg16", "resnet50", "unet")
-TASKS = ("ni", "phases")
 
 # Mean pixel of ImageNet in BGR order: the "caffe" preprocessing VGG16 and ResNet50 were trained with.
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -40,13 +41,6 @@ _APPLICATIONS = {
 }
 _RESNET_STEM_FILTERS = 16
 _UNET_LEVELS = 4
-
-
-def check_task(task: str) -> str:
-    """Return ``task`` if it is known, else raise a ValueError naming the valid ones."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    return task
 
 
 def n_outputs(task: str, n_classes: int = 3) -> int:

@@ -96,7 +96,10 @@ class Volume:
     meta: VolumeMeta
 
     def __post_init__(self) -> None:
-        # Cheap structural checks only; label values are checked on save/load.
+        self.validate()
+
+    def validate(self) -> None:
+        """Cheap structural checks (shapes, dtypes, meta agreement); label values are checked on save/load."""
         if self.image.ndim != 3:
             raise VolumeError(f"volume {self.meta.name!r}: image must be 3-D (Z, Y, X), got {self.image.shape}")
         if self.image.dtype.name not in IMAGE_DTYPES:
@@ -151,8 +154,10 @@ def _json_default(value: Any) -> Any:
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
-    if isinstance(value, (Path, tuple, set)):
-        return str(value) if isinstance(value, Path) else list(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set):
+        return sorted(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
@@ -242,6 +247,7 @@ def save_volume(volume: Volume, directory: str | os.PathLike, overwrite: bool = 
     Returns the directory. The stored files' sha256 are added to ``volume.meta.checksums``.
     """
     target = Path(directory)
+    volume.validate()  # the arrays or meta may have been changed since construction
     if target.exists() and not overwrite:
         raise VolumeError(f"{target} already exists (use overwrite to replace it)")
     if volume.labels is not None:
@@ -291,13 +297,11 @@ def _read_stored_tiff(path: Path, mmap: bool) -> np.ndarray:
             pages = tif.pages
             first = pages[0]
             shape = (len(pages), *first.shape)
-            backing = tempfile.TemporaryFile(prefix="socseg-", suffix=".raw")
-            array = np.memmap(backing, dtype=first.dtype, mode="w+", shape=shape)
+            with tempfile.TemporaryFile(prefix="socseg-", suffix=".raw") as backing:
+                array = np.memmap(backing, dtype=first.dtype, mode="w+", shape=shape)  # mmap outlives the fd
             for index, page in enumerate(pages):
                 array[index] = page.asarray()
             return array
-    except VolumeError:
-        raise
     except Exception as exc:  # tifffile raises many types for corrupt files
         raise VolumeError(f"cannot read {path}: {exc}") from None
 
@@ -372,10 +376,15 @@ def _decode(path: Path) -> tuple[np.ndarray, str]:
     except OSError as exc:
         raise VolumeError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        array = tifffile.imread(io.BytesIO(raw))
+        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+            if not tif.pages:  # tifffile only warns about a broken first-page offset
+                raise ValueError("no readable image pages")
+            array = np.asarray(tif.asarray())
     except Exception as exc:  # corrupt/truncated/not a TIFF: tifffile raises many types
         raise VolumeError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
-    return np.asarray(array), hashlib.sha256(raw).hexdigest()
+    if array.size == 0:
+        raise VolumeError(f"{path}: not a readable TIFF (empty image)")
+    return array.astype(array.dtype.newbyteorder("="), copy=False), hashlib.sha256(raw).hexdigest()
 
 
 def _check_image_array(array: np.ndarray, path: Path) -> None:
@@ -393,29 +402,38 @@ def _check_label_array(array: np.ndarray, path: Path) -> np.ndarray:
     return array.astype(np.uint8, copy=False)
 
 
-def _read_slices(files: Sequence[Path], what: str, labels: bool = False) -> tuple[np.ndarray, list[str]]:
-    """Stack 2-D slices (or one 3-D stack) into (Z, Y, X), checking dtype and shape per file."""
+def _read_slices(
+    files: Sequence[Path], what: str, labels: bool = False, like: tuple[Path, tuple[int, ...]] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Stack 2-D slices (or one 3-D stack) into (Z, Y, X), checking dtype and shape per file.
+
+    ``like`` = (file, slice shape) of the images, so a label slice of another shape is named.
+    """
     stack: np.ndarray | None = None
     digests: list[str] = []
-    bar = tqdm(files, desc=f"reading {what}", unit="slice", disable=True if len(files) < _PROGRESS_MIN_SLICES else None)
-    for z, path in enumerate(bar):
-        array, digest = _decode(path)
-        digests.append(digest)
-        array = _check_label_array(array, path) if labels else array
-        if not labels:
-            _check_image_array(array, path)
-        if array.ndim == 3 and len(files) == 1:
-            return array, digests
-        if array.ndim != 2:
-            raise VolumeError(f"{path}: expected one 2-D grey slice, got shape {array.shape}")
-        if stack is None:
-            stack = np.empty((len(files), *array.shape), dtype=array.dtype.newbyteorder("="))
-            first = path
-        elif array.shape != stack.shape[1:] or array.dtype != stack.dtype:
-            raise VolumeError(
-                f"{path}: slice is {array.shape} {array.dtype} but {first.name} is {stack.shape[1:]} {stack.dtype}"
-            )
-        stack[z] = array
+    quiet = True if len(files) < _PROGRESS_MIN_SLICES else None  # None: tqdm shows a bar on a terminal only
+    with tqdm(files, desc=f"reading {what}", unit="slice", disable=quiet) as bar:
+        for z, path in enumerate(bar):
+            array, digest = _decode(path)
+            digests.append(digest)
+            if labels:
+                array = _check_label_array(array, path)
+            else:
+                _check_image_array(array, path)
+            if array.ndim == 3 and len(files) == 1:
+                return array, digests
+            if array.ndim != 2:
+                raise VolumeError(f"{path}: expected one 2-D grey slice, got shape {array.shape}")
+            if like is not None and array.shape != like[1][-2:]:
+                raise VolumeError(f"{path}: label slice is {array.shape} but image {like[0].name} is {like[1][-2:]}")
+            if stack is None:
+                stack = np.empty((len(files), *array.shape), dtype=array.dtype)
+                first = path
+            elif array.shape != stack.shape[1:] or array.dtype != stack.dtype:
+                raise VolumeError(
+                    f"{path}: slice is {array.shape} {array.dtype} but {first.name} is {stack.shape[1:]} {stack.dtype}"
+                )
+            stack[z] = array
     assert stack is not None
     return stack, digests
 
@@ -462,7 +480,9 @@ def import_slices(
     label_stack = None
     source = f"images={images}"
     if label_files is not None:
-        label_stack, label_digests = _read_slices([p for _, p in label_files], "labels", labels=True)
+        label_stack, label_digests = _read_slices(
+            [p for _, p in label_files], "labels", labels=True, like=(image_files[0][1], image.shape)
+        )
         checksums["source_labels"] = _combined_sha256(label_digests)
         source += f" labels={labels}"
         if label_stack.shape != image.shape:

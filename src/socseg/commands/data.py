@@ -70,7 +70,9 @@ def data() -> None:
 @click.argument("name")
 @click.option("--images", required=True, help="Glob of grey-value TIFF slices, e.g. 'raw/SOCprist*.tiff'.")
 @click.option("--labels", default=None, help="Glob of label TIFF slices, paired by the last number in the file name.")
-@click.option("--phase-map", default=None, help="Label value -> phase, e.g. 0=pore,128=ysz,255=ni [params: data.phase_map].")
+@click.option(
+    "--phase-map", default=None, help="Label value -> phase, e.g. 0=pore,128=ysz,255=ni [params: data.phase_map]."
+)
 @click.option("--voxel-size", type=float, default=None, help="Voxel size in nm, if known.")
 @click.option("--data-dir", default=None, help="Where volumes live [params: data.dir].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing volume of the same name.")

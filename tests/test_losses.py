@@ -1,0 +1,129 @@
+"""Losses against hand-computed values on tiny class maps."""
+
+import keras
+import numpy as np
+import pytest
+
+from socseg.losses import LOSSES, CEDiceLoss, DiceLoss, get_loss
+
+# ni: one sample, 2x2 pixels; truth and P(ni).
+NI_TRUE = np.array([[[1, 0], [1, 0]]], dtype="int32")
+NI_PROB = np.array([[[0.9, 0.2], [0.6, 0.1]]], dtype="float32")[..., None]
+# phases: 3 classes, softmax-like rows.
+PH_TRUE = np.array([[[0, 1], [2, 2]]], dtype="int32")
+PH_PROB = np.array(
+    [[[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], [[0.2, 0.2, 0.6], [0.5, 0.1, 0.4]]]], dtype="float32"
+)
+
+
+def value(loss, y_true, y_pred, **kwargs):
+    return float(keras.ops.convert_to_numpy(loss(y_true, y_pred, **kwargs)))
+
+
+def per_sample(loss, y_true, y_pred):
+    return keras.ops.convert_to_numpy(loss.call(keras.ops.convert_to_tensor(y_true, "float32"), y_pred))
+
+
+def p_true(y_true, probs):
+    """Probability of the true class per pixel."""
+    return np.take_along_axis(probs, y_true[..., None], axis=-1)[..., 0]
+
+
+def test_ce_ni_is_binary_cross_entropy_by_hand():
+    expected = -np.mean(np.log([0.9, 0.8, 0.6, 0.9]))
+    assert value(get_loss("ce", "ni"), NI_TRUE, NI_PROB) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ce_phases_from_integer_labels_by_hand():
+    expected = -np.mean(np.log([0.7, 0.8, 0.6, 0.4]))
+    assert value(get_loss("ce", "phases"), PH_TRUE, PH_PROB) == pytest.approx(expected, rel=1e-5)
+    assert np.isclose(expected, -np.log(p_true(PH_TRUE, PH_PROB)).mean())
+
+
+def test_labels_as_float_or_with_channel_give_the_same_loss():
+    loss = get_loss("ce_dice", "ni")
+    base = value(loss, NI_TRUE, NI_PROB)
+    assert value(loss, NI_TRUE.astype("float32"), NI_PROB) == pytest.approx(base)
+    assert value(loss, NI_TRUE[..., None], NI_PROB) == pytest.approx(base)
+
+
+def test_dice_by_hand_with_smoothing():
+    # Two classes for ni: rest (1 - p) and ni (p); smooth = 1.
+    p = NI_PROB[0, ..., 0]
+    t = NI_TRUE[0].astype(float)
+    dice_ni = (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    dice_rest = (2 * ((1 - p) * (1 - t)).sum() + 1) / ((1 - p).sum() + (1 - t).sum() + 1)
+    expected = 1 - (dice_ni + dice_rest) / 2
+    assert value(get_loss("dice", "ni"), NI_TRUE, NI_PROB) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["ni", "phases"])
+def test_dice_perfect_is_zero_and_fully_wrong_is_one(task):
+    rng = np.random.default_rng(0)
+    n = 2 if task == "ni" else 3
+    truth = rng.integers(0, n, size=(2, 16, 16))
+    wrong = (truth + 1) % n
+    if task == "ni":
+        perfect_pred, wrong_pred = truth[..., None].astype("float32"), wrong[..., None].astype("float32")
+    else:
+        perfect_pred, wrong_pred = np.eye(n, dtype="float32")[truth], np.eye(n, dtype="float32")[wrong]
+    loss = get_loss("dice", task)
+    assert value(loss, truth, perfect_pred) == pytest.approx(0.0, abs=1e-6)
+    assert value(loss, truth, wrong_pred) == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("task", ["ni", "phases"])
+def test_ce_dice_is_the_sum(task):
+    y_true, y_pred = (NI_TRUE, NI_PROB) if task == "ni" else (PH_TRUE, PH_PROB)
+    total = value(get_loss("ce_dice", task), y_true, y_pred)
+    parts = value(get_loss("ce", task), y_true, y_pred) + value(get_loss("dice", task), y_true, y_pred)
+    assert total == pytest.approx(parts, rel=1e-6)
+
+
+def test_focal_by_hand_and_smaller_than_ce_when_confident():
+    pt = p_true(PH_TRUE, PH_PROB)
+    expected = np.mean(-((1 - pt) ** 2) * np.log(pt))
+    assert value(get_loss("focal", "phases"), PH_TRUE, PH_PROB) == pytest.approx(expected, rel=1e-5)
+    confident = np.array([[[0.97, 0.02], [0.99, 0.05]]], dtype="float32")[..., None]
+    focal = value(get_loss("focal", "ni"), NI_TRUE, confident)
+    ce = value(get_loss("ce", "ni"), NI_TRUE, confident)
+    assert 0 < focal < ce / 100
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("task", ["ni", "phases"])
+def test_saturated_predictions_stay_finite_and_per_sample(name, task):
+    n = 1 if task == "ni" else 3
+    truth = np.array([[[0, 1], [1, 0]], [[1, 1], [0, 0]]])
+    hard = np.zeros((2, 2, 2, n), dtype="float32")
+    hard[..., 0] = 1.0  # certain, and wrong on some pixels
+    loss = get_loss(name, task)
+    samples = per_sample(loss, truth, hard)
+    assert samples.shape == (2,)
+    assert np.all(np.isfinite(samples))
+    # sum_over_batch_size reduction is the mean of the per-sample values, and honours sample weights.
+    assert value(loss, truth, hard) == pytest.approx(samples.mean(), rel=1e-5)
+    weighted = value(loss, truth, hard, sample_weight=np.array([1.0, 0.0]))
+    assert weighted == pytest.approx(samples[0] / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_losses_serialise(name):
+    loss = get_loss(name, "phases")
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert type(clone) is type(loss)
+    assert clone.get_config() == loss.get_config()
+    assert value(clone, PH_TRUE, PH_PROB) == pytest.approx(value(loss, PH_TRUE, PH_PROB))
+
+
+def test_ce_dice_keeps_its_smoothing_in_config():
+    loss = CEDiceLoss(task="ni", smooth=0.5)
+    assert CEDiceLoss.from_config(loss.get_config()).smooth == 0.5
+    assert isinstance(loss, DiceLoss)
+
+
+def test_unknown_name_or_task_lists_valid_ones():
+    with pytest.raises(ValueError, match="ce, dice, ce_dice, focal"):
+        get_loss("iou", "ni")
+    with pytest.raises(ValueError, match="ni, phases"):
+        get_loss("ce", "pores")

@@ -1,0 +1,81 @@
+"""The synthetic phantom: deterministic, right fractions and grey levels, hard but not too hard."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from socseg.config import override
+from socseg.synth import synth_from_params, synth_volume
+from socseg.volume import VolumeError
+
+SHAPE = (24, 96, 96)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return synth_volume(shape=SHAPE, seed=0)
+
+
+def test_deterministic(phantom):
+    again = synth_volume(shape=SHAPE, seed=0)
+    np.testing.assert_array_equal(again.image, phantom.image)
+    np.testing.assert_array_equal(again.labels, phantom.labels)
+    other = synth_volume(shape=SHAPE, seed=1)
+    assert not np.array_equal(other.labels, phantom.labels)
+    assert not np.array_equal(other.image, phantom.image)
+
+
+def test_fractions_levels_and_labels(phantom):
+    assert phantom.image.dtype == np.uint16 and phantom.image.shape == SHAPE
+    assert set(np.unique(phantom.labels)) <= {0, 128, 255}
+    fractions = phantom.phase_fractions()
+    for phase, target in {"pore": 0.30, "ysz": 0.43, "ni": 0.27}.items():
+        assert fractions[phase] == pytest.approx(target, abs=0.02)
+    means = [phantom.image[phantom.labels == v].mean() for v in (0, 128, 255)]
+    assert means[0] < means[1] < means[2]
+
+
+def test_phases_form_networks(phantom):
+    # a cermet's phases percolate: each phase is dominated by one connected cluster
+    for value in (0, 128, 255):
+        mask = phantom.labels == value
+        clusters, _ = ndimage.label(mask)
+        assert np.bincount(clusters.ravel())[1:].max() > 0.8 * mask.sum()
+
+
+def test_two_threshold_rule_is_good_not_perfect(phantom):
+    grey = phantom.image.astype(np.float32)
+    low, high = (22500 + 35000) / 2, (35000 + 40900) / 2
+    predicted = np.where(grey < low, 0, np.where(grey < high, 128, 255))
+    accuracy = float((predicted == phantom.labels).mean())
+    assert 0.8 < accuracy < 0.995
+
+
+def test_default_shape_is_fast():
+    start = time.perf_counter()
+    volume = synth_volume()
+    assert volume.image.shape == (48, 192, 192)
+    assert time.perf_counter() - start < 10
+
+
+def test_from_params_and_overrides(params):
+    volume = synth_from_params(params, "demo", shape=(8, 32, 32), seed=3)
+    assert volume.meta.name == "demo" and volume.image.shape == (8, 32, 32)
+    assert volume.meta.phase_map == {int(k): v for k, v in params["data"]["phase_map"].items()}
+    assert volume.meta.extra["synth"]["seed"] == 3
+    changed = override(params, "synth", fractions={"pore": 0.5, "ysz": 0.3, "ni": 0.2})
+    fractions = synth_from_params(changed, "demo", shape=(8, 32, 32)).phase_fractions()
+    assert fractions["pore"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_bad_settings():
+    with pytest.raises(VolumeError, match="sum to 1"):
+        synth_volume(shape=(4, 8, 8), fractions={"pore": 0.5, "ysz": 0.5, "ni": 0.5})
+    with pytest.raises(VolumeError, match="phase map"):
+        synth_volume(shape=(4, 8, 8), fractions={"pore": 0.5, "metal": 0.5})
+    with pytest.raises(VolumeError, match="shape"):
+        synth_volume(shape=(4, 8))
