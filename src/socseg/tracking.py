@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,3 +58,32 @@ def flat_params(params: Mapping, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+@contextlib.contextmanager
+def _keras_input_example_fix():
+    """Work around mlflow/mlflow#16183 (open in 3.17.2): ``mlflow.keras.save_model`` writes the
+    input example before it creates the model folder and fails with FileNotFoundError."""
+    import mlflow.keras.save as keras_save
+
+    original = keras_save._save_example
+
+    def save_example(mlflow_model, input_example, path, *args, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, input_example, path, *args, **kwargs)
+
+    keras_save._save_example = save_example
+    try:
+        yield
+    finally:
+        keras_save._save_example = original
+
+
+def log_keras_model(model, signature, input_example, metadata: Mapping | None = None, name: str = "model"):
+    """``mlflow.keras.log_model`` with signature and input example; returns the ModelInfo."""
+    import mlflow.keras
+
+    with _keras_input_example_fix():
+        return mlflow.keras.log_model(
+            model, name=name, signature=signature, input_example=input_example, metadata=dict(metadata or {})
+        )

@@ -341,7 +341,5 @@ def _log_model(model: keras.Model, data: PreparedData, tile_size: int) -> str:
         "normalisation": data.normaliser.to_dict(),
         "tile_size": tile_size,
     }
-    info = mlflow.keras.log_model(
-        exported, name="model", signature=signature, input_example=raw_example, metadata={"socseg": socseg_meta}
-    )
+    info = tracking.log_keras_model(exported, signature, raw_example, metadata={"socseg": socseg_meta})
     return info.model_uri

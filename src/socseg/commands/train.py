@@ -31,7 +31,8 @@ from socseg.commands.options import blankable
 @click.option("--params", "params_file", type=click.Path(dir_okay=False, exists=True), help="params.yaml to read.")
 @click.option("--run-name", type=blankable(str), help="MLflow run name.")
 @click.option("--metrics-out", type=click.Path(dir_okay=False), help="Also write the final metrics as JSON here.")
-def train(volumes, params_file, run_name, metrics_out, data_dir, tile_size, steps_per_epoch, **train_options) -> None:
+@click.option("--history-out", type=click.Path(dir_okay=False), help="Also write the per-epoch curves as CSV here.")
+def train(volumes, params_file, run_name, metrics_out, history_out, data_dir, tile_size, steps_per_epoch, **train_options) -> None:
     """Train one U-Net on labelled volumes and log it to MLflow."""
     from socseg.config import load_params, override
     from socseg.train import train as run_training
@@ -49,3 +50,10 @@ def train(volumes, params_file, run_name, metrics_out, data_dir, tile_size, step
         path = Path(metrics_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"run_id": result.run_id, **result.metrics}, indent=2, sort_keys=True))
+    if history_out:
+        import pandas as pd
+
+        frame = pd.DataFrame(result.history)
+        frame.insert(0, "epoch", range(len(frame)))
+        Path(history_out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(history_out, index=False)
