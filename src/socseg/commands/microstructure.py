@@ -1,0 +1,187 @@
+"""``socseg microstructure``: TPB density, percolation, surfaces, sizes of a label volume.
+
+VOLUME (and ``--truth``) is a socseg volume directory (its ``labels.tif``: labels or a
+segmentation), or a bare label stack: a multi-page TIFF or a folder of slice TIFFs, read
+with ``--phase-map`` (default 0=pore,128=ysz,255=ni). Only the labels are read, never the
+grey image, so memory stays at the metrics' own needs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import tifffile
+
+from socseg.commands.data import DataError
+from socseg.microstructure import (
+    TPB_ISOTROPIC_CORRECTION,
+    MicrostructureError,
+    MicrostructureResult,
+    flatten_metrics,
+    measure,
+    relative_errors,
+)
+from socseg.volume import (
+    DEFAULT_PHASE_MAP,
+    LABELS_FILE,
+    META_FILE,
+    VolumeError,
+    VolumeMeta,
+    parse_phase_map,
+    read_stack,
+)
+
+
+@dataclass
+class LabelVolume:
+    """Labels plus what the metrics need from ``volume.json`` (phase map, voxel size)."""
+
+    name: str
+    labels: np.ndarray
+    phase_map: dict[int, str]
+    voxel_size_nm: float | None
+
+
+def load_labels(path: str | Path, phase_map: dict[int, str] | None = None) -> LabelVolume:
+    """Read a volume directory's ``labels.tif`` or a bare label stack (``phase_map`` overrides)."""
+    source = Path(path)
+    if source.is_dir() and (source / META_FILE).is_file():
+        meta = VolumeMeta.from_json((source / META_FILE).read_text(), str(source / META_FILE))
+        if not meta.has_labels:
+            raise VolumeError(f"{source}: no {LABELS_FILE} (an unlabelled volume: segment it first)")
+        try:
+            labels = tifffile.imread(source / LABELS_FILE)
+        except Exception as exc:  # tifffile raises many types for missing/corrupt files
+            raise VolumeError(f"cannot read {source / LABELS_FILE}: {exc}") from None
+        labels = labels[np.newaxis] if labels.ndim == 2 else labels
+        if labels.shape != tuple(meta.shape):
+            raise VolumeError(f"{source / LABELS_FILE}: shape {labels.shape} but {META_FILE} says {tuple(meta.shape)}")
+        return LabelVolume(meta.name, labels, phase_map or meta.phase_map, meta.voxel_size_nm)
+    labels = read_stack(source)
+    if labels.dtype.kind not in "ui":
+        raise VolumeError(f"{source}: label stack must hold integer label values, got {labels.dtype}")
+    return LabelVolume(source.stem or source.name, labels, phase_map or dict(DEFAULT_PHASE_MAP), None)
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    return [] if [n.lower() for n in names] == ["none"] else names
+
+
+def _voxel(pred: LabelVolume, truth: LabelVolume | None, voxel_size_nm: float | None) -> float | None:
+    """One voxel size for both volumes, so their metrics share units."""
+    if voxel_size_nm is not None:
+        return voxel_size_nm
+    sizes = {v.voxel_size_nm for v in (pred, truth) if v is not None and v.voxel_size_nm is not None}
+    if len(sizes) > 1:
+        raise VolumeError(f"the volumes have different voxel sizes {sorted(sizes)} nm: pass --voxel-size")
+    return sizes.pop() if sizes else None
+
+
+def _measure(volume: LabelVolume, voxel_size_nm: float | None, **options: Any) -> MicrostructureResult:
+    if voxel_size_nm is None:
+        return measure(volume.labels, volume.phase_map, **options)
+    return measure(volume.labels, volume.phase_map, voxel_size=voxel_size_nm / 1000.0, unit="um", **options)
+
+
+def _table(pred: MicrostructureResult, names: list[str], truth: MicrostructureResult | None) -> str:
+    flat = flatten_metrics(pred)
+    true_flat = flatten_metrics(truth) if truth is not None else {}
+    errors = relative_errors(flat, true_flat)
+    header = ["metric", names[0]] + ([names[1], "rel. err"] if truth is not None else [])
+    rows = [header]
+    for key in list(flat) + [k for k in true_flat if k not in flat]:
+        row = [key, f"{flat[key]:.4g}" if key in flat else "-"]
+        if truth is not None:
+            row.append(f"{true_flat[key]:.4g}" if key in true_flat else "-")
+            row.append(f"{100 * errors[key]:+.1f}%" if key in errors else "n/a")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    unit = pred.unit
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("")
+    lines.append(
+        f"units: lengths in {unit}; tpb.* in {unit}^-2, ssa.*/iface.* in {unit}^-1, size.* in {unit}; "
+        f"vf/perc/tpb.active are fractions (perc: 6-connected, spanning both faces along the axis)."
+    )
+    if pred.tpb is not None:
+        lines.append(
+            f"tpb.density = voxel-edge length x {pred.tpb.correction:.4g} (isotropic-orientation correction for "
+            f"the staircase bias, Jorgensen et al. 2014); tpb.density_edges is uncorrected."
+        )
+    lines.append(
+        f"ssa/iface: voxel-face counting x {pred.surface_correction:.4g} (same isotropic correction); "
+        "*_faces uncorrected. size: local-thickness diameters (volume-weighted), porespy."
+    )
+    for label, result in (("", pred), ("truth: ", truth)):
+        for note in result.notes if result is not None else []:
+            lines.append(f"note: {label}{note}")
+    return "\n".join(lines)
+
+
+@click.command("microstructure")
+@click.argument("volume", type=click.Path(exists=True))
+@click.option("--truth", type=click.Path(exists=True), default=None, help="Labelled volume to compare against.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON to this file.")
+@click.option("--phase-map", default=None, help="Label value -> phase, e.g. 0=pore,128=ysz,255=ni (default: volume.json, else that).")
+@click.option("--voxel-size", type=float, default=None, help="Voxel size in nm (default: volume.json); lengths then in um, else in voxels.")
+@click.option("--phases", default=None, help="Phase names playing pore,ysz,ni for the TPB (default: pore,ysz,ni).")
+@click.option("--size-phases", default=None, help="Phases whose size distribution to measure, comma-separated, or 'none' (default: ni).")
+@click.option("--tpb-correction", type=float, default=TPB_ISOTROPIC_CORRECTION, show_default=True, help="Factor applied to the voxel-edge TPB length.")
+def microstructure(
+    volume: str,
+    truth: str | None,
+    as_json: bool,
+    output: str | None,
+    phase_map: str | None,
+    voxel_size: float | None,
+    phases: str | None,
+    size_phases: str | None,
+    tpb_correction: float,
+) -> None:
+    """Microstructure metrics of VOLUME (and of --truth, with the relative error of VOLUME)."""
+    try:
+        mapping = parse_phase_map(phase_map) if phase_map is not None else None
+        pred = load_labels(volume, mapping)
+        reference = load_labels(truth, mapping) if truth is not None else None
+        voxel_nm = _voxel(pred, reference, voxel_size)
+        options: dict[str, Any] = dict(
+            tpb_phases=_names(phases), size_phases=_names(size_phases), tpb_correction=tpb_correction
+        )
+        pred_result = _measure(pred, voxel_nm, **options)
+        true_result = _measure(reference, voxel_nm, **options) if reference is not None else None
+    except (VolumeError, MicrostructureError, OSError) as exc:  # VolumeError/MicrostructureError: bad input
+        raise DataError(str(exc)) from None
+
+    if true_result is not None and true_result.shape != pred_result.shape:
+        pred_result.notes.append(f"shapes differ: {pred_result.shape} vs truth {true_result.shape}")
+    flat = flatten_metrics(pred_result)
+    report: dict[str, Any] = {
+        "volume": {"path": str(volume), "name": pred.name, "metrics": pred_result.to_dict(), "flat": flat},
+        "truth": None,
+        "relative_error": {},
+    }
+    if true_result is not None and reference is not None:
+        true_flat = flatten_metrics(true_result)
+        report["truth"] = {"path": str(truth), "name": reference.name, "metrics": true_result.to_dict(), "flat": true_flat}
+        report["relative_error"] = relative_errors(flat, true_flat)
+    text = json.dumps(report, indent=2)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text + "\n")
+    if as_json:
+        click.echo(text)
+    else:
+        names = [pred.name] + ([reference.name] if reference is not None else [])
+        if len(names) == 2 and names[0] == names[1]:
+            names = ["volume", "truth"]
+        click.echo(_table(pred_result, names, true_result))

@@ -1,0 +1,351 @@
+"""Microstructure metrics against volumes with an analytically known answer, cross-checks
+against porespy / scikit-image, the real SOCPristine labels and the ``microstructure`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+from scipy import ndimage as ndi
+
+import socseg.microstructure as ms
+from socseg.commands.microstructure import microstructure
+from socseg.microstructure import MicrostructureError, flatten_metrics, measure, relative_errors
+
+PHASES = {0: "pore", 128: "ysz", 255: "ni"}
+PORE, YSZ, NI = 0, 128, 255
+
+
+def three_slabs(shape: tuple[int, int, int] = (10, 12, 14)) -> np.ndarray:
+    """Pore for y < 6; YSZ for y >= 6, z < 5; Ni for y >= 6, z >= 5: one triple line along x."""
+    labels = np.full(shape, PORE, dtype=np.uint8)
+    labels[:, 6:, :] = YSZ
+    labels[5:, 6:, :] = NI
+    return labels
+
+
+def blurred_phantom(shape: tuple[int, int, int], sigma: float = 2.0, seed: int = 0) -> np.ndarray:
+    field = ndi.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), sigma)
+    low, high = np.quantile(field, [0.3, 0.7])
+    return np.where(field < low, PORE, np.where(field < high, YSZ, NI)).astype(np.uint8)
+
+
+def wedges(n: int, direction: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Three 120-degree wedges around a straight line through the centre; returns labels and
+    the line's length inside the box of voxel centres [0, n-1]^3 (where interior edges lie)."""
+    u = direction / np.linalg.norm(direction)
+    centre = (n - 1) / 2 + rng.uniform(-0.5, 0.5, 3)
+    a = np.cross(u, [1.0, 0, 0] if abs(u[0]) < 0.9 else [0, 1.0, 0])
+    a /= np.linalg.norm(a)
+    b = np.cross(u, a)
+    d = np.stack(np.meshgrid(*(np.arange(n, dtype=float),) * 3, indexing="ij"), -1) - centre
+    angle = (np.arctan2(d @ b, d @ a) + rng.uniform(0, 2 * np.pi)) % (2 * np.pi)
+    labels = np.array([PORE, YSZ, NI], dtype=np.uint8)[(angle // (2 * np.pi / 3)).astype(int)]
+    t_low, t_high = -np.inf, np.inf
+    for k in range(3):
+        if abs(u[k]) > 1e-12:
+            t1, t2 = (0 - centre[k]) / u[k], (n - 1 - centre[k]) / u[k]
+            t_low, t_high = max(t_low, min(t1, t2)), min(t_high, max(t1, t2))
+    return labels, t_high - t_low
+
+
+def naive_tpb(labels: np.ndarray, active: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Reference TPB per edge axis, written differently: the set of phases among the four
+    shifted voxel views. With ``active`` ({value: mask}), a phase counts only where its mask is set."""
+    result = []
+    for edge_axis in range(3):
+        a, b = [k for k in range(3) if k != edge_axis]
+        views = []
+        for da in (0, 1):
+            for db in (0, 1):
+                index = [slice(None)] * 3
+                index[a] = slice(da, labels.shape[a] - 1 + da)
+                index[b] = slice(db, labels.shape[b] - 1 + db)
+                views.append(tuple(index))
+        present = [
+            np.any([(labels[v] == value) & (active[value][v] if active else True) for v in views], axis=0)
+            for value in (PORE, YSZ, NI)
+        ]
+        result.append(np.logical_and.reduce(present))
+    return result
+
+
+# --------------------------------------------------------------------------- fractions
+
+
+def test_volume_fractions_exact_and_unknown_label_rejected():
+    labels = three_slabs()
+    result = measure(labels, PHASES, size_phases=[])
+    assert result.volume_fraction == pytest.approx({"pore": 0.5, "ysz": 0.25, "ni": 0.25})
+    labels[0, 0, 0] = 7
+    with pytest.raises(MicrostructureError, match=r"\[7\]"):
+        measure(labels, PHASES)
+    with pytest.raises(MicrostructureError, match="3-D"):
+        measure(labels[0], PHASES)
+
+
+def test_volume_fractions_match_porespy():
+    import porespy
+
+    labels = blurred_phantom((20, 30, 40))
+    expected = porespy.metrics.phase_fraction(labels)
+    got = measure(labels, PHASES, size_phases=[]).volume_fraction
+    assert [got[n] for n in ("pore", "ysz", "ni")] == pytest.approx([expected[v] for v in (PORE, YSZ, NI)])
+
+
+# --------------------------------------------------------------------------- TPB
+
+
+def test_tpb_three_slabs_meet_along_one_line_of_known_length():
+    voxel = (2.0, 3.0, 5.0)  # z, y, x: the line runs along x, so its length is 14 x 5
+    result = measure(three_slabs(), PHASES, voxel_size=voxel, unit="um", size_phases=[])
+    tpb = result.tpb
+    assert tpb is not None and tpb.edges == {"z": 0, "y": 0, "x": 14}
+    assert tpb.length == pytest.approx(70.0)
+    volume = 10 * 12 * 14 * 2.0 * 3.0 * 5.0
+    assert tpb.density_edges == pytest.approx(70.0 / volume)
+    assert tpb.density == pytest.approx(70.0 / volume * 2 / 3)
+    # all three phases span x; along y and z at least one of them does not
+    assert tpb.active_fraction == {"z": 0.0, "y": 0.0, "x": 1.0}
+
+
+def test_tpb_isolated_ni_block_is_inactive_and_adds_z_edges():
+    labels = three_slabs()
+    labels[5:, 6:, :] = YSZ
+    labels[5:, 6:, 3:10] = NI  # Ni only for x in 3..9: a 7-edge line along x, 2 x 5 edges along z
+    tpb = measure(labels, PHASES, size_phases=[]).tpb
+    assert tpb is not None and tpb.edges == {"z": 10, "y": 0, "x": 7}
+    assert tpb.active_fraction["x"] == 0.0  # Ni no longer spans x
+
+
+def test_tpb_diagonal_line_reads_l1_length_and_isotropic_correction_removes_bias_on_average():
+    rng = np.random.default_rng(3)
+    labels, true_length = wedges(48, np.array([1.0, 1.0, 1.0]), rng)
+    tpb = measure(labels, PHASES, size_phases=[]).tpb
+    # the staircase along (1,1,1) is sqrt(3) longer than the line
+    assert tpb.length / true_length == pytest.approx(math.sqrt(3), rel=0.06)
+    ratios = []
+    for _ in range(24):
+        labels, true_length = wedges(40, rng.standard_normal(3), rng)
+        ratios.append(measure(labels, PHASES, size_phases=[]).tpb.length / true_length)
+    assert np.mean(ratios) == pytest.approx(1.5, abs=0.08)
+    assert np.mean(ratios) * ms.TPB_ISOTROPIC_CORRECTION == pytest.approx(1.0, abs=0.06)
+
+
+def test_tpb_and_active_tpb_match_reference_across_chunks(monkeypatch):
+    import porespy
+
+    labels = blurred_phantom((23, 30, 34), sigma=1.5, seed=4)
+    monkeypatch.setattr(ms, "CHUNK_VOXELS", 3 * 30 * 34 + 5)  # 3-slice chunks: exercises the overlaps
+    result = measure(labels, PHASES, size_phases=[])
+    reference = naive_tpb(labels)
+    assert result.tpb.edges == {axis: int(reference[k].sum()) for k, axis in enumerate(ms.AXES)}
+    assert result.tpb.edges["x"] > 50
+    for k, axis in enumerate(ms.AXES):
+        spanning = {v: porespy.filters.trim_nonpercolating_paths(labels == v, axis=k) for v in (PORE, YSZ, NI)}
+        active = sum(int(e.sum()) for e in naive_tpb(labels, spanning))
+        assert result.tpb.active_fraction[axis] == pytest.approx(active / sum(int(e.sum()) for e in reference))
+    monkeypatch.setattr(ms, "CHUNK_VOXELS", 1 << 24)
+    assert measure(labels, PHASES, size_phases=[]).tpb == result.tpb
+
+
+def test_tpb_phase_names_case_insensitive_mapping_or_clear_error():
+    labels = three_slabs()
+    assert measure(labels, {0: "Pore", 128: "YSZ", 255: "Ni"}, size_phases=[]).tpb.edges["x"] == 14
+    other = {0: "void", 128: "ceramic", 255: "metal"}
+    skipped = measure(labels, other, size_phases=[])
+    assert skipped.tpb is None and "TPB skipped" in skipped.notes[0]
+    assert measure(labels, other, tpb_phases=["void", "ceramic", "metal"]).tpb.edges["x"] == 14
+    with pytest.raises(MicrostructureError, match="not in the phase map"):
+        measure(labels, other, tpb_phases=["pore", "ysz", "ni"])
+
+
+# --------------------------------------------------------------------------- percolation
+
+
+def test_percolation_spanning_isolated_and_six_connectivity():
+    labels = np.full((12, 12, 12), YSZ, dtype=np.uint8)
+    labels[5:7, 8:10, :] = NI  # a rod along x: 48 voxels spanning x only
+    labels[1:3, 1:3, 2:4] = NI  # an isolated 8-voxel blob
+    for k in range(12):  # a pore staircase touching only along edges: spans nothing with 6-connectivity
+        labels[k, k, 10] = PORE
+    perc = measure(labels, PHASES, size_phases=[]).percolation
+    assert perc["ni"].spanning == pytest.approx({"z": 0.0, "y": 0.0, "x": 48 / 56})
+    assert perc["ni"].isolated == pytest.approx(8 / 56)
+    assert perc["ni"].components == 2 and perc["ni"].largest == pytest.approx(48 / 56)
+    assert perc["pore"].spanning == {"z": 0.0, "y": 0.0, "x": 0.0}
+    assert perc["pore"].components == 12
+    assert perc["ysz"].spanning == {"z": 1.0, "y": 1.0, "x": 1.0}
+
+
+def test_percolation_matches_porespy():
+    import porespy
+
+    labels = blurred_phantom((30, 36, 40), sigma=1.2, seed=7)
+    perc = measure(labels, PHASES, size_phases=[]).percolation
+    for value, name in PHASES.items():
+        mask = labels == value
+        for k, axis in enumerate(ms.AXES):
+            expected = porespy.filters.trim_nonpercolating_paths(mask, axis=k).sum() / mask.sum()
+            assert perc[name].spanning[axis] == pytest.approx(expected)
+    assert 0 < perc["ni"].spanning["x"] < 1  # a phantom where percolation is partial
+
+
+# --------------------------------------------------------------------------- surfaces
+
+
+def test_interface_areas_of_slabs_are_exact_face_counts():
+    voxel = (2.0, 3.0, 5.0)
+    result = measure(three_slabs(), PHASES, voxel_size=voxel, size_phases=[])
+    volume = 10 * 12 * 14 * 30.0
+    # pore|solid plane normal to y: faces of area dz*dx; YSZ|Ni plane normal to z: dy*dx
+    expected = {"pore-ysz": 5 * 14 * 10.0, "pore-ni": 5 * 14 * 10.0, "ysz-ni": 6 * 14 * 15.0}
+    assert result.interface_density_faces == pytest.approx({k: v / volume for k, v in expected.items()})
+    assert result.interface_density["ysz-ni"] == pytest.approx(expected["ysz-ni"] / volume * 2 / 3)
+    faces = result.specific_surface_faces
+    assert faces["pore"] == pytest.approx((expected["pore-ysz"] + expected["pore-ni"]) / volume)
+    assert faces["ni"] == pytest.approx((expected["pore-ni"] + expected["ysz-ni"]) / volume)
+
+
+@pytest.mark.parametrize("radius", [8.0, 15.3])
+def test_sphere_surface_area(radius):
+    from skimage.measure import marching_cubes, mesh_surface_area
+
+    n = int(2 * radius + 6)
+    centre = (n - 1) / 2 + 0.21
+    z, y, x = np.ogrid[:n, :n, :n]
+    sphere = (z - centre) ** 2 + (y - centre) ** 2 + (x - centre) ** 2 <= radius**2
+    result = measure(np.where(sphere, NI, PORE).astype(np.uint8), {0: "pore", 255: "ni"}, size_phases=[])
+    area = result.specific_surface["ni"] * n**3
+    assert area == pytest.approx(4 * math.pi * radius**2, rel=0.01)
+    assert result.specific_surface_faces["ni"] * n**3 == pytest.approx(1.5 * area)
+    # scikit-image marching cubes on the lightly smoothed mask agrees
+    verts, faces, _, _ = marching_cubes(ndi.gaussian_filter(np.pad(sphere, 2).astype(np.float32), 1.0), 0.5)
+    assert mesh_surface_area(verts, faces) == pytest.approx(area, rel=0.04)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("thickness, expected", [(6, 6.0), (7, 8.0), (10, 10.0)])
+def test_local_thickness_of_a_slab(thickness, expected):
+    labels = np.full((30, 24, 24), PORE, dtype=np.uint8)
+    labels[8 : 8 + thickness] = NI
+    size = measure(labels, PHASES, size_phases=["ni"]).sizes["ni"]
+    assert size.d10 == size.d50 == size.d90 == expected  # even t reads t, odd t reads t + 1
+    assert size.features == 1
+
+
+def test_local_thickness_of_a_sphere_and_equivalent_diameter_of_features():
+    n, radius = 32, 10
+    z, y, x = np.ogrid[:n, :n, :n]
+    labels = np.full((n, n, n), PORE, dtype=np.uint8)
+    labels[(z - 15) ** 2 + (y - 15) ** 2 + (x - 15) ** 2 <= radius**2] = NI
+    labels[27:31, 27:31, 27:31] = YSZ  # a 4^3 cube, away from the sphere
+    result = measure(labels, PHASES, size_phases=["ni", "ysz"])
+    sphere = result.sizes["ni"]
+    assert sphere.d50 == pytest.approx(2 * radius)
+    assert sphere.d_mean == pytest.approx(2 * radius, rel=0.1)
+    assert sphere.feature_d_mean == pytest.approx(2 * radius, rel=0.02)
+    assert sum(sphere.histogram.values()) == pytest.approx(1.0)
+    cube = result.sizes["ysz"]
+    assert cube.feature_d_mean == pytest.approx((6 * 64 / math.pi) ** (1 / 3))
+    assert 2 <= cube.d50 <= 4
+
+
+def test_sizes_skipped_for_anisotropic_voxels():
+    result = measure(three_slabs(), PHASES, voxel_size=(1.0, 1.0, 2.0))
+    assert result.sizes == {} and any("isotropic" in note for note in result.notes)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def test_flatten_metrics_and_relative_errors():
+    result = measure(three_slabs(), PHASES, size_phases=["ni"])
+    flat = flatten_metrics(result, prefix="test.")
+    assert all(isinstance(v, float) and math.isfinite(v) for v in flat.values())
+    assert flat["test.vf.pore"] == 0.5 and flat["test.perc.ni.x"] == 1.0 and flat["test.tpb.active.x"] == 1.0
+    assert {"test.tpb.density", "test.iface.ysz-ni", "test.ssa.ni", "test.size.ni.d50"} <= set(flat)
+    json.dumps(result.to_dict())
+    errors = relative_errors({"a": 1.1, "b": 0.0, "c": 2.0}, {"a": 1.0, "b": 0.0, "c": 0.0, "d": 1.0})
+    assert errors == pytest.approx({"a": 0.1, "b": 0.0})
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def test_real_socpristine_labels(shared_data: Path):
+    files = [shared_data / "labels" / f"slice__{i:03d}.tif" for i in range(1, 201)]
+    labels = np.stack([tifffile.imread(f) for f in files])
+    assert labels.shape == (200, 501, 501)
+    result = measure(labels, PHASES)  # no voxel size is known for this data: voxel units
+    # PROVENANCE.md: pore 0.2914, YSZ 0.4320, Ni 0.2766 for slices 1-200
+    assert result.volume_fraction == pytest.approx({"pore": 0.2914, "ysz": 0.4320, "ni": 0.2766}, abs=5e-4)
+    tpb = result.tpb
+    assert tpb.length == sum(tpb.edges.values())
+    assert 5e-4 < tpb.density_edges < 5e-3  # voxel^-2
+    assert tpb.density == pytest.approx(tpb.density_edges * 2 / 3)
+    for name in ("pore", "ysz", "ni"):  # all three phases percolate through this block
+        assert min(result.percolation[name].spanning.values()) > 0.85
+    assert 0.5 < min(tpb.active_fraction.values()) <= 1.0
+    assert 10 < result.sizes["ni"].d50 < 60
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _run(args: list[str]):
+    return CliRunner().invoke(microstructure, args, catch_exceptions=False)
+
+
+def test_command_bare_multipage_tiff_with_phase_map(tmp_path):
+    labels = np.where(three_slabs((10, 12, 14)) == NI, 2, np.where(three_slabs() == YSZ, 1, 0)).astype(np.uint8)
+    stack = tmp_path / "labels.tif"
+    tifffile.imwrite(stack, labels)
+    result = _run([str(stack), "--phase-map", "0=pore,1=ysz,2=ni", "--json", "--size-phases", "none"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    flat = report["volume"]["flat"]
+    assert flat["vf.pore"] == 0.5 and flat["tpb.density_edges"] == pytest.approx(14 / (10 * 12 * 14))
+    assert report["volume"]["metrics"]["unit"] == "voxel" and report["truth"] is None
+    bad = CliRunner().invoke(microstructure, [str(stack)])  # default map 0/128/255 lacks 1 and 2
+    assert bad.exit_code == 2 and "not in the phase map" in bad.output
+
+
+def test_command_volume_dirs_with_truth_table_and_json(tmp_path):
+    from socseg.volume import Volume, VolumeMeta, save_volume
+
+    def save(name: str, labels: np.ndarray) -> Path:
+        meta = VolumeMeta(name, labels.shape, "uint8", dict(PHASES), voxel_size_nm=50.0, has_labels=True)
+        return save_volume(Volume(np.zeros(labels.shape, np.uint8), labels, meta), tmp_path / name)
+
+    truth = three_slabs()
+    pred = truth.copy()
+    pred[:5, 5, :], pred[5:, 5, :] = YSZ, NI  # the pore slab one voxel thinner: the line moves
+    pred_dir, truth_dir = save("pred", pred), save("truth", truth)
+    out = tmp_path / "report.json"
+    result = _run([str(pred_dir), "--truth", str(truth_dir), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "rel. err" in result.output and "vf.pore" in result.output and "um^-2" in result.output
+    report = json.loads(out.read_text())
+    assert report["relative_error"]["vf.pore"] == pytest.approx((5 / 12 - 6 / 12) / (6 / 12))
+    voxel_um = 0.05
+    assert report["truth"]["flat"]["tpb.density_edges"] == pytest.approx(14 * voxel_um / (1680 * voxel_um**3))
+    assert report["relative_error"]["tpb.density"] == pytest.approx(0.0)  # the line only moved
+
+
+def test_command_folder_of_slices_and_errors(tmp_path):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z, page in enumerate(three_slabs()):
+        tifffile.imwrite(folder / f"slice__{z + 1:03d}.tif", page)
+    result = _run([str(folder), "--json", "--size-phases", "none"])
+    assert json.loads(result.output)["volume"]["flat"]["vf.ni"] == 0.25
+    missing = CliRunner().invoke(microstructure, [str(folder), "--phases", "a,b,c"])
+    assert missing.exit_code == 2 and "not in the phase map" in missing.output
