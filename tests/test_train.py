@@ -102,3 +102,29 @@ def test_training_refuses_unlabelled_volumes(tiny_params, mlflow_env):
     save_volume(volume, f"{tiny_params['data']['dir']}/nolabels")
     with pytest.raises(ValueError, match="no labels"):
         train(tiny_params, volume_names=["nolabels"])
+
+
+def test_fine_tune_schedule_freezes_the_encoder_then_trains_it(tiny_params, mlflow_env):
+    import keras
+
+    from socseg.train import train
+
+    class EncoderWatch(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.snapshots = []
+
+        def on_train_begin(self, logs=None):
+            if not self.snapshots:
+                self.snapshots.append(np.array(self.model.get_layer("encoder").weights[0]))
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.snapshots.append(np.array(self.model.get_layer("encoder").weights[0]))
+
+    tiny_params["train"].update(epochs=2, patience=5, freeze_encoder=True, unfreeze_after=1)
+    watch = EncoderWatch()
+    result = train(tiny_params, extra_callbacks=[watch], log_model=False, evaluate_test=False)
+    initial, after_frozen, after_unfrozen = watch.snapshots
+    np.testing.assert_array_equal(initial, after_frozen)
+    assert not np.array_equal(after_frozen, after_unfrozen)
+    assert "test_mean_iou" not in result.metrics and "val_mean_iou" in result.metrics

@@ -63,3 +63,21 @@ def overlay_figure(
             ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def confusion_figure(cm: np.ndarray, class_names: Sequence[str]) -> plt.Figure:
+    """Confusion matrix, rows = truth, normalised per row, with the pixel counts printed."""
+    cm = np.asarray(cm, dtype=np.float64)
+    rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.6 * len(class_names) + 2, 1.4 * len(class_names) + 1.5))
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(class_names)):
+        for j in range(len(class_names)):
+            ax.text(j, i, f"{rows[i, j]:.3f}\n{int(cm[i, j])}", ha="center", va="center",
+                    color="white" if rows[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set(xlabel="predicted", ylabel="truth", title="test confusion (row-normalised)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig

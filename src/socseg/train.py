@@ -167,6 +167,8 @@ class TrainResult:
     history: dict[str, list[float]]
     best_epoch: int
     seconds: float
+    pruned: bool = False
+    segmenter_uri: str = ""  # the pyfunc that segments whole slices (socseg segment, mlflow models serve)
 
 
 def _settings(params: Mapping) -> dict[str, Any]:
@@ -184,6 +186,8 @@ def _settings(params: Mapping) -> dict[str, Any]:
         "freeze_encoder": parse_bool(t["freeze_encoder"]),
         "base_filters": int(t["base_filters"]),
         "patience": int(t["patience"]),
+        "unfreeze_after": int(t.get("unfreeze_after", 0)),
+        "fine_tune_lr_factor": float(t.get("fine_tune_lr_factor", 0.1)),
         "seed": int(t["seed"]),
         "tile_size": int(params["tiles"]["size"]),
         "steps_per_epoch": int(params["tiles"]["steps_per_epoch"]),
@@ -197,6 +201,42 @@ def export_model(model: keras.Model, normaliser: Normaliser) -> keras.Model:
     return keras.Model(inputs, model(normalised), name=f"socseg_{model.name}")
 
 
+class KeepBest(keras.callbacks.Callback):
+    """Early stopping on ``val_mean_iou`` that keeps the best weights across several ``fit`` calls.
+
+    Keras' EarlyStopping resets at every ``fit``; the fine-tune schedule (frozen encoder first,
+    then unfrozen) trains in two calls, and the best epoch may lie in either.
+    """
+
+    def __init__(self, patience: int, monitor: str = "val_mean_iou"):
+        super().__init__()
+        self.patience, self.monitor = patience, monitor
+        self.best, self.best_epoch, self.best_weights, self.wait = -np.inf, -1, None, 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        if value > self.best:
+            self.best, self.best_epoch, self.wait = float(value), epoch, 0
+            self.best_weights = self.model.get_weights()
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.model.stop_training = True
+
+    def restore(self) -> None:
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+def _set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
+    try:
+        model.get_layer("encoder").trainable = trainable
+    except ValueError:  # models without a separate encoder block
+        pass
+
+
 def train(
     params: Mapping,
     volume_names: Sequence[str] | None = None,
@@ -204,8 +244,15 @@ def train(
     nested: bool = False,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     log_model: bool = True,
+    evaluate_test: bool = True,
+    tags: Mapping[str, str] | None = None,
 ) -> TrainResult:
-    """Train one U-Net with ``params`` and track everything in one MLflow run."""
+    """Train one U-Net with ``params`` and track everything in one MLflow run.
+
+    ``evaluate_test=False`` is for search trials: the test slab must not influence selection, so
+    trials never even compute it. A callback in ``extra_callbacks`` with ``pruned = True`` after
+    fitting (the Optuna pruner) marks the run pruned: no final evaluation, no model.
+    """
     s = _settings(params)
     names = list(volume_names or params["data"]["volumes"])
     tracking.configure_tracking(params)
@@ -224,11 +271,14 @@ def train(
             freeze_encoder=s["freeze_encoder"],
             base_filters=s["base_filters"],
         )
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=s["learning_rate"]),
-            loss=get_loss(s["loss"], s["task"]),
-            metrics=[ThresholdedIoU(task=s["task"], n_classes=n_classes, name="mean_iou")],
-        )
+
+        def compile_model(learning_rate: float) -> None:
+            model.compile(
+                optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+                loss=get_loss(s["loss"], s["task"]),
+                metrics=[ThresholdedIoU(task=s["task"], n_classes=n_classes, name="mean_iou")],
+            )
+
         crops = RandomCrops(
             [slab.images for slab in data.slabs["train"]],
             [slab.targets for slab in data.slabs["train"]],
@@ -240,14 +290,19 @@ def train(
         )
         val_slabs = data.slabs["val"] or data.slabs["train"]
         logger = MlflowEpochLogger()
+        keep_best = KeepBest(patience=s["patience"])
         callbacks = [
             SlabValidation(val_slabs, s["task"], data.class_names, s["tile_size"], s["batch_size"]),
-            keras.callbacks.EarlyStopping(
-                monitor="val_mean_iou", mode="max", patience=s["patience"], restore_best_weights=True
-            ),
+            keep_best,
             logger,
             *extra_callbacks,
         ]
+        # Fine-tune schedule: a frozen (pretrained) encoder first, then everything at a lower rate.
+        unfreeze_after = s["unfreeze_after"] if s["freeze_encoder"] else 0
+        phases = [(0, s["epochs"], s["learning_rate"])]
+        if 0 < unfreeze_after < s["epochs"]:
+            phases = [(0, unfreeze_after, s["learning_rate"]),
+                      (unfreeze_after, s["epochs"], s["learning_rate"] * s["fine_tune_lr_factor"])]
         with mlflow.start_run(run_name=run_name, nested=nested) as run:
             mlflow.set_tags(
                 {
@@ -258,6 +313,7 @@ def train(
                     "data_md5_dvc": tracking.dvc_data_md5() or "none",
                     "git_commit": tracking.git_commit() or "none",
                     "volumes": ",".join(names),
+                    **dict(tags or {}),
                 }
             )
             # Section-prefixed names ("train.epochs"): `mlflow run` already logs its own entry-point
@@ -271,13 +327,25 @@ def train(
             )
             mlflow.log_params({"normalise.low": data.normaliser.low, "normalise.high": data.normaliser.high})
             started = time.perf_counter()
-            model.fit(crops, epochs=s["epochs"], callbacks=callbacks, verbose=2)
+            for number, (first, last, learning_rate) in enumerate(phases):
+                if number == 1:
+                    _set_encoder_trainable(model, True)
+                compile_model(learning_rate)
+                model.fit(crops, initial_epoch=first, epochs=last, callbacks=callbacks, verbose=2)
+                if model.stop_training:
+                    break
+            keep_best.restore()
             seconds = time.perf_counter() - started
             history = logger.history
-            best_epoch = int(np.argmax(history["val_mean_iou"])) if history.get("val_mean_iou") else 0
-
+            best_epoch = keep_best.best_epoch
             metrics: dict[str, float] = {"train_seconds": seconds, "best_epoch": float(best_epoch)}
-            for subset in ("val", "test"):
+            pruned = any(getattr(callback, "pruned", False) for callback in extra_callbacks)
+            mlflow.set_tag("state", "PRUNED" if pruned else "COMPLETE")
+            _log_artifacts(data, history)
+            if pruned:
+                return TrainResult(run.info.run_id, "", metrics, history, best_epoch, seconds, pruned=True)
+            subsets = ("val", "test") if evaluate_test else ("val",)
+            for subset in subsets:
                 if data.slabs[subset]:
                     scores, predictions = evaluate_slabs(
                         model, data.slabs[subset], s["task"], data.class_names, s["tile_size"], s["batch_size"]
@@ -286,11 +354,12 @@ def train(
                     if subset == "test":
                         _log_overlays(data.slabs["test"], predictions, data.class_names)
             mlflow.log_metrics({f"final_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()})
-            _log_artifacts(data, history)
-            model_uri = ""
+            model_uri = segmenter_uri = ""
             if log_model:
-                model_uri = _log_model(model, data, s["tile_size"])
-            return TrainResult(run.info.run_id, model_uri, metrics, history, best_epoch, seconds)
+                model_uri, segmenter_uri = _log_model(model, data, s["tile_size"], params.get("inference") or {})
+            return TrainResult(
+                run.info.run_id, model_uri, metrics, history, best_epoch, seconds, segmenter_uri=segmenter_uri
+            )
     finally:
         set_precision("float32")
 
@@ -328,7 +397,12 @@ def _log_artifacts(data: PreparedData, history: dict[str, list[float]]) -> None:
         mlflow.log_artifacts(tmp, "training")
 
 
-def _log_model(model: keras.Model, data: PreparedData, tile_size: int) -> str:
+def _log_model(
+    model: keras.Model, data: PreparedData, tile_size: int, inference: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
+    """Log the Keras model and, next to it, the pyfunc segmenter; returns both model URIs."""
+    from socseg.pyfunc import log_segmenter, segmenter_config
+
     exported = export_model(model, data.normaliser)
     example = data.slabs["train"][0].images[:1, :tile_size, :tile_size]
     raw_example = (example * (data.normaliser.high - data.normaliser.low) + data.normaliser.low)[..., None]
@@ -342,4 +416,6 @@ def _log_model(model: keras.Model, data: PreparedData, tile_size: int) -> str:
         "tile_size": tile_size,
     }
     info = tracking.log_keras_model(exported, signature, raw_example, metadata={"socseg": socseg_meta})
-    return info.model_uri
+    # The served model: the same network as a pyfunc that segments whole slices of any size.
+    segmenter = log_segmenter(exported, segmenter_config(socseg_meta, inference))
+    return info.model_uri, segmenter.model_uri

@@ -22,6 +22,7 @@ from socseg.commands.options import blankable
 @click.option("--precision", type=blankable(click.Choice(["float32", "mixed_bfloat16", "mixed_float16"])))
 @click.option("--encoder-weights", type=blankable(str), help="imagenet | none | path to a local weights file.")
 @click.option("--freeze-encoder", type=blankable(str), help="true/false.")
+@click.option("--unfreeze-after", type=blankable(int), help="With --freeze-encoder true: unfreeze after N epochs.")
 @click.option("--base-filters", type=blankable(int), help="From-scratch U-Net width.")
 @click.option("--patience", type=blankable(int), help="Early-stopping patience (epochs) on validation mean IoU.")
 @click.option("--seed", type=blankable(int))

@@ -1,0 +1,102 @@
+"""``socseg search`` and the pipeline stage commands ``prepare``, ``evaluate-best``, ``register``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from socseg.commands.options import blankable
+
+_OUTPUTS = "outputs"
+
+
+def _load(params_file, **sections):
+    from socseg.config import load_params, override
+
+    params = load_params(params_file)
+    for section, values in sections.items():
+        params = override(params, section, **values)
+    return params
+
+
+params_option = click.option("--params", "params_file", type=click.Path(dir_okay=False, exists=True), help="params.yaml to read.")
+
+
+@click.command()
+@click.option("--encoder", type=blankable(click.Choice(["vgg16", "resnet50", "unet", "all"])),
+              help="Restrict the search to one encoder, or 'all' to search search.encoders.")
+@click.option("--task", type=blankable(click.Choice(["ni", "phases"])))
+@click.option("--n-trials", type=blankable(int), help="Finished trials the study should hold (resumes).")
+@click.option("--timeout", type=blankable(float), help="Seconds for this invocation (0 = none).")
+@click.option("--epochs", type=blankable(int), help="Epochs per trial.")
+@click.option("--steps-per-epoch", type=blankable(int))
+@click.option("--tile-size", type=blankable(int))
+@click.option("--precision", type=blankable(click.Choice(["float32", "mixed_bfloat16", "mixed_float16"])))
+@click.option("--study-name", type=blankable(str))
+@click.option("--storage", type=blankable(str), help="Optuna RDB URL (sqlite:///optuna.db, postgresql://...).")
+@click.option("--data-dir", type=blankable(str))
+@params_option
+@click.option("--out", default=f"{_OUTPUTS}/search.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--history-out", type=click.Path(dir_okay=False), help="Copy the best trial's per-epoch curves (CSV) here.")
+def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size, precision, study_name, storage,
+           data_dir, params_file, out, history_out) -> None:
+    """Optuna search over encoder and hyperparameters; one nested MLflow run per trial."""
+    from socseg.search import run_search, write_result
+
+    params = _load(params_file, train=dict(task=task, epochs=epochs, precision=precision),
+                   tiles=dict(steps_per_epoch=steps_per_epoch, size=tile_size), data=dict(dir=data_dir))
+    result = run_search(params, encoder=encoder, n_trials=n_trials, timeout=timeout,
+                        study_name=study_name, storage=storage)
+    write_result(result, out)
+    if history_out:
+        import shutil
+
+        import mlflow
+
+        shutil.copyfile(mlflow.artifacts.download_artifacts(run_id=result.best_run_id, artifact_path="training/history.csv"),
+                        history_out)
+    click.echo(f"study {result.study_name}: {result.n_finished} finished trials; best trial {result.best_trial} "
+               f"({result.best_encoder}) val_mean_iou={result.best_value:.4f} -> {out}")
+
+
+@click.command()
+@click.option("--data-dir", type=blankable(str))
+@params_option
+@click.option("--out", default=f"{_OUTPUTS}/prepare.json", show_default=True, type=click.Path(dir_okay=False))
+def prepare(data_dir, params_file, out) -> None:
+    """Record slab splits, training-slab normalisation and the data fingerprint (DVC stage)."""
+    from socseg.pipeline import prepare as run_prepare
+
+    summary = run_prepare(_load(params_file, data=dict(dir=data_dir)), out)
+    click.echo(f"prepared {len(summary['volumes'])} volume(s), fingerprint {summary['data_fingerprint'][:12]} -> {out}")
+
+
+@click.command("evaluate-best")
+@click.option("--search", "search_json", default=f"{_OUTPUTS}/search.json", show_default=True)
+@click.option("--data-dir", type=blankable(str))
+@params_option
+@click.option("--out", default="metrics.json", show_default=True, type=click.Path(dir_okay=False))
+def evaluate_best(search_json, data_dir, params_file, out) -> None:
+    """Evaluate the search's best model on the held-out TEST slabs; write metrics.json."""
+    from socseg.pipeline import evaluate_best as run_evaluate
+
+    result = run_evaluate(_load(params_file, data=dict(dir=data_dir)), search_json, out)
+    click.echo(json.dumps({k: round(v, 4) for k, v in result.items() if k.startswith("test_")}, indent=2))
+
+
+@click.command()
+@click.option("--search", "search_json", default=f"{_OUTPUTS}/search.json", show_default=True)
+@click.option("--metrics", "metrics_json", default="metrics.json", show_default=True)
+@click.option("--model-name", type=blankable(str), help="Registered model name (default registry.model_name).")
+@click.option("--data-dir", type=blankable(str))
+@params_option
+@click.option("--out", default=f"{_OUTPUTS}/registered.json", show_default=True, type=click.Path(dir_okay=False))
+def register(search_json, metrics_json, model_name, data_dir, params_file, out) -> None:
+    """Register the evaluated model; alias challenger, and champion if not worse than the current one."""
+    from socseg.pipeline import register as run_register
+
+    params = _load(params_file, data=dict(dir=data_dir), registry=dict(model_name=model_name))
+    promotion = run_register(params, search_json, metrics_json, out)
+    verdict = "is the new champion" if promotion["promoted"] else "stays challenger (champion is better)"
+    click.echo(f"{promotion['name']} v{promotion['version']} ({promotion['score']:.4f}) {verdict}")

@@ -1,0 +1,180 @@
+"""The DVC stages after the data: prepare -> search -> evaluate -> register.
+
+Each stage reads params.yaml and the previous stage's small JSON output, so ``dvc repro`` knows
+what to rerun. The test slab is touched only here, after the search has chosen on validation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+
+from socseg import tracking
+from socseg.metrics import confusion_matrix, scores_from_confusion
+from socseg.tasks import task_class_names, task_targets
+from socseg.train import load_labelled_volumes, prepare_data
+
+
+def _write_json(data: Mapping, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def prepare(params: Mapping, out: str | Path) -> dict:
+    """Record each volume's slab split, the training-slab normalisation and the data fingerprint.
+
+    Training recomputes the same (deterministic) split and normalisation; this file is what DVC
+    tracks, so changing the data or the split/normalise params reruns everything downstream.
+    """
+    volumes = load_labelled_volumes(params, params["data"]["volumes"])
+    data = prepare_data(params, volumes, params["train"]["task"])
+    summary = {
+        "volumes": {
+            name: {"shape": list(v.image.shape), **split.to_dict()}
+            for v, (name, split) in zip(volumes, data.splits.items())
+        },
+        "normalisation": data.normaliser.to_dict(),
+        "class_names": data.class_names,
+        "phase_map": {str(k): v for k, v in data.phase_map.items()},
+        "data_fingerprint": data.fingerprint,
+    }
+    _write_json(summary, out)
+    return summary
+
+
+class KerasPredictor:
+    """A logged socseg Keras model (raw grey in, probabilities out) with its task metadata."""
+
+    def __init__(self, model_uri: str):
+        import mlflow.keras
+
+        import socseg.models  # noqa: F401  (registers the custom layers before loading)
+
+        meta = (mlflow.models.get_model_info(model_uri).metadata or {}).get("socseg")
+        if not meta:
+            raise ValueError(f"{model_uri} is not a socseg model (no 'socseg' metadata in its MLmodel)")
+        self.task = meta["task"]
+        self.class_names = list(meta["class_names"])
+        self.tile_size = int(meta["tile_size"])
+        self.model = mlflow.keras.load_model(model_uri)
+
+    def predict_classes(self, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        from socseg.inference import predict_probabilities
+        from socseg.metrics import probabilities_to_classes
+
+        raw = np.asarray(images, dtype=np.float32)
+        probs = predict_probabilities(self.model.predict_on_batch, raw, self.tile_size, batch_size)
+        return probabilities_to_classes(probs, self.task)
+
+
+def load_predictor(model_uri: str) -> KerasPredictor:
+    return KerasPredictor(model_uri)
+
+
+def score_on_test_slabs(model_uri: str, params: Mapping) -> tuple[dict[str, float], dict[str, Any]]:
+    """Scores of a logged/registered model on the test slabs of the configured volumes.
+
+    Uses the same metric code as training and feeds raw grey values: the model carries its own
+    normalisation. Returns the scores and the pieces needed for pictures.
+    """
+    predictor = load_predictor(model_uri)
+    task = predictor.task
+    volumes = load_labelled_volumes(params, params["data"]["volumes"])
+    data = prepare_data(params, volumes, task)
+    phase_names = volumes[0].class_names
+    class_names = task_class_names(task, phase_names)
+    cm = np.zeros((len(class_names),) * 2, dtype=np.int64)
+    examples = None
+    for volume, (name, split) in zip(volumes, data.splits.items()):
+        start, stop = split.test
+        if stop <= start:
+            continue
+        truth = task_targets(volume.class_index()[start:stop], task, phase_names)
+        predicted = predictor.predict_classes(volume.image[start:stop])
+        cm += confusion_matrix(truth, predicted, len(class_names))
+        if examples is None:
+            examples = {"volume": name, "z0": start, "image": data.normaliser.apply(volume.image[start:stop]),
+                        "truth": truth, "predicted": predicted}
+    if examples is None:
+        raise ValueError("the split leaves no test slices: set split.test > 0")
+    scores = scores_from_confusion(cm, class_names)
+    return scores, {"confusion": cm, "class_names": class_names, "examples": examples}
+
+
+def evaluate_best(params: Mapping, search_json: str | Path, out: str | Path) -> dict:
+    """Evaluate the search's best trial on the TEST slabs; log to the search's parent run; write metrics.json."""
+    from socseg.plots import confusion_figure, overlay_figure
+
+    search = read_json(search_json)
+    model_uri = search.get("best_segmenter_uri") or search["best_model_uri"]
+    tracking.configure_tracking(params)
+    scores, extra = score_on_test_slabs(model_uri, params)
+    metrics = {f"test_{k}": v for k, v in scores.items()}
+    with mlflow.start_run(run_id=search["parent_run_id"]):
+        mlflow.log_metrics(metrics)
+        fig = confusion_figure(extra["confusion"], extra["class_names"])
+        mlflow.log_figure(fig, "evaluate/test_confusion.png")
+        ex = extra["examples"]
+        picks = sorted({0, len(ex["image"]) // 2, len(ex["image"]) - 1})
+        fig2 = overlay_figure([ex["image"][k] for k in picks], [ex["truth"][k] for k in picks],
+                              [ex["predicted"][k] for k in picks], extra["class_names"],
+                              titles=[f"{ex['volume']} z={ex['z0'] + k}" for k in picks])
+        mlflow.log_figure(fig2, "evaluate/test_overlays.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        plt.close(fig2)
+    result = {**metrics, "model_uri": model_uri, "best_trial": search["best_trial"],
+              "best_run_id": search["best_run_id"], "study_name": search["study_name"],
+              "confusion_matrix": extra["confusion"].tolist(), "class_names": extra["class_names"]}
+    _write_json(result, out)
+    return result
+
+
+def register(params: Mapping, search_json: str | Path, metrics_json: str | Path, out: str | Path) -> dict:
+    """Register the evaluated model and move the aliases (see :mod:`socseg.registry`)."""
+    from socseg.registry import register_and_promote
+
+    search = read_json(search_json)
+    metrics = read_json(metrics_json)
+    metric = params["registry"]["metric"]
+    tracking.configure_tracking(params)
+    prepared_fingerprint = prepare_data_fingerprint(params)
+    promotion = register_and_promote(
+        metrics["model_uri"],
+        params["registry"]["model_name"],
+        score=float(metrics[metric]),
+        evaluate=lambda uri: score_on_test_slabs(uri, params)[0][metric.removeprefix("test_")],
+        metric=metric,
+        tags={
+            "data_md5_dvc": tracking.dvc_data_md5() or "none",
+            "data_fingerprint": prepared_fingerprint,
+            "git_commit": tracking.git_commit() or "none",
+            "encoder": search["best_encoder"],
+            "task": params["train"]["task"],
+            "study_name": search["study_name"],
+            "run_id": search["best_run_id"],
+            **{k: f"{v:.6f}" for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)},
+        },
+    )
+    _write_json(promotion.to_dict(), out)
+    return promotion.to_dict()
+
+
+def prepare_data_fingerprint(params: Mapping) -> str:
+    volumes = load_labelled_volumes(params, params["data"]["volumes"])
+    return tracking.volumes_fingerprint([dict(v.meta.checksums) for v in volumes])

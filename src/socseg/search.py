@@ -1,0 +1,241 @@
+"""Optuna search over encoder and hyperparameters, one nested MLflow run per trial.
+
+The study lives in an Optuna RDB storage (SQLite by default, PostgreSQL to share it between
+machines): re-running the same command resumes it, completed trials are kept, and a trial whose
+process died (kill -9) is failed by the heartbeat and retried by the next worker. Trials are
+selected on the *validation* slab only; the test slab is for the evaluate stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import keras
+import mlflow
+import optuna
+from optuna.trial import TrialState
+
+from socseg import tracking
+from socseg.runtime import runtime_tags
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OBJECTIVE = "val_mean_iou"
+
+
+class OptunaPruning(keras.callbacks.Callback):
+    """Report validation mean IoU each epoch; stop the fit when the pruner says so.
+
+    Stopping (instead of raising inside ``fit``) lets the trial's MLflow run close cleanly as PRUNED.
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str = OBJECTIVE):
+        super().__init__()
+        self.trial, self.monitor, self.pruned = trial, monitor, False
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        self.trial.report(float(value), step=epoch)
+        if self.trial.should_prune():
+            self.pruned = True
+            self.model.stop_training = True
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, Mapping]) -> dict[str, Any]:
+    """Sample one value per entry of the ``search.space`` section."""
+    values = {}
+    for name, spec in space.items():
+        kind = spec["type"]
+        if kind == "float":
+            values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False)))
+        elif kind == "int":
+            values[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log", False)))
+        elif kind == "categorical":
+            values[name] = trial.suggest_categorical(name, list(spec["choices"]))
+        else:
+            raise ValueError(f"search space entry {name!r}: unknown type {kind!r} (float, int, categorical)")
+    return values
+
+
+def trial_params(params: Mapping, encoder: str, trial: optuna.Trial) -> dict:
+    """The full params tree for one trial: base params + sampled values (+ encoder when searched)."""
+    search = params["search"]
+    tree = copy.deepcopy(dict(params))
+    if encoder == "all":
+        encoder = trial.suggest_categorical("train.encoder", list(search["encoders"]))
+    tree["train"]["encoder"] = encoder
+    for name, value in suggest(trial, search.get("space", {})).items():
+        _set_path(tree, name, value)
+    return tree
+
+
+def open_study(params: Mapping, study_name: str | None = None, storage: str | None = None) -> optuna.Study:
+    """Create or load (``load_if_exists``) the study, with heartbeat so dead workers' trials get retried."""
+    search = params["search"]
+    rdb = optuna.storages.RDBStorage(
+        storage or search["storage"],
+        heartbeat_interval=int(search.get("heartbeat_interval", 60)),
+        grace_period=int(search.get("grace_period", 180)),
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+    )
+    pruner_settings = search.get("pruner", {})
+    return optuna.create_study(
+        study_name=study_name or search["study_name"],
+        storage=rdb,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=int(search.get("sampler_seed", 0))),
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=int(pruner_settings.get("n_startup_trials", 2)),
+            n_warmup_steps=int(pruner_settings.get("n_warmup_steps", 1)),
+        ),
+    )
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage: str
+    parent_run_id: str
+    n_finished: int
+    best_trial: int
+    best_value: float
+    best_params: dict[str, Any]
+    best_encoder: str
+    best_run_id: str
+    best_model_uri: str
+    best_segmenter_uri: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def run_search(
+    params: Mapping,
+    encoder: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    study_name: str | None = None,
+    storage: str | None = None,
+) -> SearchResult:
+    """Run trials until the study holds ``n_trials`` finished ones (or ``timeout`` seconds pass)."""
+    from socseg.train import train
+
+    search = params["search"]
+    encoder = encoder or params["train"]["encoder"]
+    n_trials = int(n_trials if n_trials is not None else search["n_trials"])
+    timeout = float(timeout if timeout is not None else search.get("timeout", 0)) or None
+    storage = storage or search["storage"]
+    study = open_study(params, study_name, storage)
+    tracking.configure_tracking(params)
+
+    def objective(trial: optuna.Trial) -> float:
+        tree = trial_params(params, encoder, trial)
+        pruning = OptunaPruning(trial)
+        result = train(
+            tree,
+            run_name=f"trial {trial.number}",
+            nested=True,
+            extra_callbacks=[pruning],
+            evaluate_test=False,
+            tags={"optuna_study": study.study_name, "optuna_trial": str(trial.number)},
+        )
+        trial.set_user_attr("run_id", result.run_id)
+        trial.set_user_attr("encoder", tree["train"]["encoder"])
+        if result.pruned:
+            raise optuna.TrialPruned(f"pruned at epoch {len(result.history.get(OBJECTIVE, []))}")
+        trial.set_user_attr("model_uri", result.model_uri)
+        trial.set_user_attr("segmenter_uri", getattr(result, "segmenter_uri", "") or "")
+        return result.metrics[OBJECTIVE]
+
+    with mlflow.start_run(run_name=f"search {study.study_name}") as parent:
+        mlflow.set_tags({**runtime_tags(params["train"]["precision"]), "optuna_study": study.study_name,
+                         "search_encoder": encoder, "git_commit": tracking.git_commit() or "none"})
+        mlflow.log_params({"search.encoder": encoder, "search.n_trials": n_trials, "search.study_name": study.study_name,
+                           "search.storage": _redact(storage), "search.timeout": timeout or 0})
+        remaining = n_trials - len(finished_trials(study))
+        if remaining > 0:
+            study.optimize(
+                objective,
+                timeout=timeout,
+                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)],
+                gc_after_trial=True,
+                show_progress_bar=False,
+            )
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not completed:
+            raise RuntimeError(f"study {study.study_name!r} has no completed trial (all pruned or failed)")
+        best = study.best_trial
+        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+        mlflow.log_metrics({"best_val_mean_iou": best.value, "best_trial": best.number,
+                            "n_finished_trials": len(finished_trials(study))})
+        _log_study_artifacts(study)
+        return SearchResult(
+            study_name=study.study_name,
+            storage=_redact(storage),
+            parent_run_id=parent.info.run_id,
+            n_finished=len(finished_trials(study)),
+            best_trial=best.number,
+            best_value=float(best.value),
+            best_params=dict(best.params),
+            best_encoder=best.user_attrs.get("encoder", encoder),
+            best_run_id=best.user_attrs.get("run_id", ""),
+            best_model_uri=best.user_attrs.get("model_uri", ""),
+            best_segmenter_uri=best.user_attrs.get("segmenter_uri", ""),
+        )
+
+
+def _redact(url: str) -> str:
+    """Drop a password from a storage URL before it is logged."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def _log_study_artifacts(study: optuna.Study) -> None:
+    """Trials table (CSV) and Optuna's optimisation-history and importance plots."""
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
+        table.to_csv(Path(tmp) / "trials.csv", index=False)
+        mlflow.log_artifact(str(Path(tmp) / "trials.csv"), "search")
+    for name, plot in (("optimization_history", optuna_plots.plot_optimization_history),
+                       ("param_importances", optuna_plots.plot_param_importances)):
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError) as error:  # e.g. importances need >= 2 completed trials
+            mlflow.log_text(f"{name} not available: {error}\n", f"search/{name}.txt")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes[0].figure
+        figure.set_size_inches(8, 5)
+        figure.tight_layout()
+        mlflow.log_figure(figure, f"search/{name}.png")
+        plt.close(figure)
+
+
+def write_result(result: SearchResult, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))

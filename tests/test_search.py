@@ -1,0 +1,142 @@
+"""Optuna search against a real SQLite storage and a real MLflow store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+
+@pytest.fixture()
+def search_params(tiny_params, tmp_path):
+    p = tiny_params
+    p["search"].update(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="t", n_trials=2)
+    p["search"]["space"] = {
+        "train.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "train.loss": {"type": "categorical", "choices": ["ce", "ce_dice"]},
+        "tiles.augment.intensity_jitter": {"type": "float", "low": 0.0, "high": 0.1},
+    }
+    return p
+
+
+def test_trial_params_apply_the_space_from_params(search_params):
+    from socseg.search import trial_params
+
+    trial = optuna.trial.FixedTrial(
+        {"train.learning_rate": 0.001, "train.loss": "ce", "tiles.augment.intensity_jitter": 0.07, "train.encoder": "vgg16"}
+    )
+    tree = trial_params(search_params, "all", trial)
+    assert tree["train"]["learning_rate"] == 0.001 and tree["train"]["loss"] == "ce"
+    assert tree["tiles"]["augment"]["intensity_jitter"] == 0.07
+    assert tree["train"]["encoder"] == "vgg16"
+    assert search_params["train"]["loss"] != "ce" or search_params is not tree  # base params untouched
+    assert trial_params(search_params, "unet", trial)["train"]["encoder"] == "unet"
+
+
+def test_unknown_space_type_is_rejected(search_params):
+    from socseg.search import suggest
+
+    with pytest.raises(ValueError, match="unknown type"):
+        suggest(optuna.trial.FixedTrial({"x": 1}), {"x": {"type": "gaussian"}})
+
+
+def test_search_logs_parent_and_child_runs_and_resumes(search_params, mlflow_env):
+    from socseg.search import run_search
+
+    result = run_search(search_params, encoder="unet")
+    assert result.n_finished == 2
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
+    assert sorted(c.data.tags["optuna_trial"] for c in children) == ["0", "1"]
+    for child in children:
+        assert child.data.tags["state"] in {"COMPLETE", "PRUNED"}
+        assert "test_mean_iou" not in child.data.metrics  # trials never see the test slab
+        assert child.data.params["train.encoder"] == "unet"
+    assert parent.data.metrics["best_val_mean_iou"] == pytest.approx(result.best_value)
+    assert "best.train.learning_rate" in parent.data.params
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "search")}
+    assert {"search/trials.csv", "search/optimization_history.png"} <= artifacts
+    assert artifacts & {"search/param_importances.png", "search/param_importances.txt"}
+
+    # Same command again: the 2 finished trials are kept, nothing is recomputed.
+    again = run_search(search_params, encoder="unet")
+    study = optuna.load_study(study_name="t", storage=search_params["search"]["storage"])
+    assert len(study.trials) == 2 and again.best_trial == result.best_trial
+    # A larger budget adds exactly the missing trial.
+    run_search(search_params, encoder="unet", n_trials=3)
+    study = optuna.load_study(study_name="t", storage=search_params["search"]["storage"])
+    assert len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 3
+    assert len({t.number for t in study.trials}) == len(study.trials)
+
+
+def test_pruned_trial_closes_its_run_as_pruned(tiny_params, mlflow_env, tmp_path):
+    from socseg.search import OptunaPruning
+    from socseg.train import train
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    trial = study.ask()
+    tiny_params["train"].update(epochs=3, patience=5)
+    pruning = OptunaPruning(trial)
+    result = train(tiny_params, extra_callbacks=[pruning])
+    assert result.pruned and pruning.pruned
+    assert len(result.history["val_mean_iou"]) == 1  # stopped after the first report
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
+    assert result.model_uri == ""
+
+
+@pytest.mark.slow
+def test_a_killed_search_leaves_a_study_that_continues(search_params, mlflow_env, tmp_path):
+    """kill -9 in the middle of a trial; the next run fails the stale trial (heartbeat) and finishes."""
+    storage = search_params["search"]["storage"]
+    search_params["search"].update(heartbeat_interval=1, grace_period=3, n_trials=2)
+    search_params["train"].update(epochs=200, patience=200)  # a first trial that would run for minutes
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(search_params))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "socseg.cli", "search", "--params", str(params_file), "--encoder", "unet",
+               "--out", str(tmp_path / "search.json")]
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                study = optuna.load_study(study_name="t", storage=storage)
+                if any(t.state == TrialState.RUNNING for t in study.trials):
+                    break
+            except KeyError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("the search never started a trial")
+        time.sleep(4)  # inside the trial's training loop
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+    study = optuna.load_study(study_name="t", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]
+    time.sleep(4)  # past the grace period
+
+    search_params["train"].update(epochs=1, patience=1)
+    params_file.write_text(yaml.safe_dump(search_params))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="t", storage=storage)
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.FAIL  # the killed one
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 2
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(study.trials[1])
+    assert retried == 0  # its parameters were retried
