@@ -1,26 +1,49 @@
-"""Slice-wise prediction of whole slabs and volumes with a fixed tiling.
+"""Prediction of whole slices and volumes from a network trained on small tiles.
 
-The network sees tiles of the size it was trained on; predictions are stitched back so each pixel
-comes from exactly one tile (see :mod:`socseg.tiling`).
+Two tilings, for two purposes:
+
+* :func:`predict_probabilities`: the fixed tiling of :mod:`socseg.tiling` where each pixel comes
+  from exactly one tile. Validation during training uses it: it is the cheapest way to score a
+  whole slab, and it is what the reported metrics are defined on.
+* :func:`iter_window_probabilities` (and the helpers built on it): the sliding window that users
+  get (nnU-Net style). Tiles overlap (``step_fraction`` of a tile, default half), each tile's
+  prediction is weighted by a Gaussian centred on the tile before blending (a U-Net is least
+  reliable near a tile's edge, where it sees zero padding instead of context), slices are
+  mirror-padded at their borders, and flip test-time augmentation is optional. It streams: slices
+  go in one by one, tiles of consecutive slices share forward passes, and only the slices still
+  waiting for tiles are held in memory, whatever the depth of the volume.
+
+Backend-agnostic: ``predict`` is any callable ``(B, s, s, 1) -> (B, s, s, C)`` (e.g. a Keras 3
+model's ``predict_on_batch`` on TensorFlow or JAX); everything else is NumPy.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections import deque
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from socseg.tiling import Tiling, iter_batches
+from socseg.tiling import Tiling, iter_batches, tile_starts
 
 Predict = Callable[[np.ndarray], np.ndarray]
+
+# nnU-Net: Gaussian sigma = 1/8 of the tile; the weight at a tile's edge is exp(-8) of its centre.
+GAUSSIAN_SIGMA_SCALE = 0.125
+# Flip TTA: identity, flip y, flip x, flip both (axes of a (B, s, s, 1) batch).
+_FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))
 
 
 def predict_probabilities(
     predict: Predict, images: np.ndarray, tile_size: int, batch_size: int = 8, step: int | None = None
 ) -> np.ndarray:
-    """Class probabilities ``(Z, H, W, C)`` for a stack ``(Z, H, W)`` of model-ready slices.
+    """Class probabilities ``(Z, H, W, C)`` for a stack ``(Z, H, W)`` with the fixed, non-blended tiling.
 
     ``predict`` maps a batch ``(B, s, s, 1)`` to ``(B, s, s, C)`` (e.g. ``model.predict_on_batch``).
+    Each pixel comes from one tile, so metrics on the result count every pixel once; for
+    seam-free predictions use :func:`sliding_window_probabilities`.
     """
     images = np.asarray(images)
     if images.ndim != 3:
@@ -35,3 +58,262 @@ def predict_probabilities(
             out = np.empty((z, h, w, preds.shape[-1]), dtype=np.float32)
         out[k] = tiling.stitch(preds.astype(np.float32))
     return out if out is not None else np.empty((0, h, w, 1), np.float32)
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """How whole slices are tiled: the ``inference:`` section of params.yaml plus the model's tile size."""
+
+    tile_size: int
+    step_fraction: float = 0.5
+    tta: bool = False
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.tile_size <= 0:
+            raise ValueError(f"tile size must be positive, got {self.tile_size}")
+        if not 0.0 < float(self.step_fraction) <= 1.0:
+            raise ValueError(f"step_fraction must be in (0, 1], got {self.step_fraction}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+
+    @property
+    def step(self) -> int:
+        return max(1, int(round(self.tile_size * float(self.step_fraction))))
+
+    @property
+    def margin(self) -> int:
+        """Mirror padding on every side: half the overlap.
+
+        An interior pixel is at most ``step / 2`` from the nearest tile centre, so at least
+        ``(tile - step) / 2`` from that tile's edge; padding the border by the same amount gives
+        border pixels the same context as the worst interior pixel. No overlap, no padding.
+        """
+        return (self.tile_size - self.step) // 2
+
+    @classmethod
+    def from_params(cls, tile_size: int, section: Mapping[str, Any] | None = None, **overrides: Any) -> "WindowSettings":
+        """Settings from a params ``inference:`` section (missing keys: defaults); ``overrides`` win unless None."""
+        values = {k: v for k, v in dict(section or {}).items() if k in ("step_fraction", "tta", "batch_size")}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        from socseg.config import parse_bool
+
+        return cls(
+            tile_size=int(tile_size),
+            step_fraction=float(values.get("step_fraction", 0.5)),
+            tta=parse_bool(values.get("tta", False)),
+            batch_size=int(values.get("batch_size", 16)),
+        )
+
+
+@lru_cache(maxsize=8)
+def gaussian_importance(size: int, sigma_scale: float = GAUSSIAN_SIGMA_SCALE) -> np.ndarray:
+    """``(size, size)`` float32 weights, 1 at the tile centre, falling to ~exp(-8) at the edges (never 0)."""
+    centre = (size - 1) / 2.0
+    sigma = max(size * sigma_scale, 1e-6)
+    profile = np.exp(-((np.arange(size) - centre) ** 2) / (2.0 * sigma**2))
+    weights = np.outer(profile, profile)
+    weights /= weights.max()
+    weights = np.maximum(weights, weights[weights > 0].min()).astype(np.float32)
+    weights.setflags(write=False)  # cached and shared: nobody may change it
+    return weights
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """Tile positions, padding and blend weights for slices of one shape ``(height, width)``."""
+
+    height: int
+    width: int
+    settings: WindowSettings
+
+    @property
+    def pads(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Mirror padding (before, after) per axis: the margin, plus whatever makes a small slice a whole tile."""
+        m, s = self.settings.margin, self.settings.tile_size
+        out = []
+        for length in (self.height, self.width):
+            short = max(0, s - (length + 2 * m))
+            out.append((m + short // 2, m + short - short // 2))
+        return out[0], out[1]
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        (a, b), (c, d) = self.pads
+        return self.height + a + b, self.width + c + d
+
+    @property
+    def positions(self) -> list[tuple[int, int]]:
+        s, step = self.settings.tile_size, self.settings.step
+        ph, pw = self.padded_shape
+        return [(y, x) for y in tile_starts(ph, s, step) for x in tile_starts(pw, s, step)]
+
+    def pad(self, image: np.ndarray) -> np.ndarray:
+        return np.pad(image, self.pads, mode="symmetric")
+
+    def weight_sum(self) -> np.ndarray:
+        """Sum of the Gaussian weights of all tiles, per padded pixel (the blend's denominator)."""
+        s = self.settings.tile_size
+        total = np.zeros(self.padded_shape, dtype=np.float32)
+        weights = gaussian_importance(s)
+        for y, x in self.positions:
+            total[y : y + s, x : x + s] += weights
+        return total
+
+    def crop(self, padded: np.ndarray) -> np.ndarray:
+        (top, _), (left, _) = self.pads
+        return padded[top : top + self.height, left : left + self.width]
+
+
+@lru_cache(maxsize=8)
+def _window(height: int, width: int, settings: WindowSettings) -> tuple[SlidingWindow, list[tuple[int, int]], np.ndarray]:
+    window = SlidingWindow(height, width, settings)
+    return window, window.positions, window.weight_sum()
+
+
+def predict_tiles(predict: Predict, tiles: np.ndarray, tta: bool = False) -> np.ndarray:
+    """``predict`` on a ``(B, s, s, 1)`` batch, averaged over the four flips when ``tta``."""
+    if not tta:
+        return np.asarray(predict(tiles), dtype=np.float32)
+    total = None
+    for axes in _FLIPS:
+        out = np.asarray(predict(np.ascontiguousarray(np.flip(tiles, axes) if axes else tiles)), dtype=np.float32)
+        out = np.flip(out, axes) if axes else out
+        total = out if total is None else total + out
+    return total / np.float32(len(_FLIPS))
+
+
+def fixed_batch(predict: Predict, batch_size: int) -> Predict:
+    """``predict`` that always sees ``batch_size`` tiles: a short batch is zero-padded and the
+    padding's output dropped. JAX compiles one program per input shape, so a volume's ragged last
+    batches would each cost a compilation; the padding costs a few wasted tiles instead."""
+
+    def padded(tiles: np.ndarray) -> np.ndarray:
+        n = len(tiles)
+        if n == batch_size:
+            return np.asarray(predict(tiles))
+        filler = np.zeros((batch_size - n, *tiles.shape[1:]), dtype=tiles.dtype)
+        return np.asarray(predict(np.concatenate([tiles, filler])))[:n]
+
+    return padded
+
+
+@dataclass
+class _InFlight:
+    """One slice whose tiles are (partly) still waiting for the network."""
+
+    window: SlidingWindow
+    weight_sum: np.ndarray
+    remaining: int
+    acc: np.ndarray | None = field(default=None)
+
+    def add(self, pred: np.ndarray, y: int, x: int, weights: np.ndarray) -> None:
+        if self.acc is None:
+            self.acc = np.zeros((*self.window.padded_shape, pred.shape[-1]), dtype=np.float32)
+        s = pred.shape[0]
+        self.acc[y : y + s, x : x + s] += pred * weights[..., None]
+        self.remaining -= 1
+
+    def result(self) -> np.ndarray:
+        assert self.acc is not None
+        return self.window.crop(self.acc / self.weight_sum[..., None])
+
+
+def iter_window_probabilities(
+    predict: Predict, slices: Iterable[np.ndarray], settings: WindowSettings
+) -> Iterator[np.ndarray]:
+    """Blended class probabilities ``(H, W, C)`` float32 for each 2-D slice, in input order.
+
+    Slices may differ in shape. A forward pass takes ``settings.batch_size`` tiles, across slice
+    boundaries, so small slices do not waste batches; a slice is yielded as soon as its last tile
+    is back, so memory holds only the slices in flight.
+    """
+    s = settings.tile_size
+    weights = gaussian_importance(s)
+    pending: deque[_InFlight] = deque()
+    tiles: list[np.ndarray] = []
+    owners: list[tuple[_InFlight, int, int]] = []
+
+    def flush() -> None:
+        preds = predict_tiles(predict, np.stack(tiles)[..., None], settings.tta)
+        for pred, (state, y, x) in zip(preds, owners):
+            state.add(pred, y, x, weights)
+        tiles.clear()
+        owners.clear()
+
+    def done() -> Iterator[np.ndarray]:
+        while pending and pending[0].remaining == 0:
+            yield pending.popleft().result()
+
+    for image in slices:
+        image = np.asarray(image)
+        if image.ndim != 2 or image.size == 0:
+            raise ValueError(f"expected a non-empty 2-D slice, got shape {image.shape}")
+        window, positions, weight_sum = _window(image.shape[0], image.shape[1], settings)
+        padded = window.pad(image.astype(np.float32, copy=False))
+        state = _InFlight(window, weight_sum, len(positions))
+        pending.append(state)
+        for y, x in positions:
+            tiles.append(padded[y : y + s, x : x + s])
+            owners.append((state, y, x))
+            if len(tiles) == settings.batch_size:
+                flush()
+                yield from done()
+    if tiles:
+        flush()
+    yield from done()
+
+
+def sliding_window_probabilities(predict: Predict, images: np.ndarray, settings: WindowSettings) -> np.ndarray:
+    """``(N, H, W, C)`` float32 blended probabilities for a batch of slices ``(N, H, W)``."""
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"expected a (N, H, W) stack, got shape {images.shape}")
+    out: np.ndarray | None = None
+    for k, probs in enumerate(iter_window_probabilities(predict, images, settings)):
+        if out is None:
+            out = np.empty((len(images), *probs.shape), dtype=np.float32)
+        out[k] = probs
+    return out if out is not None else np.empty((0, *images.shape[1:], 1), np.float32)
+
+
+AXES = {"z": 0, "y": 1, "x": 2}
+
+
+def multi_axis_probabilities(
+    predict_planes: Callable[[np.ndarray], np.ndarray],
+    volume: np.ndarray,
+    axes: Iterable[str] = ("z", "y", "x"),
+    chunk: int = 8,
+    progress: Callable[[int], Any] | None = None,
+) -> np.ndarray:
+    """Mean of the probabilities from slicing ``volume`` (Z, Y, X) along each of ``axes``.
+
+    As in volume-segmantics: a 2-D network sees each voxel in three planes, and averaging
+    removes the slice-to-slice flicker of z-only prediction. ``predict_planes`` maps a batch of
+    planes ``(N, A, B)`` to ``(N, A, B, C)`` probabilities (e.g. the segmenter with
+    ``return_probabilities``). Holds the volume's probabilities, ``4 * C`` bytes per voxel.
+    ``progress(n)`` is called after every ``n`` planes.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"expected a (Z, Y, X) volume, got shape {volume.shape}")
+    names = list(axes)
+    unknown = [a for a in names if a not in AXES]
+    if unknown or not names:
+        raise ValueError(f"axes must be a non-empty subset of z, y, x; got {names}")
+    total: np.ndarray | None = None
+    for name in names:
+        axis = AXES[name]
+        for start in range(0, volume.shape[axis], chunk):
+            index = slice(start, min(start + chunk, volume.shape[axis]))
+            planes = np.moveaxis(volume, axis, 0)[index]
+            probs = np.asarray(predict_planes(np.ascontiguousarray(planes)), dtype=np.float32)
+            if total is None:
+                total = np.zeros((*volume.shape, probs.shape[-1]), dtype=np.float32)
+            np.moveaxis(total, axis, 0)[index] += probs
+            if progress is not None:
+                progress(index.stop - index.start)
+    assert total is not None
+    total /= np.float32(len(names))
+    return total

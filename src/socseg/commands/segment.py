@@ -1,0 +1,51 @@
+"""``socseg segment``: whole-volume segmentation with a logged pyfunc segmenter, no server."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from socseg.commands.data import DataError
+
+
+@click.command()
+@click.argument("model_uri")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (never INPUT).")
+@click.option("--slice-batch", type=click.IntRange(min=1), help="Slices per chunk [params: inference.slice_batch].")
+@click.option("--tta/--no-tta", default=None, help="Flip test-time augmentation [default: the model's setting].")
+@click.option(
+    "--step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), help="Tile step / tile size [default: the model's]."
+)
+@click.option("--multi-axis", is_flag=True, help="Average predictions along z, y and x (holds the volume in memory).")
+@click.option("--tracking-uri", help="Where models:/ and runs:/ URIs resolve [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
+def segment(model_uri, input_path, output, overwrite, slice_batch, tta, step_fraction, multi_axis, tracking_uri) -> None:
+    """Segment INPUT (multi-page TIFF, folder of slice TIFFs or volume directory) with MODEL_URI
+    (e.g. models:/socseg@champion, runs:/<id>/segmenter) into the label stack OUTPUT (.tif)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from socseg.config import load_params
+    from socseg.segment import segment as run_segment
+    from socseg.volume import VolumeError
+
+    try:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = uri or (load_params().get("mlflow") or {}).get("tracking_uri", "sqlite:///mlflow.db")
+        mlflow.set_tracking_uri(uri)
+        result = run_segment(
+            model_uri,
+            input_path,
+            output,
+            overwrite=overwrite,
+            slice_batch=slice_batch,
+            tta=tta,
+            step_fraction=step_fraction,
+            multi_axis=multi_axis,
+        )
+    except (VolumeError, OSError, MlflowException) as exc:
+        raise DataError(getattr(exc, "message", None) or str(exc)) from None
+    z, h, w = result.shape
+    click.echo(f"segmented {z}x{h}x{w} in {result.seconds:.1f} s ({result.slices_per_second:.2f} slices/s) -> {result.output}")

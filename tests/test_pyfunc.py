@@ -1,0 +1,200 @@
+"""The pyfunc segmenter: both input forms, label values, probabilities, clear 400s for bad requests,
+and its logging next to the Keras model by a training run."""
+
+import base64
+import dataclasses
+import io
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from socseg.inference import sliding_window_probabilities
+from socseg.pyfunc import RequestError, SegmenterConfig, decode_array, encode_array, parse_request, segmenter_metadata
+
+PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    """A small random-weight U-Net saved as a pyfunc segmenter (tile 32), loaded back."""
+    import keras
+
+    from socseg.models import build_model
+    from socseg.normalise import Normaliser
+    from socseg.pyfunc import save_segmenter, segmenter_config
+    from socseg.train import export_model
+
+    keras.utils.set_random_seed(0)
+    network = build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none")
+    exported = export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5))
+    meta = {
+        "task": "phases",
+        "class_names": ["pore", "ysz", "ni"],
+        "phase_map": {str(k): v for k, v in PHASE_MAP.items()},
+        "normalisation": {"low": 20000.0, "high": 43000.0},
+        "tile_size": 32,
+    }
+    config = segmenter_config(meta, {"step_fraction": 0.5, "tta": False, "batch_size": 8, "max_slice_pixels": 100_000})
+    path = save_segmenter(exported, config, tmp_path_factory.mktemp("segmenter") / "model")
+    return mlflow.pyfunc.load_model(str(path)), exported
+
+
+@pytest.fixture(scope="module")
+def grey():
+    return np.random.default_rng(0).integers(18000, 45000, (3, 45, 70)).astype(np.uint16)
+
+
+def test_tensor_form_any_size_gives_label_values(segmenter, grey):
+    model, exported = segmenter
+    labels = model.predict(grey)
+    assert labels.shape == grey.shape and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= set(PHASE_MAP)
+    config = segmenter_metadata(model)
+    probs = sliding_window_probabilities(exported.predict_on_batch, grey, config.window())
+    np.testing.assert_array_equal(labels, np.array(sorted(PHASE_MAP), np.uint8)[probs.argmax(-1)])
+    # Same grey values in another dtype or with a channel axis: same labels.
+    np.testing.assert_array_equal(model.predict(grey.astype(np.float32)), labels)
+    np.testing.assert_array_equal(model.predict(grey[..., None]), labels)
+    np.testing.assert_array_equal(model.predict(grey.astype(np.int64)), labels)  # as JSON numbers arrive
+
+
+def test_probabilities_on_request(segmenter, grey):
+    model, _ = segmenter
+    out = model.predict(grey, params={"return_probabilities": True})
+    assert out["probabilities"].shape == (*grey.shape, 3)
+    np.testing.assert_allclose(out["probabilities"].sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(out["labels"], model.predict(grey))
+    tta = model.predict(grey, params={"return_probabilities": True, "tta": True, "step_fraction": 0.25})
+    assert tta["probabilities"].shape == out["probabilities"].shape
+    assert not np.allclose(tta["probabilities"], out["probabilities"])
+
+
+@pytest.mark.parametrize("encoding", ["npy", "tiff"])
+def test_compact_form_matches_tensor_form_in_the_same_encoding(segmenter, grey, encoding):
+    model, _ = segmenter
+    encoded = [encode_array(s, encoding) for s in grey]
+    np.testing.assert_array_equal(decode_array(encoded[0]), grey[0])  # uint16 travels exactly
+    expected = model.predict(grey)
+    for request in (pd.DataFrame({"image": encoded}), {"image": encoded}, np.array(encoded)):
+        frame = model.predict(request)
+        assert list(frame.columns) == ["labels", "phase_map"]
+        assert base64.b64decode(frame["labels"][0])[:2] == (b"\x93N" if encoding == "npy" else b"II")
+        np.testing.assert_array_equal(np.stack([decode_array(t) for t in frame["labels"]]), expected)
+    assert frame["phase_map"][0] == '{"0": "pore", "128": "ysz", "255": "ni"}'
+    other = "npy" if encoding == "tiff" else "tiff"
+    frame = model.predict(pd.DataFrame({"image": encoded}), params={"return_probabilities": True, "encoding": other})
+    assert decode_array(frame["probabilities"][1]).shape == (45, 70, 3)
+    assert base64.b64decode(frame["labels"][0])[:2] == (b"\x93N" if other == "npy" else b"II")
+    for channels in (1, 3):  # probabilities keep their channel axis in both encodings
+        probs = np.random.default_rng(1).random((5, 6, channels), dtype=np.float32)
+        np.testing.assert_array_equal(decode_array(encode_array(probs, encoding)), probs)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _tiff(array, **kwargs) -> str:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **kwargs)
+    return _b64(buffer.getvalue())
+
+
+BAD_REQUESTS = [
+    ("rank 2", np.zeros((40, 40), np.uint16), "rank 2"),
+    ("rank 5", np.zeros((1, 2, 40, 40, 3), np.uint16), "rank 5"),
+    ("strings", np.full((1, 4, 4), "a"), "must be numbers"),
+    ("bools", np.zeros((1, 4, 4), bool), "must be numbers"),
+    ("negative ints", np.full((1, 4, 4), -3), "0..65535"),
+    ("nan", np.array([[[1.0, np.nan]]]), "NaN"),
+    ("inf", np.array([[[1.0, np.inf]]], np.float32), "NaN or infinity"),
+    ("empty batch", np.zeros((0,)), "empty batch"),
+    ("empty batch 3-D", np.zeros((0, 40, 40), np.uint16), "empty batch"),
+    ("ragged list", [np.zeros((4, 4)), np.zeros((5, 4))], "different sizes"),
+    ("oversized", np.zeros((1, 400, 400), np.uint8), "exceeds this model's limit of 100000 pixels"),
+    ("no image column", pd.DataFrame({"x": ["a"]}), "column 'image'"),
+    ("empty column", pd.DataFrame({"image": []}), "empty batch"),
+    ("bad base64", pd.DataFrame({"image": ["@@@"]}), "slice 0: not valid base64"),
+    ("not an image", pd.DataFrame({"image": [_b64(b"hello world")]}), "neither .npy nor TIFF"),
+    ("corrupt tiff", pd.DataFrame({"image": [_b64(b"II*\x00" + b"\x07" * 40)]}), "slice 0: corrupt TIFF"),
+    ("corrupt npy", pd.DataFrame({"image": [_b64(b"\x93NUMPY\x01\x00garbage")]}), "corrupt .npy"),
+    ("3-D slice", pd.DataFrame({"image": [encode_array(np.zeros((2, 4, 4), np.uint16), "npy")]}), "one 2-D slice"),
+    ("int32 slice", pd.DataFrame({"image": [encode_array(np.zeros((4, 4), np.int32), "npy")]}), "dtype int32"),
+    ("nan slice", pd.DataFrame({"image": [encode_array(np.full((4, 4), np.nan, np.float32), "npy")]}), "slice 0: grey values contain NaN"),
+    (
+        "mismatched sizes",
+        pd.DataFrame({"image": [encode_array(np.zeros((4, 4), np.uint16), "npy"), encode_array(np.zeros((5, 4), np.uint16), "tiff")]}),
+        "slice 1 is 5x4 but slice 0 is 4x4",
+    ),
+    ("oversized tiff", pd.DataFrame({"image": [_tiff(np.zeros((400, 400), np.uint8), compression="zlib")]}), "exceeds"),
+    ("multi-page tiff", pd.DataFrame({"image": [_tiff(np.zeros((2, 4, 4), np.uint8), photometric="minisblack")]}), "2 pages"),
+]
+
+
+@pytest.mark.parametrize("what, request_input, message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_raise_a_400_that_names_the_problem(segmenter, what, request_input, message):
+    model, _ = segmenter
+    with pytest.raises(RequestError, match=None) as info:
+        model.predict(request_input)
+    assert message in info.value.message
+    assert info.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"step_fraction": 1.5}, "step_fraction must be in (0, 1]"),
+        ({"encoding": "png"}, "unknown encoding 'png'"),
+        ({"dtype": "uint8"}, "values span"),
+        ({"dtype": "int7"}, "unknown dtype"),
+    ],
+)
+def test_bad_parameters_are_400s_too(segmenter, grey, params, message):
+    model, _ = segmenter
+    with pytest.raises(RequestError) as info:
+        model.predict(grey, params=params)
+    assert message in info.value.message
+
+
+def test_declared_dtype_checks_json_numbers():
+    config = SegmenterConfig("phases", ["a", "b"], {0: "a", 255: "b"}, 32, {})
+    assert parse_request(np.array([[[1.0, 2.0]]]), config, "uint16").images.dtype == np.uint16
+    with pytest.raises(RequestError, match="not integers"):
+        parse_request(np.array([[[1.5, 2.0]]]), config, "uint16")
+    assert parse_request(np.array([[[70000, 2]]]), config, "float32").images.dtype == np.float32
+    small = dataclasses.replace(config, max_slice_pixels=10)
+    with pytest.raises(RequestError, match="4x4 = 16 pixels exceeds"):
+        parse_request(np.zeros((1, 4, 4), np.uint8), small)
+
+
+def test_ni_task_outputs_rest_and_ni_values():
+    config = SegmenterConfig("ni", ["rest", "ni"], {0: "pore", 128: "ysz", 255: "ni"}, 32, {})
+    assert config.label_phase_map == {0: "rest", 255: "ni"}
+    round_trip = SegmenterConfig.from_dict(config.to_dict())
+    assert round_trip == config
+
+
+def test_training_logs_the_segmenter_next_to_the_keras_model(tiny_params, mlflow_env):
+    """The run's pyfunc segments whole slices with the trained network and the params' settings."""
+    from socseg.train import train
+    from socseg.volume import load_volume
+
+    tiny_params["inference"] = {"step_fraction": 0.25, "tta": True, "batch_size": 4, "max_slice_pixels": 10_000}
+    result = train(tiny_params, run_name="tiny")
+    assert result.segmenter_uri and result.segmenter_uri != result.model_uri
+    assert result.model_uri.startswith("models:/") and result.segmenter_uri.startswith("models:/")
+    info = mlflow.models.get_model_info(result.segmenter_uri)
+    assert {p.name for p in info.signature.params.params} >= {"return_probabilities", "tta", "step_fraction"}
+    model = mlflow.pyfunc.load_model(result.segmenter_uri)
+    config = segmenter_metadata(model)
+    assert (config.tile_size, config.step_fraction, config.tta, config.max_slice_pixels) == (32, 0.25, True, 10_000)
+    assert config.label_phase_map == {0: "rest", 255: "ni"}
+
+    keras_model = mlflow.keras.load_model(result.model_uri)
+    image = load_volume(f"{tiny_params['data']['dir']}/tiny").image[-3:]
+    labels = model.predict(image)
+    probs = sliding_window_probabilities(keras_model.predict_on_batch, image, config.window())
+    np.testing.assert_array_equal(labels, np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))

@@ -1,0 +1,148 @@
+"""A real `mlflow models serve` of a registered tiny segmenter (models:/<name>@champion) on loopback:
+bad requests get a 4xx naming the problem while the server keeps serving, served predictions equal
+local pyfunc.predict, and serving/client.py segments a volume through it."""
+
+import base64
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import tifffile
+
+from socseg.pyfunc import decode_array, encode_array
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "socseg-tiny"
+MAX_PIXELS = 512 * 512
+
+
+def _client_module():
+    spec = importlib.util.spec_from_file_location("serving_client", REPO / "serving" / "client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiff_b64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, compression="zlib")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _frame(*slices: str) -> dict:
+    return {"dataframe_split": {"columns": ["image"], "data": [[s] for s in slices]}}
+
+
+@pytest.fixture()
+def server(tiny_params, mlflow_env, tmp_path):
+    """Train, register as NAME@champion, serve; yields (url, model URI); the server always stops."""
+    from mlflow.tracking import MlflowClient
+
+    from socseg.train import train
+
+    tiny_params["inference"] = {**tiny_params.get("inference", {}), "max_slice_pixels": MAX_PIXELS}
+    result = train(tiny_params, run_name="tiny")
+    version = mlflow.register_model(result.segmenter_uri, NAME)
+    MlflowClient().set_registered_model_alias(NAME, "champion", version.version)
+    uri = f"models:/{NAME}@champion"
+    with _client_module().local_server(uri, timeout=60, log_path=tmp_path / "server.log") as (url, _):
+        yield url, uri
+
+
+def _bad_requests() -> list[tuple[str, bytes, str, str]]:
+    """(what, body, content type, words the answer must contain)."""
+    js = "application/json"
+    tiff = _tiff_b64(np.zeros((30, 30), np.uint16))
+
+    def body(obj) -> bytes:
+        return json.dumps(obj).encode()
+
+    return [
+        ("wrong rank", body({"inputs": [[1, 2], [3, 4]]}), js, "rank 2"),
+        ("wrong dtype", body({"inputs": [[["a", "b"]]]}), js, "must be numbers"),
+        ("declared dtype", body({"inputs": [[[1.5, 2]]], "params": {"dtype": "uint16"}}), js, "not integers"),
+        ("out of range", body({"inputs": [[[70000, 2]]]}), js, "0..65535"),
+        ("NaN", b'{"inputs": [[[1, NaN]]]}', js, "NaN or infinity"),
+        ("inf", b'{"inputs": [[[1, Infinity]]]}', js, "NaN or infinity"),
+        ("empty batch", body({"inputs": []}), js, "empty batch"),
+        ("empty compact batch", body(_frame()), js, "empty batch"),
+        ("corrupt base64", body(_frame("@@not base64@@")), js, "slice 0: not valid base64"),
+        ("corrupt TIFF", body(_frame(tiff, base64.b64encode(b"II*\x00" + b"\x05" * 64).decode())), js, "slice 1: corrupt TIFF"),
+        ("not an image", body({"inputs": [base64.b64encode(b"hello").decode()]}), js, "neither .npy nor TIFF"),
+        ("mismatched sizes", body(_frame(tiff, _tiff_b64(np.zeros((31, 30), np.uint16)))), js, "slice 1 is 31x30 but slice 0 is 30x30"),
+        ("ragged tensor", body({"inputs": [[[1, 2], [3, 4]], [[1, 2, 3]]]}), js, "inhomogeneous shape"),
+        ("oversized slice", body(_frame(_tiff_b64(np.zeros((600, 600), np.uint8)))), js, f"limit of {MAX_PIXELS} pixels"),
+        ("bad parameter", body({"inputs": [[[1, 2]]], "params": {"step_fraction": 3}}), js, "step_fraction"),
+        ("no image column", body({"dataframe_split": {"columns": ["x"], "data": [["a"]]}}), js, "column 'image'"),
+        ("not JSON", b"{this is not json", js, ""),
+        ("wrong content type", b"1,2,3", "text/plain", "content types"),
+    ]
+
+
+@pytest.mark.slow
+def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(server, shared_data, tmp_path):
+    url, uri = server
+    invocations = f"{url}/invocations"
+    good = {"inputs": np.full((1, 40, 50), 30000, np.uint16).tolist()}
+    for what, body, content_type, words in _bad_requests():
+        answer = requests.post(invocations, data=body, headers={"Content-Type": content_type}, timeout=60)
+        assert 400 <= answer.status_code < 500, (what, answer.status_code, answer.text[:500])
+        assert words in answer.text, (what, answer.text[:1000])
+        # ... and the server is still there for the next good request.
+        assert requests.post(invocations, json=good, timeout=60).status_code == 200, what
+
+    local = mlflow.pyfunc.load_model(uri)
+    real = np.stack([tifffile.imread(shared_data / "data" / f"SOCprist{k:04d}.tiff") for k in (10, 11)])
+    assert real.dtype == np.uint16 and real.shape == (2, 501, 501)
+    expected = local.predict(real, params={"return_probabilities": True})
+
+    served = requests.post(invocations, json={"inputs": real.tolist(), "params": {"return_probabilities": True}}, timeout=120)
+    assert served.status_code == 200, served.text[:500]
+    tensor = served.json()["predictions"]
+    np.testing.assert_array_equal(np.asarray(tensor["labels"], np.uint8), expected["labels"])
+    np.testing.assert_allclose(np.asarray(tensor["probabilities"], np.float32), expected["probabilities"], atol=1e-5)
+
+    for encoding in ("tiff", "npy"):
+        compact = requests.post(
+            invocations, json={**_frame(*[encode_array(s, encoding) for s in real]), "params": {"return_probabilities": True}},
+            timeout=120,
+        )
+        assert compact.status_code == 200, compact.text[:500]
+        rows = compact.json()["predictions"]
+        np.testing.assert_array_equal(np.stack([decode_array(r["labels"]) for r in rows]), expected["labels"])
+        np.testing.assert_allclose(np.stack([decode_array(r["probabilities"]) for r in rows]), expected["probabilities"], atol=1e-5)
+        assert json.loads(rows[0]["phase_map"]) == {"0": "rest", "255": "ni"}
+
+    # serving/client.py: a volume through the server equals `socseg segment` in this process.
+    from socseg.segment import read_label_metadata, segment
+
+    client = _client_module()
+    volume = tmp_path / "volume.tif"
+    tifffile.imwrite(volume, np.concatenate([real, real[:1]]), photometric="minisblack")
+    segment(uri, volume, tmp_path / "local.tif", progress=False)
+    reference = tifffile.imread(tmp_path / "local.tif")
+    for form in ("compact", "tensor"):
+        out = tmp_path / f"served_{form}.tif"
+        result, rest = client.segment_with_server(url, str(volume), str(out), slice_batch=2, form=form, progress=False)
+        np.testing.assert_array_equal(tifffile.imread(out), reference)
+        assert result.shape == (3, 501, 501) and rest.requests == 2
+    assert read_label_metadata(tmp_path / "served_compact.tif")["phase_map"] == {"0": "rest", "255": "ni"}
+    assert client.main([url, str(volume), str(tmp_path / "served_compact.tif")]) == 2  # exists: refused
+    assert client.main([url, str(volume), str(volume), "--overwrite"]) == 2  # never the input
+    assert tifffile.imread(volume).shape == (3, 501, 501)
+
+
+def test_client_retries_connection_errors_then_gives_up(tmp_path):
+    client = _client_module()
+    volume = tmp_path / "v.tif"
+    tifffile.imwrite(volume, np.zeros((2, 20, 20), np.uint16), photometric="minisblack")
+    rest = client.RestSegmenter(f"http://127.0.0.1:{client.free_port()}", retries=2, backoff=0.01)
+    with pytest.raises(client.ServerError, match="giving up after 3 attempts"):
+        rest(np.zeros((1, 20, 20), np.uint16))
+    assert client.main([f"http://127.0.0.1:{client.free_port()}", str(volume), str(tmp_path / "o.tif"), "--retries", "0"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.tif"]  # no output, no partial file
