@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fresh machine -> one trained, MLflow-tracked VGG16 U-Net on the built-in synthetic PXCT phantom.
-# Extra arguments are passed to `mlflow run` (e.g. -P epochs=20 -P encoder=resnet50).
+# Fresh machine -> search, evaluate, register and use a VGG16 U-Net on the built-in synthetic PXCT phantom.
+# Extra arguments are passed to `mlflow run` (e.g. -P n_trials=8 -P encoder=all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DVC_NO_ANALYTICS=1 TF_CPP_MIN_LOG_LEVEL=2
@@ -8,5 +8,8 @@ bash scripts/setup_env.sh
 source .venv/bin/activate
 [ -d data/sample ] || socseg data synth sample
 # Small budget so the first run takes minutes on a laptop CPU; params.yaml holds the real defaults.
-mlflow run . -e train --env-manager local -P encoder=vgg16 -P epochs=3 -P steps_per_epoch=10 "$@"
-echo "Done. Browse the run with: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
+mlflow run . --env-manager local -P encoder=vgg16 -P n_trials=2 -P epochs=2 -P steps_per_epoch=10 \
+  -P study_name=quickstart "$@"
+socseg segment models:/socseg-ni@champion data/sample/image.tif outputs/sample_segmented.tif --overwrite
+echo "Done. Champion: models:/socseg-ni@champion; labels: outputs/sample_segmented.tif"
+echo "Browse the runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"

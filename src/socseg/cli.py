@@ -15,6 +15,7 @@ def main() -> None:
 
 def _register() -> None:
     from socseg.commands.data import data
+    from socseg.commands.evaluate import evaluate
     from socseg.commands.microstructure import microstructure
     from socseg.commands.search import evaluate_best, prepare, register, search
     from socseg.commands.segment import segment
@@ -23,6 +24,7 @@ def _register() -> None:
     main.add_command(data)
     main.add_command(train)
     main.add_command(microstructure)
+    main.add_command(evaluate)
     main.add_command(segment)
     for command in (prepare, search, evaluate_best, register):
         main.add_command(command)

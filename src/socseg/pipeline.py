@@ -56,33 +56,31 @@ def prepare(params: Mapping, out: str | Path) -> dict:
     return summary
 
 
-class KerasPredictor:
-    """A logged socseg Keras model (raw grey in, probabilities out) with its task metadata."""
+class SegmenterPredictor:
+    """The registered pyfunc segmenter, scored exactly as it serves: whole slices in, labels out."""
 
     def __init__(self, model_uri: str):
-        import mlflow.keras
+        self.model = mlflow.pyfunc.load_model(model_uri)
+        config = getattr(self.model.unwrap_python_model(), "config", None)
+        if config is None:
+            raise ValueError(f"{model_uri} is not a socseg segmenter (pyfunc 'segmenter' logged by socseg train)")
+        self.task = config.task
+        self.class_names = list(config.class_names)
+        # Label values the segmenter returns -> task class indices (ni task: 0 rest, 1 ni).
+        self._lut = np.zeros(256, dtype=np.uint8)
+        for index, value in enumerate(sorted(config.label_phase_map)):
+            self._lut[value] = index
 
-        import socseg.models  # noqa: F401  (registers the custom layers before loading)
-
-        meta = (mlflow.models.get_model_info(model_uri).metadata or {}).get("socseg")
-        if not meta:
-            raise ValueError(f"{model_uri} is not a socseg model (no 'socseg' metadata in its MLmodel)")
-        self.task = meta["task"]
-        self.class_names = list(meta["class_names"])
-        self.tile_size = int(meta["tile_size"])
-        self.model = mlflow.keras.load_model(model_uri)
-
-    def predict_classes(self, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
-        from socseg.inference import predict_probabilities
-        from socseg.metrics import probabilities_to_classes
-
-        raw = np.asarray(images, dtype=np.float32)
-        probs = predict_probabilities(self.model.predict_on_batch, raw, self.tile_size, batch_size)
-        return probabilities_to_classes(probs, self.task)
+    def predict_classes(self, images: np.ndarray, slices_per_call: int = 8) -> np.ndarray:
+        out = np.empty(images.shape, dtype=np.uint8)
+        for start in range(0, len(images), slices_per_call):
+            labels = self.model.predict(np.asarray(images[start:start + slices_per_call]))
+            out[start:start + slices_per_call] = self._lut[np.asarray(labels)]
+        return out
 
 
-def load_predictor(model_uri: str) -> KerasPredictor:
-    return KerasPredictor(model_uri)
+def load_predictor(model_uri: str) -> SegmenterPredictor:
+    return SegmenterPredictor(model_uri)
 
 
 def score_on_test_slabs(model_uri: str, params: Mapping) -> tuple[dict[str, float], dict[str, Any]]:
@@ -120,7 +118,7 @@ def evaluate_best(params: Mapping, search_json: str | Path, out: str | Path) -> 
     from socseg.plots import confusion_figure, overlay_figure
 
     search = read_json(search_json)
-    model_uri = search.get("best_segmenter_uri") or search["best_model_uri"]
+    model_uri = search["best_segmenter_uri"]
     tracking.configure_tracking(params)
     scores, extra = score_on_test_slabs(model_uri, params)
     metrics = {f"test_{k}": v for k, v in scores.items()}

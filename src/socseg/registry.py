@@ -38,7 +38,7 @@ class Promotion:
 def champion_version(name: str, client: MlflowClient | None = None) -> str | None:
     client = client or MlflowClient()
     try:
-        return client.get_model_version_by_alias(name, CHAMPION).version
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         return None
 

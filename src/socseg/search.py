@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +108,11 @@ def open_study(params: Mapping, study_name: str | None = None, storage: str | No
     )
 
 
+def worker_id() -> str:
+    """``host:pid`` of this search process: tells apart the workers that share one study."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=FINISHED)
 
@@ -146,6 +153,7 @@ def run_search(
     storage = storage or search["storage"]
     study = open_study(params, study_name, storage)
     tracking.configure_tracking(params)
+    worker = worker_id()
 
     def objective(trial: optuna.Trial) -> float:
         tree = trial_params(params, encoder, trial)
@@ -156,9 +164,10 @@ def run_search(
             nested=True,
             extra_callbacks=[pruning],
             evaluate_test=False,
-            tags={"optuna_study": study.study_name, "optuna_trial": str(trial.number)},
+            tags={"optuna_study": study.study_name, "optuna_trial": str(trial.number), "search_worker": worker},
         )
         trial.set_user_attr("run_id", result.run_id)
+        trial.set_user_attr("worker", worker)
         trial.set_user_attr("encoder", tree["train"]["encoder"])
         if result.pruned:
             raise optuna.TrialPruned(f"pruned at epoch {len(result.history.get(OBJECTIVE, []))}")
@@ -166,9 +175,12 @@ def run_search(
         trial.set_user_attr("segmenter_uri", getattr(result, "segmenter_uri", "") or "")
         return result.metrics[OBJECTIVE]
 
-    with mlflow.start_run(run_name=f"search {study.study_name}") as parent:
+    # One parent run per worker (named and tagged with host:pid): N workers on one study show as
+    # N parents in the MLflow UI, each holding the trials it ran; tags.optuna_study finds them all.
+    with mlflow.start_run(run_name=f"search {study.study_name} @ {worker}") as parent:
         mlflow.set_tags({**runtime_tags(params["train"]["precision"]), "optuna_study": study.study_name,
-                         "search_encoder": encoder, "git_commit": tracking.git_commit() or "none"})
+                         "search_encoder": encoder, "search_worker": worker,
+                         "git_commit": tracking.git_commit() or "none"})
         mlflow.log_params({"search.encoder": encoder, "search.n_trials": n_trials, "search.study_name": study.study_name,
                            "search.storage": _redact(storage), "search.timeout": timeout or 0})
         remaining = n_trials - len(finished_trials(study))

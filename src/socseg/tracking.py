@@ -19,7 +19,11 @@ def configure_tracking(params: Mapping) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.get("mlflow", {}).get("tracking_uri", "sqlite:///mlflow.db")
     mlflow.set_tracking_uri(uri)
     if not os.environ.get("MLFLOW_EXPERIMENT_ID") and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or params.get("mlflow", {}).get("experiment", "socseg"))
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or params.get("mlflow", {}).get("experiment", "socseg")
+        # Set by id as well: when two workers create the experiment at once, set_experiment(name)
+        # can return for the loser without activating it, and its runs would land in "Default".
+        experiment = mlflow.set_experiment(name)
+        mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return uri
 
 
@@ -60,6 +64,27 @@ def flat_params(params: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def pinned_requirements() -> list[str]:
+    """Pinned runtime packages of this environment (skips MLflow's slow requirement inference).
+
+    socseg itself is not on PyPI: serve with ``--env-manager local`` from an environment where it
+    is installed.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    import keras
+
+    names = ["mlflow", "keras", "numpy", "pandas", "tifffile"]
+    names += {"tensorflow": ["tensorflow-cpu", "tensorflow"], "jax": ["jax", "jaxlib"]}.get(keras.backend.backend(), [])
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
 @contextlib.contextmanager
 def _keras_input_example_fix():
     """Work around mlflow/mlflow#16183 (open in 3.17.2): ``mlflow.keras.save_model`` writes the
@@ -85,5 +110,6 @@ def log_keras_model(model, signature, input_example, metadata: Mapping | None = 
 
     with _keras_input_example_fix():
         return mlflow.keras.log_model(
-            model, name=name, signature=signature, input_example=input_example, metadata=dict(metadata or {})
+            model, name=name, signature=signature, input_example=input_example, metadata=dict(metadata or {}),
+            pip_requirements=pinned_requirements(),
         )
