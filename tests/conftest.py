@@ -56,8 +56,15 @@ def tiny_params(tmp_path, params):
 @pytest.fixture()
 def mlflow_env(tmp_path, monkeypatch):
     """A private MLflow SQLite store for one test (set through the environment, as `mlflow run` does)."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
-    return uri
+    # The process-wide URI too: an earlier test's configure_tracking() would otherwise still win.
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

@@ -170,12 +170,11 @@ def test_two_workers_share_one_study_and_one_register_step_promotes(lab, tiny_pa
         assert run.data.tags["mlflow.parentRunId"] == parents[trial.user_attrs["worker"]].info.run_id
     assert not client.search_registered_models(f"name = '{model_name}'")  # workers never register
 
-    # The one register step, after all workers: summarise the finished study (no new trial),
-    # score its best model on the test slab, register and promote. (registry.register_and_promote
-    # directly: `socseg evaluate-best` is being reworked for the pyfunc segmenter.)
-    from socseg.pipeline import score_on_test_slabs
-    from socseg.registry import CHAMPION, register_and_promote
-    from socseg.search import run_search
+    # The one register step, after all workers: summarise the finished study (no new trial), then
+    # the real evaluate and register stages (what `socseg evaluate-best` / `socseg register` run).
+    from socseg.pipeline import evaluate_best, register
+    from socseg.registry import CHAMPION
+    from socseg.search import run_search, write_result
 
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
@@ -183,15 +182,14 @@ def test_two_workers_share_one_study_and_one_register_step_promotes(lab, tiny_pa
     result = run_search(params, encoder="unet")
     assert len(optuna.load_study(study_name=study_name, storage=lab["storage"]).trials) == len(trials)
     assert result.best_trial == study.best_trial.number and result.n_finished == len(trials)
-    score = score_on_test_slabs(result.best_model_uri, params)[0]["mean_iou"]
-    promotion = register_and_promote(
-        result.best_segmenter_uri or result.best_model_uri, model_name, score=score,
-        evaluate=lambda uri: pytest.fail("a first version has no champion to re-evaluate"),
-        tags={"study_name": study_name, "run_id": result.best_run_id},
-    )
-    assert promotion.promoted and promotion.version == "1"
+    write_result(result, tmp_path / "search.json")
+    metrics = evaluate_best(params, tmp_path / "search.json", tmp_path / "metrics.json")
+    score = metrics["test_mean_iou"]
+    params["registry"]["model_name"] = model_name
+    promotion = register(params, tmp_path / "search.json", tmp_path / "metrics.json", tmp_path / "registered.json")
+    assert promotion["promoted"] and promotion["version"] == "1"
     champion = client.get_model_version_by_alias(model_name, CHAMPION)
-    assert champion.version == "1" and champion.tags["study_name"] == study_name
+    assert str(champion.version) == "1" and champion.tags["study_name"] == study_name
     assert champion.tags["run_id"] == study.best_trial.user_attrs["run_id"]
     assert float(champion.tags["test_mean_iou"]) == pytest.approx(score, abs=1e-6)
     assert len(client.search_model_versions(f"name = '{model_name}'")) == 1
