@@ -48,6 +48,13 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(repo_root
     _run(dvc + ["repro"], project, env)
     metrics = json.loads((project / "metrics.json").read_text())
     assert 0.0 <= metrics["test_mean_iou"] <= 1.0 and "test_iou_ni" in metrics
+    # Microstructure of the predicted test slab beside the labels' (voxel units).
+    assert 0.0 <= metrics["micro_pred.vf.ni"] <= 1.0
+    cm = metrics["confusion_matrix"]
+    ni = metrics["class_names"].index("ni")
+    assert metrics["micro_true.vf.ni"] == pytest.approx(sum(cm[ni]) / sum(map(sum, cm)), abs=1e-9)
+    assert metrics["micro_pred.vf.ni"] == pytest.approx(sum(row[ni] for row in cm) / sum(map(sum, cm)), abs=1e-9)
+    assert "micro_true.perc.ni.z" in metrics
     registered = json.loads((project / "outputs" / "registered.json").read_text())
     assert registered["promoted"] and registered["version"] == "1"
     env_tracking = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
