@@ -1,0 +1,520 @@
+"""Accuracy on real PXCT data: socseg U-Nets against the baselines users would otherwise pick.
+
+    python benchmarks/accuracy.py                                   # SOCPristine 1-200, slab split
+    python benchmarks/accuracy.py --train-volume data/a --test-volume data/b
+
+Every method is trained on the same training data and scored on the same test slices with the
+same metric code (``socseg.evaluate.segmentation_scores``): global thresholds tuned on the
+training slab (the floor), an ilastik-style random forest, and socseg U-Nets (``socseg.train``,
+scored through the logged model with ``socseg.evaluate``). One more U-Net run uses the original
+report's random 80/20 *slice* split to show how much that split inflates the score.
+
+Default data: the real SOCPristine slices (``../shared/data/socpristine`` or
+``$SOCSEG_SHARED_DATA``), imported once with ``socseg.volume.import_slices`` into a cache folder
+(``--cache-dir``), never into the repository. ``--train-volume``/``--test-volume`` take volume
+folders as ``socseg data import`` writes them; a test volume that is not a training volume is
+scored whole, and the training volumes are then split into train | gap | val only.
+
+Writes ``<out>/accuracy.csv`` and ``<out>/accuracy.md`` after every method (a crash keeps what
+was measured) and logs them, with one nested run per method, to MLflow (``$MLFLOW_TRACKING_URI``
+or params' ``mlflow.tracking_uri``). ``--readme README.md`` puts the table into the README block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+ENCODERS = ("unet", "vgg16", "resnet50")
+BASELINES = ("threshold", "rf")
+METHOD_LABELS = {
+    "threshold": "global threshold(s)",
+    "rf": "random forest (ilastik features)",
+    "unet": "U-Net (from scratch)",
+    "vgg16": "U-Net, VGG16 encoder",
+    "resnet50": "U-Net, ResNet50 encoder",
+}
+README_START, README_END = "<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->"
+README_HEADING = "## Accuracy on real data"
+
+
+def _floats(text: str, n: int | None = None) -> list[float]:
+    values = [float(v) for v in text.split(",")]
+    if n is not None and len(values) != n:
+        raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--train-volume", action="append", type=Path, help="training volume folder (repeatable)")
+    data.add_argument("--test-volume", type=Path, help="test volume folder (default: test slab of each training volume)")
+    data.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")),
+                      help="SOCPristine folder (data/, labels/) used when no --train-volume is given")
+    data.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy",
+                      help="where the imported SOCPristine and the shuffled copy for the leakage run live")
+    data.add_argument("--split", type=lambda t: _floats(t, 4), default=None, metavar="TRAIN,VAL,TEST,GAP",
+                      help="slab split fractions and gap [default: params.yaml split]")
+    data.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    run = p.add_argument_group("what to run")
+    run.add_argument("--tasks", default="ni,phases", help="comma list of ni, phases")
+    run.add_argument("--methods", default="threshold,rf,unet,vgg16,resnet50", help="comma list of threshold, rf, unet, vgg16, resnet50")
+    run.add_argument("--leakage", action="append", metavar="METHOD:TASK",
+                     help="also train METHOD on TASK with a random slice split (repeatable) [default: unet:ni]; 'none' to skip")
+    run.add_argument("--leakage-split", type=lambda t: _floats(t, 4), default=[0.7, 0.1, 0.2, 0],
+                     metavar="TRAIN,VAL,TEST,GAP", help="random split: the report's 80/20, 1/8 of the 80 for early stopping")
+    run.add_argument("--tta", default="", help="comma list of encoders also scored with 8-fold flip/rotation TTA")
+    unet = p.add_argument_group("U-Net training (params.yaml overrides, for all encoders unless --set says otherwise)")
+    unet.add_argument("--epochs", type=int, default=None)
+    unet.add_argument("--steps-per-epoch", type=int, default=None)
+    unet.add_argument("--batch-size", type=int, default=None)
+    unet.add_argument("--precision", default=None, choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    unet.add_argument("--patience", type=int, default=None)
+    unet.add_argument("--minutes", action="append", default=[], metavar="[ENCODER=]MIN",
+                      help="wall-clock training budget per model: training stops after the epoch that would overrun it")
+    unet.add_argument("--set", dest="sets", action="append", default=[], metavar="[ENCODER:]SECTION.KEY=VALUE",
+                      help="any params override, e.g. vgg16:train.learning_rate=1e-4 (the search's best settings go here)")
+    rf = p.add_argument_group("random forest")
+    rf.add_argument("--rf-trees", type=int, default=100)
+    rf.add_argument("--rf-samples", type=int, default=150_000, help="training pixels, drawn evenly from the training slices")
+    rf.add_argument("--rf-jobs", type=int, default=2)
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
+    out.add_argument("--experiment", default="socseg-accuracy", help="MLflow experiment")
+    out.add_argument("--readme", type=Path, help="also replace the accuracy block of this README")
+    out.add_argument("--note", default="", help="free text for the Markdown header (e.g. what else ran on the machine)")
+    args = p.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.tta = [m for m in args.tta.split(",") if m]
+    bad = sorted(set(args.methods) - set(BASELINES) - set(ENCODERS)) + sorted(set(args.tasks) - {"ni", "phases"})
+    if bad:
+        p.error(f"unknown methods/tasks: {bad}")
+    leakage = args.leakage if args.leakage is not None else ["unet:ni"]
+    args.leakage = [] if leakage == ["none"] else [tuple(s.split(":", 1)) for s in leakage]
+    if any(len(s) != 2 for s in args.leakage):
+        p.error("--leakage takes METHOD:TASK, e.g. unet:ni")
+    return args
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Setting:
+    """Where a method trains and what it is tested on."""
+
+    label: str  # e.g. "z-slabs, gap 8"
+    data_dir: Path  # holds (links to) the training volumes, for socseg.train
+    train_names: list[str]
+    split: dict[str, float]
+    tests: list[tuple[Path, tuple[int, int] | None]]  # (volume folder, z range or None: whole)
+    volume_dirs: dict[str, Path] = field(default_factory=dict)
+
+
+def import_socpristine(source: Path, cache: Path) -> Path:
+    """Import SOCPristine once into the cache (validated, checksummed) and reuse it afterwards."""
+    from socseg.volume import import_slices, save_volume
+
+    target = cache / "data" / "socpristine"
+    if not (target / "volume.json").is_file():
+        print(f"importing {source} -> {target}", flush=True)
+        volume = import_slices(
+            "socpristine", str(source / "data/SOCprist*.tiff"), str(source / "labels/slice__*.tif"),
+            phase_map={0: "pore", 128: "ysz", 255: "ni"},
+        )
+        save_volume(volume, target)
+    return target
+
+
+def shuffled_copy(volume_dir: Path, cache: Path, seed: int = 0) -> Path:
+    """The volume with its slices in a fixed random order: a slab split of it is a random slice split.
+
+    This is how the leakage run reuses the unchanged training code.
+    """
+    import numpy as np
+
+    from socseg.volume import Volume, VolumeMeta, load_volume, save_volume
+
+    volume = load_volume(volume_dir)
+    name = f"{volume.meta.name}-shuffled{seed}"
+    target = cache / "data" / name
+    if not (target / "volume.json").is_file():
+        order = np.random.default_rng(seed).permutation(volume.image.shape[0])
+        meta = VolumeMeta(**{**volume.meta.__dict__, "name": name, "checksums": {},
+                             "extra": {**volume.meta.extra, "shuffled_from": volume.meta.name, "seed": seed,
+                                       "order": order.tolist()}})
+        save_volume(Volume(volume.image[order], volume.labels[order], meta), target)
+    return target
+
+
+def link_volumes(dirs: Sequence[Path], into: Path) -> list[str]:
+    """socseg.train reads volumes by name from one data dir: link each folder in under its name."""
+    from socseg.volume import load_volume
+
+    names = []
+    for d in dirs:
+        name = load_volume(d, mmap=True, verify=False).meta.name
+        if name in names:
+            raise SystemExit(f"two training volumes are both named {name!r}")
+        (into / name).symlink_to(d.resolve(), target_is_directory=True)
+        names.append(name)
+    return names
+
+
+def make_setting(label: str, dirs: Sequence[Path], test_dir: Path | None, split: Sequence[float], tmp: Path) -> Setting:
+    from socseg.split import slab_split
+    from socseg.volume import load_volume
+
+    data_dir = tmp / re.sub(r"[^A-Za-z0-9]+", "_", label)
+    data_dir.mkdir(parents=True)
+    names = link_volumes(dirs, data_dir)
+    train, val, test, gap = split
+    cross = test_dir is not None and test_dir.resolve() not in {d.resolve() for d in dirs}
+    if cross:
+        test = 0.0  # the other volume is the test set; the training volumes give train | gap | val
+        tests: list[tuple[Path, tuple[int, int] | None]] = [(test_dir, None)]
+    else:
+        tests = []
+        for d in dirs:
+            n = load_volume(d, mmap=True, verify=False).image.shape[0]
+            tests.append((d, slab_split(n, train, val, test, int(gap)).test))
+    split_params = {"train": train, "val": val, "test": test, "gap": int(gap)}
+    return Setting(label, data_dir, names, split_params, tests, dict(zip(names, dirs)))
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def hardware() -> str:
+    import keras
+
+    from socseg.runtime import accelerator
+
+    backend = keras.backend.backend()
+    version = ""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        version = f" {tf.__version__}"
+    cpu = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = [f for f in ("avx512_bf16", "amx_bf16") if f in info]
+        cpu = f"{model}{' (' + ', '.join(flags) + ')' if flags else ''}; "
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}{accelerator()}, Keras {keras.__version__} / {backend}{version}, Python {platform.python_version()}"
+
+
+def load_test(setting: Setting, normaliser, task: str, phase_names: list[str]):
+    """Normalised test images and task targets for the baselines (the U-Nets read raw grey)."""
+    from socseg.tasks import task_targets
+    from socseg.volume import load_volume
+
+    for d, z in setting.tests:
+        volume = load_volume(d)
+        a, b = z or (0, volume.image.shape[0])
+        if volume.class_names != phase_names:
+            raise SystemExit(f"test volume {d} has phases {volume.class_names}, training {phase_names}")
+        yield normaliser.apply(volume.image[a:b]), task_targets(volume.class_index()[a:b], task, phase_names)
+
+
+def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -> dict[str, Any]:
+    import mlflow
+    import numpy as np
+
+    from socseg.baselines import RandomForestBaseline, ThresholdBaseline
+    from socseg.evaluate import segmentation_scores
+    from socseg.metrics import confusion_matrix
+    from socseg.train import load_labelled_volumes, prepare_data
+
+    volumes = load_labelled_volumes({**params, "data": {**params["data"], "dir": str(setting.data_dir)}}, setting.train_names)
+    data = prepare_data({**params, "split": setting.split}, volumes, task)
+    images = [s.images for s in data.slabs["train"]]
+    targets = [s.targets for s in data.slabs["train"]]
+    if method == "threshold":
+        model: Any = ThresholdBaseline(n_classes=len(data.class_names))
+    else:
+        model = RandomForestBaseline(n_estimators=args.rf_trees, n_samples=args.rf_samples, n_jobs=args.rf_jobs)
+    with mlflow.start_run(run_name=f"{method}-{task}", nested=True) as run:
+        started = time.perf_counter()
+        model.fit(images, targets)
+        train_s = time.perf_counter() - started
+        cm = np.zeros((len(data.class_names),) * 2, dtype=np.int64)
+        infer_s, n_slices = 0.0, 0
+        for test_images, test_targets in load_test(setting, data.normaliser, task, volumes[0].class_names):
+            started = time.perf_counter()
+            pred = model.predict(test_images)
+            infer_s += time.perf_counter() - started
+            n_slices += len(test_images)
+            cm += confusion_matrix(test_targets, pred, len(data.class_names))
+        scores = segmentation_scores(cm, data.class_names)
+        if method == "threshold":
+            raw = [data.normaliser.low + t * (data.normaliser.high - data.normaliser.low) for t in model.thresholds]
+            settings = "raw grey thresholds " + ", ".join(f"{t:.0f}" for t in raw) + " (max. train mean IoU)"
+        else:
+            settings = f"{args.rf_trees} trees, {args.rf_samples // 1000}k px, {len(model.sigmas)} sigmas x 7 filters + grey, 2-D"
+        mlflow.set_tags({"method": method, "task": task, "split": setting.label})
+        mlflow.log_params({"settings": settings[:500], **{f"split.{k}": v for k, v in setting.split.items()}})
+        mlflow.log_metrics({**{f"test_{k}": v for k, v in scores.items()}, "train_seconds": train_s,
+                            "infer_seconds_per_slice": infer_s / n_slices})
+        return {**scores, "train_s": train_s, "infer_s_per_slice": infer_s / n_slices, "precision": "float32 (NumPy/sklearn)",
+                "settings": settings, "run_id": run.info.run_id, "n_test_slices": n_slices}
+
+
+def unet_params(encoder: str, task: str, params: dict, args, setting: Setting) -> dict:
+    import copy
+
+    import yaml
+
+    p = copy.deepcopy(params)
+    p["data"]["dir"] = str(setting.data_dir)
+    p["split"] = dict(setting.split)
+    p["mlflow"]["experiment"] = args.experiment
+    p["train"].update(encoder=encoder, task=task)
+    for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("precision", args.precision),
+                       ("patience", args.patience)):
+        if value is not None:
+            p["train"][key] = value
+    if args.steps_per_epoch is not None:
+        p["tiles"]["steps_per_epoch"] = args.steps_per_epoch
+    for item in args.sets:
+        key, _, value = item.partition("=")  # a value may hold ':' (a path), the key part not
+        target, _, key = key.rpartition(":")
+        if target and target != encoder:
+            continue
+        section, _, name = key.partition(".")
+        if not name or section not in p:
+            raise SystemExit(f"bad --set {item!r}: expected [ENCODER:]SECTION.KEY=VALUE")
+        p[section][name] = yaml.safe_load(value)
+    return p
+
+
+def minutes_for(encoder: str, args) -> float | None:
+    budget = None
+    for item in args.minutes:
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            budget = float(value) if budget is None else budget
+        elif name == encoder:
+            return float(value)
+    return budget
+
+
+def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta: bool = False, trained=None) -> list[dict]:
+    """Train through ``socseg.train`` (the logged model is what users get), then score that model."""
+    import keras
+    import numpy as np
+
+    from socseg.evaluate import evaluate_segmenter, load_segmenter, segmentation_scores
+    from socseg.train import train
+    from socseg.volume import load_volume
+
+    class TimeBudget(keras.callbacks.Callback):
+        """Stop after the epoch when one more epoch would overrun the budget (best weights are restored)."""
+
+        def __init__(self, seconds: float):
+            super().__init__()
+            self.seconds = seconds
+
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            elapsed = time.perf_counter() - self.start
+            if elapsed * (epoch + 2) / (epoch + 1) > self.seconds:
+                self.model.stop_training = True
+
+    p = unet_params(encoder, task, params, args, setting)
+    budget = minutes_for(encoder, args)
+    callbacks = [TimeBudget(budget * 60)] if budget else []
+    t = p["train"]
+    result = train(p, setting.train_names, run_name=f"{encoder}-{task} ({setting.label})", nested=True, extra_callbacks=callbacks)
+    epochs_run = len(result.history.get("loss", []))
+    settings = (f"{t['loss']}, lr {t['learning_rate']}, batch {t['batch_size']}x{p['tiles']['size']}px, "
+                f"{p['tiles']['steps_per_epoch']} steps/epoch, {epochs_run} epochs run (best {result.best_epoch + 1})"
+                f"{f', {budget:g} min budget' if budget else ''}, weights {t['encoder_weights']}"
+                + (f", base {t['base_filters']}" if encoder == "unet" else ""))
+    segmenter = load_segmenter(result.model_uri)
+    rows = []
+    for use_tta in ([False, True] if tta else [False]):
+        cm, infer_s, n_slices = None, 0.0, 0
+        for d, z in setting.tests:
+            scored = evaluate_segmenter(segmenter, load_volume(d), task, z, int(t["batch_size"]), tta=use_tta)
+            cm = np.asarray(scored["confusion"]) + (0 if cm is None else cm)
+            infer_s += scored["seconds_per_slice"] * scored["n_slices"]
+            n_slices += scored["n_slices"]
+        scores = segmentation_scores(cm, segmenter.class_names)
+        rows.append({**scores, "train_s": result.seconds, "infer_s_per_slice": infer_s / n_slices,
+                     "precision": t["precision"], "settings": f"{settings}, {t['precision']}" + (", 8x TTA" if use_tta else ""),
+                     "run_id": result.run_id, "model_uri": result.model_uri, "n_test_slices": n_slices,
+                     "method_suffix": " + TTA" if use_tta else ""})
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+COLUMNS = [
+    ("task", "task"), ("method", "method"), ("split", "split"),
+    ("iou_rest", "IoU rest"), ("iou_pore", "IoU pore"), ("iou_ysz", "IoU YSZ"), ("iou_ni", "IoU Ni"),
+    ("dice_rest", "Dice rest"), ("dice_pore", "Dice pore"), ("dice_ysz", "Dice YSZ"), ("dice_ni", "Dice Ni"),
+    ("mean_iou", "mean IoU"), ("accuracy", "pixel acc."), ("ni_fraction_error", "Ni frac. err."),
+    ("train_s", "train s"), ("infer_s_per_slice", "infer s/slice"),
+]
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None or value == "" or (isinstance(value, float) and value != value):
+        return "–"
+    if key in ("train_s",):
+        return f"{value:.0f}"
+    if key == "infer_s_per_slice":
+        return f"{value:.2f}"
+    if key == "ni_fraction_error":
+        return f"{value:.4f}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def sorted_rows(rows: list[dict]) -> list[dict]:
+    """Table order: by task, slab split before the leaky one, then in the order methods ran."""
+    return sorted(rows, key=lambda r: (r["task"] != "ni", "leaks" in r["split"]))
+
+
+def markdown(rows: list[dict], header: dict[str, str]) -> str:
+    rows = sorted_rows(rows)
+    lines = [f"- **{k}**: {v}" for k, v in header.items()]
+    lines += ["", "| " + " | ".join(label for _, label in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(k, row.get(k)) for k, _ in COLUMNS) + " |")
+    lines += ["", "Settings per row:", ""]
+    lines += [f"- {row['task']} / {row['method']} / {row['split']}: {row.get('settings', '')}" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[dict], header: dict[str, str], out: Path) -> tuple[Path, Path]:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(sorted_rows(rows))
+    ordered = [k for k, _ in COLUMNS if k in frame] + [k for k in frame if k not in dict(COLUMNS)]
+    frame[ordered].to_csv(out / "accuracy.csv", index=False, float_format="%.6g")
+    (out / "accuracy.md").write_text("# Accuracy benchmark\n\n" + markdown(rows, header))
+    return out / "accuracy.csv", out / "accuracy.md"
+
+
+def update_readme(readme: Path, rows: list[dict], header: dict[str, str]) -> None:
+    """Replace the delimited block (or add it, under its heading, before the MLflow section)."""
+    text = readme.read_text()
+    block = f"{README_START}\n{markdown(rows, header)}{README_END}"
+    if README_START in text and README_END in text:
+        before, rest = text.split(README_START, 1)
+        text = before + block + rest.split(README_END, 1)[1]
+    else:
+        section = f"{README_HEADING}\n\n{block}\n\n"
+        anchor = "## What one training run logs to MLflow"
+        text = text.replace(anchor, section + anchor, 1) if anchor in text else text.rstrip() + "\n\n" + section
+    readme.write_text(text)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import mlflow
+
+    from socseg.config import load_params
+    from socseg.tracking import configure_tracking
+
+    params = load_params(args.params)
+    params["mlflow"]["experiment"] = args.experiment
+    split = args.split or [params["split"][k] for k in ("train", "val", "test", "gap")]
+    train_dirs = args.train_volume or [import_socpristine(args.source, args.cache_dir)]
+    command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    hw = hardware()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="socseg-accuracy-") as tmp:
+        slab = make_setting(f"z-slabs, gap {int(split[3])}", train_dirs, args.test_volume, split, Path(tmp))
+        test_desc = "; ".join(f"{d.name} z {z[0]}-{z[1] - 1}" if z else f"{d.name} (whole)" for d, z in slab.tests)
+        header = {
+            "command": f"`{command}`",
+            "date / commit": f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} / {_git_commit()}",
+            "hardware": hw,
+            "data": f"train {', '.join(slab.train_names)} (split train/val/test/gap = {'/'.join(f'{v:g}' for v in split)}); "
+                    f"test {test_desc}",
+            "metrics": "thresholded per-class IoU/Dice from one confusion matrix over all test pixels "
+                       "(socseg.evaluate.segmentation_scores); Ni frac. err. = |predicted - true| Ni volume fraction "
+                       "on the test slices; train s = wall-clock fit (U-Nets: incl. per-epoch validation); "
+                       "infer s/slice = prediction only",
+        }
+        if args.note:
+            header["note"] = args.note
+
+        def add(row: dict, task: str, method: str, setting: Setting) -> None:
+            row = {"task": task, "method": METHOD_LABELS[method] + row.pop("method_suffix", ""), "split": setting.label,
+                   "hardware": hw, **row}
+            rows.append(row)
+            write_outputs(rows, header, args.out)
+            print(f"[{time.strftime('%H:%M:%S')}] {task:6s} {row['method']:38s} {row['split']:22s} "
+                  f"mean IoU {row['mean_iou']:.4f}  IoU Ni {row['iou_ni']:.4f}  "
+                  f"train {row['train_s']:.0f} s  infer {row['infer_s_per_slice']:.2f} s/slice", flush=True)
+
+        configure_tracking(params)
+        with mlflow.start_run(run_name="accuracy-benchmark") as parent:
+            mlflow.set_tags({"hardware": hw, "command": command[:5000], "kind": "accuracy-benchmark"})
+            mlflow.log_params({"split": "/".join(map(str, split)), "tasks": ",".join(args.tasks),
+                               "methods": ",".join(args.methods), "train_volumes": ",".join(map(str, train_dirs)),
+                               "test_volume": str(args.test_volume or "test slabs")})
+            for method in args.methods:  # cheap baselines first: a crash or a stop keeps them
+                for task in args.tasks:
+                    if method in BASELINES:
+                        add(run_baseline(method, task, slab, params, args), task, method, slab)
+                    else:
+                        for row in run_unet(method, task, slab, params, args, tta=method in args.tta):
+                            add(row, task, method, slab)
+            for method, task in args.leakage:
+                shuffled = shuffled_copy(train_dirs[0], args.cache_dir)
+                leak = make_setting("random slices 80/20 (leaks)", [shuffled], None, args.leakage_split, Path(tmp))
+                if method in BASELINES:
+                    add(run_baseline(method, task, leak, params, args), task, method, leak)
+                else:
+                    for row in run_unet(method, task, leak, params, args):
+                        add(row, task, method, leak)
+            csv_path, md_path = write_outputs(rows, header, args.out)
+            mlflow.log_artifact(str(csv_path), "accuracy")
+            mlflow.log_artifact(str(md_path), "accuracy")
+            header["MLflow run"] = f"{parent.info.run_id} (experiment {args.experiment})"
+            write_outputs(rows, header, args.out)
+            if args.readme:
+                update_readme(args.readme, rows, header)
+    print(f"wrote {args.out / 'accuracy.csv'} and {args.out / 'accuracy.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Score any logged socseg model on any labelled volume with the training code's own metrics.
+
+The numbers are the ones training reports (same tiling, thresholding and confusion-matrix code in
+:mod:`socseg.metrics`), plus the Ni volume fraction error: what a microstructure study derived
+from the segmentation would get wrong, whatever the pixel IoU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from socseg.inference import Predict, predict_probabilities
+from socseg.metrics import confusion_matrix, probabilities_to_classes, scores_from_confusion
+from socseg.tasks import NI_PHASE, check_task, task_class_names, task_targets
+from socseg.volume import Volume, load_volume
+
+# Slices predicted per chunk: bounds the (Z, H, W, C) float32 probabilities held at once.
+_CHUNK_SLICES = 8
+
+
+def ni_fraction_error(y_true: np.ndarray, y_pred: np.ndarray, ni_class: int) -> float:
+    """|predicted - true| fraction of pixels in class ``ni_class`` (0.01 = one percentage point)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise ValueError(f"need two non-empty arrays of one shape, got {y_true.shape} and {y_pred.shape}")
+    return abs(float(np.mean(y_pred == ni_class)) - float(np.mean(y_true == ni_class)))
+
+
+def segmentation_scores(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """:func:`~socseg.metrics.scores_from_confusion` plus true/predicted Ni fraction and their error.
+
+    Fractions come from the confusion matrix (row sums are the truth, column sums the prediction),
+    so they cover exactly the pixels that were scored.
+    """
+    names = list(class_names)
+    cm = np.asarray(cm, dtype=np.int64)
+    scores = scores_from_confusion(cm, names)
+    if NI_PHASE in names and cm.sum() > 0:
+        k = names.index(NI_PHASE)
+        true, pred = cm[k].sum() / cm.sum(), cm[:, k].sum() / cm.sum()
+        scores.update(ni_fraction_true=float(true), ni_fraction_pred=float(pred), ni_fraction_error=float(abs(pred - true)))
+    return scores
+
+
+@dataclass
+class Segmenter:
+    """A loaded model: ``predict`` maps raw grey tiles ``(B, s, s, 1)`` float32 to probabilities."""
+
+    predict: Predict
+    task: str
+    class_names: list[str]
+    phase_map: dict[int, str]
+    tile_size: int
+
+
+def load_segmenter(model_uri: str) -> Segmenter:
+    """Load a model logged by ``socseg.train`` (``mlflow.keras``, normalisation inside).
+
+    The one place that knows how models are stored: switch it to the pyfunc segmenter later.
+    """
+    import mlflow
+
+    import socseg.metrics  # noqa: F401  (registers the custom objects the saved model names)
+    import socseg.models  # noqa: F401
+    import socseg.normalise  # noqa: F401
+
+    info = mlflow.models.get_model_info(model_uri)
+    meta = (info.metadata or {}).get("socseg")
+    if not meta or "keras" not in info.flavors:
+        raise ValueError(
+            f"{model_uri} is not a Keras model logged by socseg train (flavors {sorted(info.flavors)}): "
+            "evaluate the run's network, e.g. runs:/<run_id>/model"
+        )
+    model = mlflow.keras.load_model(model_uri)
+    return Segmenter(
+        predict=model.predict_on_batch,
+        task=check_task(str(meta["task"])),
+        class_names=list(meta["class_names"]),
+        phase_map={int(k): str(v) for k, v in meta["phase_map"].items()},
+        tile_size=int(meta["tile_size"]),
+    )
+
+
+def dihedral_tta(predict: Predict) -> Predict:
+    """Test-time augmentation: average the probabilities over the 8 flips/rotations of square tiles."""
+
+    def averaged(tiles: np.ndarray) -> np.ndarray:
+        total = None
+        for k in range(4):
+            for flip in (False, True):
+                x = np.rot90(tiles, k, axes=(1, 2))
+                x = x[:, :, ::-1] if flip else x
+                p = np.asarray(predict(np.ascontiguousarray(x)), dtype=np.float32)
+                p = p[:, :, ::-1] if flip else p
+                p = np.rot90(p, -k, axes=(1, 2))
+                total = p if total is None else total + p
+        return total / 8
+
+    return averaged
+
+
+def parse_slices(text: str | None, n_slices: int) -> tuple[int, int]:
+    """``"START:STOP"`` (either may be empty, negatives count from the end) -> [start, stop)."""
+    if text is None or not str(text).strip():
+        return 0, n_slices
+    start, sep, stop = str(text).partition(":")
+    if not sep:
+        raise ValueError(f"bad slice range {text!r}: expected START:STOP, e.g. 160:200")
+    try:
+        rng = range(n_slices)[slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)]
+    except ValueError:
+        raise ValueError(f"bad slice range {text!r}: expected integers START:STOP") from None
+    if rng.step != 1 or len(rng) == 0:
+        raise ValueError(f"slice range {text!r} selects no slices of a volume with {n_slices}")
+    return rng.start, rng.stop
+
+
+def evaluate_segmenter(
+    segmenter: Segmenter,
+    volume: Volume,
+    task: str | None = None,
+    z_range: tuple[int, int] | None = None,
+    batch_size: int = 8,
+    tta: bool = False,
+) -> dict[str, Any]:
+    """Scores of an already loaded model on ``volume[z_range]`` (see :func:`evaluate_model`)."""
+    task = check_task(task or segmenter.task)
+    if volume.labels is None:
+        raise ValueError(f"volume {volume.meta.name!r} has no labels: nothing to evaluate against")
+    if task != segmenter.task and not (task == "ni" and segmenter.task == "phases"):
+        raise ValueError(f"a {segmenter.task!r} model cannot be scored on task {task!r}")
+    phase_names = volume.class_names
+    class_names = task_class_names(task, phase_names)
+    expected = task_class_names(segmenter.task, phase_names)
+    if expected != segmenter.class_names:
+        raise ValueError(
+            f"model classes {segmenter.class_names} do not match volume {volume.meta.name!r} "
+            f"(phases {phase_names} give {expected})"
+        )
+    start, stop = z_range or (0, volume.image.shape[0])
+    if not 0 <= start < stop <= volume.image.shape[0]:
+        raise ValueError(f"slices {start}:{stop} outside volume {volume.meta.name!r} with {volume.image.shape[0]} slices")
+    predict = dihedral_tta(segmenter.predict) if tta else segmenter.predict
+    ni_index = segmenter.class_names.index(NI_PHASE)
+    # Warm-up: the first calls trace the graph; keep that out of the time per slice.
+    for n in {1, batch_size}:
+        predict(np.zeros((n, segmenter.tile_size, segmenter.tile_size, 1), np.float32))
+    cm = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
+    seconds = 0.0
+    for a in range(start, stop, _CHUNK_SLICES):
+        b = min(a + _CHUNK_SLICES, stop)
+        raw = np.asarray(volume.image[a:b], dtype=np.float32)
+        began = time.perf_counter()
+        classes = probabilities_to_classes(
+            predict_probabilities(predict, raw, segmenter.tile_size, batch_size), segmenter.task
+        )
+        seconds += time.perf_counter() - began
+        if task != segmenter.task:  # a phases model scored on Ni vs rest
+            classes = (classes == ni_index).astype(np.uint8)
+        targets = task_targets(_class_index(volume, a, b), task, phase_names)
+        cm += confusion_matrix(targets, classes, len(class_names))
+    return {
+        "volume": volume.meta.name,
+        "z_range": [int(start), int(stop)],
+        "n_slices": int(stop - start),
+        "slice_shape": [int(s) for s in volume.image.shape[1:]],
+        "task": task,
+        "class_names": class_names,
+        "tta": bool(tta),
+        **segmentation_scores(cm, class_names),
+        "seconds_per_slice": seconds / (stop - start),
+        "confusion": cm.tolist(),
+    }
+
+
+def _class_index(volume: Volume, start: int, stop: int) -> np.ndarray:
+    """Phase class indices of slices [start, stop) without mapping the whole volume."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for index, value in enumerate(sorted(volume.meta.phase_map)):
+        lut[value] = index
+    return lut[np.asarray(volume.labels[start:stop])]
+
+
+def evaluate_model(
+    model_uri: str,
+    volume: Volume | str | os.PathLike,
+    task: str | None = None,
+    z_range: tuple[int, int] | None = None,
+    batch_size: int = 8,
+    tta: bool = False,
+) -> dict[str, Any]:
+    """Per-class IoU/Dice, mean IoU, accuracy and Ni fraction error of a logged model on a volume.
+
+    ``volume`` is a :class:`Volume` or a socseg volume directory; ``z_range`` [start, stop) limits
+    the slices (default: all). ``task`` defaults to the model's; a ``phases`` model can also be
+    scored on ``ni``. The model sees raw grey values (it carries its normalisation).
+    ``seconds_per_slice`` is prediction time only (no loading, no scoring).
+    """
+    if not isinstance(volume, Volume):
+        volume = load_volume(Path(volume))
+    result = evaluate_segmenter(load_segmenter(model_uri), volume, task, z_range, batch_size, tta)
+    return {"model_uri": model_uri, **result}

@@ -1,0 +1,78 @@
+"""socseg evaluate: the logged model re-scored on a volume gives training's test numbers, and the CLI agrees."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from socseg.evaluate import evaluate_model, ni_fraction_error, parse_slices, segmentation_scores
+from socseg.metrics import confusion_matrix
+
+
+def test_ni_fraction_error_by_hand():
+    truth = np.array([[0, 1], [1, 1]])  # Ni fraction 0.75
+    pred = np.array([[1, 1], [0, 0]])  # Ni fraction 0.5
+    assert ni_fraction_error(truth, pred, ni_class=1) == pytest.approx(0.25)
+    scores = segmentation_scores(confusion_matrix(truth, pred, 2), ["rest", "ni"])
+    assert scores["ni_fraction_true"] == pytest.approx(0.75)
+    assert scores["ni_fraction_pred"] == pytest.approx(0.5)
+    assert scores["ni_fraction_error"] == pytest.approx(0.25)
+    assert scores["iou_ni"] == pytest.approx(1 / 4)  # TP 1, FP 1, FN 2
+    phases = segmentation_scores(confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2]), 3), ["pore", "ysz", "ni"])
+    assert phases["ni_fraction_error"] == pytest.approx(0.25)
+
+
+def test_parse_slices():
+    assert parse_slices(None, 10) == (0, 10)
+    assert parse_slices("2:5", 10) == (2, 5)
+    assert parse_slices(":-2", 10) == (0, 8)
+    assert parse_slices("7:", 10) == (7, 10)
+    for bad in ("5", "a:b", "5:5", "20:30"):
+        with pytest.raises(ValueError):
+            parse_slices(bad, 10)
+
+
+@pytest.fixture()
+def trained(tiny_params, mlflow_env):
+    from socseg.train import train
+
+    result = train(tiny_params, run_name="tiny-eval")
+    return tiny_params, result
+
+
+def test_model_scores_on_its_test_slab_match_training_and_the_cli(trained):
+    from mlflow.tracking import MlflowClient
+
+    from socseg.cli import main
+
+    params, result = trained
+    volume = f"{params['data']['dir']}/tiny"
+    start, stop = map(int, MlflowClient().get_run(result.run_id).data.params["split_tiny_test"].split("-"))
+    scores = evaluate_model(result.model_uri, volume, z_range=(start, stop), batch_size=4)
+    for key in ("iou_ni", "iou_rest", "dice_ni", "mean_iou", "accuracy"):
+        assert scores[key] == pytest.approx(result.metrics[f"test_{key}"], abs=1e-6), key
+    assert scores["task"] == "ni" and scores["n_slices"] == stop - start
+    cm = np.asarray(scores["confusion"])
+    assert cm.sum() == (stop - start) * 64 * 64
+    assert scores["ni_fraction_error"] == pytest.approx(abs(cm[:, 1].sum() - cm[1].sum()) / cm.sum())
+
+    out = CliRunner().invoke(main, ["evaluate", result.model_uri, volume, "--json", "--slices", f"{start}:{stop}", "--batch-size", "4"])
+    assert out.exit_code == 0, out.output
+    cli = json.loads(out.output)
+    for key, value in scores.items():
+        if key != "seconds_per_slice":
+            assert cli[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+
+    text = CliRunner().invoke(main, ["evaluate", result.model_uri, volume])
+    assert text.exit_code == 0 and "IoU" in text.output and "Ni fraction" in text.output
+    wrong = CliRunner().invoke(main, ["evaluate", result.model_uri, volume, "--task", "phases"])
+    assert wrong.exit_code == 2 and "cannot be scored" in wrong.output
+
+
+def test_benchmark_help_runs(repo_root):
+    out = subprocess.run([sys.executable, str(repo_root / "benchmarks/accuracy.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--train-volume" in out.stdout and "--test-volume" in out.stdout and "--leakage" in out.stdout
