@@ -460,13 +460,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     hw = hardware()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="socseg-accuracy-") as tmp:
-        slab = make_setting(f"z-slabs, gap {int(split[3])}", train_dirs, args.test_volume, split, Path(tmp))
+        cross = args.test_volume is not None and args.test_volume.resolve() not in {d.resolve() for d in train_dirs}
+        label = f"other volume ({args.test_volume.name})" if cross else f"z-slabs, gap {int(split[3])}"
+        slab = make_setting(label, train_dirs, args.test_volume, split, Path(tmp))
         test_desc = "; ".join(f"{d.name} z {z[0]}-{z[1] - 1}" if z else f"{d.name} (whole)" for d, z in slab.tests)
         header = {
             "command": f"`{command}`",
             "date / commit": f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} / {_git_commit()}",
             "hardware": hw,
-            "data": f"train {', '.join(slab.train_names)} (split train/val/test/gap = {'/'.join(f'{v:g}' for v in split)}); "
+            "data": f"train {', '.join(slab.train_names)} (split train/val/test/gap = "
+                    f"{'/'.join(f'{v:g}' for v in [*split[:2], slab.split['test'], split[3]])}); "
                     f"test {test_desc}",
             "metrics": "thresholded per-class IoU/Dice from one confusion matrix over all test pixels "
                        "(socseg.evaluate.segmentation_scores); Ni frac. err. = |predicted - true| Ni volume fraction "

@@ -59,9 +59,13 @@ def test_model_scores_on_its_test_slab_match_training_and_the_cli(trained):
     assert cm.sum() == (stop - start) * 64 * 64
     assert scores["ni_fraction_error"] == pytest.approx(abs(cm[:, 1].sum() - cm[1].sum()) / cm.sum())
 
-    out = CliRunner().invoke(main, ["evaluate", result.model_uri, volume, "--json", "--slices", f"{start}:{stop}", "--batch-size", "4"])
-    assert out.exit_code == 0, out.output
-    cli = json.loads(out.output)
+    # A fresh process: the model must load without anything training imported.
+    out = subprocess.run(
+        [sys.executable, "-m", "socseg.cli", "evaluate", result.model_uri, volume, "--json", "--slices", f"{start}:{stop}", "--batch-size", "4"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    cli = json.loads(out.stdout)
     for key, value in scores.items():
         if key != "seconds_per_slice":
             assert cli[key] == (pytest.approx(value) if isinstance(value, float) else value), key

@@ -66,7 +66,8 @@ def load_segmenter(model_uri: str) -> Segmenter:
     """
     import mlflow
 
-    import socseg.metrics  # noqa: F401  (registers the custom objects the saved model names)
+    import socseg.losses  # noqa: F401  (registers the custom objects the saved model names,
+    import socseg.metrics  # noqa: F401   the training loss included: the inner model was compiled)
     import socseg.models  # noqa: F401
     import socseg.normalise  # noqa: F401
 
