@@ -58,6 +58,9 @@ def test_model_scores_on_its_test_slab_match_training_and_the_cli(trained):
     cm = np.asarray(scores["confusion"])
     assert cm.sum() == (stop - start) * 64 * 64
     assert scores["ni_fraction_error"] == pytest.approx(abs(cm[:, 1].sum() - cm[1].sum()) / cm.sum())
+    # The registered artifact is the pyfunc segmenter: it evaluates to the same numbers.
+    via_segmenter = evaluate_model(result.segmenter_uri, volume, z_range=(start, stop), batch_size=4)
+    assert via_segmenter["confusion"] == scores["confusion"]
 
     # A fresh process: the model must load without anything training imported.
     out = subprocess.run(

@@ -55,6 +55,7 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(repo_root
     assert metrics["micro_true.vf.ni"] == pytest.approx(sum(cm[ni]) / sum(map(sum, cm)), abs=1e-9)
     assert metrics["micro_pred.vf.ni"] == pytest.approx(sum(row[ni] for row in cm) / sum(map(sum, cm)), abs=1e-9)
     assert "micro_true.perc.ni.z" in metrics
+    assert metrics["test_ni_fraction_error"] == pytest.approx(abs(metrics["micro_pred.vf.ni"] - metrics["micro_true.vf.ni"]), abs=1e-9)
     registered = json.loads((project / "outputs" / "registered.json").read_text())
     assert registered["promoted"] and registered["version"] == "1"
     env_tracking = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}

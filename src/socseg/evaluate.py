@@ -60,25 +60,28 @@ class Segmenter:
 
 
 def load_segmenter(model_uri: str) -> Segmenter:
-    """Load a model logged by ``socseg.train`` (``mlflow.keras``, normalisation inside).
-
-    The one place that knows how models are stored: switch it to the pyfunc segmenter later.
+    """Load a model logged by ``socseg.train``: the Keras network (``runs:/.../model``) or the pyfunc
+    segmenter that the registry holds (``models:/socseg-ni@champion``). Either way the network is
+    scored tile by tile with the fixed tiling, as during training.
     """
     import mlflow
 
-    import socseg.losses  # noqa: F401  (registers the custom objects the saved model names,
-    import socseg.metrics  # noqa: F401   the training loss included: the inner model was compiled)
+    import socseg.losses  # noqa: F401  (registers the custom objects the saved model names)
+    import socseg.metrics  # noqa: F401
     import socseg.models  # noqa: F401
     import socseg.normalise  # noqa: F401
 
     info = mlflow.models.get_model_info(model_uri)
     meta = (info.metadata or {}).get("socseg")
-    if not meta or "keras" not in info.flavors:
-        raise ValueError(
-            f"{model_uri} is not a Keras model logged by socseg train (flavors {sorted(info.flavors)}): "
-            "evaluate the run's network, e.g. runs:/<run_id>/model"
-        )
-    model = mlflow.keras.load_model(model_uri)
+    if not meta:
+        raise ValueError(f"{model_uri} is not a model logged by socseg train (no 'socseg' metadata)")
+    if "keras" in info.flavors:
+        model = mlflow.keras.load_model(model_uri)
+    else:
+        wrapped = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+        model = getattr(wrapped, "model", None)
+        if model is None:
+            raise ValueError(f"{model_uri} is neither socseg's Keras model nor its pyfunc segmenter")
     return Segmenter(
         predict=model.predict_on_batch,
         task=check_task(str(meta["task"])),

@@ -14,7 +14,8 @@ import mlflow
 import numpy as np
 
 from socseg import tracking
-from socseg.metrics import confusion_matrix, scores_from_confusion
+from socseg.evaluate import segmentation_scores
+from socseg.metrics import confusion_matrix
 from socseg.tasks import task_class_names, task_targets
 from socseg.train import load_labelled_volumes, prepare_data
 
@@ -109,7 +110,7 @@ def score_on_test_slabs(model_uri: str, params: Mapping) -> tuple[dict[str, floa
                         "truth": truth, "predicted": predicted}
     if examples is None:
         raise ValueError("the split leaves no test slices: set split.test > 0")
-    scores = scores_from_confusion(cm, class_names)
+    scores = segmentation_scores(cm, class_names)  # + Ni volume fraction error
     return scores, {"confusion": cm, "class_names": class_names, "examples": examples}
 
 
