@@ -167,7 +167,7 @@ def evaluate_segmenter(
         seconds += time.perf_counter() - began
         if task != segmenter.task:  # a phases model scored on Ni vs rest
             classes = (classes == ni_index).astype(np.uint8)
-        targets = task_targets(_class_index(volume, a, b), task, phase_names)
+        targets = task_targets(volume.class_index(slice(a, b)), task, phase_names)
         cm += confusion_matrix(targets, classes, len(class_names))
     return {
         "volume": volume.meta.name,
@@ -182,13 +182,6 @@ def evaluate_segmenter(
         "confusion": cm.tolist(),
     }
 
-
-def _class_index(volume: Volume, start: int, stop: int) -> np.ndarray:
-    """Phase class indices of slices [start, stop) without mapping the whole volume."""
-    lut = np.zeros(256, dtype=np.uint8)
-    for index, value in enumerate(sorted(volume.meta.phase_map)):
-        lut[value] = index
-    return lut[np.asarray(volume.labels[start:stop])]
 
 
 def evaluate_model(

@@ -69,6 +69,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from socseg.volume import label_lut
+
 AXES: tuple[str, str, str] = ("z", "y", "x")
 TPB_PHASES: tuple[str, str, str] = ("pore", "ysz", "ni")
 TPB_ISOTROPIC_CORRECTION = 2.0 / 3.0
@@ -202,10 +204,7 @@ def phase_index(labels: np.ndarray, phase_map: dict[int, str]) -> tuple[np.ndarr
             f"label values {unknown} are not in the phase map "
             + ",".join(f"{k}={v}" for k, v in sorted(phase_map.items()))
         )
-    lut = np.zeros(256, dtype=np.uint8)
-    for index, value in enumerate(sorted(phase_map)):
-        lut[int(value)] = index
-    return lut[labels], names
+    return label_lut(phase_map)[labels], names
 
 
 def _find_phases(names: list[str], wanted: Sequence[str], what: str) -> list[int]:

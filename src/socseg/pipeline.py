@@ -16,8 +16,10 @@ import numpy as np
 from socseg import tracking
 from socseg.evaluate import segmentation_scores
 from socseg.metrics import confusion_matrix
+from socseg.split import split_from_params
 from socseg.tasks import task_class_names, task_targets
 from socseg.train import load_labelled_volumes, prepare_data
+from socseg.volume import label_lut
 
 
 def _write_json(data: Mapping, path: str | Path) -> None:
@@ -68,9 +70,7 @@ class SegmenterPredictor:
         self.task = config.task
         self.class_names = list(config.class_names)
         # Label values the segmenter returns -> task class indices (ni task: 0 rest, 1 ni).
-        self._lut = np.zeros(256, dtype=np.uint8)
-        for index, value in enumerate(sorted(config.label_phase_map)):
-            self._lut[value] = index
+        self._lut = label_lut(config.label_phase_map)
 
     def predict_classes(self, images: np.ndarray, slices_per_call: int = 8) -> np.ndarray:
         out = np.empty(images.shape, dtype=np.uint8)
@@ -93,20 +93,20 @@ def score_on_test_slabs(model_uri: str, params: Mapping) -> tuple[dict[str, floa
     predictor = load_predictor(model_uri)
     task = predictor.task
     volumes = load_labelled_volumes(params, params["data"]["volumes"])
-    data = prepare_data(params, volumes, task)
     phase_names = volumes[0].class_names
     class_names = task_class_names(task, phase_names)
     cm = np.zeros((len(class_names),) * 2, dtype=np.int64)
     examples = None
-    for volume, (name, split) in zip(volumes, data.splits.items()):
-        start, stop = split.test
+    for volume in volumes:
+        name = volume.meta.name
+        start, stop = split_from_params(volume.image.shape[0], params["split"]).test
         if stop <= start:
             continue
-        truth = task_targets(volume.class_index()[start:stop], task, phase_names)
+        truth = task_targets(volume.class_index(slice(start, stop)), task, phase_names)
         predicted = predictor.predict_classes(volume.image[start:stop])
         cm += confusion_matrix(truth, predicted, len(class_names))
         if examples is None:
-            examples = {"volume": name, "z0": start, "image": data.normaliser.apply(volume.image[start:stop]),
+            examples = {"volume": name, "z0": start, "image": volume.image[start:stop],
                         "truth": truth, "predicted": predicted}
     if examples is None:
         raise ValueError("the split leaves no test slices: set split.test > 0")

@@ -128,14 +128,12 @@ class Volume:
         """Phase names ordered by label value: the class order models and metrics use."""
         return [self.meta.phase_map[v] for v in sorted(self.meta.phase_map)]
 
-    def class_index(self) -> np.ndarray:
-        """Labels mapped to 0..n-1 in label-value order (a 256-entry lookup table, no loops)."""
+    def class_index(self, z: slice | None = None) -> np.ndarray:
+        """Labels (of slices ``z``, default all) mapped to 0..n-1 in label-value order."""
         if self.labels is None:
             raise VolumeError(f"volume {self.meta.name!r} has no labels")
-        lut = np.zeros(256, dtype=np.uint8)
-        for index, value in enumerate(sorted(self.meta.phase_map)):
-            lut[value] = index
-        return lut[self.labels]
+        labels = self.labels if z is None else self.labels[z]
+        return label_lut(self.meta.phase_map)[np.asarray(labels)]
 
     def phase_fractions(self) -> dict[str, float]:
         """Volume fraction of each phase, by name (label-value order)."""
@@ -147,6 +145,14 @@ class Volume:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def label_lut(label_values: Iterable[int]) -> np.ndarray:
+    """256-entry lookup table: uint8 label value -> its index among the sorted ``label_values``."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for index, value in enumerate(sorted(int(v) for v in label_values)):
+        lut[value] = index
+    return lut
 
 
 def _json_default(value: Any) -> Any:
