@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
 
 def _run(args, cwd, env, timeout=900):
