@@ -322,6 +322,7 @@ def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta:
     import numpy as np
 
     from socseg.evaluate import evaluate_segmenter, load_segmenter, segmentation_scores
+    from socseg.models import use_encoder_batchnorm
     from socseg.train import train
     from socseg.volume import load_volume
 
@@ -349,7 +350,9 @@ def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta:
     settings = (f"{t['loss']}, lr {t['learning_rate']}, batch {t['batch_size']}x{p['tiles']['size']}px, "
                 f"{p['tiles']['steps_per_epoch']} steps/epoch, {epochs_run} epochs run (best {result.best_epoch + 1})"
                 f"{f', {budget:g} min budget' if budget else ''}, weights {t['encoder_weights']}"
-                + (f", base {t['base_filters']}" if encoder == "unet" else ""))
+                + (f", base {t['base_filters']}" if encoder == "unet" else "")
+                + (", BatchNorm in the encoder" if use_encoder_batchnorm(encoder, t["encoder_weights"], t.get("encoder_batchnorm", "auto")) else "")
+                + (f", lr x{t['reduce_lr_factor']} after {t['reduce_lr_patience']} stalled epochs" if int(t.get("reduce_lr_patience", 0)) else ""))
     segmenter = load_segmenter(result.model_uri)
     rows = []
     for use_tta in ([False, True] if tta else [False]):

@@ -8,7 +8,7 @@ import socseg.losses  # noqa: F401  (registers the custom objects load_model nee
 import socseg.metrics  # noqa: F401
 from socseg.losses import get_loss
 from socseg.metrics import ThresholdedIoU
-from socseg.models import ENCODERS, GreyToRGB, build_encoder, build_model, n_outputs
+from socseg.models import ENCODERS, GreyToRGB, build_encoder, build_model, n_outputs, use_encoder_batchnorm
 
 RNG = np.random.default_rng(0)
 X = RNG.random((2, 64, 64, 1)).astype("float32")
@@ -105,7 +105,8 @@ def test_freeze_encoder_drops_trainable_weights(built, encoder):
 
 def test_local_weights_file_is_loaded(tmp_path):
     path = tmp_path / "vgg16.weights.h5"
-    saved = build_encoder("vgg16")  # stands in for ImageNet weights saved on an online machine
+    # stands in for ImageNet weights saved on an online machine
+    saved = build_encoder("vgg16", encoder_batchnorm=False)
     saved.save_weights(path)
     model = build_model("vgg16", "ni", encoder_weights=str(path))
     encoder = model.get_layer("encoder")
@@ -113,6 +114,33 @@ def test_local_weights_file_is_loaded(tmp_path):
         assert weights_equal(encoder.get_layer(name), saved.get_layer(name))
     fresh = build_model("vgg16", "ni").get_layer("encoder")
     assert not weights_equal(fresh.get_layer("block1_conv1"), saved.get_layer("block1_conv1"))
+
+
+def batchnorm_layers(model) -> list[str]:
+    return [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def test_vgg16_from_scratch_gets_batchnorm_pretrained_keeps_its_layout(tmp_path):
+    assert len(batchnorm_layers(build_model("vgg16", "ni").get_layer("encoder"))) == 13
+    path = tmp_path / "vgg16.weights.h5"
+    saved = build_encoder("vgg16", encoder_batchnorm=False)
+    saved.save_weights(path)
+    assert batchnorm_layers(build_model("vgg16", "ni", encoder_weights=str(path)).get_layer("encoder")) == []
+    assert batchnorm_layers(build_model("vgg16", "ni", encoder_batchnorm=False).get_layer("encoder")) == []
+    # Forced BatchNorm on pretrained weights: the conv weights are carried over conv by conv.
+    forced = build_model("vgg16", "ni", encoder_weights=str(path), encoder_batchnorm="true").get_layer("encoder")
+    assert len(batchnorm_layers(forced)) == 13
+    for name in ("block1_conv1", "block3_conv2", "block5_conv3"):
+        assert weights_equal(forced.get_layer(name), saved.get_layer(name))
+
+
+def test_encoder_batchnorm_setting():
+    assert use_encoder_batchnorm("vgg16", "none", "auto")
+    assert not use_encoder_batchnorm("vgg16", "imagenet", "auto")
+    assert use_encoder_batchnorm("vgg16", "imagenet", "true")
+    assert not use_encoder_batchnorm("resnet50", "none", True)  # has its own BatchNorm
+    with pytest.raises(ValueError, match="encoder_batchnorm"):
+        use_encoder_batchnorm("vgg16", "none", "sometimes")
 
 
 def test_missing_weights_file_names_the_path(tmp_path):

@@ -128,3 +128,22 @@ def test_fine_tune_schedule_freezes_the_encoder_then_trains_it(tiny_params, mlfl
     np.testing.assert_array_equal(initial, after_frozen)
     assert not np.array_equal(after_frozen, after_unfrozen)
     assert "test_mean_iou" not in result.metrics and "val_mean_iou" in result.metrics
+
+
+def test_learning_rate_is_halved_when_validation_stalls(tiny_params, mlflow_env):
+    from socseg.train import train
+
+    # A rate this small cannot move validation IoU by min_delta, so every epoch is a stall.
+    tiny_params["train"].update(epochs=3, patience=5, learning_rate=1e-9, reduce_lr_patience=1, reduce_lr_factor=0.5)
+    result = train(tiny_params, log_model=False, evaluate_test=False)
+    rates = [m.value for m in MlflowClient().get_metric_history(result.run_id, "learning_rate")]
+    # Logged per epoch: the rate that epoch trained with. Epoch 0 sets the best, epoch 1 stalls.
+    assert rates == pytest.approx([1e-9, 1e-9, 0.5e-9], rel=1e-3)
+
+
+def test_bad_plateau_factor_is_refused(tiny_params, mlflow_env):
+    from socseg.train import train
+
+    tiny_params["train"].update(epochs=1, reduce_lr_patience=1, reduce_lr_factor=1.5)
+    with pytest.raises(ValueError, match="reduce_lr_factor"):
+        train(tiny_params, log_model=False, evaluate_test=False)

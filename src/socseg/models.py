@@ -41,6 +41,8 @@ _APPLICATIONS = {
 }
 _RESNET_STEM_FILTERS = 16
 _UNET_LEVELS = 4
+# VGG16's conv stack: (convs, filters) per block, as in keras.applications.VGG16.
+_VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
 
 def n_outputs(task: str, n_classes: int = 3) -> int:
@@ -152,6 +154,58 @@ def _application(encoder: str, imagenet: bool) -> keras.Model:
         ) from err
 
 
+def _vgg16_batchnorm_backbone() -> keras.Model:
+    """VGG16's conv stack with BatchNorm after every conv (the torchvision ``vgg16_bn`` layout).
+
+    Plain VGG16 has no normalisation and learns slowly from random initialisation; with BatchNorm
+    it trains like the other encoders. Conv layers keep keras.applications' names and shapes, so
+    ImageNet or file weights transfer conv by conv (:func:`_copy_conv_weights`).
+    """
+    inputs = keras.Input(shape=(None, None, 3), name="vgg16_input")
+    x = inputs
+    for block, (n_convs, filters) in enumerate(_VGG16_BLOCKS, start=1):
+        if block > 1:
+            x = layers.MaxPooling2D(2, name=f"block{block - 1}_pool")(x)
+        for conv in range(1, n_convs + 1):
+            name = f"block{block}_conv{conv}"
+            x = layers.Conv2D(filters, 3, padding="same", name=name)(x)
+            x = layers.BatchNormalization(name=f"{name}_bn")(x)
+            x = layers.Activation("relu", name=f"{name}_relu")(x)
+    return keras.Model(inputs, x, name="vgg16_bn")
+
+
+def _copy_conv_weights(source: keras.Model, target: keras.Model) -> None:
+    for layer in source.layers:
+        if isinstance(layer, layers.Conv2D):
+            target.get_layer(layer.name).set_weights(layer.get_weights())
+
+
+def use_encoder_batchnorm(encoder: str, encoder_weights: str | None, setting: str | bool | None = "auto") -> bool:
+    """Resolve ``train.encoder_batchnorm``: "auto" adds BatchNorm to VGG16 only when it trains from scratch.
+
+    Pretrained VGG16 keeps its original layout (its features were learned without BatchNorm).
+    ResNet50 and the from-scratch U-Net always have BatchNorm, so the setting does not apply to them.
+    """
+    if encoder != "vgg16":
+        return False
+    text = str(setting).strip().lower()
+    if text == "auto":
+        return _weights_kind(encoder_weights) == "none"
+    if text in {"true", "1", "yes"}:
+        return True
+    if text in {"false", "0", "no"}:
+        return False
+    raise ValueError(f"encoder_batchnorm must be auto, true or false, got {setting!r}")
+
+
+def _load(backbone: keras.Model, path: str | os.PathLike) -> keras.Model:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"encoder weights file not found: {path}")
+    backbone.load_weights(path)
+    return backbone
+
+
 def _unet_backbone(in_channels: int, base_filters: int) -> keras.Model:
     inputs = keras.Input(shape=(None, None, in_channels), name="unet_input")
     x = inputs
@@ -163,36 +217,48 @@ def _unet_backbone(in_channels: int, base_filters: int) -> keras.Model:
 
 
 def build_encoder(
-    encoder: str, encoder_weights: str = "none", in_channels: int = 1, base_filters: int = 16
+    encoder: str,
+    encoder_weights: str = "none",
+    in_channels: int = 1,
+    base_filters: int = 16,
+    encoder_batchnorm: str | bool = "auto",
 ) -> keras.Model:
-    """The bare encoder (backbone) with weights loaded: the thing a local weights file belongs to.
+    """The bare encoder (backbone) with weights loaded.
 
-    For vgg16/resnet50 this is the ``keras.applications`` model (``include_top=False``, 3-channel
-    input), so a file written by ``build_encoder("vgg16", "imagenet").save_weights(...)`` on a machine
-    that is online, or the Keras-hosted ``*_notop.h5``, loads offline.
+    For vgg16/resnet50 a weights file belongs to the ``keras.applications`` model
+    (``include_top=False``, 3-channel input), so a file written by
+    ``build_encoder("vgg16", "imagenet").save_weights(...)`` on a machine that is online, or the
+    Keras-hosted ``*_notop.h5``, loads offline. With ``encoder_batchnorm`` VGG16 gets BatchNorm
+    after every conv and the application's conv weights are copied into it.
     """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; valid encoders: {', '.join(ENCODERS)}")
     kind = _weights_kind(encoder_weights)
+    batchnorm = use_encoder_batchnorm(encoder, encoder_weights, encoder_batchnorm)
     if encoder == "unet":
         if kind == "imagenet":
             raise ValueError("the from-scratch 'unet' encoder has no ImageNet weights; use vgg16 or resnet50")
         backbone = _unet_backbone(in_channels, base_filters)
-    else:
-        backbone = _application(encoder, imagenet=kind == "imagenet")
+        return backbone if kind == "none" else _load(backbone, encoder_weights)
+    if batchnorm and kind == "none":
+        return _vgg16_batchnorm_backbone()
+    backbone = _application(encoder, imagenet=kind == "imagenet")
     if kind == "file":
-        path = os.fspath(encoder_weights)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"encoder weights file not found: {path}")
-        backbone.load_weights(path)
+        _load(backbone, encoder_weights)
+    if batchnorm:
+        with_batchnorm = _vgg16_batchnorm_backbone()
+        _copy_conv_weights(backbone, with_batchnorm)
+        backbone = with_batchnorm
     return backbone
 
 
-def _skip_layers(encoder: str) -> tuple[tuple[str, ...], str, tuple[int, ...]]:
+def _skip_layers(encoder: str, batchnorm: bool = False) -> tuple[tuple[str, ...], str, tuple[int, ...]]:
     if encoder == "unet":
         skips = tuple(f"enc{level}_b_relu" for level in range(_UNET_LEVELS))
         return skips, "bridge_b_relu", ()
     _, skips, bridge, filters = _APPLICATIONS[encoder]
+    if batchnorm:  # the activation follows BatchNorm instead of being part of the conv
+        skips, bridge = tuple(f"{name}_relu" for name in skips), f"{bridge}_relu"
     return skips, bridge, filters
 
 
@@ -205,6 +271,7 @@ def build_model(
     freeze_encoder: bool = False,
     base_filters: int = 16,
     in_channels: int = 1,
+    encoder_batchnorm: str | bool = "auto",
 ) -> keras.Model:
     """Build a U-Net for ``task`` ("ni" or "phases") on the given encoder.
 
@@ -212,12 +279,14 @@ def build_model(
     path to a local weights file for :func:`build_encoder`'s backbone. ``base_filters`` only affects
     the from-scratch "unet". ``freeze_encoder`` makes the encoder's layers non-trainable (its
     BatchNorm layers then also run in inference mode, as wanted for fine-tuning).
+    ``encoder_batchnorm``: see :func:`use_encoder_batchnorm` (VGG16 only).
     """
     n_out = n_outputs(task, n_classes)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    backbone = build_encoder(encoder, encoder_weights, in_channels, base_filters)
-    skip_names, bridge_name, filters = _skip_layers(encoder)
+    backbone = build_encoder(encoder, encoder_weights, in_channels, base_filters, encoder_batchnorm)
+    batchnorm = use_encoder_batchnorm(encoder, encoder_weights, encoder_batchnorm)
+    skip_names, bridge_name, filters = _skip_layers(encoder, batchnorm)
     if encoder == "unet":
         filters = tuple(base_filters * 2**level for level in reversed(range(_UNET_LEVELS)))
     # Expose the skip activations as outputs of one nested "encoder" sub-model.

@@ -21,10 +21,14 @@ from socseg.commands.options import blankable
 @click.option("--loss", type=blankable(click.Choice(["ce", "dice", "ce_dice", "focal"])))
 @click.option("--precision", type=blankable(click.Choice(["float32", "mixed_bfloat16", "mixed_float16"])))
 @click.option("--encoder-weights", type=blankable(str), help="imagenet | none | path to a local weights file.")
+@click.option("--encoder-batchnorm", type=blankable(click.Choice(["auto", "true", "false"])),
+              help="BatchNorm in the VGG16 encoder (auto: only when training from scratch).")
 @click.option("--freeze-encoder", type=blankable(str), help="true/false.")
 @click.option("--unfreeze-after", type=blankable(int), help="With --freeze-encoder true: unfreeze after N epochs.")
 @click.option("--base-filters", type=blankable(int), help="From-scratch U-Net width.")
 @click.option("--patience", type=blankable(int), help="Early-stopping patience (epochs) on validation mean IoU.")
+@click.option("--reduce-lr-patience", type=blankable(int),
+              help="Halve the learning rate after N epochs without validation gain (0: constant).")
 @click.option("--seed", type=blankable(int))
 @click.option("--tile-size", type=blankable(int), help="Crop/tile edge in pixels (multiple of 32).")
 @click.option("--steps-per-epoch", type=blankable(int))
