@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice-batch", type=int, default=None, help="slices per request [params: inference.slice_batch]")
     parser.add_argument("--form", choices=("compact", "tensor"), default="compact")
     parser.add_argument("--encoding", choices=("tiff", "npy"), default="tiff", help="compact form only")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip TTA (server default)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="8-fold flip/rotation TTA (server default)")
     parser.add_argument("--step-fraction", type=float, default=None, help="tile step / tile size (server default)")
     parser.add_argument("--phase-map", default=None, help="label value -> phase for the metadata, e.g. 0=pore,255=ni")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")

@@ -68,3 +68,17 @@ def mlflow_env(tmp_path, monkeypatch):
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+def _write_slices(folder: Path, stem: str, arrays, width: int = 3, ext: str = ".tif", start: int = 1) -> None:
+    import tifffile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(arrays, start):
+        tifffile.imwrite(folder / f"{stem}{i:0{width}d}{ext}", array)
+
+
+@pytest.fixture()
+def write_slices():
+    """Write arrays as one TIFF per slice, ``<stem><number><ext>`` as microscopes export them."""
+    return _write_slices

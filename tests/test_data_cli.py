@@ -10,7 +10,6 @@ from click.testing import CliRunner
 
 from socseg.commands.data import data
 from socseg.volume import load_volume
-from test_volume import write_slices
 
 
 def invoke(*args: str):
@@ -85,7 +84,7 @@ def test_import_real_slices(data_dir, shared_data):
         ("name", "bad volume name"),
     ],
 )
-def test_import_bad_input_writes_nothing(tmp_path, data_dir, case, message):
+def test_import_bad_input_writes_nothing(tmp_path, data_dir, case, message, write_slices):
     image = np.zeros((4, 4), np.uint16)
     images, labels = [image] * 3, [np.zeros((4, 4), np.uint8)] * 3
     if case == "count":

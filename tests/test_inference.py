@@ -58,8 +58,8 @@ def test_window_geometry_mirror_pads_and_covers_small_slices():
     assert WindowSettings(64, 1.0).margin == 0
 
 
-def test_tta_averages_the_four_flips_and_undoes_them():
-    """A 'network' that adds a left-to-right ramp: the flips cancel it into a constant."""
+def test_tta_averages_the_eight_flips_and_rotations_and_undoes_them():
+    """A 'network' that adds a left-to-right ramp: the 8 transforms cancel it into a constant."""
     size = 16
     ramp = np.arange(size, dtype=np.float32)[None, None, :, None]
     calls = []
@@ -71,7 +71,7 @@ def test_tta_averages_the_four_flips_and_undoes_them():
     image = np.random.default_rng(1).random((1, 40, 40), dtype=np.float32)
     with_tta = sliding_window_probabilities(ramped, image, WindowSettings(size, 0.5, tta=True, batch_size=100))
     np.testing.assert_allclose(with_tta[0, ..., 0], image[0] + (size - 1) / 2, atol=1e-5)
-    assert len(calls) == 4
+    assert len(calls) == 8
     without = sliding_window_probabilities(ramped, image, WindowSettings(size, 0.5, tta=False, batch_size=100))
     assert np.abs(without[0, ..., 0] - image[0] - (size - 1) / 2).max() > 1
 
@@ -201,3 +201,20 @@ def test_no_seams_tiled_matches_each_tile_and_has_no_grid_pattern(unet_slice):
     assert _seam_ratio(naive, reference, seams) > 3.0  # the check can see seams
     assert _seam_ratio(tiled, reference, seams) < 2.0
     assert np.abs(tiled - reference).mean() < np.abs(naive - reference).mean()
+
+
+def test_tta_undoes_rotations_exactly():
+    """An orientation-dependent 'network' (keeps the top-left quadrant): its TTA output is the mean
+    of the four quadrant masks, each mapped back where it came from."""
+    from socseg.inference import with_tta
+
+    def top_left(tiles):
+        out = np.zeros_like(tiles)
+        out[:, :4, :4] = tiles[:, :4, :4]
+        return out
+
+    tiles = np.random.default_rng(0).random((3, 8, 8, 1), dtype=np.float32)
+    expected = np.zeros_like(tiles)
+    for corner in (np.s_[:, :4, :4], np.s_[:, :4, 4:], np.s_[:, 4:, :4], np.s_[:, 4:, 4:]):
+        expected[corner] = tiles[corner] / 4  # each quadrant is the kept corner under 2 of the 8 transforms
+    np.testing.assert_allclose(with_tta(top_left)(tiles), expected, atol=1e-6)

@@ -37,12 +37,6 @@ def make_volume(name: str = "v", shape=(3, 8, 9), labelled: bool = True) -> Volu
     return Volume(image, labels, meta)
 
 
-def write_slices(folder: Path, stem: str, arrays, width: int = 3, ext: str = ".tif", start: int = 1) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, array in enumerate(arrays, start):
-        tifffile.imwrite(folder / f"{stem}{i:0{width}d}{ext}", array)
-
-
 def test_parse_phase_map():
     assert parse_phase_map("0=pore, 128=ysz,255=ni") == PHASES
     for bad in ("", "0=pore,0=ni", "0=pore,1=pore", "300=x", "a=pore", "0pore"):
@@ -134,7 +128,7 @@ def test_load_detects_tampering(tmp_path):
         load_volume(tmp_path)
 
 
-def test_import_pairs_by_slice_number(tmp_path):
+def test_import_pairs_by_slice_number(tmp_path, write_slices):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 1000, (5, 6), dtype=np.uint16) for _ in range(12)]
     labels = [np.full((5, 6), (0, 128, 255)[i % 3], np.uint8) for i in range(12)]
@@ -162,7 +156,7 @@ def test_import_pairs_by_slice_number(tmp_path):
         ("float_labels", "integer"),
     ],
 )
-def test_import_errors(tmp_path, case, message):
+def test_import_errors(tmp_path, case, message, write_slices):
     image = np.zeros((4, 4), np.uint16)
     images = [image] * 3
     labels = [np.zeros((4, 4), np.uint8)] * 3
@@ -189,7 +183,7 @@ def test_import_errors(tmp_path, case, message):
         import_slices("t", pattern, str(tmp_path / "lab" / "*.tif"), PHASES)
 
 
-def test_read_stack_forms(tmp_path):
+def test_read_stack_forms(tmp_path, write_slices):
     volume = make_volume(shape=(4, 5, 6))
     tifffile.imwrite(tmp_path / "stack.tif", volume.image, photometric="minisblack")
     write_slices(tmp_path / "slices", "s_", list(volume.image), width=1)

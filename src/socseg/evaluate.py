@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from socseg.inference import Predict, predict_probabilities
+from socseg.inference import Predict, predict_probabilities, with_tta
 from socseg.metrics import confusion_matrix, probabilities_to_classes, scores_from_confusion
 from socseg.tasks import NI_PHASE, check_task, task_class_names, task_targets
 from socseg.volume import Volume, load_volume
@@ -91,24 +91,6 @@ def load_segmenter(model_uri: str) -> Segmenter:
     )
 
 
-def dihedral_tta(predict: Predict) -> Predict:
-    """Test-time augmentation: average the probabilities over the 8 flips/rotations of square tiles."""
-
-    def averaged(tiles: np.ndarray) -> np.ndarray:
-        total = None
-        for k in range(4):
-            for flip in (False, True):
-                x = np.rot90(tiles, k, axes=(1, 2))
-                x = x[:, :, ::-1] if flip else x
-                p = np.asarray(predict(np.ascontiguousarray(x)), dtype=np.float32)
-                p = p[:, :, ::-1] if flip else p
-                p = np.rot90(p, -k, axes=(1, 2))
-                total = p if total is None else total + p
-        return total / 8
-
-    return averaged
-
-
 def parse_slices(text: str | None, n_slices: int) -> tuple[int, int]:
     """``"START:STOP"`` (either may be empty, negatives count from the end) -> [start, stop)."""
     if text is None or not str(text).strip():
@@ -150,7 +132,7 @@ def evaluate_segmenter(
     start, stop = z_range or (0, volume.image.shape[0])
     if not 0 <= start < stop <= volume.image.shape[0]:
         raise ValueError(f"slices {start}:{stop} outside volume {volume.meta.name!r} with {volume.image.shape[0]} slices")
-    predict = dihedral_tta(segmenter.predict) if tta else segmenter.predict
+    predict = with_tta(segmenter.predict) if tta else segmenter.predict
     ni_index = segmenter.class_names.index(NI_PHASE)
     # Warm-up: the first calls trace the graph; keep that out of the time per slice.
     for n in {1, batch_size}:

@@ -15,7 +15,7 @@ from socseg.commands.data import DataError
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (never INPUT).")
 @click.option("--slice-batch", type=click.IntRange(min=1), help="Slices per chunk [params: inference.slice_batch].")
-@click.option("--tta/--no-tta", default=None, help="Flip test-time augmentation [default: the model's setting].")
+@click.option("--tta/--no-tta", default=None, help="8-fold flip/rotation test-time augmentation [default: the model's setting].")
 @click.option(
     "--step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), help="Tile step / tile size [default: the model's]."
 )
