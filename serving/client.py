@@ -1,7 +1,7 @@
 """Segment a whole volume with a running ``mlflow models serve`` of a socseg segmenter.
 
     python serving/client.py http://127.0.0.1:5000 volume.tif labels.tif [--slice-batch 8]
-        [--form compact|tensor] [--encoding tiff|npy] [--tta] [--overwrite] [--retries 5]
+        [--form compact|tensor] [--encoding tiff|npy] [--tta] [--halo K] [--overwrite] [--retries 5]
 
 Sends INPUT (multi-page TIFF, folder of slice TIFFs or socseg volume directory) to
 ``/invocations`` a few slices per request, reassembles the answers and writes the label stack
@@ -69,7 +69,7 @@ class RestSegmenter:
         self.bytes_sent = self.bytes_received = 0
         self.requests = 0
 
-    def payload(self, batch: np.ndarray) -> bytes:
+    def payload(self, batch: np.ndarray, halo: Mapping[str, int] | None = None) -> bytes:
         if self.form == "compact":
             body: dict[str, Any] = {
                 "dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[encode_array(s, self.encoding)] for s in batch]}
@@ -78,8 +78,9 @@ class RestSegmenter:
             body = {"inputs": batch.tolist()}
             if batch.dtype.name in ("uint8", "uint16", "float32"):
                 self.params.setdefault("dtype", batch.dtype.name)  # lets the server check the numbers
-        if self.params:
-            body["params"] = self.params
+        params = {**self.params, **dict(halo or {})}
+        if params:
+            body["params"] = params
         return json.dumps(body).encode()
 
     def post(self, body: bytes) -> Any:
@@ -107,8 +108,11 @@ class RestSegmenter:
                 delay = min(delay * 2, 30.0)
         raise ServerError(f"{self.url}: giving up after {self.retries + 1} attempts ({problem})")
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        predictions = self.post(self.payload(np.asarray(batch)))
+    def __call__(self, batch: np.ndarray, before: int = 0, after: int = 0) -> np.ndarray:
+        """Labels for ``batch`` without its first ``before`` and last ``after`` slices, which a
+        2.5D model only uses as context."""
+        halo = {"halo_before": int(before), "halo_after": int(after)} if before or after else None
+        predictions = self.post(self.payload(np.asarray(batch), halo))
         if self.form == "tensor":
             return np.asarray(predictions, dtype=np.uint8)
         if self.phase_map is None and predictions and "phase_map" in predictions[0]:
@@ -137,8 +141,13 @@ def segment_with_server(
     retries: int = 5,
     timeout: float = 300.0,
     progress: bool = True,
+    halo: int = 0,
 ) -> tuple[SegmentResult, RestSegmenter]:
-    """Segment ``source`` through the server at ``url`` into the label stack ``output``."""
+    """Segment ``source`` through the server at ``url`` into the label stack ``output``.
+
+    ``halo``: for a 2.5D model, its ``context_slices``; each request then carries that many
+    neighbouring slices around its batch, so slices at batch borders see their true neighbours.
+    """
     client = RestSegmenter(url, form=form, encoding=encoding, params=params, retries=retries, timeout=timeout)
 
     def metadata() -> dict[str, Any]:  # asked after the first answer, which carries the phase map
@@ -151,7 +160,8 @@ def segment_with_server(
         }
 
     result = segment_stream(
-        client, source, output, slice_batch=slice_batch, overwrite=overwrite, metadata=metadata, progress=progress
+        client, source, output, slice_batch=slice_batch, overwrite=overwrite, metadata=metadata, progress=progress,
+        halo=halo,
     )
     return result, client
 
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="8-fold flip/rotation TTA (server default)")
     parser.add_argument("--step-fraction", type=float, default=None, help="tile step / tile size (server default)")
     parser.add_argument("--phase-map", default=None, help="label value -> phase for the metadata, e.g. 0=pore,255=ni")
+    parser.add_argument("--halo", type=int, default=0,
+                        help="2.5D models: the model's context_slices (neighbouring slices sent around each batch)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     parser.add_argument("--retries", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one answer")
@@ -243,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             phase_map=parse_phase_map(args.phase_map) if args.phase_map else None,
             retries=args.retries,
             timeout=args.timeout,
+            halo=args.halo,
         )
     except (VolumeError, ServerError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

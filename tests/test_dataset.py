@@ -53,3 +53,17 @@ def test_mismatched_slabs_are_rejected():
     image, target = _slabs()
     with pytest.raises(ValueError, match="bad training slab"):
         RandomCrops([image], [target[:, :10]], size=8, batch_size=1, steps=1)
+
+
+def test_2p5d_crops_carry_neighbours_from_the_same_slab_only():
+    depth = 4
+    image = np.broadcast_to(np.arange(depth, dtype=np.float32)[:, None, None], (depth, 40, 40)).copy()  # slice z = z
+    target = np.broadcast_to(np.arange(depth, dtype=np.uint8)[:, None, None], (depth, 40, 40)).copy()
+    crops = RandomCrops([image], [target], size=32, batch_size=16, steps=1, context_slices=1,
+                        augmentation=Augmentation(True, True, 0.0))
+    x, y = crops[0]
+    assert x.shape == (16, 32, 32, 3)
+    for crop, label in zip(x, y):
+        z = int(label[0, 0])
+        assert crop[0, 0].tolist() == [max(z - 1, 0), z, min(z + 1, depth - 1)]  # clamped at the slab's ends
+        assert np.ptp(crop, axis=(0, 1)).max() == 0  # geometric augmentation moves all channels together

@@ -95,8 +95,9 @@ def test_mixed_slice_shapes_and_bad_settings():
     assert [o.shape for o in out] == [(50, 60, 2), (33, 20, 2)]
     with pytest.raises(ValueError, match="step_fraction"):
         WindowSettings(32, 0.0)
-    with pytest.raises(ValueError, match="2-D slice"):
-        list(iter_window_probabilities(pointwise, [np.ones((3, 4, 5))], WindowSettings(32)))
+    for bad in (np.ones((2, 3, 4, 5)), np.ones(7), np.ones((0, 4))):
+        with pytest.raises(ValueError, match="slice, got shape"):
+            list(iter_window_probabilities(pointwise, [bad], WindowSettings(32)))
 
 
 def test_fixed_batch_pads_short_batches_and_drops_the_padding():
@@ -218,3 +219,42 @@ def test_tta_undoes_rotations_exactly():
     for corner in (np.s_[:, :4, :4], np.s_[:, :4, 4:], np.s_[:, 4:, :4], np.s_[:, 4:, 4:]):
         expected[corner] = tiles[corner] / 4  # each quadrant is the kept corner under 2 of the 8 transforms
     np.testing.assert_allclose(with_tta(top_left)(tiles), expected, atol=1e-6)
+
+
+def first_and_last_channel(tiles):
+    """A 2.5D 'network' reporting the slice before and after (channel 0 and 2)."""
+    return np.stack([tiles[..., 0], tiles[..., -1]], axis=-1)
+
+
+def test_fixed_tiling_2p5d_takes_context_from_the_whole_stack():
+    images = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 40, 50), np.float32)
+    probs = predict_probabilities(first_and_last_channel, images, 32, 4, context_slices=1, slices=range(2, 5))
+    assert probs.shape == (3, 40, 50, 2)
+    assert [(p[..., 0].max(), p[..., 1].max()) for p in probs] == [(1, 3), (2, 4), (3, 5)]
+    edge = predict_probabilities(first_and_last_channel, images, 32, 4, context_slices=1, slices=range(0, 1))
+    assert (edge[0, ..., 0].max(), edge[0, ..., 1].max()) == (0, 1)  # replicated before slice 0
+
+
+def test_sliding_window_2p5d_halo_slices_are_context_only():
+    images = np.random.default_rng(5).random((7, 40, 33), dtype=np.float32)
+    settings = WindowSettings(32, 0.5, batch_size=5)
+    whole = sliding_window_probabilities(first_and_last_channel, images, settings, context_slices=2)
+    np.testing.assert_allclose(whole[3, ..., 0], images[1], rtol=1e-6)
+    np.testing.assert_allclose(whole[3, ..., 1], images[5], rtol=1e-6)
+    part = sliding_window_probabilities(first_and_last_channel, images, settings, 2, halo_before=2, halo_after=1)
+    np.testing.assert_allclose(part, whole[2:6])
+    with pytest.raises(ValueError, match="halo"):
+        sliding_window_probabilities(first_and_last_channel, images, settings, 2, halo_before=4, halo_after=4)
+
+
+def test_multi_axis_halo_gives_every_chunk_its_true_neighbours():
+    volume = np.random.default_rng(6).random((7, 9, 10), dtype=np.float32)
+
+    def next_plane(batch, before, after):  # a 2.5D model with k = 1 looking at the following plane
+        following = np.concatenate([batch[1:], batch[-1:]])
+        return following[before : len(batch) - after, ..., None]
+
+    chunked = multi_axis_probabilities(next_plane, volume, axes=["z"], chunk=2, halo=1)
+    whole = multi_axis_probabilities(next_plane, volume, axes=["z"], chunk=100, halo=1)
+    np.testing.assert_allclose(chunked, whole)
+    np.testing.assert_allclose(whole[:-1, ..., 0], volume[1:])

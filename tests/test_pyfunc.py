@@ -150,6 +150,8 @@ def test_bad_requests_raise_a_400_that_names_the_problem(segmenter, what, reques
         ({"encoding": "png"}, "unknown encoding 'png'"),
         ({"dtype": "uint8"}, "values span"),
         ({"dtype": "int7"}, "unknown dtype"),
+        ({"halo_before": -1}, "halo_before must be a whole number of slices >= 0"),
+        ({"halo_before": 2, "halo_after": 1}, "leaves none of the 3 slices"),
     ],
 )
 def test_bad_parameters_are_400s_too(segmenter, grey, params, message):
@@ -157,6 +159,15 @@ def test_bad_parameters_are_400s_too(segmenter, grey, params, message):
     with pytest.raises(RequestError) as info:
         model.predict(grey, params=params)
     assert message in info.value.message
+
+
+def test_halo_parameters_must_be_whole_slice_counts():
+    from socseg.pyfunc import parse_halo
+
+    assert parse_halo({"halo_before": 2, "halo_after": None}, 5) == (2, 0)
+    for bad in (1.5, "two"):
+        with pytest.raises(RequestError, match="halo_after must be a whole number"):
+            parse_halo({"halo_after": bad}, 5)
 
 
 def test_declared_dtype_checks_json_numbers():
@@ -198,3 +209,26 @@ def test_training_logs_the_segmenter_next_to_the_keras_model(tiny_params, mlflow
     labels = model.predict(image)
     probs = sliding_window_probabilities(keras_model.predict_on_batch, image, config.window())
     np.testing.assert_array_equal(labels, np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
+
+
+def test_training_a_2p5d_model_logs_its_context_and_the_segmenter_uses_it(tiny_params, mlflow_env):
+    from socseg.evaluate import evaluate_model
+    from socseg.train import train
+    from socseg.volume import load_volume
+
+    tiny_params["train"]["context_slices"] = 1
+    result = train(tiny_params, run_name="tiny-2.5d")
+    keras_model = mlflow.keras.load_model(result.model_uri)
+    assert keras_model.input_shape[-1] == 3
+    model = mlflow.pyfunc.load_model(result.segmenter_uri)
+    config = segmenter_metadata(model)
+    assert config.context_slices == 1
+    volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
+    image = volume.image[-4:]
+    probs = sliding_window_probabilities(keras_model.predict_on_batch, image, config.window(), context_slices=1)
+    np.testing.assert_array_equal(model.predict(image), np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
+    # Halo slices are context only: the middle two slices come back, predicted with their true neighbours.
+    middle = model.predict(image, params={"halo_before": 1, "halo_after": 1})
+    np.testing.assert_array_equal(middle, np.where(probs[1:3, ..., 0] > 0.5, 255, 0).astype(np.uint8))
+    scores = evaluate_model(result.model_uri, volume, z_range=(20, 24))
+    assert scores["n_slices"] == 4 and 0.0 <= scores["mean_iou"] <= 1.0

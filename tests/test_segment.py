@@ -20,20 +20,31 @@ from socseg.volume import VolumeError
 PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
+def _one_conv_segmenter(folder, context_slices: int = 0, seed: int = 1, bias: float = -0.5) -> str:
     """A one-convolution 'ni' network (fast, deterministic) saved as a pyfunc segmenter, tile 64."""
     import keras
 
     from socseg.normalise import IntensityNormalisation
     from socseg.pyfunc import SegmenterConfig, save_segmenter
 
-    keras.utils.set_random_seed(1)
-    inputs = keras.Input((None, None, 1))
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((None, None, 2 * context_slices + 1))
     x = IntensityNormalisation(20000.0, 43000.0)(inputs)
-    outputs = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", bias_initializer=keras.initializers.Constant(-0.5))(x)
-    config = SegmenterConfig("ni", ["rest", "ni"], PHASE_MAP, 64, {"low": 20000.0, "high": 43000.0}, batch_size=16)
-    return str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path_factory.mktemp("seg") / "model"))
+    outputs = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", bias_initializer=keras.initializers.Constant(bias))(x)
+    config = SegmenterConfig("ni", ["rest", "ni"], PHASE_MAP, 64, {"low": 20000.0, "high": 43000.0}, batch_size=16,
+                             context_slices=context_slices)
+    return str(save_segmenter(keras.Model(inputs, outputs), config, folder / "model"))
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return _one_conv_segmenter(tmp_path_factory.mktemp("seg"))
+
+
+@pytest.fixture(scope="module")
+def model_2p5d_path(tmp_path_factory):
+    """2.5D: one neighbour on each side, 3 input channels."""
+    return _one_conv_segmenter(tmp_path_factory.mktemp("seg25"), context_slices=1, seed=2, bias=-1.0)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +92,20 @@ def test_folder_of_slices_and_volume_directory_give_the_same_labels(model_path, 
     for name, source, batch in (("b", folder, 5), ("c", volume_dir, 100), ("d", paged, 4)):
         segment(model_path, source, tmp_path / f"{name}.tif", slice_batch=batch, progress=False)
         np.testing.assert_array_equal(tifffile.imread(tmp_path / f"{name}.tif"), a)
+
+
+@pytest.mark.parametrize("multi_axis", [False, True])
+def test_2p5d_model_gives_the_same_labels_whatever_the_chunking(model_2p5d_path, stack, grey, tmp_path, multi_axis):
+    """Each chunk travels with its neighbouring slices (halo), so chunk borders are invisible."""
+    small, large = tmp_path / "small.tif", tmp_path / "large.tif"
+    segment(model_2p5d_path, stack, small, slice_batch=2, multi_axis=multi_axis, progress=False)
+    segment(model_2p5d_path, stack, large, slice_batch=100, multi_axis=multi_axis, progress=False)
+    np.testing.assert_array_equal(tifffile.imread(small), tifffile.imread(large))
+    if not multi_axis:
+        model = mlflow.pyfunc.load_model(model_2p5d_path)
+        np.testing.assert_array_equal(tifffile.imread(small), model.predict(grey))
+        without_halo = np.concatenate([model.predict(grey[a : a + 2]) for a in range(0, len(grey), 2)])
+        assert not np.array_equal(without_halo, model.predict(grey))  # so the halo is what makes them equal
 
 
 def test_refuses_to_overwrite_input_or_an_existing_output(stack, tmp_path):

@@ -40,12 +40,14 @@ def _frame(*slices: str) -> dict:
 
 @pytest.fixture()
 def server(tiny_params, mlflow_env, tmp_path):
-    """Train, register as NAME@champion, serve; yields (url, model URI); the server always stops."""
+    """Train a 2.5D model (one neighbour per side), register as NAME@champion, serve; yields
+    (url, model URI); the server always stops."""
     from mlflow.tracking import MlflowClient
 
     from socseg.train import train
 
     tiny_params["inference"] = {**tiny_params.get("inference", {}), "max_slice_pixels": MAX_PIXELS}
+    tiny_params["train"]["context_slices"] = 1
     result = train(tiny_params, run_name="tiny")
     version = mlflow.register_model(result.segmenter_uri, NAME)
     MlflowClient().set_registered_model_alias(NAME, "champion", version.version)
@@ -78,6 +80,8 @@ def _bad_requests() -> list[tuple[str, bytes, str, str]]:
         ("ragged tensor", body({"inputs": [[[1, 2], [3, 4]], [[1, 2, 3]]]}), js, "inhomogeneous shape"),
         ("oversized slice", body(_frame(_tiff_b64(np.zeros((600, 600), np.uint8)))), js, f"limit of {MAX_PIXELS} pixels"),
         ("bad parameter", body({"inputs": [[[1, 2]]], "params": {"step_fraction": 3}}), js, "step_fraction"),
+        ("halo too large", body({"inputs": [[[1, 2]]] * 2, "params": {"halo_before": 1, "halo_after": 1}}), js,
+         "leaves none of the 2 slices"),
         ("no image column", body({"dataframe_split": {"columns": ["x"], "data": [["a"]]}}), js, "column 'image'"),
         ("not JSON", b"{this is not json", js, ""),
         ("wrong content type", b"1,2,3", "text/plain", "content types"),
@@ -118,7 +122,8 @@ def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(serve
         np.testing.assert_allclose(np.stack([decode_array(r["probabilities"]) for r in rows]), expected["probabilities"], atol=1e-5)
         assert json.loads(rows[0]["phase_map"]) == {"0": "rest", "255": "ni"}
 
-    # serving/client.py: a volume through the server equals `socseg segment` in this process.
+    # serving/client.py: a volume through the server equals `socseg segment` in this process; the
+    # client sends each 2-slice chunk with its neighbours (halo), as `socseg segment` does.
     from socseg.segment import read_label_metadata, segment
 
     client = _client_module()
@@ -128,7 +133,9 @@ def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(serve
     reference = tifffile.imread(tmp_path / "local.tif")
     for form in ("compact", "tensor"):
         out = tmp_path / f"served_{form}.tif"
-        result, rest = client.segment_with_server(url, str(volume), str(out), slice_batch=2, form=form, progress=False)
+        result, rest = client.segment_with_server(
+            url, str(volume), str(out), slice_batch=2, form=form, progress=False, halo=1
+        )
         np.testing.assert_array_equal(tifffile.imread(out), reference)
         assert result.shape == (3, 501, 501) and rest.requests == 2
     assert read_label_metadata(tmp_path / "served_compact.tif")["phase_map"] == {"0": "rest", "255": "ni"}

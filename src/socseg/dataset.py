@@ -13,6 +13,8 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from socseg.context import n_channels, neighbour_indices
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -30,7 +32,7 @@ class Augmentation:
         )
 
     def __call__(self, image: np.ndarray, target: np.ndarray, rng: np.random.Generator):
-        """Augment one (H, W) crop pair; geometric transforms hit both, intensity only the image."""
+        """Augment one crop pair, image (H, W) or (H, W, C); geometric transforms hit both, intensity only the image."""
         if self.flips:
             if rng.random() < 0.5:
                 image, target = image[::-1], target[::-1]
@@ -47,10 +49,12 @@ class Augmentation:
 
 
 class RandomCrops(keras.utils.PyDataset):
-    """Batches ``(x, y)``: x ``(B, size, size, 1)`` float32, y ``(B, size, size)`` uint8 class indices.
+    """Batches ``(x, y)``: x ``(B, size, size, 2k + 1)`` float32, y ``(B, size, size)`` uint8 class indices.
 
     ``images`` are normalised training slabs ``(Z, H, W)`` (several volumes allowed), ``targets``
     the matching class-index slabs. A slab is picked with probability proportional to its voxel count.
+    ``context_slices`` (k) adds the k neighbouring slices on each side as channels (2.5D), taken
+    from the same slab only (:mod:`socseg.context`).
     """
 
     def __init__(
@@ -62,9 +66,12 @@ class RandomCrops(keras.utils.PyDataset):
         steps: int,
         augmentation: Augmentation | None = None,
         seed: int = 0,
+        context_slices: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.channels = n_channels(context_slices)
+        self.context_slices = int(context_slices)
         if not images or len(images) != len(targets):
             raise ValueError("need one target slab per image slab, and at least one slab")
         for image, target in zip(images, targets):
@@ -95,7 +102,7 @@ class RandomCrops(keras.utils.PyDataset):
         # Separate streams: where crops come from does not depend on which augmentations are on.
         rng = np.random.default_rng((self.seed, self.epoch, index, 0))
         aug_rng = np.random.default_rng((self.seed, self.epoch, index, 1))
-        x = np.empty((self.batch_size, self.size, self.size, 1), np.float32)
+        x = np.empty((self.batch_size, self.size, self.size, self.channels), np.float32)
         y = np.empty((self.batch_size, self.size, self.size), np.uint8)
         for b in range(self.batch_size):
             slab = int(rng.choice(len(self.images), p=self.slab_probabilities))
@@ -103,9 +110,10 @@ class RandomCrops(keras.utils.PyDataset):
             z = int(rng.integers(0, image.shape[0]))
             top = int(rng.integers(0, image.shape[1] - self.size + 1))
             left = int(rng.integers(0, image.shape[2] - self.size + 1))
-            window = np.s_[z, top : top + self.size, left : left + self.size]
-            crop, label = self.augmentation(image[window], target[window], aug_rng)
-            x[b, ..., 0] = crop
+            rows, cols = np.s_[top : top + self.size], np.s_[left : left + self.size]
+            planes = neighbour_indices(z, self.context_slices, 0, image.shape[0])
+            crop, label = self.augmentation(np.moveaxis(image[planes, rows, cols], 0, -1), target[z, rows, cols], aug_rng)
+            x[b] = crop
             y[b] = label
         return x, y
 

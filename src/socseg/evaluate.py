@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from socseg.context import n_channels
 from socseg.inference import Predict, predict_probabilities, with_tta
 from socseg.metrics import confusion_matrix, probabilities_to_classes, scores_from_confusion
 from socseg.tasks import NI_PHASE, check_task, task_class_names, task_targets
@@ -50,13 +51,14 @@ def segmentation_scores(cm: np.ndarray, class_names: Sequence[str]) -> dict[str,
 
 @dataclass
 class Segmenter:
-    """A loaded model: ``predict`` maps raw grey tiles ``(B, s, s, 1)`` float32 to probabilities."""
+    """A loaded model: ``predict`` maps raw grey tiles ``(B, s, s, 2k + 1)`` float32 to probabilities."""
 
     predict: Predict
     task: str
     class_names: list[str]
     phase_map: dict[int, str]
     tile_size: int
+    context_slices: int = 0  # k: 2.5D models see k neighbouring slices on each side
 
 
 def load_segmenter(model_uri: str) -> Segmenter:
@@ -88,6 +90,7 @@ def load_segmenter(model_uri: str) -> Segmenter:
         class_names=list(meta["class_names"]),
         phase_map={int(k): str(v) for k, v in meta["phase_map"].items()},
         tile_size=int(meta["tile_size"]),
+        context_slices=int(meta.get("context_slices", 0)),
     )
 
 
@@ -135,17 +138,20 @@ def evaluate_segmenter(
     predict = with_tta(segmenter.predict) if tta else segmenter.predict
     ni_index = segmenter.class_names.index(NI_PHASE)
     # Warm-up: the first calls trace the graph; keep that out of the time per slice.
+    channels = n_channels(segmenter.context_slices)
     for n in {1, batch_size}:
-        predict(np.zeros((n, segmenter.tile_size, segmenter.tile_size, 1), np.float32))
+        predict(np.zeros((n, segmenter.tile_size, segmenter.tile_size, channels), np.float32))
     cm = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
     seconds = 0.0
     for a in range(start, stop, _CHUNK_SLICES):
         b = min(a + _CHUNK_SLICES, stop)
-        raw = np.asarray(volume.image[a:b], dtype=np.float32)
         began = time.perf_counter()
-        classes = probabilities_to_classes(
-            predict_probabilities(predict, raw, segmenter.tile_size, batch_size), segmenter.task
+        # 2.5D context comes from the whole volume: the slices around the scored range are real.
+        probs = predict_probabilities(
+            predict, volume.image, segmenter.tile_size, batch_size,
+            context_slices=segmenter.context_slices, slices=range(a, b),
         )
+        classes = probabilities_to_classes(probs, segmenter.task)
         seconds += time.perf_counter() - began
         if task != segmenter.task:  # a phases model scored on Ni vs rest
             classes = (classes == ni_index).astype(np.uint8)

@@ -13,8 +13,9 @@ Two tilings, for two purposes:
   go in one by one, tiles of consecutive slices share forward passes, and only the slices still
   waiting for tiles are held in memory, whatever the depth of the volume.
 
-Backend-agnostic: ``predict`` is any callable ``(B, s, s, 1) -> (B, s, s, C)`` (e.g. a Keras 3
-model's ``predict_on_batch`` on TensorFlow or JAX); everything else is NumPy.
+Backend-agnostic: ``predict`` is any callable ``(B, s, s, 2k + 1) -> (B, s, s, C)`` (e.g. a Keras 3
+model's ``predict_on_batch`` on TensorFlow or JAX; k = 0 unless the model is 2.5D, see
+:mod:`socseg.context`); everything else is NumPy.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from socseg.context import iter_with_context, neighbour_indices
 from socseg.tiling import Tiling, iter_batches, tile_starts
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -38,26 +41,36 @@ DIHEDRAL: tuple[tuple[int, bool], ...] = tuple((turns, mirror) for turns in rang
 
 
 def predict_probabilities(
-    predict: Predict, images: np.ndarray, tile_size: int, batch_size: int = 8, step: int | None = None
+    predict: Predict,
+    images: np.ndarray,
+    tile_size: int,
+    batch_size: int = 8,
+    step: int | None = None,
+    context_slices: int = 0,
+    slices: range | None = None,
 ) -> np.ndarray:
     """Class probabilities ``(Z, H, W, C)`` for a stack ``(Z, H, W)`` with the fixed, non-blended tiling.
 
-    ``predict`` maps a batch ``(B, s, s, 1)`` to ``(B, s, s, C)`` (e.g. ``model.predict_on_batch``).
+    ``predict`` maps a batch ``(B, s, s, 2k + 1)`` to ``(B, s, s, C)`` (e.g. ``model.predict_on_batch``).
     Each pixel comes from one tile, so metrics on the result count every pixel once; for
-    seam-free predictions use :func:`sliding_window_probabilities`.
+    seam-free predictions use :func:`sliding_window_probabilities`. ``slices`` limits which slices
+    are predicted (default: all); 2.5D context (``context_slices`` = k) comes from all of ``images``.
     """
-    images = np.asarray(images)
-    if images.ndim != 3:
+    if not hasattr(images, "shape"):  # arrays and memory maps are used as they are
+        images = np.asarray(images)
+    if len(images.shape) != 3:
         raise ValueError(f"expected a (Z, H, W) stack, got shape {images.shape}")
     z, h, w = images.shape
+    slices = range(z) if slices is None else slices
     tiling = Tiling(h, w, tile_size, step or tile_size)
     out = None
-    for k in range(z):
-        tiles = tiling.extract(images[k])[..., None]
+    for i, k in enumerate(slices):
+        planes = np.asarray(images[neighbour_indices(k, context_slices, 0, z)], dtype=np.float32)
+        tiles = np.moveaxis(tiling.extract(planes), 1, -1)  # (n, 2k + 1, s, s) -> (n, s, s, 2k + 1)
         preds = np.concatenate([np.asarray(predict(tiles[b])) for b in iter_batches(len(tiles), batch_size)])
         if out is None:
-            out = np.empty((z, h, w, preds.shape[-1]), dtype=np.float32)
-        out[k] = tiling.stitch(preds.astype(np.float32))
+            out = np.empty((len(slices), h, w, preds.shape[-1]), dtype=np.float32)
+        out[i] = tiling.stitch(preds.astype(np.float32))
     return out if out is not None else np.empty((0, h, w, 1), np.float32)
 
 
@@ -150,7 +163,8 @@ class SlidingWindow:
         return [(y, x) for y in tile_starts(ph, s, step) for x in tile_starts(pw, s, step)]
 
     def pad(self, image: np.ndarray) -> np.ndarray:
-        return np.pad(image, self.pads, mode="symmetric")
+        """Mirror-pad the two spatial axes of ``(H, W)`` or ``(H, W, channels)``."""
+        return np.pad(image, [*self.pads] + [(0, 0)] * (image.ndim - 2), mode="symmetric")
 
     def weight_sum(self) -> np.ndarray:
         """Sum of the Gaussian weights of all tiles, per padded pixel (the blend's denominator)."""
@@ -234,9 +248,10 @@ class _InFlight:
 def iter_window_probabilities(
     predict: Predict, slices: Iterable[np.ndarray], settings: WindowSettings
 ) -> Iterator[np.ndarray]:
-    """Blended class probabilities ``(H, W, C)`` float32 for each 2-D slice, in input order.
+    """Blended class probabilities ``(H, W, C)`` float32 for each slice, in input order.
 
-    Slices may differ in shape. A forward pass takes ``settings.batch_size`` tiles, across slice
+    A slice is ``(H, W)`` grey values, or ``(H, W, 2k + 1)`` for a 2.5D model (see
+    :func:`socseg.context.iter_with_context`). Slices may differ in shape. A forward pass takes ``settings.batch_size`` tiles, across slice
     boundaries, so small slices do not waste batches; a slice is yielded as soon as its last tile
     is back, so memory holds only the slices in flight.
     """
@@ -247,7 +262,7 @@ def iter_window_probabilities(
     owners: list[tuple[_InFlight, int, int]] = []
 
     def flush() -> None:
-        preds = predict_tiles(predict, np.stack(tiles)[..., None], settings.tta)
+        preds = predict_tiles(predict, np.stack(tiles), settings.tta)
         for pred, (state, y, x) in zip(preds, owners):
             state.add(pred, y, x, weights)
         tiles.clear()
@@ -259,10 +274,10 @@ def iter_window_probabilities(
 
     for image in slices:
         image = np.asarray(image)
-        if image.ndim != 2 or image.size == 0:
-            raise ValueError(f"expected a non-empty 2-D slice, got shape {image.shape}")
+        if image.ndim not in (2, 3) or image.size == 0:
+            raise ValueError(f"expected a non-empty (H, W) or (H, W, channels) slice, got shape {image.shape}")
         window, positions, weight_sum = _window(image.shape[0], image.shape[1], settings)
-        padded = window.pad(image.astype(np.float32, copy=False))
+        padded = window.pad(image.astype(np.float32, copy=False).reshape(*image.shape[:2], -1))
         state = _InFlight(window, weight_sum, len(positions))
         pending.append(state)
         for y, x in positions:
@@ -276,15 +291,32 @@ def iter_window_probabilities(
     yield from done()
 
 
-def sliding_window_probabilities(predict: Predict, images: np.ndarray, settings: WindowSettings) -> np.ndarray:
-    """``(N, H, W, C)`` float32 blended probabilities for a batch of slices ``(N, H, W)``."""
+def sliding_window_probabilities(
+    predict: Predict,
+    images: np.ndarray,
+    settings: WindowSettings,
+    context_slices: int = 0,
+    halo_before: int = 0,
+    halo_after: int = 0,
+) -> np.ndarray:
+    """``(N, H, W, C)`` float32 blended probabilities for a stack of slices ``(N, H, W)``.
+
+    A 2.5D model (``context_slices`` = k) takes each slice's neighbours from this stack, so pass
+    adjacent slices; at the stack's ends the outermost slice is repeated. The first
+    ``halo_before`` and last ``halo_after`` slices are context only: they are not predicted and
+    not returned (``N - halo_before - halo_after`` slices come back).
+    """
     images = np.asarray(images)
     if images.ndim != 3:
         raise ValueError(f"expected a (N, H, W) stack, got shape {images.shape}")
+    n = len(images) - halo_before - halo_after
+    if halo_before < 0 or halo_after < 0 or n < 0:
+        raise ValueError(f"halo {halo_before} + {halo_after} does not fit a stack of {len(images)} slices")
     out: np.ndarray | None = None
-    for k, probs in enumerate(iter_window_probabilities(predict, images, settings)):
+    stream = islice(iter_with_context(images, context_slices), halo_before, halo_before + n)
+    for k, probs in enumerate(iter_window_probabilities(predict, stream, settings)):
         if out is None:
-            out = np.empty((len(images), *probs.shape), dtype=np.float32)
+            out = np.empty((n, *probs.shape), dtype=np.float32)
         out[k] = probs
     return out if out is not None else np.empty((0, *images.shape[1:], 1), np.float32)
 
@@ -298,6 +330,7 @@ def multi_axis_probabilities(
     axes: Iterable[str] = ("z", "y", "x"),
     chunk: int = 8,
     progress: Callable[[int], Any] | None = None,
+    halo: int = 0,
 ) -> np.ndarray:
     """Mean of the probabilities from slicing ``volume`` (Z, Y, X) along each of ``axes``.
 
@@ -305,7 +338,9 @@ def multi_axis_probabilities(
     removes the slice-to-slice flicker of z-only prediction. ``predict_planes`` maps a batch of
     planes ``(N, A, B)`` to ``(N, A, B, C)`` probabilities (e.g. the segmenter with
     ``return_probabilities``). Holds the volume's probabilities, ``4 * C`` bytes per voxel.
-    ``progress(n)`` is called after every ``n`` planes.
+    ``progress(n)`` is called after every ``n`` planes. ``halo`` > 0 (2.5D models): each chunk
+    comes with up to ``halo`` neighbouring planes on either side and is predicted as
+    ``predict_planes(planes, before, after)``, which returns the chunk's planes only.
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
@@ -319,8 +354,10 @@ def multi_axis_probabilities(
         axis = AXES[name]
         for start in range(0, volume.shape[axis], chunk):
             index = slice(start, min(start + chunk, volume.shape[axis]))
-            planes = np.moveaxis(volume, axis, 0)[index]
-            probs = np.asarray(predict_planes(np.ascontiguousarray(planes)), dtype=np.float32)
+            before, after = min(halo, index.start), min(halo, volume.shape[axis] - index.stop)
+            planes = np.ascontiguousarray(np.moveaxis(volume, axis, 0)[index.start - before : index.stop + after])
+            predicted = predict_planes(planes, before, after) if halo else predict_planes(planes)
+            probs = np.asarray(predicted, dtype=np.float32)
             if total is None:
                 total = np.zeros((*volume.shape, probs.shape[-1]), dtype=np.float32)
             np.moveaxis(total, axis, 0)[index] += probs

@@ -71,12 +71,18 @@ class SegmenterPredictor:
         self.class_names = list(config.class_names)
         # Label values the segmenter returns -> task class indices (ni task: 0 rest, 1 ni).
         self._lut = label_lut(config.label_phase_map)
+        self.halo = int(config.context_slices)
 
     def predict_classes(self, images: np.ndarray, slices_per_call: int = 8) -> np.ndarray:
+        """Class indices for a stack of adjacent slices, sent in chunks (with 2.5D halo, as a client would)."""
         out = np.empty(images.shape, dtype=np.uint8)
-        for start in range(0, len(images), slices_per_call):
-            labels = self.model.predict(np.asarray(images[start:start + slices_per_call]))
-            out[start:start + slices_per_call] = self._lut[np.asarray(labels)]
+        n = len(images)
+        for start in range(0, n, slices_per_call):
+            stop = min(start + slices_per_call, n)
+            before, after = min(self.halo, start), min(self.halo, n - stop)
+            params = {"halo_before": before, "halo_after": after} if self.halo else None
+            labels = self.model.predict(np.asarray(images[start - before : stop + after]), params=params)
+            out[start:stop] = self._lut[np.asarray(labels)]
         return out
 
 

@@ -74,6 +74,7 @@ class SegmenterConfig:
     tta: bool = False
     batch_size: int = 16
     max_slice_pixels: int = DEFAULT_MAX_SLICE_PIXELS
+    context_slices: int = 0  # 2.5D: neighbours on each side the network sees (socseg.context)
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> "SegmenterConfig":
@@ -89,6 +90,7 @@ class SegmenterConfig:
             tta=parse_bool(record.get("tta", False)),
             batch_size=int(record.get("batch_size", 16)),
             max_slice_pixels=int(record.get("max_slice_pixels", DEFAULT_MAX_SLICE_PIXELS)),
+            context_slices=int(record.get("context_slices", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +145,8 @@ def _signature(config: SegmenterConfig) -> ModelSignature:
                 ParamSpec("step_fraction", "double", config.step_fraction),
                 ParamSpec("encoding", "string", ""),  # compact output: "" = as the input, npy, tiff
                 ParamSpec("dtype", "string", ""),  # tensor input: declared grey dtype, checked
+                ParamSpec("halo_before", "long", 0),  # 2.5D: leading slices sent as context only
+                ParamSpec("halo_after", "long", 0),  # 2.5D: trailing slices sent as context only
             ]
         )
     )
@@ -333,6 +337,29 @@ def _compact_values(model_input: Any) -> list[Any] | None:
     return None
 
 
+def parse_halo(params: Mapping[str, Any], n_slices: int) -> tuple[int, int]:
+    """``halo_before``/``halo_after``: how many leading/trailing slices of a request are context only.
+
+    A 2.5D model needs each slice's neighbours; a client that sends a volume in chunks adds the
+    slices around each chunk as halo and gets labels for the chunk alone.
+    """
+    halo = []
+    for name in ("halo_before", "halo_after"):
+        value = params.get(name) or 0
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise RequestError(f"{name} must be a whole number of slices, got {value!r}") from None
+        if number < 0 or number != float(value):
+            raise RequestError(f"{name} must be a whole number of slices >= 0, got {value!r}")
+        halo.append(number)
+    if sum(halo) >= n_slices:
+        raise RequestError(
+            f"halo_before + halo_after = {sum(halo)} leaves none of the {n_slices} slices to segment"
+        )
+    return halo[0], halo[1]
+
+
 def parse_request(model_input: Any, config: SegmenterConfig, declared_dtype: str = "") -> ParsedRequest:
     """Validate a request of either form; raise :class:`RequestError` naming the problem."""
     values = _compact_values(model_input)
@@ -438,9 +465,12 @@ class Segmenter(mlflow.pyfunc.PythonModel):
         if encoding and encoding not in ENCODINGS:
             raise RequestError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
         request = parse_request(model_input, self.config, str(params.get("dtype") or ""))
+        before, after = parse_halo(params, len(request.images))
         window = self.config.window(tta=params.get("tta"), step_fraction=step)
         with self._lock:
-            probs = sliding_window_probabilities(self._predict, request.images, window)
+            probs = sliding_window_probabilities(
+                self._predict, request.images, window, self.config.context_slices, before, after
+            )
         labels = classes_to_label_values(
             probabilities_to_classes(probs, self.config.task), self.config.task, self.config.phase_map
         )

@@ -119,6 +119,15 @@ class SliceReader:
         for start in range(0, self.shape[0], size):
             yield start, self.read(start, min(start + size, self.shape[0]))
 
+    def halo_batches(self, size: int, halo: int) -> Iterator[tuple[int, np.ndarray, int, int]]:
+        """``(start, slices, before, after)``: batches of ``size`` slices with up to ``halo``
+        neighbouring slices on each side (fewer at the volume's ends), for 2.5D models."""
+        z = self.shape[0]
+        for start in range(0, z, size):
+            stop = min(start + size, z)
+            before, after = min(halo, start), min(halo, z - stop)
+            yield start, self.read(start - before, stop + after), before, after
+
     def close(self) -> None:
         if self._tif is not None:
             self._tif.close()
@@ -246,21 +255,30 @@ def segment_stream(
     overwrite: bool = False,
     metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     progress: bool = True,
+    halo: int = 0,
 ) -> SegmentResult:
     """Segment ``source`` slice batch by slice batch with ``predict_batch`` ((N, H, W) grey ->
-    (N, H, W) labels) and write the label stack ``output`` atomically."""
+    (N, H, W) labels) and write the label stack ``output`` atomically.
+
+    ``halo`` > 0 (a 2.5D model's ``context_slices``): each batch comes with up to ``halo``
+    neighbouring slices on either side and ``predict_batch(slices, before, after)`` returns labels
+    for the slices between the ``before`` and ``after`` halo slices only.
+    """
     source, output = check_paths(source, output, overwrite)
     if slice_batch < 1:
         raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
+    if halo < 0:
+        raise ValueError(f"halo must be >= 0, got {halo}")
     started = time.perf_counter()
     with SliceReader(source) as reader:
         with LabelStackWriter(output, reader.shape, metadata) as writer, _progress(reader.shape[0], "segment", progress) as bar:
-            for _, batch in reader.batches(slice_batch):
-                labels = np.asarray(predict_batch(batch))
-                if labels.shape != batch.shape:
-                    raise VolumeError(f"the model returned labels of shape {labels.shape} for slices {batch.shape}")
+            for _, batch, before, after in reader.halo_batches(slice_batch, halo):
+                labels = np.asarray(predict_batch(batch, before, after) if halo else predict_batch(batch))
+                expected = (len(batch) - before - after, *batch.shape[1:])
+                if labels.shape != expected:
+                    raise VolumeError(f"the model returned labels of shape {labels.shape} for slices {expected}")
                 writer.write(labels)
-                bar.update(len(batch))
+                bar.update(expected[0])
         shape = reader.shape
     return SegmentResult(output, shape, time.perf_counter() - started)
 
@@ -275,6 +293,7 @@ def segment_multi_axis(
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
+    halo: int = 0,
 ) -> SegmentResult:
     """Like :func:`segment_stream`, but the probabilities of z, y and x planes are averaged
     (:func:`socseg.inference.multi_axis_probabilities`); holds the whole volume in memory."""
@@ -286,7 +305,9 @@ def segment_multi_axis(
         volume = reader.read(0, reader.shape[0])
     z, y, x = volume.shape
     with _progress(z + y + x, "segment (3 axes)", progress) as bar:
-        probs = multi_axis_probabilities(predict_probabilities, volume, chunk=slice_batch, progress=bar.update)
+        probs = multi_axis_probabilities(
+            predict_probabilities, volume, chunk=slice_batch, progress=bar.update, halo=halo
+        )
     del volume
     with LabelStackWriter(output, probs.shape[:3], metadata) as writer:
         for start in range(0, z, slice_batch):
@@ -336,24 +357,26 @@ def segment(
         "step_fraction": params.get("step_fraction", config.step_fraction),
         "multi_axis": multi_axis,
     }
+    halo = config.context_slices  # a 2.5D model gets each chunk's neighbouring slices as context
+
+    def labels(batch: np.ndarray, before: int = 0, after: int = 0) -> np.ndarray:
+        extra = {"halo_before": before, "halo_after": after} if halo else {}
+        return model.predict(batch, params={**params, **extra})
+
     if not multi_axis:
         return segment_stream(
-            lambda batch: model.predict(batch, params=params),
-            source,
-            output,
-            slice_batch=slice_batch,
-            overwrite=overwrite,
-            metadata=metadata,
-            progress=progress,
+            labels, source, output, slice_batch=slice_batch, overwrite=overwrite, metadata=metadata,
+            progress=progress, halo=halo,
         )
 
-    def planes(batch: np.ndarray) -> np.ndarray:
-        return model.predict(batch, params={**params, "return_probabilities": True})["probabilities"]
+    def planes(batch: np.ndarray, before: int = 0, after: int = 0) -> np.ndarray:
+        extra = {"halo_before": before, "halo_after": after} if halo else {}
+        return model.predict(batch, params={**params, **extra, "return_probabilities": True})["probabilities"]
 
     def to_labels(probs: np.ndarray) -> np.ndarray:
         return classes_to_label_values(probabilities_to_classes(probs, config.task), config.task, config.phase_map)
 
     return segment_multi_axis(
         planes, to_labels, source, output, slice_batch=slice_batch, overwrite=overwrite, metadata=metadata,
-        progress=progress,
+        progress=progress, halo=halo,
     )

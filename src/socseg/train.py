@@ -21,6 +21,7 @@ from mlflow.models import infer_signature
 
 from socseg import tracking
 from socseg.config import parse_bool
+from socseg.context import n_channels, neighbour_indices
 from socseg.dataset import Augmentation, RandomCrops
 from socseg.inference import predict_probabilities
 from socseg.losses import get_loss
@@ -114,13 +115,24 @@ def prepare_data(params: Mapping, volumes: Sequence[Volume], task: str) -> Prepa
 
 
 def evaluate_slabs(
-    model: keras.Model, slabs: Sequence[Slab], task: str, class_names: list[str], tile_size: int, batch_size: int
+    model: keras.Model,
+    slabs: Sequence[Slab],
+    task: str,
+    class_names: list[str],
+    tile_size: int,
+    batch_size: int,
+    context_slices: int = 0,
 ) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Scores over all slabs (each pixel counted once) and the predicted class maps."""
+    """Scores over all slabs (each pixel counted once) and the predicted class maps.
+
+    A 2.5D model takes its context from the slab itself, as in training.
+    """
     cm = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
     predictions = []
     for slab in slabs:
-        probs = predict_probabilities(model.predict_on_batch, slab.images, tile_size, batch_size)
+        probs = predict_probabilities(
+            model.predict_on_batch, slab.images, tile_size, batch_size, context_slices=context_slices
+        )
         classes = probabilities_to_classes(probs, task)
         cm += confusion_matrix(slab.targets, classes, len(class_names))
         predictions.append(classes)
@@ -134,13 +146,13 @@ class SlabValidation(keras.callbacks.Callback):
     evaluation, so early stopping optimises exactly what is reported.
     """
 
-    def __init__(self, slabs: Sequence[Slab], task: str, class_names: list[str], tile_size: int, batch_size: int):
+    def __init__(self, slabs: Sequence[Slab], **scoring: Any):
+        """``scoring``: the keyword arguments of :func:`evaluate_slabs` after the slabs."""
         super().__init__()
-        self.slabs, self.task, self.class_names = slabs, task, class_names
-        self.tile_size, self.batch_size = tile_size, batch_size
+        self.slabs, self.scoring = slabs, scoring
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        scores, _ = evaluate_slabs(self.model, self.slabs, self.task, self.class_names, self.tile_size, self.batch_size)
+        scores, _ = evaluate_slabs(self.model, self.slabs, **self.scoring)
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in scores.items() if k.startswith(("iou", "mean_iou", "mean_dice"))})
 
@@ -192,14 +204,15 @@ def _settings(params: Mapping) -> dict[str, Any]:
         "unfreeze_after": int(t.get("unfreeze_after", 0)),
         "fine_tune_lr_factor": float(t.get("fine_tune_lr_factor", 0.1)),
         "seed": int(t["seed"]),
+        "context_slices": int(t.get("context_slices", 0)),
         "tile_size": int(params["tiles"]["size"]),
         "steps_per_epoch": int(params["tiles"]["steps_per_epoch"]),
     }
 
 
 def export_model(model: keras.Model, normaliser: Normaliser) -> keras.Model:
-    """The model users get: raw grey slices (B, H, W, 1) in, class probabilities out."""
-    inputs = keras.Input(shape=(None, None, 1), dtype="float32", name="grey")
+    """The model users get: raw grey slices (B, H, W, 2k + 1) in, class probabilities out."""
+    inputs = keras.Input(shape=(None, None, model.input_shape[-1]), dtype="float32", name="grey")
     normalised = IntensityNormalisation(normaliser.low, normaliser.high, name="normalise")(inputs)
     return keras.Model(inputs, model(normalised), name=f"socseg_{model.name}")
 
@@ -289,6 +302,7 @@ def train(
             freeze_encoder=s["freeze_encoder"],
             base_filters=s["base_filters"],
             encoder_batchnorm=s["encoder_batchnorm"],
+            in_channels=n_channels(s["context_slices"]),
         )
 
         def compile_model(learning_rate: float) -> None:
@@ -306,12 +320,15 @@ def train(
             steps=s["steps_per_epoch"],
             augmentation=Augmentation.from_params(params["tiles"].get("augment")),
             seed=s["seed"],
+            context_slices=s["context_slices"],
         )
         val_slabs = data.slabs["val"] or data.slabs["train"]
+        scoring = dict(task=s["task"], class_names=data.class_names, tile_size=s["tile_size"],
+                       batch_size=s["batch_size"], context_slices=s["context_slices"])
         logger = MlflowEpochLogger()
         keep_best = KeepBest(patience=s["patience"])
         callbacks = [
-            SlabValidation(val_slabs, s["task"], data.class_names, s["tile_size"], s["batch_size"]),
+            SlabValidation(val_slabs, **scoring),
             keep_best,
             *_plateau_schedule(s["reduce_lr_patience"], s["reduce_lr_factor"]),
             logger,
@@ -367,16 +384,16 @@ def train(
             subsets = ("val", "test") if evaluate_test else ("val",)
             for subset in subsets:
                 if data.slabs[subset]:
-                    scores, predictions = evaluate_slabs(
-                        model, data.slabs[subset], s["task"], data.class_names, s["tile_size"], s["batch_size"]
-                    )
+                    scores, predictions = evaluate_slabs(model, data.slabs[subset], **scoring)
                     metrics.update({f"{subset}_{k}": v for k, v in scores.items()})
                     if subset == "test":
                         _log_overlays(data.slabs["test"], predictions, data.class_names)
             mlflow.log_metrics({f"final_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()})
             model_uri = segmenter_uri = ""
             if log_model:
-                model_uri, segmenter_uri = _log_model(model, data, s["tile_size"], params.get("inference") or {})
+                model_uri, segmenter_uri = _log_model(
+                    model, data, s["tile_size"], params.get("inference") or {}, s["context_slices"]
+                )
             return TrainResult(
                 run.info.run_id, model_uri, metrics, history, best_epoch, seconds, segmenter_uri=segmenter_uri
             )
@@ -418,14 +435,20 @@ def _log_artifacts(data: PreparedData, history: dict[str, list[float]]) -> None:
 
 
 def _log_model(
-    model: keras.Model, data: PreparedData, tile_size: int, inference: Mapping[str, Any] | None = None
+    model: keras.Model,
+    data: PreparedData,
+    tile_size: int,
+    inference: Mapping[str, Any] | None = None,
+    context_slices: int = 0,
 ) -> tuple[str, str]:
     """Log the Keras model and, next to it, the pyfunc segmenter; returns both model URIs."""
     from socseg.pyfunc import log_segmenter, segmenter_config
 
     exported = export_model(model, data.normaliser)
-    example = data.slabs["train"][0].images[:1, :tile_size, :tile_size]
-    raw_example = (example * (data.normaliser.high - data.normaliser.low) + data.normaliser.low)[..., None]
+    images = data.slabs["train"][0].images
+    planes = neighbour_indices(0, context_slices, 0, len(images))
+    example = np.moveaxis(images[planes, :tile_size, :tile_size], 0, -1)[None]  # (1, s, s, 2k + 1)
+    raw_example = example * (data.normaliser.high - data.normaliser.low) + data.normaliser.low
     raw_example = raw_example.astype(np.float32)
     signature = infer_signature(raw_example, np.asarray(exported.predict_on_batch(raw_example)))
     socseg_meta = {
@@ -434,6 +457,7 @@ def _log_model(
         "phase_map": {str(k): v for k, v in data.phase_map.items()},
         "normalisation": data.normaliser.to_dict(),
         "tile_size": tile_size,
+        "context_slices": int(context_slices),
     }
     info = tracking.log_keras_model(exported, signature, raw_example, metadata={"socseg": socseg_meta})
     # The served model: the same network as a pyfunc that segments whole slices of any size.

@@ -26,6 +26,8 @@ from socseg.commands.options import blankable
 @click.option("--freeze-encoder", type=blankable(str), help="true/false.")
 @click.option("--unfreeze-after", type=blankable(int), help="With --freeze-encoder true: unfreeze after N epochs.")
 @click.option("--base-filters", type=blankable(int), help="From-scratch U-Net width.")
+@click.option("--context-slices", type=blankable(int),
+              help="2.5D: neighbouring slices on each side fed as extra channels (0: 2-D).")
 @click.option("--patience", type=blankable(int), help="Early-stopping patience (epochs) on validation mean IoU.")
 @click.option("--reduce-lr-patience", type=blankable(int),
               help="Halve the learning rate after N epochs without validation gain (0: constant).")

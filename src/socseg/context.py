@@ -1,0 +1,82 @@
+"""2.5D input: each slice goes to the network with its ``k`` neighbours on either side as channels.
+
+A PXCT slice is one plane of a 3-D volume; its neighbours (a voxel apart) carry the same phases,
+with independent noise. Giving a 2-D U-Net ``2k + 1`` adjacent slices lets it average that noise
+and see where a grain ends along z, at 2-D cost. ``k = 0`` is plain 2-D.
+
+One rule everywhere (training crops, validation, scoring, serving): a neighbour outside the
+available stack is replaced by the nearest slice that exists (edge replication). In training the
+stack is the training slab, so crops never take context from the gap, validation or test slabs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Iterator
+
+import numpy as np
+
+
+def n_channels(context_slices: int) -> int:
+    """Input channels of a model that sees ``context_slices`` neighbours on each side."""
+    if int(context_slices) < 0:
+        raise ValueError(f"context_slices must be >= 0, got {context_slices}")
+    return 2 * int(context_slices) + 1
+
+
+def neighbour_indices(z: int, context_slices: int, start: int, stop: int) -> np.ndarray:
+    """Slice indices ``z - k .. z + k``, clamped into ``[start, stop)``."""
+    if not start <= z < stop:
+        raise ValueError(f"slice {z} outside [{start}, {stop})")
+    offsets = np.arange(-int(context_slices), int(context_slices) + 1)
+    return np.clip(z + offsets, start, stop - 1)
+
+
+def context_stack(images: np.ndarray, context_slices: int) -> np.ndarray:
+    """``(Z, H, W)`` -> ``(Z, H, W, 2k + 1)``: every slice with its neighbours, edges replicated.
+
+    The result is a copy ``2k + 1`` times the input's size; stream with :func:`iter_with_context`
+    when that is too much.
+    """
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"expected a (Z, H, W) stack, got shape {images.shape}")
+    z = images.shape[0]
+    index = np.stack([neighbour_indices(k, context_slices, 0, z) for k in range(z)]) if z else np.zeros((0, 1), int)
+    return np.moveaxis(images[index], 1, -1)
+
+
+def iter_with_context(slices: Iterable[np.ndarray], context_slices: int) -> Iterator[np.ndarray]:
+    """Stream ``(H, W)`` slices as ``(H, W, 2k + 1)`` stacks, holding only ``2k + 1`` slices.
+
+    With ``k = 0`` slices pass through unchanged (2-D), so callers need no special case.
+    """
+    k = int(context_slices)
+    n_channels(k)
+    if k == 0:
+        yield from slices
+        return
+    window: deque[np.ndarray] = deque()
+    emitted = 0
+    received = 0
+
+    def stack(centre: int) -> np.ndarray:
+        # window holds slices [received - len(window), received); clamp to what the stream had.
+        first = received - len(window)
+        picks = np.clip(np.arange(centre - k, centre + k + 1), 0, received - 1)
+        return np.stack([window[int(i) - first] for i in picks], axis=-1)
+
+    for image in slices:
+        image = np.asarray(image)
+        if window and image.shape != window[-1].shape:
+            raise ValueError(f"2.5D input needs slices of one shape: {image.shape} after {window[-1].shape}")
+        window.append(image)
+        received += 1
+        if received - 1 - emitted >= k:  # the slice k back now has all its neighbours
+            yield stack(emitted)
+            emitted += 1
+            while received - len(window) < emitted - k:  # no later centre needs it
+                window.popleft()
+    while emitted < received:
+        yield stack(emitted)
+        emitted += 1
