@@ -77,6 +77,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--leakage-split", type=lambda t: _floats(t, 4), default=[0.7, 0.1, 0.2, 0],
                      metavar="TRAIN,VAL,TEST,GAP", help="random split: the report's 80/20, 1/8 of the 80 for early stopping")
     run.add_argument("--tta", default="", help="comma list of encoders also scored with 8-fold flip/rotation TTA")
+    run.add_argument("--variant", action="append", default=[], metavar="NAME=ENCODER",
+                     help="one more U-Net method named NAME (usable in --methods, --set NAME:..., --minutes NAME=...), "
+                          "e.g. --variant 2.5D=unet --set 2.5D:train.context_slices=1")
     unet = p.add_argument_group("U-Net training (params.yaml overrides, for all encoders unless --set says otherwise)")
     unet.add_argument("--epochs", type=int, default=None)
     unet.add_argument("--steps-per-epoch", type=int, default=None)
@@ -100,7 +103,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
     args.tta = [m for m in args.tta.split(",") if m]
-    bad = sorted(set(args.methods) - set(BASELINES) - set(ENCODERS)) + sorted(set(args.tasks) - {"ni", "phases"})
+    args.variants = {}
+    for item in args.variant:
+        name, sep, encoder = item.partition("=")
+        if not sep or not name or encoder not in ENCODERS or name in ENCODERS or name in BASELINES:
+            p.error(f"--variant takes NAME=ENCODER with a new NAME and ENCODER one of {', '.join(ENCODERS)}; got {item!r}")
+        args.variants[name] = encoder
+    bad = sorted(set(args.methods) - set(BASELINES) - set(ENCODERS) - set(args.variants))
+    bad += sorted(set(args.tasks) - {"ni", "phases"})
     if bad:
         p.error(f"unknown methods/tasks: {bad}")
     leakage = args.leakage if args.leakage is not None else ["unet:ni"]
@@ -277,7 +287,12 @@ def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -
                 "settings": settings, "run_id": run.info.run_id, "n_test_slices": n_slices}
 
 
-def unet_params(encoder: str, task: str, params: dict, args, setting: Setting) -> dict:
+def method_label(method: str, args) -> str:
+    encoder = args.variants.get(method)
+    return f"{METHOD_LABELS[encoder]}, {method}" if encoder else METHOD_LABELS[method]
+
+
+def unet_params(encoder: str, task: str, params: dict, args, setting: Setting, method: str | None = None) -> dict:
     import copy
 
     import yaml
@@ -296,7 +311,7 @@ def unet_params(encoder: str, task: str, params: dict, args, setting: Setting) -
     for item in args.sets:
         key, _, value = item.partition("=")  # a value may hold ':' (a path), the key part not
         target, _, key = key.rpartition(":")
-        if target and target != encoder:
+        if target and target not in (encoder, method):
             continue
         section, _, name = key.partition(".")
         if not name or section not in p:
@@ -305,15 +320,17 @@ def unet_params(encoder: str, task: str, params: dict, args, setting: Setting) -
     return p
 
 
-def minutes_for(encoder: str, args) -> float | None:
+def minutes_for(method: str, args) -> float | None:
+    """Budget of ``method``: its own --minutes, else its encoder's (variants), else the default."""
     budget = None
+    named = {}
     for item in args.minutes:
         name, sep, value = item.rpartition("=")
         if not sep:
             budget = float(value) if budget is None else budget
-        elif name == encoder:
-            return float(value)
-    return budget
+        else:
+            named.setdefault(name, float(value))
+    return named.get(method, named.get(args.variants.get(method, method), budget))
 
 
 def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta: bool = False, trained=None) -> list[dict]:
@@ -341,16 +358,18 @@ def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta:
             if elapsed * (epoch + 2) / (epoch + 1) > self.seconds:
                 self.model.stop_training = True
 
-    p = unet_params(encoder, task, params, args, setting)
-    budget = minutes_for(encoder, args)
+    method, encoder = encoder, args.variants.get(encoder, encoder)
+    p = unet_params(encoder, task, params, args, setting, method)
+    budget = minutes_for(method, args)
     callbacks = [TimeBudget(budget * 60)] if budget else []
     t = p["train"]
-    result = train(p, setting.train_names, run_name=f"{encoder}-{task} ({setting.label})", nested=True, extra_callbacks=callbacks)
+    result = train(p, setting.train_names, run_name=f"{method}-{task} ({setting.label})", nested=True, extra_callbacks=callbacks)
     epochs_run = len(result.history.get("loss", []))
     settings = (f"{t['loss']}, lr {t['learning_rate']}, batch {t['batch_size']}x{p['tiles']['size']}px, "
                 f"{p['tiles']['steps_per_epoch']} steps/epoch, {epochs_run} epochs run (best {result.best_epoch + 1})"
                 f"{f', {budget:g} min budget' if budget else ''}, weights {t['encoder_weights']}"
                 + (f", base {t['base_filters']}" if encoder == "unet" else "")
+                + (f", 2.5D: {t['context_slices']} neighbour slices per side" if int(t.get("context_slices", 0)) else "")
                 + (", BatchNorm in the encoder" if use_encoder_batchnorm(encoder, t["encoder_weights"], t.get("encoder_batchnorm", "auto")) else "")
                 + (f", lr x{t['reduce_lr_factor']} after {t['reduce_lr_patience']} stalled epochs" if int(t.get("reduce_lr_patience", 0)) else ""))
     segmenter = load_segmenter(result.model_uri)
@@ -483,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             header["note"] = args.note
 
         def add(row: dict, task: str, method: str, setting: Setting) -> None:
-            row = {"task": task, "method": METHOD_LABELS[method] + row.pop("method_suffix", ""), "split": setting.label,
+            row = {"task": task, "method": method_label(method, args) + row.pop("method_suffix", ""), "split": setting.label,
                    "hardware": hw, **row}
             rows.append(row)
             write_outputs(rows, header, args.out)

@@ -1,6 +1,7 @@
 """socseg evaluate: the logged model re-scored on a volume gives training's test numbers, and the CLI agrees."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,29 @@ def test_benchmark_help_runs(repo_root):
     out = subprocess.run([sys.executable, str(repo_root / "benchmarks/accuracy.py"), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "--train-volume" in out.stdout and "--test-volume" in out.stdout and "--leakage" in out.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_runs_end_to_end_on_a_tiny_volume(repo_root, tiny_params, mlflow_env, tmp_path):
+    """The accuracy script on a phantom: baseline and U-Net rows (one a 2.5D variant) in one table."""
+    import csv
+
+    import yaml
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params))
+    out = tmp_path / "results"
+    command = [
+        sys.executable, str(repo_root / "benchmarks/accuracy.py"), "--params", str(params_file),
+        "--train-volume", f"{tiny_params['data']['dir']}/tiny", "--split", "0.6,0.2,0.2,2", "--tasks", "ni",
+        "--methods", "threshold,unet,2.5D", "--variant", "2.5D=unet", "--set", "2.5D:train.context_slices=1",
+        "--leakage", "none", "--epochs", "1", "--out", str(out),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(repo_root / "src")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = list(csv.DictReader((out / "accuracy.csv").open()))
+    assert [r["method"] for r in rows] == ["global threshold(s)", "U-Net (from scratch)", "U-Net (from scratch), 2.5D"]
+    assert "2.5D: 1 neighbour slices per side" in rows[2]["settings"] and "2.5D" not in rows[1]["settings"]
+    for row in rows:
+        assert 0.0 <= float(row["iou_ni"]) <= 1.0 and row["split"] == "z-slabs, gap 2"
+    assert "| ni | U-Net (from scratch), 2.5D |" in (out / "accuracy.md").read_text()
