@@ -4,6 +4,7 @@ and its logging next to the Keras model by a training run."""
 import base64
 import dataclasses
 import io
+import os
 
 import mlflow
 import numpy as np
@@ -232,3 +233,34 @@ def test_training_a_2p5d_model_logs_its_context_and_the_segmenter_uses_it(tiny_p
     np.testing.assert_array_equal(middle, np.where(probs[1:3, ..., 0] > 0.5, 255, 0).astype(np.uint8))
     scores = evaluate_model(result.model_uri, volume, z_range=(20, 24))
     assert scores["n_slices"] == 4 and 0.0 <= scores["mean_iou"] <= 1.0
+
+
+def test_segmenter_carries_its_own_code_and_loads_without_socseg_installed(segmenter, grey, tmp_path):
+    """A serving environment built from the pinned requirements has no socseg: the model brings it."""
+    import subprocess
+    import sys
+
+    from socseg.pyfunc import save_segmenter
+
+    model, exported = segmenter
+    path = save_segmenter(exported, model.unwrap_python_model().config, tmp_path / "model")
+    assert (path / "code" / "socseg" / "pyfunc.py").is_file()
+    requirements = (path / "requirements.txt").read_text()
+    for package in ("mlflow==", "keras==", "numpy==", "tifffile==", "pyyaml=="):
+        assert package in requirements.lower(), package
+    np.save(tmp_path / "grey.npy", grey)
+    script = f"""
+import sys
+sys.path = [p for p in sys.path if not p.rstrip('/').endswith('src')]  # drop the installed socseg
+import importlib.util
+assert importlib.util.find_spec('socseg') is None
+import mlflow, numpy as np
+labels = mlflow.pyfunc.load_model({str(path)!r}).predict(np.load({str(tmp_path / 'grey.npy')!r}))
+import socseg
+assert socseg.__file__.startswith({str(path)!r}), socseg.__file__
+np.save({str(tmp_path / 'labels.npy')!r}, labels)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), model.predict(grey))

@@ -161,6 +161,10 @@ def _model_kwargs(keras_model, config: SegmenterConfig, tmp: str) -> dict[str, A
         "model_config": config.to_dict(),
         "signature": _signature(config),
         "pip_requirements": pinned_requirements(),
+        # The socseg package travels inside the model (code/socseg): a server whose environment
+        # MLflow builds from the pinned requirements (or any Python with them) can load it, and a
+        # model keeps the pre/post-processing code it was trained with.
+        "code_paths": [str(Path(__file__).resolve().parent)],
         "metadata": {"socseg": config.to_dict()},
     }
 

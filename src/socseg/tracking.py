@@ -67,14 +67,14 @@ def flat_params(params: Mapping, prefix: str = "") -> dict[str, str]:
 def pinned_requirements() -> list[str]:
     """Pinned runtime packages of this environment (skips MLflow's slow requirement inference).
 
-    socseg itself is not on PyPI: serve with ``--env-manager local`` from an environment where it
-    is installed.
+    socseg itself is not on PyPI; the segmenter carries its code (``code_paths``), so these are
+    all a serving environment needs besides it.
     """
     from importlib.metadata import PackageNotFoundError, version
 
     import keras
 
-    names = ["mlflow", "keras", "numpy", "pandas", "tifffile"]
+    names = ["mlflow", "keras", "numpy", "pandas", "tifffile", "pyyaml"]
     names += {"tensorflow": ["tensorflow-cpu", "tensorflow"], "jax": ["jax", "jaxlib"]}.get(keras.backend.backend(), [])
     pins = []
     for name in names:
