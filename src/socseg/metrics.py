@@ -10,10 +10,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from socseg.tasks import check_task
+from socseg.tasks import SOC_PHASES, check_task, task_class_names
 
-PHASE_NAMES = ("pore", "ysz", "ni")
-NI_NAMES = ("rest", "ni")
 
 # Pixels per bincount call: bounds the int64 temporaries when counting whole slabs.
 _CHUNK = 1 << 22
@@ -25,12 +23,11 @@ def n_label_classes(task: str, n_classes: int = 3) -> int:
 
 
 def class_names(task: str, n_classes: int = 3) -> list[str]:
-    """Names for class indices 0..n-1 (``rest``/``ni``, or ``pore``/``ysz``/``ni``)."""
-    if check_task(task) == "ni":
-        return list(NI_NAMES)
-    if n_classes == len(PHASE_NAMES):
-        return list(PHASE_NAMES)
-    return [f"class{i}" for i in range(n_classes)]
+    """Default names for class indices 0..n-1 when no phase map is at hand (metric names):
+    ``rest``/``ni``, the SOC phases ``pore``/``ysz``/``ni``, or ``class<i>``."""
+    if check_task(task) == "phases" and n_classes != len(SOC_PHASES):
+        return [f"class{i}" for i in range(n_classes)]
+    return task_class_names(task, list(SOC_PHASES))
 
 
 def probabilities_to_classes(probs: np.ndarray, task: str) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 
 TASKS = ("ni", "phases")
 NI_PHASE = "ni"
+SOC_PHASES = ("pore", "ysz", "ni")  # a Ni/YSZ electrode's phases in grey-value (label-value) order
 
 
 def check_task(task: str) -> str:
