@@ -9,9 +9,9 @@ Two tilings, for two purposes:
   get (nnU-Net style). Tiles overlap (``step_fraction`` of a tile, default half), each tile's
   prediction is weighted by a Gaussian centred on the tile before blending (a U-Net is least
   reliable near a tile's edge, where it sees zero padding instead of context), slices are
-  mirror-padded at their borders, and 8-fold flip/rotation test-time augmentation is optional. It streams: slices
-  go in one by one, tiles of consecutive slices share forward passes, and only the slices still
-  waiting for tiles are held in memory, whatever the depth of the volume.
+  mirror-padded at their borders, and 8-fold flip/rotation test-time augmentation is optional.
+  It streams: slices go in one by one, tiles of consecutive slices share forward passes, and only
+  the slices still waiting for tiles are held in memory, whatever the depth of the volume.
 
 Backend-agnostic: ``predict`` is any callable ``(B, s, s, 2k + 1) -> (B, s, s, C)`` (e.g. a Keras 3
 model's ``predict_on_batch`` on TensorFlow or JAX; k = 0 unless the model is 2.5D, see
@@ -251,9 +251,9 @@ def iter_window_probabilities(
     """Blended class probabilities ``(H, W, C)`` float32 for each slice, in input order.
 
     A slice is ``(H, W)`` grey values, or ``(H, W, 2k + 1)`` for a 2.5D model (see
-    :func:`socseg.context.iter_with_context`). Slices may differ in shape. A forward pass takes ``settings.batch_size`` tiles, across slice
-    boundaries, so small slices do not waste batches; a slice is yielded as soon as its last tile
-    is back, so memory holds only the slices in flight.
+    :func:`socseg.context.iter_with_context`). Slices may differ in shape. A forward pass takes
+    ``settings.batch_size`` tiles, across slice boundaries, so small slices do not waste batches;
+    a slice is yielded as soon as its last tile is back, so memory holds only the slices in flight.
     """
     s = settings.tile_size
     weights = gaussian_importance(s)
