@@ -208,3 +208,13 @@ def test_pretrained_style_model_round_trips(tmp_path):
     np.testing.assert_allclose(predict(loaded, x), predict(model, x), atol=1e-5)
     assert not loaded.get_layer("encoder").trainable
     assert len(loaded.trainable_weights) == len(model.trainable_weights)
+
+
+def test_batchnorm_momentum_reaches_nested_encoders():
+    model = build_model("resnet50", "ni", bn_momentum=0.8)
+    momenta = [layer.momentum for layer in model.get_layer("encoder").layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(momenta) > 40 and set(momenta) == {0.8}
+    assert model.get_layer("dec0_a_bn").momentum == 0.8
+    assert build_model("unet", "ni").get_layer("dec0_a_bn").momentum == 0.9  # the default
+    with pytest.raises(ValueError, match="bn_momentum"):
+        build_model("unet", "ni", bn_momentum=1.0)

@@ -272,6 +272,7 @@ def build_model(
     base_filters: int = 16,
     in_channels: int = 1,
     encoder_batchnorm: str | bool = "auto",
+    bn_momentum: float = 0.9,
 ) -> keras.Model:
     """Build a U-Net for ``task`` ("ni" or "phases") on the given encoder.
 
@@ -279,7 +280,8 @@ def build_model(
     path to a local weights file for :func:`build_encoder`'s backbone. ``base_filters`` only affects
     the from-scratch "unet". ``freeze_encoder`` makes the encoder's layers non-trainable (its
     BatchNorm layers then also run in inference mode, as wanted for fine-tuning).
-    ``encoder_batchnorm``: see :func:`use_encoder_batchnorm` (VGG16 only).
+    ``encoder_batchnorm``: see :func:`use_encoder_batchnorm` (VGG16 only). ``bn_momentum``: see
+    :func:`set_batchnorm_momentum` (all BatchNorm layers, the pretrained encoders' too).
     """
     n_out = n_outputs(task, n_classes)
     if not 0.0 <= dropout < 1.0:
@@ -308,4 +310,26 @@ def build_model(
     x = layers.Conv2D(n_out, 1, name="logits")(x)
     activation = "sigmoid" if task == "ni" else "softmax"
     outputs = layers.Activation(activation, dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=f"{encoder}_unet_{task}")
+    model = keras.Model(inputs, outputs, name=f"{encoder}_unet_{task}")
+    set_batchnorm_momentum(model, bn_momentum)
+    return model
+
+
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
+    """Set the moving-average momentum of every BatchNormalization layer, nested models included.
+
+    Keras' 0.99 averages the batch statistics over ~100 steps: right for long ImageNet runs, but
+    in short trainings with small batches the averages lag the weights and validation (which uses
+    them) swings wildly while training IoU is fine. 0.9 (PyTorch's default) follows ~10 steps.
+    Returns how many layers were set.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1), got {momentum}")
+    count = 0
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = float(momentum)
+            count += 1
+        elif isinstance(layer, keras.Model):
+            count += set_batchnorm_momentum(layer, momentum)
+    return count

@@ -196,6 +196,7 @@ def _settings(params: Mapping) -> dict[str, Any]:
         "precision": str(t["precision"]),
         "encoder_weights": str(t["encoder_weights"]),
         "encoder_batchnorm": str(t.get("encoder_batchnorm", "auto")),
+        "bn_momentum": float(t.get("bn_momentum", 0.9)),
         "freeze_encoder": parse_bool(t["freeze_encoder"]),
         "base_filters": int(t["base_filters"]),
         "patience": int(t["patience"]),
@@ -302,6 +303,7 @@ def train(
             freeze_encoder=s["freeze_encoder"],
             base_filters=s["base_filters"],
             encoder_batchnorm=s["encoder_batchnorm"],
+            bn_momentum=s["bn_momentum"],
             in_channels=n_channels(s["context_slices"]),
         )
 
