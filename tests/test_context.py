@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from socseg.context import context_stack, iter_with_context, n_channels, neighbour_indices
+from socseg.context import context_stack, halo, iter_with_context, n_channels, neighbour_indices
 
 
 def test_channels_and_clamped_neighbours():
@@ -49,3 +49,10 @@ def test_streaming_equals_the_whole_stack_and_reads_at_most_k_ahead(depth, k):
 def test_streaming_refuses_slices_of_different_shapes():
     with pytest.raises(ValueError, match="one shape"):
         list(iter_with_context([np.zeros((4, 4)), np.zeros((4, 5))], 1))
+
+
+def test_halo_is_cut_at_the_stack_ends():
+    assert halo(0, 4, 10, 2) == (0, 2)
+    assert halo(4, 8, 10, 2) == (2, 2)
+    assert halo(8, 10, 10, 2) == (2, 0)
+    assert halo(3, 5, 10, 0) == (0, 0)

@@ -32,6 +32,12 @@ def neighbour_indices(z: int, context_slices: int, start: int, stop: int) -> np.
     return np.clip(z + offsets, start, stop - 1)
 
 
+def halo(start: int, stop: int, total: int, context_slices: int) -> tuple[int, int]:
+    """Neighbouring slices (before, after) to send with the chunk ``[start, stop)`` of a stack of
+    ``total``: up to ``context_slices`` on each side, fewer at the stack's ends."""
+    return min(context_slices, start), min(context_slices, total - stop)
+
+
 def context_stack(images: np.ndarray, context_slices: int) -> np.ndarray:
     """``(Z, H, W)`` -> ``(Z, H, W, 2k + 1)``: every slice with its neighbours, edges replicated.
 

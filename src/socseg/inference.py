@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from socseg.context import iter_with_context, neighbour_indices
+from socseg.context import halo as context_halo, iter_with_context, neighbour_indices
 from socseg.tiling import Tiling, iter_batches, tile_starts
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -354,7 +354,7 @@ def multi_axis_probabilities(
         axis = AXES[name]
         for start in range(0, volume.shape[axis], chunk):
             index = slice(start, min(start + chunk, volume.shape[axis]))
-            before, after = min(halo, index.start), min(halo, volume.shape[axis] - index.stop)
+            before, after = context_halo(index.start, index.stop, volume.shape[axis], halo)
             planes = np.ascontiguousarray(np.moveaxis(volume, axis, 0)[index.start - before : index.stop + after])
             predicted = predict_planes(planes, before, after) if halo else predict_planes(planes)
             probs = np.asarray(predicted, dtype=np.float32)

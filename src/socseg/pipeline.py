@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 
 from socseg import tracking
+from socseg.context import halo as context_halo
 from socseg.evaluate import segmentation_scores
 from socseg.metrics import confusion_matrix
 from socseg.split import split_from_params
@@ -79,7 +80,7 @@ class SegmenterPredictor:
         n = len(images)
         for start in range(0, n, slices_per_call):
             stop = min(start + slices_per_call, n)
-            before, after = min(self.halo, start), min(self.halo, n - stop)
+            before, after = context_halo(start, stop, n, self.halo)
             params = {"halo_before": before, "halo_after": after} if self.halo else None
             labels = self.model.predict(np.asarray(images[start - before : stop + after]), params=params)
             out[start:stop] = self._lut[np.asarray(labels)]

@@ -33,6 +33,7 @@ import tifffile
 from tqdm import tqdm
 
 from socseg import __version__
+from socseg.context import halo as context_halo
 from socseg.volume import IMAGE_FILE, META_FILE, VolumeError, _by_index, _check_image_array, _decode
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
@@ -125,7 +126,7 @@ class SliceReader:
         z = self.shape[0]
         for start in range(0, z, size):
             stop = min(start + size, z)
-            before, after = min(halo, start), min(halo, z - stop)
+            before, after = context_halo(start, stop, z, halo)
             yield start, self.read(start - before, stop + after), before, after
 
     def close(self) -> None:
