@@ -38,20 +38,6 @@ def halo(start: int, stop: int, total: int, context_slices: int) -> tuple[int, i
     return min(context_slices, start), min(context_slices, total - stop)
 
 
-def context_stack(images: np.ndarray, context_slices: int) -> np.ndarray:
-    """``(Z, H, W)`` -> ``(Z, H, W, 2k + 1)``: every slice with its neighbours, edges replicated.
-
-    The result is a copy ``2k + 1`` times the input's size; stream with :func:`iter_with_context`
-    when that is too much.
-    """
-    images = np.asarray(images)
-    if images.ndim != 3:
-        raise ValueError(f"expected a (Z, H, W) stack, got shape {images.shape}")
-    z = images.shape[0]
-    index = np.stack([neighbour_indices(k, context_slices, 0, z) for k in range(z)]) if z else np.zeros((0, 1), int)
-    return np.moveaxis(images[index], 1, -1)
-
-
 def iter_with_context(slices: Iterable[np.ndarray], context_slices: int) -> Iterator[np.ndarray]:
     """Stream ``(H, W)`` slices as ``(H, W, 2k + 1)`` stacks, holding only ``2k + 1`` slices.
 

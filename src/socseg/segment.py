@@ -116,10 +116,6 @@ class SliceReader:
         _check_image_array(batch, self.path)
         return batch
 
-    def batches(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, self.shape[0], size):
-            yield start, self.read(start, min(start + size, self.shape[0]))
-
     def halo_batches(self, size: int, halo: int) -> Iterator[tuple[int, np.ndarray, int, int]]:
         """``(start, slices, before, after)``: batches of ``size`` slices with up to ``halo``
         neighbouring slices on each side (fewer at the volume's ends), for 2.5D models."""
@@ -360,9 +356,9 @@ def segment(
     }
     halo = config.context_slices  # a 2.5D model gets each chunk's neighbouring slices as context
 
-    def labels(batch: np.ndarray, before: int = 0, after: int = 0) -> np.ndarray:
+    def labels(batch: np.ndarray, before: int = 0, after: int = 0, **more: Any) -> Any:
         extra = {"halo_before": before, "halo_after": after} if halo else {}
-        return model.predict(batch, params={**params, **extra})
+        return model.predict(batch, params={**params, **extra, **more})
 
     if not multi_axis:
         return segment_stream(
@@ -371,8 +367,7 @@ def segment(
         )
 
     def planes(batch: np.ndarray, before: int = 0, after: int = 0) -> np.ndarray:
-        extra = {"halo_before": before, "halo_after": after} if halo else {}
-        return model.predict(batch, params={**params, **extra, "return_probabilities": True})["probabilities"]
+        return labels(batch, before, after, return_probabilities=True)["probabilities"]
 
     def to_labels(probs: np.ndarray) -> np.ndarray:
         return classes_to_label_values(probabilities_to_classes(probs, config.task), config.task, config.phase_map)
