@@ -110,3 +110,30 @@ def test_benchmark_runs_end_to_end_on_a_tiny_volume(repo_root, tiny_params, mlfl
     for row in rows:
         assert 0.0 <= float(row["iou_ni"]) <= 1.0 and row["split"] == "z-slabs, gap 2"
     assert "| ni | U-Net (from scratch), 2.5D |" in (out / "accuracy.md").read_text()
+
+
+def test_quantise_volume_normalises_on_the_training_slab_and_keeps_labels(repo_root, tmp_path):
+    """The uint8 copy carried to a GPU node: training-slab percentiles, labels untouched, source kept."""
+    import numpy as np
+
+    from socseg.split import slab_split
+    from socseg.volume import Volume, VolumeMeta, load_volume, save_volume
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(1000, 2000, (30, 16, 16)).astype(np.uint16)
+    grey[25:] += 30000  # a bright test slab: must not move the training percentiles
+    labels = rng.choice(np.array([0, 128, 255], np.uint8), grey.shape)
+    source = save_volume(Volume(grey, labels, VolumeMeta("v", grey.shape, "uint16", {0: "pore", 128: "ysz", 255: "ni"},
+                                                         has_labels=True)), tmp_path / "v")
+    before = (source / "image.tif").read_bytes()
+    subprocess.run([sys.executable, str(repo_root / "benchmarks/quantise_volume.py"), str(source), str(tmp_path / "u8"),
+                    "--split", "0.6,0.1,0.3,2", "--percentiles", "0,100"], check=True, timeout=120)
+    copy = load_volume(tmp_path / "u8")
+    assert copy.image.dtype == np.uint8 and copy.meta.name == "v-u8"
+    np.testing.assert_array_equal(copy.labels, labels)
+    record = copy.meta.extra["quantised_from"]
+    a, b = slab_split(30, 0.6, 0.1, 0.3, 2).train
+    assert record["train_slab"] == [a, b]
+    assert (record["low"], record["high"]) == (float(grey[a:b].min()), float(grey[a:b].max()))
+    assert copy.image[a:b].min() == 0 and copy.image[a:b].max() == 255 and (copy.image[25:] == 255).all()
+    assert (source / "image.tif").read_bytes() == before
