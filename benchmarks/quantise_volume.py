@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from socseg.config import load_params
 from socseg.normalise import Normaliser
 from socseg.split import slab_split
 from socseg.volume import Volume, VolumeMeta, load_volume, save_volume
@@ -42,12 +43,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", type=Path, help="volume folder (socseg data import)")
     p.add_argument("target", type=Path, help="new volume folder (must not exist)")
-    p.add_argument("--split", default="0.6,0.1,0.3,8", metavar="TRAIN,VAL,TEST,GAP",
-                   help="slab split whose training slab the percentiles come from")
-    p.add_argument("--percentiles", default="0.5,99.5", metavar="LOW,HIGH")
+    p.add_argument("--split", metavar="TRAIN,VAL,TEST,GAP",
+                   help="slab split whose training slab the percentiles come from [default: params.yaml split]")
+    p.add_argument("--percentiles", metavar="LOW,HIGH", help="[default: params.yaml normalise percentiles]")
+    p.add_argument("--params", type=Path, help="params.yaml giving the defaults [default: the project's]")
     args = p.parse_args(argv)
-    train, val, test, gap = (float(v) for v in args.split.split(","))
-    low, high = (float(v) for v in args.percentiles.split(","))
+    params = load_params(args.params)
+    split = [params["split"][k] for k in ("train", "val", "test", "gap")]
+    train, val, test, gap = (float(v) for v in args.split.split(",")) if args.split else split
+    percentiles = [params["normalise"]["low_percentile"], params["normalise"]["high_percentile"]]
+    low, high = (float(v) for v in args.percentiles.split(",")) if args.percentiles else percentiles
     volume = load_volume(args.source)
     slab = slab_split(volume.image.shape[0], train, val, test, int(gap)).train
     save_volume(quantise(volume, slab, low, high), args.target)
