@@ -89,7 +89,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unet.add_argument("--minutes", action="append", default=[], metavar="[ENCODER=]MIN",
                       help="wall-clock training budget per model: training stops after the epoch that would overrun it")
     unet.add_argument("--set", dest="sets", action="append", default=[], metavar="[ENCODER:]SECTION.KEY=VALUE",
-                      help="any params override, e.g. vgg16:train.learning_rate=1e-4 (the search's best settings go here)")
+                      help="any params override, e.g. vgg16:train.learning_rate=1e-4 or unet:tiles.augment.intensity_jitter=0.05")
+    unet.add_argument("--from-search", action="append", default=[], metavar="[METHOD=]SEARCH_JSON",
+                      help="train METHOD (default: the search's best encoder) with the best trial's settings from "
+                           "the search.json that `socseg search` writes; --set still overrides single values")
     rf = p.add_argument_group("random forest")
     rf.add_argument("--rf-trees", type=int, default=100)
     rf.add_argument("--rf-samples", type=int, default=150_000, help="training pixels, drawn evenly from the training slices")
@@ -113,11 +116,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad += sorted(set(args.tasks) - {"ni", "phases"})
     if bad:
         p.error(f"unknown methods/tasks: {bad}")
+    args.search_sources = {}
+    searched = []
+    for item in args.from_search:
+        try:
+            method, sources, overrides = search_overrides(item, args.variants)
+        except (OSError, ValueError, KeyError) as error:
+            p.error(f"--from-search {item!r}: {error}")
+        args.search_sources[method] = sources
+        searched += overrides
+    args.sets = searched + args.sets  # explicit --set wins over the search's value
     leakage = args.leakage if args.leakage is not None else ["unet:ni"]
     args.leakage = [] if leakage == ["none"] else [tuple(s.split(":", 1)) for s in leakage]
     if any(len(s) != 2 for s in args.leakage):
         p.error("--leakage takes METHOD:TASK, e.g. unet:ni")
     return args
+
+
+def search_overrides(item: str, variants: dict[str, str]) -> tuple[str, str, list[str]]:
+    """``[METHOD=]search.json`` -> (method, "study S, trial N", ["METHOD:dotted.key=value", ...]).
+
+    The search's best encoder must be the method's encoder: a VGG16 learning rate says nothing
+    about a ResNet50.
+    """
+    import json
+
+    method, sep, path = item.partition("=")
+    if not sep:
+        method, path = "", item
+    best = json.loads(Path(path).read_text())
+    method = method or best["best_encoder"]
+    encoder = variants.get(method, method)
+    if encoder not in ENCODERS:
+        raise ValueError(f"{method!r} is not a U-Net method ({', '.join(ENCODERS)} or a --variant)")
+    if best["best_encoder"] != encoder:
+        raise ValueError(f"the search's best trial is a {best['best_encoder']} U-Net, not {encoder}")
+    overrides = [f"{method}:{key}={json.dumps(value)}" for key, value in sorted(best["best_params"].items())
+                 if key != "train.encoder"]
+    chosen = ", ".join(f"{key.rpartition('.')[2]} {value:.3g}" if isinstance(value, float) else f"{key.rpartition('.')[2]} {value}"
+                       for key, value in sorted(best["best_params"].items()) if key != "train.encoder")
+    source = (f"search {best['study_name']} trial {best['best_trial']} (val mean IoU {float(best['best_value']):.4f}; "
+              f"{chosen})")
+    return method, source, overrides
 
 
 # --------------------------------------------------------------------------- data
@@ -313,10 +353,13 @@ def unet_params(encoder: str, task: str, params: dict, args, setting: Setting, m
         target, _, key = key.rpartition(":")
         if target and target not in (encoder, method):
             continue
-        section, _, name = key.partition(".")
-        if not name or section not in p:
-            raise SystemExit(f"bad --set {item!r}: expected [ENCODER:]SECTION.KEY=VALUE")
-        p[section][name] = yaml.safe_load(value)
+        *parents, name = key.split(".")
+        if not parents or parents[0] not in p:
+            raise SystemExit(f"bad --set {item!r}: expected [ENCODER:]SECTION.KEY=VALUE (KEY may be dotted)")
+        node = p
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = yaml.safe_load(value)
     return p
 
 
@@ -376,7 +419,8 @@ def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta:
                 + (f", base {t['base_filters']}" if encoder == "unet" else "")
                 + (f", 2.5D: {t['context_slices']} neighbour slices per side" if int(t.get("context_slices", 0)) else "")
                 + (", BatchNorm in the encoder" if use_encoder_batchnorm(encoder, t["encoder_weights"], t.get("encoder_batchnorm", "auto")) else "")
-                + (f", lr x{t['reduce_lr_factor']} after {t['reduce_lr_patience']} stalled epochs" if int(t.get("reduce_lr_patience", 0)) else ""))
+                + (f", lr x{t['reduce_lr_factor']} after {t['reduce_lr_patience']} stalled epochs" if int(t.get("reduce_lr_patience", 0)) else "")
+                + (f", settings from {args.search_sources[method]}" if method in args.search_sources else ""))
     segmenter = load_segmenter(result.model_uri)
     rows = []
     for use_tta in ([False, True] if tta else [False]):

@@ -86,6 +86,51 @@ def test_benchmark_help_runs(repo_root):
     assert "--train-volume" in out.stdout and "--test-volume" in out.stdout and "--leakage" in out.stdout
 
 
+def _accuracy_module(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("socseg_accuracy_benchmark", repo_root / "benchmarks/accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _search_json(path, encoder="unet", **best_params):
+    """A search.json exactly as ``socseg search`` writes it (same dataclass, same writer)."""
+    from socseg.search import SearchResult, write_result
+
+    write_result(SearchResult(study_name="real-ni", storage="sqlite:///optuna.db", parent_run_id="p", n_finished=5,
+                              best_trial=3, best_value=0.97, best_params=best_params, best_encoder=encoder,
+                              best_run_id="r", best_model_uri="m", best_segmenter_uri="s"), path)
+    return path
+
+
+def test_benchmark_takes_a_searchs_best_settings_and_set_still_wins(repo_root, tiny_params, tmp_path):
+    accuracy = _accuracy_module(repo_root)
+    found = _search_json(tmp_path / "search.json", **{"train.learning_rate": 0.002, "train.loss": "dice",
+                                                     "tiles.augment.intensity_jitter": 0.08, "train.context_slices": 1})
+    args = accuracy.parse_args(["--from-search", str(found), "--set", "unet:train.loss=focal"])
+    setting = accuracy.Setting("z-slabs", tmp_path, ["tiny"], {"train": 0.6, "val": 0.2, "test": 0.2, "gap": 2}, [])
+    p = accuracy.unet_params("unet", "ni", tiny_params, args, setting, "unet")
+    assert p["train"]["learning_rate"] == 0.002 and p["train"]["context_slices"] == 1
+    assert p["tiles"]["augment"]["intensity_jitter"] == 0.08 and p["tiles"]["augment"]["flips"] is True  # nested key, siblings kept
+    assert p["train"]["loss"] == "focal"  # an explicit --set overrides the search
+    assert "trial 3" in args.search_sources["unet"] and "intensity_jitter 0.08" in args.search_sources["unet"]
+    other = accuracy.unet_params("vgg16", "ni", tiny_params, args, setting, "vgg16")
+    assert other["train"]["learning_rate"] == tiny_params["train"]["learning_rate"]  # only the searched method changes
+
+
+def test_benchmark_refuses_a_search_for_another_encoder(repo_root, tmp_path):
+    found = _search_json(tmp_path / "search.json", encoder="vgg16", **{"train.learning_rate": 0.002})
+    out = subprocess.run([sys.executable, str(repo_root / "benchmarks/accuracy.py"), "--from-search", f"resnet50={found}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "vgg16 U-Net, not resnet50" in out.stderr
+    missing = subprocess.run([sys.executable, str(repo_root / "benchmarks/accuracy.py"), "--from-search", str(tmp_path / "nope.json")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "nope.json" in missing.stderr
+
+
 @pytest.mark.slow
 def test_benchmark_runs_end_to_end_on_a_tiny_volume(repo_root, tiny_params, mlflow_env, tmp_path):
     """The accuracy script on a phantom: baseline and U-Net rows (one a 2.5D variant) in one table."""
@@ -101,12 +146,15 @@ def test_benchmark_runs_end_to_end_on_a_tiny_volume(repo_root, tiny_params, mlfl
         "--train-volume", f"{tiny_params['data']['dir']}/tiny", "--split", "0.6,0.2,0.2,2", "--tasks", "ni",
         "--methods", "threshold,unet,2.5D", "--variant", "2.5D=unet", "--set", "2.5D:train.context_slices=1",
         "--leakage", "none", "--epochs", "1", "--out", str(out),
+        "--from-search", f"2.5D={_search_json(tmp_path / 'search.json', **{'train.loss': 'dice', 'train.learning_rate': 0.002})}",
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(repo_root / "src")})
     assert run.returncode == 0, run.stderr[-3000:]
     rows = list(csv.DictReader((out / "accuracy.csv").open()))
     assert [r["method"] for r in rows] == ["global threshold(s)", "U-Net (from scratch)", "U-Net (from scratch), 2.5D"]
     assert "2.5D: 1 neighbour slices per side" in rows[2]["settings"] and "2.5D" not in rows[1]["settings"]
+    assert rows[2]["settings"].startswith("dice, lr 0.002") and "search real-ni trial 3" in rows[2]["settings"]
+    assert "search" not in rows[1]["settings"]
     for row in rows:
         assert 0.0 <= float(row["iou_ni"]) <= 1.0 and row["split"] == "z-slabs, gap 2"
     assert "| ni | U-Net (from scratch), 2.5D |" in (out / "accuracy.md").read_text()
