@@ -337,6 +337,8 @@ def unet_params(encoder: str, task: str, params: dict, args, setting: Setting, m
 
     import yaml
 
+    from socseg.config import set_dotted
+
     p = copy.deepcopy(params)
     p["data"]["dir"] = str(setting.data_dir)
     p["split"] = dict(setting.split)
@@ -353,13 +355,10 @@ def unet_params(encoder: str, task: str, params: dict, args, setting: Setting, m
         target, _, key = key.rpartition(":")
         if target and target not in (encoder, method):
             continue
-        *parents, name = key.split(".")
-        if not parents or parents[0] not in p:
-            raise SystemExit(f"bad --set {item!r}: expected [ENCODER:]SECTION.KEY=VALUE (KEY may be dotted)")
-        node = p
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[name] = yaml.safe_load(value)
+        try:
+            set_dotted(p, key, yaml.safe_load(value))
+        except KeyError as error:
+            raise SystemExit(f"bad --set {item!r}: {error.args[0]}") from None
     return p
 
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 
 from socseg.config import load_params, override, parse_bool
@@ -44,3 +46,16 @@ def test_parse_bool(text, value):
 def test_parse_bool_rejects_garbage():
     with pytest.raises(ValueError):
         parse_bool("maybe")
+
+
+def test_set_dotted_sets_nested_values_and_rejects_unknown_sections(params):
+    from socseg.config import set_dotted
+
+    p = copy.deepcopy(params)
+    set_dotted(p, "tiles.augment.intensity_jitter", 0.09)
+    set_dotted(p, "train.new_key", 1)
+    assert p["tiles"]["augment"]["intensity_jitter"] == 0.09 and p["tiles"]["augment"]["flips"] == params["tiles"]["augment"]["flips"]
+    assert p["train"]["new_key"] == 1 and "new_key" not in params["train"]
+    for bad in ("trian.learning_rate", "learning_rate", "train."):
+        with pytest.raises(KeyError, match="SECTION"):
+            set_dotted(p, bad, 1)

@@ -140,3 +140,42 @@ def test_a_killed_search_leaves_a_study_that_continues(search_params, mlflow_env
     assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 2
     retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(study.trials[1])
     assert retried == 0  # its parameters were retried
+
+
+@pytest.mark.slow
+def test_real_data_search_benchmark_writes_what_accuracy_reads(search_params, mlflow_env, repo_root, tmp_path):
+    """benchmarks/search_real.py (the search on SOCPristine) on a phantom: its search.json drives accuracy.py."""
+    import csv
+    import json
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(search_params))
+    out, storage = tmp_path / "found", f"sqlite:///{tmp_path / 'real.db'}"
+    command = [sys.executable, str(repo_root / "benchmarks/search_real.py"), "--params", str(params_file),
+               "--train-volume", f"{search_params['data']['dir']}/tiny", "--split", "0.6,0.2,0.2,2", "--n-trials", "2",
+               "--epochs", "1", "--storage", storage, "--out", str(out), "--set", "train.reduce_lr_patience=3"]
+    env = {**os.environ, "PYTHONPATH": str(repo_root / "src")}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads((out / "search.json").read_text())
+    assert found["best_encoder"] == "unet" and found["study_name"] == "real-unet-ni" and found["n_finished"] == 2
+    assert set(found["best_params"]) == set(search_params["search"]["space"])
+    trials = list(csv.DictReader((out / "trials.csv").open()))
+    assert sorted(t["number"] for t in trials) == ["0", "1"] and "train.learning_rate" in trials[0]
+    assert "val mean IoU" in (out / "search.md").read_text()
+    study = optuna.load_study(study_name="real-unet-ni", storage=storage)
+    child = MlflowClient().get_run(study.best_trial.user_attrs["run_id"])
+    assert child.data.params["train.reduce_lr_patience"] == "3"  # --set reaches every trial
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)  # resumes: no new trial
+    assert rerun.returncode == 0 and len(optuna.load_study(study_name="real-unet-ni", storage=storage).trials) == 2
+
+    accuracy = subprocess.run([sys.executable, str(repo_root / "benchmarks/accuracy.py"), "--params", str(params_file),
+                               "--train-volume", f"{search_params['data']['dir']}/tiny", "--split", "0.6,0.2,0.2,2",
+                               "--tasks", "ni", "--methods", "searched", "--variant", "searched=unet", "--leakage", "none",
+                               "--epochs", "1", "--from-search", f"searched={out / 'search.json'}", "--out", str(tmp_path / "acc")],
+                              capture_output=True, text=True, timeout=600, env=env)
+    assert accuracy.returncode == 0, accuracy.stderr[-3000:]
+    row = next(csv.DictReader((tmp_path / "acc/accuracy.csv").open()))
+    lr = found["best_params"]["train.learning_rate"]
+    assert f"lr {lr}" in row["settings"] and f"trial {found['best_trial']}" in row["settings"]

@@ -53,6 +53,20 @@ def override(params: Mapping[str, Any], section: str, **values: Any) -> dict[str
     return updated
 
 
+def set_dotted(params: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(p, "tiles.augment.intensity_jitter", 0.1)``: set a nested value in place.
+
+    The first part must name an existing section, so a typo fails instead of adding a section nobody reads.
+    """
+    *parents, leaf = dotted.split(".")
+    if not parents or not leaf or parents[0] not in params:
+        raise KeyError(f"{dotted!r}: expected SECTION.KEY with SECTION one of {', '.join(params)} (KEY may be dotted)")
+    node = params
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
 def parse_bool(value: Any) -> bool:
     """Accept the spellings MLflow/DVC parameters arrive in ("true", "False", 1, ...)."""
     if isinstance(value, bool):

@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from socseg import tracking
+from socseg.config import set_dotted
 from socseg.runtime import runtime_tags
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -49,14 +50,6 @@ class OptunaPruning(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
-
-
 def suggest(trial: optuna.Trial, space: Mapping[str, Mapping]) -> dict[str, Any]:
     """Sample one value per entry of the ``search.space`` section."""
     values = {}
@@ -81,7 +74,7 @@ def trial_params(params: Mapping, encoder: str, trial: optuna.Trial) -> dict:
         encoder = trial.suggest_categorical("train.encoder", list(search["encoders"]))
     tree["train"]["encoder"] = encoder
     for name, value in suggest(trial, search.get("space", {})).items():
-        _set_path(tree, name, value)
+        set_dotted(tree, name, value)
     return tree
 
 
