@@ -21,11 +21,15 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import yaml
 
 from accuracy import ENCODERS, REPO, _floats, _git_commit, hardware, import_socpristine
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
 
 # Keys of params.yaml's search.space that only mean something for a pretrained-style encoder.
 ENCODER_ONLY_KEYS = ("train.freeze_encoder", "train.unfreeze_after")
@@ -87,7 +91,8 @@ def search_params(args: argparse.Namespace, volume_dir: Path) -> dict:
     return params
 
 
-def trials_table(study) -> "pandas.DataFrame":  # noqa: F821
+def trials_table(study: "optuna.Study") -> "pd.DataFrame":
+    """One row per trial, best first, with the sampled settings as plain column names."""
     table = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
     table["duration"] = table["duration"].dt.total_seconds().round(0)
     table.columns = [c.removeprefix("params_") for c in table.columns]
