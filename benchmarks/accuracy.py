@@ -151,10 +151,10 @@ def search_overrides(item: str, variants: dict[str, str]) -> tuple[str, str, lis
         raise ValueError(f"{method!r} is not a U-Net method ({', '.join(ENCODERS)} or a --variant)")
     if best["best_encoder"] != encoder:
         raise ValueError(f"the search's best trial is a {best['best_encoder']} U-Net, not {encoder}")
-    overrides = [f"{method}:{key}={json.dumps(value)}" for key, value in sorted(best["best_params"].items())
-                 if key != "train.encoder"]
-    chosen = ", ".join(f"{key.rpartition('.')[2]} {value:.3g}" if isinstance(value, float) else f"{key.rpartition('.')[2]} {value}"
-                       for key, value in sorted(best["best_params"].items()) if key != "train.encoder")
+    found = {key: value for key, value in sorted(best["best_params"].items()) if key != "train.encoder"}
+    overrides = [f"{method}:{key}={json.dumps(value)}" for key, value in found.items()]
+    chosen = ", ".join(f"{key.rpartition('.')[2]} {f'{value:.3g}' if isinstance(value, float) else value}"
+                       for key, value in found.items())
     source = (f"search {best['study_name']} trial {best['best_trial']} (val mean IoU {float(best['best_value']):.4f}; "
               f"{chosen})")
     return method, source, overrides
