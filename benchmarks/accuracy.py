@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import re
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
+    sys.path.append(str(Path(__file__).resolve().parent))
+
+from _common import REPO, command_line, git_commit, hardware  # noqa: E402
+
 ENCODERS = ("unet", "vgg16", "resnet50")
 BASELINES = ("threshold", "rf")
 METHOD_LABELS = {
@@ -92,7 +93,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="any params override, e.g. vgg16:train.learning_rate=1e-4 or unet:tiles.augment.intensity_jitter=0.05")
     unet.add_argument("--from-search", action="append", default=[], metavar="[METHOD=]SEARCH_JSON",
                       help="train METHOD (default: the search's best encoder) with the best trial's settings from "
-                           "the search.json that `socseg search` writes; --set still overrides single values")
+                           "the search.json that `socseg search` writes; only --set METHOD:KEY=... may override one of "
+                           "them (a --set without prefix or with METHOD's encoder as prefix that hits a searched key "
+                           "is refused)")
     rf = p.add_argument_group("random forest")
     rf.add_argument("--rf-trees", type=int, default=100)
     rf.add_argument("--rf-samples", type=int, default=150_000, help="training pixels, drawn evenly from the training slices")
@@ -125,7 +128,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--from-search {item!r}: {error}")
         args.search_sources[method] = sources
         searched += overrides
-    args.sets = searched + args.sets  # explicit --set wins over the search's value
+    problems = shadowed_search_values(args.sets, searched, args.variants)
+    if problems:
+        p.error("\n".join(problems))
+    # The search's values first, then --set in the order given; a --set naming a searched method goes
+    # last, so that the explicit override decides for that method wherever it stands on the line.
+    named = [s for s in args.sets if s.partition("=")[0].rpartition(":")[0] in args.search_sources]
+    args.sets = searched + [s for s in args.sets if s not in named] + named
     leakage = args.leakage if args.leakage is not None else ["unet:ni"]
     args.leakage = [] if leakage == ["none"] else [tuple(s.split(":", 1)) for s in leakage]
     if any(len(s) != 2 for s in args.leakage):
@@ -158,6 +167,47 @@ def search_overrides(item: str, variants: dict[str, str]) -> tuple[str, str, lis
     source = (f"search {best['study_name']} trial {best['best_trial']} (val mean IoU {float(best['best_value']):.4f}; "
               f"{chosen})")
     return method, source, overrides
+
+
+def shadowed_search_values(sets: Sequence[str], searched: Sequence[str], variants: dict[str, str]) -> list[str]:
+    """Errors for each --set that would silently replace a value a --from-search set.
+
+    ``searched`` holds the search's overrides (``METHOD:KEY=VALUE``). A --set reaches a method when
+    it has no prefix, or its prefix is the method or the method's encoder (``unet_params``). Only a
+    --set that names the searched method itself may replace the search's value: ``unet:...`` also
+    reaches ``--variant searched=unet``, and an un-prefixed --set reaches every method, so either
+    would train the "searched" row with a hand-picked value and still credit the search for it.
+    Such a broader --set is accepted when a --set METHOD:KEY=... says explicitly what the searched
+    method gets (parse_args applies that one last).
+    """
+
+    def parts(item: str) -> tuple[str, str, str, bool]:
+        head, sep, value = item.partition("=")
+        prefix, _, key = head.rpartition(":")
+        return prefix, key, value, bool(sep)
+
+    def reaches(given_key: str, key: str) -> bool:
+        return given_key == key or key.startswith(given_key + ".")  # the key or a section holding it
+
+    problems = []
+    for item in searched:
+        method, key, value, _ = parts(item)
+        encoder = variants.get(method, method)
+        if any(prefix == method and reaches(given_key, key) for prefix, given_key, _, _ in map(parts, sets)):
+            continue  # the user said explicitly what this method gets
+        for given in sets:
+            prefix, given_key, given_value, sep = parts(given)
+            if not sep or not reaches(given_key, key) or (prefix and prefix != encoder):
+                continue
+            how = f"--set {given!r}" + (f" (prefix {prefix!r} is the encoder of {method!r})" if prefix else " (no prefix: every method)")
+            problems.append(
+                f"{how} would override {key}={value}, which --from-search set for {method!r}, so the {method!r} row "
+                f"would no longer be the search's setting. To replace the search's value, say so for that method: "
+                f"add --set {method}:{key}={given_value} (a --set naming the method decides for it). To keep the "
+                f"search's value, set {key} for the other methods by name instead (one that shares the encoder "
+                f"{encoder!r} needs its own --variant, e.g. --variant hand={encoder} --set hand:{key}={given_value})."
+            )
+    return problems
 
 
 # --------------------------------------------------------------------------- data
@@ -247,28 +297,6 @@ def make_setting(label: str, dirs: Sequence[Path], test_dir: Path | None, split:
 
 
 # --------------------------------------------------------------------------- methods
-
-
-def hardware() -> str:
-    import keras
-
-    from socseg.runtime import accelerator
-
-    backend = keras.backend.backend()
-    version = ""
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        version = f" {tf.__version__}"
-    cpu = ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = [f for f in ("avx512_bf16", "amx_bf16") if f in info]
-        cpu = f"{model}{' (' + ', '.join(flags) + ')' if flags else ''}; "
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}{accelerator()}, Keras {keras.__version__} / {backend}{version}, Python {platform.python_version()}"
 
 
 def load_test(setting: Setting, normaliser, task: str, phase_names: list[str]):
@@ -503,14 +531,6 @@ def update_readme(readme: Path, rows: list[dict], header: dict[str, str]) -> Non
     readme.write_text(text)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -526,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     params["mlflow"]["experiment"] = args.experiment
     split = args.split or [params["split"][k] for k in ("train", "val", "test", "gap")]
     train_dirs = args.train_volume or [import_socpristine(args.source, args.cache_dir)]
-    command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line(__file__, argv)
     hw = hardware()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="socseg-accuracy-") as tmp:
@@ -536,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         test_desc = "; ".join(f"{d.name} z {z[0]}-{z[1] - 1}" if z else f"{d.name} (whole)" for d, z in slab.tests)
         header = {
             "command": f"`{command}`",
-            "date / commit": f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} / {_git_commit()}",
+            "date / commit": f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} / {git_commit()}",
             "hardware": hw,
             "data": f"train {', '.join(slab.train_names)} (split train/val/test/gap = "
                     f"{'/'.join(f'{v:g}' for v in [*split[:2], slab.split['test'], split[3]])}); "

@@ -13,6 +13,8 @@ coordination and tracking overhead rather than training. Two figures per run:
 ``wall`` counts from launch to the last worker's exit (process start-up included), ``trials`` counts
 from the first trial's start to the last one's end. The study-wide target can be overshot by up
 to workers - 1 trials (each worker checks it after its own trial); the rates count what ran.
+Writes ``scaleout.json`` (figures, command, commit, hardware, software) and ``scaleout.md`` into
+``--out`` after every worker count (an interrupted run keeps what it measured).
 """
 
 from __future__ import annotations
@@ -29,11 +31,20 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
+    sys.path.append(str(Path(__file__).resolve().parent))
+
+from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
+
 SCRIPT = REPO / "scripts" / "lab_services.sh"
+COLUMNS = [("workers", "workers"), ("trials", "trials"), ("wall_s", "wall s", ".0f"),
+           ("per_hour_wall", "trials/h (wall)", ".0f"), ("span_s", "first trial start to last end, s", ".0f"),
+           ("per_hour_trials", "trials/h (trials)", ".0f"), ("speedup_wall", "speed-up (wall)", ".2f"),
+           ("speedup_trials", "speed-up (trials)", ".2f")]
 
 
 def _free_port(taken: set[int]) -> int:
@@ -115,7 +126,14 @@ def run_workers(n_workers: int, n_trials: int, params_file: Path, storage: str, 
             "per_hour_wall": 3600 * len(trials) / wall, "per_hour_trials": 3600 * len(trials) / span}
 
 
-def main() -> None:
+def with_speedups(results: list[dict]) -> list[dict]:
+    """Each row with its speed-up over the first worker count (the first row's is 1)."""
+    base = results[0]
+    return [{**r, "speedup_wall": r["per_hour_wall"] / base["per_hour_wall"],
+             "speedup_trials": r["per_hour_trials"] / base["per_hour_trials"]} for r in results]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to measure")
     parser.add_argument("--trials", type=int, default=6, help="study-wide trial target for each measurement")
@@ -124,7 +142,10 @@ def main() -> None:
     parser.add_argument("--encoder", default="unet", help="passed to socseg search (vgg16, resnet50, unet, all)")
     parser.add_argument("--worker-prefix", default="", help="launcher for each worker, e.g. 'srun --ntasks=1'")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS / "scaleout", help="folder for scaleout.json and scaleout.md")
+    parser.add_argument("--note", default="", help="free text for the result file (e.g. what else ran on the machine)")
+    args = parser.parse_args(argv)
+    metadata = run_metadata(__file__, argv)
 
     from mlflow.tracking import MlflowClient
 
@@ -146,19 +167,32 @@ def main() -> None:
         params_file.write_text(yaml.safe_dump(params))
         print(f"{os.cpu_count()} CPU cores; tracking {os.environ['MLFLOW_TRACKING_URI']}; "
               f"{'tiny' if not args.no_tiny else 'full'} trials, study target {args.trials}")
+        settings = {"trials": "tiny (24x64x64 phantom, 32-px tiles, 1 epoch of 2 steps, unet base 4)" if not args.no_tiny
+                    else f"full ({args.params} as it is)",
+                    "study-wide trial target": args.trials, "encoder": args.encoder,
+                    "services": "private PostgreSQL + mlflow server (scripts/lab_services.sh)" if own_services
+                    else "$SOCSEG_STORAGE / $MLFLOW_TRACKING_URI",
+                    "worker prefix": args.worker_prefix or "none"}
+        if args.note:
+            settings["note"] = args.note
+        notes = ["wall: launch to the last worker's exit (process start-up included); trials: first trial's start to "
+                 "the last one's end. Speed-ups are against the first worker count."]
         results = []
         for n_workers in (int(n) for n in args.workers.split(",")):
             result = run_workers(n_workers, args.trials, params_file, os.environ["SOCSEG_STORAGE"],
                                  shlex.split(args.worker_prefix), args.encoder, work, args.timeout)
             results.append(result)
+            rows = with_speedups(results)
+            write_result(args.out, "scaleout", "Scale-out benchmark", metadata, settings,
+                         {"by_workers": {str(r["workers"]): r for r in rows}}, COLUMNS, rows, notes)
             print(f"{n_workers} worker(s): {result['trials']} trials, wall {result['wall_s']:.0f} s "
                   f"-> {result['per_hour_wall']:.0f} trials/h (first trial start to last end "
                   f"{result['span_s']:.0f} s -> {result['per_hour_trials']:.0f} trials/h)", flush=True)
         base = results[0]
-        for result in results[1:]:
+        for result in with_speedups(results)[1:]:
             print(f"speed-up {result['workers']} vs {base['workers']} worker(s): "
-                  f"{result['per_hour_wall'] / base['per_hour_wall']:.2f}x wall, "
-                  f"{result['per_hour_trials'] / base['per_hour_trials']:.2f}x trials")
+                  f"{result['speedup_wall']:.2f}x wall, {result['speedup_trials']:.2f}x trials")
+        print(f"wrote {args.out / 'scaleout.json'} and {args.out / 'scaleout.md'}")
     finally:
         if own_services:
             subprocess.run(["bash", str(SCRIPT), "stop", str(work / "lab")], timeout=120)

@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import yaml
 
-from accuracy import ENCODERS, REPO, _floats, _git_commit, hardware, import_socpristine
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
+    sys.path.append(str(Path(__file__).resolve().parent))
+
+from _common import REPO, command_line, git_commit, hardware  # noqa: E402
+from accuracy import ENCODERS, _floats, import_socpristine  # noqa: E402
 
 if TYPE_CHECKING:
     import optuna
@@ -116,10 +119,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = trials_table(open_study(params, study_name, storage))
     table.to_csv(args.out / "trials.csv", index=False, float_format="%.6g")
     split, train = params["split"], params["train"]
-    command = "python benchmarks/search_real.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line(__file__, argv)
     header = {
         "command": f"`{command}`",
-        "date / commit": f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} / {_git_commit()}",
+        "date / commit": f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} / {git_commit()}",
         "hardware": hardware(),
         "data": f"{volume_dir.name}, split train/val/test/gap = {split['train']:g}/{split['val']:g}/{split['test']:g}/{split['gap']:g}; "
                 "trials scored on the validation slab only",

@@ -1,7 +1,7 @@
 """Throughput, payload and memory of whole-volume segmentation: local vs REST (compact, tensor).
 
     python benchmarks/serving_bench.py [--slices 16] [--model-uri URI] [--encoder unet --base-filters 8]
-        [--tile 128] [--slice-batch 8] [--depths 8,64]
+        [--tile 128] [--slice-batch 8] [--depths 8,64] [--out benchmarks/results/serving]
 
 On 501x501 slices (the first ``--slices`` SOCPristine slices from ../shared when present, else the
 phantom), side by side in one run: slices/s of ``socseg segment`` in this process (model already
@@ -9,7 +9,8 @@ loaded), and of ``serving/client.py`` against ``mlflow models serve`` on loopbac
 form (base64 TIFF and .npy) and the tensor form (JSON numbers); request and response bytes per
 slice; peak RSS of this process, of the server, and of a fresh ``socseg segment`` process at two
 depths (streaming: the two should match). Without ``--model-uri`` the model is an untrained U-Net
-(weights do not change the cost) saved as a pyfunc segmenter in a temporary folder.
+(weights do not change the cost) saved as a pyfunc segmenter in a temporary folder. Writes
+``serving.json`` (figures, command, commit, hardware, software) and ``serving.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import tifffile
 
-REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
+    sys.path.append(str(Path(__file__).resolve().parent))
+
+from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data" / "socpristine" / "data"
 
 
@@ -107,7 +113,11 @@ _DEPTH_SCRIPT = textwrap.dedent(
 )
 
 
-def main() -> None:
+COLUMNS = [("mode", "mode"), ("slices_per_s", "slices/s", ".2f"), ("kib_sent_per_slice", "KiB sent / slice", ",.0f"),
+           ("kib_back_per_slice", "KiB back / slice", ",.0f")]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--model-uri", default=None, help="a pyfunc segmenter (default: untrained U-Net)")
@@ -117,19 +127,23 @@ def main() -> None:
     parser.add_argument("--slice-batch", type=int, default=8)
     parser.add_argument("--depths", default="8,64", help="two depths for the streaming RSS check ('' to skip)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per mode; the best is shown (shared CPUs are noisy)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving", help="folder for serving.json and serving.md")
+    parser.add_argument("--note", default="", help="free text for the result file (e.g. what else ran on the machine)")
+    args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    metadata = run_metadata(__file__, argv)
 
     import mlflow
 
     from socseg.segment import segment_stream
 
     client = _client()
-    rows: list[tuple[str, float, str, str]] = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         volume = folder / "grey.tif"
-        print(f"volume: {_volume(args.slices, volume)}")
+        volume_text = _volume(args.slices, volume)
+        print(f"volume: {volume_text}")
         uri, described = _model(args, folder)
         print(f"model: {described}; slice batch {args.slice_batch}")
 
@@ -140,7 +154,8 @@ def main() -> None:
                            progress=False).slices_per_second
             for _ in range(args.repeat)
         )
-        rows.append(("local (socseg segment)", rate, "-", "-"))
+        rows.append({"mode": "local (socseg segment, model loaded)", "slices_per_s": rate, "kib_sent_per_slice": None,
+                     "kib_back_per_slice": None, "labels_equal_local": True})
         local_rss = _rss_mib()
 
         with client.local_server(uri, log_path=folder / "server.log") as (url, process):
@@ -157,27 +172,49 @@ def main() -> None:
                         form=form, encoding=encoding, overwrite=True, progress=False,
                     )
                     seconds = min(seconds, time.perf_counter() - started)
-                same = np.array_equal(tifffile.imread(folder / "local.tif"), tifffile.imread(served.output))
-                rows.append((name + ("" if same else " (LABELS DIFFER)"), served.shape[0] / seconds,
-                             f"{rest.bytes_sent / served.shape[0] / 1024:,.0f}", f"{rest.bytes_received / served.shape[0] / 1024:,.0f}"))
+                same = bool(np.array_equal(tifffile.imread(folder / "local.tif"), tifffile.imread(served.output)))
+                rows.append({"mode": name + ("" if same else " (LABELS DIFFER)"), "slices_per_s": served.shape[0] / seconds,
+                             "kib_sent_per_slice": rest.bytes_sent / served.shape[0] / 1024,
+                             "kib_back_per_slice": rest.bytes_received / served.shape[0] / 1024, "labels_equal_local": same})
             server_rss = _tree_peak_rss_mib(process.pid)
 
-        print(f"\n{'mode':34} {'slices/s':>9} {'KiB sent/slice':>15} {'KiB back/slice':>15}")
-        for name, rate, sent, back in rows:
-            print(f"{name:34} {rate:9.2f} {sent:>15} {back:>15}")
-        print(f"\npeak RSS: this process after local segmentation {local_rss:.0f} MiB (client afterwards {_rss_mib():.0f} MiB), "
+        client_rss = _rss_mib()
+
+        def kib(value: float | None) -> str:
+            return "-" if value is None else f"{value:,.0f}"
+
+        print(f"\n{'mode':38} {'slices/s':>9} {'KiB sent/slice':>15} {'KiB back/slice':>15}")
+        for row in rows:
+            print(f"{row['mode']:38} {row['slices_per_s']:9.2f} {kib(row['kib_sent_per_slice']):>15} "
+                  f"{kib(row['kib_back_per_slice']):>15}")
+        print(f"\npeak RSS: this process after local segmentation {local_rss:.0f} MiB (client afterwards {client_rss:.0f} MiB), "
               f"server {server_rss:.0f} MiB")
 
+        depth_peaks: dict[str, float] = {}
         if args.depths:
             depths = [int(d) for d in args.depths.split(",")]
-            peaks = []
             for depth in depths:
                 out = subprocess.run(
                     [sys.executable, "-c", _DEPTH_SCRIPT, uri, str(volume), str(depth), str(folder / f"d{depth}.tif"),
                      str(args.slice_batch)], capture_output=True, text=True, check=True,
                 )
-                peaks.append(f"{depth} slices: {out.stdout.split()[-1]} MiB")
-            print("peak RSS of a fresh `socseg segment` process (501x501 slices): " + ", ".join(peaks))
+                depth_peaks[str(depth)] = float(out.stdout.split()[-1])
+            print("peak RSS of a fresh `socseg segment` process (501x501 slices): "
+                  + ", ".join(f"{depth} slices: {mib:.0f} MiB" for depth, mib in depth_peaks.items()))
+
+    settings = {"volume": volume_text, "model": described, "slice batch": args.slice_batch,
+                "repeats per mode (best shown)": args.repeat}
+    figures = {"peak_rss_mib": {"local_segmentation": local_rss, "client_after_rest": client_rss, "server": server_rss,
+                                "fresh_segment_process_by_depth": depth_peaks}}
+    notes = [f"Peak RSS: this process after local segmentation {local_rss:.0f} MiB (client after the REST runs "
+             f"{client_rss:.0f} MiB), server {server_rss:.0f} MiB"
+             + ("; a fresh `socseg segment` process: " + ", ".join(f"{d} slices {m:.0f} MiB" for d, m in depth_peaks.items())
+                if depth_peaks else "") + "."]
+    if args.note:
+        settings["note"] = args.note
+    json_path, md_path = write_result(args.out, "serving", "Serving benchmark", metadata, settings, figures, COLUMNS,
+                                      rows, notes)
+    print(f"wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":

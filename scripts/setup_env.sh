@@ -7,4 +7,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# An NVIDIA GPU (its driver answers `nvidia-smi -L`) adds the `gpu` extra: TensorFlow's CUDA
+# libraries as pip wheels. SOCSEG_GPU=0 or 1 overrides the detection.
+extras=test
+gpu=${SOCSEG_GPU:-auto}
+if [ "$gpu" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then gpu=1; else gpu=0; fi
+fi
+[ "$gpu" = 1 ] && extras=test,gpu
+echo "setup_env: installing socseg[$extras]" >&2
+.venv/bin/python -m pip install --quiet -e ".[$extras]"

@@ -32,10 +32,14 @@ def test_missing_or_malformed_params(tmp_path):
 
 
 def test_override_copies_and_skips_none(params):
+    before = copy.deepcopy(params)
+    assert before["train"]["epochs"] != 3  # so an in-place write would show below
     updated = override(params, "train", epochs=3, dropout=None)
     assert updated["train"]["epochs"] == 3
-    assert updated["train"]["dropout"] == params["train"]["dropout"]
-    assert params["train"]["epochs"] != 3 or updated is not params
+    assert updated["train"]["dropout"] == params["train"]["dropout"]  # None skipped, not written
+    assert params == before  # the input is not modified, nested sections included
+    updated["tiles"]["augment"]["flips"] = "changed"
+    assert params["tiles"]["augment"]["flips"] == before["tiles"]["augment"]["flips"]  # a deep copy: no shared sections
 
 
 @pytest.mark.parametrize("text, value", [("true", True), ("False", False), ("1", True), ("no", False), (True, True)])

@@ -113,3 +113,16 @@ def test_import_bad_input_writes_nothing(tmp_path, data_dir, case, message, writ
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
     assert [p.name for p in data_dir.iterdir()] == ["existing"]
+
+
+@pytest.mark.parametrize("channels, kind", [(3, "RGB"), (4, "RGBA")])
+def test_import_refuses_a_colour_image_in_one_line(tmp_path, data_dir, channels, kind):
+    import tifffile
+
+    photo = tmp_path / "photo.tif"
+    tifffile.imwrite(photo, np.zeros((20, 30, channels), np.uint8), photometric="rgb")
+    result = invoke("import", "vol", "--images", photo, "--data-dir", data_dir)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {photo}: an {kind} image (20, 30, {channels}), not a grey-value slice stack")
+    assert "convert it to greyscale" in result.stderr and result.stderr.count("\n") == 1  # one line, no traceback
+    assert [p.name for p in data_dir.iterdir()] == ["existing"]

@@ -100,7 +100,7 @@ def _search_json(path, encoder="unet", **best_params):
     """A search.json exactly as ``socseg search`` writes it (same dataclass, same writer)."""
     from socseg.search import SearchResult, write_result
 
-    write_result(SearchResult(study_name="real-ni", storage="sqlite:///optuna.db", parent_run_id="p", n_finished=5,
+    write_result(SearchResult(study_name="real-ni", storage="sqlite:///optuna.db", parent_run_id="p", n_finished=5, n_trained=5,
                               best_trial=3, best_value=0.97, best_params=best_params, best_encoder=encoder,
                               best_run_id="r", best_model_uri="m", best_segmenter_uri="s"), path)
     return path
@@ -119,6 +119,67 @@ def test_benchmark_takes_a_searchs_best_settings_and_set_still_wins(repo_root, t
     assert "trial 3" in args.search_sources["unet"] and "intensity_jitter 0.08" in args.search_sources["unet"]
     other = accuracy.unet_params("vgg16", "ni", tiny_params, args, setting, "vgg16")
     assert other["train"]["learning_rate"] == tiny_params["train"]["learning_rate"]  # only the searched method changes
+
+
+def test_benchmark_refuses_a_set_that_silently_replaces_a_searched_value(repo_root, tiny_params, tmp_path, capsys):
+    """`--set unet:KEY` reaches `--variant searched=unet` too: it must not replace the search's KEY unnoticed."""
+    accuracy = _accuracy_module(repo_root)
+    found = _search_json(tmp_path / "search.json", **{"train.learning_rate": 0.000274, "train.loss": "ce",
+                                                     "tiles.augment.intensity_jitter": 0.01})
+    search = ["--variant", "searched=unet", "--from-search", f"searched={found}", "--methods", "unet,searched"]
+    for given in ("unet:train.learning_rate=0.001",  # via the shared encoder (the search_vs_hand run)
+                  "train.learning_rate=0.001",  # no prefix: every method
+                  "tiles.augment={flips: true, rot90: true, intensity_jitter: 0.05}"):  # a section holding a searched key
+        with pytest.raises(SystemExit) as stop:
+            accuracy.parse_args([*search, "--set", given])
+        assert stop.value.code == 2
+        error = capsys.readouterr().err
+        key, value = ("tiles.augment.intensity_jitter", "0.01") if given.startswith("tiles") else ("train.learning_rate", "0.000274")
+        assert f"{key}={value}, which --from-search set for 'searched'" in error, error  # which key, set to what
+        assert f"add --set searched:{key}=" in error and "--variant hand=unet" in error  # how to do it explicitly
+
+    # Naming the searched method is an explicit override; keys the search did not set stay free for all.
+    args = accuracy.parse_args([*search, "--set", "searched:train.learning_rate=0.001", "--set", "train.reduce_lr_patience=5",
+                                "--variant", "hand=unet", "--set", "hand:train.learning_rate=0.002"])
+    setting = accuracy.Setting("z-slabs", tmp_path, ["tiny"], {"train": 0.6, "val": 0.2, "test": 0.2, "gap": 2}, [])
+    searched = accuracy.unet_params("unet", "ni", tiny_params, args, setting, "searched")
+    assert searched["train"]["learning_rate"] == 0.001 and searched["train"]["loss"] == "ce"
+    assert searched["train"]["reduce_lr_patience"] == 5
+    hand = accuracy.unet_params("unet", "ni", tiny_params, args, setting, "hand")
+    assert hand["train"]["learning_rate"] == 0.002 and hand["train"]["loss"] == tiny_params["train"]["loss"]
+    # With the searched method's value given explicitly, a broader --set may stand beside it (for the
+    # other methods), wherever the explicit one stands on the line: the search_vs_hand run, made explicit.
+    both = accuracy.parse_args([*search, "--set", "searched:train.learning_rate=0.0003", "--set", "unet:train.learning_rate=0.001"])
+    assert accuracy.unet_params("unet", "ni", tiny_params, both, setting, "searched")["train"]["learning_rate"] == 0.0003
+    assert accuracy.unet_params("unet", "ni", tiny_params, both, setting, "unet")["train"]["learning_rate"] == 0.001
+    # The search's own encoder as method name (no --variant) is explicit too.
+    plain = accuracy.parse_args(["--from-search", str(found), "--set", "unet:train.learning_rate=0.001"])
+    assert accuracy.unet_params("unet", "ni", tiny_params, plain, setting, "unet")["train"]["learning_rate"] == 0.001
+
+
+def test_benchmark_result_writer_records_command_commit_hardware_software(repo_root, tmp_path, monkeypatch):
+    """benchmarks/_common.py: what serving_bench.py and scaleout_bench.py write beside their figures."""
+    import json
+
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    import _common
+
+    meta = _common.run_metadata("serving_bench.py", ["--slices", "2", "--note", "two words"])
+    assert meta["command"] == "python benchmarks/serving_bench.py --slices 2 --note 'two words'"
+    assert meta["git_commit"] != "" and meta["software"]["python"] and "keras" in meta["software"]
+    hw = meta["hardware"]
+    assert hw["cores"] >= 1 and hw["ram_gib"] > 0 and hw["model"]
+    assert set(hw["flags"]) == set(_common.CPU_FLAGS) and all(isinstance(v, bool) for v in hw["flags"].values())
+    rows = [{"mode": "local", "rate": 2.0512, "kib": None}, {"mode": "REST", "rate": 1.5, "kib": 605.4}]
+    json_path, md_path = _common.write_result(tmp_path / "out", "bench", "A bench", meta, {"slices": 2},
+                                              {"peak_rss_mib": {"server": 1029.0}},
+                                              [("mode", "mode"), ("rate", "slices/s"), ("kib", "KiB", ",.0f")], rows, ["a note"])
+    record = json.loads(json_path.read_text())
+    assert record["command"] == meta["command"] and record["hardware"] == json.loads(json.dumps(hw))
+    assert record["rows"][0]["rate"] == 2.0512 and record["figures"]["peak_rss_mib"]["server"] == 1029.0
+    md = md_path.read_text()
+    assert md.startswith("# A bench\n") and meta["command"] in md and meta["git_commit"] in md and "GiB RAM" in md
+    assert "| local | 2.05 | - |" in md and "| REST | 1.50 | 605 |" in md and "a note" in md
 
 
 def test_benchmark_refuses_a_search_for_another_encoder(repo_root, tmp_path):

@@ -349,3 +349,52 @@ def test_command_folder_of_slices_and_errors(tmp_path):
     assert json.loads(result.output)["volume"]["flat"]["vf.ni"] == 0.25
     missing = CliRunner().invoke(microstructure, [str(folder), "--phases", "a,b,c"])
     assert missing.exit_code == 2 and "not in the phase map" in missing.output
+
+
+def _ni_segment_output(path: Path) -> np.ndarray:
+    """A label stack as `socseg segment` writes it for an `ni` model: 0 = rest, 255 = Ni, map recorded."""
+    from socseg.segment import LabelStackWriter
+
+    labels = np.where(three_slabs() == NI, 255, 0).astype(np.uint8)
+    with LabelStackWriter(path, labels.shape, {"phase_map": {"0": "rest", "255": "ni"}, "task": "ni"}) as writer:
+        writer.write(labels)
+    return labels
+
+
+def test_command_uses_the_phase_map_segment_recorded(tmp_path):
+    stack = tmp_path / "ni_labels.tif"
+    _ni_segment_output(stack)
+    result = _run([str(stack), "--json", "--size-phases", "none"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["volume"]["metrics"]["volume_fraction"] == {"rest": 0.75, "ni": 0.25}
+    flat = report["volume"]["flat"]
+    assert "vf.pore" not in flat and "vf.ysz" not in flat  # not counted as pore / YSZ / Ni
+    assert any("TPB skipped" in note for note in report["volume"]["metrics"]["notes"])
+    same = _run([str(stack), "--json", "--size-phases", "none", "--phase-map", "255=ni,0=rest"])
+    assert same.exit_code == 0 and json.loads(same.output)["volume"]["flat"] == flat
+
+
+def test_command_refuses_a_phase_map_that_contradicts_the_recorded_one(tmp_path):
+    stack = tmp_path / "ni_labels.tif"
+    _ni_segment_output(stack)
+    result = CliRunner().invoke(microstructure, [str(stack), "--phase-map", "0=pore,128=ysz,255=ni"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert "--phase-map 0=pore,128=ysz,255=ni contradicts" in result.output and "0=rest,255=ni" in result.output
+    # --truth shares --phase-map, so a recorded map there is checked the same way.
+    truth = tmp_path / "truth.tif"
+    tifffile.imwrite(truth, three_slabs())
+    ok = _run([str(truth), "--truth", str(stack), "--json", "--size-phases", "none"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["truth"]["metrics"]["volume_fraction"] == {"rest": 0.75, "ni": 0.25}
+
+
+@pytest.mark.parametrize("channels, kind", [(3, "RGB"), (4, "RGBA")])
+def test_command_refuses_a_colour_image(tmp_path, channels, kind):
+    photo = tmp_path / "photo.tif"
+    tifffile.imwrite(photo, np.zeros((20, 30, channels), np.uint8), photometric="rgb")
+    result = CliRunner().invoke(microstructure, [str(photo), "--phase-map", "0=pore"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {photo}: an {kind} image (20, 30, {channels}), not a grey-value slice stack")
+    assert result.output.count("\n") == 1

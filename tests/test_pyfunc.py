@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from mlflow.exceptions import MlflowException
 
 from socseg.inference import sliding_window_probabilities
 from socseg.pyfunc import RequestError, SegmenterConfig, decode_array, encode_array, parse_request, segmenter_metadata
@@ -264,3 +265,64 @@ np.save({str(tmp_path / 'labels.npy')!r}, labels)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), model.predict(grey))
+
+
+# --------------------------------------------------------------------------- grey range
+
+
+def test_input_outside_the_models_grey_range_is_a_400_unless_allowed(segmenter, grey):
+    """The same slices saved as float32 after 2.5e-5 * x - 0.55 all clip below the model's low end."""
+    model, _ = segmenter
+    rescaled = (2.5e-5 * grey.astype(np.float64) - 0.55).astype(np.float32)
+    for request in (rescaled, pd.DataFrame({"image": [encode_array(s, "npy") for s in rescaled]})):
+        with pytest.raises(RequestError) as info:
+            model.predict(request)
+        message = info.value.message
+        assert info.value.get_http_status_code() == 400 and "\n" not in message
+        assert "100.0% of the" in message and "model's range 20000..43000" in message
+        assert f"the input spans {rescaled.min():.6g}..{rescaled.max():.6g}" in message
+        assert "--allow-out-of-range" in message and "allow_out_of_range=true" in message
+    allowed = model.predict(rescaled, params={"allow_out_of_range": True})
+    assert allowed.shape == grey.shape and allowed.dtype == np.uint8
+    # Everything clips to 0: the labels are those of a constant slice at the model's low end.
+    np.testing.assert_array_equal(allowed, model.predict(np.full(grey.shape, 0.0, np.float32), params={"allow_out_of_range": True}))
+    # In-range input segments as before, the parameter changes nothing there.
+    np.testing.assert_array_equal(model.predict(grey, params={"allow_out_of_range": True}), model.predict(grey))
+    with pytest.raises(MlflowException, match="allow_out_of_range") as info:  # MLflow checks the param's type
+        model.predict(grey, params={"allow_out_of_range": "maybe"})
+    assert info.value.get_http_status_code() == 400
+
+
+def test_grey_range_check_counts_both_ends_against_the_configured_fraction():
+    from socseg.pyfunc import check_grey_range
+
+    config = SegmenterConfig("ni", ["rest", "ni"], PHASE_MAP, 32, {"low": 100.0, "high": 200.0})
+    assert config.max_clipped_fraction == 0.5
+    images = np.full((1, 10, 10), 150, np.uint16)
+    images.flat[:25], images.flat[25:50] = 50, 250  # exactly half clipped (below and above): accepted
+    check_grey_range(images, config)
+    images.flat[50] = 250
+    with pytest.raises(RequestError, match=r"51\.0% of the 100 pixels .* \(25 below, 26 above\)"):
+        check_grey_range(images, config)
+    check_grey_range(images, dataclasses.replace(config, max_clipped_fraction=0.6))
+    with pytest.raises(RequestError, match=r"allowed: 20%"):
+        check_grey_range(images, dataclasses.replace(config, max_clipped_fraction=0.2))
+    check_grey_range(images, dataclasses.replace(config, normalisation={}))  # no range recorded: no check
+
+
+def test_max_clipped_fraction_travels_from_params_into_the_model(segmenter, repo_root):
+    from socseg.config import load_params
+    from socseg.pyfunc import segmenter_config
+
+    inference = load_params(repo_root / "params.yaml")["inference"]
+    assert inference["max_clipped_fraction"] == 0.5
+    meta = {"task": "ni", "class_names": ["rest", "ni"], "phase_map": {"0": "pore", "255": "ni"}, "tile_size": 32,
+            "normalisation": {"low": 1.0, "high": 2.0}}
+    assert segmenter_config(meta, inference).max_clipped_fraction == 0.5
+    config = segmenter_config(meta, {**inference, "max_clipped_fraction": 0.9})
+    assert SegmenterConfig.from_dict(config.to_dict()).max_clipped_fraction == 0.9
+    with pytest.raises(ValueError, match="max_clipped_fraction must be in"):
+        segmenter_config(meta, {"max_clipped_fraction": 0})
+    model, _ = segmenter
+    assert segmenter_metadata(model).max_clipped_fraction == 0.5
+    assert {p.name: p.default for p in model.metadata.get_params_schema().params}["allow_out_of_range"] is False

@@ -193,3 +193,27 @@ def test_two_workers_share_one_study_and_one_register_step_promotes(lab, tiny_pa
     assert champion.tags["run_id"] == study.best_trial.user_attrs["run_id"]
     assert float(champion.tags["test_mean_iou"]) == pytest.approx(score, abs=1e-6)
     assert len(client.search_model_versions(f"name = '{model_name}'")) == 1
+
+
+@pytest.mark.slow
+def test_scaleout_bench_writes_its_result_file(lab, tmp_path):
+    """benchmarks/scaleout_bench.py on the lab's services, one worker, one tiny trial: the figures it
+    prints land in scaleout.json / scaleout.md with the command, commit, hardware and software."""
+    import json
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(SOCSEG_STORAGE=lab["storage"], MLFLOW_TRACKING_URI=lab["tracking_uri"], **lab["env"],
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    args = ["--workers", "1", "--trials", "1", "--timeout", "240", "--out", str(out)]
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaleout_bench.py"), *args], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    record = json.loads((out / "scaleout.json").read_text())
+    assert record["command"] == "python benchmarks/scaleout_bench.py " + " ".join(args)
+    assert record["git_commit"] and record["hardware"]["cores"] >= 1 and "optuna" in record["software"]
+    (row,) = record["rows"]
+    assert row["workers"] == 1 and row["trials"] >= 1 and row["per_hour_wall"] > 0 and row["speedup_wall"] == 1
+    assert record["figures"]["by_workers"]["1"]["trials"] == row["trials"]
+    assert f"{row['per_hour_wall']:.0f} trials/h" in run.stdout  # the printed figure is the recorded one
+    assert f"| 1 | {row['trials']} |" in (out / "scaleout.md").read_text()

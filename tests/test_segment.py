@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from socseg.cli import main
 from socseg.segment import check_paths, read_label_metadata, segment, segment_stream
+from socseg.pyfunc import RequestError
 from socseg.volume import VolumeError
 
 PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
@@ -156,7 +157,7 @@ def test_an_interrupted_run_leaves_no_output_and_keeps_the_old_one(stack, tmp_pa
 def test_bad_input_files_are_named(model_path, tmp_path):
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((20, 20, 3), np.uint8))
-    with pytest.raises(VolumeError, match="not a stack of grey slices"):
+    with pytest.raises(VolumeError, match=r"rgb\.tif: an RGB image \(20, 20, 3\), not a grey-value slice stack"):
         segment(model_path, rgb, tmp_path / "o.tif", progress=False)
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"II*\x00garbage")
@@ -237,3 +238,109 @@ def test_real_socpristine_slices_with_a_tiny_trained_model(tiny_params, mlflow_e
     assert set(np.unique(labels)) <= {0, 255}
     assert json.loads(json.dumps(read_label_metadata(out)["phase_map"])) == {"0": "rest", "255": "ni"}
     assert read_label_metadata(out)["model_uri"] == result.segmenter_uri
+
+
+@pytest.mark.parametrize("how", ["photometric", "shape"])
+@pytest.mark.parametrize("channels, kind", [(3, "RGB"), (4, "RGBA")])
+def test_cli_refuses_a_colour_image_in_one_line(model_path, tmp_path, channels, kind, how):
+    photo = tmp_path / "photo.tif"
+    array = np.random.default_rng(0).integers(0, 255, (40, 50, channels), dtype=np.uint8)
+    tifffile.imwrite(photo, array, photometric="rgb" if how == "photometric" else "minisblack")
+    folder = tmp_path / "slices"  # a folder of colour slices too
+    folder.mkdir()
+    tifffile.imwrite(folder / "s001.tif", array, photometric="rgb" if how == "photometric" else "minisblack")
+    for source in (photo, folder):
+        result = CliRunner().invoke(main, ["segment", model_path, str(source), str(tmp_path / "out.tif")])
+        assert result.exit_code == 2, result.output
+        where = photo if source == photo else folder / "s001.tif"
+        assert result.output.startswith(f"error: {where}: an {kind} image (40, 50, {channels}), not a grey-value slice stack")
+        assert "convert it to greyscale" in result.output and result.output.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.tif", "slices"]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """The synthetic PXCT phantom (uint16, SOCPristine grey levels) and its float32 copy
+    ``2.5e-5 * x - 0.55``: the same image on another grey scale; and its Ni mask."""
+    from socseg.config import load_params
+    from socseg.synth import synth_from_params
+
+    folder = tmp_path_factory.mktemp("phantom")
+    volume = synth_from_params(load_params(), "p", shape=(6, 64, 80), seed=3)
+    image = volume.image
+    rescaled = (2.5e-5 * image.astype(np.float64) - 0.55).astype(np.float32)
+    tifffile.imwrite(folder / "phantom.tif", image, photometric="minisblack")
+    tifffile.imwrite(folder / "rescaled.tif", rescaled, photometric="minisblack")
+    return folder / "phantom.tif", folder / "rescaled.tif", image, rescaled, volume.labels == 255
+
+
+@pytest.fixture(scope="module")
+def threshold_model_path(tmp_path_factory):
+    """An 'ni' segmenter that works on the phantom: grey > 38000 (between YSZ 35000 and Ni 40900)
+    is Ni, through the same normalisation 20000..43000 (a 1x1 convolution, set by hand)."""
+    import keras
+
+    from socseg.normalise import IntensityNormalisation
+    from socseg.pyfunc import SegmenterConfig, save_segmenter
+
+    inputs = keras.Input((None, None, 1))
+    x = IntensityNormalisation(20000.0, 43000.0)(inputs)
+    threshold = (38000.0 - 20000.0) / 23000.0
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    outputs = conv(x)
+    conv.set_weights([np.full((1, 1, 1, 1), 50.0, np.float32), np.array([-50.0 * threshold], np.float32)])
+    config = SegmenterConfig("ni", ["rest", "ni"], PHASE_MAP, 64, {"low": 20000.0, "high": 43000.0})
+    return str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path_factory.mktemp("thr") / "model"))
+
+
+def test_cli_refuses_a_volume_outside_the_models_grey_range(threshold_model_path, phantom, tmp_path):
+    """Segmented anyway, the rescaled copy comes back all non-Ni: what used to happen silently."""
+    model_path = threshold_model_path
+    uint16_path, rescaled_path, image, rescaled, ni = phantom
+    out = tmp_path / "labels.tif"
+    result = CliRunner().invoke(main, ["segment", model_path, str(rescaled_path), str(out), "--slice-batch", "4"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: grey values out of this model's range: 100.0% of the")
+    assert result.output.count("\n") == 1  # one line, no traceback
+    assert "model's range 20000..43000" in result.output and "--allow-out-of-range" in result.output
+    chunk = rescaled[:4]  # the first chunk already is refused
+    assert f"the input spans {chunk.min():.6g}..{chunk.max():.6g}" in result.output
+    assert list(tmp_path.iterdir()) == []  # no OUTPUT, no partial file
+
+    allowed = CliRunner().invoke(main, ["segment", model_path, str(rescaled_path), str(out), "--allow-out-of-range"])
+    assert allowed.exit_code == 0, allowed.output
+    assert read_label_metadata(out)["allow_out_of_range"] is True
+    assert tifffile.imread(out).shape == image.shape and not tifffile.imread(out).any()  # all "rest"
+
+    # The phantom on the training grey scale segments as before, with or without the override.
+    in_range = CliRunner().invoke(main, ["segment", model_path, str(uint16_path), str(tmp_path / "a.tif")])
+    assert in_range.exit_code == 0, in_range.output
+    expected = mlflow.pyfunc.load_model(model_path).predict(image)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), expected)
+    assert np.mean((expected == 255) == ni) > 0.95  # the model does find the phantom's Ni
+    segment(model_path, uint16_path, tmp_path / "b.tif", allow_out_of_range=True, progress=False)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), expected)
+
+
+@pytest.mark.parametrize("multi_axis", [False, True])
+def test_each_chunk_is_checked_and_a_late_refusal_leaves_no_output(model_path, phantom, tmp_path, multi_axis):
+    _, _, image, rescaled, _ = phantom
+    mixed = np.concatenate([image[:4].astype(np.float32), rescaled[4:]])  # slices 4-5 on another scale
+    source = tmp_path / "mixed.tif"
+    tifffile.imwrite(source, mixed, photometric="minisblack")
+    out = tmp_path / "labels.tif"
+    with pytest.raises(RequestError, match="grey values out of this model's range: 100.0%"):
+        segment(model_path, source, out, slice_batch=2, multi_axis=multi_axis, progress=False)  # 0-1, 2-3 pass, 4-5 not
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.tif"]  # no OUTPUT, no partial file
+    segment(model_path, source, out, slice_batch=6, multi_axis=multi_axis, progress=False)  # one chunk, 33% clipped
+    assert tifffile.imread(out).shape == mixed.shape
+
+
+def test_microstructure_of_an_ni_segmentation_uses_its_recorded_phase_map(model_path, phantom, tmp_path):
+    out = tmp_path / "labels.tif"
+    segment(model_path, phantom[0], out, progress=False)
+    labels = tifffile.imread(out)
+    result = CliRunner().invoke(main, ["microstructure", str(out), "--json", "--size-phases", "none"])
+    assert result.exit_code == 0, result.output
+    fractions = json.loads(result.output)["volume"]["metrics"]["volume_fraction"]
+    assert fractions == pytest.approx({"rest": np.mean(labels == 0), "ni": np.mean(labels == 255)})

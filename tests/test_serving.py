@@ -83,6 +83,9 @@ def _bad_requests() -> list[tuple[str, bytes, str, str]]:
         ("halo too large", body({"inputs": [[[1, 2]]] * 2, "params": {"halo_before": 1, "halo_after": 1}}), js,
          "leaves none of the 2 slices"),
         ("no image column", body({"dataframe_split": {"columns": ["x"], "data": [["a"]]}}), js, "column 'image'"),
+        # grey values on another scale (float32 after 2.5e-5 * x - 0.55): all below the model's range
+        ("outside the grey range", body({"inputs": np.full((1, 40, 50), 0.2).tolist()}), js,
+         "grey values out of this model's range: 100.0%"),
         ("not JSON", b"{this is not json", js, ""),
         ("wrong content type", b"1,2,3", "text/plain", "content types"),
     ]
@@ -99,6 +102,9 @@ def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(serve
         assert words in answer.text, (what, answer.text[:1000])
         # ... and the server is still there for the next good request.
         assert requests.post(invocations, json=good, timeout=60).status_code == 200, what
+
+    rescaled = {"inputs": np.full((1, 40, 50), 0.2).tolist(), "params": {"allow_out_of_range": True}}
+    assert requests.post(invocations, json=rescaled, timeout=60).status_code == 200  # the override
 
     local = mlflow.pyfunc.load_model(uri)
     real = np.stack([tifffile.imread(shared_data / "data" / f"SOCprist{k:04d}.tiff") for k in (10, 11)])
@@ -153,3 +159,27 @@ def test_client_retries_connection_errors_then_gives_up(tmp_path):
         rest(np.zeros((1, 20, 20), np.uint16))
     assert client.main([f"http://127.0.0.1:{client.free_port()}", str(volume), str(tmp_path / "o.tif"), "--retries", "0"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.tif"]  # no output, no partial file
+
+
+@pytest.mark.slow
+def test_serving_bench_writes_its_result_file(tmp_path):
+    """benchmarks/serving_bench.py on 2 slices, one repeat: the printed figures land in serving.json /
+    serving.md with the command, commit, hardware and software."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    args = ["--slices", "2", "--repeat", "1", "--depths", "2,4", "--out", str(out)]
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serving_bench.py"), *args], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    record = json.loads((out / "serving.json").read_text())
+    assert record["command"] == "python benchmarks/serving_bench.py " + " ".join(args)
+    assert record["git_commit"] and record["hardware"]["cores"] >= 1 and "mlflow" in record["software"]
+    modes = [row["mode"] for row in record["rows"]]
+    assert modes[0].startswith("local") and len(modes) == 4 and all(row["labels_equal_local"] for row in record["rows"])
+    assert all(row["slices_per_s"] > 0 for row in record["rows"])
+    assert set(record["figures"]["peak_rss_mib"]["fresh_segment_process_by_depth"]) == {"2", "4"}
+    first = record["rows"][0]
+    assert f"{first['mode']:38} {first['slices_per_s']:9.2f}" in run.stdout  # the printed figure is the recorded one
+    assert f"| {first['mode']} | {first['slices_per_s']:.2f} |" in (out / "serving.md").read_text()

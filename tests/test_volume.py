@@ -211,3 +211,48 @@ def test_import_real_socpristine(tmp_path, shared_data):
     # pairing is right: the grey order pore < YSZ < Ni holds on the paired labels
     means = [volume.image[volume.labels == v].mean() for v in (0, 128, 255)]
     assert means == sorted(means)
+
+
+# --------------------------------------------------------------------------- colour images
+
+
+def _write_colour(path: Path, channels: int, how: str) -> None:
+    """A 20x30 colour image: photometric RGB(A) tags, or only a last axis of 3/4 grey samples."""
+    array = np.random.default_rng(0).integers(0, 255, (20, 30, channels), dtype=np.uint8)
+    if how == "rgb":
+        tifffile.imwrite(path, array, photometric="rgb")
+    elif how == "samples":  # one page, 3/4 samples per pixel, photometric minisblack
+        tifffile.imwrite(path, array, photometric="minisblack", planarconfig="contig")
+    else:  # "shape": 20 minisblack pages of 30 x 3 pixels, as a naive export writes it
+        tifffile.imwrite(path, array, photometric="minisblack")
+
+
+@pytest.mark.parametrize("how", ["rgb", "samples", "shape"])
+@pytest.mark.parametrize("channels, kind", [(3, "RGB"), (4, "RGBA")])
+def test_colour_image_is_refused_not_read_as_h_slices(tmp_path, channels, kind, how):
+    path = tmp_path / "photo.tif"
+    _write_colour(path, channels, how)
+    message = rf"photo\.tif: an {kind} image \(20, 30, {channels}\), not a grey-value slice stack.*convert it to greyscale"
+    with pytest.raises(VolumeError, match=message):
+        import_slices("t", str(path))
+    with pytest.raises(VolumeError, match=message):
+        read_stack(path)
+    # A folder of colour slices is named the same way (not "expected one 2-D grey slice").
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for k in (1, 2):
+        _write_colour(folder / f"s{k}.tif", channels, how)
+    with pytest.raises(VolumeError, match=rf"s1\.tif: an {kind} image"):
+        import_slices("t", str(folder / "*.tif"))
+    with pytest.raises(VolumeError, match=rf"s1\.tif: an {kind} image"):
+        read_stack(folder)
+
+
+def test_grey_stacks_are_not_taken_for_colour_images(tmp_path):
+    """Only (H, W, 3|4) is suspicious: grey stacks of 3 or 4 slices and 2-D slices still import."""
+    rng = np.random.default_rng(0)
+    for shape in ((3, 20, 30), (4, 20, 30), (4, 4, 4)):
+        image = rng.integers(0, 60000, shape, dtype=np.uint16)
+        tifffile.imwrite(tmp_path / "stack.tif", image, photometric="minisblack")
+        np.testing.assert_array_equal(import_slices("t", str(tmp_path / "stack.tif")).image, image)
+        np.testing.assert_array_equal(read_stack(tmp_path / "stack.tif"), image)

@@ -2,12 +2,46 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from socseg import __version__
 
+DEBUG_ENV = "SOCSEG_DEBUG"
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class CommandError(click.ClickException):
+    """Any failure of a command, shown as one line ``error: <what>``; exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (KeyError, FileNotFoundError, PermissionError)) or not str(error):
+        text = f"{type(error).__name__}: {text}"
+    return text
+
+
+class Commands(click.Group):
+    """Turns every exception a command raises into a one-line error (the traceback with SOCSEG_DEBUG=1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as error:  # noqa: BLE001 - the point: no traceback for users
+            if os.environ.get(DEBUG_ENV):
+                raise
+            raise CommandError(f"{one_line(error)} (set {DEBUG_ENV}=1 for the traceback)") from error
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="socseg")
 def main() -> None:
     """Segment PXCT volumes of SOC Ni/YSZ electrodes and measure their microstructure."""

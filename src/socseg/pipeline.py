@@ -19,7 +19,7 @@ from socseg.evaluate import segmentation_scores
 from socseg.metrics import confusion_matrix
 from socseg.split import split_from_params
 from socseg.tasks import task_class_names, task_targets
-from socseg.train import load_labelled_volumes, prepare_data
+from socseg.train import data_fingerprint, load_labelled_volumes, prepare_data
 from socseg.volume import label_lut
 
 
@@ -172,6 +172,27 @@ def evaluate_best(params: Mapping, search_json: str | Path, out: str | Path) -> 
     return result
 
 
+def logged_model_meta(model_uri: str) -> dict[str, Any]:
+    """The socseg record stored with a logged segmenter (task, encoder, class names, ...): what a
+    registered version is tagged with, read from the model, not from today's params.yaml."""
+    info = mlflow.models.get_model_info(model_uri)
+    record = (info.metadata or {}).get("socseg")
+    if not record:
+        raise ValueError(f"{model_uri} is not a socseg segmenter (no 'socseg' metadata in its MLmodel)")
+    record = dict(record)
+    if not record.get("encoder") and info.run_id:  # logged before the encoder was recorded in the model
+        record["encoder"] = mlflow.get_run(info.run_id).data.tags.get("encoder", "")
+    return record
+
+
+def registered_model_name(template: str, task: str) -> str:
+    """``registry.model_name`` with ``{task}`` filled in: one registered model per task by default."""
+    try:
+        return str(template).format(task=task)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"registry.model_name {template!r}: the only placeholder is {{task}} ({error})") from None
+
+
 def register(params: Mapping, search_json: str | Path, metrics_json: str | Path, out: str | Path) -> dict:
     """Register the evaluated model and move the aliases (see :mod:`socseg.registry`)."""
     from socseg.registry import register_and_promote
@@ -180,19 +201,20 @@ def register(params: Mapping, search_json: str | Path, metrics_json: str | Path,
     metrics = read_json(metrics_json)
     metric = params["registry"]["metric"]
     tracking.configure_tracking(params)
-    prepared_fingerprint = prepare_data_fingerprint(params)
+    meta = logged_model_meta(metrics["model_uri"])
     promotion = register_and_promote(
         metrics["model_uri"],
-        params["registry"]["model_name"],
+        registered_model_name(params["registry"]["model_name"], meta["task"]),
         score=float(metrics[metric]),
         evaluate=lambda uri: score_on_test_slabs(uri, params)[0][metric.removeprefix("test_")],
         metric=metric,
+        run_id=search["best_run_id"],
         tags={
             "data_md5_dvc": tracking.dvc_data_md5() or "none",
-            "data_fingerprint": prepared_fingerprint,
+            "data_fingerprint": data_fingerprint(params),
             "git_commit": tracking.git_commit() or "none",
-            "encoder": search["best_encoder"],
-            "task": params["train"]["task"],
+            "encoder": meta.get("encoder") or "unknown",
+            "task": meta["task"],
             "study_name": search["study_name"],
             "run_id": search["best_run_id"],
             **{k: f"{v:.6f}" for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)},
@@ -200,8 +222,3 @@ def register(params: Mapping, search_json: str | Path, metrics_json: str | Path,
     )
     _write_json(promotion.to_dict(), out)
     return promotion.to_dict()
-
-
-def prepare_data_fingerprint(params: Mapping) -> str:
-    volumes = load_labelled_volumes(params, params["data"]["volumes"])
-    return tracking.volumes_fingerprint([dict(v.meta.checksums) for v in volumes])

@@ -46,6 +46,7 @@ IMAGE_COLUMN = "image"
 ENCODINGS = ("npy", "tiff")
 GREY_DTYPES = ("uint8", "uint16", "float32")
 DEFAULT_MAX_SLICE_PIXELS = 4096 * 4096
+DEFAULT_MAX_CLIPPED_FRACTION = 0.5
 
 _NPY_MAGIC = b"\x93NUMPY"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -74,7 +75,9 @@ class SegmenterConfig:
     tta: bool = False
     batch_size: int = 16
     max_slice_pixels: int = DEFAULT_MAX_SLICE_PIXELS
+    max_clipped_fraction: float = DEFAULT_MAX_CLIPPED_FRACTION  # see check_grey_range
     context_slices: int = 0  # 2.5D: neighbours on each side the network sees (socseg.context)
+    encoder: str = ""  # vgg16 | resnet50 | unet ("" in models logged before it was recorded)
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> "SegmenterConfig":
@@ -90,7 +93,9 @@ class SegmenterConfig:
             tta=parse_bool(record.get("tta", False)),
             batch_size=int(record.get("batch_size", 16)),
             max_slice_pixels=int(record.get("max_slice_pixels", DEFAULT_MAX_SLICE_PIXELS)),
+            max_clipped_fraction=float(record.get("max_clipped_fraction", DEFAULT_MAX_CLIPPED_FRACTION)),
             context_slices=int(record.get("context_slices", 0)),
+            encoder=str(record.get("encoder", "")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +128,9 @@ def segmenter_config(meta: Mapping[str, Any], inference: Mapping[str, Any] | Non
 
         inference = load_params().get("inference") or {}
     window = WindowSettings.from_params(int(meta["tile_size"]), inference)
+    clipped = float(inference.get("max_clipped_fraction", DEFAULT_MAX_CLIPPED_FRACTION))
+    if not 0.0 < clipped <= 1.0:
+        raise ValueError(f"inference.max_clipped_fraction must be in (0, 1], got {clipped}")
     return SegmenterConfig.from_dict(
         {
             **dict(meta),
@@ -130,6 +138,7 @@ def segmenter_config(meta: Mapping[str, Any], inference: Mapping[str, Any] | Non
             "tta": window.tta,
             "batch_size": window.batch_size,
             "max_slice_pixels": int(inference.get("max_slice_pixels", DEFAULT_MAX_SLICE_PIXELS)),
+            "max_clipped_fraction": clipped,
         }
     )
 
@@ -147,6 +156,7 @@ def _signature(config: SegmenterConfig) -> ModelSignature:
                 ParamSpec("dtype", "string", ""),  # tensor input: declared grey dtype, checked
                 ParamSpec("halo_before", "long", 0),  # 2.5D: leading slices sent as context only
                 ParamSpec("halo_after", "long", 0),  # 2.5D: trailing slices sent as context only
+                ParamSpec("allow_out_of_range", "boolean", False),  # skip check_grey_range
             ]
         )
     )
@@ -396,6 +406,56 @@ def parse_request(model_input: Any, config: SegmenterConfig, declared_dtype: str
     return ParsedRequest(_check_grey(images, "inputs", declared_dtype), False, "npy")
 
 
+def check_grey_range(images: np.ndarray, config: SegmenterConfig) -> None:
+    """Refuse a batch mostly outside the model's grey range, before it is silently mislabelled.
+
+    The network sees ``clip((x - low) / (high - low), 0, 1)`` with ``low``/``high`` fixed on the
+    training slab (:mod:`socseg.normalise`). A volume on another grey scale (e.g. the same slices
+    saved as float after ``2.5e-5 * x - 0.55``) clips almost entirely to one end and comes back as
+    a single class without any warning. More than ``config.max_clipped_fraction`` of the pixels
+    below ``low`` or above ``high`` raises :class:`RequestError` (HTTP 400 when served; one
+    ``error:`` line in ``socseg segment``); the request param ``allow_out_of_range`` skips the
+    check. ``Segmenter.predict`` calls it for every request, so ``socseg segment`` (one predict
+    per streamed chunk) and ``mlflow models serve`` share it.
+    """
+    norm = config.normalisation
+    if "low" not in norm or "high" not in norm or images.size == 0:
+        return
+    low, high = float(norm["low"]), float(norm["high"])
+    below = int(np.count_nonzero(images < low))
+    above = int(np.count_nonzero(images > high))
+    fraction = (below + above) / images.size
+    if fraction <= config.max_clipped_fraction:
+        return
+    flat = images.reshape(-1)
+    sample = flat[:: max(1, flat.size // 1_000_000)]  # percentiles of ~1M values are plenty
+    p1, p99 = (float(v) for v in np.percentile(sample, [1, 99]))
+    if "low_percentile" in norm and "high_percentile" in norm:
+        origin = f" (the training slab's {norm['low_percentile']:g}th..{norm['high_percentile']:g}th percentiles)"
+    else:
+        origin = ""
+    side = "below" if below >= above else "above"
+    raise RequestError(
+        f"grey values out of this model's range: {fraction:.1%} of the {images.size} pixels lie outside the "
+        f"model's range {low:g}..{high:g}{origin} ({below} below, {above} above) and would be clipped "
+        f"(allowed: {config.max_clipped_fraction:.0%}, inference.max_clipped_fraction); the input spans "
+        f"{float(flat.min()):.6g}..{float(flat.max()):.6g} (1st..99th percentile {p1:.6g}..{p99:.6g}), mostly "
+        f"{side} the model's range: it is probably on another grey scale than the training data (another "
+        "dtype, or rescaled when saved), so convert it back, or segment it anyway with `socseg segment "
+        "--allow-out-of-range` or the request param allow_out_of_range=true"
+    )
+
+
+def parse_flag(params: Mapping[str, Any], name: str) -> bool:
+    """A boolean request param (MLflow converts per the signature; direct callers may pass text)."""
+    from socseg.config import parse_bool
+
+    try:
+        return parse_bool(params.get(name) or False)
+    except ValueError:
+        raise RequestError(f"{name} must be true or false, got {params.get(name)!r}") from None
+
+
 # --------------------------------------------------------------------------- encoding
 
 
@@ -470,6 +530,8 @@ class Segmenter(mlflow.pyfunc.PythonModel):
             raise RequestError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
         request = parse_request(model_input, self.config, str(params.get("dtype") or ""))
         before, after = parse_halo(params, len(request.images))
+        if not parse_flag(params, "allow_out_of_range"):
+            check_grey_range(request.images, self.config)
         window = self.config.window(tta=params.get("tta"), step_fraction=step)
         with self._lock:
             probs = sliding_window_probabilities(

@@ -14,12 +14,17 @@ from typing import Callable, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 Evaluate = Callable[[str], float]
+
+
+class RegistryError(RuntimeError):
+    """The registry could not be read or written: nothing is promoted."""
 
 
 @dataclass
@@ -30,17 +35,51 @@ class Promotion:
     champion_version_before: str | None
     champion_score_before: float | None
     promoted: bool
+    already_registered: bool = False  # the same trained model was registered before: no new version
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
+def _missing(error: MlflowException) -> bool:
+    """Only "no such model / alias" means absent; a server that is down or refuses is an error."""
+    return error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
 def champion_version(name: str, client: MlflowClient | None = None) -> str | None:
+    """The champion's version, ``None`` when the model does not exist or has no champion alias.
+
+    Read from the registered model's alias map, so that only "no such model" counts as absent;
+    any other failure (server down, permission denied) raises :class:`RegistryError`: treating it
+    as "no champion" would promote the next model unconditionally.
+    """
     client = client or MlflowClient()
     try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException as error:
+        if _missing(error):
+            return None
+        raise RegistryError(f"cannot read the champion of {name!r} from the registry: {error.message}") from error
+    version = aliases.get(CHAMPION)
+    return None if version is None else str(version)
+
+
+def _ensure_registered_model(name: str, client: MlflowClient) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if not _missing(error):
+            raise RegistryError(f"cannot read registered model {name!r}: {error.message}") from error
+        client.create_registered_model(name, description="socseg segmentation models (PXCT Ni/YSZ)")
+
+
+def _version_of_run(name: str, run_id: str, client: MlflowClient) -> str | None:
+    """The version of ``name`` already registered from ``run_id`` (re-running the same pipeline
+    finds the same best trial: it is not registered twice)."""
+    if not run_id:
         return None
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min((str(v.version) for v in versions), key=int, default=None)
 
 
 def register_and_promote(
@@ -50,18 +89,20 @@ def register_and_promote(
     evaluate: Evaluate,
     tags: Mapping[str, str] | None = None,
     metric: str = "test_mean_iou",
+    run_id: str = "",
 ) -> Promotion:
     """Register ``model_uri`` as a new version of ``name`` and decide the champion.
 
     ``score`` is the new model's ``metric`` on the test data; ``evaluate(model_uri)`` scores the
-    current champion on the same data.
+    current champion on the same data. ``run_id`` (the training run) lets a re-run of the same
+    pipeline find its earlier version instead of registering a duplicate.
     """
     client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="socseg segmentation models (PXCT Ni/YSZ)")
+    _ensure_registered_model(name, client)
     previous = champion_version(name, client)
+    existing = _version_of_run(name, run_id, client)
+    if existing is not None:
+        return Promotion(name, existing, float(score), previous, None, previous == existing, already_registered=True)
     previous_score = evaluate(f"models:/{name}@{CHAMPION}") if previous is not None else None
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()}).version
     client.set_model_version_tag(name, version, metric, f"{score:.6f}")

@@ -11,13 +11,72 @@ import platform
 import keras
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+AUTO = "auto"
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # without these, bf16 is emulated and slower than float32
 
 
-def set_precision(precision: str) -> None:
-    """Set the global Keras dtype policy (``mixed_bfloat16`` is 2-5x faster on AMX CPUs)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def gpu_supports_bf16() -> bool | None:
+    """``None`` without a GPU; else whether the first GPU has native bf16 (NVIDIA compute >= 8.0)."""
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            if not gpus:
+                return None
+            capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+            return tuple(capability) >= (8, 0)
+        if backend == "jax":
+            import jax
+
+            gpus = [d for d in jax.devices() if d.platform == "gpu"]
+            if not gpus:
+                return None
+            return float(getattr(gpus[0], "compute_capability", "0")) >= 8.0
+        if backend == "torch":
+            import torch
+
+            return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+    except Exception:  # a broken driver: decide on the CPU
+        return None
+    return None
+
+
+def resolve_precision(precision: str, flags: set[str] | None = None, gpu_bf16: bool | None = None) -> str:
+    """``auto`` -> ``mixed_bfloat16`` where the hardware does bf16 natively (a GPU of compute
+    capability >= 8.0, or a CPU with AVX512-BF16 / AMX-BF16), else ``float32``.
+
+    Decided from the hardware, not assumed: on a CPU without those units mixed bf16 is emulated
+    and slower than float32. Any other value is checked and returned as it is.
+    """
+    if precision != AUTO:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: choose one of {AUTO}, {', '.join(PRECISIONS)}")
+        return precision
+    gpu = gpu_supports_bf16() if gpu_bf16 is None else gpu_bf16
+    if gpu is not None:
+        return "mixed_bfloat16" if gpu else "float32"
+    flags = cpu_flags() if flags is None else flags
+    return "mixed_bfloat16" if flags & set(BF16_CPU_FLAGS) else "float32"
+
+
+def set_precision(precision: str) -> str:
+    """Set the global Keras dtype policy (``auto`` is resolved first); returns the policy set."""
+    precision = resolve_precision(precision)
     keras.config.set_dtype_policy(precision)
+    return precision
 
 
 def seed_everything(seed: int) -> None:
@@ -56,5 +115,5 @@ def runtime_tags(precision: str) -> dict[str, str]:
         "device": accelerator(),
         "keras_backend": keras.backend.backend(),
         "keras_version": keras.__version__,
-        "precision": precision,
+        "precision": resolve_precision(precision),
     }

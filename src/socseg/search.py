@@ -9,6 +9,7 @@ selected on the *validation* slab only; the test slab is for the evaluate stage.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import socket
@@ -66,6 +67,31 @@ def suggest(trial: optuna.Trial, space: Mapping[str, Mapping]) -> dict[str, Any]
     return values
 
 
+# Sampled only where they mean something: an encoder that starts from pretrained weights can be
+# frozen; freezing a randomly initialised encoder (or the from-scratch U-Net) only wastes trials.
+FREEZE_KEYS = ("train.freeze_encoder", "train.unfreeze_after")
+
+
+def pretrained(encoder: str, encoder_weights: str) -> bool:
+    return encoder != "unet" and str(encoder_weights).strip().lower() not in ("", "none")
+
+
+def trial_space(space: Mapping[str, Mapping], encoder: str, encoder_weights: str,
+                freeze_encoder: bool | None = None) -> dict[str, Mapping]:
+    """The part of ``search.space`` that applies to one trial.
+
+    Without pretrained weights the freeze keys go; ``unfreeze_after`` goes too once
+    ``freeze_encoder`` is known to be false.
+    """
+    keep = dict(space)
+    if not pretrained(encoder, encoder_weights):
+        for key in FREEZE_KEYS:
+            keep.pop(key, None)
+    elif freeze_encoder is False:
+        keep.pop("train.unfreeze_after", None)
+    return keep
+
+
 def trial_params(params: Mapping, encoder: str, trial: optuna.Trial) -> dict:
     """The full params tree for one trial: base params + sampled values (+ encoder when searched)."""
     search = params["search"]
@@ -73,12 +99,95 @@ def trial_params(params: Mapping, encoder: str, trial: optuna.Trial) -> dict:
     if encoder == "all":
         encoder = trial.suggest_categorical("train.encoder", list(search["encoders"]))
     tree["train"]["encoder"] = encoder
-    for name, value in suggest(trial, search.get("space", {})).items():
+    space = trial_space(search.get("space", {}), encoder, tree["train"]["encoder_weights"])
+    if "train.freeze_encoder" in space:  # sampled first: unfreeze_after only exists for a frozen encoder
+        frozen = suggest(trial, {"train.freeze_encoder": space.pop("train.freeze_encoder")})
+        set_dotted(tree, "train.freeze_encoder", frozen["train.freeze_encoder"])
+        space = trial_space(space, encoder, tree["train"]["encoder_weights"], bool(frozen["train.freeze_encoder"]))
+    elif not pretrained(encoder, tree["train"]["encoder_weights"]):
+        tree["train"]["freeze_encoder"] = False
+    for name, value in suggest(trial, space).items():
         set_dotted(tree, name, value)
     return tree
 
 
-def open_study(params: Mapping, study_name: str | None = None, storage: str | None = None) -> optuna.Study:
+# --------------------------------------------------------------------------- study identity
+
+IDENTITY_PLACEHOLDER = "{identity}"
+CHECKED_IDENTITY = ("task", "encoder", "data_fingerprint")  # an explicit study name must agree on these
+
+
+def study_identity(params: Mapping, encoder: str, data_fingerprint: str) -> dict[str, Any]:
+    """Everything that defines what a study's trials train and are scored on.
+
+    Two invocations with the same identity share one study (the second resumes it and trains
+    only the missing trials); change any of it (task, encoder choice, data, search space,
+    per-trial budget or any fixed setting) and a new study starts.
+    """
+    search = params["search"]
+    space = dict(search.get("space", {}))
+    searched = set(space) | ({"train.encoder"} if encoder == "all" else set())
+    fixed = {f"{section}.{key}": value for section in ("train", "tiles", "split", "normalise")
+             for key, value in sorted(_flatten(params[section]).items())
+             if f"{section}.{key}" not in searched}
+    return {
+        "task": str(params["train"]["task"]),
+        "encoder": encoder,
+        "encoders": sorted(search["encoders"]) if encoder == "all" else [encoder],
+        "data_fingerprint": data_fingerprint,
+        "space": {k: dict(v) for k, v in sorted(space.items())},
+        "fixed": fixed,
+    }
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def identity_hash(identity: Mapping[str, Any]) -> str:
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def resolve_study_name(template: str, identity: Mapping[str, Any]) -> str:
+    """``socseg-{task}-{encoder}-{identity}`` -> ``socseg-ni-vgg16-3f2a...``; a plain name stays as it is."""
+    try:
+        return str(template).format(task=identity["task"], encoder=identity["encoder"],
+                                    identity=identity_hash(identity))
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"search.study_name {template!r}: placeholders are {{task}}, {{encoder}}, "
+                         f"{{identity}} ({error})") from None
+
+
+class StudyMismatch(ValueError):
+    """An explicitly named study was made for another task, encoder or data."""
+
+
+def check_study_identity(study: optuna.Study, identity: Mapping[str, Any]) -> None:
+    """Record the identity in a new study; refuse to mix trials into a study made for something else."""
+    recorded = study.user_attrs.get("identity")
+    if recorded is None:
+        if finished_trials(study):
+            raise StudyMismatch(
+                f"study {study.study_name!r} holds trials but no recorded task/encoder/data: it was made "
+                "by an older socseg; leave search.study_name at its default or name a new study")
+        study.set_user_attr("identity", json.loads(json.dumps(identity, default=str)))
+        study.set_user_attr("identity_hash", identity_hash(identity))
+        return
+    differs = [f"{key}: study has {recorded.get(key)!r}, this run has {identity[key]!r}"
+               for key in CHECKED_IDENTITY if recorded.get(key) != identity[key]]
+    if differs:
+        raise StudyMismatch(f"study {study.study_name!r} was made for other inputs ({'; '.join(differs)}): "
+                            "use another --study-name, or leave it empty to derive one from the inputs")
+
+
+def open_study(params: Mapping, study_name: str, storage: str | None = None) -> optuna.Study:
     """Create or load (``load_if_exists``) the study, with heartbeat so dead workers' trials get retried."""
     search = params["search"]
     rdb = optuna.storages.RDBStorage(
@@ -89,7 +198,7 @@ def open_study(params: Mapping, study_name: str | None = None, storage: str | No
     )
     pruner_settings = search.get("pruner", {})
     return optuna.create_study(
-        study_name=study_name or search["study_name"],
+        study_name=study_name,
         storage=rdb,
         direction="maximize",
         load_if_exists=True,
@@ -116,6 +225,7 @@ class SearchResult:
     storage: str
     parent_run_id: str
     n_finished: int
+    n_trained: int  # trials this invocation ran (0: the study already held n_trials)
     best_trial: int
     best_value: float
     best_params: dict[str, Any]
@@ -139,16 +249,22 @@ def run_search(
     """Run trials until the study holds ``n_trials`` finished ones (or ``timeout`` seconds pass)."""
     from socseg.train import train
 
+    from socseg.train import data_fingerprint
+
     search = params["search"]
     encoder = encoder or params["train"]["encoder"]
     n_trials = int(n_trials if n_trials is not None else search["n_trials"])
     timeout = float(timeout if timeout is not None else search.get("timeout", 0)) or None
     storage = storage or search["storage"]
-    study = open_study(params, study_name, storage)
+    identity = study_identity(params, encoder, data_fingerprint(params))
+    study = open_study(params, resolve_study_name(study_name or search["study_name"], identity), storage)
+    check_study_identity(study, identity)
     tracking.configure_tracking(params)
     worker = worker_id()
+    started: list[int] = []
 
     def objective(trial: optuna.Trial) -> float:
+        started.append(trial.number)
         tree = trial_params(params, encoder, trial)
         pruning = OptunaPruning(trial)
         result = train(
@@ -191,13 +307,14 @@ def run_search(
         best = study.best_trial
         mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
         mlflow.log_metrics({"best_val_mean_iou": best.value, "best_trial": best.number,
-                            "n_finished_trials": len(finished_trials(study))})
+                            "n_finished_trials": len(finished_trials(study)), "n_trained_trials": len(started)})
         _log_study_artifacts(study)
         return SearchResult(
             study_name=study.study_name,
             storage=_redact(storage),
             parent_run_id=parent.info.run_id,
             n_finished=len(finished_trials(study)),
+            n_trained=len(started),
             best_trial=best.number,
             best_value=float(best.value),
             best_params=dict(best.params),

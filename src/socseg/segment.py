@@ -34,7 +34,16 @@ from tqdm import tqdm
 
 from socseg import __version__
 from socseg.context import halo as context_halo
-from socseg.volume import IMAGE_FILE, META_FILE, VolumeError, _by_index, _check_image_array, _decode
+from socseg.volume import (
+    IMAGE_FILE,
+    META_FILE,
+    VolumeError,
+    _by_index,
+    _check_image_array,
+    _decode,
+    check_not_colour,
+    page_colour,
+)
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -81,6 +90,11 @@ class SliceReader:
             self.close()
             raise VolumeError(f"{source}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
         shape, axes = tuple(series.shape), series.axes
+        try:
+            check_not_colour(source, shape, *page_colour(series.pages[0] if series.pages else self._tif.pages[0]))
+        except VolumeError:
+            self.close()
+            raise
         if len(shape) < 2 or axes[-2:] != "YX":
             self.close()
             raise VolumeError(f"{source}: not a stack of grey slices (axes {axes}, shape {shape})")
@@ -323,10 +337,13 @@ def segment(
     step_fraction: float | None = None,
     multi_axis: bool = False,
     progress: bool = True,
+    allow_out_of_range: bool = False,
 ) -> SegmentResult:
     """Segment a volume with the pyfunc segmenter at ``model_uri``, in this process (no server).
 
     ``None`` settings come from the model (tta, step) or params.yaml ``inference.slice_batch``.
+    Each chunk whose grey values mostly lie outside the model's normalisation range is refused
+    (:func:`socseg.pyfunc.check_grey_range`, a ``RequestError``) unless ``allow_out_of_range``.
     """
     import mlflow
 
@@ -345,6 +362,8 @@ def segment(
         params["tta"] = bool(tta)
     if step_fraction is not None:
         params["step_fraction"] = float(step_fraction)
+    if allow_out_of_range:
+        params["allow_out_of_range"] = True
     metadata = {
         "phase_map": {str(k): v for k, v in config.label_phase_map.items()},
         "task": config.task,
@@ -353,6 +372,7 @@ def segment(
         "tta": params.get("tta", config.tta),
         "step_fraction": params.get("step_fraction", config.step_fraction),
         "multi_axis": multi_axis,
+        "allow_out_of_range": bool(allow_out_of_range),
     }
     halo = config.context_slices  # a 2.5D model gets each chunk's neighbouring slices as context
 

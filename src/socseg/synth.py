@@ -8,6 +8,7 @@ perfect. Everything is drawn from one seeded ``numpy`` Generator: same arguments
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -137,3 +138,66 @@ def synth_from_params(
         noise_sigma=float(settings.get("noise_sigma", 1500)),
         phase_map=phase_map,
     )
+
+
+# --------------------------------------------------------------------------- the built-in sample
+
+BUILTIN_SAMPLE = "sample"
+
+
+def dvc_dir_md5(files: Mapping[str, Path]) -> str:
+    """The md5 DVC 3 records for a directory holding ``files`` (relative path -> file).
+
+    DVC hashes a directory as the md5 of the JSON list of ``{"md5", "relpath"}`` of its files,
+    sorted by path: computing it here checks a generated sample against ``data.dvc`` without
+    running DVC (``mlflow run`` does not need DVC installed).
+    """
+    import hashlib
+    import json
+
+    entries = [{"md5": hashlib.md5(Path(path).read_bytes()).hexdigest(), "relpath": rel}
+               for rel, path in sorted(files.items())]
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def recorded_dvc_md5(dvc_file: str | Path) -> str | None:
+    """The directory md5 a ``.dvc`` file records for its single output (``None`` if absent)."""
+    import yaml
+
+    path = Path(dvc_file)
+    if not path.is_file():
+        return None
+    record = yaml.safe_load(path.read_text()) or {}
+    outs = record.get("outs") or []
+    md5 = str(outs[0].get("md5", "")) if len(outs) == 1 else ""
+    return md5.removesuffix(".dir") or None
+
+
+def materialise_sample(params: Mapping[str, Any], directory: str | Path, check_against: str | None = None) -> Path:
+    """Write the built-in phantom to ``directory`` (``<data.dir>/sample``) and check it.
+
+    The sample is made, not downloaded: it is a deterministic function of the code and the
+    ``synth`` params. ``check_against`` (default ``synth.check_against``, normally ``data.dvc``)
+    names a DVC file that versions the same sample as ``<dir>/sample``: the generated files must
+    hash to the md5 it records, so a run on a fresh clone trains on exactly the versioned data.
+    On a mismatch nothing is left behind.
+    """
+    import shutil
+
+    from socseg.volume import IMAGE_FILE, LABELS_FILE, META_FILE, save_volume
+
+    target = Path(directory)
+    if check_against is None:
+        check_against = str((params.get("synth") or {}).get("check_against") or "")
+    save_volume(synth_from_params(params, BUILTIN_SAMPLE), target, overwrite=True)
+    expected = recorded_dvc_md5(check_against) if check_against else None
+    if expected is not None:
+        files = {f"{BUILTIN_SAMPLE}/{name}": target / name for name in (IMAGE_FILE, LABELS_FILE, META_FILE)}
+        actual = dvc_dir_md5(files)
+        if actual != expected:
+            shutil.rmtree(target, ignore_errors=True)
+            raise VolumeError(
+                f"the generated sample (md5 {actual}) differs from the one {check_against} versions (md5 {expected}): "
+                "the synth params were changed or this machine does not reproduce the phantom bit for bit; "
+                "set synth.check_against to '' to use it anyway")
+    return target

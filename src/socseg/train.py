@@ -29,7 +29,7 @@ from socseg.metrics import ThresholdedIoU, confusion_matrix, probabilities_to_cl
 from socseg.models import build_model
 from socseg.normalise import IntensityNormalisation, Normaliser
 from socseg.plots import overlay_figure, training_curves_figure
-from socseg.runtime import runtime_tags, seed_everything, set_precision
+from socseg.runtime import resolve_precision, runtime_tags, seed_everything, set_precision
 from socseg.split import SlabSplit, split_from_params
 from socseg.tasks import check_task, task_class_names, task_targets
 from socseg.volume import Volume, load_volume, volume_dir
@@ -61,10 +61,17 @@ class PreparedData:
 
 
 def load_labelled_volumes(params: Mapping, names: Sequence[str]) -> list[Volume]:
+    """The configured labelled volumes; the built-in sample is made on first use (fresh clone)."""
+    from socseg.synth import BUILTIN_SAMPLE, materialise_sample
+
     data_dir = params["data"]["dir"]
     volumes = []
     for name in names:
-        volume = load_volume(volume_dir(name, data_dir))
+        directory = volume_dir(name, data_dir)
+        if name == BUILTIN_SAMPLE and not directory.exists():
+            print(f"socseg: {directory} is missing: generating the built-in sample", flush=True)
+            materialise_sample(params, directory)
+        volume = load_volume(directory)
         if volume.labels is None:
             raise ValueError(f"volume {name!r} has no labels: training needs labelled volumes")
         volumes.append(volume)
@@ -72,6 +79,13 @@ def load_labelled_volumes(params: Mapping, names: Sequence[str]) -> list[Volume]
     if len(phase_names) > 1:
         raise ValueError(f"volumes disagree on their phases: {sorted(phase_names)}")
     return volumes
+
+
+def data_fingerprint(params: Mapping) -> str:
+    """Fingerprint of the configured labelled volumes (their stored files' sha256): what a study,
+    a run and a registered version record as "the data"."""
+    volumes = load_labelled_volumes(params, params["data"]["volumes"])
+    return tracking.volumes_fingerprint([dict(v.meta.checksums) for v in volumes])
 
 
 def prepare_data(params: Mapping, volumes: Sequence[Volume], task: str) -> PreparedData:
@@ -193,7 +207,7 @@ def _settings(params: Mapping) -> dict[str, Any]:
         "learning_rate": float(t["learning_rate"]),
         "dropout": float(t["dropout"]),
         "loss": str(t["loss"]),
-        "precision": str(t["precision"]),
+        "precision": resolve_precision(str(t["precision"])),
         "encoder_weights": str(t["encoder_weights"]),
         "encoder_batchnorm": str(t.get("encoder_batchnorm", "auto")),
         "bn_momentum": float(t.get("bn_momentum", 0.9)),
@@ -394,7 +408,7 @@ def train(
             model_uri = segmenter_uri = ""
             if log_model:
                 model_uri, segmenter_uri = _log_model(
-                    model, data, s["tile_size"], params.get("inference") or {}, s["context_slices"]
+                    model, data, s["tile_size"], params.get("inference") or {}, s["context_slices"], s["encoder"]
                 )
             return TrainResult(
                 run.info.run_id, model_uri, metrics, history, best_epoch, seconds, segmenter_uri=segmenter_uri
@@ -442,6 +456,7 @@ def _log_model(
     tile_size: int,
     inference: Mapping[str, Any] | None = None,
     context_slices: int = 0,
+    encoder: str = "",
 ) -> tuple[str, str]:
     """Log the Keras model and, next to it, the pyfunc segmenter; returns both model URIs."""
     from socseg.pyfunc import log_segmenter, segmenter_config
@@ -460,6 +475,7 @@ def _log_model(
         "normalisation": data.normaliser.to_dict(),
         "tile_size": tile_size,
         "context_slices": int(context_slices),
+        "encoder": encoder,
     }
     info = tracking.log_keras_model(exported, signature, raw_example, metadata={"socseg": socseg_meta})
     # The served model: the same network as a pyfunc that segments whole slices of any size.

@@ -385,12 +385,52 @@ def _decode(path: Path) -> tuple[np.ndarray, str]:
         with tifffile.TiffFile(io.BytesIO(raw)) as tif:
             if not tif.pages:  # tifffile only warns about a broken first-page offset
                 raise ValueError("no readable image pages")
+            photometric, samples = page_colour(tif.pages[0])
             array = np.asarray(tif.asarray())
     except Exception as exc:  # corrupt/truncated/not a TIFF: tifffile raises many types
         raise VolumeError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     if array.size == 0:
         raise VolumeError(f"{path}: not a readable TIFF (empty image)")
+    check_not_colour(path, array.shape, photometric, samples)
     return array.astype(array.dtype.newbyteorder("="), copy=False), hashlib.sha256(raw).hexdigest()
+
+
+# Photometric interpretations whose pixels are colours (tifffile decodes YCbCr to RGB).
+_COLOUR_PHOTOMETRIC = ("RGB", "YCBCR", "CIELAB", "ICCLAB", "ITULAB", "SEPARATED")
+
+
+def page_colour(page: Any) -> tuple[str, int]:
+    """(photometric name, samples per pixel) of a tifffile page, ``("", 1)`` where unknown."""
+    photometric = getattr(page, "photometric", None)
+    name = getattr(photometric, "name", "") or ""
+    try:
+        samples = int(getattr(page, "samplesperpixel", 1) or 1)
+    except (TypeError, ValueError):
+        samples = 1
+    return str(name).upper(), samples
+
+
+def check_not_colour(path: str | os.PathLike, shape: Sequence[int], photometric: str = "", samples: int = 1) -> None:
+    """Refuse a colour (RGB/RGBA) image, which would otherwise pass for a stack of H slices of
+    W x 3 pixels. The TIFF's own description (photometric RGB, 3 or 4 samples per pixel) decides
+    where it says so; otherwise a 3-D shape whose last axis is 3 or 4 (slices 3 or 4 pixels wide
+    are no PXCT data) is taken for one."""
+    shape = tuple(int(s) for s in shape)
+    by_tags = photometric in _COLOUR_PHOTOMETRIC or samples in (3, 4)
+    by_shape = len(shape) == 3 and shape[-1] in (3, 4) and shape[-2] > shape[-1]
+    if not (by_tags or by_shape):
+        return
+    alpha = samples == 4 if samples in (3, 4) else shape[-1] == 4
+    kind = "RGBA" if alpha else "RGB"
+    detail = (
+        f"photometric {photometric or 'unknown'}, {samples} samples per pixel"
+        if by_tags
+        else f"{shape[-1]} values per pixel along the last axis"
+    )
+    raise VolumeError(
+        f"{path}: an {kind} image {shape}, not a grey-value slice stack ({detail}): convert it to greyscale "
+        "(one uint8, uint16 or float32 grey value per pixel) and try again"
+    )
 
 
 def _check_image_array(array: np.ndarray, path: Path) -> None:

@@ -8,12 +8,13 @@ from typing import Any
 import click
 
 from socseg.config import load_params
-from socseg.synth import synth_from_params
+from socseg.synth import BUILTIN_SAMPLE, materialise_sample, synth_from_params
 from socseg.volume import (
     DEFAULT_PHASE_MAP,
     Volume,
     VolumeError,
     import_slices,
+    load_volume,
     normalise_phase_map,
     parse_phase_map,
     save_volume,
@@ -111,8 +112,13 @@ def synth(name: str, shape: str | None, seed: int | None, data_dir: str | None, 
     try:
         params = load_params()
         target = _target(name, data_dir, params, overwrite)
-        volume = synth_from_params(params, name, shape=_parse_shape(shape), seed=seed)
-        save_volume(volume, target, overwrite=overwrite)
+        if name == BUILTIN_SAMPLE and shape is None and seed is None:
+            # The built-in sample: checked against the md5 that synth.check_against (data.dvc) records.
+            materialise_sample(params, target)
+            volume = load_volume(target)
+        else:
+            volume = synth_from_params(params, name, shape=_parse_shape(shape), seed=seed)
+            save_volume(volume, target, overwrite=overwrite)
     except (VolumeError, OSError) as exc:  # OSError: params file or disk problems
         raise DataError(str(exc)) from None
     click.echo(f"synthesised {_summary(volume, target)}")

@@ -2,8 +2,10 @@
 
 VOLUME (and ``--truth``) is a socseg volume directory (its ``labels.tif``: labels or a
 segmentation), or a bare label stack: a multi-page TIFF or a folder of slice TIFFs, read
-with ``--phase-map`` (default 0=pore,128=ysz,255=ni). Only the labels are read, never the
-grey image, so memory stays at the metrics' own needs.
+with the phase map ``socseg segment`` recorded in the TIFF (e.g. 0=rest,255=ni for an ``ni``
+model), else ``--phase-map`` (default 0=pore,128=ysz,255=ni); a ``--phase-map`` that
+contradicts the recorded one is refused. Only the labels are read, never the grey image, so
+memory stays at the metrics' own needs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from socseg.volume import (
     META_FILE,
     VolumeError,
     VolumeMeta,
+    _format_phase_map,
+    normalise_phase_map,
     parse_phase_map,
     read_stack,
 )
@@ -65,7 +69,36 @@ def load_labels(path: str | Path, phase_map: dict[int, str] | None = None) -> La
     labels = read_stack(source)
     if labels.dtype.kind not in "ui":
         raise VolumeError(f"{source}: label stack must hold integer label values, got {labels.dtype}")
-    return LabelVolume(source.stem or source.name, labels, phase_map or dict(DEFAULT_PHASE_MAP), None)
+    recorded = recorded_phase_map(source)
+    if recorded is not None and phase_map is not None and dict(sorted(phase_map.items())) != recorded:
+        raise VolumeError(
+            f"{source}: --phase-map {_format_phase_map(phase_map)} contradicts the phase map recorded in the file "
+            f"{_format_phase_map(recorded)} (by socseg segment): drop --phase-map to use the recorded one"
+        )
+    mapping = phase_map or recorded or dict(DEFAULT_PHASE_MAP)
+    return LabelVolume(source.stem or source.name, labels, mapping, None)
+
+
+def recorded_phase_map(path: str | Path) -> dict[int, str] | None:
+    """The phase map ``socseg segment`` recorded in a label stack's first page (e.g. {0: rest,
+    255: ni} for an ``ni`` model), or None (a folder, or a TIFF written by something else)."""
+    from socseg.segment import read_label_metadata
+
+    source = Path(path)
+    if not source.is_file():
+        return None
+    try:
+        recorded = read_label_metadata(source).get("phase_map")
+    except Exception:  # not our TIFF description: read_stack has already vetted the file itself
+        return None
+    if not recorded:
+        return None
+    if not isinstance(recorded, dict):
+        raise VolumeError(f"{source}: the recorded phase_map {recorded!r} is not a mapping of label value -> phase")
+    try:
+        return normalise_phase_map(recorded)
+    except VolumeError as exc:
+        raise VolumeError(f"{source}: bad recorded phase_map ({exc})") from None
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -132,7 +165,12 @@ def _table(pred: MicrostructureResult, names: list[str], truth: MicrostructureRe
 @click.option("--truth", type=click.Path(exists=True), default=None, help="Labelled volume to compare against.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the JSON to this file.")
-@click.option("--phase-map", default=None, help="Label value -> phase, e.g. 0=pore,128=ysz,255=ni (default: volume.json, else that).")
+@click.option(
+    "--phase-map",
+    default=None,
+    help="Label value -> phase, e.g. 0=pore,128=ysz,255=ni (default: volume.json, or the map socseg segment "
+    "recorded in the TIFF, else that).",
+)
 @click.option("--voxel-size", type=float, default=None, help="Voxel size in nm (default: volume.json); lengths then in um, else in voxels.")
 @click.option("--phases", default=None, help="Phase names playing pore,ysz,ni for the TPB (default: pore,ysz,ni).")
 @click.option("--size-phases", default=None, help="Phases whose size distribution to measure, comma-separated, or 'none' (default: ni).")

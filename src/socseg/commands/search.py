@@ -32,19 +32,24 @@ params_option = click.option("--params", "params_file", type=click.Path(dir_okay
 @click.option("--epochs", type=blankable(int), help="Epochs per trial.")
 @click.option("--steps-per-epoch", type=blankable(int))
 @click.option("--tile-size", type=blankable(int))
-@click.option("--precision", type=blankable(click.Choice(["float32", "mixed_bfloat16", "mixed_float16"])))
-@click.option("--study-name", type=blankable(str))
+@click.option("--precision", type=blankable(click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"])))
+@click.option("--encoder-weights", type=blankable(str),
+              help="imagenet | none | path to a local weights file (freezing is searched only with pretrained weights).")
+@click.option("--study-name", type=blankable(str),
+              help="Default search.study_name: derived from task, encoder, data and search settings (same inputs "
+                   "resume the same study). An explicit name resumes that study if it was made for the same "
+                   "task, encoder and data, and stops otherwise.")
 @click.option("--storage", type=blankable(str), help="Optuna RDB URL (sqlite:///optuna.db, postgresql://...).")
 @click.option("--data-dir", type=blankable(str))
 @params_option
 @click.option("--out", default=f"{_OUTPUTS}/search.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--history-out", type=click.Path(dir_okay=False), help="Copy the best trial's per-epoch curves (CSV) here.")
-def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size, precision, study_name, storage,
-           data_dir, params_file, out, history_out) -> None:
+def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size, precision, encoder_weights, study_name,
+           storage, data_dir, params_file, out, history_out) -> None:
     """Optuna search over encoder and hyperparameters; one nested MLflow run per trial."""
     from socseg.search import run_search, write_result
 
-    params = _load(params_file, train=dict(task=task, epochs=epochs, precision=precision),
+    params = _load(params_file, train=dict(task=task, epochs=epochs, precision=precision, encoder_weights=encoder_weights),
                    tiles=dict(steps_per_epoch=steps_per_epoch, size=tile_size), data=dict(dir=data_dir))
     result = run_search(params, encoder=encoder, n_trials=n_trials, timeout=timeout,
                         study_name=study_name, storage=storage)
@@ -56,19 +61,21 @@ def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size,
 
         shutil.copyfile(mlflow.artifacts.download_artifacts(run_id=result.best_run_id, artifact_path="training/history.csv"),
                         history_out)
-    click.echo(f"study {result.study_name}: {result.n_finished} finished trials; best trial {result.best_trial} "
+    click.echo(f"study {result.study_name}: trained {result.n_trained} trial(s) now, {result.n_finished} finished "
+               f"in all; best trial {result.best_trial} "
                f"({result.best_encoder}) val_mean_iou={result.best_value:.4f} -> {out}")
 
 
 @click.command()
+@click.option("--task", type=blankable(click.Choice(["ni", "phases"])))
 @click.option("--data-dir", type=blankable(str))
 @params_option
 @click.option("--out", default=f"{_OUTPUTS}/prepare.json", show_default=True, type=click.Path(dir_okay=False))
-def prepare(data_dir, params_file, out) -> None:
+def prepare(task, data_dir, params_file, out) -> None:
     """Record slab splits, training-slab normalisation and the data fingerprint (DVC stage)."""
     from socseg.pipeline import prepare as run_prepare
 
-    summary = run_prepare(_load(params_file, data=dict(dir=data_dir)), out)
+    summary = run_prepare(_load(params_file, data=dict(dir=data_dir), train=dict(task=task)), out)
     click.echo(f"prepared {len(summary['volumes'])} volume(s), fingerprint {summary['data_fingerprint'][:12]} -> {out}")
 
 
@@ -88,7 +95,8 @@ def evaluate_best(search_json, data_dir, params_file, out) -> None:
 @click.command()
 @click.option("--search", "search_json", default=f"{_OUTPUTS}/search.json", show_default=True)
 @click.option("--metrics", "metrics_json", default="metrics.json", show_default=True)
-@click.option("--model-name", type=blankable(str), help="Registered model name (default registry.model_name).")
+@click.option("--model-name", type=blankable(str),
+              help="Registered model name; {task} is replaced by the model's task (default registry.model_name).")
 @click.option("--data-dir", type=blankable(str))
 @params_option
 @click.option("--out", default=f"{_OUTPUTS}/registered.json", show_default=True, type=click.Path(dir_okay=False))
@@ -98,5 +106,10 @@ def register(search_json, metrics_json, model_name, data_dir, params_file, out) 
 
     params = _load(params_file, data=dict(dir=data_dir), registry=dict(model_name=model_name))
     promotion = run_register(params, search_json, metrics_json, out)
-    verdict = "is the new champion" if promotion["promoted"] else "stays challenger (champion is better)"
+    if promotion["already_registered"]:
+        verdict = "was already registered from this run" + (" and is champion" if promotion["promoted"] else "")
+    elif promotion["promoted"]:
+        verdict = "is the new champion"
+    else:
+        verdict = "stays challenger (champion is better)"
     click.echo(f"{promotion['name']} v{promotion['version']} ({promotion['score']:.4f}) {verdict}")

@@ -20,8 +20,15 @@ from socseg.commands.data import DataError
     "--step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), help="Tile step / tile size [default: the model's]."
 )
 @click.option("--multi-axis", is_flag=True, help="Average predictions along z, y and x (holds the volume in memory).")
+@click.option(
+    "--allow-out-of-range",
+    is_flag=True,
+    help="Segment even when most grey values lie outside the model's training range (refused by default).",
+)
 @click.option("--tracking-uri", help="Where models:/ and runs:/ URIs resolve [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
-def segment(model_uri, input_path, output, overwrite, slice_batch, tta, step_fraction, multi_axis, tracking_uri) -> None:
+def segment(
+    model_uri, input_path, output, overwrite, slice_batch, tta, step_fraction, multi_axis, allow_out_of_range, tracking_uri
+) -> None:
     """Segment INPUT (multi-page TIFF, folder of slice TIFFs or volume directory) with MODEL_URI
     (e.g. models:/socseg@champion, runs:/<id>/segmenter) into the label stack OUTPUT (.tif)."""
     import mlflow
@@ -44,6 +51,7 @@ def segment(model_uri, input_path, output, overwrite, slice_batch, tta, step_fra
             tta=tta,
             step_fraction=step_fraction,
             multi_axis=multi_axis,
+            allow_out_of_range=allow_out_of_range,
         )
     except (VolumeError, OSError, MlflowException) as exc:
         raise DataError(getattr(exc, "message", None) or str(exc)) from None

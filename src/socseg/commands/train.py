@@ -19,7 +19,7 @@ from socseg.commands.options import blankable
 @click.option("--learning-rate", "--lr", "learning_rate", type=blankable(float))
 @click.option("--dropout", type=blankable(float))
 @click.option("--loss", type=blankable(click.Choice(["ce", "dice", "ce_dice", "focal"])))
-@click.option("--precision", type=blankable(click.Choice(["float32", "mixed_bfloat16", "mixed_float16"])))
+@click.option("--precision", type=blankable(click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"])))
 @click.option("--encoder-weights", type=blankable(str), help="imagenet | none | path to a local weights file.")
 @click.option("--encoder-batchnorm", type=blankable(click.Choice(["auto", "true", "false"])),
               help="BatchNorm in the VGG16 encoder (auto: only when training from scratch).")

@@ -1,0 +1,164 @@
+"""What every benchmark records beside its figures: command, commit, hardware, software.
+
+Shared by accuracy.py, search_real.py, serving_bench.py and scaleout_bench.py (imported as a
+sibling module: the scripts are run as ``python benchmarks/<script>.py``). ``write_result`` writes
+the JSON + Markdown pair of the benches that have no table writer of their own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+PACKAGES = ("socseg", "keras", "tensorflow", "tensorflow-cpu", "jax", "mlflow", "mlflow-skinny", "optuna", "numpy",
+            "scikit-learn", "psycopg2-binary", "SQLAlchemy")
+
+
+def command_line(script: str | Path, argv: Sequence[str] | None = None) -> str:
+    """``python benchmarks/<script> ARGS`` as it was typed (``argv`` default: this process's arguments)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return f"python benchmarks/{Path(script).name} {shlex.join(args)}".rstrip()
+
+
+def git_commit() -> str:
+    """Short commit of the checkout, or ``unknown`` outside git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (the figures may then come from uncommitted code)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.strip())
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, cores (all, and usable by this process), AVX-512 / bf16 / AMX flags, RAM."""
+    info: dict[str, Any] = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        info["cores_usable"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["model"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")))
+        info["flags"] = {flag: flag in flags for flag in CPU_FLAGS}
+    except (OSError, StopIteration):
+        pass
+    try:
+        kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal:"))
+        info["ram_gib"] = round(kib / 1024**2, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return info
+
+
+def software_versions() -> dict[str, str]:
+    """Python, OS and the installed versions of the packages that shape the figures (missing ones left out)."""
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    versions["keras_backend"] = os.environ.get("KERAS_BACKEND", "tensorflow")
+    return versions
+
+
+def hardware() -> str:
+    """One line for table headers: CPU model (bf16 flags); accelerator, Keras / backend, Python."""
+    import keras
+
+    from socseg.runtime import accelerator
+
+    backend = keras.backend.backend()
+    version = ""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        version = f" {tf.__version__}"
+    cpu = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = [f for f in ("avx512_bf16", "amx_bf16") if f in info]
+        cpu = f"{model}{' (' + ', '.join(flags) + ')' if flags else ''}; "
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}{accelerator()}, Keras {keras.__version__} / {backend}{version}, Python {platform.python_version()}"
+
+
+def run_metadata(script: str | Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command, date, commit, hardware and software of this run (no Keras import: cheap in any process)."""
+    return {
+        "command": command_line(script, argv),
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
+        "hardware": cpu_info(),
+        "software": software_versions(),
+    }
+
+
+def describe_hardware(hw: Mapping[str, Any]) -> str:
+    flags = hw.get("flags", {})
+    shown = ", ".join(f"{flag} {'yes' if flags[flag] else 'no'}" for flag in CPU_FLAGS if flag in flags)
+    cores = f"{hw.get('cores')} cores" + (f" ({hw['cores_usable']} usable)" if hw.get("cores_usable") not in (None, hw.get("cores")) else "")
+    return f"{hw.get('model')}, {cores}, {hw.get('ram_gib', '?')} GiB RAM" + (f"; {shown}" if shown else "")
+
+
+def write_result(out: Path, name: str, title: str, metadata: Mapping[str, Any], settings: Mapping[str, Any],
+                 figures: Mapping[str, Any], columns: Sequence[tuple[str, ...]], rows: Sequence[Mapping[str, Any]],
+                 notes: Sequence[str] = ()) -> tuple[Path, Path]:
+    """``<out>/<name>.json`` (metadata, settings, figures, table rows) and ``<out>/<name>.md`` (header + table).
+
+    ``columns`` are (key, heading) or (key, heading, format spec) for ``rows``; floats are shown with
+    the spec (default ``,.2f``) in the table, unrounded in the JSON.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**metadata, "settings": dict(settings), "figures": dict(figures), "rows": [dict(r) for r in rows]}
+    json_path = out / f"{name}.json"
+    json_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    software = metadata.get("software", {})
+    header = {
+        "command": f"`{metadata.get('command', '')}`",
+        "date / commit": f"{metadata.get('date')} / {metadata.get('git_commit')}"
+                         + (" (uncommitted changes in tracked files)" if metadata.get("git_dirty") else ""),
+        "hardware": describe_hardware(metadata.get("hardware", {})),
+        "software": ", ".join(f"{k} {v}" for k, v in software.items() if k != "platform"),
+        "settings": "; ".join(f"{k} {v}" for k, v in settings.items()),
+    }
+
+    def cell(value: Any, spec: str) -> str:
+        if value is None:
+            return "-"
+        return format(value, spec) if isinstance(value, float) else str(value)
+
+    specs = [(c[0], c[1], c[2] if len(c) > 2 else ",.2f") for c in columns]
+    lines = [f"# {title}", ""] + [f"- **{k}**: {v}" for k, v in header.items()]
+    lines += ["", "| " + " | ".join(h for _, h, _ in specs) + " |", "|" + "---|" * len(specs)]
+    lines += ["| " + " | ".join(cell(row.get(k), spec) for k, _, spec in specs) + " |" for row in rows]
+    lines += [""] + [f"{note}" for note in notes] + ([""] if notes else [])
+    md_path = out / f"{name}.md"
+    md_path.write_text("\n".join(lines))
+    return json_path, md_path
