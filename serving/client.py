@@ -1,7 +1,8 @@
 """Segment a whole volume with a running ``mlflow models serve`` of a socseg segmenter.
 
     python serving/client.py http://127.0.0.1:5000 volume.tif labels.tif [--slice-batch 8]
-        [--form compact|tensor] [--encoding tiff|npy] [--tta] [--halo K] [--overwrite] [--retries 5]
+        [--form compact|tensor] [--encoding tiff|npy] [--tta] [--halo K] [--allow-out-of-range]
+        [--overwrite] [--retries 5]
 
 Sends INPUT (multi-page TIFF, folder of slice TIFFs or socseg volume directory) to
 ``/invocations`` a few slices per request, reassembles the answers and writes the label stack
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-map", default=None, help="label value -> phase for the metadata, e.g. 0=pore,255=ni")
     parser.add_argument("--halo", type=int, default=0,
                         help="2.5D models: the model's context_slices (neighbouring slices sent around each batch)")
+    parser.add_argument("--allow-out-of-range", action="store_true",
+                        help="segment even when most grey values lie outside the model's range "
+                             "(sends the request param allow_out_of_range: true)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     parser.add_argument("--retries", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one answer")
@@ -251,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             form=args.form,
             encoding=args.encoding,
-            params={"tta": args.tta, "step_fraction": args.step_fraction},
+            params={"tta": args.tta, "step_fraction": args.step_fraction,
+                    "allow_out_of_range": True if args.allow_out_of_range else None},
             phase_map=parse_phase_map(args.phase_map) if args.phase_map else None,
             retries=args.retries,
             timeout=args.timeout,

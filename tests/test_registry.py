@@ -9,10 +9,9 @@ from socseg.registry import CHALLENGER, CHAMPION, champion_version, register_and
 
 
 @pytest.fixture()
-def logged_model(tiny_params, mlflow_env):
-    from socseg.train import train
-
-    return train(tiny_params, evaluate_test=False).segmenter_uri
+def logged_model(trained, in_store):
+    """A logged segmenter (the module's tiny "bad" model: these tests fake the scores anyway)."""
+    return trained[1]["bad"]["uri"]
 
 
 def test_champion_moves_only_to_models_that_are_not_worse(logged_model):
@@ -53,3 +52,229 @@ def test_champion_alias_loads_as_pyfunc_and_predicts(logged_model):
     predicted = model.predict(slices)
     predicted = predicted if isinstance(predicted, np.ndarray) else np.asarray(predicted["labels"] if isinstance(predicted, dict) else predicted)
     assert predicted.shape[:3] == (2, 64, 64)
+
+
+# --- The promotion gate end to end: real models, real re-evaluation, real registry -----------------
+
+GOOD_OVER_BAD = 0.15  # the good model's test score beats the bad one's by at least this much
+
+
+def _tiny_params(folder):
+    """The ``tiny_params`` phantom and settings (conftest), built once for this module."""
+    import copy
+    from pathlib import Path
+
+    from socseg.config import load_params
+    from socseg.synth import synth_from_params
+    from socseg.volume import save_volume
+
+    p = copy.deepcopy(load_params(Path(__file__).resolve().parents[1] / "params.yaml"))
+    p["data"]["dir"] = str(folder / "data")
+    p["data"]["volumes"] = ["tiny"]
+    p["split"].update(train=0.6, val=0.2, test=0.2, gap=2)
+    p["tiles"].update(size=32, steps_per_epoch=2)
+    p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1)
+    p["mlflow"]["tracking_uri"] = f"sqlite:///{folder / 'mlflow.db'}"
+    save_volume(synth_from_params(p, "tiny", shape=(24, 64, 64), seed=1), Path(p["data"]["dir"]) / "tiny")
+    return p
+
+
+def _with(params, train=None, tiles=None, registry=None):
+    import copy
+
+    p = copy.deepcopy(params)
+    for section, values in (("train", train), ("tiles", tiles), ("registry", registry)):
+        p[section].update(values or {})
+    return p
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite tracking store (artifacts beside it) for this module's trained models."""
+    folder = tmp_path_factory.mktemp("registry-store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            patch.delenv(var, raising=False)
+        mlflow.set_tracking_uri(uri)
+        MlflowClient().create_experiment("socseg", artifact_location=(folder / "artifacts").as_uri())
+        yield {"uri": uri, "folder": folder}
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture()
+def in_store(store):
+    """Point MLflow back at the module's store for each test (another fixture may have moved it)."""
+    mlflow.set_tracking_uri(store["uri"])
+    return store
+
+
+@pytest.fixture(scope="module")
+def trained(store):
+    """A clearly good and a clearly bad tiny model, each with its real test score (``test_mean_iou``)."""
+    from socseg.pipeline import score_on_test_slabs
+    from socseg.train import train
+
+    params = _tiny_params(store["folder"])
+    recipes = {
+        "good": dict(train={"epochs": 6, "patience": 6, "learning_rate": 0.005}, tiles={"steps_per_epoch": 8}),
+        "bad": dict(train={"epochs": 1, "learning_rate": 1e-6}, tiles={"steps_per_epoch": 1}),
+    }
+    models = {}
+    for name, recipe in recipes.items():
+        result = train(_with(params, **recipe), run_name=name, evaluate_test=False)
+        scores, _ = score_on_test_slabs(result.segmenter_uri, params)
+        models[name] = {"run_id": result.run_id, "uri": result.segmenter_uri, "score": scores["mean_iou"]}
+    return params, models
+
+
+def _pipeline_files(folder, model, study_name="registry-test-study"):
+    """search.json and metrics.json as `socseg search` and `socseg evaluate` write them for ``model``."""
+    import json
+
+    from socseg.search import SearchResult, write_result
+
+    folder.mkdir(parents=True, exist_ok=True)
+    search = SearchResult(study_name=study_name, storage="sqlite:///optuna.db", parent_run_id="", n_finished=1,
+                          n_trained=1, best_trial=0, best_value=0.0, best_params={}, best_encoder="unet",
+                          best_run_id=model["run_id"], best_model_uri="", best_segmenter_uri=model["uri"])
+    write_result(search, folder / "search.json")
+    metrics = {"test_mean_iou": model["score"], "model_uri": model["uri"], "best_trial": 0,
+               "best_run_id": model["run_id"], "study_name": study_name}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder / "search.json", folder / "metrics.json"
+
+
+def _register(params, model, folder, name):
+    from socseg.pipeline import register
+
+    search_json, metrics_json = _pipeline_files(folder, model)
+    p = _with(params, registry={"model_name": name + "-{task}"})
+    return register(p, search_json, metrics_json, folder / "registered.json")
+
+
+def _versions(name):
+    return sorted(str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'"))
+
+
+def test_the_two_models_differ_clearly(trained):
+    _, models = trained
+    assert models["good"]["score"] > 0.7, models
+    assert models["good"]["score"] - models["bad"]["score"] >= GOOD_OVER_BAD, models
+
+
+def test_a_worse_model_stays_challenger_against_the_re_evaluated_champion(trained, in_store, tmp_path):
+    params, models = trained
+    good, bad = models["good"], models["bad"]
+    first = _register(params, good, tmp_path / "good", "good-first")
+    assert first["promoted"] and first["version"] == "1" and first["champion_version_before"] is None
+    second = _register(params, bad, tmp_path / "bad", "good-first")
+    assert second["version"] == "2" and not second["promoted"] and not second["already_registered"]
+    # The champion was scored again, on the same test slabs, by the real model: its score came back.
+    assert second["champion_version_before"] == "1"
+    assert second["champion_score_before"] == pytest.approx(good["score"], abs=1e-6)
+    assert second["score"] == pytest.approx(bad["score"])
+
+    client, name = MlflowClient(), "good-first-ni"
+    assert champion_version(name) == "1"
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert tags["promotion"] == "rejected"
+    assert tags["champion_compared"] == f"v1 test_mean_iou={good['score']:.6f} (re-evaluated)"
+    assert tags["run_id"] == bad["run_id"] and tags["test_mean_iou"] == f"{bad['score']:.6f}"
+    assert client.get_model_version(name, "1").tags["promotion"] == CHAMPION
+
+
+def test_a_better_model_takes_the_champion_from_a_worse_one(trained, in_store, tmp_path):
+    params, models = trained
+    good, bad = models["good"], models["bad"]
+    first = _register(params, bad, tmp_path / "bad", "bad-first")
+    assert first["promoted"] and first["version"] == "1"
+    second = _register(params, good, tmp_path / "good", "bad-first")
+    assert second["promoted"] and second["version"] == "2"
+    assert second["champion_score_before"] == pytest.approx(bad["score"], abs=1e-6)
+
+    client, name = MlflowClient(), "bad-first-ni"
+    assert champion_version(name) == "2"
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert tags["promotion"] == CHAMPION
+    assert tags["champion_compared"] == f"v1 test_mean_iou={bad['score']:.6f} (re-evaluated)"
+
+
+def test_registering_the_same_run_again_adds_no_version(trained, in_store, tmp_path):
+    params, models = trained
+    first = _register(params, models["good"], tmp_path / "run1", "rerun")
+    again = _register(params, models["good"], tmp_path / "run2", "rerun")
+    assert not first["already_registered"] and first["promoted"]
+    assert again["already_registered"] and again["version"] == first["version"]
+    assert again["promoted"]  # it is (still) the champion
+    assert _versions("rerun-ni") == [first["version"]]
+    assert champion_version("rerun-ni") == first["version"]
+
+
+def test_champion_version_is_none_only_for_a_missing_model_or_alias(trained, in_store):
+    _, models = trained
+    client = MlflowClient()
+    assert champion_version("never-registered") is None
+    client.create_registered_model("no-alias")
+    assert champion_version("no-alias") is None
+    mlflow.register_model(models["bad"]["uri"], "no-alias")
+    assert _versions("no-alias") == ["1"] and champion_version("no-alias") is None
+
+
+def test_a_refused_registry_read_stops_registration_and_promotes_nothing(trained, in_store, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+    from socseg.registry import RegistryError
+
+    _, models = trained
+    good, bad = models["good"], models["bad"]
+    existing = register_and_promote(good["uri"], "denied", good["score"], evaluate=lambda uri: good["score"])
+    assert existing.promoted
+
+    def denied(self, name):
+        raise MlflowException("denied", error_code=PERMISSION_DENIED)
+
+    evaluated = []
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "get_registered_model", denied)
+        for name in ("denied", "denied-new"):
+            with pytest.raises(RegistryError, match="denied"):
+                register_and_promote(bad["uri"], name, 1.0, evaluate=evaluated.append)
+        with pytest.raises(RegistryError, match="denied"):
+            champion_version("denied")
+    assert not evaluated
+    client = MlflowClient()  # the real registry, unpatched: nothing was created or moved
+    assert _versions("denied") == [existing.version] and champion_version("denied") == existing.version
+    assert str(client.get_model_version_by_alias("denied", CHALLENGER).version) == existing.version
+    assert _versions("denied-new") == [] and champion_version("denied-new") is None
+
+
+def test_a_tracking_server_that_is_down_stops_registration(trained, in_store, monkeypatch):
+    import socket
+
+    from socseg.registry import RegistryError
+
+    _, models = trained
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    mlflow.set_tracking_uri(down)
+    evaluated = []
+    try:
+        with pytest.raises(RegistryError) as error:
+            register_and_promote(models["good"]["uri"], "unreachable", 1.0, evaluate=evaluated.append)
+        with pytest.raises(RegistryError):
+            champion_version("unreachable")
+    finally:
+        mlflow.set_tracking_uri(in_store["uri"])
+    assert f"127.0.0.1:{port}" in str(error.value) and not evaluated

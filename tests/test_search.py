@@ -182,3 +182,100 @@ def test_real_data_search_benchmark_writes_what_accuracy_reads(search_params, ml
     row = next(csv.DictReader((tmp_path / "acc/accuracy.csv").open()))
     lr = found["best_params"]["train.learning_rate"]
     assert f"lr {lr}" in row["settings"] and f"trial {found['best_trial']}" in row["settings"]
+
+
+# --------------------------------------------------------------------------- study identity
+
+
+def test_study_name_follows_task_encoder_data_space_and_budget(search_params):
+    from socseg.search import resolve_study_name, study_identity
+
+    template = "socseg-{task}-{encoder}-{identity}"
+
+    def name(params, encoder="unet", fingerprint="f1"):
+        return resolve_study_name(template, study_identity(params, encoder, fingerprint))
+
+    base = name(search_params)
+    assert base.startswith("socseg-ni-unet-") and base == name(copy.deepcopy(search_params))  # same inputs, same study
+    changed = {"encoder": name(search_params, encoder="vgg16"), "data": name(search_params, fingerprint="f2")}
+    for label, edit in {
+        "task": lambda p: p["train"].update(task="phases"),
+        "space": lambda p: p["search"]["space"]["train.learning_rate"].update(high=0.05),
+        "budget": lambda p: p["train"].update(epochs=7),
+        "steps": lambda p: p["tiles"].update(steps_per_epoch=9),
+        "weights": lambda p: p["train"].update(encoder_weights="imagenet"),
+    }.items():
+        params = copy.deepcopy(search_params)
+        edit(params)
+        changed[label] = name(params)
+    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
+    # A searched key's base value does not define the study (the trials never use it).
+    params = copy.deepcopy(search_params)
+    params["train"]["learning_rate"] = 0.123
+    assert name(params) == base
+    assert resolve_study_name("my-study", study_identity(search_params, "unet", "f1")) == "my-study"
+    with pytest.raises(ValueError, match="placeholders"):
+        resolve_study_name("s-{model}", study_identity(search_params, "unet", "f1"))
+
+
+def test_an_explicit_study_name_refuses_other_task_encoder_or_data(search_params, tmp_path):
+    from socseg.search import StudyMismatch, check_study_identity, open_study, study_identity
+
+    study = open_study(search_params, "mine", search_params["search"]["storage"])
+    identity = study_identity(search_params, "unet", "f1")
+    check_study_identity(study, identity)  # recorded in the new study
+    check_study_identity(open_study(search_params, "mine"), identity)  # same inputs: resumes
+    for encoder, fingerprint, task, differs in (("vgg16", "f1", "ni", "encoder"), ("unet", "f2", "ni", "data_fingerprint"),
+                                               ("unet", "f1", "phases", "task")):
+        other = copy.deepcopy(search_params)
+        other["train"]["task"] = task
+        with pytest.raises(StudyMismatch, match=differs):
+            check_study_identity(open_study(search_params, "mine"), study_identity(other, encoder, fingerprint))
+
+
+def test_freezing_is_searched_only_for_pretrained_encoders(search_params, tmp_path):
+    from socseg.search import trial_params
+
+    space = search_params["search"]["space"]
+    space["train.freeze_encoder"] = {"type": "categorical", "choices": [False, True]}
+    space["train.unfreeze_after"] = {"type": "int", "low": 1, "high": 3}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def sampled(encoder, weights, n=6):
+        params = copy.deepcopy(search_params)
+        params["train"]["encoder_weights"] = weights
+        keys = set()
+        for _ in range(n):
+            trial = study.ask()
+            tree = trial_params(params, encoder, trial)
+            keys |= set(trial.params)
+            if not trial.params.get("train.freeze_encoder", False):
+                assert "train.unfreeze_after" not in trial.params
+                assert tree["train"]["freeze_encoder"] is False
+            study.tell(trial, 0.5)
+        return keys
+
+    assert not {"train.freeze_encoder", "train.unfreeze_after"} & sampled("vgg16", "none")
+    assert not {"train.freeze_encoder", "train.unfreeze_after"} & sampled("unet", "imagenet")
+    weights = tmp_path / "encoder.weights.h5"
+    weights.write_bytes(b"")  # only its being a path matters to the space
+    assert {"train.freeze_encoder", "train.unfreeze_after"} <= sampled("vgg16", str(weights), n=12)
+
+
+def test_changed_data_starts_a_new_study_and_the_same_data_resumes(search_params, mlflow_env):
+    """The same command before and after the data changed: a new study that trains; unchanged: nothing trained."""
+    from socseg.search import run_search
+    from socseg.synth import synth_from_params
+    from socseg.volume import save_volume
+
+    search_params["search"].update(study_name="socseg-{task}-{encoder}-{identity}", n_trials=1)
+    first = run_search(search_params, encoder="unet")
+    again = run_search(search_params, encoder="unet")
+    assert first.n_trained == 1 and again.n_trained == 0 and again.study_name == first.study_name
+    assert again.best_run_id == first.best_run_id
+
+    volume = synth_from_params(search_params, "tiny", shape=(24, 64, 64), seed=2)  # new data, same name
+    save_volume(volume, Path(search_params["data"]["dir"]) / "tiny", overwrite=True)
+    changed = run_search(search_params, encoder="unet")
+    assert changed.study_name != first.study_name and changed.n_trained == 1
+    assert changed.best_run_id != first.best_run_id

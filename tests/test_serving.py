@@ -161,6 +161,35 @@ def test_client_retries_connection_errors_then_gives_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.tif"]  # no output, no partial file
 
 
+
+@pytest.mark.parametrize(
+    ("flags", "params"),
+    [
+        ([], None),
+        (["--allow-out-of-range"], {"allow_out_of_range": True}),
+        (["--allow-out-of-range", "--tta", "--step-fraction", "0.25"],
+         {"allow_out_of_range": True, "tta": True, "step_fraction": 0.25}),
+        (["--no-tta"], {"tta": False}),
+    ],
+)
+def test_client_options_become_request_params(tmp_path, monkeypatch, flags, params):
+    """What client.py's options put in each request's "params" (no server: the request body is built here)."""
+    client = _client_module()
+    calls = []
+
+    def capture(url, source, output, **kwargs):
+        calls.append(kwargs)
+        raise client.ServerError("stopped by the test")
+
+    monkeypatch.setattr(client, "segment_with_server", capture)
+    argv = ["http://127.0.0.1:5000", str(tmp_path / "v.tif"), str(tmp_path / "o.tif"), "--slice-batch", "2"]
+    assert client.main(argv + flags) == 2
+    rest = client.RestSegmenter("http://127.0.0.1:5000", params=calls[0]["params"])
+    body = json.loads(rest.payload(np.zeros((1, 4, 4), np.uint16)))
+    assert body.get("params") == params
+    halo = json.loads(rest.payload(np.zeros((3, 4, 4), np.uint16), {"halo_before": 1, "halo_after": 1}))
+    assert halo["params"] == {**(params or {}), "halo_before": 1, "halo_after": 1}
+
 @pytest.mark.slow
 def test_serving_bench_writes_its_result_file(tmp_path):
     """benchmarks/serving_bench.py on 2 slices, one repeat: the printed figures land in serving.json /

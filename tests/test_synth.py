@@ -79,3 +79,29 @@ def test_bad_settings():
         synth_volume(shape=(4, 8, 8), fractions={"pore": 0.5, "metal": 0.5})
     with pytest.raises(VolumeError, match="shape"):
         synth_volume(shape=(4, 8))
+
+
+def test_builtin_sample_is_the_one_data_dvc_versions(params, repo_root, tmp_path, monkeypatch):
+    """Made on a fresh clone, it hashes to data.dvc's md5; with other synth params it is refused and removed."""
+    from socseg.synth import materialise_sample
+    from socseg.volume import VolumeError
+
+    monkeypatch.chdir(repo_root)  # synth.check_against is relative to the project root
+    target = materialise_sample(params, tmp_path / "samples" / "sample")
+    assert sorted(p.name for p in target.iterdir()) == ["image.tif", "labels.tif", "volume.json"]
+
+    params["synth"]["noise_sigma"] = 1200
+    with pytest.raises(VolumeError, match="differs from the one data.dvc versions"):
+        materialise_sample(params, tmp_path / "other" / "sample")
+    assert not (tmp_path / "other" / "sample").exists()
+    params["synth"]["check_against"] = ""
+    assert materialise_sample(params, tmp_path / "other" / "sample").is_dir()
+
+
+def test_training_makes_a_missing_builtin_sample(params, repo_root, tmp_path, monkeypatch):
+    from socseg.train import load_labelled_volumes
+
+    monkeypatch.chdir(repo_root)
+    params["data"]["dir"] = str(tmp_path / "samples")
+    (volume,) = load_labelled_volumes(params, ["sample"])
+    assert volume.image.shape == tuple(params["synth"]["shape"]) and volume.labels is not None

@@ -1,0 +1,34 @@
+"""Precision chosen from the hardware (train.precision: auto), and the tags every run carries."""
+
+import pytest
+
+from socseg.runtime import resolve_precision, runtime_tags
+
+
+@pytest.mark.parametrize(
+    "flags, gpu_bf16, expected",
+    [
+        ({"avx2", "avx512f"}, None, "float32"),               # AVX-512 without bf16: emulated bf16 is slower
+        ({"avx2"}, None, "float32"),
+        ({"avx512f", "avx512_bf16"}, None, "mixed_bfloat16"),
+        ({"amx_bf16", "amx_tile"}, None, "mixed_bfloat16"),
+        ({"avx2"}, True, "mixed_bfloat16"),                   # an Ampere/Hopper GPU decides, not the CPU
+        ({"avx512_bf16"}, False, "float32"),                  # an older GPU: float32 there
+    ],
+)
+def test_auto_precision_follows_the_hardware(flags, gpu_bf16, expected, monkeypatch):
+    if gpu_bf16 is None:  # no GPU on this machine, whatever the test machine has
+        monkeypatch.setattr("socseg.runtime.gpu_supports_bf16", lambda: None)
+    assert resolve_precision("auto", flags=flags, gpu_bf16=gpu_bf16) == expected
+
+
+def test_explicit_precision_is_kept_and_unknown_is_refused():
+    assert resolve_precision("float32", flags={"amx_bf16"}) == "float32"
+    assert resolve_precision("mixed_bfloat16", flags=set()) == "mixed_bfloat16"
+    with pytest.raises(ValueError, match="auto, float32"):
+        resolve_precision("bf16")
+
+
+def test_run_tags_name_the_resolved_precision(monkeypatch):
+    monkeypatch.setattr("socseg.runtime.resolve_precision", lambda p: "float32" if p == "auto" else p)
+    assert runtime_tags("auto")["precision"] == "float32"
