@@ -46,7 +46,9 @@ def tiny_params(tmp_path, params):
     p["data"]["volumes"] = ["tiny"]
     p["split"].update(train=0.6, val=0.2, test=0.2, gap=2)
     p["tiles"].update(size=32, steps_per_epoch=2)
-    p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1)
+    # float32: tests compare scores across batch sizes and processes; train.precision: auto would
+    # make that hardware-dependent (bf16 on AVX512-BF16/AMX machines).
+    p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1, precision="float32")
     p["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     volume = synth_from_params(p, "tiny", shape=(24, 64, 64), seed=1)
     save_volume(volume, Path(p["data"]["dir"]) / "tiny")
