@@ -24,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
 
+from socseg.runtime import resolve_precision  # noqa: E402
+
 STEPS = {"install": ["bash", "scripts/setup_env.sh"], "after_install": ["bash", "scripts/quickstart.sh"]}
 
 
@@ -77,7 +79,8 @@ def main() -> None:
                  ("load_before", "load avg before", ".2f"), ("load_after", "load avg after", ".2f")],
         rows=rows,
         notes=[f"Median after install: {figures['median_after_install_s']:.0f} s; median install (pip wheel cache "
-               f"warm): {figures['median_install_s']:.0f} s. Logs: {log_dir} (not kept)."],
+               f"warm): {figures['median_install_s']:.0f} s. train.precision: auto resolved to "
+               f"{resolve_precision('auto')} on this machine."],
     )
     print(json.dumps(figures))
 
