@@ -32,6 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     metadata = run_metadata(__file__)
     with tempfile.TemporaryDirectory(prefix="socseg-suite-") as tmp:
+        os.chmod(tmp, 0o755)  # the lab services run PostgreSQL as its own user: it must reach the clone
         clone = Path(tmp) / "socseg"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VIRTUAL_ENV"))}
@@ -40,6 +41,8 @@ def main() -> None:
         done = subprocess.run(["bash", ".ci/run"], cwd=clone, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - started
     lines = (done.stdout + done.stderr).splitlines()
+    args.out.mkdir(parents=True, exist_ok=True)  # the pytest part of the output, failures included
+    (args.out / "suite.log").write_text(done.stdout[-200_000:])
     summary = next((m for m in map(SUMMARY.match, reversed(lines)) if m), None)
     row = {"exit_code": done.returncode, "ci_run_s": round(seconds, 1),
            "pytest_s": float(summary.group(3)) if summary else None,
