@@ -398,3 +398,13 @@ def test_command_refuses_a_colour_image(tmp_path, channels, kind):
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"error: {photo}: an {kind} image (20, 30, {channels}), not a grey-value slice stack")
     assert result.output.count("\n") == 1
+
+
+def test_a_phase_filling_the_whole_volume_has_no_sizes_instead_of_failing():
+    """What a badly trained model predicts (all one phase) must not crash the evaluate stage."""
+    from socseg.microstructure import local_thickness_diameters
+
+    diameters, counts = local_thickness_diameters(np.ones((4, 8, 8), dtype=bool), 1.0)
+    assert diameters.size == 0 and counts.size == 0
+    diameters, counts = local_thickness_diameters(np.pad(np.ones((4, 8, 8), bool), 1), 1.0)
+    assert counts.sum() == 4 * 8 * 8 and diameters.max() > 0

@@ -350,7 +350,9 @@ def local_thickness_diameters(mask: np.ndarray, voxel: float = 1.0) -> tuple[np.
         raise MicrostructureError(f"sizes need porespy ({exc}); install it or skip sizes (size_phases=[])") from None
 
     mask = np.ascontiguousarray(mask, dtype=bool)
-    if not mask.any():
+    if not mask.any() or mask.all():
+        # A phase that fills the whole volume has no boundary: its thickness is unbounded (porespy's
+        # distance transform is infinite and it fails). A poor model can predict that; report no sizes.
         return np.zeros(0), np.zeros(0, dtype=np.int64)
     radii, indices = porespy.filters.local_thickness(mask, method="bf", return_indices=True)
     counts = _bincount(np.where(mask, indices, 0).astype(indices.dtype, copy=False), len(radii))
