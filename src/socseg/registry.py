@@ -64,13 +64,14 @@ def champion_version(name: str, client: MlflowClient | None = None) -> str | Non
     return None if version is None else str(version)
 
 
-def _ensure_registered_model(name: str, client: MlflowClient) -> None:
+def _registered_model(name: str, client: MlflowClient):
+    """The registered model ``name``, created when (and only when) it does not exist."""
     try:
-        client.get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException as error:
         if not _missing(error):
             raise RegistryError(f"cannot read registered model {name!r}: {error.message}") from error
-        client.create_registered_model(name, description="socseg segmentation models (PXCT Ni/YSZ)")
+        return client.create_registered_model(name, description="socseg segmentation models (PXCT Ni/YSZ)")
 
 
 def _version_of_run(name: str, run_id: str, client: MlflowClient) -> str | None:
@@ -98,8 +99,8 @@ def register_and_promote(
     pipeline find its earlier version instead of registering a duplicate.
     """
     client = MlflowClient()
-    _ensure_registered_model(name, client)
-    previous = champion_version(name, client)
+    champion = (_registered_model(name, client).aliases or {}).get(CHAMPION)
+    previous = None if champion is None else str(champion)
     existing = _version_of_run(name, run_id, client)
     if existing is not None:
         return Promotion(name, existing, float(score), previous, None, previous == existing, already_registered=True)

@@ -113,7 +113,6 @@ def trial_params(params: Mapping, encoder: str, trial: optuna.Trial) -> dict:
 
 # --------------------------------------------------------------------------- study identity
 
-IDENTITY_PLACEHOLDER = "{identity}"
 CHECKED_IDENTITY = ("task", "encoder", "data_fingerprint")  # an explicit study name must agree on these
 
 
@@ -128,7 +127,7 @@ def study_identity(params: Mapping, encoder: str, data_fingerprint: str) -> dict
     space = dict(search.get("space", {}))
     searched = set(space) | ({"train.encoder"} if encoder == "all" else set())
     fixed = {f"{section}.{key}": value for section in ("train", "tiles", "split", "normalise")
-             for key, value in sorted(_flatten(params[section]).items())
+             for key, value in sorted(tracking.flat_params(params[section]).items())
              if f"{section}.{key}" not in searched}
     return {
         "task": str(params["train"]["task"]),
@@ -138,16 +137,6 @@ def study_identity(params: Mapping, encoder: str, data_fingerprint: str) -> dict
         "space": {k: dict(v) for k, v in sorted(space.items())},
         "fixed": fixed,
     }
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def identity_hash(identity: Mapping[str, Any]) -> str:
