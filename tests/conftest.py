@@ -30,7 +30,7 @@ def shared_data() -> Path:
 
 @pytest.fixture()
 def params():
-    from socseg.config import load_params
+    from socseg.params import load_params
 
     return load_params(REPO / "params.yaml")
 
@@ -38,8 +38,8 @@ def params():
 @pytest.fixture()
 def tiny_params(tmp_path, params):
     """params.yaml shrunk for CPU tests: a 24x64x64 phantom, 32-pixel tiles, one epoch of 2 steps."""
-    from socseg.synth import synth_from_params
-    from socseg.volume import save_volume
+    from socseg.data.synth import synth_from_params
+    from socseg.data.volumes import save_volume
 
     p = copy.deepcopy(params)
     p["data"]["dir"] = str(tmp_path / "data")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from socseg.baselines import RandomForestBaseline, ThresholdBaseline, feature_names, pixel_features
+from socseg.model.baselines import RandomForestBaseline, ThresholdBaseline, feature_names, pixel_features
 
 
 def blobs(shape, n_classes, seed):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from socseg.context import halo, iter_with_context, n_channels, neighbour_indices
+from socseg.data.context import halo, iter_with_context, n_channels, neighbour_indices
 
 
 def context_stack(images, k):

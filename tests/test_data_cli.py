@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from socseg.commands.data import data
-from socseg.volume import load_volume
+from socseg.data.volumes import load_volume
 
 
 def invoke(*args: str):

@@ -11,8 +11,8 @@ import yaml
 
 @pytest.mark.slow
 def test_data_dvc_matches_the_synthesised_default_sample(repo_root, params, tmp_path):
-    from socseg.synth import synth_from_params
-    from socseg.volume import save_volume
+    from socseg.data.synth import synth_from_params
+    from socseg.data.volumes import save_volume
 
     expected = yaml.safe_load((repo_root / "data.dvc").read_text())["outs"][0]
     project = tmp_path / "project"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from socseg.dataset import Augmentation, RandomCrops
+from socseg.data.dataset import Augmentation, RandomCrops
 
 
 def _slabs():

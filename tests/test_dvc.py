@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from socseg.synth import synth_volume
-from socseg.volume import save_volume
+from socseg.data.synth import synth_volume
+from socseg.data.volumes import save_volume
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from socseg.evaluate import evaluate_model, ni_fraction_error, parse_slices, segmentation_scores
-from socseg.metrics import confusion_matrix
+from socseg.inference.evaluate import evaluate_model, ni_fraction_error, parse_slices, segmentation_scores
+from socseg.model.metrics import confusion_matrix
 
 
 def test_ni_fraction_error_by_hand():
@@ -38,7 +38,7 @@ def test_parse_slices():
 
 @pytest.fixture()
 def trained(tiny_params, mlflow_env):
-    from socseg.train import train
+    from socseg.training.train import train
 
     result = train(tiny_params, run_name="tiny-eval")
     return tiny_params, result
@@ -98,7 +98,7 @@ def _accuracy_module(repo_root):
 
 def _search_json(path, encoder="unet", **best_params):
     """A search.json exactly as ``socseg search`` writes it (same dataclass, same writer)."""
-    from socseg.search import SearchResult, write_result
+    from socseg.training.search import SearchResult, write_result
 
     write_result(SearchResult(study_name="real-ni", storage="sqlite:///optuna.db", parent_run_id="p", n_finished=5, n_trained=5,
                               best_trial=3, best_value=0.97, best_params=best_params, best_encoder=encoder,
@@ -225,8 +225,8 @@ def test_quantise_volume_normalises_on_the_training_slab_and_keeps_labels(repo_r
     """The uint8 copy carried to a GPU node: training-slab percentiles, labels untouched, source kept."""
     import numpy as np
 
-    from socseg.split import slab_split
-    from socseg.volume import Volume, VolumeMeta, load_volume, save_volume
+    from socseg.data.split import slab_split
+    from socseg.data.volumes import Volume, VolumeMeta, load_volume, save_volume
 
     rng = np.random.default_rng(0)
     grey = rng.integers(1000, 2000, (30, 16, 16)).astype(np.uint16)

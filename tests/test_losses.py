@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from socseg.losses import LOSSES, CEDiceLoss, DiceLoss, get_loss
+from socseg.model.losses import LOSSES, CEDiceLoss, DiceLoss, get_loss
 
 # ni: one sample, 2x2 pixels; truth and P(ni).
 NI_TRUE = np.array([[[1, 0], [1, 0]]], dtype="int32")

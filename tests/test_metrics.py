@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-import socseg.metrics as metrics
-from socseg.metrics import (
+import socseg.model.metrics as metrics
+from socseg.model.metrics import (
     ThresholdedIoU,
     class_names,
     confusion_matrix,

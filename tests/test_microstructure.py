@@ -13,9 +13,9 @@ import tifffile
 from click.testing import CliRunner
 from scipy import ndimage as ndi
 
-import socseg.microstructure as ms
+import socseg.analysis.microstructure as ms
 from socseg.commands.microstructure import microstructure
-from socseg.microstructure import MicrostructureError, flatten_metrics, measure, relative_errors
+from socseg.analysis.microstructure import MicrostructureError, flatten_metrics, measure, relative_errors
 
 PHASES = {0: "pore", 128: "ysz", 255: "ni"}
 PORE, YSZ, NI = 0, 128, 255
@@ -319,7 +319,7 @@ def test_command_bare_multipage_tiff_with_phase_map(tmp_path):
 
 
 def test_command_volume_dirs_with_truth_table_and_json(tmp_path):
-    from socseg.volume import Volume, VolumeMeta, save_volume
+    from socseg.data.volumes import Volume, VolumeMeta, save_volume
 
     def save(name: str, labels: np.ndarray) -> Path:
         meta = VolumeMeta(name, labels.shape, "uint8", dict(PHASES), voxel_size_nm=50.0, has_labels=True)
@@ -353,7 +353,7 @@ def test_command_folder_of_slices_and_errors(tmp_path):
 
 def _ni_segment_output(path: Path) -> np.ndarray:
     """A label stack as `socseg segment` writes it for an `ni` model: 0 = rest, 255 = Ni, map recorded."""
-    from socseg.segment import LabelStackWriter
+    from socseg.inference.segment import LabelStackWriter
 
     labels = np.where(three_slabs() == NI, 255, 0).astype(np.uint8)
     with LabelStackWriter(path, labels.shape, {"phase_map": {"0": "rest", "255": "ni"}, "task": "ni"}) as writer:
@@ -402,7 +402,7 @@ def test_command_refuses_a_colour_image(tmp_path, channels, kind):
 
 def test_a_phase_filling_the_whole_volume_has_no_sizes_instead_of_failing():
     """What a badly trained model predicts (all one phase) must not crash the evaluate stage."""
-    from socseg.microstructure import local_thickness_diameters
+    from socseg.analysis.microstructure import local_thickness_diameters
 
     diameters, counts = local_thickness_diameters(np.ones((4, 8, 8), dtype=bool), 1.0)
     assert diameters.size == 0 and counts.size == 0

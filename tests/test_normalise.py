@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from socseg.normalise import IntensityNormalisation, Normaliser
+from socseg.data.normalise import IntensityNormalisation, Normaliser
 
 
 def test_fit_uses_percentiles_of_the_given_images_only():

@@ -184,7 +184,7 @@ def test_dvc_repro_is_the_first_command_of_a_fresh_clone(repo_root, tmp_path):
     prepared = json.loads((project / "outputs" / "prepare.json").read_text())
     assert list(prepared["volumes"]) == ["sample"]
     # The generated sample is the one data.dvc versions, byte for byte.
-    from socseg.synth import dvc_dir_md5, recorded_dvc_md5
+    from socseg.data.synth import dvc_dir_md5, recorded_dvc_md5
 
     files = {f"sample/{p.name}": p for p in (project / "samples" / "sample").iterdir() if p.is_file()}
     assert dvc_dir_md5(files) == recorded_dvc_md5(project / "data.dvc")

@@ -13,8 +13,8 @@ import pytest
 import tifffile
 from mlflow.exceptions import MlflowException
 
-from socseg.inference import sliding_window_probabilities
-from socseg.pyfunc import RequestError, SegmenterConfig, decode_array, encode_array, parse_request, segmenter_metadata
+from socseg.inference.window import sliding_window_probabilities
+from socseg.inference.pyfunc import RequestError, SegmenterConfig, decode_array, encode_array, parse_request, segmenter_metadata
 
 PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
 
@@ -24,10 +24,10 @@ def segmenter(tmp_path_factory):
     """A small random-weight U-Net saved as a pyfunc segmenter (tile 32), loaded back."""
     import keras
 
-    from socseg.models import build_model
-    from socseg.normalise import Normaliser
-    from socseg.pyfunc import save_segmenter, segmenter_config
-    from socseg.train import export_model
+    from socseg.model.unet import build_model
+    from socseg.data.normalise import Normaliser
+    from socseg.inference.pyfunc import save_segmenter, segmenter_config
+    from socseg.training.train import export_model
 
     keras.utils.set_random_seed(0)
     network = build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none")
@@ -164,7 +164,7 @@ def test_bad_parameters_are_400s_too(segmenter, grey, params, message):
 
 
 def test_halo_parameters_must_be_whole_slice_counts():
-    from socseg.pyfunc import parse_halo
+    from socseg.inference.pyfunc import parse_halo
 
     assert parse_halo({"halo_before": 2, "halo_after": None}, 5) == (2, 0)
     for bad in (1.5, "two"):
@@ -192,8 +192,8 @@ def test_ni_task_outputs_rest_and_ni_values():
 
 def test_training_logs_the_segmenter_next_to_the_keras_model(tiny_params, mlflow_env):
     """The run's pyfunc segments whole slices with the trained network and the params' settings."""
-    from socseg.train import train
-    from socseg.volume import load_volume
+    from socseg.training.train import train
+    from socseg.data.volumes import load_volume
 
     tiny_params["inference"] = {"step_fraction": 0.25, "tta": True, "batch_size": 4, "max_slice_pixels": 10_000}
     result = train(tiny_params, run_name="tiny")
@@ -214,9 +214,9 @@ def test_training_logs_the_segmenter_next_to_the_keras_model(tiny_params, mlflow
 
 
 def test_training_a_2p5d_model_logs_its_context_and_the_segmenter_uses_it(tiny_params, mlflow_env):
-    from socseg.evaluate import evaluate_model
-    from socseg.train import train
-    from socseg.volume import load_volume
+    from socseg.inference.evaluate import evaluate_model
+    from socseg.training.train import train
+    from socseg.data.volumes import load_volume
 
     tiny_params["train"]["context_slices"] = 1
     result = train(tiny_params, run_name="tiny-2.5d")
@@ -241,11 +241,11 @@ def test_segmenter_carries_its_own_code_and_loads_without_socseg_installed(segme
     import subprocess
     import sys
 
-    from socseg.pyfunc import save_segmenter
+    from socseg.inference.pyfunc import save_segmenter
 
     model, exported = segmenter
     path = save_segmenter(exported, model.unwrap_python_model().config, tmp_path / "model")
-    assert (path / "code" / "socseg" / "pyfunc.py").is_file()
+    assert (path / "code" / "socseg" / "inference" / "pyfunc.py").is_file()
     requirements = (path / "requirements.txt").read_text()
     for package in ("mlflow==", "keras==", "numpy==", "tifffile==", "pyyaml=="):
         assert package in requirements.lower(), package
@@ -294,7 +294,7 @@ def test_input_outside_the_models_grey_range_is_a_400_unless_allowed(segmenter, 
 
 
 def test_grey_range_check_counts_both_ends_against_the_configured_fraction():
-    from socseg.pyfunc import check_grey_range
+    from socseg.inference.pyfunc import check_grey_range
 
     config = SegmenterConfig("ni", ["rest", "ni"], PHASE_MAP, 32, {"low": 100.0, "high": 200.0})
     assert config.max_clipped_fraction == 0.5
@@ -311,8 +311,8 @@ def test_grey_range_check_counts_both_ends_against_the_configured_fraction():
 
 
 def test_max_clipped_fraction_travels_from_params_into_the_model(segmenter, repo_root):
-    from socseg.config import load_params
-    from socseg.pyfunc import segmenter_config
+    from socseg.params import load_params
+    from socseg.inference.pyfunc import segmenter_config
 
     inference = load_params(repo_root / "params.yaml")["inference"]
     assert inference["max_clipped_fraction"] == 0.5

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from socseg.registry import CHALLENGER, CHAMPION, champion_version, register_and_promote
+from socseg.training.registry import CHALLENGER, CHAMPION, champion_version, register_and_promote
 
 
 @pytest.fixture()
@@ -43,7 +43,7 @@ def test_champion_moves_only_to_models_that_are_not_worse(logged_model):
 
 
 def test_champion_alias_loads_as_pyfunc_and_predicts(logged_model):
-    import socseg.models  # noqa: F401
+    import socseg.model.unet  # noqa: F401
 
     promotion = register_and_promote(logged_model, "socseg-load", 0.5, evaluate=lambda uri: 0.0)
     assert promotion.promoted
@@ -64,9 +64,9 @@ def _tiny_params(folder):
     import copy
     from pathlib import Path
 
-    from socseg.config import load_params
-    from socseg.synth import synth_from_params
-    from socseg.volume import save_volume
+    from socseg.params import load_params
+    from socseg.data.synth import synth_from_params
+    from socseg.data.volumes import save_volume
 
     p = copy.deepcopy(load_params(Path(__file__).resolve().parents[1] / "params.yaml"))
     p["data"]["dir"] = str(folder / "data")
@@ -115,8 +115,8 @@ def in_store(store):
 @pytest.fixture(scope="module")
 def trained(store):
     """A clearly good and a clearly bad tiny model, each with its real test score (``test_mean_iou``)."""
-    from socseg.pipeline import score_on_test_slabs
-    from socseg.train import train
+    from socseg.training.pipeline import score_on_test_slabs
+    from socseg.training.train import train
 
     params = _tiny_params(store["folder"])
     recipes = {
@@ -135,7 +135,7 @@ def _pipeline_files(folder, model, study_name="registry-test-study"):
     """search.json and metrics.json as `socseg search` and `socseg evaluate` write them for ``model``."""
     import json
 
-    from socseg.search import SearchResult, write_result
+    from socseg.training.search import SearchResult, write_result
 
     folder.mkdir(parents=True, exist_ok=True)
     search = SearchResult(study_name=study_name, storage="sqlite:///optuna.db", parent_run_id="", n_finished=1,
@@ -149,7 +149,7 @@ def _pipeline_files(folder, model, study_name="registry-test-study"):
 
 
 def _register(params, model, folder, name):
-    from socseg.pipeline import register
+    from socseg.training.pipeline import register
 
     search_json, metrics_json = _pipeline_files(folder, model)
     p = _with(params, registry={"model_name": name + "-{task}"})
@@ -230,7 +230,7 @@ def test_a_refused_registry_read_stops_registration_and_promotes_nothing(trained
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
-    from socseg.registry import RegistryError
+    from socseg.training.registry import RegistryError
 
     _, models = trained
     good, bad = models["good"], models["bad"]
@@ -258,7 +258,7 @@ def test_a_refused_registry_read_stops_registration_and_promotes_nothing(trained
 def test_a_tracking_server_that_is_down_stops_registration(trained, in_store, monkeypatch):
     import socket
 
-    from socseg.registry import RegistryError
+    from socseg.training.registry import RegistryError
 
     _, models = trained
     with socket.socket() as sock:  # a port nothing listens on

@@ -2,7 +2,7 @@
 
 import pytest
 
-from socseg.runtime import resolve_precision, runtime_tags
+from socseg.training.runtime import resolve_precision, runtime_tags
 
 
 @pytest.mark.parametrize(
@@ -18,7 +18,7 @@ from socseg.runtime import resolve_precision, runtime_tags
 )
 def test_auto_precision_follows_the_hardware(flags, gpu_bf16, expected, monkeypatch):
     if gpu_bf16 is None:  # no GPU on this machine, whatever the test machine has
-        monkeypatch.setattr("socseg.runtime.gpu_supports_bf16", lambda: None)
+        monkeypatch.setattr("socseg.training.runtime.gpu_supports_bf16", lambda: None)
     assert resolve_precision("auto", flags=flags, gpu_bf16=gpu_bf16) == expected
 
 
@@ -30,5 +30,5 @@ def test_explicit_precision_is_kept_and_unknown_is_refused():
 
 
 def test_run_tags_name_the_resolved_precision(monkeypatch):
-    monkeypatch.setattr("socseg.runtime.resolve_precision", lambda p: "float32" if p == "auto" else p)
+    monkeypatch.setattr("socseg.training.runtime.resolve_precision", lambda p: "float32" if p == "auto" else p)
     assert runtime_tags("auto")["precision"] == "float32"

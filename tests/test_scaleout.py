@@ -172,9 +172,9 @@ def test_two_workers_share_one_study_and_one_register_step_promotes(lab, tiny_pa
 
     # The one register step, after all workers: summarise the finished study (no new trial), then
     # the real evaluate and register stages (what `socseg evaluate-best` / `socseg register` run).
-    from socseg.pipeline import evaluate_best, register
-    from socseg.registry import CHAMPION
-    from socseg.search import run_search, write_result
+    from socseg.training.pipeline import evaluate_best, register
+    from socseg.training.registry import CHAMPION
+    from socseg.training.search import run_search, write_result
 
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)

@@ -28,7 +28,7 @@ def search_params(tiny_params, tmp_path):
 
 
 def test_trial_params_apply_the_space_from_params(search_params):
-    from socseg.search import trial_params
+    from socseg.training.search import trial_params
 
     trial = optuna.trial.FixedTrial(
         {"train.learning_rate": 0.001, "train.loss": "ce", "tiles.augment.intensity_jitter": 0.07, "train.encoder": "vgg16"}
@@ -44,14 +44,14 @@ def test_trial_params_apply_the_space_from_params(search_params):
 
 
 def test_unknown_space_type_is_rejected(search_params):
-    from socseg.search import suggest
+    from socseg.training.search import suggest
 
     with pytest.raises(ValueError, match="unknown type"):
         suggest(optuna.trial.FixedTrial({"x": 1}), {"x": {"type": "gaussian"}})
 
 
 def test_search_logs_parent_and_child_runs_and_resumes(search_params, mlflow_env):
-    from socseg.search import run_search
+    from socseg.training.search import run_search
 
     result = run_search(search_params, encoder="unet")
     assert result.n_finished == 2
@@ -83,8 +83,8 @@ def test_search_logs_parent_and_child_runs_and_resumes(search_params, mlflow_env
 
 
 def test_pruned_trial_closes_its_run_as_pruned(tiny_params, mlflow_env, tmp_path):
-    from socseg.search import OptunaPruning
-    from socseg.train import train
+    from socseg.training.search import OptunaPruning
+    from socseg.training.train import train
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
     trial = study.ask()
@@ -188,7 +188,7 @@ def test_real_data_search_benchmark_writes_what_accuracy_reads(search_params, ml
 
 
 def test_study_name_follows_task_encoder_data_space_and_budget(search_params):
-    from socseg.search import resolve_study_name, study_identity
+    from socseg.training.search import resolve_study_name, study_identity
 
     template = "socseg-{task}-{encoder}-{identity}"
 
@@ -219,7 +219,7 @@ def test_study_name_follows_task_encoder_data_space_and_budget(search_params):
 
 
 def test_an_explicit_study_name_refuses_other_task_encoder_or_data(search_params, tmp_path):
-    from socseg.search import StudyMismatch, check_study_identity, open_study, study_identity
+    from socseg.training.search import StudyMismatch, check_study_identity, open_study, study_identity
 
     study = open_study(search_params, "mine", search_params["search"]["storage"])
     identity = study_identity(search_params, "unet", "f1")
@@ -234,7 +234,7 @@ def test_an_explicit_study_name_refuses_other_task_encoder_or_data(search_params
 
 
 def test_freezing_is_searched_only_for_pretrained_encoders(search_params, tmp_path):
-    from socseg.search import trial_params
+    from socseg.training.search import trial_params
 
     space = search_params["search"]["space"]
     space["train.freeze_encoder"] = {"type": "categorical", "choices": [False, True]}
@@ -264,9 +264,9 @@ def test_freezing_is_searched_only_for_pretrained_encoders(search_params, tmp_pa
 
 def test_changed_data_starts_a_new_study_and_the_same_data_resumes(search_params, mlflow_env):
     """The same command before and after the data changed: a new study that trains; unchanged: nothing trained."""
-    from socseg.search import run_search
-    from socseg.synth import synth_from_params
-    from socseg.volume import save_volume
+    from socseg.training.search import run_search
+    from socseg.data.synth import synth_from_params
+    from socseg.data.volumes import save_volume
 
     search_params["search"].update(study_name="socseg-{task}-{encoder}-{identity}", n_trials=1)
     first = run_search(search_params, encoder="unet")

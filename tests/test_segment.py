@@ -14,9 +14,9 @@ import tifffile
 from click.testing import CliRunner
 
 from socseg.cli import main
-from socseg.segment import check_paths, read_label_metadata, segment, segment_stream
-from socseg.pyfunc import RequestError
-from socseg.volume import VolumeError
+from socseg.inference.segment import check_paths, read_label_metadata, segment, segment_stream
+from socseg.inference.pyfunc import RequestError
+from socseg.data.volumes import VolumeError
 
 PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
 
@@ -25,8 +25,8 @@ def _one_conv_segmenter(folder, context_slices: int = 0, seed: int = 1, bias: fl
     """A one-convolution 'ni' network (fast, deterministic) saved as a pyfunc segmenter, tile 64."""
     import keras
 
-    from socseg.normalise import IntensityNormalisation
-    from socseg.pyfunc import SegmenterConfig, save_segmenter
+    from socseg.data.normalise import IntensityNormalisation
+    from socseg.inference.pyfunc import SegmenterConfig, save_segmenter
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((None, None, 2 * context_slices + 1))
@@ -76,7 +76,7 @@ def test_segments_a_multipage_tiff_into_a_label_stack_with_its_phase_map(model_p
 
 
 def test_folder_of_slices_and_volume_directory_give_the_same_labels(model_path, stack, grey, tmp_path):
-    from socseg.volume import Volume, VolumeMeta, save_volume
+    from socseg.data.volumes import Volume, VolumeMeta, save_volume
 
     folder = tmp_path / "slices"
     folder.mkdir()
@@ -190,7 +190,7 @@ _RSS_SCRIPT = textwrap.dedent(
     """
     import resource, sys
     import numpy as np, tifffile
-    from socseg.segment import segment
+    from socseg.inference.segment import segment
     model, path, depth = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rng = np.random.default_rng(0)
     with tifffile.TiffWriter(path) as tif:  # written page by page: the script itself stays small
@@ -221,7 +221,7 @@ def test_peak_memory_does_not_grow_with_depth(model_path, tmp_path):
 @pytest.mark.slow
 def test_real_socpristine_slices_with_a_tiny_trained_model(tiny_params, mlflow_env, shared_data, tmp_path):
     """Format, shape and label values on real data (accuracy is the accuracy issue's business)."""
-    from socseg.train import train
+    from socseg.training.train import train
 
     result = train(tiny_params, run_name="tiny")
     slices = tmp_path / "socpristine"
@@ -262,8 +262,8 @@ def test_cli_refuses_a_colour_image_in_one_line(model_path, tmp_path, channels, 
 def phantom(tmp_path_factory):
     """The synthetic PXCT phantom (uint16, SOCPristine grey levels) and its float32 copy
     ``2.5e-5 * x - 0.55``: the same image on another grey scale; and its Ni mask."""
-    from socseg.config import load_params
-    from socseg.synth import synth_from_params
+    from socseg.params import load_params
+    from socseg.data.synth import synth_from_params
 
     folder = tmp_path_factory.mktemp("phantom")
     volume = synth_from_params(load_params(), "p", shape=(6, 64, 80), seed=3)
@@ -280,8 +280,8 @@ def threshold_model_path(tmp_path_factory):
     is Ni, through the same normalisation 20000..43000 (a 1x1 convolution, set by hand)."""
     import keras
 
-    from socseg.normalise import IntensityNormalisation
-    from socseg.pyfunc import SegmenterConfig, save_segmenter
+    from socseg.data.normalise import IntensityNormalisation
+    from socseg.inference.pyfunc import SegmenterConfig, save_segmenter
 
     inputs = keras.Input((None, None, 1))
     x = IntensityNormalisation(20000.0, 43000.0)(inputs)

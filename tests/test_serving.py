@@ -14,7 +14,7 @@ import pytest
 import requests
 import tifffile
 
-from socseg.pyfunc import decode_array, encode_array
+from socseg.inference.pyfunc import decode_array, encode_array
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "socseg-tiny"
@@ -44,7 +44,7 @@ def server(tiny_params, mlflow_env, tmp_path):
     (url, model URI); the server always stops."""
     from mlflow.tracking import MlflowClient
 
-    from socseg.train import train
+    from socseg.training.train import train
 
     tiny_params["inference"] = {**tiny_params.get("inference", {}), "max_slice_pixels": MAX_PIXELS}
     tiny_params["train"]["context_slices"] = 1
@@ -130,7 +130,7 @@ def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(serve
 
     # serving/client.py: a volume through the server equals `socseg segment` in this process; the
     # client sends each 2-slice chunk with its neighbours (halo), as `socseg segment` does.
-    from socseg.segment import read_label_metadata, segment
+    from socseg.inference.segment import read_label_metadata, segment
 
     client = _client_module()
     volume = tmp_path / "volume.tif"

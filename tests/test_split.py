@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from socseg.split import slab_split, split_from_params
+from socseg.data.split import slab_split, split_from_params
 
 
 @pytest.mark.parametrize(

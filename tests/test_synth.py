@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from socseg.config import override
-from socseg.synth import synth_from_params, synth_volume
-from socseg.volume import VolumeError
+from socseg.params import override
+from socseg.data.synth import synth_from_params, synth_volume
+from socseg.data.volumes import VolumeError
 
 SHAPE = (24, 96, 96)
 
@@ -83,8 +83,8 @@ def test_bad_settings():
 
 def test_builtin_sample_is_the_one_data_dvc_versions(params, repo_root, tmp_path, monkeypatch):
     """Made on a fresh clone, it hashes to data.dvc's md5; with other synth params it is refused and removed."""
-    from socseg.synth import materialise_sample
-    from socseg.volume import VolumeError
+    from socseg.data.synth import materialise_sample
+    from socseg.data.volumes import VolumeError
 
     monkeypatch.chdir(repo_root)  # synth.check_against is relative to the project root
     target = materialise_sample(params, tmp_path / "samples" / "sample")
@@ -99,7 +99,7 @@ def test_builtin_sample_is_the_one_data_dvc_versions(params, repo_root, tmp_path
 
 
 def test_training_makes_a_missing_builtin_sample(params, repo_root, tmp_path, monkeypatch):
-    from socseg.train import load_labelled_volumes
+    from socseg.training.train import load_labelled_volumes
 
     monkeypatch.chdir(repo_root)
     params["data"]["dir"] = str(tmp_path / "samples")

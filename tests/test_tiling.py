@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from socseg.tiling import Tiling, tile_starts
+from socseg.data.tiling import Tiling, tile_starts
 
 
 @pytest.mark.parametrize("length, size, step", [(501, 128, 128), (128, 128, 128), (200, 64, 32), (130, 128, 64)])

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 @pytest.fixture()
 def trained(tiny_params, mlflow_env):
-    from socseg.train import train
+    from socseg.training.train import train
 
     tiny_params["train"]["epochs"] = 3
     tiny_params["train"]["patience"] = 3
@@ -57,10 +57,10 @@ def test_pictures_tables_and_model_are_artifacts(trained):
 
 def test_logged_model_takes_raw_grey_values_and_reproduces_the_test_score(trained):
     """The exported model carries the normalisation: raw uint16 in, same test IoU as logged."""
-    import socseg.models  # noqa: F401  (registers the custom layers)
-    from socseg.inference import predict_probabilities
-    from socseg.metrics import confusion_matrix, probabilities_to_classes, scores_from_confusion
-    from socseg.volume import load_volume
+    import socseg.model.unet  # noqa: F401  (registers the custom layers)
+    from socseg.inference.window import predict_probabilities
+    from socseg.model.metrics import confusion_matrix, probabilities_to_classes, scores_from_confusion
+    from socseg.data.volumes import load_volume
 
     params, result = trained
     model = mlflow.keras.load_model(result.model_uri)
@@ -79,7 +79,7 @@ def test_logged_model_takes_raw_grey_values_and_reproduces_the_test_score(traine
 
 
 def test_vgg16_phases_with_bfloat16_trains_and_tags_precision(tiny_params, mlflow_env):
-    from socseg.train import train
+    from socseg.training.train import train
 
     tiny_params["train"].update(encoder="vgg16", task="phases", precision="mixed_bfloat16", epochs=1)
     result = train(tiny_params, log_model=False)
@@ -92,8 +92,8 @@ def test_vgg16_phases_with_bfloat16_trains_and_tags_precision(tiny_params, mlflo
 
 
 def test_training_refuses_unlabelled_volumes(tiny_params, mlflow_env):
-    from socseg.train import train
-    from socseg.volume import load_volume, save_volume
+    from socseg.training.train import train
+    from socseg.data.volumes import load_volume, save_volume
 
     volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
     volume.labels = None
@@ -107,7 +107,7 @@ def test_training_refuses_unlabelled_volumes(tiny_params, mlflow_env):
 def test_fine_tune_schedule_freezes_the_encoder_then_trains_it(tiny_params, mlflow_env):
     import keras
 
-    from socseg.train import train
+    from socseg.training.train import train
 
     class EncoderWatch(keras.callbacks.Callback):
         def __init__(self):
@@ -131,7 +131,7 @@ def test_fine_tune_schedule_freezes_the_encoder_then_trains_it(tiny_params, mlfl
 
 
 def test_learning_rate_is_halved_when_validation_stalls(tiny_params, mlflow_env):
-    from socseg.train import train
+    from socseg.training.train import train
 
     # A rate this small cannot move validation IoU by min_delta, so every epoch is a stall.
     tiny_params["train"].update(epochs=3, patience=5, learning_rate=1e-9, reduce_lr_patience=1, reduce_lr_factor=0.5)
@@ -142,7 +142,7 @@ def test_learning_rate_is_halved_when_validation_stalls(tiny_params, mlflow_env)
 
 
 def test_bad_plateau_factor_is_refused(tiny_params, mlflow_env):
-    from socseg.train import train
+    from socseg.training.train import train
 
     tiny_params["train"].update(epochs=1, reduce_lr_patience=1, reduce_lr_factor=1.5)
     with pytest.raises(ValueError, match="reduce_lr_factor"):

@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from socseg.config import load_params
-from socseg.synth import BUILTIN_SAMPLE, materialise_sample, synth_from_params
-from socseg.volume import (
+from socseg.params import load_params
+from socseg.data.synth import BUILTIN_SAMPLE, materialise_sample, synth_from_params
+from socseg.data.volumes import (
     DEFAULT_PHASE_MAP,
     Volume,
     VolumeError,

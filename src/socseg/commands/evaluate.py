@@ -29,9 +29,9 @@ def evaluate(model_uri: str, volume: str, as_json: bool, slices: str | None, tas
     from mlflow.exceptions import MlflowException
 
     from socseg.commands.data import DataError
-    from socseg.config import load_params
-    from socseg.evaluate import evaluate_segmenter, load_segmenter, parse_slices
-    from socseg.volume import VolumeError, load_volume, volume_dir
+    from socseg.params import load_params
+    from socseg.inference.evaluate import evaluate_segmenter, load_segmenter, parse_slices
+    from socseg.data.volumes import VolumeError, load_volume, volume_dir
 
     params = load_params()
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or params.get("mlflow", {}).get("tracking_uri", "sqlite:///mlflow.db"))

@@ -20,7 +20,7 @@ import numpy as np
 import tifffile
 
 from socseg.commands.data import DataError
-from socseg.microstructure import (
+from socseg.analysis.microstructure import (
     TPB_ISOTROPIC_CORRECTION,
     MicrostructureError,
     MicrostructureResult,
@@ -28,7 +28,7 @@ from socseg.microstructure import (
     measure,
     relative_errors,
 )
-from socseg.volume import (
+from socseg.data.volumes import (
     DEFAULT_PHASE_MAP,
     LABELS_FILE,
     META_FILE,
@@ -82,7 +82,7 @@ def load_labels(path: str | Path, phase_map: dict[int, str] | None = None) -> La
 def recorded_phase_map(path: str | Path) -> dict[int, str] | None:
     """The phase map ``socseg segment`` recorded in a label stack's first page (e.g. {0: rest,
     255: ni} for an ``ni`` model), or None (a folder, or a TIFF written by something else)."""
-    from socseg.segment import read_label_metadata
+    from socseg.inference.segment import read_label_metadata
 
     source = Path(path)
     if not source.is_file():

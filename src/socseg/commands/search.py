@@ -12,7 +12,7 @@ _OUTPUTS = "outputs"
 
 
 def _load(params_file, **sections):
-    from socseg.config import load_params, override
+    from socseg.params import load_params, override
 
     params = load_params(params_file)
     for section, values in sections.items():
@@ -47,7 +47,7 @@ params_option = click.option("--params", "params_file", type=click.Path(dir_okay
 def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size, precision, encoder_weights, study_name,
            storage, data_dir, params_file, out, history_out) -> None:
     """Optuna search over encoder and hyperparameters; one nested MLflow run per trial."""
-    from socseg.search import run_search, write_result
+    from socseg.training.search import run_search, write_result
 
     params = _load(params_file, train=dict(task=task, epochs=epochs, precision=precision, encoder_weights=encoder_weights),
                    tiles=dict(steps_per_epoch=steps_per_epoch, size=tile_size), data=dict(dir=data_dir))
@@ -73,7 +73,7 @@ def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size,
 @click.option("--out", default=f"{_OUTPUTS}/prepare.json", show_default=True, type=click.Path(dir_okay=False))
 def prepare(task, data_dir, params_file, out) -> None:
     """Record slab splits, training-slab normalisation and the data fingerprint (DVC stage)."""
-    from socseg.pipeline import prepare as run_prepare
+    from socseg.training.pipeline import prepare as run_prepare
 
     summary = run_prepare(_load(params_file, data=dict(dir=data_dir), train=dict(task=task)), out)
     click.echo(f"prepared {len(summary['volumes'])} volume(s), fingerprint {summary['data_fingerprint'][:12]} -> {out}")
@@ -86,7 +86,7 @@ def prepare(task, data_dir, params_file, out) -> None:
 @click.option("--out", default="metrics.json", show_default=True, type=click.Path(dir_okay=False))
 def evaluate_best(search_json, data_dir, params_file, out) -> None:
     """Evaluate the search's best model on the held-out TEST slabs; write metrics.json."""
-    from socseg.pipeline import evaluate_best as run_evaluate
+    from socseg.training.pipeline import evaluate_best as run_evaluate
 
     result = run_evaluate(_load(params_file, data=dict(dir=data_dir)), search_json, out)
     click.echo(json.dumps({k: round(v, 4) for k, v in result.items() if k.startswith("test_")}, indent=2))
@@ -102,7 +102,7 @@ def evaluate_best(search_json, data_dir, params_file, out) -> None:
 @click.option("--out", default=f"{_OUTPUTS}/registered.json", show_default=True, type=click.Path(dir_okay=False))
 def register(search_json, metrics_json, model_name, data_dir, params_file, out) -> None:
     """Register the evaluated model; alias challenger, and champion if not worse than the current one."""
-    from socseg.pipeline import register as run_register
+    from socseg.training.pipeline import register as run_register
 
     params = _load(params_file, data=dict(dir=data_dir), registry=dict(model_name=model_name))
     promotion = run_register(params, search_json, metrics_json, out)

@@ -34,9 +34,9 @@ def segment(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from socseg.config import load_params
-    from socseg.segment import segment as run_segment
-    from socseg.volume import VolumeError
+    from socseg.params import load_params
+    from socseg.inference.segment import segment as run_segment
+    from socseg.data.volumes import VolumeError
 
     try:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -41,8 +41,8 @@ from socseg.commands.options import blankable
 @click.option("--history-out", type=click.Path(dir_okay=False), help="Also write the per-epoch curves as CSV here.")
 def train(volumes, params_file, run_name, metrics_out, history_out, data_dir, tile_size, steps_per_epoch, **train_options) -> None:
     """Train one U-Net on labelled volumes and log it to MLflow."""
-    from socseg.config import load_params, override
-    from socseg.train import train as run_training
+    from socseg.params import load_params, override
+    from socseg.training.train import train as run_training
 
     params = load_params(params_file)
     params = override(params, "train", **train_options)

@@ -2,7 +2,7 @@
 
 Two tilings, for two purposes:
 
-* :func:`predict_probabilities`: the fixed tiling of :mod:`socseg.tiling` where each pixel comes
+* :func:`predict_probabilities`: the fixed tiling of :mod:`socseg.data.tiling` where each pixel comes
   from exactly one tile. Validation during training uses it: it is the cheapest way to score a
   whole slab, and it is what the reported metrics are defined on.
 * :func:`iter_window_probabilities` (and the helpers built on it): the sliding window that users
@@ -15,7 +15,7 @@ Two tilings, for two purposes:
 
 Backend-agnostic: ``predict`` is any callable ``(B, s, s, 2k + 1) -> (B, s, s, C)`` (e.g. a Keras 3
 model's ``predict_on_batch`` on TensorFlow or JAX; k = 0 unless the model is 2.5D, see
-:mod:`socseg.context`); everything else is NumPy.
+:mod:`socseg.data.context`); everything else is NumPy.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from socseg.context import halo as context_halo, iter_with_context, neighbour_indices
-from socseg.tiling import Tiling, iter_batches, tile_starts
+from socseg.data.context import halo as context_halo, iter_with_context, neighbour_indices
+from socseg.data.tiling import Tiling, iter_batches, tile_starts
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -110,7 +110,7 @@ class WindowSettings:
         """Settings from a params ``inference:`` section (missing keys: defaults); ``overrides`` win unless None."""
         values = {k: v for k, v in dict(section or {}).items() if k in ("step_fraction", "tta", "batch_size")}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        from socseg.config import parse_bool
+        from socseg.params import parse_bool
 
         return cls(
             tile_size=int(tile_size),
@@ -251,7 +251,7 @@ def iter_window_probabilities(
     """Blended class probabilities ``(H, W, C)`` float32 for each slice, in input order.
 
     A slice is ``(H, W)`` grey values, or ``(H, W, 2k + 1)`` for a 2.5D model (see
-    :func:`socseg.context.iter_with_context`). Slices may differ in shape. A forward pass takes
+    :func:`socseg.data.context.iter_with_context`). Slices may differ in shape. A forward pass takes
     ``settings.batch_size`` tiles, across slice boundaries, so small slices do not waste batches;
     a slice is yielded as soon as its last tile is back, so memory holds only the slices in flight.
     """

@@ -33,8 +33,8 @@ import tifffile
 from tqdm import tqdm
 
 from socseg import __version__
-from socseg.context import halo as context_halo
-from socseg.volume import (
+from socseg.data.context import halo as context_halo
+from socseg.data.volumes import (
     IMAGE_FILE,
     META_FILE,
     VolumeError,
@@ -307,8 +307,8 @@ def segment_multi_axis(
     halo: int = 0,
 ) -> SegmentResult:
     """Like :func:`segment_stream`, but the probabilities of z, y and x planes are averaged
-    (:func:`socseg.inference.multi_axis_probabilities`); holds the whole volume in memory."""
-    from socseg.inference import multi_axis_probabilities
+    (:func:`socseg.inference.window.multi_axis_probabilities`); holds the whole volume in memory."""
+    from socseg.inference.window import multi_axis_probabilities
 
     source, output = check_paths(source, output, overwrite)
     started = time.perf_counter()
@@ -343,14 +343,14 @@ def segment(
 
     ``None`` settings come from the model (tta, step) or params.yaml ``inference.slice_batch``.
     Each chunk whose grey values mostly lie outside the model's normalisation range is refused
-    (:func:`socseg.pyfunc.check_grey_range`, a ``RequestError``) unless ``allow_out_of_range``.
+    (:func:`socseg.inference.pyfunc.check_grey_range`, a ``RequestError``) unless ``allow_out_of_range``.
     """
     import mlflow
 
-    from socseg.config import load_params
-    from socseg.metrics import probabilities_to_classes
-    from socseg.pyfunc import segmenter_metadata
-    from socseg.tasks import classes_to_label_values
+    from socseg.params import load_params
+    from socseg.model.metrics import probabilities_to_classes
+    from socseg.inference.pyfunc import segmenter_metadata
+    from socseg.data.tasks import classes_to_label_values
 
     check_paths(source, output, overwrite)  # fail fast, before loading the model
     if slice_batch is None:

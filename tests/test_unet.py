@@ -4,11 +4,11 @@ import keras
 import numpy as np
 import pytest
 
-import socseg.losses  # noqa: F401  (registers the custom objects load_model needs)
-import socseg.metrics  # noqa: F401
-from socseg.losses import get_loss
-from socseg.metrics import ThresholdedIoU
-from socseg.models import ENCODERS, GreyToRGB, build_encoder, build_model, n_outputs, use_encoder_batchnorm
+import socseg.model.losses  # noqa: F401  (registers the custom objects load_model needs)
+import socseg.model.metrics  # noqa: F401
+from socseg.model.losses import get_loss
+from socseg.model.metrics import ThresholdedIoU
+from socseg.model.unet import ENCODERS, GreyToRGB, build_encoder, build_model, n_outputs, use_encoder_batchnorm
 
 RNG = np.random.default_rng(0)
 X = RNG.random((2, 64, 64, 1)).astype("float32")

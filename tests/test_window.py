@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from socseg.inference import (
+from socseg.inference.window import (
     SlidingWindow,
     WindowSettings,
     fixed_batch,
@@ -151,11 +151,11 @@ def unet_slice():
     """A small random-weight U-Net (raw grey in) and a 256x256 phantom slice."""
     import keras
 
-    from socseg.config import load_params
-    from socseg.models import build_model
-    from socseg.normalise import Normaliser
-    from socseg.synth import synth_from_params
-    from socseg.train import export_model
+    from socseg.params import load_params
+    from socseg.model.unet import build_model
+    from socseg.data.normalise import Normaliser
+    from socseg.data.synth import synth_from_params
+    from socseg.training.train import export_model
 
     keras.utils.set_random_seed(0)
     image = synth_from_params(load_params(), "seams", shape=(1, 256, 256), seed=3).image[0].astype(np.float32)
@@ -207,7 +207,7 @@ def test_no_seams_tiled_matches_each_tile_and_has_no_grid_pattern(unet_slice):
 def test_tta_undoes_rotations_exactly():
     """An orientation-dependent 'network' (keeps the top-left quadrant): its TTA output is the mean
     of the four quadrant masks, each mapped back where it came from."""
-    from socseg.inference import with_tta
+    from socseg.inference.window import with_tta
 
     def top_left(tiles):
         out = np.zeros_like(tiles)

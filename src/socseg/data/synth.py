@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from socseg.volume import DEFAULT_PHASE_MAP, Volume, VolumeError, VolumeMeta, normalise_phase_map
+from socseg.data.volumes import DEFAULT_PHASE_MAP, Volume, VolumeError, VolumeMeta, normalise_phase_map
 
 DEFAULT_FRACTIONS = {"pore": 0.30, "ysz": 0.43, "ni": 0.27}
 DEFAULT_GREY_LEVELS = {"pore": 22500, "ysz": 35000, "ni": 40900}
@@ -184,7 +184,7 @@ def materialise_sample(params: Mapping[str, Any], directory: str | Path, check_a
     """
     import shutil
 
-    from socseg.volume import IMAGE_FILE, LABELS_FILE, META_FILE, save_volume
+    from socseg.data.volumes import IMAGE_FILE, LABELS_FILE, META_FILE, save_volume
 
     target = Path(directory)
     if check_against is None:

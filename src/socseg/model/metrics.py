@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from socseg.tasks import SOC_PHASES, check_task, task_class_names
+from socseg.data.tasks import SOC_PHASES, check_task, task_class_names
 
 
 # Pixels per bincount call: bounds the int64 temporaries when counting whole slabs.

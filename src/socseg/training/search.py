@@ -23,9 +23,9 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
-from socseg import tracking
-from socseg.config import set_dotted
-from socseg.runtime import runtime_tags
+from socseg.training import tracking
+from socseg.params import set_dotted
+from socseg.training.runtime import runtime_tags
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE = "val_mean_iou"
@@ -236,9 +236,9 @@ def run_search(
     storage: str | None = None,
 ) -> SearchResult:
     """Run trials until the study holds ``n_trials`` finished ones (or ``timeout`` seconds pass)."""
-    from socseg.train import train
+    from socseg.training.train import train
 
-    from socseg.train import data_fingerprint
+    from socseg.training.train import data_fingerprint
 
     search = params["search"]
     encoder = encoder or params["train"]["encoder"]

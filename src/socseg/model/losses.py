@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from socseg.tasks import check_task
+from socseg.data.tasks import check_task
 
 LOSSES = ("ce", "dice", "ce_dice", "focal")
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from socseg.context import n_channels, neighbour_indices
+from socseg.data.context import n_channels, neighbour_indices
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class RandomCrops(keras.utils.PyDataset):
     ``images`` are normalised training slabs ``(Z, H, W)`` (several volumes allowed), ``targets``
     the matching class-index slabs. A slab is picked with probability proportional to its voxel count.
     ``context_slices`` (k) adds the k neighbouring slices on each side as channels (2.5D), taken
-    from the same slab only (:mod:`socseg.context`).
+    from the same slab only (:mod:`socseg.data.context`).
     """
 
     def __init__(

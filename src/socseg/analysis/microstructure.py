@@ -69,7 +69,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from socseg.volume import label_lut
+from socseg.data.volumes import label_lut
 
 AXES: tuple[str, str, str] = ("z", "y", "x")
 TPB_PHASES: tuple[str, str, str] = ("pore", "ysz", "ni")

@@ -1,7 +1,7 @@
 """Score any logged socseg model on any labelled volume with the training code's own metrics.
 
 The numbers are the ones training reports (same tiling, thresholding and confusion-matrix code in
-:mod:`socseg.metrics`), plus the Ni volume fraction error: what a microstructure study derived
+:mod:`socseg.model.metrics`), plus the Ni volume fraction error: what a microstructure study derived
 from the segmentation would get wrong, whatever the pixel IoU.
 """
 
@@ -15,11 +15,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from socseg.context import n_channels
-from socseg.inference import Predict, predict_probabilities, with_tta
-from socseg.metrics import confusion_matrix, probabilities_to_classes, scores_from_confusion
-from socseg.tasks import NI_PHASE, check_task, task_class_names, task_targets
-from socseg.volume import Volume, load_volume
+from socseg.data.context import n_channels
+from socseg.inference.window import Predict, predict_probabilities, with_tta
+from socseg.model.metrics import confusion_matrix, probabilities_to_classes, scores_from_confusion
+from socseg.data.tasks import NI_PHASE, check_task, task_class_names, task_targets
+from socseg.data.volumes import Volume, load_volume
 
 # Slices predicted per chunk: bounds the (Z, H, W, C) float32 probabilities held at once.
 _CHUNK_SLICES = 8
@@ -34,7 +34,7 @@ def ni_fraction_error(y_true: np.ndarray, y_pred: np.ndarray, ni_class: int) -> 
 
 
 def segmentation_scores(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """:func:`~socseg.metrics.scores_from_confusion` plus true/predicted Ni fraction and their error.
+    """:func:`~socseg.model.metrics.scores_from_confusion` plus true/predicted Ni fraction and their error.
 
     Fractions come from the confusion matrix (row sums are the truth, column sums the prediction),
     so they cover exactly the pixels that were scored.
@@ -62,16 +62,16 @@ class Segmenter:
 
 
 def load_segmenter(model_uri: str) -> Segmenter:
-    """Load a model logged by ``socseg.train``: the Keras network (``runs:/.../model``) or the pyfunc
+    """Load a model logged by ``socseg.training.train``: the Keras network (``runs:/.../model``) or the pyfunc
     segmenter that the registry holds (``models:/socseg-ni@champion``). Either way the network is
     scored tile by tile with the fixed tiling, as during training.
     """
     import mlflow
 
-    import socseg.losses  # noqa: F401  (registers the custom objects the saved model names)
-    import socseg.metrics  # noqa: F401
-    import socseg.models  # noqa: F401
-    import socseg.normalise  # noqa: F401
+    import socseg.model.losses  # noqa: F401  (registers the custom objects the saved model names)
+    import socseg.model.metrics  # noqa: F401
+    import socseg.model.unet  # noqa: F401
+    import socseg.data.normalise  # noqa: F401
 
     info = mlflow.models.get_model_info(model_uri)
     meta = (info.metadata or {}).get("socseg")

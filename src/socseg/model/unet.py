@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from socseg.tasks import check_task
+from socseg.data.tasks import check_task
 
 ENCODERS = ("vgg16", "resnet50", "unet")
 

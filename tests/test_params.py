@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from socseg.config import load_params, override, parse_bool
+from socseg.params import load_params, override, parse_bool
 
 
 def test_params_lookup_order(tmp_path, monkeypatch):
@@ -53,7 +53,7 @@ def test_parse_bool_rejects_garbage():
 
 
 def test_set_dotted_sets_nested_values_and_rejects_unknown_sections(params):
-    from socseg.config import set_dotted
+    from socseg.params import set_dotted
 
     p = copy.deepcopy(params)
     set_dotted(p, "tiles.augment.intensity_jitter", 0.09)

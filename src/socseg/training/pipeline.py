@@ -13,14 +13,14 @@ from typing import Any, Mapping
 import mlflow
 import numpy as np
 
-from socseg import tracking
-from socseg.context import halo as context_halo
-from socseg.evaluate import segmentation_scores
-from socseg.metrics import confusion_matrix
-from socseg.split import split_from_params
-from socseg.tasks import task_class_names, task_targets
-from socseg.train import data_fingerprint, load_labelled_volumes, prepare_data
-from socseg.volume import label_lut
+from socseg.training import tracking
+from socseg.data.context import halo as context_halo
+from socseg.inference.evaluate import segmentation_scores
+from socseg.model.metrics import confusion_matrix
+from socseg.data.split import split_from_params
+from socseg.data.tasks import task_class_names, task_targets
+from socseg.training.train import data_fingerprint, load_labelled_volumes, prepare_data
+from socseg.data.volumes import label_lut
 
 
 def _write_json(data: Mapping, path: str | Path) -> None:
@@ -127,7 +127,7 @@ def microstructure_comparison(examples: Mapping[str, Any], class_names: list[str
     An IoU of 0.97 can still bias TPB density or percolation; these are what a study publishes.
     Keys: ``micro_pred.<metric>``, ``micro_true.<metric>``, ``micro_relerr.<metric>`` (voxel units).
     """
-    from socseg.microstructure import flatten_metrics, measure, relative_errors
+    from socseg.analysis.microstructure import flatten_metrics, measure, relative_errors
 
     phase_map = dict(enumerate(class_names))
     predicted = flatten_metrics(measure(examples["predicted"], phase_map))
@@ -143,7 +143,7 @@ def microstructure_comparison(examples: Mapping[str, Any], class_names: list[str
 
 def evaluate_best(params: Mapping, search_json: str | Path, out: str | Path) -> dict:
     """Evaluate the search's best trial on the TEST slabs; log to the search's parent run; write metrics.json."""
-    from socseg.plots import confusion_figure, overlay_figure
+    from socseg.analysis.plots import confusion_figure, overlay_figure
 
     search = read_json(search_json)
     model_uri = search["best_segmenter_uri"]
@@ -194,8 +194,8 @@ def registered_model_name(template: str, task: str) -> str:
 
 
 def register(params: Mapping, search_json: str | Path, metrics_json: str | Path, out: str | Path) -> dict:
-    """Register the evaluated model and move the aliases (see :mod:`socseg.registry`)."""
-    from socseg.registry import register_and_promote
+    """Register the evaluated model and move the aliases (see :mod:`socseg.training.registry`)."""
+    from socseg.training.registry import register_and_promote
 
     search = read_json(search_json)
     metrics = read_json(metrics_json)

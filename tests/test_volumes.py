@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-import socseg.volume as volume_module
-from socseg.volume import (
+import socseg.data.volumes as volume_module
+from socseg.data.volumes import (
     Volume,
     VolumeError,
     VolumeMeta,

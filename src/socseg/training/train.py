@@ -19,20 +19,20 @@ import numpy as np
 import pandas as pd
 from mlflow.models import infer_signature
 
-from socseg import tracking
-from socseg.config import parse_bool
-from socseg.context import n_channels, neighbour_indices
-from socseg.dataset import Augmentation, RandomCrops
-from socseg.inference import predict_probabilities
-from socseg.losses import get_loss
-from socseg.metrics import ThresholdedIoU, confusion_matrix, probabilities_to_classes, scores_from_confusion
-from socseg.models import build_model
-from socseg.normalise import IntensityNormalisation, Normaliser
-from socseg.plots import overlay_figure, training_curves_figure
-from socseg.runtime import resolve_precision, runtime_tags, seed_everything, set_precision
-from socseg.split import SlabSplit, split_from_params
-from socseg.tasks import check_task, task_class_names, task_targets
-from socseg.volume import Volume, load_volume, volume_dir
+from socseg.training import tracking
+from socseg.params import parse_bool
+from socseg.data.context import n_channels, neighbour_indices
+from socseg.data.dataset import Augmentation, RandomCrops
+from socseg.inference.window import predict_probabilities
+from socseg.model.losses import get_loss
+from socseg.model.metrics import ThresholdedIoU, confusion_matrix, probabilities_to_classes, scores_from_confusion
+from socseg.model.unet import build_model
+from socseg.data.normalise import IntensityNormalisation, Normaliser
+from socseg.analysis.plots import overlay_figure, training_curves_figure
+from socseg.training.runtime import resolve_precision, runtime_tags, seed_everything, set_precision
+from socseg.data.split import SlabSplit, split_from_params
+from socseg.data.tasks import check_task, task_class_names, task_targets
+from socseg.data.volumes import Volume, load_volume, volume_dir
 
 
 @dataclass
@@ -62,7 +62,7 @@ class PreparedData:
 
 def load_labelled_volumes(params: Mapping, names: Sequence[str]) -> list[Volume]:
     """The configured labelled volumes; the built-in sample is made on first use (fresh clone)."""
-    from socseg.synth import BUILTIN_SAMPLE, materialise_sample
+    from socseg.data.synth import BUILTIN_SAMPLE, materialise_sample
 
     data_dir = params["data"]["dir"]
     volumes = []
@@ -459,7 +459,7 @@ def _log_model(
     encoder: str = "",
 ) -> tuple[str, str]:
     """Log the Keras model and, next to it, the pyfunc segmenter; returns both model URIs."""
-    from socseg.pyfunc import log_segmenter, segmenter_config
+    from socseg.inference.pyfunc import log_segmenter, segmenter_config
 
     exported = export_model(model, data.normaliser)
     images = data.slabs["train"][0].images

@@ -1,0 +1,1 @@
+"""What a study publishes from label volumes: microstructure metrics, and the figures."""

@@ -1,0 +1,551 @@
+"""The served model: an MLflow pyfunc that turns raw grey slices of any size into label slices.
+
+:class:`Segmenter` wraps the exported Keras model (normalisation inside), the phase map and the
+sliding-window settings, so ``mlflow models serve -m models:/<name>@champion --env-manager local``
+serves whole-slice segmentation, and ``mlflow.pyfunc.load_model(uri).predict`` does the same
+locally. Two input forms (serving/README.md has the JSON):
+
+* tensor: an array ``(N, H, W)`` (or ``(N, H, W, 1)``) of uint8, uint16 or float32 grey values
+  -> labels ``(N, H, W)`` uint8 with the phase map's label values (e.g. 0/128/255);
+* compact: a column ``image`` of base64-encoded slices, each a ``.npy`` or TIFF file's bytes
+  (uint16 stays exact and the payload is ~20x smaller than JSON numbers) -> a DataFrame with a
+  column ``labels`` in the same encoding, ``phase_map`` (JSON) and optionally ``probabilities``.
+
+Every problem with a request raises :class:`MlflowException` with ``INVALID_PARAMETER_VALUE``,
+which MLflow's scoring server answers with HTTP 400 and the message; the server stays up.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import json
+import tempfile
+import threading
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ParamSchema, ParamSpec
+
+from socseg.inference.window import WindowSettings, fixed_batch, sliding_window_probabilities
+from socseg.data.tasks import NI_PHASE, classes_to_label_values
+from socseg.training.tracking import pinned_requirements
+
+KERAS_ARTIFACT = "keras_model"
+IMAGE_COLUMN = "image"
+ENCODINGS = ("npy", "tiff")
+GREY_DTYPES = ("uint8", "uint16", "float32")
+DEFAULT_MAX_SLICE_PIXELS = 4096 * 4096
+DEFAULT_MAX_CLIPPED_FRACTION = 0.5
+
+_NPY_MAGIC = b"\x93NUMPY"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+class RequestError(MlflowException):
+    """A bad request: the scoring server turns it into HTTP 400 with this message."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """What the served model needs besides the network (stored as the pyfunc's ``model_config``)."""
+
+    task: str
+    class_names: list[str]
+    phase_map: dict[int, str]
+    tile_size: int
+    normalisation: dict[str, float]
+    step_fraction: float = 0.5
+    tta: bool = False
+    batch_size: int = 16
+    max_slice_pixels: int = DEFAULT_MAX_SLICE_PIXELS
+    max_clipped_fraction: float = DEFAULT_MAX_CLIPPED_FRACTION  # see check_grey_range
+    context_slices: int = 0  # 2.5D: neighbours on each side the network sees (socseg.data.context)
+    encoder: str = ""  # vgg16 | resnet50 | unet ("" in models logged before it was recorded)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "SegmenterConfig":
+        from socseg.params import parse_bool
+
+        return cls(
+            task=str(record["task"]),
+            class_names=[str(c) for c in record["class_names"]],
+            phase_map={int(k): str(v) for k, v in dict(record["phase_map"]).items()},
+            tile_size=int(record["tile_size"]),
+            normalisation={k: float(v) for k, v in dict(record.get("normalisation") or {}).items()},
+            step_fraction=float(record.get("step_fraction", 0.5)),
+            tta=parse_bool(record.get("tta", False)),
+            batch_size=int(record.get("batch_size", 16)),
+            max_slice_pixels=int(record.get("max_slice_pixels", DEFAULT_MAX_SLICE_PIXELS)),
+            max_clipped_fraction=float(record.get("max_clipped_fraction", DEFAULT_MAX_CLIPPED_FRACTION)),
+            context_slices=int(record.get("context_slices", 0)),
+            encoder=str(record.get("encoder", "")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["phase_map"] = {str(k): v for k, v in sorted(self.phase_map.items())}  # YAML/JSON keys
+        return record
+
+    @property
+    def label_phase_map(self) -> dict[int, str]:
+        """Label value -> class name of what the model outputs (ni task: 0 is 'rest', not a phase)."""
+        if self.task == "ni":
+            ni_value = next(v for v, name in self.phase_map.items() if name == NI_PHASE)
+            return {0: "rest", ni_value: NI_PHASE}
+        return dict(sorted(self.phase_map.items()))
+
+    def window(self, tta: bool | None = None, step_fraction: float | None = None) -> WindowSettings:
+        return WindowSettings(
+            tile_size=self.tile_size,
+            step_fraction=self.step_fraction if step_fraction is None else float(step_fraction),
+            tta=self.tta if tta is None else bool(tta),
+            batch_size=self.batch_size,
+        )
+
+
+def segmenter_config(meta: Mapping[str, Any], inference: Mapping[str, Any] | None = None) -> SegmenterConfig:
+    """Config from training's model metadata (task, class names, phase map, normalisation, tile size)
+    and a params ``inference:`` section (default: the one in ``socseg.params.load_params()``)."""
+    if inference is None:
+        from socseg.params import load_params
+
+        inference = load_params().get("inference") or {}
+    window = WindowSettings.from_params(int(meta["tile_size"]), inference)
+    clipped = float(inference.get("max_clipped_fraction", DEFAULT_MAX_CLIPPED_FRACTION))
+    if not 0.0 < clipped <= 1.0:
+        raise ValueError(f"inference.max_clipped_fraction must be in (0, 1], got {clipped}")
+    return SegmenterConfig.from_dict(
+        {
+            **dict(meta),
+            "step_fraction": window.step_fraction,
+            "tta": window.tta,
+            "batch_size": window.batch_size,
+            "max_slice_pixels": int(inference.get("max_slice_pixels", DEFAULT_MAX_SLICE_PIXELS)),
+            "max_clipped_fraction": clipped,
+        }
+    )
+
+
+def _signature(config: SegmenterConfig) -> ModelSignature:
+    """Per-request parameters only: inputs are checked by the model itself, with clearer messages
+    than schema enforcement gives, and one schema could not cover both input forms."""
+    return ModelSignature(
+        params=ParamSchema(
+            [
+                ParamSpec("return_probabilities", "boolean", False),
+                ParamSpec("tta", "boolean", config.tta),
+                ParamSpec("step_fraction", "double", config.step_fraction),
+                ParamSpec("encoding", "string", ""),  # compact output: "" = as the input, npy, tiff
+                ParamSpec("dtype", "string", ""),  # tensor input: declared grey dtype, checked
+                ParamSpec("halo_before", "long", 0),  # 2.5D: leading slices sent as context only
+                ParamSpec("halo_after", "long", 0),  # 2.5D: trailing slices sent as context only
+                ParamSpec("allow_out_of_range", "boolean", False),  # skip check_grey_range
+            ]
+        )
+    )
+
+
+def _model_kwargs(keras_model, config: SegmenterConfig, tmp: str) -> dict[str, Any]:
+    path = Path(tmp) / "model.keras"
+    keras_model.save(path)
+    return {
+        "python_model": Segmenter(),
+        "artifacts": {KERAS_ARTIFACT: str(path)},
+        "model_config": config.to_dict(),
+        "signature": _signature(config),
+        "pip_requirements": pinned_requirements(),
+        # The socseg package travels inside the model (code/socseg): a server whose environment
+        # MLflow builds from the pinned requirements (or any Python with them) can load it, and a
+        # model keeps the pre/post-processing code it was trained with.
+        "code_paths": [str(Path(__file__).resolve().parents[1])],
+        "metadata": {"socseg": config.to_dict()},
+    }
+
+
+@contextlib.contextmanager
+def _no_input_example_warning() -> Iterator[None]:
+    """No input example on purpose: MLflow would load and run the model while logging it (seconds
+    per training run); serving/README.md documents the request format instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        yield
+
+
+def log_segmenter(keras_model, config: SegmenterConfig, name: str = "segmenter", **kwargs: Any):
+    """Log ``keras_model`` (raw grey in, probabilities out: ``train.export_model``) as a pyfunc
+    segmenter in the active run; returns MLflow's ModelInfo. ``kwargs`` go to ``log_model``
+    (e.g. ``registered_model_name``)."""
+    with tempfile.TemporaryDirectory() as tmp, _no_input_example_warning():
+        return mlflow.pyfunc.log_model(name=name, **_model_kwargs(keras_model, config, tmp), **kwargs)
+
+
+def save_segmenter(keras_model, config: SegmenterConfig, path: str | Path) -> Path:
+    """Save the pyfunc segmenter to a local folder (no tracking server); ``path`` is its model URI."""
+    with tempfile.TemporaryDirectory() as tmp, _no_input_example_warning():
+        mlflow.pyfunc.save_model(path=str(path), **_model_kwargs(keras_model, config, tmp))
+    return Path(path)
+
+
+def segmenter_metadata(pyfunc_model) -> SegmenterConfig:
+    """The :class:`SegmenterConfig` stored with a loaded pyfunc segmenter."""
+    record = (pyfunc_model.metadata.metadata or {}).get("socseg")
+    if not record:
+        raise ValueError("not a socseg segmenter: its MLmodel has no 'socseg' metadata")
+    return SegmenterConfig.from_dict(record)
+
+
+# --------------------------------------------------------------------------- request parsing
+
+
+@dataclass
+class ParsedRequest:
+    images: np.ndarray  # (N, H, W) uint8/uint16/float32
+    compact: bool
+    encoding: str  # compact form: "npy" or "tiff"
+
+
+def _check_grey(array: np.ndarray, what: str, declared: str = "") -> np.ndarray:
+    """Grey values as uint8/uint16/float32; JSON numbers arrive as int64/float64 and are narrowed."""
+    kind = array.dtype.kind
+    if kind not in "uif":
+        raise RequestError(
+            f"{what}: grey values must be numbers (uint8, uint16 or float32), got dtype {array.dtype}"
+        )
+    if kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = bool(np.isfinite(array).all())
+            narrowed = array.astype(np.float32, copy=False)
+        if not finite:
+            raise RequestError(f"{what}: grey values contain NaN or infinity")
+        if not np.isfinite(narrowed).all():
+            raise RequestError(f"{what}: grey values exceed the float32 range")
+    if declared:
+        if declared not in GREY_DTYPES:
+            raise RequestError(f"unknown dtype {declared!r}: use one of {', '.join(GREY_DTYPES)}")
+        if declared == "float32":
+            return array.astype(np.float32, copy=False)
+        limit = np.iinfo(declared).max
+        if kind == "f" and not np.array_equal(array, np.round(array)):
+            raise RequestError(f"{what}: dtype {declared} declared but the values are not integers")
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > limit:
+            raise RequestError(f"{what}: dtype {declared} declared but values span {low:g}..{high:g} (allowed 0..{limit})")
+        return array.astype(declared, copy=False)
+    if array.dtype.name in GREY_DTYPES:
+        return array
+    if kind == "f":
+        return array.astype(np.float32)
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 65535:
+        raise RequestError(
+            f"{what}: integer grey values must lie in 0..65535 (uint8/uint16), got {low}..{high}; "
+            "send float32 for other ranges"
+        )
+    return array.astype(np.uint8 if high <= 255 and array.dtype.itemsize == 1 else np.uint16)
+
+
+def _check_batch(images: np.ndarray, max_pixels: int) -> np.ndarray:
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3:
+        raise RequestError(
+            f"expected a batch of 2-D slices (N, H, W), got an array of rank {images.ndim} with shape "
+            f"{images.shape}" + ("; wrap a single slice in a list" if images.ndim == 2 else "")
+        )
+    n, h, w = images.shape
+    if n == 0:
+        raise RequestError("empty batch: send at least one slice")
+    if h == 0 or w == 0:
+        raise RequestError(f"empty slices: shape {images.shape}")
+    if h * w > max_pixels:
+        raise RequestError(f"slice of {h}x{w} = {h * w} pixels exceeds this model's limit of {max_pixels} pixels")
+    return images
+
+
+def _decode_slice(value: Any, index: int, max_pixels: int) -> tuple[np.ndarray, str]:
+    """One compact-form entry -> (2-D grey slice, "npy" | "tiff")."""
+    where = f"slice {index}"
+    if isinstance(value, (bytes, bytearray)):
+        raw = bytes(value)  # local callers may pass the file bytes themselves
+    elif isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError(f"{where}: not valid base64 ({exc})") from None
+    else:
+        raise RequestError(f"{where}: expected a base64 string, got {type(value).__name__}")
+    if raw.startswith(_NPY_MAGIC):
+        encoding = "npy"
+        try:
+            array = np.load(io.BytesIO(raw), allow_pickle=False)
+        except Exception as exc:  # truncated data, object arrays...
+            raise RequestError(f"{where}: corrupt .npy data ({type(exc).__name__}: {exc})") from None
+    elif raw[:4] in _TIFF_MAGICS:
+        encoding = "tiff"
+        array = _read_tiff_bytes(raw, where, max_pixels)
+    else:
+        raise RequestError(f"{where}: neither .npy nor TIFF bytes (first bytes {raw[:8]!r})")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise RequestError(f"{where}: expected one 2-D slice, got shape {array.shape}")
+    if array.dtype.name not in GREY_DTYPES:
+        raise RequestError(f"{where}: dtype {array.dtype} not allowed (use {', '.join(GREY_DTYPES)})")
+    return _check_grey(array.astype(array.dtype.newbyteorder("="), copy=False), where), encoding
+
+
+def _read_tiff_bytes(raw: bytes, where: str, max_pixels: int) -> np.ndarray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+            if not tif.pages:  # tifffile only warns about a broken first-page offset
+                raise RequestError(f"{where}: corrupt TIFF (no readable image pages)")
+            if len(tif.pages) != 1:
+                raise RequestError(f"{where}: TIFF holds {len(tif.pages)} pages; send one 2-D slice per entry")
+            page = tif.pages[0]
+            if int(np.prod(page.shape[:2])) > max_pixels:  # check before decoding a huge page
+                raise RequestError(
+                    f"{where}: slice of {page.shape[0]}x{page.shape[1]} exceeds this model's limit of {max_pixels} pixels"
+                )
+            return np.asarray(page.asarray())
+    except RequestError:
+        raise
+    except Exception as exc:  # tifffile raises many types for corrupt files
+        raise RequestError(f"{where}: corrupt TIFF ({type(exc).__name__}: {exc})") from None
+
+
+def _compact_values(model_input: Any) -> list[Any] | None:
+    """The base64 column of a compact request, or None for a tensor request."""
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise RequestError(
+                f"expected a column {IMAGE_COLUMN!r} of base64-encoded slices, got columns {list(model_input.columns)}"
+            )
+        return list(model_input[IMAGE_COLUMN])
+    if isinstance(model_input, dict):
+        if set(model_input) != {IMAGE_COLUMN}:
+            raise RequestError(
+                f"expected inputs {{{IMAGE_COLUMN!r}: [base64 slices]}} or a tensor, got keys {sorted(model_input)}"
+            )
+        return list(np.atleast_1d(np.asarray(model_input[IMAGE_COLUMN], dtype=object)))
+    if isinstance(model_input, np.ndarray) and model_input.ndim == 1 and model_input.dtype.kind in "USO":
+        return list(model_input)
+    return None
+
+
+def parse_halo(params: Mapping[str, Any], n_slices: int) -> tuple[int, int]:
+    """``halo_before``/``halo_after``: how many leading/trailing slices of a request are context only.
+
+    A 2.5D model needs each slice's neighbours; a client that sends a volume in chunks adds the
+    slices around each chunk as halo and gets labels for the chunk alone.
+    """
+    halo = []
+    for name in ("halo_before", "halo_after"):
+        value = params.get(name) or 0
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise RequestError(f"{name} must be a whole number of slices, got {value!r}") from None
+        if number < 0 or number != float(value):
+            raise RequestError(f"{name} must be a whole number of slices >= 0, got {value!r}")
+        halo.append(number)
+    if sum(halo) >= n_slices:
+        raise RequestError(
+            f"halo_before + halo_after = {sum(halo)} leaves none of the {n_slices} slices to segment"
+        )
+    return halo[0], halo[1]
+
+
+def parse_request(model_input: Any, config: SegmenterConfig, declared_dtype: str = "") -> ParsedRequest:
+    """Validate a request of either form; raise :class:`RequestError` naming the problem."""
+    values = _compact_values(model_input)
+    if values is not None:
+        if not values:
+            raise RequestError("empty batch: send at least one slice")
+        decoded = [_decode_slice(v, k, config.max_slice_pixels) for k, v in enumerate(values)]
+        first = decoded[0][0]
+        for k, (array, _) in enumerate(decoded):
+            if array.shape != first.shape:
+                raise RequestError(
+                    f"slice {k} is {array.shape[0]}x{array.shape[1]} but slice 0 is {first.shape[0]}x{first.shape[1]}: "
+                    "all slices of one request must have the same size"
+                )
+        dtypes = {a.dtype for a, _ in decoded}
+        dtype = dtypes.pop() if len(dtypes) == 1 else np.float32
+        images = np.stack([a.astype(dtype, copy=False) for a, _ in decoded])
+        return ParsedRequest(_check_batch(images, config.max_slice_pixels), True, decoded[0][1])
+    if isinstance(model_input, pd.DataFrame):  # unreachable: _compact_values raised
+        raise RequestError("bad DataFrame input")
+    try:
+        images = np.asarray(model_input)
+    except ValueError as exc:  # ragged nested lists
+        raise RequestError(f"slices of different sizes in one batch ({exc})") from None
+    if images.size == 0 and images.ndim <= 1:
+        raise RequestError("empty batch: send at least one slice")
+    if images.ndim == 0:
+        raise RequestError(f"expected a batch of 2-D slices (N, H, W), got a scalar {images!r}")
+    images = _check_batch(images, config.max_slice_pixels)
+    return ParsedRequest(_check_grey(images, "inputs", declared_dtype), False, "npy")
+
+
+def check_grey_range(images: np.ndarray, config: SegmenterConfig) -> None:
+    """Refuse a batch mostly outside the model's grey range, before it is silently mislabelled.
+
+    The network sees ``clip((x - low) / (high - low), 0, 1)`` with ``low``/``high`` fixed on the
+    training slab (:mod:`socseg.data.normalise`). A volume on another grey scale (e.g. the same slices
+    saved as float after ``2.5e-5 * x - 0.55``) clips almost entirely to one end and comes back as
+    a single class without any warning. More than ``config.max_clipped_fraction`` of the pixels
+    below ``low`` or above ``high`` raises :class:`RequestError` (HTTP 400 when served; one
+    ``error:`` line in ``socseg segment``); the request param ``allow_out_of_range`` skips the
+    check. ``Segmenter.predict`` calls it for every request, so ``socseg segment`` (one predict
+    per streamed chunk) and ``mlflow models serve`` share it.
+    """
+    norm = config.normalisation
+    if "low" not in norm or "high" not in norm or images.size == 0:
+        return
+    low, high = float(norm["low"]), float(norm["high"])
+    below = int(np.count_nonzero(images < low))
+    above = int(np.count_nonzero(images > high))
+    fraction = (below + above) / images.size
+    if fraction <= config.max_clipped_fraction:
+        return
+    flat = images.reshape(-1)
+    sample = flat[:: max(1, flat.size // 1_000_000)]  # percentiles of ~1M values are plenty
+    p1, p99 = (float(v) for v in np.percentile(sample, [1, 99]))
+    if "low_percentile" in norm and "high_percentile" in norm:
+        origin = f" (the training slab's {norm['low_percentile']:g}th..{norm['high_percentile']:g}th percentiles)"
+    else:
+        origin = ""
+    side = "below" if below >= above else "above"
+    raise RequestError(
+        f"grey values out of this model's range: {fraction:.1%} of the {images.size} pixels lie outside the "
+        f"model's range {low:g}..{high:g}{origin} ({below} below, {above} above) and would be clipped "
+        f"(allowed: {config.max_clipped_fraction:.0%}, inference.max_clipped_fraction); the input spans "
+        f"{float(flat.min()):.6g}..{float(flat.max()):.6g} (1st..99th percentile {p1:.6g}..{p99:.6g}), mostly "
+        f"{side} the model's range: it is probably on another grey scale than the training data (another "
+        "dtype, or rescaled when saved), so convert it back, or segment it anyway with `socseg segment "
+        "--allow-out-of-range` or the request param allow_out_of_range=true"
+    )
+
+
+def parse_flag(params: Mapping[str, Any], name: str) -> bool:
+    """A boolean request param (MLflow converts per the signature; direct callers may pass text)."""
+    from socseg.params import parse_bool
+
+    try:
+        return parse_bool(params.get(name) or False)
+    except ValueError:
+        raise RequestError(f"{name} must be true or false, got {params.get(name)!r}") from None
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_array(array: np.ndarray, encoding: str) -> str:
+    """A slice (or its ``(H, W, C)`` probabilities) as base64 ``.npy`` or TIFF bytes (zlib)."""
+    buffer = io.BytesIO()
+    if encoding == "npy":
+        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    elif encoding == "tiff":
+        import tifffile
+
+        # tifffile's shaped description keeps (H, W, C) probabilities, C = 1 included, on reading.
+        tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric="minisblack", compression="zlib")
+    else:
+        raise RequestError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_array(text: str) -> np.ndarray:
+    """Inverse of :func:`encode_array` (either encoding), for clients."""
+    array, _ = _decode_any(base64.b64decode(text))
+    return array
+
+
+def _decode_any(raw: bytes) -> tuple[np.ndarray, str]:
+    if raw.startswith(_NPY_MAGIC):
+        return np.load(io.BytesIO(raw), allow_pickle=False), "npy"
+    import tifffile
+
+    return tifffile.imread(io.BytesIO(raw)), "tiff"
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class Segmenter(mlflow.pyfunc.PythonModel):
+    """Whole-slice segmentation with the sliding window of :mod:`socseg.inference.window`."""
+
+    # predict deliberately has no type hint on its input (see predict); this tells MLflow not to
+    # look for one (and not to warn at import).
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:
+        import keras
+
+        # Register every custom object the .keras file may name: layers, and the loss and metric
+        # that the trained inner network's compile config still mentions (even with compile=False).
+        import socseg.model.losses  # noqa: F401
+        import socseg.model.metrics  # noqa: F401
+        import socseg.model.unet  # noqa: F401
+        import socseg.data.normalise  # noqa: F401
+
+        self.config = SegmenterConfig.from_dict(context.model_config)
+        self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        self._predict = self.model.predict_on_batch
+        if keras.backend.backend() == "jax":  # one compiled shape (see fixed_batch)
+            self._predict = fixed_batch(self._predict, self.config.batch_size)
+        # The scoring server runs requests in threads; one forward pass at a time bounds memory.
+        self._lock = threading.Lock()
+
+    # No type hint on model_input on purpose: MLflow would derive a signature from it and then
+    # skip the JSON parsing that both input forms rely on.
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        from socseg.model.metrics import probabilities_to_classes  # imports keras: keep it out of thin clients
+
+        params = dict(params or {})
+        step = params.get("step_fraction")
+        if step is not None and not 0.0 < float(step) <= 1.0:
+            raise RequestError(f"step_fraction must be in (0, 1], got {step}")
+        encoding = str(params.get("encoding") or "")
+        if encoding and encoding not in ENCODINGS:
+            raise RequestError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
+        request = parse_request(model_input, self.config, str(params.get("dtype") or ""))
+        before, after = parse_halo(params, len(request.images))
+        if not parse_flag(params, "allow_out_of_range"):
+            check_grey_range(request.images, self.config)
+        window = self.config.window(tta=params.get("tta"), step_fraction=step)
+        with self._lock:
+            probs = sliding_window_probabilities(
+                self._predict, request.images, window, self.config.context_slices, before, after
+            )
+        labels = classes_to_label_values(
+            probabilities_to_classes(probs, self.config.task), self.config.task, self.config.phase_map
+        )
+        want_probs = bool(params.get("return_probabilities", False))
+        if not request.compact:
+            return {"labels": labels, "probabilities": probs} if want_probs else labels
+        encoding = encoding or request.encoding
+        frame = pd.DataFrame({"labels": [encode_array(lab, encoding) for lab in labels]})
+        if want_probs:
+            frame["probabilities"] = [encode_array(p, encoding) for p in probs]
+        frame["phase_map"] = json.dumps({str(k): v for k, v in self.config.label_phase_map.items()})
+        return frame
