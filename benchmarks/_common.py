@@ -89,7 +89,7 @@ def hardware() -> str:
     """One line for table headers: CPU model (bf16 flags); accelerator, Keras / backend, Python."""
     import keras
 
-    from socseg.runtime import accelerator
+    from socseg.training.runtime import accelerator
 
     backend = keras.backend.backend()
     version = ""

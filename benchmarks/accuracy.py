@@ -4,13 +4,13 @@
     python benchmarks/accuracy.py --train-volume data/a --test-volume data/b
 
 Every method is trained on the same training data and scored on the same test slices with the
-same metric code (``socseg.evaluate.segmentation_scores``): global thresholds tuned on the
-training slab (the floor), an ilastik-style random forest, and socseg U-Nets (``socseg.train``,
-scored through the logged model with ``socseg.evaluate``). One more U-Net run uses the original
+same metric code (``socseg.inference.evaluate.segmentation_scores``): global thresholds tuned on the
+training slab (the floor), an ilastik-style random forest, and socseg U-Nets (``socseg.training.train``,
+scored through the logged model with ``socseg.inference.evaluate``). One more U-Net run uses the original
 report's random 80/20 *slice* split to show how much that split inflates the score.
 
 Default data: the real SOCPristine slices (``../shared/data/socpristine`` or
-``$SOCSEG_SHARED_DATA``), imported once with ``socseg.volume.import_slices`` into a cache folder
+``$SOCSEG_SHARED_DATA``), imported once with ``socseg.data.volumes.import_slices`` into a cache folder
 (``--cache-dir``), never into the repository. ``--train-volume``/``--test-volume`` take volume
 folders as ``socseg data import`` writes them; a test volume that is not a training volume is
 scored whole, and the training volumes are then split into train | gap | val only.
@@ -218,7 +218,7 @@ class Setting:
     """Where a method trains and what it is tested on."""
 
     label: str  # e.g. "z-slabs, gap 8"
-    data_dir: Path  # holds (links to) the training volumes, for socseg.train
+    data_dir: Path  # holds (links to) the training volumes, for socseg.training.train
     train_names: list[str]
     split: dict[str, float]
     tests: list[tuple[Path, tuple[int, int] | None]]  # (volume folder, z range or None: whole)
@@ -227,7 +227,7 @@ class Setting:
 
 def import_socpristine(source: Path, cache: Path) -> Path:
     """Import SOCPristine once into the cache (validated, checksummed) and reuse it afterwards."""
-    from socseg.volume import import_slices, save_volume
+    from socseg.data.volumes import import_slices, save_volume
 
     target = cache / "data" / "socpristine"
     if not (target / "volume.json").is_file():
@@ -247,7 +247,7 @@ def shuffled_copy(volume_dir: Path, cache: Path, seed: int = 0) -> Path:
     """
     import numpy as np
 
-    from socseg.volume import Volume, VolumeMeta, load_volume, save_volume
+    from socseg.data.volumes import Volume, VolumeMeta, load_volume, save_volume
 
     volume = load_volume(volume_dir)
     name = f"{volume.meta.name}-shuffled{seed}"
@@ -262,8 +262,8 @@ def shuffled_copy(volume_dir: Path, cache: Path, seed: int = 0) -> Path:
 
 
 def link_volumes(dirs: Sequence[Path], into: Path) -> list[str]:
-    """socseg.train reads volumes by name from one data dir: link each folder in under its name."""
-    from socseg.volume import load_volume
+    """socseg.training.train reads volumes by name from one data dir: link each folder in under its name."""
+    from socseg.data.volumes import load_volume
 
     names = []
     for d in dirs:
@@ -276,8 +276,8 @@ def link_volumes(dirs: Sequence[Path], into: Path) -> list[str]:
 
 
 def make_setting(label: str, dirs: Sequence[Path], test_dir: Path | None, split: Sequence[float], tmp: Path) -> Setting:
-    from socseg.split import slab_split
-    from socseg.volume import load_volume
+    from socseg.data.split import slab_split
+    from socseg.data.volumes import load_volume
 
     data_dir = tmp / re.sub(r"[^A-Za-z0-9]+", "_", label)
     data_dir.mkdir(parents=True)
@@ -301,8 +301,8 @@ def make_setting(label: str, dirs: Sequence[Path], test_dir: Path | None, split:
 
 def load_test(setting: Setting, normaliser, task: str, phase_names: list[str]):
     """Normalised test images and task targets for the baselines (the U-Nets read raw grey)."""
-    from socseg.tasks import task_targets
-    from socseg.volume import load_volume
+    from socseg.data.tasks import task_targets
+    from socseg.data.volumes import load_volume
 
     for d, z in setting.tests:
         volume = load_volume(d)
@@ -316,10 +316,10 @@ def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -
     import mlflow
     import numpy as np
 
-    from socseg.baselines import RandomForestBaseline, ThresholdBaseline
-    from socseg.evaluate import segmentation_scores
-    from socseg.metrics import confusion_matrix
-    from socseg.train import load_labelled_volumes, prepare_data
+    from socseg.model.baselines import RandomForestBaseline, ThresholdBaseline
+    from socseg.inference.evaluate import segmentation_scores
+    from socseg.model.metrics import confusion_matrix
+    from socseg.training.train import load_labelled_volumes, prepare_data
 
     volumes = load_labelled_volumes({**params, "data": {**params["data"], "dir": str(setting.data_dir)}}, setting.train_names)
     data = prepare_data({**params, "split": setting.split}, volumes, task)
@@ -365,7 +365,7 @@ def unet_params(encoder: str, task: str, params: dict, args, setting: Setting, m
 
     import yaml
 
-    from socseg.config import set_dotted
+    from socseg.params import set_dotted
 
     p = copy.deepcopy(params)
     p["data"]["dir"] = str(setting.data_dir)
@@ -404,14 +404,14 @@ def minutes_for(method: str, args) -> float | None:
 
 
 def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta: bool = False, trained=None) -> list[dict]:
-    """Train through ``socseg.train`` (the logged model is what users get), then score that model."""
+    """Train through ``socseg.training.train`` (the logged model is what users get), then score that model."""
     import keras
     import numpy as np
 
-    from socseg.evaluate import evaluate_segmenter, load_segmenter, segmentation_scores
-    from socseg.models import use_encoder_batchnorm
-    from socseg.train import train
-    from socseg.volume import load_volume
+    from socseg.inference.evaluate import evaluate_segmenter, load_segmenter, segmentation_scores
+    from socseg.model.unet import use_encoder_batchnorm
+    from socseg.training.train import train
+    from socseg.data.volumes import load_volume
 
     class TimeBudget(keras.callbacks.Callback):
         """Stop after the epoch when one more epoch would overrun the budget (best weights are restored).
@@ -539,8 +539,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import mlflow
 
-    from socseg.config import load_params
-    from socseg.tracking import configure_tracking
+    from socseg.params import load_params
+    from socseg.training.tracking import configure_tracking
 
     params = load_params(args.params)
     params["mlflow"]["experiment"] = args.experiment
@@ -562,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{'/'.join(f'{v:g}' for v in [*split[:2], slab.split['test'], split[3]])}); "
                     f"test {test_desc}",
             "metrics": "thresholded per-class IoU/Dice from one confusion matrix over all test pixels "
-                       "(socseg.evaluate.segmentation_scores); Ni frac. err. = |predicted - true| Ni volume fraction "
+                       "(socseg.inference.evaluate.segmentation_scores); Ni frac. err. = |predicted - true| Ni volume fraction "
                        "on the test slices; train s = wall-clock fit (U-Nets: incl. per-epoch validation); "
                        "infer s/slice = prediction only",
         }

@@ -1,4 +1,4 @@
-"""Time and peak memory of ``socseg.microstructure.measure`` on a blurred-noise 3-phase phantom.
+"""Time and peak memory of ``socseg.analysis.microstructure.measure`` on a blurred-noise 3-phase phantom.
 
     python benchmarks/microstructure_bench.py [--size 500] [--sigma 3] [--no-sizes]
 
@@ -18,7 +18,7 @@ import time
 import numpy as np
 from scipy import ndimage as ndi
 
-from socseg.microstructure import flatten_metrics, measure
+from socseg.analysis.microstructure import flatten_metrics, measure
 
 
 def _rss_gib() -> float:

@@ -2,7 +2,7 @@
 
     python benchmarks/quantise_volume.py ~/.cache/socseg/accuracy/data/socpristine .gpu/socpristine-u8 --split 0.6,0.1,0.3,8
 
-The grey values go through the project's own normalisation (``socseg.normalise.Normaliser``:
+The grey values go through the project's own normalisation (``socseg.data.normalise.Normaliser``:
 percentile clip fitted on the *training slab only*, so no test intensities leak) and are then
 rounded to 256 levels; labels and phase map are copied unchanged. A model trained on the copy
 fits its own normaliser to the uint8 values, so it works on the copy, not on the raw volume:
@@ -18,10 +18,10 @@ from typing import Sequence
 
 import numpy as np
 
-from socseg.config import load_params
-from socseg.normalise import Normaliser
-from socseg.split import slab_split
-from socseg.volume import Volume, VolumeMeta, load_volume, save_volume
+from socseg.params import load_params
+from socseg.data.normalise import Normaliser
+from socseg.data.split import slab_split
+from socseg.data.volumes import Volume, VolumeMeta, load_volume, save_volume
 
 
 def quantise(volume: Volume, train_slab: tuple[int, int], low_percentile: float, high_percentile: float) -> Volume:

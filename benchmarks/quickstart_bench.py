@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
 
-from socseg.runtime import resolve_precision  # noqa: E402
+from socseg.training.runtime import resolve_precision  # noqa: E402
 
 STEPS = {"install": ["bash", "scripts/setup_env.sh"], "after_install": ["bash", "scripts/quickstart.sh"]}
 

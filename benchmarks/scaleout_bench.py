@@ -75,8 +75,8 @@ def start_services(directory: Path) -> dict[str, str]:
 
 def tiny_params(params: dict, data_dir: Path) -> dict:
     """The test suite's tiny trials (see tests/conftest.py::tiny_params)."""
-    from socseg.synth import synth_from_params
-    from socseg.volume import save_volume
+    from socseg.data.synth import synth_from_params
+    from socseg.data.volumes import save_volume
 
     p = copy.deepcopy(params)
     p["data"].update(dir=str(data_dir), volumes=["tiny"])
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from socseg.config import load_params
+    from socseg.params import load_params
 
     work = Path(tempfile.mkdtemp(prefix="socseg-bench-"))
     work.chmod(0o755)  # the postgres user must reach a private lab's cluster directory

@@ -4,7 +4,7 @@
     python benchmarks/accuracy.py --methods threshold,rf,unet,searched --variant searched=unet \\
         --from-search searched=benchmarks/results/search_unet_ni/search.json
 
-This is ``socseg.search.run_search`` (the same code as ``socseg search`` and the MLproject) on the
+This is ``socseg.training.search.run_search`` (the same code as ``socseg search`` and the MLproject) on the
 same data and split as ``accuracy.py``: SOCPristine from ``../shared`` (imported once into the
 cache) or ``--train-volume``, slabs from ``--split`` (default: params.yaml). Trials are chosen on
 the validation slab only; the test slab is never seen, so ``accuracy.py --from-search`` can score
@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def search_params(args: argparse.Namespace, volume_dir: Path) -> dict:
     """params.yaml with the data, split, trial length and space of this benchmark."""
-    from socseg.config import load_params, set_dotted
+    from socseg.params import load_params, set_dotted
 
     params = load_params(args.params)
     params["data"].update(dir=str(volume_dir.parent), volumes=[volume_dir.name])
@@ -105,7 +105,7 @@ def trials_table(study: "optuna.Study") -> "pd.DataFrame":
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from socseg.search import open_study, run_search, write_result
+    from socseg.training.search import open_study, run_search, write_result
 
     volume_dir = args.train_volume or import_socpristine(args.source, args.cache_dir)
     params = search_params(args, volume_dir.resolve())

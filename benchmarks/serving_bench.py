@@ -68,8 +68,8 @@ def _volume(n: int, path: Path) -> str:
         stack = np.stack([tifffile.imread(SHARED / f"SOCprist{k:04d}.tiff") for k in range(1, n + 1)])
         source = f"SOCPristine slices 1-{n}"
     else:
-        from socseg.config import load_params
-        from socseg.synth import synth_from_params
+        from socseg.params import load_params
+        from socseg.data.synth import synth_from_params
 
         stack = synth_from_params(load_params(), "bench", shape=(n, 501, 501), seed=0).image
         source = "synthetic phantom"
@@ -80,10 +80,10 @@ def _volume(n: int, path: Path) -> str:
 def _model(args, folder: Path) -> tuple[str, str]:
     if args.model_uri:
         return args.model_uri, args.model_uri
-    from socseg.models import build_model
-    from socseg.normalise import Normaliser
-    from socseg.pyfunc import save_segmenter, segmenter_config
-    from socseg.train import export_model
+    from socseg.model.unet import build_model
+    from socseg.data.normalise import Normaliser
+    from socseg.inference.pyfunc import save_segmenter, segmenter_config
+    from socseg.training.train import export_model
 
     import keras
 
@@ -100,7 +100,7 @@ _DEPTH_SCRIPT = textwrap.dedent(
     """
     import resource, sys
     import numpy as np, tifffile
-    from socseg.segment import segment
+    from socseg.inference.segment import segment
     model, grey, depth, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     with tifffile.TiffFile(grey) as tif:
         first = tif.pages[0].asarray()
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import mlflow
 
-    from socseg.segment import segment_stream
+    from socseg.inference.segment import segment_stream
 
     client = _client()
     rows: list[dict] = []

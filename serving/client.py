@@ -7,7 +7,7 @@
 Sends INPUT (multi-page TIFF, folder of slice TIFFs or socseg volume directory) to
 ``/invocations`` a few slices per request, reassembles the answers and writes the label stack
 OUTPUT with the same guarantees as ``socseg segment`` (streamed, atomic, never over INPUT, an
-existing OUTPUT only with --overwrite): the reading and writing are :mod:`socseg.segment`'s.
+existing OUTPUT only with --overwrite): the reading and writing are :mod:`socseg.inference.segment`'s.
 Connection errors, timeouts and 502/503/504 are retried with exponential backoff; a 4xx is
 the server naming a problem with the request and stops the run with that message.
 """
@@ -30,9 +30,9 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import requests
 
-from socseg.pyfunc import IMAGE_COLUMN, decode_array, encode_array
-from socseg.segment import SegmentResult, segment_stream
-from socseg.volume import VolumeError, parse_phase_map
+from socseg.inference.pyfunc import IMAGE_COLUMN, decode_array, encode_array
+from socseg.inference.segment import SegmentResult, segment_stream
+from socseg.data.volumes import VolumeError, parse_phase_map
 
 RETRY_STATUS = (502, 503, 504)
 
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.slice_batch is None:
-            from socseg.config import load_params
+            from socseg.params import load_params
 
             args.slice_batch = int((load_params().get("inference") or {}).get("slice_batch", 8))
         result, client = segment_with_server(
