@@ -83,7 +83,7 @@ def _model(args, folder: Path) -> tuple[str, str]:
     from socseg.model.unet import build_model
     from socseg.data.normalise import Normaliser
     from socseg.inference.pyfunc import save_segmenter, segmenter_config
-    from socseg.training.train import export_model
+    from socseg.model.export import export_model
 
     import keras
 

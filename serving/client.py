@@ -1,13 +1,16 @@
 """Segment a whole volume with a running ``mlflow models serve`` of a socseg segmenter.
 
     python serving/client.py http://127.0.0.1:5000 volume.tif labels.tif [--slice-batch 8]
-        [--form compact|tensor] [--encoding tiff|npy] [--tta] [--halo K] [--allow-out-of-range]
+        [--form compact|tensor] [--encoding tiff|npy] [--tta] [--allow-out-of-range]
         [--overwrite] [--retries 5]
 
 Sends INPUT (multi-page TIFF, folder of slice TIFFs or socseg volume directory) to
 ``/invocations`` a few slices per request, reassembles the answers and writes the label stack
 OUTPUT with the same guarantees as ``socseg segment`` (streamed, atomic, never over INPUT, an
 existing OUTPUT only with --overwrite): the reading and writing are :mod:`socseg.inference.segment`'s.
+The client first asks the server for the model's config (request param ``describe``): a 2.5D
+model's ``context_slices`` decides how many neighbouring slices go around each chunk, and the
+phase map goes into OUTPUT's metadata.
 Connection errors, timeouts and 502/503/504 are retried with exponential backoff; a 4xx is
 the server naming a problem with the request and stops the run with that message.
 """
@@ -30,6 +33,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import requests
 
+from socseg.inference.predictor import ModelConfig
 from socseg.inference.pyfunc import IMAGE_COLUMN, decode_array, encode_array
 from socseg.inference.segment import SegmentResult, segment_stream
 from socseg.data.volumes import VolumeError, parse_phase_map
@@ -70,7 +74,17 @@ class RestSegmenter:
         self.bytes_sent = self.bytes_received = 0
         self.requests = 0
 
-    def payload(self, batch: np.ndarray, halo: Mapping[str, int] | None = None) -> bytes:
+    def describe(self) -> dict[str, Any]:
+        """The served model's config (task, phase map, context_slices, tile size, ...)."""
+        body = json.dumps({"inputs": [[[0]]], "params": {"describe": True}}).encode()
+        predictions = self.post(body)
+        try:
+            return json.loads(predictions[0]["config"])
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise ServerError(f"{self.url} did not describe its model: not a socseg segmenter of this version "
+                              "(re-log it with socseg train)") from None
+
+    def payload(self, batch: np.ndarray, context: Mapping[str, int] | None = None) -> bytes:
         if self.form == "compact":
             body: dict[str, Any] = {
                 "dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[encode_array(s, self.encoding)] for s in batch]}
@@ -79,7 +93,7 @@ class RestSegmenter:
             body = {"inputs": batch.tolist()}
             if batch.dtype.name in ("uint8", "uint16", "float32"):
                 self.params.setdefault("dtype", batch.dtype.name)  # lets the server check the numbers
-        params = {**self.params, **dict(halo or {})}
+        params = {**self.params, **dict(context or {})}
         if params:
             body["params"] = params
         return json.dumps(body).encode()
@@ -112,13 +126,18 @@ class RestSegmenter:
     def __call__(self, batch: np.ndarray, before: int = 0, after: int = 0) -> np.ndarray:
         """Labels for ``batch`` without its first ``before`` and last ``after`` slices, which a
         2.5D model only uses as context."""
-        halo = {"halo_before": int(before), "halo_after": int(after)} if before or after else None
-        predictions = self.post(self.payload(np.asarray(batch), halo))
+        context = {"context_before": int(before), "context_after": int(after)} if before or after else None
+        predictions = self.post(self.payload(np.asarray(batch), context))
         if self.form == "tensor":
             return np.asarray(predictions, dtype=np.uint8)
         if self.phase_map is None and predictions and "phase_map" in predictions[0]:
             self.phase_map = {int(k): v for k, v in json.loads(predictions[0]["phase_map"]).items()}
         return np.stack([decode_array(row["labels"]) for row in predictions]).astype(np.uint8, copy=False)
+
+
+def label_phase_map(config: Mapping[str, Any]) -> dict[int, str]:
+    """Label value -> class of what the described model returns."""
+    return ModelConfig.from_dict(config).label_phase_map
 
 
 def _message(response: requests.Response) -> str:
@@ -133,7 +152,7 @@ def segment_with_server(
     source: str,
     output: str,
     *,
-    slice_batch: int = 8,
+    slice_batch: int,
     overwrite: bool = False,
     form: str = "compact",
     encoding: str = "tiff",
@@ -142,14 +161,16 @@ def segment_with_server(
     retries: int = 5,
     timeout: float = 300.0,
     progress: bool = True,
-    halo: int = 0,
 ) -> tuple[SegmentResult, RestSegmenter]:
     """Segment ``source`` through the server at ``url`` into the label stack ``output``.
 
-    ``halo``: for a 2.5D model, its ``context_slices``; each request then carries that many
-    neighbouring slices around its batch, so slices at batch borders see their true neighbours.
+    A 2.5D model (the server reports its ``context_slices``) gets that many neighbouring slices
+    around each chunk, so slices at chunk borders see their true neighbours.
     """
     client = RestSegmenter(url, form=form, encoding=encoding, params=params, retries=retries, timeout=timeout)
+    config = client.describe()
+    if phase_map is None and config.get("phase_map"):
+        client.phase_map = {int(k): v for k, v in label_phase_map(config).items()}
 
     def metadata() -> dict[str, Any]:  # asked after the first answer, which carries the phase map
         known = dict(phase_map) if phase_map else client.phase_map
@@ -161,8 +182,8 @@ def segment_with_server(
         }
 
     result = segment_stream(
-        client, source, output, slice_batch=slice_batch, overwrite=overwrite, metadata=metadata, progress=progress,
-        halo=halo,
+        client, source, output, context_slices=int(config.get("context_slices", 0)), slice_batch=slice_batch,
+        overwrite=overwrite, metadata=metadata, progress=progress,
     )
     return result, client
 
@@ -233,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="8-fold flip/rotation TTA (server default)")
     parser.add_argument("--step-fraction", type=float, default=None, help="tile step / tile size (server default)")
     parser.add_argument("--phase-map", default=None, help="label value -> phase for the metadata, e.g. 0=pore,255=ni")
-    parser.add_argument("--halo", type=int, default=0,
-                        help="2.5D models: the model's context_slices (neighbouring slices sent around each batch)")
     parser.add_argument("--allow-out-of-range", action="store_true",
                         help="segment even when most grey values lie outside the model's range "
                              "(sends the request param allow_out_of_range: true)")
@@ -244,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.slice_batch is None:
-            from socseg.params import load_params
+            from socseg.params import load_params, typed
 
-            args.slice_batch = int((load_params().get("inference") or {}).get("slice_batch", 8))
+            args.slice_batch = typed(load_params()).inference.slice_batch
         result, client = segment_with_server(
             args.url,
             args.input,
@@ -260,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
             phase_map=parse_phase_map(args.phase_map) if args.phase_map else None,
             retries=args.retries,
             timeout=args.timeout,
-            halo=args.halo,
         )
     except (VolumeError, ServerError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

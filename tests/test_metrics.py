@@ -10,7 +10,7 @@ from socseg.model.metrics import (
     class_names,
     confusion_matrix,
     probabilities_to_classes,
-    scores_from_confusion,
+    segmentation_scores,
 )
 
 TRUTH = np.array([[1, 1], [0, 0]])
@@ -21,7 +21,7 @@ def test_confusion_matrix_and_scores_by_hand():
     cm = confusion_matrix(TRUTH, PRED, 2)
     assert cm.dtype == np.int64
     np.testing.assert_array_equal(cm, [[2, 0], [1, 1]])
-    scores = scores_from_confusion(cm, ["rest", "ni"])
+    scores = segmentation_scores(cm, ["rest", "ni"])
     assert scores["iou_ni"] == pytest.approx(0.5)
     assert scores["iou_rest"] == pytest.approx(2 / 3)
     assert scores["dice_ni"] == pytest.approx(2 / 3)
@@ -59,11 +59,11 @@ def test_confusion_matrix_rejects_bad_input():
 
 def test_absent_class_scores_one():
     cm = confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 0]), 3)
-    scores = scores_from_confusion(cm, ["pore", "ysz", "ni"])
+    scores = segmentation_scores(cm, ["pore", "ysz", "ni"])
     assert scores["iou_ni"] == 1.0 and scores["dice_ni"] == 1.0
-    assert np.isnan(scores_from_confusion(np.zeros((2, 2)), ["rest", "ni"])["accuracy"])
+    assert np.isnan(segmentation_scores(np.zeros((2, 2)), ["rest", "ni"])["accuracy"])
     with pytest.raises(ValueError):
-        scores_from_confusion(cm, ["rest", "ni"])
+        segmentation_scores(cm, ["rest", "ni"])
 
 
 def test_probabilities_to_classes():
@@ -110,7 +110,7 @@ def test_keras_metric_matches_numpy_over_batches(task, n, kind):
     truth = np.concatenate([b[0] for b in batches])
     pred = probabilities_to_classes(np.concatenate([b[1] for b in batches]), task)
     names = class_names(task, n)
-    expected = scores_from_confusion(confusion_matrix(truth, pred, n), names)
+    expected = segmentation_scores(confusion_matrix(truth, pred, n), names)
     for class_id in [None, *range(n)]:
         metric = ThresholdedIoU(task, n_classes=n, class_id=class_id, metric=kind)
         key = f"mean_{kind}" if class_id is None else f"{kind}_{names[class_id]}"
@@ -126,7 +126,7 @@ def test_keras_metric_sample_weight_matches_mask():
     rng = np.random.default_rng(3)
     truth, probs = random_batch(rng, "phases", 3)
     mask = rng.random(truth.shape) > 0.3
-    expected = scores_from_confusion(confusion_matrix(truth, probabilities_to_classes(probs, "phases"), 3, mask), class_names("phases"))
+    expected = segmentation_scores(confusion_matrix(truth, probabilities_to_classes(probs, "phases"), 3, mask), class_names("phases"))
     metric = ThresholdedIoU("phases")
     assert keras_value(metric, (truth, probs, mask.astype("float32"))) == pytest.approx(expected["mean_iou"], rel=1e-6)
     # per-sample weights broadcast over pixels
@@ -134,7 +134,7 @@ def test_keras_metric_sample_weight_matches_mask():
     per_sample = keras_value(metric, (truth, probs, np.array([1.0, 0.0, 1.0])))
     keep = np.array([True, False, True])
     cm = confusion_matrix(truth[keep], probabilities_to_classes(probs[keep], "phases"), 3)
-    assert per_sample == pytest.approx(scores_from_confusion(cm, class_names("phases"))["mean_iou"], rel=1e-6)
+    assert per_sample == pytest.approx(segmentation_scores(cm, class_names("phases"))["mean_iou"], rel=1e-6)
 
 
 def test_keras_metric_config_round_trip():

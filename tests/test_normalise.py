@@ -2,7 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from socseg.data.normalise import IntensityNormalisation, Normaliser
+from socseg.data.normalise import Normaliser
+from socseg.model.export import IntensityNormalisation
 
 
 def test_fit_uses_percentiles_of_the_given_images_only():

@@ -27,7 +27,7 @@ def segmenter(tmp_path_factory):
     from socseg.model.unet import build_model
     from socseg.data.normalise import Normaliser
     from socseg.inference.pyfunc import save_segmenter, segmenter_config
-    from socseg.training.train import export_model
+    from socseg.model.export import export_model
 
     keras.utils.set_random_seed(0)
     network = build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none")

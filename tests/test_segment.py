@@ -25,7 +25,7 @@ def _one_conv_segmenter(folder, context_slices: int = 0, seed: int = 1, bias: fl
     """A one-convolution 'ni' network (fast, deterministic) saved as a pyfunc segmenter, tile 64."""
     import keras
 
-    from socseg.data.normalise import IntensityNormalisation
+    from socseg.model.export import IntensityNormalisation
     from socseg.inference.pyfunc import SegmenterConfig, save_segmenter
 
     keras.utils.set_random_seed(seed)
@@ -280,7 +280,7 @@ def threshold_model_path(tmp_path_factory):
     is Ni, through the same normalisation 20000..43000 (a 1x1 convolution, set by hand)."""
     import keras
 
-    from socseg.data.normalise import IntensityNormalisation
+    from socseg.model.export import IntensityNormalisation
     from socseg.inference.pyfunc import SegmenterConfig, save_segmenter
 
     inputs = keras.Input((None, None, 1))

@@ -3,6 +3,7 @@ import itertools
 import pytest
 
 from socseg.data.split import slab_split, split_from_params
+from socseg.params import typed
 
 
 @pytest.mark.parametrize(
@@ -43,5 +44,5 @@ def test_impossible_splits_raise(args):
 
 
 def test_split_from_params_reads_the_split_section(params):
-    split = split_from_params(100, params["split"])
+    split = split_from_params(100, typed(params).split)
     assert split.gap == params["split"]["gap"]

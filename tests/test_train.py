@@ -59,7 +59,7 @@ def test_logged_model_takes_raw_grey_values_and_reproduces_the_test_score(traine
     """The exported model carries the normalisation: raw uint16 in, same test IoU as logged."""
     import socseg.model.unet  # noqa: F401  (registers the custom layers)
     from socseg.inference.window import predict_probabilities
-    from socseg.model.metrics import confusion_matrix, probabilities_to_classes, scores_from_confusion
+    from socseg.model.metrics import confusion_matrix, probabilities_to_classes, segmentation_scores
     from socseg.data.volumes import load_volume
 
     params, result = trained
@@ -72,7 +72,7 @@ def test_logged_model_takes_raw_grey_values_and_reproduces_the_test_score(traine
     raw = volume.image[test].astype(np.float32)
     probs = predict_probabilities(model.predict_on_batch, raw, tile_size=32, batch_size=4)
     truth = (volume.labels[test] == 255).astype(np.uint8)
-    scores = scores_from_confusion(confusion_matrix(truth, probabilities_to_classes(probs, "ni"), 2), ["rest", "ni"])
+    scores = segmentation_scores(confusion_matrix(truth, probabilities_to_classes(probs, "ni"), 2), ["rest", "ni"])
     assert scores["iou_ni"] == pytest.approx(result.metrics["test_iou_ni"], abs=1e-4)
     signature = mlflow.models.get_model_info(result.model_uri).signature
     assert signature is not None and signature.inputs.to_dict()[0]["tensor-spec"]["shape"][-1] == 1

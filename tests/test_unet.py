@@ -90,7 +90,7 @@ def test_multi_slice_input_starts_as_the_centre_slice():
         keras.ops.convert_to_numpy(layer(x)), keras.ops.convert_to_numpy(GreyToRGB()(x[..., 2:3])), rtol=1e-6
     )
     assert len(layer.trainable_weights) == 1
-    model = build_model("vgg16", "ni", in_channels=5)
+    model = build_model("vgg16", "ni", context_slices=2)
     assert predict(model, RNG.random((1, 32, 32, 5)).astype("float32")).shape == (1, 32, 32, 1)
 
 
@@ -174,8 +174,8 @@ def test_bad_arguments():
 
 
 def test_unet_base_filters_and_2p5d_input():
-    small = build_model("unet", "phases", base_filters=4, in_channels=3)
-    assert small.count_params() < build_model("unet", "phases", base_filters=8, in_channels=3).count_params()
+    small = build_model("unet", "phases", base_filters=4, context_slices=1)
+    assert small.count_params() < build_model("unet", "phases", base_filters=8, context_slices=1).count_params()
     assert predict(small, RNG.random((1, 32, 32, 3)).astype("float32")).shape == (1, 32, 32, 3)
 
 
@@ -200,7 +200,7 @@ def test_compiled_unet_round_trips_through_keras_file(tmp_path):
 
 def test_pretrained_style_model_round_trips(tmp_path):
     """Nested encoder + GreyToRGB (with its 2.5D kernel) survive save/load."""
-    model = build_model("vgg16", "ni", in_channels=3, freeze_encoder=True)
+    model = build_model("vgg16", "ni", context_slices=1, freeze_encoder=True)
     path = tmp_path / "vgg16.keras"
     model.save(path)
     loaded = keras.models.load_model(path)

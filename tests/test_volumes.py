@@ -234,7 +234,7 @@ def test_colour_image_is_refused_not_read_as_h_slices(tmp_path, channels, kind, 
     _write_colour(path, channels, how)
     message = rf"photo\.tif: an {kind} image \(20, 30, {channels}\), not a grey-value slice stack.*convert it to greyscale"
     with pytest.raises(VolumeError, match=message):
-        import_slices("t", str(path))
+        import_slices("t", str(path), None, PHASES)
     with pytest.raises(VolumeError, match=message):
         read_stack(path)
     # A folder of colour slices is named the same way (not "expected one 2-D grey slice").
@@ -243,7 +243,7 @@ def test_colour_image_is_refused_not_read_as_h_slices(tmp_path, channels, kind, 
     for k in (1, 2):
         _write_colour(folder / f"s{k}.tif", channels, how)
     with pytest.raises(VolumeError, match=rf"s1\.tif: an {kind} image"):
-        import_slices("t", str(folder / "*.tif"))
+        import_slices("t", str(folder / "*.tif"), None, PHASES)
     with pytest.raises(VolumeError, match=rf"s1\.tif: an {kind} image"):
         read_stack(folder)
 
@@ -254,5 +254,5 @@ def test_grey_stacks_are_not_taken_for_colour_images(tmp_path):
     for shape in ((3, 20, 30), (4, 20, 30), (4, 4, 4)):
         image = rng.integers(0, 60000, shape, dtype=np.uint16)
         tifffile.imwrite(tmp_path / "stack.tif", image, photometric="minisblack")
-        np.testing.assert_array_equal(import_slices("t", str(tmp_path / "stack.tif")).image, image)
+        np.testing.assert_array_equal(import_slices("t", str(tmp_path / "stack.tif"), None, PHASES).image, image)
         np.testing.assert_array_equal(read_stack(tmp_path / "stack.tif"), image)

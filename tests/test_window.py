@@ -155,7 +155,7 @@ def unet_slice():
     from socseg.model.unet import build_model
     from socseg.data.normalise import Normaliser
     from socseg.data.synth import synth_from_params
-    from socseg.training.train import export_model
+    from socseg.model.export import export_model
 
     keras.utils.set_random_seed(0)
     image = synth_from_params(load_params(), "seams", shape=(1, 256, 256), seed=3).image[0].astype(np.float32)

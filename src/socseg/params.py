@@ -1,4 +1,4 @@
-"""Configuration: one ``params.yaml`` read by DVC and by socseg.
+"""Parameters: one ``params.yaml`` read by DVC and by socseg, and the typed schema it must fit.
 
 Lookup order: an explicit path, ``$SOCSEG_PARAMS``, ``./params.yaml``, then the copy shipped
 inside the package (so an installed ``socseg`` works outside the repository).
@@ -8,7 +8,10 @@ Values given on the command line override single keys via :func:`override`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import typing
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -77,3 +80,232 @@ def parse_bool(value: Any) -> bool:
     if text in {"0", "false", "no", "n", "off", ""}:
         return False
     raise ValueError(f"not a boolean: {value!r}")
+
+
+# --------------------------------------------------------------------------- the typed schema
+#
+# Every setting socseg reads is a field below, with no default: the values live in params.yaml
+# alone (the packaged copy for an installed socseg). ``Params.from_dict`` checks the tree a run
+# uses (after command-line overrides and a search trial's samples) and names what is missing,
+# unknown, of the wrong type or not one of the choices. Click options (``socseg train``) are made
+# from these fields and the MLproject's parameters are tested against them.
+
+ENCODERS = ("vgg16", "resnet50", "unet")
+TASKS = ("ni", "phases")
+LOSSES = ("ce", "dice", "ce_dice", "focal")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+AUTO = "auto"
+ENCODER_BATCHNORM = (AUTO, "true", "false")
+
+
+class ParamsError(ValueError):
+    """A params tree that does not fit the schema; the message names the key."""
+
+
+def _help(text: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(metadata={"help": text, "choices": choices})
+
+
+def _convert(value: Any, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    try:
+        if dataclasses.is_dataclass(kind):
+            return _build(kind, value, where)
+        if kind is bool:
+            return parse_bool(value)
+        if kind in (int, float, str):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"not a whole number: {value!r}")
+            if kind is not str and isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return kind(value) if kind is not int else int(float(value)) if isinstance(value, str) else int(value)
+        if origin in (list, tuple):
+            (inner, *_) = typing.get_args(kind)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"expected a list, got {value!r}")
+            items = [_convert(v, inner, f"{where}[{k}]") for k, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+        if origin is dict:
+            key_type, value_type = typing.get_args(kind)
+            if not isinstance(value, Mapping):
+                raise ValueError(f"expected a mapping, got {value!r}")
+            return {_convert(k, key_type, where): (v if value_type is Any else _convert(v, value_type, f"{where}.{k}"))
+                    for k, v in value.items()}
+    except ParamsError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ParamsError(f"params {where}: {error}") from None
+    raise TypeError(f"schema type {kind!r} not handled")  # pragma: no cover
+
+
+def _build(cls: type, tree: Any, where: str) -> Any:
+    if not isinstance(tree, Mapping):
+        raise ParamsError(f"params {where}: expected a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(tree) - set(names))
+    if unknown:
+        raise ParamsError(f"params {where}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(names)})")
+    missing = [n for n in names if n not in tree]
+    if missing:
+        raise ParamsError(f"params {where}: missing {', '.join(missing)} (params.yaml holds every setting)")
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = _convert(tree[f.name], hints[f.name], f"{where}.{f.name}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices and not (f.metadata.get("or_path") and value):
+            raise ParamsError(f"params {where}.{f.name}: {value!r} is not one of {', '.join(choices)}")
+        values[f.name] = value
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dir: str = _help("folder with one sub-folder per volume (samples: the built-in sample; data: yours)")
+    volumes: list[str] = _help("labelled volumes used for training and evaluation")
+    phase_map: dict[int, str] = _help("label value -> phase name")
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    shape: tuple[int, ...] = _help("Z, Y, X of the phantom")
+    seed: int = _help("phantom seed")
+    fractions: dict[str, float] = _help("volume fraction per phase")
+    grain_size: float = _help("Gaussian correlation length of the phase fields (voxels)")
+    grey_levels: dict[str, float] = _help("mean grey value per phase")
+    blur_sigma: float = _help("PSF of the reconstruction (voxels)")
+    noise_sigma: float = _help("grey-value noise")
+    check_against: str = _help("DVC file whose md5 the generated sample must match ('' = no check)")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    train: float = _help("fraction of slices in the training slab")
+    val: float = _help("fraction of slices in the validation slab")
+    test: float = _help("fraction of slices in the test slab")
+    gap: int = _help("slices left out between slabs")
+
+
+@dataclass(frozen=True)
+class NormaliseParams:
+    low_percentile: float = _help("grey value mapped to 0, as a percentile of the training slab")
+    high_percentile: float = _help("grey value mapped to 1")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    flips: bool = _help("random flips")
+    rot90: bool = _help("random quarter turns")
+    intensity_jitter: float = _help("+- scale and offset on normalised grey values")
+
+
+@dataclass(frozen=True)
+class TilesParams:
+    size: int = _help("crop/tile edge in pixels (multiple of 32)")
+    steps_per_epoch: int = _help("random training batches per epoch")
+    augment: AugmentParams = _help("training augmentation")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    encoder: str = _help("U-Net encoder", ENCODERS)
+    task: str = _help("ni: Ni vs rest; phases: pore/YSZ/Ni", TASKS)
+    epochs: int = _help("training epochs")
+    batch_size: int = _help("crops per batch")
+    learning_rate: float = _help("Adam learning rate")
+    dropout: float = _help("decoder dropout")
+    loss: str = _help("training loss", LOSSES)
+    precision: str = _help("auto: bf16 where the GPU or CPU does it natively, else float32", (AUTO, *PRECISIONS))
+    encoder_weights: str = field(metadata={"help": "imagenet | none | path to a local weights file",
+                                           "choices": ("imagenet", "none"), "or_path": True})
+    encoder_batchnorm: str = _help("VGG16 only: BatchNorm after each conv (auto: when training from scratch)",
+                                   ENCODER_BATCHNORM)
+    bn_momentum: float = _help("BatchNorm moving-average momentum")
+    freeze_encoder: bool = _help("keep a pretrained encoder frozen")
+    unfreeze_after: int = _help("with freeze_encoder: unfreeze after N epochs (0: stay frozen)")
+    fine_tune_lr_factor: float = _help("learning-rate factor once the encoder is unfrozen")
+    base_filters: int = _help("from-scratch U-Net width")
+    context_slices: int = _help("2.5D: neighbouring slices on each side given as extra channels (0: 2-D)")
+    patience: int = _help("early-stopping patience (epochs) on validation mean IoU")
+    reduce_lr_patience: int = _help("lower the learning rate after N epochs without validation gain (0: never)")
+    reduce_lr_factor: float = _help("learning-rate factor of each reduction")
+    max_minutes: float = _help("wall-clock budget of the training loop in minutes (0: none); stops after the epoch that crosses it")
+    seed: int = _help("random seed")
+
+
+@dataclass(frozen=True)
+class PrunerParams:
+    n_startup_trials: int = _help("trials before pruning starts")
+    n_warmup_steps: int = _help("epochs before a trial can be pruned")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    study_name: str = _help("study name; {task}, {encoder}, {identity} are filled in")
+    storage: str = _help("Optuna RDB URL")
+    n_trials: int = _help("finished trials the study should hold")
+    timeout: float = _help("seconds for this invocation (0: none)")
+    encoders: list[str] = _help("encoders searched with encoder=all")
+    sampler_seed: int = _help("TPE sampler seed")
+    pruner: PrunerParams = _help("median pruner")
+    heartbeat_interval: int = _help("seconds between a trial's heartbeats")
+    grace_period: int = _help("seconds after which a silent trial is failed and retried")
+    space: dict[str, Any] = _help("dotted params path -> distribution")
+
+    def __post_init__(self) -> None:
+        bad = [e for e in self.encoders if e not in ENCODERS]
+        if bad:
+            raise ParamsError(f"params search.encoders: {', '.join(bad)} not among {', '.join(ENCODERS)}")
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    model_name: str = _help("registered model name; {task} is the model's task")
+    metric: str = _help("test metric the champion gate compares")
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: str = _help("MLflow tracking URI ($MLFLOW_TRACKING_URI wins)")
+    experiment: str = _help("MLflow experiment")
+
+
+@dataclass(frozen=True)
+class InferenceParams:
+    step_fraction: float = _help("sliding-window step as a fraction of the tile")
+    tta: bool = _help("8-fold flip/rotation test-time augmentation")
+    batch_size: int = _help("tiles per forward pass")
+    slice_batch: int = _help("slices per streamed chunk and per REST request")
+    max_slice_pixels: int = _help("largest slice the served model accepts")
+    max_clipped_fraction: float = _help("refuse input with more pixels than this outside the model's grey range")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.step_fraction <= 1.0:
+            raise ParamsError(f"params inference.step_fraction must be in (0, 1], got {self.step_fraction}")
+        if not 0.0 < self.max_clipped_fraction <= 1.0:
+            raise ParamsError(f"params inference.max_clipped_fraction must be in (0, 1], got {self.max_clipped_fraction}")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml, typed."""
+
+    data: DataParams
+    synth: SynthParams
+    split: SplitParams
+    normalise: NormaliseParams
+    tiles: TilesParams
+    train: TrainParams
+    search: SearchParams
+    registry: RegistryParams
+    mlflow: MlflowParams
+    inference: InferenceParams
+
+    @classmethod
+    def from_dict(cls, tree: Mapping[str, Any]) -> "Params":
+        return _build(cls, tree, "params")
+
+
+def typed(params: "Mapping[str, Any] | Params") -> Params:
+    """``params`` as :class:`Params` (a tree is checked against the schema; a Params passes through)."""
+    return params if isinstance(params, Params) else Params.from_dict(params)

@@ -7,19 +7,9 @@ from typing import Any
 
 import click
 
-from socseg.params import load_params
 from socseg.data.synth import BUILTIN_SAMPLE, materialise_sample, synth_from_params
-from socseg.data.volumes import (
-    DEFAULT_PHASE_MAP,
-    Volume,
-    VolumeError,
-    import_slices,
-    load_volume,
-    normalise_phase_map,
-    parse_phase_map,
-    save_volume,
-    volume_dir,
-)
+from socseg.data.volumes import Volume, VolumeError, import_slices, load_volume, parse_phase_map, save_volume, volume_dir
+from socseg.params import load_params, typed
 
 
 class DataError(click.ClickException):
@@ -33,7 +23,7 @@ class DataError(click.ClickException):
 
 def _target(name: str, data_dir: str | None, params: dict, overwrite: bool) -> Path:
     """Resolve DATA_DIR/NAME and refuse an existing one before any slow reading."""
-    target = volume_dir(name, data_dir or (params.get("data") or {}).get("dir", "data"))
+    target = volume_dir(name, data_dir or typed(params).data.dir)
     if target.exists() and not overwrite:
         raise VolumeError(f"{target} already exists (use --overwrite to replace it)")
     return target
@@ -90,10 +80,7 @@ def import_(
     try:
         params = load_params()
         target = _target(name, data_dir, params, overwrite)
-        if phase_map is not None:
-            mapping = parse_phase_map(phase_map)
-        else:
-            mapping = normalise_phase_map((params.get("data") or {}).get("phase_map") or DEFAULT_PHASE_MAP)
+        mapping = parse_phase_map(phase_map) if phase_map is not None else typed(params).data.phase_map
         volume = import_slices(name, images, labels, phase_map=mapping, voxel_size_nm=voxel_size)
         save_volume(volume, target, overwrite=overwrite)
     except (VolumeError, OSError) as exc:  # OSError: params file or disk problems

@@ -1,12 +1,13 @@
-"""``socseg evaluate``: score a logged model on a labelled volume with the training metric code."""
+"""``socseg evaluate``: score a logged model on a labelled volume, as the pipeline scores it."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
+
+from socseg.commands.options import param_option, params_file_option
 
 
 @click.command("evaluate")
@@ -14,41 +15,39 @@ import click
 @click.argument("volume")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (confusion matrix included).")
 @click.option("--slices", default=None, metavar="START:STOP", help="Score only these slices, e.g. 162:200.")
-@click.option("--task", type=click.Choice(["ni", "phases"]), default=None, help="Default: the model's (a phases model can be scored on ni).")
-@click.option("--tta", is_flag=True, help="Average over the 8 flips/rotations of each tile (8x slower).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--data-dir", default=None, help="Where VOLUME is looked up when it is a name [params: data.dir].")
-def evaluate(model_uri: str, volume: str, as_json: bool, slices: str | None, task: str | None, tta: bool,
-             batch_size: int, data_dir: str | None) -> None:
+@param_option("train", "task", help="Default: the model's (a phases model can also be scored on ni).")
+@click.option("--tta/--no-tta", default=None, help="8-fold flip/rotation test-time augmentation [default: the model's setting].")
+@param_option("data", "dir", "--data-dir", "data_dir", help="Where VOLUME is looked up when it is a name.")
+@click.option("--tracking-uri", help="Where models:/ and runs:/ URIs resolve [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
+@params_file_option
+def evaluate(model_uri: str, volume: str, as_json: bool, slices: str | None, task: str | None, tta: bool | None,
+             data_dir: str | None, tracking_uri: str | None, params_file: str | None) -> None:
     """Per-class IoU/Dice, mean IoU, accuracy and Ni fraction error of MODEL_URI on VOLUME.
 
-    MODEL_URI: e.g. runs:/<run_id>/model or models:/<name>/<version>. VOLUME: a volume folder as
-    `socseg data import` writes it, or the name of one under the data dir.
+    MODEL_URI: e.g. runs:/<run_id>/segmenter or models:/socseg-ni@champion. VOLUME: a volume
+    folder as `socseg data import` writes it, or the name of one under the data dir. The model
+    predicts as it serves (sliding window, its TTA setting, 2.5D context from the whole volume),
+    so the numbers are the evaluate stage's for the same slices.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    from socseg.commands.data import DataError
-    from socseg.params import load_params
-    from socseg.inference.evaluate import evaluate_segmenter, load_segmenter, parse_slices
-    from socseg.data.volumes import VolumeError, load_volume, volume_dir
+    from socseg.data.volumes import load_volume, volume_dir
+    from socseg.inference.evaluate import evaluate_model, parse_slices
+    from socseg.params import load_params, typed
+    from socseg.training.tracking import tracking_uri as resolve_tracking_uri
 
-    params = load_params()
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or params.get("mlflow", {}).get("tracking_uri", "sqlite:///mlflow.db"))
-    try:
-        path = Path(volume) if Path(volume).is_dir() else volume_dir(volume, data_dir or params.get("data", {}).get("dir", "data"))
-        loaded = load_volume(path)
-        z_range = parse_slices(slices, loaded.image.shape[0])
-        segmenter = load_segmenter(model_uri)
-        result = {"model_uri": model_uri, **evaluate_segmenter(segmenter, loaded, task, z_range, batch_size, tta)}
-    except (VolumeError, ValueError, OSError, MlflowException) as exc:
-        raise DataError(str(exc)) from None
+    params = typed(load_params(params_file))
+    mlflow.set_tracking_uri(resolve_tracking_uri(params, tracking_uri))
+    path = Path(volume) if Path(volume).is_dir() else volume_dir(volume, data_dir or params.data.dir)
+    loaded = load_volume(path)
+    z_range = parse_slices(slices, loaded.image.shape[0])
+    result = evaluate_model(model_uri, loaded, task, z_range, tta)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     a, b = result["z_range"]
     click.echo(f"{model_uri} on {result['volume']} slices {a}:{b} ({result['n_slices']}), task {result['task']}"
-               + (", 8x TTA" if tta else ""))
+               + (", 8x TTA" if result["tta"] else ""))
     for name in result["class_names"]:
         click.echo(f"  {name:6s} IoU {result[f'iou_{name}']:.4f}  Dice {result[f'dice_{name}']:.4f}")
     click.echo(f"  mean IoU {result['mean_iou']:.4f}  mean Dice {result['mean_dice']:.4f}  accuracy {result['accuracy']:.4f}")

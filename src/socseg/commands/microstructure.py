@@ -3,7 +3,7 @@
 VOLUME (and ``--truth``) is a socseg volume directory (its ``labels.tif``: labels or a
 segmentation), or a bare label stack: a multi-page TIFF or a folder of slice TIFFs, read
 with the phase map ``socseg segment`` recorded in the TIFF (e.g. 0=rest,255=ni for an ``ni``
-model), else ``--phase-map`` (default 0=pore,128=ysz,255=ni); a ``--phase-map`` that
+model), else ``--phase-map`` (default: ``data.phase_map`` of params.yaml); a ``--phase-map`` that
 contradicts the recorded one is refused. Only the labels are read, never the grey image, so
 memory stays at the metrics' own needs.
 """
@@ -11,13 +11,10 @@ memory stays at the metrics' own needs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
-import tifffile
 
 from socseg.commands.data import DataError
 from socseg.analysis.microstructure import (
@@ -28,77 +25,8 @@ from socseg.analysis.microstructure import (
     measure,
     relative_errors,
 )
-from socseg.data.volumes import (
-    DEFAULT_PHASE_MAP,
-    LABELS_FILE,
-    META_FILE,
-    VolumeError,
-    VolumeMeta,
-    _format_phase_map,
-    normalise_phase_map,
-    parse_phase_map,
-    read_stack,
-)
-
-
-@dataclass
-class LabelVolume:
-    """Labels plus what the metrics need from ``volume.json`` (phase map, voxel size)."""
-
-    name: str
-    labels: np.ndarray
-    phase_map: dict[int, str]
-    voxel_size_nm: float | None
-
-
-def load_labels(path: str | Path, phase_map: dict[int, str] | None = None) -> LabelVolume:
-    """Read a volume directory's ``labels.tif`` or a bare label stack (``phase_map`` overrides)."""
-    source = Path(path)
-    if source.is_dir() and (source / META_FILE).is_file():
-        meta = VolumeMeta.from_json((source / META_FILE).read_text(), str(source / META_FILE))
-        if not meta.has_labels:
-            raise VolumeError(f"{source}: no {LABELS_FILE} (an unlabelled volume: segment it first)")
-        try:
-            labels = tifffile.imread(source / LABELS_FILE)
-        except Exception as exc:  # tifffile raises many types for missing/corrupt files
-            raise VolumeError(f"cannot read {source / LABELS_FILE}: {exc}") from None
-        labels = labels[np.newaxis] if labels.ndim == 2 else labels
-        if labels.shape != tuple(meta.shape):
-            raise VolumeError(f"{source / LABELS_FILE}: shape {labels.shape} but {META_FILE} says {tuple(meta.shape)}")
-        return LabelVolume(meta.name, labels, phase_map or meta.phase_map, meta.voxel_size_nm)
-    labels = read_stack(source)
-    if labels.dtype.kind not in "ui":
-        raise VolumeError(f"{source}: label stack must hold integer label values, got {labels.dtype}")
-    recorded = recorded_phase_map(source)
-    if recorded is not None and phase_map is not None and dict(sorted(phase_map.items())) != recorded:
-        raise VolumeError(
-            f"{source}: --phase-map {_format_phase_map(phase_map)} contradicts the phase map recorded in the file "
-            f"{_format_phase_map(recorded)} (by socseg segment): drop --phase-map to use the recorded one"
-        )
-    mapping = phase_map or recorded or dict(DEFAULT_PHASE_MAP)
-    return LabelVolume(source.stem or source.name, labels, mapping, None)
-
-
-def recorded_phase_map(path: str | Path) -> dict[int, str] | None:
-    """The phase map ``socseg segment`` recorded in a label stack's first page (e.g. {0: rest,
-    255: ni} for an ``ni`` model), or None (a folder, or a TIFF written by something else)."""
-    from socseg.inference.segment import read_label_metadata
-
-    source = Path(path)
-    if not source.is_file():
-        return None
-    try:
-        recorded = read_label_metadata(source).get("phase_map")
-    except Exception:  # not our TIFF description: read_stack has already vetted the file itself
-        return None
-    if not recorded:
-        return None
-    if not isinstance(recorded, dict):
-        raise VolumeError(f"{source}: the recorded phase_map {recorded!r} is not a mapping of label value -> phase")
-    try:
-        return normalise_phase_map(recorded)
-    except VolumeError as exc:
-        raise VolumeError(f"{source}: bad recorded phase_map ({exc})") from None
+from socseg.data.stacks import LabelVolume, load_labels
+from socseg.data.volumes import VolumeError, parse_phase_map
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -188,9 +116,12 @@ def microstructure(
 ) -> None:
     """Microstructure metrics of VOLUME (and of --truth, with the relative error of VOLUME)."""
     try:
+        from socseg.params import load_params, typed
+
         mapping = parse_phase_map(phase_map) if phase_map is not None else None
-        pred = load_labels(volume, mapping)
-        reference = load_labels(truth, mapping) if truth is not None else None
+        default = typed(load_params()).data.phase_map
+        pred = load_labels(volume, mapping, default)
+        reference = load_labels(truth, mapping, default) if truth is not None else None
         voxel_nm = _voxel(pred, reference, voxel_size)
         options: dict[str, Any] = dict(
             tpb_phases=_names(phases), size_phases=_names(size_phases), tpb_correction=tpb_correction

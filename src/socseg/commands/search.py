@@ -6,42 +6,31 @@ import json
 
 import click
 
-from socseg.commands.options import blankable
+from socseg.commands.options import load_with, param_option, params_file_option
+from socseg.params import ENCODERS
 
 _OUTPUTS = "outputs"
 
 
-def _load(params_file, **sections):
-    from socseg.params import load_params, override
-
-    params = load_params(params_file)
-    for section, values in sections.items():
-        params = override(params, section, **values)
-    return params
-
-
-params_option = click.option("--params", "params_file", type=click.Path(dir_okay=False, exists=True), help="params.yaml to read.")
-
-
 @click.command()
-@click.option("--encoder", type=blankable(click.Choice(["vgg16", "resnet50", "unet", "all"])),
-              help="Restrict the search to one encoder, or 'all' to search search.encoders.")
-@click.option("--task", type=blankable(click.Choice(["ni", "phases"])))
-@click.option("--n-trials", type=blankable(int), help="Finished trials the study should hold (resumes).")
-@click.option("--timeout", type=blankable(float), help="Seconds for this invocation (0 = none).")
-@click.option("--epochs", type=blankable(int), help="Epochs per trial.")
-@click.option("--steps-per-epoch", type=blankable(int))
-@click.option("--tile-size", type=blankable(int))
-@click.option("--precision", type=blankable(click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"])))
-@click.option("--encoder-weights", type=blankable(str),
+@param_option("train", "encoder", choices=(*ENCODERS, "all"),
+              help="Search one encoder, or 'all' to search search.encoders.")
+@param_option("train", "task")
+@param_option("search", "n_trials")
+@param_option("search", "timeout")
+@param_option("train", "epochs", help="Epochs per trial.")
+@param_option("tiles", "steps_per_epoch")
+@param_option("tiles", "size", "--tile-size", "tile_size")
+@param_option("train", "precision")
+@param_option("train", "encoder_weights",
               help="imagenet | none | path to a local weights file (freezing is searched only with pretrained weights).")
-@click.option("--study-name", type=blankable(str),
-              help="Default search.study_name: derived from task, encoder, data and search settings (same inputs "
-                   "resume the same study). An explicit name resumes that study if it was made for the same "
-                   "task, encoder and data, and stops otherwise.")
-@click.option("--storage", type=blankable(str), help="Optuna RDB URL (sqlite:///optuna.db, postgresql://...).")
-@click.option("--data-dir", type=blankable(str))
-@params_option
+@param_option("search", "study_name",
+              help="Default: derived from task, encoder, data and search settings (same inputs resume the same "
+                   "study). An explicit name resumes that study if it was made for the same task, encoder and "
+                   "data, and stops otherwise.")
+@param_option("search", "storage")
+@param_option("data", "dir", "--data-dir", "data_dir")
+@params_file_option
 @click.option("--out", default=f"{_OUTPUTS}/search.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--history-out", type=click.Path(dir_okay=False), help="Copy the best trial's per-epoch curves (CSV) here.")
 def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size, precision, encoder_weights, study_name,
@@ -49,7 +38,7 @@ def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size,
     """Optuna search over encoder and hyperparameters; one nested MLflow run per trial."""
     from socseg.training.search import run_search, write_result
 
-    params = _load(params_file, train=dict(task=task, epochs=epochs, precision=precision, encoder_weights=encoder_weights),
+    params = load_with(params_file, train=dict(task=task, epochs=epochs, precision=precision, encoder_weights=encoder_weights),
                    tiles=dict(steps_per_epoch=steps_per_epoch, size=tile_size), data=dict(dir=data_dir))
     result = run_search(params, encoder=encoder, n_trials=n_trials, timeout=timeout,
                         study_name=study_name, storage=storage)
@@ -67,44 +56,43 @@ def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size,
 
 
 @click.command()
-@click.option("--task", type=blankable(click.Choice(["ni", "phases"])))
-@click.option("--data-dir", type=blankable(str))
-@params_option
+@param_option("train", "task")
+@param_option("data", "dir", "--data-dir", "data_dir")
+@params_file_option
 @click.option("--out", default=f"{_OUTPUTS}/prepare.json", show_default=True, type=click.Path(dir_okay=False))
 def prepare(task, data_dir, params_file, out) -> None:
     """Record slab splits, training-slab normalisation and the data fingerprint (DVC stage)."""
     from socseg.training.pipeline import prepare as run_prepare
 
-    summary = run_prepare(_load(params_file, data=dict(dir=data_dir), train=dict(task=task)), out)
+    summary = run_prepare(load_with(params_file, data=dict(dir=data_dir), train=dict(task=task)), out)
     click.echo(f"prepared {len(summary['volumes'])} volume(s), fingerprint {summary['data_fingerprint'][:12]} -> {out}")
 
 
 @click.command("evaluate-best")
 @click.option("--search", "search_json", default=f"{_OUTPUTS}/search.json", show_default=True)
-@click.option("--data-dir", type=blankable(str))
-@params_option
+@param_option("data", "dir", "--data-dir", "data_dir")
+@params_file_option
 @click.option("--out", default="metrics.json", show_default=True, type=click.Path(dir_okay=False))
 def evaluate_best(search_json, data_dir, params_file, out) -> None:
     """Evaluate the search's best model on the held-out TEST slabs; write metrics.json."""
     from socseg.training.pipeline import evaluate_best as run_evaluate
 
-    result = run_evaluate(_load(params_file, data=dict(dir=data_dir)), search_json, out)
+    result = run_evaluate(load_with(params_file, data=dict(dir=data_dir)), search_json, out)
     click.echo(json.dumps({k: round(v, 4) for k, v in result.items() if k.startswith("test_")}, indent=2))
 
 
 @click.command()
 @click.option("--search", "search_json", default=f"{_OUTPUTS}/search.json", show_default=True)
 @click.option("--metrics", "metrics_json", default="metrics.json", show_default=True)
-@click.option("--model-name", type=blankable(str),
-              help="Registered model name; {task} is replaced by the model's task (default registry.model_name).")
-@click.option("--data-dir", type=blankable(str))
-@params_option
+@param_option("registry", "model_name")
+@param_option("data", "dir", "--data-dir", "data_dir")
+@params_file_option
 @click.option("--out", default=f"{_OUTPUTS}/registered.json", show_default=True, type=click.Path(dir_okay=False))
 def register(search_json, metrics_json, model_name, data_dir, params_file, out) -> None:
     """Register the evaluated model; alias challenger, and champion if not worse than the current one."""
     from socseg.training.pipeline import register as run_register
 
-    params = _load(params_file, data=dict(dir=data_dir), registry=dict(model_name=model_name))
+    params = load_with(params_file, data=dict(dir=data_dir), registry=dict(model_name=model_name))
     promotion = run_register(params, search_json, metrics_json, out)
     if promotion["already_registered"]:
         verdict = "was already registered from this run" + (" and is champion" if promotion["promoted"] else "")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from socseg.commands.data import DataError
+from socseg.commands.options import param_option
 
 
 @click.command()
@@ -14,7 +13,7 @@ from socseg.commands.data import DataError
 @click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (never INPUT).")
-@click.option("--slice-batch", type=click.IntRange(min=1), help="Slices per chunk [params: inference.slice_batch].")
+@param_option("inference", "slice_batch")
 @click.option("--tta/--no-tta", default=None, help="8-fold flip/rotation test-time augmentation [default: the model's setting].")
 @click.option(
     "--step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), help="Tile step / tile size [default: the model's]."
@@ -30,30 +29,31 @@ def segment(
     model_uri, input_path, output, overwrite, slice_batch, tta, step_fraction, multi_axis, allow_out_of_range, tracking_uri
 ) -> None:
     """Segment INPUT (multi-page TIFF, folder of slice TIFFs or volume directory) with MODEL_URI
-    (e.g. models:/socseg@champion, runs:/<id>/segmenter) into the label stack OUTPUT (.tif)."""
+    (e.g. models:/socseg-ni@champion, runs:/<id>/segmenter) into the label stack OUTPUT (.tif)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from socseg.params import load_params
-    from socseg.inference.segment import segment as run_segment
     from socseg.data.volumes import VolumeError
+    from socseg.inference.predictor import GreyRangeError
+    from socseg.inference.segment import segment as run_segment
+    from socseg.params import load_params, typed
+    from socseg.training.tracking import tracking_uri as resolve_tracking_uri
 
     try:
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        uri = uri or (load_params().get("mlflow") or {}).get("tracking_uri", "sqlite:///mlflow.db")
-        mlflow.set_tracking_uri(uri)
+        params = typed(load_params())
+        mlflow.set_tracking_uri(resolve_tracking_uri(params, tracking_uri))
         result = run_segment(
             model_uri,
             input_path,
             output,
             overwrite=overwrite,
-            slice_batch=slice_batch,
+            slice_batch=slice_batch or params.inference.slice_batch,
             tta=tta,
             step_fraction=step_fraction,
             multi_axis=multi_axis,
             allow_out_of_range=allow_out_of_range,
         )
-    except (VolumeError, OSError, MlflowException) as exc:
+    except (VolumeError, GreyRangeError, OSError, MlflowException) as exc:
         raise DataError(getattr(exc, "message", None) or str(exc)) from None
     z, h, w = result.shape
     click.echo(f"segmented {z}x{h}x{w} in {result.seconds:.1f} s ({result.slices_per_second:.2f} slices/s) -> {result.output}")

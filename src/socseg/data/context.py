@@ -12,6 +12,7 @@ stack is the training slab, so crops never take context from the gap, validation
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -32,10 +33,43 @@ def neighbour_indices(z: int, context_slices: int, start: int, stop: int) -> np.
     return np.clip(z + offsets, start, stop - 1)
 
 
-def halo(start: int, stop: int, total: int, context_slices: int) -> tuple[int, int]:
-    """Neighbouring slices (before, after) to send with the chunk ``[start, stop)`` of a stack of
-    ``total``: up to ``context_slices`` on each side, fewer at the stack's ends."""
-    return min(context_slices, start), min(context_slices, total - stop)
+@dataclass(frozen=True)
+class Chunk:
+    """Slices ``[start, stop)`` of a stack, read with ``before``/``after`` context slices around them."""
+
+    start: int
+    stop: int
+    before: int
+    after: int
+
+    @property
+    def read(self) -> slice:
+        """What to read from the stack: the chunk and its context."""
+        return slice(self.start - self.before, self.stop + self.after)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def iter_chunks(total: int, size: int, context_slices: int, start: int = 0, stop: int | None = None) -> Iterator[Chunk]:
+    """Chunks of ``size`` slices covering ``[start, stop)`` of a stack of ``total`` slices, each
+    with up to ``context_slices`` real neighbours on either side (fewer at the stack's ends).
+
+    The one way socseg walks a volume in pieces for a 2.5D model (``socseg segment``, the REST
+    client, scoring, multi-axis prediction): the slices around a chunk are read as context, so
+    a chunk boundary changes nothing in the result.
+    """
+    stop = total if stop is None else stop
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"slices {start}:{stop} outside a stack of {total}")
+    k = int(context_slices)
+    n_channels(k)
+    for first in range(start, stop, size):
+        last = min(first + size, stop)
+        yield Chunk(first, last, min(k, first), min(k, total - last))
 
 
 def iter_with_context(slices: Iterable[np.ndarray], context_slices: int) -> Iterator[np.ndarray]:

@@ -14,22 +14,18 @@ import keras
 import numpy as np
 
 from socseg.data.context import n_channels, neighbour_indices
+from socseg.params import AugmentParams
 
 
 @dataclass(frozen=True)
 class Augmentation:
-    flips: bool = True
-    rot90: bool = True
-    intensity_jitter: float = 0.05  # +- relative scale and offset on [0, 1] grey values
+    flips: bool
+    rot90: bool
+    intensity_jitter: float  # +- relative scale and offset on [0, 1] grey values
 
     @classmethod
-    def from_params(cls, augment: dict | None) -> "Augmentation":
-        augment = augment or {}
-        return cls(
-            flips=bool(augment.get("flips", True)),
-            rot90=bool(augment.get("rot90", True)),
-            intensity_jitter=float(augment.get("intensity_jitter", 0.0)),
-        )
+    def from_params(cls, augment: AugmentParams) -> "Augmentation":
+        return cls(flips=augment.flips, rot90=augment.rot90, intensity_jitter=augment.intensity_jitter)
 
     def __call__(self, image: np.ndarray, target: np.ndarray, rng: np.random.Generator):
         """Augment one crop pair, image (H, W) or (H, W, C); geometric transforms hit both, intensity only the image."""

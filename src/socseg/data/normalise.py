@@ -2,7 +2,7 @@
 
 The percentiles are computed on the *training slab only* (computing them on the whole volume
 would leak test intensities into training) and are stored with the model: the exported model
-starts with an :class:`IntensityNormalisation` layer holding the same two numbers, so inference
+starts with an :class:`~socseg.model.export.IntensityNormalisation` layer holding the same two numbers, so inference
 applies exactly the mapping the network was trained with, on raw uint8/uint16/float32 grey values.
 """
 
@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-import keras
 import numpy as np
 
 # Percentiles of a few million voxels are as good as of all of them, and far cheaper.
@@ -62,21 +61,3 @@ class Normaliser:
     @classmethod
     def load(cls, path: str | Path) -> "Normaliser":
         return cls(**json.loads(Path(path).read_text()))
-
-
-@keras.saving.register_keras_serializable(package="socseg")
-class IntensityNormalisation(keras.layers.Layer):
-    """The :class:`Normaliser` mapping as the first layer of an exported model (raw grey in)."""
-
-    def __init__(self, low: float, high: float, **kwargs):
-        super().__init__(**kwargs)
-        self.low = float(low)
-        self.high = float(high)
-
-    def call(self, inputs):
-        x = keras.ops.cast(inputs, "float32")
-        x = (x - self.low) / (self.high - self.low)
-        return keras.ops.cast(keras.ops.clip(x, 0.0, 1.0), self.compute_dtype)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "low": self.low, "high": self.high}

@@ -9,7 +9,8 @@ train | gap | val | gap | test, and drop ``gap`` slices at each boundary.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping
+
+from socseg.params import SplitParams
 
 SUBSETS = ("train", "val", "test")
 
@@ -66,12 +67,6 @@ def slab_split(n_slices: int, train: float, val: float, test: float, gap: int) -
     return SlabSplit(n_slices=n_slices, gap=gap, **ranges)
 
 
-def split_from_params(n_slices: int, split_params: Mapping) -> SlabSplit:
+def split_from_params(n_slices: int, split: SplitParams) -> SlabSplit:
     """:func:`slab_split` with the ``split`` section of params.yaml."""
-    return slab_split(
-        n_slices,
-        train=split_params["train"],
-        val=split_params["val"],
-        test=split_params["test"],
-        gap=int(split_params["gap"]),
-    )
+    return slab_split(n_slices, split.train, split.val, split.test, split.gap)

@@ -14,10 +14,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from socseg.data.volumes import DEFAULT_PHASE_MAP, Volume, VolumeError, VolumeMeta, normalise_phase_map
-
-DEFAULT_FRACTIONS = {"pore": 0.30, "ysz": 0.43, "ni": 0.27}
-DEFAULT_GREY_LEVELS = {"pore": 22500, "ysz": 35000, "ni": 40900}
+from socseg.data.volumes import Volume, VolumeError, VolumeMeta, normalise_phase_map
+from socseg.params import Params, typed
 
 
 def _random_field(rng: np.random.Generator, shape: tuple[int, int, int], grain_size: float) -> np.ndarray:
@@ -57,20 +55,24 @@ def _phase_labels(
 
 
 def synth_volume(
-    name: str = "sample",
-    shape: Sequence[int] = (48, 192, 192),
-    seed: int = 0,
-    fractions: Mapping[str, float] | None = None,
-    grain_size: float = 6.0,
-    grey_levels: Mapping[str, float] | None = None,
-    blur_sigma: float = 1.0,
-    noise_sigma: float = 1500,
-    phase_map: Mapping[int, str] | None = None,
+    name: str,
+    *,
+    shape: Sequence[int],
+    seed: int,
+    fractions: Mapping[str, float],
+    grain_size: float,
+    grey_levels: Mapping[str, float],
+    blur_sigma: float,
+    noise_sigma: float,
+    phase_map: Mapping[int, str],
 ) -> Volume:
-    """Generate a labelled uint16 phantom (Z, Y, X); labels are the phase map's label values."""
-    fractions = dict(DEFAULT_FRACTIONS if fractions is None else fractions)
-    grey_levels = dict(DEFAULT_GREY_LEVELS if grey_levels is None else grey_levels)
-    phase_map = normalise_phase_map(DEFAULT_PHASE_MAP if phase_map is None else phase_map)
+    """Generate a labelled uint16 phantom (Z, Y, X); labels are the phase map's label values.
+
+    Every setting is required: the values live in params.yaml (:func:`synth_from_params`).
+    """
+    fractions = dict(fractions)
+    grey_levels = dict(grey_levels)
+    phase_map = normalise_phase_map(phase_map)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise VolumeError(f"synth shape must be three positive integers (Z, Y, X), got {shape}")
@@ -119,24 +121,25 @@ def synth_volume(
 
 
 def synth_from_params(
-    params: Mapping[str, Any],
+    params: Mapping[str, Any] | Params,
     name: str,
     shape: Sequence[int] | None = None,
     seed: int | None = None,
 ) -> Volume:
-    """The phantom described by the ``synth`` and ``data.phase_map`` sections of params.yaml."""
-    settings = dict(params.get("synth") or {})
-    phase_map = (params.get("data") or {}).get("phase_map")
+    """The phantom described by the ``synth`` and ``data.phase_map`` sections of params.yaml;
+    ``shape`` and ``seed`` override theirs when given."""
+    p = typed(params)
+    s = p.synth
     return synth_volume(
-        name=name,
-        shape=shape if shape is not None else settings.get("shape", (48, 192, 192)),
-        seed=int(seed if seed is not None else settings.get("seed", 0)),
-        fractions=settings.get("fractions"),
-        grain_size=float(settings.get("grain_size", 6.0)),
-        grey_levels=settings.get("grey_levels"),
-        blur_sigma=float(settings.get("blur_sigma", 1.0)),
-        noise_sigma=float(settings.get("noise_sigma", 1500)),
-        phase_map=phase_map,
+        name,
+        shape=s.shape if shape is None else shape,
+        seed=s.seed if seed is None else int(seed),
+        fractions=s.fractions,
+        grain_size=s.grain_size,
+        grey_levels=s.grey_levels,
+        blur_sigma=s.blur_sigma,
+        noise_sigma=s.noise_sigma,
+        phase_map=p.data.phase_map,
     )
 
 
@@ -188,7 +191,7 @@ def materialise_sample(params: Mapping[str, Any], directory: str | Path, check_a
 
     target = Path(directory)
     if check_against is None:
-        check_against = str((params.get("synth") or {}).get("check_against") or "")
+        check_against = typed(params).synth.check_against
     save_volume(synth_from_params(params, BUILTIN_SAMPLE), target, overwrite=True)
     expected = recorded_dvc_md5(check_against) if check_against else None
     if expected is not None:

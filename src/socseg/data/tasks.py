@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-TASKS = ("ni", "phases")
+from socseg.params import TASKS
+
 NI_PHASE = "ni"
 SOC_PHASES = ("pore", "ysz", "ni")  # a Ni/YSZ electrode's phases in grey-value (label-value) order
 

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import tifffile
@@ -32,7 +32,6 @@ META_FILE = "volume.json"
 FORMAT = "socseg-volume/1"
 
 IMAGE_DTYPES = ("uint8", "uint16", "float32")
-DEFAULT_PHASE_MAP: dict[int, str] = {0: "pore", 128: "ysz", 255: "ni"}
 
 # Show a progress bar only for stacks large enough to take noticeable time.
 _PROGRESS_MIN_SLICES = 32
@@ -185,10 +184,10 @@ def _label_values(labels: np.ndarray) -> set[int]:
 def _check_label_values(labels: np.ndarray, phase_map: dict[int, str], where: str) -> None:
     bad = sorted(_label_values(labels) - set(phase_map))
     if bad:
-        raise VolumeError(f"{where}: label values {bad} not in phase map {_format_phase_map(phase_map)}")
+        raise VolumeError(f"{where}: label values {bad} not in phase map {format_phase_map(phase_map)}")
 
 
-def _format_phase_map(phase_map: dict[int, str]) -> str:
+def format_phase_map(phase_map: dict[int, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(phase_map.items()))
 
 
@@ -353,7 +352,7 @@ def _slice_index(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _by_index(paths: Sequence[Path], what: str) -> list[tuple[int, Path]]:
+def slices_by_index(paths: Sequence[Path], what: str) -> list[tuple[int, Path]]:
     """Order files by slice number (natural sort); a missing or repeated number is an error."""
     if len(paths) == 1:
         return [(_slice_index(paths[0]) or 0, paths[0])]
@@ -372,10 +371,10 @@ def _glob_files(pattern: str, what: str) -> list[tuple[int, Path]]:
     paths = [Path(p) for p in glob(os.path.expanduser(pattern)) if Path(p).is_file()]
     if not paths:
         raise VolumeError(f"no {what} files matched {pattern!r}")
-    return _by_index(paths, what)
+    return slices_by_index(paths, what)
 
 
-def _decode(path: Path) -> tuple[np.ndarray, str]:
+def read_slice_file(path: Path) -> tuple[np.ndarray, str]:
     """Read one TIFF file, returning the array and the sha256 of its bytes (one disk read)."""
     try:
         raw = path.read_bytes()
@@ -433,7 +432,7 @@ def check_not_colour(path: str | os.PathLike, shape: Sequence[int], photometric:
     )
 
 
-def _check_image_array(array: np.ndarray, path: Path) -> None:
+def check_image_array(array: np.ndarray, path: Path) -> None:
     if array.dtype.name not in IMAGE_DTYPES:
         raise VolumeError(f"{path}: image dtype {array.dtype} not allowed (allowed: {', '.join(IMAGE_DTYPES)})")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
@@ -460,12 +459,12 @@ def _read_slices(
     quiet = True if len(files) < _PROGRESS_MIN_SLICES else None  # None: tqdm shows a bar on a terminal only
     with tqdm(files, desc=f"reading {what}", unit="slice", disable=quiet) as bar:
         for z, path in enumerate(bar):
-            array, digest = _decode(path)
+            array, digest = read_slice_file(path)
             digests.append(digest)
             if labels:
                 array = _check_label_array(array, path)
             else:
-                _check_image_array(array, path)
+                check_image_array(array, path)
             if array.ndim == 3 and len(files) == 1:
                 return array, digests
             if array.ndim != 2:
@@ -505,8 +504,8 @@ def _pair(images: list[tuple[int, Path]], labels: list[tuple[int, Path]], image_
 def import_slices(
     name: str,
     images: str,
-    labels: str | None = None,
-    phase_map: dict[int, str] | None = None,
+    labels: str | None,
+    phase_map: Mapping[int, str],
     voxel_size_nm: float | None = None,
 ) -> Volume:
     """Read TIFF slices matched by glob patterns into a validated :class:`Volume` (writes nothing).
@@ -516,7 +515,7 @@ def import_slices(
     before anything is written.
     """
     volume_dir(name, ".")  # validate the name early, before reading anything
-    phase_map = normalise_phase_map(phase_map if phase_map is not None else DEFAULT_PHASE_MAP)
+    phase_map = normalise_phase_map(phase_map)
     image_files = _glob_files(images, "image")
     label_files = _glob_files(labels, "label") if labels is not None else None
     if label_files is not None:
@@ -540,7 +539,7 @@ def import_slices(
         if bad:
             first = next(p for z, (_, p) in enumerate(label_files) if _label_values(label_stack[z]) - set(phase_map))
             raise VolumeError(
-                f"label values {bad} not in phase map {_format_phase_map(phase_map)} (first in {first})"
+                f"label values {bad} not in phase map {format_phase_map(phase_map)} (first in {first})"
             )
     indices = [i for i, _ in image_files]
     extra: dict[str, Any] = {"slices": len(indices), "first_index": indices[0], "last_index": indices[-1]}
@@ -571,11 +570,11 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
         files = [p for p in source.iterdir() if p.suffix.lower() in (".tif", ".tiff") and p.is_file()]
         if not files:
             raise VolumeError(f"{source}: no .tif/.tiff files")
-        ordered = _by_index(files, "image")
+        ordered = slices_by_index(files, "image")
         stack, _ = _read_slices([p for _, p in ordered], "images")
     elif source.is_file():
-        stack, _ = _decode(source)
-        _check_image_array(stack, source)
+        stack, _ = read_slice_file(source)
+        check_image_array(stack, source)
     else:
         raise VolumeError(f"{source}: no such file or directory")
     if stack.ndim == 2:

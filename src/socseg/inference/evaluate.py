@@ -1,97 +1,94 @@
-"""Score any logged socseg model on any labelled volume with the training code's own metrics.
+"""Scores of a predictor on labelled slices: the one scoring path of socseg.
 
-The numbers are the ones training reports (same tiling, thresholding and confusion-matrix code in
-:mod:`socseg.model.metrics`), plus the Ni volume fraction error: what a microstructure study derived
-from the segmentation would get wrong, whatever the pixel IoU.
+Validation during training, a run's test metrics, ``socseg evaluate``, the evaluate stage, the
+registry gate and the benchmarks all call :func:`score_slabs` with a
+:class:`~socseg.inference.predictor.Predictor`, so they agree on the same model and slices: the
+prediction users get (sliding window, blend, TTA as configured, 2.5D context from the whole
+volume), one confusion matrix, :func:`socseg.model.metrics.segmentation_scores`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from socseg.data.context import n_channels
-from socseg.inference.window import Predict, predict_probabilities, with_tta
-from socseg.model.metrics import confusion_matrix, probabilities_to_classes, scores_from_confusion
+from socseg.data.prepare import Slab
 from socseg.data.tasks import NI_PHASE, check_task, task_class_names, task_targets
 from socseg.data.volumes import Volume, load_volume
+from socseg.inference.predictor import Predictor
+from socseg.model.metrics import confusion_matrix, segmentation_scores
 
-# Slices predicted per chunk: bounds the (Z, H, W, C) float32 probabilities held at once.
-_CHUNK_SLICES = 8
-
-
-def ni_fraction_error(y_true: np.ndarray, y_pred: np.ndarray, ni_class: int) -> float:
-    """|predicted - true| fraction of pixels in class ``ni_class`` (0.01 = one percentage point)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.shape != y_pred.shape or y_true.size == 0:
-        raise ValueError(f"need two non-empty arrays of one shape, got {y_true.shape} and {y_pred.shape}")
-    return abs(float(np.mean(y_pred == ni_class)) - float(np.mean(y_true == ni_class)))
-
-
-def segmentation_scores(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """:func:`~socseg.model.metrics.scores_from_confusion` plus true/predicted Ni fraction and their error.
-
-    Fractions come from the confusion matrix (row sums are the truth, column sums the prediction),
-    so they cover exactly the pixels that were scored.
-    """
-    names = list(class_names)
-    cm = np.asarray(cm, dtype=np.int64)
-    scores = scores_from_confusion(cm, names)
-    if NI_PHASE in names and cm.sum() > 0:
-        k = names.index(NI_PHASE)
-        true, pred = cm[k].sum() / cm.sum(), cm[:, k].sum() / cm.sum()
-        scores.update(ni_fraction_true=float(true), ni_fraction_pred=float(pred), ni_fraction_error=float(abs(pred - true)))
-    return scores
+# Slices predicted per chunk: bounds the (Z, H, W, C) float32 probabilities held at once. Every
+# scoring path uses it, so floating-point batch effects are the same for all of them.
+SCORING_CHUNK = 8
 
 
 @dataclass
-class Segmenter:
-    """A loaded model: ``predict`` maps raw grey tiles ``(B, s, s, 2k + 1)`` float32 to probabilities."""
-
-    predict: Predict
-    task: str
+class Evaluation:
     class_names: list[str]
-    phase_map: dict[int, str]
-    tile_size: int
-    context_slices: int = 0  # k: 2.5D models see k neighbouring slices on each side
+    confusion: np.ndarray
+    seconds: float  # prediction time only
+    n_slices: int
+    predictions: list[np.ndarray] = field(default_factory=list)  # per slab, with keep_predictions
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return segmentation_scores(self.confusion, self.class_names)
 
 
-def load_segmenter(model_uri: str) -> Segmenter:
-    """Load a model logged by ``socseg.training.train``: the Keras network (``runs:/.../model``) or the pyfunc
-    segmenter that the registry holds (``models:/socseg-ni@champion``). Either way the network is
-    scored tile by tile with the fixed tiling, as during training.
+def score_slabs(
+    predictor: Predictor,
+    slabs: Sequence[Slab],
+    task: str | None = None,
+    keep_predictions: bool = False,
+    **window: Any,
+) -> Evaluation:
+    """Score ``predictor`` on ``slabs`` (one confusion matrix over all of them).
+
+    ``task`` defaults to the model's; a ``phases`` model can also be scored on ``ni``.
+    ``window`` overrides the model's ``tta`` / ``step_fraction`` (validation during training uses
+    ``step_fraction=1.0``: each epoch's score at a quarter of the cost).
     """
-    import mlflow
-
-    import socseg.model.losses  # noqa: F401  (registers the custom objects the saved model names)
-    import socseg.model.metrics  # noqa: F401
-    import socseg.model.unet  # noqa: F401
-    import socseg.data.normalise  # noqa: F401
-
-    info = mlflow.models.get_model_info(model_uri)
-    meta = (info.metadata or {}).get("socseg")
-    if not meta:
-        raise ValueError(f"{model_uri} is not a model logged by socseg train (no 'socseg' metadata)")
-    if "keras" in info.flavors:
-        model = mlflow.keras.load_model(model_uri)
-    else:
-        wrapped = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-        model = getattr(wrapped, "model", None)
-        if model is None:
-            raise ValueError(f"{model_uri} is neither socseg's Keras model nor its pyfunc segmenter")
-    return Segmenter(
-        predict=model.predict_on_batch,
-        task=check_task(str(meta["task"])),
-        class_names=list(meta["class_names"]),
-        phase_map={int(k): str(v) for k, v in meta["phase_map"].items()},
-        tile_size=int(meta["tile_size"]),
-        context_slices=int(meta.get("context_slices", 0)),
-    )
+    config = predictor.config
+    task = check_task(task or config.task)
+    if task != config.task and not (task == "ni" and config.task == "phases"):
+        raise ValueError(f"a {config.task!r} model cannot be scored on task {task!r}")
+    if not slabs:
+        raise ValueError("no slices to score")
+    class_names = task_class_names(task, slabs[0].volume.class_names)
+    cm = np.zeros((len(class_names),) * 2, dtype=np.int64)
+    seconds, n_slices, predictions = 0.0, 0, []
+    for slab in slabs:
+        volume = slab.volume
+        if volume.labels is None:
+            raise ValueError(f"volume {slab.name!r} has no labels: nothing to score against")
+        expected = task_class_names(config.task, volume.class_names)
+        if expected != config.class_names:
+            raise ValueError(f"model classes {config.class_names} do not match volume {slab.name!r} "
+                             f"(phases {volume.class_names} give {expected})")
+        start, stop = slab.z_range
+        if not 0 <= start < stop <= volume.image.shape[0]:
+            raise ValueError(f"slices {start}:{stop} outside volume {slab.name!r} with {volume.image.shape[0]} slices")
+        kept = np.empty((stop - start, *volume.image.shape[1:]), np.uint8) if keep_predictions else None
+        began = time.perf_counter()
+        for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, **window):
+            seconds += time.perf_counter() - began
+            if task != config.task:  # a phases model scored on Ni vs rest
+                classes = (classes == config.class_names.index(NI_PHASE)).astype(np.uint8)
+            truth = task_targets(volume.class_index(slice(chunk.start, chunk.stop)), task, volume.class_names)
+            cm += confusion_matrix(truth, classes, len(class_names))
+            if kept is not None:
+                kept[chunk.start - start : chunk.stop - start] = classes
+            began = time.perf_counter()
+        n_slices += stop - start
+        if kept is not None:
+            predictions.append(kept)
+    return Evaluation(class_names, cm, seconds, n_slices, predictions)
 
 
 def parse_slices(text: str | None, n_slices: int) -> tuple[int, int]:
@@ -110,84 +107,38 @@ def parse_slices(text: str | None, n_slices: int) -> tuple[int, int]:
     return rng.start, rng.stop
 
 
-def evaluate_segmenter(
-    segmenter: Segmenter,
-    volume: Volume,
-    task: str | None = None,
-    z_range: tuple[int, int] | None = None,
-    batch_size: int = 8,
-    tta: bool = False,
-) -> dict[str, Any]:
-    """Scores of an already loaded model on ``volume[z_range]`` (see :func:`evaluate_model`)."""
-    task = check_task(task or segmenter.task)
-    if volume.labels is None:
-        raise ValueError(f"volume {volume.meta.name!r} has no labels: nothing to evaluate against")
-    if task != segmenter.task and not (task == "ni" and segmenter.task == "phases"):
-        raise ValueError(f"a {segmenter.task!r} model cannot be scored on task {task!r}")
-    phase_names = volume.class_names
-    class_names = task_class_names(task, phase_names)
-    expected = task_class_names(segmenter.task, phase_names)
-    if expected != segmenter.class_names:
-        raise ValueError(
-            f"model classes {segmenter.class_names} do not match volume {volume.meta.name!r} "
-            f"(phases {phase_names} give {expected})"
-        )
-    start, stop = z_range or (0, volume.image.shape[0])
-    if not 0 <= start < stop <= volume.image.shape[0]:
-        raise ValueError(f"slices {start}:{stop} outside volume {volume.meta.name!r} with {volume.image.shape[0]} slices")
-    predict = with_tta(segmenter.predict) if tta else segmenter.predict
-    ni_index = segmenter.class_names.index(NI_PHASE)
-    # Warm-up: the first calls trace the graph; keep that out of the time per slice.
-    channels = n_channels(segmenter.context_slices)
-    for n in {1, batch_size}:
-        predict(np.zeros((n, segmenter.tile_size, segmenter.tile_size, channels), np.float32))
-    cm = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
-    seconds = 0.0
-    for a in range(start, stop, _CHUNK_SLICES):
-        b = min(a + _CHUNK_SLICES, stop)
-        began = time.perf_counter()
-        # 2.5D context comes from the whole volume: the slices around the scored range are real.
-        probs = predict_probabilities(
-            predict, volume.image, segmenter.tile_size, batch_size,
-            context_slices=segmenter.context_slices, slices=range(a, b),
-        )
-        classes = probabilities_to_classes(probs, segmenter.task)
-        seconds += time.perf_counter() - began
-        if task != segmenter.task:  # a phases model scored on Ni vs rest
-            classes = (classes == ni_index).astype(np.uint8)
-        targets = task_targets(volume.class_index(slice(a, b)), task, phase_names)
-        cm += confusion_matrix(targets, classes, len(class_names))
-    return {
-        "volume": volume.meta.name,
-        "z_range": [int(start), int(stop)],
-        "n_slices": int(stop - start),
-        "slice_shape": [int(s) for s in volume.image.shape[1:]],
-        "task": task,
-        "class_names": class_names,
-        "tta": bool(tta),
-        **segmentation_scores(cm, class_names),
-        "seconds_per_slice": seconds / (stop - start),
-        "confusion": cm.tolist(),
-    }
-
-
-
 def evaluate_model(
     model_uri: str,
     volume: Volume | str | os.PathLike,
     task: str | None = None,
     z_range: tuple[int, int] | None = None,
-    batch_size: int = 8,
-    tta: bool = False,
+    tta: bool | None = None,
 ) -> dict[str, Any]:
-    """Per-class IoU/Dice, mean IoU, accuracy and Ni fraction error of a logged model on a volume.
+    """Per-class IoU/Dice, mean IoU, accuracy and Ni fraction error of a logged model on a volume
+    (``socseg evaluate``).
 
     ``volume`` is a :class:`Volume` or a socseg volume directory; ``z_range`` [start, stop) limits
-    the slices (default: all). ``task`` defaults to the model's; a ``phases`` model can also be
-    scored on ``ni``. The model sees raw grey values (it carries its normalisation).
-    ``seconds_per_slice`` is prediction time only (no loading, no scoring).
+    the slices (default: all). ``tta`` None: the model's setting. ``seconds_per_slice`` is
+    prediction time only (no loading, no scoring, no first-call tracing).
     """
     if not isinstance(volume, Volume):
         volume = load_volume(Path(volume))
-    result = evaluate_segmenter(load_segmenter(model_uri), volume, task, z_range, batch_size, tta)
-    return {"model_uri": model_uri, **result}
+    predictor = Predictor.load(model_uri)
+    z_range = z_range or (0, volume.image.shape[0])
+    tile = predictor.config.tile_size
+    predictor.probabilities(np.zeros((1, tile, tile), np.float32) + predictor.config.normalisation.get("low", 0.0))  # warm-up
+    evaluation = score_slabs(predictor, [Slab(volume, tuple(z_range))], task, tta=tta)
+    start, stop = z_range
+    return {
+        "model_uri": model_uri,
+        "volume": volume.meta.name,
+        "z_range": [int(start), int(stop)],
+        "n_slices": int(stop - start),
+        "slice_shape": [int(s) for s in volume.image.shape[1:]],
+        "task": check_task(task or predictor.config.task),
+        "class_names": evaluation.class_names,
+        "tta": predictor.config.tta if tta is None else bool(tta),
+        **evaluation.scores,
+        "seconds_per_slice": evaluation.seconds / evaluation.n_slices,
+        "confusion": evaluation.confusion.tolist(),
+    }

@@ -25,7 +25,7 @@ import json
 import tempfile
 import threading
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -37,16 +37,12 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ParamSchema, ParamSpec
 
-from socseg.inference.window import WindowSettings, fixed_batch, sliding_window_probabilities
-from socseg.data.tasks import NI_PHASE, classes_to_label_values
-from socseg.training.tracking import pinned_requirements
+from socseg.inference.predictor import GreyRangeError, ModelConfig, Predictor
 
 KERAS_ARTIFACT = "keras_model"
 IMAGE_COLUMN = "image"
 ENCODINGS = ("npy", "tiff")
 GREY_DTYPES = ("uint8", "uint16", "float32")
-DEFAULT_MAX_SLICE_PIXELS = 4096 * 4096
-DEFAULT_MAX_CLIPPED_FRACTION = 0.5
 
 _NPY_MAGIC = b"\x93NUMPY"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -62,88 +58,7 @@ class RequestError(MlflowException):
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass(frozen=True)
-class SegmenterConfig:
-    """What the served model needs besides the network (stored as the pyfunc's ``model_config``)."""
-
-    task: str
-    class_names: list[str]
-    phase_map: dict[int, str]
-    tile_size: int
-    normalisation: dict[str, float]
-    step_fraction: float = 0.5
-    tta: bool = False
-    batch_size: int = 16
-    max_slice_pixels: int = DEFAULT_MAX_SLICE_PIXELS
-    max_clipped_fraction: float = DEFAULT_MAX_CLIPPED_FRACTION  # see check_grey_range
-    context_slices: int = 0  # 2.5D: neighbours on each side the network sees (socseg.data.context)
-    encoder: str = ""  # vgg16 | resnet50 | unet ("" in models logged before it was recorded)
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> "SegmenterConfig":
-        from socseg.params import parse_bool
-
-        return cls(
-            task=str(record["task"]),
-            class_names=[str(c) for c in record["class_names"]],
-            phase_map={int(k): str(v) for k, v in dict(record["phase_map"]).items()},
-            tile_size=int(record["tile_size"]),
-            normalisation={k: float(v) for k, v in dict(record.get("normalisation") or {}).items()},
-            step_fraction=float(record.get("step_fraction", 0.5)),
-            tta=parse_bool(record.get("tta", False)),
-            batch_size=int(record.get("batch_size", 16)),
-            max_slice_pixels=int(record.get("max_slice_pixels", DEFAULT_MAX_SLICE_PIXELS)),
-            max_clipped_fraction=float(record.get("max_clipped_fraction", DEFAULT_MAX_CLIPPED_FRACTION)),
-            context_slices=int(record.get("context_slices", 0)),
-            encoder=str(record.get("encoder", "")),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["phase_map"] = {str(k): v for k, v in sorted(self.phase_map.items())}  # YAML/JSON keys
-        return record
-
-    @property
-    def label_phase_map(self) -> dict[int, str]:
-        """Label value -> class name of what the model outputs (ni task: 0 is 'rest', not a phase)."""
-        if self.task == "ni":
-            ni_value = next(v for v, name in self.phase_map.items() if name == NI_PHASE)
-            return {0: "rest", ni_value: NI_PHASE}
-        return dict(sorted(self.phase_map.items()))
-
-    def window(self, tta: bool | None = None, step_fraction: float | None = None) -> WindowSettings:
-        return WindowSettings(
-            tile_size=self.tile_size,
-            step_fraction=self.step_fraction if step_fraction is None else float(step_fraction),
-            tta=self.tta if tta is None else bool(tta),
-            batch_size=self.batch_size,
-        )
-
-
-def segmenter_config(meta: Mapping[str, Any], inference: Mapping[str, Any] | None = None) -> SegmenterConfig:
-    """Config from training's model metadata (task, class names, phase map, normalisation, tile size)
-    and a params ``inference:`` section (default: the one in ``socseg.params.load_params()``)."""
-    if inference is None:
-        from socseg.params import load_params
-
-        inference = load_params().get("inference") or {}
-    window = WindowSettings.from_params(int(meta["tile_size"]), inference)
-    clipped = float(inference.get("max_clipped_fraction", DEFAULT_MAX_CLIPPED_FRACTION))
-    if not 0.0 < clipped <= 1.0:
-        raise ValueError(f"inference.max_clipped_fraction must be in (0, 1], got {clipped}")
-    return SegmenterConfig.from_dict(
-        {
-            **dict(meta),
-            "step_fraction": window.step_fraction,
-            "tta": window.tta,
-            "batch_size": window.batch_size,
-            "max_slice_pixels": int(inference.get("max_slice_pixels", DEFAULT_MAX_SLICE_PIXELS)),
-            "max_clipped_fraction": clipped,
-        }
-    )
-
-
-def _signature(config: SegmenterConfig) -> ModelSignature:
+def _signature(config: ModelConfig) -> ModelSignature:
     """Per-request parameters only: inputs are checked by the model itself, with clearer messages
     than schema enforcement gives, and one schema could not cover both input forms."""
     return ModelSignature(
@@ -154,15 +69,37 @@ def _signature(config: SegmenterConfig) -> ModelSignature:
                 ParamSpec("step_fraction", "double", config.step_fraction),
                 ParamSpec("encoding", "string", ""),  # compact output: "" = as the input, npy, tiff
                 ParamSpec("dtype", "string", ""),  # tensor input: declared grey dtype, checked
-                ParamSpec("halo_before", "long", 0),  # 2.5D: leading slices sent as context only
-                ParamSpec("halo_after", "long", 0),  # 2.5D: trailing slices sent as context only
-                ParamSpec("allow_out_of_range", "boolean", False),  # skip check_grey_range
+                ParamSpec("context_before", "long", 0),  # 2.5D: leading slices sent as context only
+                ParamSpec("context_after", "long", 0),  # 2.5D: trailing slices sent as context only
+                ParamSpec("allow_out_of_range", "boolean", False),  # skip Predictor.check_grey_range
+                ParamSpec("describe", "boolean", False),  # answer with the model's config, not labels
             ]
         )
     )
 
 
-def _model_kwargs(keras_model, config: SegmenterConfig, tmp: str) -> dict[str, Any]:
+def pinned_requirements() -> list[str]:
+    """Pinned runtime packages of this environment (skips MLflow's slow requirement inference).
+
+    socseg itself is not on PyPI; the segmenter carries its code (``code_paths``), so these are
+    all a serving environment needs besides it.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    import keras
+
+    names = ["mlflow", "keras", "numpy", "pandas", "tifffile", "pyyaml"]
+    names += {"tensorflow": ["tensorflow-cpu", "tensorflow"], "jax": ["jax", "jaxlib"]}.get(keras.backend.backend(), [])
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def _model_kwargs(keras_model, config: ModelConfig, tmp: str) -> dict[str, Any]:
     path = Path(tmp) / "model.keras"
     keras_model.save(path)
     return {
@@ -175,7 +112,6 @@ def _model_kwargs(keras_model, config: SegmenterConfig, tmp: str) -> dict[str, A
         # MLflow builds from the pinned requirements (or any Python with them) can load it, and a
         # model keeps the pre/post-processing code it was trained with.
         "code_paths": [str(Path(__file__).resolve().parents[1])],
-        "metadata": {"socseg": config.to_dict()},
     }
 
 
@@ -188,27 +124,28 @@ def _no_input_example_warning() -> Iterator[None]:
         yield
 
 
-def log_segmenter(keras_model, config: SegmenterConfig, name: str = "segmenter", **kwargs: Any):
-    """Log ``keras_model`` (raw grey in, probabilities out: ``train.export_model``) as a pyfunc
-    segmenter in the active run; returns MLflow's ModelInfo. ``kwargs`` go to ``log_model``
-    (e.g. ``registered_model_name``)."""
+def log_segmenter(keras_model, config: ModelConfig, name: str = "segmenter", **kwargs: Any):
+    """Log ``keras_model`` (raw grey in, probabilities out: :func:`socseg.model.export.export_model`)
+    as a pyfunc segmenter in the active run; returns MLflow's ModelInfo. ``kwargs`` go to
+    ``log_model`` (e.g. ``registered_model_name``)."""
     with tempfile.TemporaryDirectory() as tmp, _no_input_example_warning():
         return mlflow.pyfunc.log_model(name=name, **_model_kwargs(keras_model, config, tmp), **kwargs)
 
 
-def save_segmenter(keras_model, config: SegmenterConfig, path: str | Path) -> Path:
+def save_segmenter(keras_model, config: ModelConfig, path: str | Path) -> Path:
     """Save the pyfunc segmenter to a local folder (no tracking server); ``path`` is its model URI."""
     with tempfile.TemporaryDirectory() as tmp, _no_input_example_warning():
         mlflow.pyfunc.save_model(path=str(path), **_model_kwargs(keras_model, config, tmp))
     return Path(path)
 
 
-def segmenter_metadata(pyfunc_model) -> SegmenterConfig:
-    """The :class:`SegmenterConfig` stored with a loaded pyfunc segmenter."""
-    record = (pyfunc_model.metadata.metadata or {}).get("socseg")
-    if not record:
-        raise ValueError("not a socseg segmenter: its MLmodel has no 'socseg' metadata")
-    return SegmenterConfig.from_dict(record)
+def model_config(model_uri: str) -> ModelConfig:
+    """The :class:`ModelConfig` stored with a logged segmenter, read from its MLmodel (nothing is loaded)."""
+    info = mlflow.models.get_model_info(model_uri)
+    record = (info.flavors.get("python_function") or {}).get("config")
+    if not record or "class_names" not in record:
+        raise ValueError(f"{model_uri} is not a socseg segmenter (its MLmodel has no socseg model config)")
+    return ModelConfig.from_dict(record)
 
 
 # --------------------------------------------------------------------------- request parsing
@@ -351,14 +288,14 @@ def _compact_values(model_input: Any) -> list[Any] | None:
     return None
 
 
-def parse_halo(params: Mapping[str, Any], n_slices: int) -> tuple[int, int]:
-    """``halo_before``/``halo_after``: how many leading/trailing slices of a request are context only.
+def parse_context(params: Mapping[str, Any], n_slices: int) -> tuple[int, int]:
+    """``context_before``/``context_after``: how many leading/trailing slices of a request are context only.
 
     A 2.5D model needs each slice's neighbours; a client that sends a volume in chunks adds the
-    slices around each chunk as halo and gets labels for the chunk alone.
+    slices around each chunk as context and gets labels for the chunk alone.
     """
-    halo = []
-    for name in ("halo_before", "halo_after"):
+    context = []
+    for name in ("context_before", "context_after"):
         value = params.get(name) or 0
         try:
             number = int(value)
@@ -366,15 +303,15 @@ def parse_halo(params: Mapping[str, Any], n_slices: int) -> tuple[int, int]:
             raise RequestError(f"{name} must be a whole number of slices, got {value!r}") from None
         if number < 0 or number != float(value):
             raise RequestError(f"{name} must be a whole number of slices >= 0, got {value!r}")
-        halo.append(number)
-    if sum(halo) >= n_slices:
+        context.append(number)
+    if sum(context) >= n_slices:
         raise RequestError(
-            f"halo_before + halo_after = {sum(halo)} leaves none of the {n_slices} slices to segment"
+            f"context_before + context_after = {sum(context)} leaves none of the {n_slices} slices to segment"
         )
-    return halo[0], halo[1]
+    return context[0], context[1]
 
 
-def parse_request(model_input: Any, config: SegmenterConfig, declared_dtype: str = "") -> ParsedRequest:
+def parse_request(model_input: Any, config: ModelConfig, declared_dtype: str = "") -> ParsedRequest:
     """Validate a request of either form; raise :class:`RequestError` naming the problem."""
     values = _compact_values(model_input)
     if values is not None:
@@ -404,46 +341,6 @@ def parse_request(model_input: Any, config: SegmenterConfig, declared_dtype: str
         raise RequestError(f"expected a batch of 2-D slices (N, H, W), got a scalar {images!r}")
     images = _check_batch(images, config.max_slice_pixels)
     return ParsedRequest(_check_grey(images, "inputs", declared_dtype), False, "npy")
-
-
-def check_grey_range(images: np.ndarray, config: SegmenterConfig) -> None:
-    """Refuse a batch mostly outside the model's grey range, before it is silently mislabelled.
-
-    The network sees ``clip((x - low) / (high - low), 0, 1)`` with ``low``/``high`` fixed on the
-    training slab (:mod:`socseg.data.normalise`). A volume on another grey scale (e.g. the same slices
-    saved as float after ``2.5e-5 * x - 0.55``) clips almost entirely to one end and comes back as
-    a single class without any warning. More than ``config.max_clipped_fraction`` of the pixels
-    below ``low`` or above ``high`` raises :class:`RequestError` (HTTP 400 when served; one
-    ``error:`` line in ``socseg segment``); the request param ``allow_out_of_range`` skips the
-    check. ``Segmenter.predict`` calls it for every request, so ``socseg segment`` (one predict
-    per streamed chunk) and ``mlflow models serve`` share it.
-    """
-    norm = config.normalisation
-    if "low" not in norm or "high" not in norm or images.size == 0:
-        return
-    low, high = float(norm["low"]), float(norm["high"])
-    below = int(np.count_nonzero(images < low))
-    above = int(np.count_nonzero(images > high))
-    fraction = (below + above) / images.size
-    if fraction <= config.max_clipped_fraction:
-        return
-    flat = images.reshape(-1)
-    sample = flat[:: max(1, flat.size // 1_000_000)]  # percentiles of ~1M values are plenty
-    p1, p99 = (float(v) for v in np.percentile(sample, [1, 99]))
-    if "low_percentile" in norm and "high_percentile" in norm:
-        origin = f" (the training slab's {norm['low_percentile']:g}th..{norm['high_percentile']:g}th percentiles)"
-    else:
-        origin = ""
-    side = "below" if below >= above else "above"
-    raise RequestError(
-        f"grey values out of this model's range: {fraction:.1%} of the {images.size} pixels lie outside the "
-        f"model's range {low:g}..{high:g}{origin} ({below} below, {above} above) and would be clipped "
-        f"(allowed: {config.max_clipped_fraction:.0%}, inference.max_clipped_fraction); the input spans "
-        f"{float(flat.min()):.6g}..{float(flat.max()):.6g} (1st..99th percentile {p1:.6g}..{p99:.6g}), mostly "
-        f"{side} the model's range: it is probably on another grey scale than the training data (another "
-        "dtype, or rescaled when saved), so convert it back, or segment it anyway with `socseg segment "
-        "--allow-out-of-range` or the request param allow_out_of_range=true"
-    )
 
 
 def parse_flag(params: Mapping[str, Any], name: str) -> bool:
@@ -492,7 +389,7 @@ def _decode_any(raw: bytes) -> tuple[np.ndarray, str]:
 
 
 class Segmenter(mlflow.pyfunc.PythonModel):
-    """Whole-slice segmentation with the sliding window of :mod:`socseg.inference.window`."""
+    """The served model: requests in, the :class:`~socseg.inference.predictor.Predictor` in between, labels out."""
 
     # predict deliberately has no type hint on its input (see predict); this tells MLflow not to
     # look for one (and not to warn at import).
@@ -503,25 +400,27 @@ class Segmenter(mlflow.pyfunc.PythonModel):
 
         # Register every custom object the .keras file may name: layers, and the loss and metric
         # that the trained inner network's compile config still mentions (even with compile=False).
+        import socseg.model.export  # noqa: F401
         import socseg.model.losses  # noqa: F401
         import socseg.model.metrics  # noqa: F401
         import socseg.model.unet  # noqa: F401
-        import socseg.data.normalise  # noqa: F401
 
-        self.config = SegmenterConfig.from_dict(context.model_config)
-        self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
-        self._predict = self.model.predict_on_batch
-        if keras.backend.backend() == "jax":  # one compiled shape (see fixed_batch)
-            self._predict = fixed_batch(self._predict, self.config.batch_size)
+        config = ModelConfig.from_dict(context.model_config)
+        network = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        self.predictor = Predictor(network, config)
         # The scoring server runs requests in threads; one forward pass at a time bounds memory.
         self._lock = threading.Lock()
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.predictor.config
 
     # No type hint on model_input on purpose: MLflow would derive a signature from it and then
     # skip the JSON parsing that both input forms rely on.
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        from socseg.model.metrics import probabilities_to_classes  # imports keras: keep it out of thin clients
-
         params = dict(params or {})
+        if parse_flag(params, "describe"):  # what a client needs to know (context_slices, phase map...)
+            return pd.DataFrame({"config": [json.dumps(self.config.to_dict())]})
         step = params.get("step_fraction")
         if step is not None and not 0.0 < float(step) <= 1.0:
             raise RequestError(f"step_fraction must be in (0, 1], got {step}")
@@ -529,18 +428,17 @@ class Segmenter(mlflow.pyfunc.PythonModel):
         if encoding and encoding not in ENCODINGS:
             raise RequestError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
         request = parse_request(model_input, self.config, str(params.get("dtype") or ""))
-        before, after = parse_halo(params, len(request.images))
+        before, after = parse_context(params, len(request.images))
         if not parse_flag(params, "allow_out_of_range"):
-            check_grey_range(request.images, self.config)
-        window = self.config.window(tta=params.get("tta"), step_fraction=step)
+            try:
+                self.predictor.check_grey_range(request.images)
+            except GreyRangeError as error:
+                raise RequestError(str(error)) from None
+        tta = None if params.get("tta") is None else parse_flag(params, "tta")
         with self._lock:
-            probs = sliding_window_probabilities(
-                self._predict, request.images, window, self.config.context_slices, before, after
-            )
-        labels = classes_to_label_values(
-            probabilities_to_classes(probs, self.config.task), self.config.task, self.config.phase_map
-        )
-        want_probs = bool(params.get("return_probabilities", False))
+            probs = self.predictor.probabilities(request.images, before, after, tta=tta, step_fraction=step)
+        labels = self.predictor.to_labels(self.predictor.to_classes(probs))
+        want_probs = parse_flag(params, "return_probabilities")
         if not request.compact:
             return {"labels": labels, "probabilities": probs} if want_probs else labels
         encoding = encoding or request.encoding

@@ -1,21 +1,16 @@
-"""Prediction of whole slices and volumes from a network trained on small tiles.
+"""The sliding window: whole slices of any size from a network trained on small tiles.
 
-Two tilings, for two purposes:
-
-* :func:`predict_probabilities`: the fixed tiling of :mod:`socseg.data.tiling` where each pixel comes
-  from exactly one tile. Validation during training uses it: it is the cheapest way to score a
-  whole slab, and it is what the reported metrics are defined on.
-* :func:`iter_window_probabilities` (and the helpers built on it): the sliding window that users
-  get (nnU-Net style). Tiles overlap (``step_fraction`` of a tile, default half), each tile's
-  prediction is weighted by a Gaussian centred on the tile before blending (a U-Net is least
-  reliable near a tile's edge, where it sees zero padding instead of context), slices are
-  mirror-padded at their borders, and 8-fold flip/rotation test-time augmentation is optional.
-  It streams: slices go in one by one, tiles of consecutive slices share forward passes, and only
-  the slices still waiting for tiles are held in memory, whatever the depth of the volume.
+nnU-Net style: tiles overlap (``step_fraction`` of a tile), each tile's prediction is weighted by
+a Gaussian centred on the tile before blending (a U-Net is least reliable near a tile's edge,
+where it sees zero padding instead of context), slices are mirror-padded at their borders, and
+8-fold flip/rotation test-time augmentation is optional. It streams: slices go in one by one,
+tiles of consecutive slices share forward passes, and only the slices still waiting for tiles
+are held in memory, whatever the depth of the volume.
 
 Backend-agnostic: ``predict`` is any callable ``(B, s, s, 2k + 1) -> (B, s, s, C)`` (e.g. a Keras 3
-model's ``predict_on_batch`` on TensorFlow or JAX; k = 0 unless the model is 2.5D, see
-:mod:`socseg.data.context`); everything else is NumPy.
+model's ``predict_on_batch`` on TensorFlow or JAX; k = ``context_slices``, 0 unless the model is
+2.5D, see :mod:`socseg.data.context`); everything else is NumPy. :class:`socseg.inference.predictor.Predictor`
+is what uses it.
 """
 
 from __future__ import annotations
@@ -23,13 +18,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from socseg.data.context import halo as context_halo, iter_with_context, neighbour_indices
-from socseg.data.tiling import Tiling, iter_batches, tile_starts
+from socseg.data.tiling import tile_starts
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -40,48 +33,14 @@ GAUSSIAN_SIGMA_SCALE = 0.125
 DIHEDRAL: tuple[tuple[int, bool], ...] = tuple((turns, mirror) for turns in range(4) for mirror in (False, True))
 
 
-def predict_probabilities(
-    predict: Predict,
-    images: np.ndarray,
-    tile_size: int,
-    batch_size: int = 8,
-    step: int | None = None,
-    context_slices: int = 0,
-    slices: range | None = None,
-) -> np.ndarray:
-    """Class probabilities ``(Z, H, W, C)`` for a stack ``(Z, H, W)`` with the fixed, non-blended tiling.
-
-    ``predict`` maps a batch ``(B, s, s, 2k + 1)`` to ``(B, s, s, C)`` (e.g. ``model.predict_on_batch``).
-    Each pixel comes from one tile, so metrics on the result count every pixel once; for
-    seam-free predictions use :func:`sliding_window_probabilities`. ``slices`` limits which slices
-    are predicted (default: all); 2.5D context (``context_slices`` = k) comes from all of ``images``.
-    """
-    if not hasattr(images, "shape"):  # arrays and memory maps are used as they are
-        images = np.asarray(images)
-    if len(images.shape) != 3:
-        raise ValueError(f"expected a (Z, H, W) stack, got shape {images.shape}")
-    z, h, w = images.shape
-    slices = range(z) if slices is None else slices
-    tiling = Tiling(h, w, tile_size, step or tile_size)
-    out = None
-    for i, k in enumerate(slices):
-        planes = np.asarray(images[neighbour_indices(k, context_slices, 0, z)], dtype=np.float32)
-        tiles = np.moveaxis(tiling.extract(planes), 1, -1)  # (n, 2k + 1, s, s) -> (n, s, s, 2k + 1)
-        preds = np.concatenate([np.asarray(predict(tiles[b])) for b in iter_batches(len(tiles), batch_size)])
-        if out is None:
-            out = np.empty((len(slices), h, w, preds.shape[-1]), dtype=np.float32)
-        out[i] = tiling.stitch(preds.astype(np.float32))
-    return out if out is not None else np.empty((0, h, w, 1), np.float32)
-
-
 @dataclass(frozen=True)
 class WindowSettings:
     """How whole slices are tiled: the ``inference:`` section of params.yaml plus the model's tile size."""
 
     tile_size: int
-    step_fraction: float = 0.5
-    tta: bool = False
-    batch_size: int = 16
+    step_fraction: float
+    tta: bool
+    batch_size: int
 
     def __post_init__(self) -> None:
         if self.tile_size <= 0:
@@ -104,20 +63,6 @@ class WindowSettings:
         border pixels the same context as the worst interior pixel. No overlap, no padding.
         """
         return (self.tile_size - self.step) // 2
-
-    @classmethod
-    def from_params(cls, tile_size: int, section: Mapping[str, Any] | None = None, **overrides: Any) -> "WindowSettings":
-        """Settings from a params ``inference:`` section (missing keys: defaults); ``overrides`` win unless None."""
-        values = {k: v for k, v in dict(section or {}).items() if k in ("step_fraction", "tta", "batch_size")}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        from socseg.params import parse_bool
-
-        return cls(
-            tile_size=int(tile_size),
-            step_fraction=float(values.get("step_fraction", 0.5)),
-            tta=parse_bool(values.get("tta", False)),
-            batch_size=int(values.get("batch_size", 16)),
-        )
 
 
 @lru_cache(maxsize=8)
@@ -289,80 +234,3 @@ def iter_window_probabilities(
     if tiles:
         flush()
     yield from done()
-
-
-def sliding_window_probabilities(
-    predict: Predict,
-    images: np.ndarray,
-    settings: WindowSettings,
-    context_slices: int = 0,
-    halo_before: int = 0,
-    halo_after: int = 0,
-) -> np.ndarray:
-    """``(N, H, W, C)`` float32 blended probabilities for a stack of slices ``(N, H, W)``.
-
-    A 2.5D model (``context_slices`` = k) takes each slice's neighbours from this stack, so pass
-    adjacent slices; at the stack's ends the outermost slice is repeated. The first
-    ``halo_before`` and last ``halo_after`` slices are context only: they are not predicted and
-    not returned (``N - halo_before - halo_after`` slices come back).
-    """
-    images = np.asarray(images)
-    if images.ndim != 3:
-        raise ValueError(f"expected a (N, H, W) stack, got shape {images.shape}")
-    n = len(images) - halo_before - halo_after
-    if halo_before < 0 or halo_after < 0 or n < 0:
-        raise ValueError(f"halo {halo_before} + {halo_after} does not fit a stack of {len(images)} slices")
-    out: np.ndarray | None = None
-    stream = islice(iter_with_context(images, context_slices), halo_before, halo_before + n)
-    for k, probs in enumerate(iter_window_probabilities(predict, stream, settings)):
-        if out is None:
-            out = np.empty((n, *probs.shape), dtype=np.float32)
-        out[k] = probs
-    return out if out is not None else np.empty((0, *images.shape[1:], 1), np.float32)
-
-
-AXES = {"z": 0, "y": 1, "x": 2}
-
-
-def multi_axis_probabilities(
-    predict_planes: Callable[[np.ndarray], np.ndarray],
-    volume: np.ndarray,
-    axes: Iterable[str] = ("z", "y", "x"),
-    chunk: int = 8,
-    progress: Callable[[int], Any] | None = None,
-    halo: int = 0,
-) -> np.ndarray:
-    """Mean of the probabilities from slicing ``volume`` (Z, Y, X) along each of ``axes``.
-
-    As in volume-segmantics: a 2-D network sees each voxel in three planes, and averaging
-    removes the slice-to-slice flicker of z-only prediction. ``predict_planes`` maps a batch of
-    planes ``(N, A, B)`` to ``(N, A, B, C)`` probabilities (e.g. the segmenter with
-    ``return_probabilities``). Holds the volume's probabilities, ``4 * C`` bytes per voxel.
-    ``progress(n)`` is called after every ``n`` planes. ``halo`` > 0 (2.5D models): each chunk
-    comes with up to ``halo`` neighbouring planes on either side and is predicted as
-    ``predict_planes(planes, before, after)``, which returns the chunk's planes only.
-    """
-    volume = np.asarray(volume)
-    if volume.ndim != 3:
-        raise ValueError(f"expected a (Z, Y, X) volume, got shape {volume.shape}")
-    names = list(axes)
-    unknown = [a for a in names if a not in AXES]
-    if unknown or not names:
-        raise ValueError(f"axes must be a non-empty subset of z, y, x; got {names}")
-    total: np.ndarray | None = None
-    for name in names:
-        axis = AXES[name]
-        for start in range(0, volume.shape[axis], chunk):
-            index = slice(start, min(start + chunk, volume.shape[axis]))
-            before, after = context_halo(index.start, index.stop, volume.shape[axis], halo)
-            planes = np.ascontiguousarray(np.moveaxis(volume, axis, 0)[index.start - before : index.stop + after])
-            predicted = predict_planes(planes, before, after) if halo else predict_planes(planes)
-            probs = np.asarray(predicted, dtype=np.float32)
-            if total is None:
-                total = np.zeros((*volume.shape, probs.shape[-1]), dtype=np.float32)
-            np.moveaxis(total, axis, 0)[index] += probs
-            if progress is not None:
-                progress(index.stop - index.start)
-    assert total is not None
-    total /= np.float32(len(names))
-    return total

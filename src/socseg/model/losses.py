@@ -14,8 +14,8 @@ import keras
 from keras import ops
 
 from socseg.data.tasks import check_task
+from socseg.params import LOSSES
 
-LOSSES = ("ce", "dice", "ce_dice", "focal")
 
 
 def _class_probabilities(y_true, y_pred, task: str):

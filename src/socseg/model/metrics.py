@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from socseg.data.tasks import SOC_PHASES, check_task, task_class_names
+from socseg.data.tasks import NI_PHASE, SOC_PHASES, check_task, task_class_names
 
 
 # Pixels per bincount call: bounds the int64 temporaries when counting whole slabs.
@@ -75,13 +75,16 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.where(denominator > 0, numerator / safe, 1.0)
 
 
-def scores_from_confusion(cm: np.ndarray, class_names: list[str]) -> dict[str, float]:
-    """Per-class and mean IoU and Dice, and pixel accuracy, from a confusion matrix.
+def segmentation_scores(cm: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """Everything socseg reports about a segmentation, from one confusion matrix.
 
-    IoU = TP / (TP + FP + FN), Dice = 2TP / (2TP + FP + FN). A class absent from both truth and
-    prediction scores 1.0 (nothing to get wrong), so it neither drags the mean down nor makes it
-    NaN. Accuracy of an empty matrix is NaN. Keys: ``iou_<name>``, ``dice_<name>``, ``mean_iou``,
-    ``mean_dice``, ``accuracy``.
+    Per-class and mean IoU and Dice, pixel accuracy and, where a class is ``ni``, the true and
+    predicted Ni volume fractions and their absolute error (what a microstructure study derived
+    from the segmentation would get wrong, whatever the IoU). IoU = TP / (TP + FP + FN),
+    Dice = 2TP / (2TP + FP + FN). A class absent from both truth and prediction scores 1.0
+    (nothing to get wrong), so it neither drags the mean down nor makes it NaN. Accuracy of an
+    empty matrix is NaN. Fractions come from the matrix (row sums are the truth, column sums the
+    prediction), so they cover exactly the pixels that were scored.
     """
     cm = np.asarray(cm, dtype=np.float64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(class_names):
@@ -99,6 +102,10 @@ def scores_from_confusion(cm: np.ndarray, class_names: list[str]) -> dict[str, f
     scores["mean_dice"] = float(dice.mean())
     total = cm.sum()
     scores["accuracy"] = float(tp.sum() / total) if total else float("nan")
+    if NI_PHASE in class_names and total:
+        k = list(class_names).index(NI_PHASE)
+        true, pred = cm[k].sum() / total, cm[:, k].sum() / total
+        scores.update(ni_fraction_true=float(true), ni_fraction_pred=float(pred), ni_fraction_error=float(abs(pred - true)))
     return scores
 
 
@@ -106,7 +113,7 @@ def scores_from_confusion(cm: np.ndarray, class_names: list[str]) -> dict[str, f
 class ThresholdedIoU(keras.metrics.Metric):
     """IoU or Dice of hard predictions, accumulated as a confusion matrix over the epoch.
 
-    Unlike a batch-averaged soft IoU, this equals :func:`scores_from_confusion` on the same
+    Unlike a batch-averaged soft IoU, this equals :func:`segmentation_scores` on the same
     pixels. ``class_id`` None gives the mean over classes (for ni: rest and ni). The default name
     matches the evaluation keys: ``mean_iou``, ``iou_ni``, ``dice_ysz``...
     """

@@ -17,9 +17,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from socseg.data.context import n_channels
 from socseg.data.tasks import check_task
-
-ENCODERS = ("vgg16", "resnet50", "unet")
+from socseg.params import ENCODERS
 
 # Mean pixel of ImageNet in BGR order: the "caffe" preprocessing VGG16 and ResNet50 were trained with.
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
@@ -270,11 +270,13 @@ def build_model(
     encoder_weights: str = "none",
     freeze_encoder: bool = False,
     base_filters: int = 16,
-    in_channels: int = 1,
+    context_slices: int = 0,
     encoder_batchnorm: str | bool = "auto",
     bn_momentum: float = 0.9,
 ) -> keras.Model:
     """Build a U-Net for ``task`` ("ni" or "phases") on the given encoder.
+
+    ``context_slices`` k > 0 makes it 2.5D: it takes ``2k + 1`` adjacent slices as channels.
 
     ``encoder_weights``: "none" (random init), "imagenet" (download; RuntimeError when offline) or a
     path to a local weights file for :func:`build_encoder`'s backbone. ``base_filters`` only affects
@@ -283,6 +285,7 @@ def build_model(
     ``encoder_batchnorm``: see :func:`use_encoder_batchnorm` (VGG16 only). ``bn_momentum``: see
     :func:`set_batchnorm_momentum` (all BatchNorm layers, the pretrained encoders' too).
     """
+    in_channels = n_channels(context_slices)
     n_out = n_outputs(task, n_classes)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import mlflow
 import numpy as np
 
+from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data
+from socseg.inference.evaluate import Evaluation, score_slabs
+from socseg.inference.predictor import Predictor
+from socseg.inference.pyfunc import model_config
+from socseg.params import Params, typed
 from socseg.training import tracking
-from socseg.data.context import halo as context_halo
-from socseg.inference.evaluate import segmentation_scores
-from socseg.model.metrics import confusion_matrix
-from socseg.data.split import split_from_params
-from socseg.data.tasks import task_class_names, task_targets
-from socseg.training.train import data_fingerprint, load_labelled_volumes, prepare_data
-from socseg.data.volumes import label_lut
 
 
 def _write_json(data: Mapping, path: str | Path) -> None:
@@ -38,18 +36,18 @@ def read_json(path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def prepare(params: Mapping, out: str | Path) -> dict:
+def prepare(params: Mapping | Params, out: str | Path) -> dict:
     """Record each volume's slab split, the training-slab normalisation and the data fingerprint.
 
     Training recomputes the same (deterministic) split and normalisation; this file is what DVC
     tracks, so changing the data or the split/normalise params reruns everything downstream.
     """
-    volumes = load_labelled_volumes(params, params["data"]["volumes"])
-    data = prepare_data(params, volumes, params["train"]["task"])
+    p = typed(params)
+    data = prepare_data(p, load_labelled_volumes(p), p.train.task)
     summary = {
         "volumes": {
-            name: {"shape": list(v.image.shape), **split.to_dict()}
-            for v, (name, split) in zip(volumes, data.splits.items())
+            name: {"shape": list(slab.volume.image.shape), **data.splits[name].to_dict()}
+            for name, slab in ((s.name, s) for s in data.slabs["train"])
         },
         "normalisation": data.normaliser.to_dict(),
         "class_names": data.class_names,
@@ -60,68 +58,21 @@ def prepare(params: Mapping, out: str | Path) -> dict:
     return summary
 
 
-class SegmenterPredictor:
-    """The registered pyfunc segmenter, scored exactly as it serves: whole slices in, labels out."""
-
-    def __init__(self, model_uri: str):
-        self.model = mlflow.pyfunc.load_model(model_uri)
-        config = getattr(self.model.unwrap_python_model(), "config", None)
-        if config is None:
-            raise ValueError(f"{model_uri} is not a socseg segmenter (pyfunc 'segmenter' logged by socseg train)")
-        self.task = config.task
-        self.class_names = list(config.class_names)
-        # Label values the segmenter returns -> task class indices (ni task: 0 rest, 1 ni).
-        self._lut = label_lut(config.label_phase_map)
-        self.halo = int(config.context_slices)
-
-    def predict_classes(self, images: np.ndarray, slices_per_call: int = 8) -> np.ndarray:
-        """Class indices for a stack of adjacent slices, sent in chunks (with 2.5D halo, as a client would)."""
-        out = np.empty(images.shape, dtype=np.uint8)
-        n = len(images)
-        for start in range(0, n, slices_per_call):
-            stop = min(start + slices_per_call, n)
-            before, after = context_halo(start, stop, n, self.halo)
-            params = {"halo_before": before, "halo_after": after} if self.halo else None
-            labels = self.model.predict(np.asarray(images[start - before : stop + after]), params=params)
-            out[start:stop] = self._lut[np.asarray(labels)]
-        return out
-
-
-def load_predictor(model_uri: str) -> SegmenterPredictor:
-    return SegmenterPredictor(model_uri)
-
-
-def score_on_test_slabs(model_uri: str, params: Mapping) -> tuple[dict[str, float], dict[str, Any]]:
-    """Scores of a logged/registered model on the test slabs of the configured volumes.
-
-    Uses the same metric code as training and feeds raw grey values: the model carries its own
-    normalisation. Returns the scores and the pieces needed for pictures.
-    """
-    predictor = load_predictor(model_uri)
-    task = predictor.task
-    volumes = load_labelled_volumes(params, params["data"]["volumes"])
-    phase_names = volumes[0].class_names
-    class_names = task_class_names(task, phase_names)
-    cm = np.zeros((len(class_names),) * 2, dtype=np.int64)
-    examples = None
-    for volume in volumes:
-        name = volume.meta.name
-        start, stop = split_from_params(volume.image.shape[0], params["split"]).test
-        if stop <= start:
-            continue
-        truth = task_targets(volume.class_index(slice(start, stop)), task, phase_names)
-        predicted = predictor.predict_classes(volume.image[start:stop])
-        cm += confusion_matrix(truth, predicted, len(class_names))
-        if examples is None:
-            examples = {"volume": name, "z0": start, "image": volume.image[start:stop],
-                        "truth": truth, "predicted": predicted}
-    if examples is None:
+def test_data(params: Mapping | Params, task: str) -> PreparedData:
+    """The configured volumes, split; refused when the split leaves no held-out test slices."""
+    p = typed(params)
+    data = prepare_data(p, load_labelled_volumes(p), task)
+    if not data.slabs["test"]:
         raise ValueError("the split leaves no test slices: set split.test > 0")
-    scores = segmentation_scores(cm, class_names)  # + Ni volume fraction error
-    return scores, {"confusion": cm, "class_names": class_names, "examples": examples}
+    return data
 
 
-def microstructure_comparison(examples: Mapping[str, Any], class_names: list[str]) -> dict[str, float]:
+def score_on_test_slabs(model_uri: str, slabs: list[Slab]) -> Evaluation:
+    """The model's scores on the test slabs, as users would segment them."""
+    return score_slabs(Predictor.load(model_uri), slabs, keep_predictions=True)
+
+
+def microstructure_comparison(predicted_classes: np.ndarray, true_classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
     """Microstructure numbers of the predicted test slab beside those of its labels.
 
     An IoU of 0.97 can still bias TPB density or percolation; these are what a study publishes.
@@ -130,8 +81,8 @@ def microstructure_comparison(examples: Mapping[str, Any], class_names: list[str
     from socseg.analysis.microstructure import flatten_metrics, measure, relative_errors
 
     phase_map = dict(enumerate(class_names))
-    predicted = flatten_metrics(measure(examples["predicted"], phase_map))
-    true = flatten_metrics(measure(examples["truth"], phase_map))
+    predicted = flatten_metrics(measure(predicted_classes, phase_map))
+    true = flatten_metrics(measure(true_classes, phase_map))
     finite = lambda d: {k: v for k, v in d.items() if np.isfinite(v)}  # noqa: E731  (JSON has no NaN)
     predicted, true = finite(predicted), finite(true)
     return {
@@ -141,48 +92,49 @@ def microstructure_comparison(examples: Mapping[str, Any], class_names: list[str
     }
 
 
-def evaluate_best(params: Mapping, search_json: str | Path, out: str | Path) -> dict:
+def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | Path) -> dict:
     """Evaluate the search's best trial on the TEST slabs; log to the search's parent run; write metrics.json."""
+    import matplotlib.pyplot as plt
+
     from socseg.analysis.plots import confusion_figure, overlay_figure
 
     search = read_json(search_json)
-    model_uri = search["best_segmenter_uri"]
+    model_uri = search["best_model_uri"]
     tracking.configure_tracking(params)
-    scores, extra = score_on_test_slabs(model_uri, params)
-    metrics = {f"test_{k}": v for k, v in scores.items()}
-    metrics.update(microstructure_comparison(extra["examples"], extra["class_names"]))
+    task = model_config(model_uri).task
+    slabs = test_data(params, task).slabs["test"]
+    evaluation = score_on_test_slabs(model_uri, slabs)
+    slab, predicted = slabs[0], evaluation.predictions[0]
+    truth = slab.targets(task)
+    metrics = {f"test_{k}": v for k, v in evaluation.scores.items()}
+    metrics.update(microstructure_comparison(predicted, truth, evaluation.class_names))
     with mlflow.start_run(run_id=search["parent_run_id"]):
         mlflow.log_metrics(metrics)
-        fig = confusion_figure(extra["confusion"], extra["class_names"])
+        fig = confusion_figure(evaluation.confusion, evaluation.class_names)
         mlflow.log_figure(fig, "evaluate/test_confusion.png")
-        ex = extra["examples"]
-        picks = sorted({0, len(ex["image"]) // 2, len(ex["image"]) - 1})
-        fig2 = overlay_figure([ex["image"][k] for k in picks], [ex["truth"][k] for k in picks],
-                              [ex["predicted"][k] for k in picks], extra["class_names"],
-                              titles=[f"{ex['volume']} z={ex['z0'] + k}" for k in picks])
+        start, _ = slab.z_range
+        picks = sorted({0, len(predicted) // 2, len(predicted) - 1})
+        fig2 = overlay_figure([slab.volume.image[start + k] for k in picks], [truth[k] for k in picks],
+                              [predicted[k] for k in picks], evaluation.class_names,
+                              titles=[f"{slab.name} z={start + k}" for k in picks])
         mlflow.log_figure(fig2, "evaluate/test_overlays.png")
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
         plt.close(fig2)
     result = {**metrics, "model_uri": model_uri, "best_trial": search["best_trial"],
               "best_run_id": search["best_run_id"], "study_name": search["study_name"],
-              "confusion_matrix": extra["confusion"].tolist(), "class_names": extra["class_names"]}
+              "confusion_matrix": evaluation.confusion.tolist(), "class_names": evaluation.class_names}
     _write_json(result, out)
     return result
 
 
-def logged_model_meta(model_uri: str) -> dict[str, Any]:
-    """The socseg record stored with a logged segmenter (task, encoder, class names, ...): what a
-    registered version is tagged with, read from the model, not from today's params.yaml."""
-    info = mlflow.models.get_model_info(model_uri)
-    record = (info.metadata or {}).get("socseg")
-    if not record:
-        raise ValueError(f"{model_uri} is not a socseg segmenter (no 'socseg' metadata in its MLmodel)")
-    record = dict(record)
-    if not record.get("encoder") and info.run_id:  # logged before the encoder was recorded in the model
-        record["encoder"] = mlflow.get_run(info.run_id).data.tags.get("encoder", "")
-    return record
+def logged_model_encoder(model_uri: str) -> str:
+    """The encoder a logged segmenter was trained with: read from the model, not from today's
+    params.yaml (models logged before it was recorded there: from their run's tags)."""
+    encoder = model_config(model_uri).encoder
+    if not encoder:
+        run_id = mlflow.models.get_model_info(model_uri).run_id
+        encoder = mlflow.get_run(run_id).data.tags.get("encoder", "") if run_id else ""
+    return encoder or "unknown"
 
 
 def registered_model_name(template: str, task: str) -> str:
@@ -193,28 +145,31 @@ def registered_model_name(template: str, task: str) -> str:
         raise ValueError(f"registry.model_name {template!r}: the only placeholder is {{task}} ({error})") from None
 
 
-def register(params: Mapping, search_json: str | Path, metrics_json: str | Path, out: str | Path) -> dict:
+def register(params: Mapping | Params, search_json: str | Path, metrics_json: str | Path, out: str | Path) -> dict:
     """Register the evaluated model and move the aliases (see :mod:`socseg.training.registry`)."""
     from socseg.training.registry import register_and_promote
 
+    p = typed(params)
     search = read_json(search_json)
     metrics = read_json(metrics_json)
-    metric = params["registry"]["metric"]
-    tracking.configure_tracking(params)
-    meta = logged_model_meta(metrics["model_uri"])
+    metric = p.registry.metric
+    tracking.configure_tracking(p)
+    model_uri = metrics["model_uri"]
+    task = model_config(model_uri).task
+    data = test_data(p, task)  # loaded once: the champion is re-scored on the same slices
     promotion = register_and_promote(
-        metrics["model_uri"],
-        registered_model_name(params["registry"]["model_name"], meta["task"]),
+        model_uri,
+        registered_model_name(p.registry.model_name, task),
         score=float(metrics[metric]),
-        evaluate=lambda uri: score_on_test_slabs(uri, params)[0][metric.removeprefix("test_")],
+        evaluate=lambda uri: score_on_test_slabs(uri, data.slabs["test"]).scores[metric.removeprefix("test_")],
         metric=metric,
         run_id=search["best_run_id"],
         tags={
             "data_md5_dvc": tracking.dvc_data_md5() or "none",
-            "data_fingerprint": data_fingerprint(params),
+            "data_fingerprint": data.fingerprint,
             "git_commit": tracking.git_commit() or "none",
-            "encoder": meta.get("encoder") or "unknown",
-            "task": meta["task"],
+            "encoder": logged_model_encoder(model_uri),
+            "task": task,
             "study_name": search["study_name"],
             "run_id": search["best_run_id"],
             **{k: f"{v:.6f}" for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)},

@@ -10,8 +10,8 @@ import platform
 
 import keras
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-AUTO = "auto"
+from socseg.params import AUTO, PRECISIONS
+
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # without these, bf16 is emulated and slower than float32
 
 

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from socseg.training import tracking
-from socseg.params import set_dotted
+from socseg.params import set_dotted, typed
 from socseg.training.runtime import runtime_tags
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -94,12 +94,12 @@ def trial_space(space: Mapping[str, Mapping], encoder: str, encoder_weights: str
 
 def trial_params(params: Mapping, encoder: str, trial: optuna.Trial) -> dict:
     """The full params tree for one trial: base params + sampled values (+ encoder when searched)."""
-    search = params["search"]
+    search = typed(params).search
     tree = copy.deepcopy(dict(params))
     if encoder == "all":
-        encoder = trial.suggest_categorical("train.encoder", list(search["encoders"]))
+        encoder = trial.suggest_categorical("train.encoder", list(search.encoders))
     tree["train"]["encoder"] = encoder
-    space = trial_space(search.get("space", {}), encoder, tree["train"]["encoder_weights"])
+    space = trial_space(search.space, encoder, tree["train"]["encoder_weights"])
     if "train.freeze_encoder" in space:  # sampled first: unfreeze_after only exists for a frozen encoder
         frozen = suggest(trial, {"train.freeze_encoder": space.pop("train.freeze_encoder")})
         set_dotted(tree, "train.freeze_encoder", frozen["train.freeze_encoder"])
@@ -123,8 +123,8 @@ def study_identity(params: Mapping, encoder: str, data_fingerprint: str) -> dict
     only the missing trials); change any of it (task, encoder choice, data, search space,
     per-trial budget or any fixed setting) and a new study starts.
     """
-    search = params["search"]
-    space = dict(search.get("space", {}))
+    search = typed(params).search
+    space = dict(search.space)
     searched = set(space) | ({"train.encoder"} if encoder == "all" else set())
     fixed = {f"{section}.{key}": value for section in ("train", "tiles", "split", "normalise")
              for key, value in sorted(tracking.flat_params(params[section]).items())
@@ -132,7 +132,7 @@ def study_identity(params: Mapping, encoder: str, data_fingerprint: str) -> dict
     return {
         "task": str(params["train"]["task"]),
         "encoder": encoder,
-        "encoders": sorted(search["encoders"]) if encoder == "all" else [encoder],
+        "encoders": sorted(search.encoders) if encoder == "all" else [encoder],
         "data_fingerprint": data_fingerprint,
         "space": {k: dict(v) for k, v in sorted(space.items())},
         "fixed": fixed,
@@ -178,23 +178,22 @@ def check_study_identity(study: optuna.Study, identity: Mapping[str, Any]) -> No
 
 def open_study(params: Mapping, study_name: str, storage: str | None = None) -> optuna.Study:
     """Create or load (``load_if_exists``) the study, with heartbeat so dead workers' trials get retried."""
-    search = params["search"]
+    search = typed(params).search
     rdb = optuna.storages.RDBStorage(
-        storage or search["storage"],
-        heartbeat_interval=int(search.get("heartbeat_interval", 60)),
-        grace_period=int(search.get("grace_period", 180)),
+        storage or search.storage,
+        heartbeat_interval=search.heartbeat_interval,
+        grace_period=search.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
-    pruner_settings = search.get("pruner", {})
     return optuna.create_study(
         study_name=study_name,
         storage=rdb,
         direction="maximize",
         load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=int(search.get("sampler_seed", 0))),
+        sampler=optuna.samplers.TPESampler(seed=search.sampler_seed),
         pruner=optuna.pruners.MedianPruner(
-            n_startup_trials=int(pruner_settings.get("n_startup_trials", 2)),
-            n_warmup_steps=int(pruner_settings.get("n_warmup_steps", 1)),
+            n_startup_trials=search.pruner.n_startup_trials,
+            n_warmup_steps=search.pruner.n_warmup_steps,
         ),
     )
 
@@ -220,8 +219,7 @@ class SearchResult:
     best_params: dict[str, Any]
     best_encoder: str
     best_run_id: str
-    best_model_uri: str
-    best_segmenter_uri: str
+    best_model_uri: str  # the best trial's segmenter
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -236,17 +234,17 @@ def run_search(
     storage: str | None = None,
 ) -> SearchResult:
     """Run trials until the study holds ``n_trials`` finished ones (or ``timeout`` seconds pass)."""
+    from socseg.data.prepare import data_fingerprint
     from socseg.training.train import train
 
-    from socseg.training.train import data_fingerprint
-
-    search = params["search"]
-    encoder = encoder or params["train"]["encoder"]
-    n_trials = int(n_trials if n_trials is not None else search["n_trials"])
-    timeout = float(timeout if timeout is not None else search.get("timeout", 0)) or None
-    storage = storage or search["storage"]
-    identity = study_identity(params, encoder, data_fingerprint(params))
-    study = open_study(params, resolve_study_name(study_name or search["study_name"], identity), storage)
+    p = typed(params)
+    search = p.search
+    encoder = encoder or p.train.encoder
+    n_trials = int(n_trials if n_trials is not None else search.n_trials)
+    timeout = float(timeout if timeout is not None else search.timeout) or None
+    storage = storage or search.storage
+    identity = study_identity(params, encoder, data_fingerprint(p))
+    study = open_study(params, resolve_study_name(study_name or search.study_name, identity), storage)
     check_study_identity(study, identity)
     tracking.configure_tracking(params)
     worker = worker_id()
@@ -270,13 +268,12 @@ def run_search(
         if result.pruned:
             raise optuna.TrialPruned(f"pruned at epoch {len(result.history.get(OBJECTIVE, []))}")
         trial.set_user_attr("model_uri", result.model_uri)
-        trial.set_user_attr("segmenter_uri", getattr(result, "segmenter_uri", "") or "")
         return result.metrics[OBJECTIVE]
 
     # One parent run per worker (named and tagged with host:pid): N workers on one study show as
     # N parents in the MLflow UI, each holding the trials it ran; tags.optuna_study finds them all.
     with mlflow.start_run(run_name=f"search {study.study_name} @ {worker}") as parent:
-        mlflow.set_tags({**runtime_tags(params["train"]["precision"]), "optuna_study": study.study_name,
+        mlflow.set_tags({**runtime_tags(p.train.precision), "optuna_study": study.study_name,
                          "search_encoder": encoder, "search_worker": worker,
                          "git_commit": tracking.git_commit() or "none"})
         mlflow.log_params({"search.encoder": encoder, "search.n_trials": n_trials, "search.study_name": study.study_name,
@@ -310,7 +307,6 @@ def run_search(
             best_encoder=best.user_attrs.get("encoder", encoder),
             best_run_id=best.user_attrs.get("run_id", ""),
             best_model_uri=best.user_attrs.get("model_uri", ""),
-            best_segmenter_uri=best.user_attrs.get("segmenter_uri", ""),
         )
 
 
