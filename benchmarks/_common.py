@@ -162,3 +162,39 @@ def write_result(out: Path, name: str, title: str, metadata: Mapping[str, Any], 
     md_path = out / f"{name}.md"
     md_path.write_text("\n".join(lines))
     return json_path, md_path
+
+
+def floats(text: str, n: int | None = None) -> list[float]:
+    """``"0.6,0.2,0.2,4"`` -> floats (argparse type); ``n`` numbers exactly when given."""
+    import argparse
+
+    values = [float(v) for v in text.split(",")]
+    if n is not None and len(values) != n:
+        raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def import_socpristine(source: Path, cache: Path) -> Path:
+    """Import SOCPristine once into the cache (validated, checksummed) and reuse it afterwards."""
+    from socseg.data.volumes import import_slices, save_volume
+
+    target = cache / "data" / "socpristine"
+    if not (target / "volume.json").is_file():
+        print(f"importing {source} -> {target}", flush=True)
+        volume = import_slices(
+            "socpristine", str(source / "data/SOCprist*.tiff"), str(source / "labels/slice__*.tif"),
+            phase_map={0: "pore", 128: "ysz", 255: "ni"},
+        )
+        save_volume(volume, target)
+    return target
+
+
+def serving_client():
+    """``serving/client.py`` as a module (it is a script, not part of the package): its REST client,
+    ``local_server`` and ``free_port`` are what the benchmarks use."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serving_client", REPO / "serving" / "client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

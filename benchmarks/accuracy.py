@@ -4,9 +4,11 @@
     python benchmarks/accuracy.py --train-volume data/a --test-volume data/b
 
 Every method is trained on the same training data and scored on the same test slices with the
-same metric code (``socseg.inference.evaluate.segmentation_scores``): global thresholds tuned on the
-training slab (the floor), an ilastik-style random forest, and socseg U-Nets (``socseg.training.train``,
-scored through the logged model with ``socseg.inference.evaluate``). One more U-Net run uses the original
+same scoring code (``socseg.inference.evaluate``: one confusion matrix per method,
+``socseg.model.metrics.segmentation_scores``): global thresholds tuned on the training slab (the
+floor), an ilastik-style random forest, and socseg U-Nets (``socseg.training.train`` with
+``train.max_minutes`` as the time budget, scored through the logged model's predictor exactly as
+the evaluate stage and ``socseg evaluate`` score it). One more U-Net run uses the original
 report's random 80/20 *slice* split to show how much that split inflates the score.
 
 Default data: the real SOCPristine slices (``../shared/data/socpristine`` or
@@ -36,9 +38,9 @@ from typing import Any, Sequence
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, command_line, git_commit, hardware  # noqa: E402
+from _common import REPO, command_line, floats, git_commit, hardware, import_socpristine  # noqa: E402
 
-ENCODERS = ("unet", "vgg16", "resnet50")
+from socseg.params import ENCODERS  # noqa: E402
 BASELINES = ("threshold", "rf")
 METHOD_LABELS = {
     "threshold": "global threshold(s)",
@@ -51,13 +53,6 @@ README_START, README_END = "<!-- accuracy-table:start -->", "<!-- accuracy-table
 README_HEADING = "## Accuracy on real data"
 
 
-def _floats(text: str, n: int | None = None) -> list[float]:
-    values = [float(v) for v in text.split(",")]
-    if n is not None and len(values) != n:
-        raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
@@ -67,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="SOCPristine folder (data/, labels/) used when no --train-volume is given")
     data.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy",
                       help="where the imported SOCPristine and the shuffled copy for the leakage run live")
-    data.add_argument("--split", type=lambda t: _floats(t, 4), default=None, metavar="TRAIN,VAL,TEST,GAP",
+    data.add_argument("--split", type=lambda t: floats(t, 4), default=None, metavar="TRAIN,VAL,TEST,GAP",
                       help="slab split fractions and gap [default: params.yaml split]")
     data.add_argument("--params", type=Path, default=REPO / "params.yaml")
     run = p.add_argument_group("what to run")
@@ -75,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--methods", default="threshold,rf,unet,vgg16,resnet50", help="comma list of threshold, rf, unet, vgg16, resnet50")
     run.add_argument("--leakage", action="append", metavar="METHOD:TASK",
                      help="also train METHOD on TASK with a random slice split (repeatable) [default: unet:ni]; 'none' to skip")
-    run.add_argument("--leakage-split", type=lambda t: _floats(t, 4), default=[0.7, 0.1, 0.2, 0],
+    run.add_argument("--leakage-split", type=lambda t: floats(t, 4), default=[0.7, 0.1, 0.2, 0],
                      metavar="TRAIN,VAL,TEST,GAP", help="random split: the report's 80/20, 1/8 of the 80 for early stopping")
     run.add_argument("--tta", default="", help="comma list of encoders also scored with 8-fold flip/rotation TTA")
     run.add_argument("--variant", action="append", default=[], metavar="NAME=ENCODER",
@@ -225,21 +220,6 @@ class Setting:
     volume_dirs: dict[str, Path] = field(default_factory=dict)
 
 
-def import_socpristine(source: Path, cache: Path) -> Path:
-    """Import SOCPristine once into the cache (validated, checksummed) and reuse it afterwards."""
-    from socseg.data.volumes import import_slices, save_volume
-
-    target = cache / "data" / "socpristine"
-    if not (target / "volume.json").is_file():
-        print(f"importing {source} -> {target}", flush=True)
-        volume = import_slices(
-            "socpristine", str(source / "data/SOCprist*.tiff"), str(source / "labels/slice__*.tif"),
-            phase_map={0: "pore", 128: "ysz", 255: "ni"},
-        )
-        save_volume(volume, target)
-    return target
-
-
 def shuffled_copy(volume_dir: Path, cache: Path, seed: int = 0) -> Path:
     """The volume with its slices in a fixed random order: a slab split of it is a random slice split.
 
@@ -299,32 +279,35 @@ def make_setting(label: str, dirs: Sequence[Path], test_dir: Path | None, split:
 # --------------------------------------------------------------------------- methods
 
 
-def load_test(setting: Setting, normaliser, task: str, phase_names: list[str]):
-    """Normalised test images and task targets for the baselines (the U-Nets read raw grey)."""
-    from socseg.data.tasks import task_targets
+def test_slabs(setting: Setting, phase_names: list[str] | None = None) -> list:
+    """The test slices of a setting as slabs (a whole volume where no z range is given), checked
+    against the training volumes' ``phase_names`` when given."""
+    from socseg.data.prepare import Slab
     from socseg.data.volumes import load_volume
 
+    slabs = []
     for d, z in setting.tests:
         volume = load_volume(d)
-        a, b = z or (0, volume.image.shape[0])
-        if volume.class_names != phase_names:
+        if phase_names is not None and volume.class_names != phase_names:
             raise SystemExit(f"test volume {d} has phases {volume.class_names}, training {phase_names}")
-        yield normaliser.apply(volume.image[a:b]), task_targets(volume.class_index()[a:b], task, phase_names)
+        slabs.append(Slab(volume, tuple(z or (0, volume.image.shape[0]))))
+    return slabs
 
 
 def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -> dict[str, Any]:
     import mlflow
     import numpy as np
 
+    from socseg.data.prepare import load_labelled_volumes, prepare_data
+    from socseg.inference.evaluate import slab_confusion
     from socseg.model.baselines import RandomForestBaseline, ThresholdBaseline
-    from socseg.inference.evaluate import segmentation_scores
-    from socseg.model.metrics import confusion_matrix
-    from socseg.training.train import load_labelled_volumes, prepare_data
+    from socseg.model.metrics import segmentation_scores
 
-    volumes = load_labelled_volumes({**params, "data": {**params["data"], "dir": str(setting.data_dir)}}, setting.train_names)
-    data = prepare_data({**params, "split": setting.split}, volumes, task)
-    images = [s.images for s in data.slabs["train"]]
-    targets = [s.targets for s in data.slabs["train"]]
+    p = {**params, "data": {**params["data"], "dir": str(setting.data_dir)}, "split": setting.split}
+    volumes = load_labelled_volumes(p, setting.train_names)
+    data = prepare_data(p, volumes, task)
+    images = [data.normalised(s) for s in data.slabs["train"]]
+    targets = [s.targets(task) for s in data.slabs["train"]]
     if method == "threshold":
         model: Any = ThresholdBaseline(n_classes=len(data.class_names))
     else:
@@ -335,12 +318,12 @@ def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -
         train_s = time.perf_counter() - started
         cm = np.zeros((len(data.class_names),) * 2, dtype=np.int64)
         infer_s, n_slices = 0.0, 0
-        for test_images, test_targets in load_test(setting, data.normaliser, task, volumes[0].class_names):
+        for slab in test_slabs(setting, volumes[0].class_names):
             started = time.perf_counter()
-            pred = model.predict(test_images)
+            pred = model.predict(data.normalised(slab))
             infer_s += time.perf_counter() - started
-            n_slices += len(test_images)
-            cm += confusion_matrix(test_targets, pred, len(data.class_names))
+            n_slices += len(pred)
+            cm += slab_confusion(slab, pred, task)
         scores = segmentation_scores(cm, data.class_names)
         if method == "threshold":
             raw = [data.normaliser.low + t * (data.normaliser.high - data.normaliser.low) for t in model.thresholds]
@@ -403,64 +386,46 @@ def minutes_for(method: str, args) -> float | None:
     return named.get(method, named.get(args.variants.get(method, method), budget))
 
 
+def score_model(model_uri: str, setting: Setting, task: str, tta: bool = False):
+    """A logged model on the setting's test slices: its predictor through
+    ``socseg.inference.evaluate.score_slabs``, as the evaluate stage and ``socseg evaluate`` score it."""
+    from socseg.inference.evaluate import score_slabs
+    from socseg.inference.predictor import Predictor
+
+    # score_slabs checks the model's classes against each volume's phases
+    return score_slabs(Predictor.load(model_uri), test_slabs(setting), task, tta=tta)
+
+
 def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta: bool = False, trained=None) -> list[dict]:
-    """Train through ``socseg.training.train`` (the logged model is what users get), then score that model."""
-    import keras
-    import numpy as np
-
-    from socseg.inference.evaluate import evaluate_segmenter, load_segmenter, segmentation_scores
+    """Train through ``socseg.training.train`` (the logged model is what users get), then score it
+    (:func:`score_model`)."""
     from socseg.model.unet import use_encoder_batchnorm
+    from socseg.params import typed
     from socseg.training.train import train
-    from socseg.data.volumes import load_volume
-
-    class TimeBudget(keras.callbacks.Callback):
-        """Stop after the epoch when one more epoch would overrun the budget (best weights are restored).
-
-        The next epoch is predicted from the last one, never from the first alone: the first
-        includes compilation (36-67 s for VGG16/ResNet50 under JAX on an H100, against 2 s epochs).
-        """
-
-        def __init__(self, seconds: float):
-            super().__init__()
-            self.seconds = seconds
-
-        def on_train_begin(self, logs=None):
-            self.start = self.last = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            now = time.perf_counter()
-            elapsed, epoch_s, self.last = now - self.start, now - self.last, now
-            if elapsed >= self.seconds or (epoch >= 1 and elapsed + epoch_s > self.seconds):
-                self.model.stop_training = True
 
     method, encoder = encoder, args.variants.get(encoder, encoder)
     p = unet_params(encoder, task, params, args, setting, method)
     budget = minutes_for(method, args)
-    callbacks = [TimeBudget(budget * 60)] if budget else []
-    t = p["train"]
-    result = train(p, setting.train_names, run_name=f"{method}-{task} ({setting.label})", nested=True, extra_callbacks=callbacks)
+    if budget:
+        p["train"]["max_minutes"] = budget
+    result = train(p, setting.train_names, run_name=f"{method}-{task} ({setting.label})", nested=True)
+    t = typed(p).train
     epochs_run = len(result.history.get("loss", []))
-    settings = (f"{t['loss']}, lr {t['learning_rate']}, batch {t['batch_size']}x{p['tiles']['size']}px, "
+    settings = (f"{t.loss}, lr {t.learning_rate}, batch {t.batch_size}x{p['tiles']['size']}px, "
                 f"{p['tiles']['steps_per_epoch']} steps/epoch, {epochs_run} epochs run (best {result.best_epoch + 1})"
-                f"{f', {budget:g} min budget' if budget else ''}, weights {t['encoder_weights']}"
-                + (f", base {t['base_filters']}" if encoder == "unet" else "")
-                + (f", 2.5D: {t['context_slices']} neighbour slices per side" if int(t.get("context_slices", 0)) else "")
-                + (", BatchNorm in the encoder" if use_encoder_batchnorm(encoder, t["encoder_weights"], t.get("encoder_batchnorm", "auto")) else "")
-                + (f", lr x{t['reduce_lr_factor']} after {t['reduce_lr_patience']} stalled epochs" if int(t.get("reduce_lr_patience", 0)) else "")
+                f"{f', {budget:g} min budget (train.max_minutes)' if budget else ''}, weights {t.encoder_weights}"
+                + (f", base {t.base_filters}" if encoder == "unet" else "")
+                + (f", 2.5D: {t.context_slices} neighbour slices per side" if t.context_slices else "")
+                + (", BatchNorm in the encoder" if use_encoder_batchnorm(encoder, t.encoder_weights, t.encoder_batchnorm) else "")
+                + (f", lr x{t.reduce_lr_factor} after {t.reduce_lr_patience} stalled epochs" if t.reduce_lr_patience else "")
                 + (f", settings from {args.search_sources[method]}" if method in args.search_sources else ""))
-    segmenter = load_segmenter(result.model_uri)
     rows = []
     for use_tta in ([False, True] if tta else [False]):
-        cm, infer_s, n_slices = None, 0.0, 0
-        for d, z in setting.tests:
-            scored = evaluate_segmenter(segmenter, load_volume(d), task, z, int(t["batch_size"]), tta=use_tta)
-            cm = np.asarray(scored["confusion"]) + (0 if cm is None else cm)
-            infer_s += scored["seconds_per_slice"] * scored["n_slices"]
-            n_slices += scored["n_slices"]
-        scores = segmentation_scores(cm, segmenter.class_names)
-        rows.append({**scores, "train_s": result.seconds, "infer_s_per_slice": infer_s / n_slices,
-                     "precision": t["precision"], "settings": f"{settings}, {t['precision']}" + (", 8x TTA" if use_tta else ""),
-                     "run_id": result.run_id, "model_uri": result.model_uri, "n_test_slices": n_slices,
+        evaluation = score_model(result.model_uri, setting, task, use_tta)
+        rows.append({**evaluation.scores, "train_s": result.seconds,
+                     "infer_s_per_slice": evaluation.seconds / evaluation.n_slices,
+                     "precision": t.precision, "settings": f"{settings}, {t.precision}" + (", 8x TTA" if use_tta else ""),
+                     "run_id": result.run_id, "model_uri": result.model_uri, "n_test_slices": evaluation.n_slices,
                      "method_suffix": " + TTA" if use_tta else ""})
     return rows
 

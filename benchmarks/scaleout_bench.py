@@ -38,7 +38,7 @@ import yaml
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
+from _common import REPO, RESULTS, run_metadata, serving_client, write_result  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "lab_services.sh"
 COLUMNS = [("workers", "workers"), ("trials", "trials"), ("wall_s", "wall s", ".0f"),
@@ -47,21 +47,11 @@ COLUMNS = [("workers", "workers"), ("trials", "trials"), ("wall_s", "wall s", ".
            ("speedup_trials", "speed-up (trials)", ".2f")]
 
 
-def _free_port(taken: set[int]) -> int:
-    import socket
-
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in taken:
-            return port
-
-
 def start_services(directory: Path) -> dict[str, str]:
     """A private lab on free loopback ports; returns the variables of its lab.env."""
-    pg_port = _free_port(set())
-    env = {**os.environ, "LAB_PG_PORT": str(pg_port), "LAB_MLFLOW_PORT": str(_free_port({pg_port})),
+    free_port = serving_client().free_port
+    pg_port = free_port()
+    env = {**os.environ, "LAB_PG_PORT": str(pg_port), "LAB_MLFLOW_PORT": str(free_port({pg_port})),
            "LAB_PYTHON": sys.executable}
     subprocess.run(["bash", str(SCRIPT), "start", str(directory)], env=env, check=True, timeout=300)
     values = {}

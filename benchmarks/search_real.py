@@ -27,8 +27,9 @@ import yaml
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, command_line, git_commit, hardware  # noqa: E402
-from accuracy import ENCODERS, _floats, import_socpristine  # noqa: E402
+from _common import REPO, command_line, floats, git_commit, hardware, import_socpristine  # noqa: E402
+
+from socseg.params import ENCODERS  # noqa: E402
 
 if TYPE_CHECKING:
     import optuna
@@ -46,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=20, help="epochs per trial (the median pruner stops poor ones early)")
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--precision", default=None, choices=["float32", "mixed_bfloat16", "mixed_float16"])
-    p.add_argument("--split", type=lambda t: _floats(t, 4), default=None, metavar="TRAIN,VAL,TEST,GAP")
+    p.add_argument("--split", type=lambda t: floats(t, 4), default=None, metavar="TRAIN,VAL,TEST,GAP")
     p.add_argument("--space", type=Path, help="YAML mapping dotted key -> distribution (default: params.yaml search.space, "
                                               "without the encoder-only keys for a from-scratch U-Net)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -16,7 +16,6 @@ depths (streaming: the two should match). Without ``--model-uri`` the model is a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import resource
 import subprocess
@@ -33,16 +32,9 @@ import tifffile
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
+from _common import REPO, RESULTS, run_metadata, serving_client, write_result  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "socpristine" / "data"
-
-
-def _client():
-    spec = importlib.util.spec_from_file_location("serving_client", REPO / "serving" / "client.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rss_mib() -> float:
@@ -82,7 +74,9 @@ def _model(args, folder: Path) -> tuple[str, str]:
         return args.model_uri, args.model_uri
     from socseg.model.unet import build_model
     from socseg.data.normalise import Normaliser
-    from socseg.inference.pyfunc import save_segmenter, segmenter_config
+    from socseg.inference.predictor import ModelConfig
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.params import load_params, typed
     from socseg.model.export import export_model
 
     import keras
@@ -90,9 +84,11 @@ def _model(args, folder: Path) -> tuple[str, str]:
     keras.utils.set_random_seed(0)  # the same untrained model (and label payloads) every run
     network = build_model(args.encoder, "phases", n_classes=3, base_filters=args.base_filters, encoder_weights="none")
     exported = export_model(network, Normaliser(20229.0, 42606.0, 1.0, 99.0))
-    meta = {"task": "phases", "class_names": ["pore", "ysz", "ni"], "phase_map": {"0": "pore", "128": "ysz", "255": "ni"},
-            "normalisation": {"low": 20229.0, "high": 42606.0}, "tile_size": args.tile}
-    path = save_segmenter(exported, segmenter_config(meta), folder / "segmenter")
+    trained = {"task": "phases", "encoder": args.encoder, "class_names": ["pore", "ysz", "ni"],
+               "phase_map": {"0": "pore", "128": "ysz", "255": "ni"}, "normalisation": {"low": 20229.0, "high": 42606.0},
+               "tile_size": args.tile, "context_slices": 0}
+    config = ModelConfig.from_training(trained, typed(load_params(REPO / "params.yaml")).inference)
+    path = save_segmenter(exported, config, folder / "segmenter")
     return str(path), f"untrained {args.encoder} U-Net (base filters {args.base_filters}), phases, tile {args.tile}"
 
 
@@ -133,11 +129,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     metadata = run_metadata(__file__, argv)
 
-    import mlflow
-
+    from socseg.inference.predictor import Predictor
     from socseg.inference.segment import segment_stream
 
-    client = _client()
+    client = serving_client()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -147,11 +142,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         uri, described = _model(args, folder)
         print(f"model: {described}; slice batch {args.slice_batch}")
 
-        model = mlflow.pyfunc.load_model(uri)
-        model.predict(tifffile.imread(volume, key=0)[None])  # warm-up: first-call tracing is not throughput
+        predictor = Predictor.load(uri)
+
+        def labels(stack, before, after):
+            return predictor.to_labels(predictor.classes(stack, before, after))
+
+        labels(tifffile.imread(volume, key=0)[None], 0, 0)  # warm-up: first-call tracing is not throughput
         rate = max(
-            segment_stream(model.predict, volume, folder / "local.tif", slice_batch=args.slice_batch, overwrite=True,
-                           progress=False).slices_per_second
+            segment_stream(labels, volume, folder / "local.tif", context_slices=predictor.context_slices,
+                           slice_batch=args.slice_batch, overwrite=True, progress=False).slices_per_second
             for _ in range(args.repeat)
         )
         rows.append({"mode": "local (socseg segment, model loaded)", "slices_per_s": rate, "kib_sent_per_slice": None,

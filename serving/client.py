@@ -188,10 +188,14 @@ def segment_with_server(
     return result, client
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(taken: set[int] | frozenset[int] = frozenset()) -> int:
+    """A free TCP port on 127.0.0.1, not one of ``taken`` (servers here listen on loopback only)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from socseg.data.context import halo, iter_with_context, n_channels, neighbour_indices
+from socseg.data.context import Chunk, iter_chunks, iter_with_context, n_channels, neighbour_indices
 
 
 def context_stack(images, k):
@@ -55,8 +55,56 @@ def test_streaming_refuses_slices_of_different_shapes():
         list(iter_with_context([np.zeros((4, 4)), np.zeros((4, 5))], 1))
 
 
-def test_halo_is_cut_at_the_stack_ends():
-    assert halo(0, 4, 10, 2) == (0, 2)
-    assert halo(4, 8, 10, 2) == (2, 2)
-    assert halo(8, 10, 10, 2) == (2, 0)
-    assert halo(3, 5, 10, 0) == (0, 0)
+CHUNK_CASES = [
+    # total, size, k, start, stop
+    (10, 4, 2, 0, None),
+    (10, 3, 1, 2, 9),
+    (10, 100, 3, 0, None),
+    (10, 1, 2, 4, 6),
+    (7, 2, 0, 0, 7),
+    (5, 2, 4, 1, 4),  # more context than the stack holds: cut at both ends
+    (6, 4, 1, 3, 3),  # an empty range: no chunks
+]
+
+
+@pytest.mark.parametrize("total, size, k, start, stop", CHUNK_CASES)
+def test_chunks_cover_the_range_once_with_real_context_cut_at_the_stack_ends(total, size, k, start, stop):
+    chunks = list(iter_chunks(total, size, k, start, stop))
+    stop = total if stop is None else stop
+    covered = [z for c in chunks for z in range(c.start, c.stop)]
+    assert covered == list(range(start, stop))  # every slice once, in order
+    assert all(1 <= c.size <= size for c in chunks) and all(c.size == size for c in chunks[:-1])
+    for c in chunks:
+        assert isinstance(c, Chunk) and c.size == c.stop - c.start
+        assert (c.before, c.after) == (min(k, c.start), min(k, total - c.stop))
+        assert c.read == slice(c.start - c.before, c.stop + c.after)
+        assert 0 <= c.read.start and c.read.stop <= total
+    # Real context: each chunk read with its neighbours gives what the whole stack gives.
+    images = np.random.default_rng(total + size).random((total, 3, 4))
+    whole = context_stack(images, k)
+    for c in chunks:
+        piece = context_stack(images[c.read], k)[c.before : c.before + c.size]
+        np.testing.assert_array_equal(piece, whole[c.start : c.stop])
+
+
+def test_chunk_context_examples():
+    assert list(iter_chunks(10, 4, 2)) == [Chunk(0, 4, 0, 2), Chunk(4, 8, 2, 2), Chunk(8, 10, 2, 0)]
+    assert list(iter_chunks(10, 4, 0, 3, 5)) == [Chunk(3, 5, 0, 0)]
+    assert list(iter_chunks(10, 2, 3, 1, 5)) == [Chunk(1, 3, 1, 3), Chunk(3, 5, 3, 3)]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((10, 0, 1), "chunk size must be >= 1"),
+        ((10, -2, 1), "chunk size must be >= 1"),
+        ((10, 4, 1, -1, 5), "outside a stack of 10"),
+        ((10, 4, 1, 0, 11), "outside a stack of 10"),
+        ((10, 4, 1, 6, 5), "outside a stack of 10"),
+        ((10, 4, 1, 11, None), "outside a stack of 10"),
+        ((10, 4, -1), "context_slices must be >= 0"),
+    ],
+)
+def test_chunks_refuse_bad_sizes_and_ranges(args, message):
+    with pytest.raises(ValueError, match=message):
+        list(iter_chunks(*args))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from socseg.data.synth import synth_volume
+from socseg.data.synth import synth_from_params
 from socseg.data.volumes import save_volume
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def digests(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
-def test_dvc_push_pull_roundtrip(tmp_path):
+def test_dvc_push_pull_roundtrip(tmp_path, params):
     repo, remote = tmp_path / "repo", tmp_path / "remote"
     repo.mkdir()
     env = dict(os.environ)
@@ -49,7 +49,7 @@ def test_dvc_push_pull_roundtrip(tmp_path):
     dvc = [sys.executable, "-m", "dvc"]
 
     def make_sample(overwrite: bool = False) -> None:
-        volume = synth_volume("sample", shape=(6, 48, 48), seed=0)
+        volume = synth_from_params(params, "sample", shape=(6, 48, 48), seed=0)
         save_volume(volume, repo / "data" / "sample", overwrite=overwrite)
 
     run(["git", "init", "-q"], repo, env)

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from socseg.inference.evaluate import evaluate_model, ni_fraction_error, parse_slices, segmentation_scores
-from socseg.model.metrics import confusion_matrix
+from socseg.inference.evaluate import evaluate_model, parse_slices
+from socseg.model.metrics import confusion_matrix, segmentation_scores
 
 
 def test_ni_fraction_error_by_hand():
     truth = np.array([[0, 1], [1, 1]])  # Ni fraction 0.75
     pred = np.array([[1, 1], [0, 0]])  # Ni fraction 0.5
-    assert ni_fraction_error(truth, pred, ni_class=1) == pytest.approx(0.25)
     scores = segmentation_scores(confusion_matrix(truth, pred, 2), ["rest", "ni"])
     assert scores["ni_fraction_true"] == pytest.approx(0.75)
     assert scores["ni_fraction_pred"] == pytest.approx(0.5)
@@ -24,6 +23,9 @@ def test_ni_fraction_error_by_hand():
     assert scores["iou_ni"] == pytest.approx(1 / 4)  # TP 1, FP 1, FN 2
     phases = segmentation_scores(confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2]), 3), ["pore", "ysz", "ni"])
     assert phases["ni_fraction_error"] == pytest.approx(0.25)
+    # No class called "ni": no Ni fraction to report.
+    other = segmentation_scores(confusion_matrix(truth, pred, 2), ["a", "b"])
+    assert not any(key.startswith("ni_fraction") for key in other) and other["iou_b"] == pytest.approx(1 / 4)
 
 
 def test_parse_slices():
@@ -52,20 +54,33 @@ def test_model_scores_on_its_test_slab_match_training_and_the_cli(trained):
     params, result = trained
     volume = f"{params['data']['dir']}/tiny"
     start, stop = map(int, MlflowClient().get_run(result.run_id).data.params["split_tiny_test"].split("-"))
-    scores = evaluate_model(result.model_uri, volume, z_range=(start, stop), batch_size=4)
+    scores = evaluate_model(result.model_uri, volume, z_range=(start, stop))
     for key in ("iou_ni", "iou_rest", "dice_ni", "mean_iou", "accuracy"):
         assert scores[key] == pytest.approx(result.metrics[f"test_{key}"], abs=1e-6), key
     assert scores["task"] == "ni" and scores["n_slices"] == stop - start
     cm = np.asarray(scores["confusion"])
     assert cm.sum() == (stop - start) * 64 * 64
     assert scores["ni_fraction_error"] == pytest.approx(abs(cm[:, 1].sum() - cm[1].sum()) / cm.sum())
-    # The registered artifact is the pyfunc segmenter: it evaluates to the same numbers.
-    via_segmenter = evaluate_model(result.segmenter_uri, volume, z_range=(start, stop), batch_size=4)
-    assert via_segmenter["confusion"] == scores["confusion"]
+    # The one scoring path underneath: the logged segmenter's Predictor on the test slab.
+    from socseg.data.prepare import Slab
+    from socseg.data.volumes import load_volume
+    from socseg.inference.evaluate import score_slabs
+    from socseg.inference.predictor import Predictor
+
+    predictor = Predictor.load(result.model_uri)
+    loaded = load_volume(volume)
+    evaluation = score_slabs(predictor, [Slab(loaded, (start, stop))], keep_predictions=True)
+    assert evaluation.confusion.tolist() == scores["confusion"] and evaluation.n_slices == stop - start
+    assert evaluation.scores["mean_iou"] == pytest.approx(scores["mean_iou"])
+    (kept,) = evaluation.predictions
+    assert kept.shape == (stop - start, 64, 64)
+    np.testing.assert_array_equal(kept, predictor.classes(loaded.image[start:stop]))  # a 2-D model: no context
+    with pytest.raises(ValueError, match="cannot be scored on task 'phases'"):
+        score_slabs(predictor, [Slab(loaded, (start, stop))], task="phases")
 
     # A fresh process: the model must load without anything training imported.
     out = subprocess.run(
-        [sys.executable, "-m", "socseg.cli", "evaluate", result.model_uri, volume, "--json", "--slices", f"{start}:{stop}", "--batch-size", "4"],
+        [sys.executable, "-m", "socseg.cli", "evaluate", result.model_uri, volume, "--json", "--slices", f"{start}:{stop}"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -76,6 +91,13 @@ def test_model_scores_on_its_test_slab_match_training_and_the_cli(trained):
 
     text = CliRunner().invoke(main, ["evaluate", result.model_uri, volume])
     assert text.exit_code == 0 and "IoU" in text.output and "Ni fraction" in text.output
+    assert "TTA" not in text.output  # the model's setting (inference.tta: false)
+    # --tta overrides the model's setting; the scores are evaluate_model's with tta=True.
+    tta = CliRunner().invoke(main, ["evaluate", result.model_uri, volume, "--json", "--tta", "--slices", f"{start}:{stop}"])
+    assert tta.exit_code == 0, tta.output
+    with_tta = json.loads(tta.stdout)
+    assert with_tta["tta"] is True and scores["tta"] is False
+    assert with_tta["confusion"] == evaluate_model(result.model_uri, volume, z_range=(start, stop), tta=True)["confusion"]
     wrong = CliRunner().invoke(main, ["evaluate", result.model_uri, volume, "--task", "phases"])
     assert wrong.exit_code == 2 and "cannot be scored" in wrong.output
 
@@ -102,7 +124,7 @@ def _search_json(path, encoder="unet", **best_params):
 
     write_result(SearchResult(study_name="real-ni", storage="sqlite:///optuna.db", parent_run_id="p", n_finished=5, n_trained=5,
                               best_trial=3, best_value=0.97, best_params=best_params, best_encoder=encoder,
-                              best_run_id="r", best_model_uri="m", best_segmenter_uri="s"), path)
+                              best_run_id="r", best_model_uri="m"), path)
     return path
 
 

@@ -353,7 +353,7 @@ def test_command_folder_of_slices_and_errors(tmp_path):
 
 def _ni_segment_output(path: Path) -> np.ndarray:
     """A label stack as `socseg segment` writes it for an `ni` model: 0 = rest, 255 = Ni, map recorded."""
-    from socseg.inference.segment import LabelStackWriter
+    from socseg.data.stacks import LabelStackWriter
 
     labels = np.where(three_slabs() == NI, 255, 0).astype(np.uint8)
     with LabelStackWriter(path, labels.shape, {"phase_map": {"0": "rest", "255": "ni"}, "task": "ni"}) as writer:

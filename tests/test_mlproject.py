@@ -36,3 +36,66 @@ def test_mlflow_run_train_entry_point(repo_root, tiny_params, mlflow_env, tmp_pa
     assert 0.0 <= run.data.metrics["test_iou_ni"] <= 1.0
     models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     assert any(m.source_run_id == run.info.run_id for m in models)
+
+
+# Where each MLproject parameter lands in params.yaml (the schema in socseg.params). A parameter
+# that maps to nothing, or to a field the schema does not have, fails here.
+MLPROJECT_TO_PARAMS = {
+    "tile_size": "tiles.size", "steps_per_epoch": "tiles.steps_per_epoch", "data_dir": "data.dir",
+    "n_trials": "search.n_trials", "timeout": "search.timeout", "study_name": "search.study_name",
+    "storage": "search.storage", "model_name": "registry.model_name", "volume": "data.volumes",
+}
+
+
+def _schema_field(dotted: str):
+    import dataclasses
+    import typing
+
+    from socseg.params import Params
+
+    section, name = dotted.split(".")
+    cls = typing.get_type_hints(Params)[section]
+    return {f.name: f for f in dataclasses.fields(cls)}.get(name)
+
+
+def test_every_mlproject_parameter_is_a_params_yaml_setting(repo_root):
+    import yaml
+
+    project = yaml.safe_load((repo_root / "MLproject").read_text())
+    for entry in ("main", "train"):
+        for name, spec in project["entry_points"][entry]["parameters"].items():
+            dotted = MLPROJECT_TO_PARAMS.get(name, f"train.{name}")
+            assert _schema_field(dotted) is not None, f"MLproject {entry}.{name} -> {dotted}: not in the schema"
+            assert spec["default"] == "", f"{entry}.{name}: a default besides params.yaml's"
+
+
+def test_cli_choices_are_the_schema_constants():
+    import click
+
+    from socseg.cli import main
+    from socseg.params import ENCODERS, LOSSES, PRECISIONS, TASKS, AUTO
+
+    expected = {"encoder": list(ENCODERS), "task": list(TASKS), "loss": list(LOSSES), "precision": [AUTO, *PRECISIONS]}
+    train = main.commands["train"]
+    seen = set()
+    for option in train.params:
+        inner = getattr(option.type, "inner", option.type)
+        if isinstance(inner, click.Choice):
+            field = _schema_field(f"train.{option.name}")
+            assert field is not None and list(inner.choices) == list(field.metadata["choices"]), option.name
+            if option.name in expected:
+                assert list(inner.choices) == expected[option.name]
+                seen.add(option.name)
+    assert seen == set(expected)
+    given_nothing = train.make_context("train", [], resilient_parsing=True).params
+    own_defaults = {k: v for k, v in given_nothing.items() if v not in (None, ())}
+    assert not own_defaults, f"options with a default of their own (params.yaml is the only place): {own_defaults}"
+    # Every train.* setting can be set from the command line.
+    names = {o.name for o in train.params}
+    import dataclasses
+
+    from socseg.params import TrainParams
+
+    assert {f.name for f in dataclasses.fields(TrainParams)} <= names
+    search = {o.name: getattr(o.type, "inner", o.type) for o in main.commands["search"].params}
+    assert list(search["encoder"].choices) == [*ENCODERS, "all"]

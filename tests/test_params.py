@@ -63,3 +63,53 @@ def test_set_dotted_sets_nested_values_and_rejects_unknown_sections(params):
     for bad in ("trian.learning_rate", "learning_rate", "train."):
         with pytest.raises(KeyError, match="SECTION"):
             set_dotted(p, bad, 1)
+
+
+def test_params_yaml_fits_the_schema_exactly(params):
+    from socseg.params import Params
+
+    typed = Params.from_dict(params)
+    assert typed.train.encoder == params["train"]["encoder"] and typed.data.phase_map == {0: "pore", 128: "ysz", 255: "ni"}
+    assert typed.tiles.augment.flips is params["tiles"]["augment"]["flips"]
+
+
+def test_the_schema_holds_no_defaults():
+    """No second set of defaults: every value comes from params.yaml."""
+    import dataclasses
+    import typing
+
+    from socseg.params import Params
+
+    for section in typing.get_type_hints(Params).values():
+        for field in dataclasses.fields(section):
+            assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING, field.name
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["train"].pop("epochs"), "params.train: missing epochs"),
+    (lambda p: p["train"].update(epochz=3), "unknown key"),
+    (lambda p: p["train"].update(epochs="many"), "params.train.epochs"),
+    (lambda p: p["train"].update(epochs=2.5), "not a whole number"),
+    (lambda p: p["train"].update(encoder="vgg19"), "'vgg19' is not one of vgg16, resnet50, unet"),
+    (lambda p: p["train"].update(freeze_encoder="maybe"), "params.train.freeze_encoder"),
+    (lambda p: p["tiles"]["augment"].pop("rot90"), "params.tiles.augment: missing rot90"),
+    (lambda p: p["search"].update(encoders=["vgg16", "alexnet"]), "alexnet"),
+    (lambda p: p["inference"].update(step_fraction=1.5), "step_fraction"),
+    (lambda p: p.pop("registry"), "params: missing registry"),
+])
+def test_a_tree_that_does_not_fit_names_the_key(params, change, message):
+    from socseg.params import ParamsError, typed
+
+    p = copy.deepcopy(params)
+    change(p)
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        typed(p)
+
+
+def test_weights_may_be_a_path_and_strings_from_the_command_line_convert(params):
+    from socseg.params import typed
+
+    p = copy.deepcopy(params)
+    p["train"].update(encoder_weights="/tmp/w.h5", epochs="3", freeze_encoder="true", learning_rate="1e-3")
+    t = typed(p).train
+    assert (t.encoder_weights, t.epochs, t.freeze_encoder, t.learning_rate) == ("/tmp/w.h5", 3, True, 1e-3)

@@ -71,10 +71,33 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(repo_root
     assert fingerprint == prepared["data_fingerprint"]
     assert float(score) == pytest.approx(metrics["test_mean_iou"], abs=1e-6)
 
+    # One scoring path: `socseg evaluate --json`, the evaluate stage's metrics.json and the accuracy
+    # benchmark give identical per-class IoU for the same model and test slab.
+    start, stop = prepared["volumes"]["tiny"]["test"]
+    cli = json.loads(_run([sys.executable, "-m", "socseg.cli", "evaluate", metrics["model_uri"], "data/tiny",
+                           "--slices", f"{start}:{stop}", "--json"], project, env_tracking))
+    bench = json.loads(_run([sys.executable, "-c", (
+        f"import json, sys; sys.path.insert(0, {str(repo_root / 'benchmarks')!r}); import accuracy; "
+        f"setting = accuracy.Setting('slab', None, ['tiny'], {{}}, [(accuracy.Path('data/tiny'), ({start}, {stop}))]); "
+        f"print(json.dumps(accuracy.score_model({metrics['model_uri']!r}, setting, 'ni').scores))")],
+        project, env_tracking).strip().splitlines()[-1])
+    for name in metrics["class_names"]:
+        assert cli[f"iou_{name}"] == metrics[f"test_iou_{name}"] == bench[f"iou_{name}"], name
+    assert cli["confusion"] == metrics["confusion_matrix"]
+
     _run(["git", "add", "-A"], project, env)
     _run(["git", "commit", "-qm", "repro"], project, env)
     second = _run(dvc + ["repro"], project, env)
     assert "up to date" in second.lower()
+
+    # Each stage depends on its own code: an edit of the microstructure code reruns the evaluate
+    # stage (it reports microstructure numbers), not the search.
+    analysis = project / "src" / "socseg" / "analysis" / "microstructure.py"
+    original = analysis.read_text()
+    analysis.write_text(original + "\n# edited\n")
+    stale = set(json.loads(_run(dvc + ["status", "--json"], project, env)))
+    assert "evaluate" in stale and "search" not in stale and "prepare" not in stale
+    analysis.write_text(original)
 
     # Change one search parameter: only search and what follows are stale, not prepare.
     changed = yaml.safe_load((project / "params.yaml").read_text())

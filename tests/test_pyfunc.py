@@ -1,9 +1,10 @@
 """The pyfunc segmenter: both input forms, label values, probabilities, clear 400s for bad requests,
-and its logging next to the Keras model by a training run."""
+its config on request, models pickled before the restructure, and its logging by a training run."""
 
 import base64
 import dataclasses
 import io
+import json
 import os
 
 import mlflow
@@ -13,34 +14,58 @@ import pytest
 import tifffile
 from mlflow.exceptions import MlflowException
 
-from socseg.inference.window import sliding_window_probabilities
-from socseg.inference.pyfunc import RequestError, SegmenterConfig, decode_array, encode_array, parse_request, segmenter_metadata
+from socseg.inference.predictor import GreyRangeError, ModelConfig, Predictor
+from socseg.inference.pyfunc import RequestError, decode_array, encode_array, model_config, parse_request
+from socseg.inference.window import iter_window_probabilities
 
 PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
 
 
-@pytest.fixture(scope="module")
-def segmenter(tmp_path_factory):
-    """A small random-weight U-Net saved as a pyfunc segmenter (tile 32), loaded back."""
+def make_config(**fields):
+    """A ModelConfig with every field given (the constructor has no defaults)."""
+    values = dict(
+        task="phases",
+        encoder="unet",
+        class_names=["pore", "ysz", "ni"],
+        phase_map=PHASE_MAP,
+        tile_size=32,
+        context_slices=0,
+        normalisation={"low": 20000.0, "high": 43000.0},
+        step_fraction=0.5,
+        tta=False,
+        batch_size=8,
+        max_slice_pixels=100_000,
+        max_clipped_fraction=0.5,
+    )
+    return ModelConfig(**{**values, **fields})
+
+
+def small_network(context_slices=0, seed=0):
+    """A small random-weight U-Net behind the normalisation of make_config (raw grey in)."""
     import keras
 
-    from socseg.model.unet import build_model
     from socseg.data.normalise import Normaliser
-    from socseg.inference.pyfunc import save_segmenter, segmenter_config
     from socseg.model.export import export_model
+    from socseg.model.unet import build_model
 
-    keras.utils.set_random_seed(0)
-    network = build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none")
-    exported = export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5))
-    meta = {
-        "task": "phases",
-        "class_names": ["pore", "ysz", "ni"],
-        "phase_map": {str(k): v for k, v in PHASE_MAP.items()},
-        "normalisation": {"low": 20000.0, "high": 43000.0},
-        "tile_size": 32,
-    }
-    config = segmenter_config(meta, {"step_fraction": 0.5, "tta": False, "batch_size": 8, "max_slice_pixels": 100_000})
-    path = save_segmenter(exported, config, tmp_path_factory.mktemp("segmenter") / "model")
+    keras.utils.set_random_seed(seed)
+    network = build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none", context_slices=context_slices)
+    return export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A small random-weight U-Net saved as a pyfunc segmenter (tile 32): (its folder, the Keras model)."""
+    from socseg.inference.pyfunc import save_segmenter
+
+    exported = small_network()
+    return save_segmenter(exported, make_config(), tmp_path_factory.mktemp("segmenter") / "model"), exported
+
+
+@pytest.fixture(scope="module")
+def segmenter(saved):
+    """The saved segmenter loaded back, and the Keras model it was saved from."""
+    path, exported = saved
     return mlflow.pyfunc.load_model(str(path)), exported
 
 
@@ -49,13 +74,14 @@ def grey():
     return np.random.default_rng(0).integers(18000, 45000, (3, 45, 70)).astype(np.uint16)
 
 
-def test_tensor_form_any_size_gives_label_values(segmenter, grey):
+def test_tensor_form_any_size_gives_label_values(segmenter, saved, grey):
     model, exported = segmenter
     labels = model.predict(grey)
     assert labels.shape == grey.shape and labels.dtype == np.uint8
     assert set(np.unique(labels)) <= set(PHASE_MAP)
-    config = segmenter_metadata(model)
-    probs = sliding_window_probabilities(exported.predict_on_batch, grey, config.window())
+    config = model_config(str(saved[0]))
+    assert config == make_config()  # stored once, in the MLmodel, and read back without loading
+    probs = Predictor(exported, config).probabilities(grey)
     np.testing.assert_array_equal(labels, np.array(sorted(PHASE_MAP), np.uint8)[probs.argmax(-1)])
     # Same grey values in another dtype or with a channel axis: same labels.
     np.testing.assert_array_equal(model.predict(grey.astype(np.float32)), labels)
@@ -152,8 +178,8 @@ def test_bad_requests_raise_a_400_that_names_the_problem(segmenter, what, reques
         ({"encoding": "png"}, "unknown encoding 'png'"),
         ({"dtype": "uint8"}, "values span"),
         ({"dtype": "int7"}, "unknown dtype"),
-        ({"halo_before": -1}, "halo_before must be a whole number of slices >= 0"),
-        ({"halo_before": 2, "halo_after": 1}, "leaves none of the 3 slices"),
+        ({"context_before": -1}, "context_before must be a whole number of slices >= 0"),
+        ({"context_before": 2, "context_after": 1}, "leaves none of the 3 slices"),
     ],
 )
 def test_bad_parameters_are_400s_too(segmenter, grey, params, message):
@@ -163,17 +189,19 @@ def test_bad_parameters_are_400s_too(segmenter, grey, params, message):
     assert message in info.value.message
 
 
-def test_halo_parameters_must_be_whole_slice_counts():
-    from socseg.inference.pyfunc import parse_halo
+def test_context_parameters_must_be_whole_slice_counts():
+    from socseg.inference.pyfunc import parse_context
 
-    assert parse_halo({"halo_before": 2, "halo_after": None}, 5) == (2, 0)
+    assert parse_context({"context_before": 2, "context_after": None}, 5) == (2, 0)
+    assert parse_context({}, 1) == (0, 0)
+    assert parse_context({"context_before": 2.0, "context_after": "1"}, 4) == (2, 1)
     for bad in (1.5, "two"):
-        with pytest.raises(RequestError, match="halo_after must be a whole number"):
-            parse_halo({"halo_after": bad}, 5)
+        with pytest.raises(RequestError, match="context_after must be a whole number"):
+            parse_context({"context_after": bad}, 5)
 
 
 def test_declared_dtype_checks_json_numbers():
-    config = SegmenterConfig("phases", ["a", "b"], {0: "a", 255: "b"}, 32, {})
+    config = make_config(class_names=["a", "b"], phase_map={0: "a", 255: "b"}, normalisation={})
     assert parse_request(np.array([[[1.0, 2.0]]]), config, "uint16").images.dtype == np.uint16
     with pytest.raises(RequestError, match="not integers"):
         parse_request(np.array([[[1.5, 2.0]]]), config, "uint16")
@@ -184,53 +212,122 @@ def test_declared_dtype_checks_json_numbers():
 
 
 def test_ni_task_outputs_rest_and_ni_values():
-    config = SegmenterConfig("ni", ["rest", "ni"], {0: "pore", 128: "ysz", 255: "ni"}, 32, {})
+    config = make_config(task="ni", class_names=["rest", "ni"], normalisation={})
     assert config.label_phase_map == {0: "rest", 255: "ni"}
-    round_trip = SegmenterConfig.from_dict(config.to_dict())
+    assert make_config().label_phase_map == PHASE_MAP
+    record = config.to_dict()
+    assert record["phase_map"] == {"0": "pore", "128": "ysz", "255": "ni"}  # JSON/YAML keys
+    round_trip = ModelConfig.from_dict(json.loads(json.dumps(record)))
     assert round_trip == config
 
 
-def test_training_logs_the_segmenter_next_to_the_keras_model(tiny_params, mlflow_env):
+def test_config_of_models_logged_before_the_later_fields():
+    """Records of older models lack encoder, context_slices and max_clipped_fraction: the values they ran with."""
+    record = make_config().to_dict()
+    for later in ("encoder", "context_slices", "max_clipped_fraction"):
+        del record[later]
+    old = ModelConfig.from_dict(record)
+    assert (old.encoder, old.context_slices, old.max_clipped_fraction) == ("", 0, 0.5)
+    assert old == make_config(encoder="")
+    with pytest.raises(KeyError):
+        ModelConfig.from_dict({k: v for k, v in record.items() if k != "tile_size"})  # not optional
+
+
+def test_describe_answers_with_the_config_and_context_params_work(tmp_path):
+    """A 2.5D segmenter tells clients its context_slices and phase map; a chunk sent with its
+    neighbours as context comes back predicted with those true neighbours."""
+    from socseg.inference.pyfunc import save_segmenter
+
+    exported = small_network(context_slices=1, seed=1)
+    config = make_config(context_slices=1, tile_size=16, max_slice_pixels=10_000)
+    model = mlflow.pyfunc.load_model(str(save_segmenter(exported, config, tmp_path / "model")))
+    images = np.random.default_rng(2).integers(18000, 45000, (6, 24, 20)).astype(np.uint16)
+
+    answer = model.predict(images, params={"describe": True})
+    assert isinstance(answer, pd.DataFrame) and list(answer.columns) == ["config"] and len(answer) == 1
+    described = json.loads(answer["config"][0])
+    assert described["context_slices"] == 1
+    assert described["phase_map"] == {"0": "pore", "128": "ysz", "255": "ni"}
+    assert ModelConfig.from_dict(described) == config
+    # Compact requests too (the REST client asks before it sends anything).
+    compact = pd.DataFrame({"image": [encode_array(images[0], "npy")]})
+    assert json.loads(model.predict(compact, params={"describe": True})["config"][0]) == described
+
+    whole = model.predict(images)
+    reference = Predictor(exported, config).probabilities(images)
+    np.testing.assert_array_equal(whole, np.array(sorted(PHASE_MAP), np.uint8)[reference.argmax(-1)])
+    middle = model.predict(images, params={"context_before": 2, "context_after": 1})
+    assert middle.shape == (3, 24, 20)
+    np.testing.assert_array_equal(middle, whole[2:5])
+    # Without the context slices the chunk's ends see replicated slices instead: the context matters.
+    alone = model.predict(images[2:5], params={"return_probabilities": True})["probabilities"]
+    with_context = model.predict(images, params={"context_before": 2, "context_after": 1, "return_probabilities": True})
+    np.testing.assert_allclose(with_context["probabilities"], reference[2:5], atol=1e-6)
+    assert not np.allclose(alone[0], reference[2], atol=1e-6)
+
+
+def test_a_model_pickled_before_the_restructure_still_loads(segmenter, grey, tmp_path):
+    """Models logged before the by-stage layout pickled their class as ``socseg.pyfunc.Segmenter``."""
+    from socseg.inference.pyfunc import Segmenter, save_segmenter
+
+    model, exported = segmenter
+    path = save_segmenter(exported, make_config(), tmp_path / "model")
+    pickled = path / "python_model.pkl"
+    assert pickled.is_file()
+    # What cloudpickle wrote for those models: protocol 0, a GLOBAL reference to the old module path.
+    pickled.write_bytes(b"csocseg.pyfunc\nSegmenter\n)\x81.")
+    old = mlflow.pyfunc.load_model(str(path))
+    assert isinstance(old.unwrap_python_model(), Segmenter)
+    np.testing.assert_array_equal(old.predict(grey), model.predict(grey))
+
+
+def test_training_logs_one_model_the_segmenter(tiny_params, mlflow_env):
     """The run's pyfunc segments whole slices with the trained network and the params' settings."""
     from socseg.training.train import train
     from socseg.data.volumes import load_volume
 
-    tiny_params["inference"] = {"step_fraction": 0.25, "tta": True, "batch_size": 4, "max_slice_pixels": 10_000}
+    tiny_params["inference"].update(step_fraction=0.25, tta=True, batch_size=4, max_slice_pixels=10_000)
     result = train(tiny_params, run_name="tiny")
-    assert result.segmenter_uri and result.segmenter_uri != result.model_uri
-    assert result.model_uri.startswith("models:/") and result.segmenter_uri.startswith("models:/")
-    info = mlflow.models.get_model_info(result.segmenter_uri)
-    assert {p.name for p in info.signature.params.params} >= {"return_probabilities", "tta", "step_fraction"}
-    model = mlflow.pyfunc.load_model(result.segmenter_uri)
-    config = segmenter_metadata(model)
+    assert result.model_uri.startswith("models:/")
+    assert not hasattr(result, "segmenter_uri")
+    info = mlflow.models.get_model_info(result.model_uri)
+    assert "python_function" in info.flavors and "keras" not in info.flavors
+    assert {p.name for p in info.signature.params.params} >= {"return_probabilities", "tta", "step_fraction", "describe"}
+    config = model_config(result.model_uri)
     assert (config.tile_size, config.step_fraction, config.tta, config.max_slice_pixels) == (32, 0.25, True, 10_000)
+    assert (config.task, config.encoder, config.context_slices) == ("ni", "unet", 0)
     assert config.label_phase_map == {0: "rest", 255: "ni"}
 
-    keras_model = mlflow.keras.load_model(result.model_uri)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    network = model.unwrap_python_model().predictor.network
     image = load_volume(f"{tiny_params['data']['dir']}/tiny").image[-3:]
     labels = model.predict(image)
-    probs = sliding_window_probabilities(keras_model.predict_on_batch, image, config.window())
+    # The window on its own, with the settings the params gave (TTA, a quarter-tile step).
+    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, image, config.window())))
     np.testing.assert_array_equal(labels, np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
 
 
 def test_training_a_2p5d_model_logs_its_context_and_the_segmenter_uses_it(tiny_params, mlflow_env):
+    from socseg.data.context import iter_with_context
     from socseg.inference.evaluate import evaluate_model
     from socseg.training.train import train
     from socseg.data.volumes import load_volume
 
     tiny_params["train"]["context_slices"] = 1
     result = train(tiny_params, run_name="tiny-2.5d")
-    keras_model = mlflow.keras.load_model(result.model_uri)
-    assert keras_model.input_shape[-1] == 3
-    model = mlflow.pyfunc.load_model(result.segmenter_uri)
-    config = segmenter_metadata(model)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    network = model.unwrap_python_model().predictor.network
+    assert network.input_shape[-1] == 3
+    config = model_config(result.model_uri)
     assert config.context_slices == 1
+    assert json.loads(model.predict(np.zeros((1, 8, 8), np.uint16), params={"describe": True})["config"][0])["context_slices"] == 1
     volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
     image = volume.image[-4:]
-    probs = sliding_window_probabilities(keras_model.predict_on_batch, image, config.window(), context_slices=1)
+    stacked = iter_with_context(image, 1)
+    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, stacked, config.window())))
     np.testing.assert_array_equal(model.predict(image), np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
-    # Halo slices are context only: the middle two slices come back, predicted with their true neighbours.
-    middle = model.predict(image, params={"halo_before": 1, "halo_after": 1})
+    # Context slices are context only: the middle two slices come back, predicted with their true neighbours.
+    middle = model.predict(image, params={"context_before": 1, "context_after": 1})
     np.testing.assert_array_equal(middle, np.where(probs[1:3, ..., 0] > 0.5, 255, 0).astype(np.uint8))
     scores = evaluate_model(result.model_uri, volume, z_range=(20, 24))
     assert scores["n_slices"] == 4 and 0.0 <= scores["mean_iou"] <= 1.0
@@ -246,6 +343,7 @@ def test_segmenter_carries_its_own_code_and_loads_without_socseg_installed(segme
     model, exported = segmenter
     path = save_segmenter(exported, model.unwrap_python_model().config, tmp_path / "model")
     assert (path / "code" / "socseg" / "inference" / "pyfunc.py").is_file()
+    assert (path / "code" / "socseg" / "pyfunc.py").is_file()  # where older pickles look
     requirements = (path / "requirements.txt").read_text()
     for package in ("mlflow==", "keras==", "numpy==", "tifffile==", "pyyaml=="):
         assert package in requirements.lower(), package
@@ -293,36 +391,43 @@ def test_input_outside_the_models_grey_range_is_a_400_unless_allowed(segmenter, 
     assert info.value.get_http_status_code() == 400
 
 
-def test_grey_range_check_counts_both_ends_against_the_configured_fraction():
-    from socseg.inference.pyfunc import check_grey_range
-
-    config = SegmenterConfig("ni", ["rest", "ni"], PHASE_MAP, 32, {"low": 100.0, "high": 200.0})
+def test_grey_range_check_counts_both_ends_against_the_configured_fraction(saved):
+    exported = saved[1]
+    config = make_config(task="ni", class_names=["rest", "ni"], normalisation={"low": 100.0, "high": 200.0})
     assert config.max_clipped_fraction == 0.5
+
+    def check(images, **fields):
+        Predictor(exported, dataclasses.replace(config, **fields)).check_grey_range(images)
+
     images = np.full((1, 10, 10), 150, np.uint16)
     images.flat[:25], images.flat[25:50] = 50, 250  # exactly half clipped (below and above): accepted
-    check_grey_range(images, config)
+    check(images)
     images.flat[50] = 250
-    with pytest.raises(RequestError, match=r"51\.0% of the 100 pixels .* \(25 below, 26 above\)"):
-        check_grey_range(images, config)
-    check_grey_range(images, dataclasses.replace(config, max_clipped_fraction=0.6))
-    with pytest.raises(RequestError, match=r"allowed: 20%"):
-        check_grey_range(images, dataclasses.replace(config, max_clipped_fraction=0.2))
-    check_grey_range(images, dataclasses.replace(config, normalisation={}))  # no range recorded: no check
+    with pytest.raises(GreyRangeError, match=r"51\.0% of the 100 pixels .* \(25 below, 26 above\)"):
+        check(images)
+    assert issubclass(GreyRangeError, ValueError)
+    check(images, max_clipped_fraction=0.6)
+    with pytest.raises(GreyRangeError, match=r"allowed: 20%"):
+        check(images, max_clipped_fraction=0.2)
+    check(images, normalisation={})  # no range recorded: no check
 
 
-def test_max_clipped_fraction_travels_from_params_into_the_model(segmenter, repo_root):
-    from socseg.params import load_params
-    from socseg.inference.pyfunc import segmenter_config
+def test_max_clipped_fraction_travels_from_params_into_the_model(segmenter, saved, repo_root):
+    from socseg.params import ParamsError, load_params, typed
 
-    inference = load_params(repo_root / "params.yaml")["inference"]
-    assert inference["max_clipped_fraction"] == 0.5
-    meta = {"task": "ni", "class_names": ["rest", "ni"], "phase_map": {"0": "pore", "255": "ni"}, "tile_size": 32,
-            "normalisation": {"low": 1.0, "high": 2.0}}
-    assert segmenter_config(meta, inference).max_clipped_fraction == 0.5
-    config = segmenter_config(meta, {**inference, "max_clipped_fraction": 0.9})
-    assert SegmenterConfig.from_dict(config.to_dict()).max_clipped_fraction == 0.9
-    with pytest.raises(ValueError, match="max_clipped_fraction must be in"):
-        segmenter_config(meta, {"max_clipped_fraction": 0})
+    tree = load_params(repo_root / "params.yaml")
+    inference = typed(tree).inference
+    assert inference.max_clipped_fraction == 0.5
+    trained = {"task": "ni", "encoder": "unet", "class_names": ["rest", "ni"], "phase_map": {"0": "pore", "255": "ni"},
+               "tile_size": 32, "context_slices": 0, "normalisation": {"low": 1.0, "high": 2.0}}
+    assert ModelConfig.from_training(trained, inference).max_clipped_fraction == 0.5
+    tree["inference"]["max_clipped_fraction"] = 0.9
+    config = ModelConfig.from_training(trained, typed(tree).inference)
+    assert ModelConfig.from_dict(config.to_dict()).max_clipped_fraction == 0.9
+    assert (config.step_fraction, config.batch_size) == (inference.step_fraction, inference.batch_size)
+    tree["inference"]["max_clipped_fraction"] = 0
+    with pytest.raises(ParamsError, match="max_clipped_fraction must be in"):
+        typed(tree)
     model, _ = segmenter
-    assert segmenter_metadata(model).max_clipped_fraction == 0.5
+    assert model_config(str(saved[0])).max_clipped_fraction == 0.5
     assert {p.name: p.default for p in model.metadata.get_params_schema().params}["allow_out_of_range"] is False

@@ -73,7 +73,7 @@ def _tiny_params(folder):
     p["data"]["volumes"] = ["tiny"]
     p["split"].update(train=0.6, val=0.2, test=0.2, gap=2)
     p["tiles"].update(size=32, steps_per_epoch=2)
-    p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1)
+    p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1, precision="float32")
     p["mlflow"]["tracking_uri"] = f"sqlite:///{folder / 'mlflow.db'}"
     save_volume(synth_from_params(p, "tiny", shape=(24, 64, 64), seed=1), Path(p["data"]["dir"]) / "tiny")
     return p
@@ -115,10 +115,11 @@ def in_store(store):
 @pytest.fixture(scope="module")
 def trained(store):
     """A clearly good and a clearly bad tiny model, each with its real test score (``test_mean_iou``)."""
-    from socseg.training.pipeline import score_on_test_slabs
+    from socseg.training.pipeline import score_on_test_slabs, test_data
     from socseg.training.train import train
 
     params = _tiny_params(store["folder"])
+    slabs = test_data(params, "ni").slabs["test"]
     recipes = {
         "good": dict(train={"epochs": 6, "patience": 6, "learning_rate": 0.005}, tiles={"steps_per_epoch": 8}),
         "bad": dict(train={"epochs": 1, "learning_rate": 1e-6}, tiles={"steps_per_epoch": 1}),
@@ -126,8 +127,8 @@ def trained(store):
     models = {}
     for name, recipe in recipes.items():
         result = train(_with(params, **recipe), run_name=name, evaluate_test=False)
-        scores, _ = score_on_test_slabs(result.segmenter_uri, params)
-        models[name] = {"run_id": result.run_id, "uri": result.segmenter_uri, "score": scores["mean_iou"]}
+        scores = score_on_test_slabs(result.model_uri, slabs).scores
+        models[name] = {"run_id": result.run_id, "uri": result.model_uri, "score": scores["mean_iou"]}
     return params, models
 
 
@@ -140,7 +141,7 @@ def _pipeline_files(folder, model, study_name="registry-test-study"):
     folder.mkdir(parents=True, exist_ok=True)
     search = SearchResult(study_name=study_name, storage="sqlite:///optuna.db", parent_run_id="", n_finished=1,
                           n_trained=1, best_trial=0, best_value=0.0, best_params={}, best_encoder="unet",
-                          best_run_id=model["run_id"], best_model_uri="", best_segmenter_uri=model["uri"])
+                          best_run_id=model["run_id"], best_model_uri=model["uri"])
     write_result(search, folder / "search.json")
     metrics = {"test_mean_iou": model["score"], "model_uri": model["uri"], "best_trial": 0,
                "best_run_id": model["run_id"], "study_name": study_name}

@@ -66,6 +66,15 @@ def test_search_logs_parent_and_child_runs_and_resumes(search_params, mlflow_env
         assert "test_mean_iou" not in child.data.metrics  # trials never see the test slab
         assert child.data.params["train.encoder"] == "unet"
     assert parent.data.metrics["best_val_mean_iou"] == pytest.approx(result.best_value)
+    # The best model is the best trial's one logged model: the segmenter.
+    import mlflow
+
+    from socseg.inference.pyfunc import model_config
+
+    assert result.best_model_uri.startswith("models:/")
+    assert mlflow.models.get_model_info(result.best_model_uri).run_id == result.best_run_id
+    assert model_config(result.best_model_uri).encoder == "unet"
+    assert "best_segmenter_uri" not in result.to_dict()
     assert "best.train.learning_rate" in parent.data.params
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "search")}
     assert {"search/trials.csv", "search/optimization_history.png"} <= artifacts
@@ -163,6 +172,7 @@ def test_real_data_search_benchmark_writes_what_accuracy_reads(search_params, ml
     found = json.loads((out / "search.json").read_text())
     assert found["best_encoder"] == "unet" and found["study_name"] == "real-unet-ni" and found["n_finished"] == 2
     assert set(found["best_params"]) == set(search_params["search"]["space"])
+    assert found["best_model_uri"].startswith("models:/") and "best_segmenter_uri" not in found
     trials = list(csv.DictReader((out / "trials.csv").open()))
     assert sorted(t["number"] for t in trials) == ["0", "1"] and "train.learning_rate" in trials[0]
     assert "val mean IoU" in (out / "search.md").read_text()

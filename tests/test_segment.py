@@ -14,27 +14,35 @@ import tifffile
 from click.testing import CliRunner
 
 from socseg.cli import main
-from socseg.inference.segment import check_paths, read_label_metadata, segment, segment_stream
-from socseg.inference.pyfunc import RequestError
+from socseg.data.stacks import check_paths, read_label_metadata
 from socseg.data.volumes import VolumeError
+from socseg.inference.predictor import GreyRangeError, ModelConfig
+from socseg.inference.segment import segment, segment_stream
 
 PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
+
+
+def _config(context_slices: int = 0, batch_size: int = 16) -> ModelConfig:
+    """An 'ni' model's config: tile 64, normalisation 20000..43000, half-tile steps, no TTA."""
+    return ModelConfig(
+        task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=PHASE_MAP, tile_size=64,
+        context_slices=context_slices, normalisation={"low": 20000.0, "high": 43000.0}, step_fraction=0.5,
+        tta=False, batch_size=batch_size, max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5,
+    )
 
 
 def _one_conv_segmenter(folder, context_slices: int = 0, seed: int = 1, bias: float = -0.5) -> str:
     """A one-convolution 'ni' network (fast, deterministic) saved as a pyfunc segmenter, tile 64."""
     import keras
 
+    from socseg.inference.pyfunc import save_segmenter
     from socseg.model.export import IntensityNormalisation
-    from socseg.inference.pyfunc import SegmenterConfig, save_segmenter
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((None, None, 2 * context_slices + 1))
     x = IntensityNormalisation(20000.0, 43000.0)(inputs)
     outputs = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", bias_initializer=keras.initializers.Constant(bias))(x)
-    config = SegmenterConfig("ni", ["rest", "ni"], PHASE_MAP, 64, {"low": 20000.0, "high": 43000.0}, batch_size=16,
-                             context_slices=context_slices)
-    return str(save_segmenter(keras.Model(inputs, outputs), config, folder / "model"))
+    return str(save_segmenter(keras.Model(inputs, outputs), _config(context_slices), folder / "model"))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +105,7 @@ def test_folder_of_slices_and_volume_directory_give_the_same_labels(model_path, 
 
 @pytest.mark.parametrize("multi_axis", [False, True])
 def test_2p5d_model_gives_the_same_labels_whatever_the_chunking(model_2p5d_path, stack, grey, tmp_path, multi_axis):
-    """Each chunk travels with its neighbouring slices (halo), so chunk borders are invisible."""
+    """Each chunk travels with its neighbouring slices (the model's context_slices), so chunk borders are invisible."""
     small, large = tmp_path / "small.tif", tmp_path / "large.tif"
     segment(model_2p5d_path, stack, small, slice_batch=2, multi_axis=multi_axis, progress=False)
     segment(model_2p5d_path, stack, large, slice_batch=100, multi_axis=multi_axis, progress=False)
@@ -105,8 +113,8 @@ def test_2p5d_model_gives_the_same_labels_whatever_the_chunking(model_2p5d_path,
     if not multi_axis:
         model = mlflow.pyfunc.load_model(model_2p5d_path)
         np.testing.assert_array_equal(tifffile.imread(small), model.predict(grey))
-        without_halo = np.concatenate([model.predict(grey[a : a + 2]) for a in range(0, len(grey), 2)])
-        assert not np.array_equal(without_halo, model.predict(grey))  # so the halo is what makes them equal
+        without_context = np.concatenate([model.predict(grey[a : a + 2]) for a in range(0, len(grey), 2)])
+        assert not np.array_equal(without_context, model.predict(grey))  # so the context is what makes them equal
 
 
 def test_refuses_to_overwrite_input_or_an_existing_output(stack, tmp_path):
@@ -133,40 +141,63 @@ def test_refuses_to_overwrite_input_or_an_existing_output(stack, tmp_path):
 def test_an_interrupted_run_leaves_no_output_and_keeps_the_old_one(stack, tmp_path):
     calls = []
 
-    def interrupted(batch):
-        calls.append(len(batch))
+    def interrupted(batch, before, after):
+        calls.append((len(batch), before, after))
         if len(calls) == 2:
             raise KeyboardInterrupt
         return np.zeros(batch.shape, np.uint8)
 
     out = tmp_path / "labels.tif"
     with pytest.raises(KeyboardInterrupt):
-        segment_stream(interrupted, stack, out, slice_batch=4, progress=False)
+        segment_stream(interrupted, stack, out, context_slices=0, slice_batch=4, progress=False)
+    assert calls == [(4, 0, 0), (4, 0, 0)]  # a 2-D model: no context slices around the chunks
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif"]  # no OUTPUT, no partial file
     out.write_bytes(b"previous result")
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        segment_stream(interrupted, stack, out, slice_batch=4, overwrite=True, progress=False)
+        segment_stream(interrupted, stack, out, context_slices=0, slice_batch=4, overwrite=True, progress=False)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif", "labels.tif"]
     with pytest.raises(VolumeError, match="labels of shape"):
-        segment_stream(lambda b: np.zeros((1, 2, 2), np.uint8), stack, out, overwrite=True, progress=False)
+        segment_stream(lambda b, before, after: np.zeros((1, 2, 2), np.uint8), stack, out, context_slices=0,
+                       slice_batch=4, overwrite=True, progress=False)
     assert out.read_bytes() == b"previous result"
+    with pytest.raises(ValueError, match="slice_batch must be >= 1"):
+        segment_stream(interrupted, stack, out, context_slices=0, slice_batch=0, overwrite=True, progress=False)
+
+
+def test_stream_sends_each_chunk_with_its_context_slices(stack, grey, tmp_path):
+    """segment_stream reads up to context_slices real neighbours around each chunk (fewer at the
+    stack's ends) and writes only the labels of the chunk itself."""
+    calls = []
+
+    def label_by_grey(batch, before, after):
+        calls.append((batch.copy(), before, after))
+        return (batch[before : len(batch) - after] // 256).astype(np.uint8)
+
+    out = tmp_path / "labels.tif"
+    result = segment_stream(label_by_grey, stack, out, context_slices=2, slice_batch=4, progress=False)
+    # 11 slices in chunks 0-3, 4-7, 8-10, read with context (0, 2), (2, 2), (2, 0)
+    assert [(b, a) for _, b, a in calls] == [(0, 2), (2, 2), (2, 0)]
+    for (batch, _, _), read in zip(calls, (slice(0, 6), slice(2, 10), slice(6, 11))):
+        np.testing.assert_array_equal(batch, grey[read])
+    assert result.shape == grey.shape
+    np.testing.assert_array_equal(tifffile.imread(out), (grey // 256).astype(np.uint8))
 
 
 def test_bad_input_files_are_named(model_path, tmp_path):
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((20, 20, 3), np.uint8))
     with pytest.raises(VolumeError, match=r"rgb\.tif: an RGB image \(20, 20, 3\), not a grey-value slice stack"):
-        segment(model_path, rgb, tmp_path / "o.tif", progress=False)
+        segment(model_path, rgb, tmp_path / "o.tif", slice_batch=4, progress=False)
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"II*\x00garbage")
     with pytest.raises(VolumeError, match="not a readable TIFF"):
-        segment(model_path, broken, tmp_path / "o.tif", progress=False)
+        segment(model_path, broken, tmp_path / "o.tif", slice_batch=4, progress=False)
     nan = tmp_path / "nan.tif"
     tifffile.imwrite(nan, np.full((2, 20, 20), np.nan, np.float32), photometric="minisblack")
     with pytest.raises(VolumeError, match="NaN"):
-        segment(model_path, nan, tmp_path / "o.tif", progress=False)
+        segment(model_path, nan, tmp_path / "o.tif", slice_batch=4, progress=False)
     assert not (tmp_path / "o.tif").exists()
 
 
@@ -229,7 +260,7 @@ def test_real_socpristine_slices_with_a_tiny_trained_model(tiny_params, mlflow_e
     for k in (1, 2, 3):  # links, not copies: the real data stays in ../shared
         (slices / f"SOCprist{k:04d}.tiff").symlink_to(shared_data / "data" / f"SOCprist{k:04d}.tiff")
     out = tmp_path / "labels.tif"
-    cli = CliRunner().invoke(main, ["segment", result.segmenter_uri, str(slices), str(out)])
+    cli = CliRunner().invoke(main, ["segment", result.model_uri, str(slices), str(out)])
     assert cli.exit_code == 0, cli.output
     with tifffile.TiffFile(out) as tif:
         labels = tif.asarray()
@@ -237,7 +268,7 @@ def test_real_socpristine_slices_with_a_tiny_trained_model(tiny_params, mlflow_e
     assert labels.shape == (3, 501, 501) and labels.dtype == np.uint8
     assert set(np.unique(labels)) <= {0, 255}
     assert json.loads(json.dumps(read_label_metadata(out)["phase_map"])) == {"0": "rest", "255": "ni"}
-    assert read_label_metadata(out)["model_uri"] == result.segmenter_uri
+    assert read_label_metadata(out)["model_uri"] == result.model_uri
 
 
 @pytest.mark.parametrize("how", ["photometric", "shape"])
@@ -280,8 +311,8 @@ def threshold_model_path(tmp_path_factory):
     is Ni, through the same normalisation 20000..43000 (a 1x1 convolution, set by hand)."""
     import keras
 
+    from socseg.inference.pyfunc import save_segmenter
     from socseg.model.export import IntensityNormalisation
-    from socseg.inference.pyfunc import SegmenterConfig, save_segmenter
 
     inputs = keras.Input((None, None, 1))
     x = IntensityNormalisation(20000.0, 43000.0)(inputs)
@@ -289,8 +320,7 @@ def threshold_model_path(tmp_path_factory):
     conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
     outputs = conv(x)
     conv.set_weights([np.full((1, 1, 1, 1), 50.0, np.float32), np.array([-50.0 * threshold], np.float32)])
-    config = SegmenterConfig("ni", ["rest", "ni"], PHASE_MAP, 64, {"low": 20000.0, "high": 43000.0})
-    return str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path_factory.mktemp("thr") / "model"))
+    return str(save_segmenter(keras.Model(inputs, outputs), _config(), tmp_path_factory.mktemp("thr") / "model"))
 
 
 def test_cli_refuses_a_volume_outside_the_models_grey_range(threshold_model_path, phantom, tmp_path):
@@ -318,7 +348,7 @@ def test_cli_refuses_a_volume_outside_the_models_grey_range(threshold_model_path
     expected = mlflow.pyfunc.load_model(model_path).predict(image)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), expected)
     assert np.mean((expected == 255) == ni) > 0.95  # the model does find the phantom's Ni
-    segment(model_path, uint16_path, tmp_path / "b.tif", allow_out_of_range=True, progress=False)
+    segment(model_path, uint16_path, tmp_path / "b.tif", slice_batch=4, allow_out_of_range=True, progress=False)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), expected)
 
 
@@ -329,7 +359,7 @@ def test_each_chunk_is_checked_and_a_late_refusal_leaves_no_output(model_path, p
     source = tmp_path / "mixed.tif"
     tifffile.imwrite(source, mixed, photometric="minisblack")
     out = tmp_path / "labels.tif"
-    with pytest.raises(RequestError, match="grey values out of this model's range: 100.0%"):
+    with pytest.raises(GreyRangeError, match="grey values out of this model's range: 100.0%"):
         segment(model_path, source, out, slice_batch=2, multi_axis=multi_axis, progress=False)  # 0-1, 2-3 pass, 4-5 not
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.tif"]  # no OUTPUT, no partial file
     segment(model_path, source, out, slice_batch=6, multi_axis=multi_axis, progress=False)  # one chunk, 33% clipped
@@ -338,7 +368,7 @@ def test_each_chunk_is_checked_and_a_late_refusal_leaves_no_output(model_path, p
 
 def test_microstructure_of_an_ni_segmentation_uses_its_recorded_phase_map(model_path, phantom, tmp_path):
     out = tmp_path / "labels.tif"
-    segment(model_path, phantom[0], out, progress=False)
+    segment(model_path, phantom[0], out, slice_batch=4, progress=False)
     labels = tifffile.imread(out)
     result = CliRunner().invoke(main, ["microstructure", str(out), "--json", "--size-phases", "none"])
     assert result.exit_code == 0, result.output

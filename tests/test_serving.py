@@ -49,7 +49,7 @@ def server(tiny_params, mlflow_env, tmp_path):
     tiny_params["inference"] = {**tiny_params.get("inference", {}), "max_slice_pixels": MAX_PIXELS}
     tiny_params["train"]["context_slices"] = 1
     result = train(tiny_params, run_name="tiny")
-    version = mlflow.register_model(result.segmenter_uri, NAME)
+    version = mlflow.register_model(result.model_uri, NAME)
     MlflowClient().set_registered_model_alias(NAME, "champion", version.version)
     uri = f"models:/{NAME}@champion"
     with _client_module().local_server(uri, timeout=60, log_path=tmp_path / "server.log") as (url, _):
@@ -80,8 +80,10 @@ def _bad_requests() -> list[tuple[str, bytes, str, str]]:
         ("ragged tensor", body({"inputs": [[[1, 2], [3, 4]], [[1, 2, 3]]]}), js, "inhomogeneous shape"),
         ("oversized slice", body(_frame(_tiff_b64(np.zeros((600, 600), np.uint8)))), js, f"limit of {MAX_PIXELS} pixels"),
         ("bad parameter", body({"inputs": [[[1, 2]]], "params": {"step_fraction": 3}}), js, "step_fraction"),
-        ("halo too large", body({"inputs": [[[1, 2]]] * 2, "params": {"halo_before": 1, "halo_after": 1}}), js,
+        ("context too large", body({"inputs": [[[1, 2]]] * 2, "params": {"context_before": 1, "context_after": 1}}), js,
          "leaves none of the 2 slices"),
+        ("bad context", body({"inputs": [[[1, 2]]] * 2, "params": {"context_before": -1}}), js,
+         "context_before must be a whole number of slices >= 0"),
         ("no image column", body({"dataframe_split": {"columns": ["x"], "data": [["a"]]}}), js, "column 'image'"),
         # grey values on another scale (float32 after 2.5e-5 * x - 0.55): all below the model's range
         ("outside the grey range", body({"inputs": np.full((1, 40, 50), 0.2).tolist()}), js,
@@ -128,22 +130,42 @@ def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(serve
         np.testing.assert_allclose(np.stack([decode_array(r["probabilities"]) for r in rows]), expected["probabilities"], atol=1e-5)
         assert json.loads(rows[0]["phase_map"]) == {"0": "rest", "255": "ni"}
 
-    # serving/client.py: a volume through the server equals `socseg segment` in this process; the
-    # client sends each 2-slice chunk with its neighbours (halo), as `socseg segment` does.
-    from socseg.inference.segment import read_label_metadata, segment
+    # The server describes its model: the config stored with it (context_slices 1, phase map...).
+    from socseg.inference.predictor import ModelConfig
+    from socseg.inference.pyfunc import model_config
 
     client = _client_module()
+    described = client.RestSegmenter(url).describe()
+    assert ModelConfig.from_dict(described) == model_config(uri) and described["context_slices"] == 1
+    assert client.label_phase_map(described) == {0: "rest", 255: "ni"}
+
+    # serving/client.py: a volume through the server equals `socseg segment` in this process (one
+    # chunk). Nobody tells the client the model's context: it asks the server (describe) and sends
+    # each 2-slice chunk with its neighbours, as `socseg segment` does.
+    from socseg.data.stacks import read_label_metadata
+    from socseg.inference.segment import segment
+
     volume = tmp_path / "volume.tif"
     tifffile.imwrite(volume, np.concatenate([real, real[:1]]), photometric="minisblack")
-    segment(uri, volume, tmp_path / "local.tif", progress=False)
+    segment(uri, volume, tmp_path / "local.tif", slice_batch=8, progress=False)
     reference = tifffile.imread(tmp_path / "local.tif")
+    sent_context = []
+    payload = client.RestSegmenter.payload
+
+    def spy(self, batch, context=None):
+        sent_context.append((len(batch), dict(context or {})))
+        return payload(self, batch, context)
+
+    client.RestSegmenter.payload = spy
     for form in ("compact", "tensor"):
         out = tmp_path / f"served_{form}.tif"
-        result, rest = client.segment_with_server(
-            url, str(volume), str(out), slice_batch=2, form=form, progress=False, halo=1
-        )
+        sent_context.clear()
+        result, rest = client.segment_with_server(url, str(volume), str(out), slice_batch=2, form=form, progress=False)
         np.testing.assert_array_equal(tifffile.imread(out), reference)
-        assert result.shape == (3, 501, 501) and rest.requests == 2
+        assert result.shape == (3, 501, 501) and rest.requests == 3  # describe + 2 chunks
+        # slices 0-1 with slice 2 after, then slice 2 with slice 1 before
+        assert sent_context == [(3, {"context_before": 0, "context_after": 1}), (2, {"context_before": 1, "context_after": 0})]
+    client.RestSegmenter.payload = payload
     assert read_label_metadata(tmp_path / "served_compact.tif")["phase_map"] == {"0": "rest", "255": "ni"}
     assert client.main([url, str(volume), str(tmp_path / "served_compact.tif")]) == 2  # exists: refused
     assert client.main([url, str(volume), str(volume), "--overwrite"]) == 2  # never the input
@@ -187,8 +209,11 @@ def test_client_options_become_request_params(tmp_path, monkeypatch, flags, para
     rest = client.RestSegmenter("http://127.0.0.1:5000", params=calls[0]["params"])
     body = json.loads(rest.payload(np.zeros((1, 4, 4), np.uint16)))
     assert body.get("params") == params
-    halo = json.loads(rest.payload(np.zeros((3, 4, 4), np.uint16), {"halo_before": 1, "halo_after": 1}))
-    assert halo["params"] == {**(params or {}), "halo_before": 1, "halo_after": 1}
+    context = json.loads(rest.payload(np.zeros((3, 4, 4), np.uint16), {"context_before": 1, "context_after": 1}))
+    assert context["params"] == {**(params or {}), "context_before": 1, "context_after": 1}
+    with pytest.raises(SystemExit) as stop:  # no --halo any more: the server says its model's context
+        client.main(argv + ["--halo", "1"])
+    assert stop.value.code == 2 and len(calls) == 1
 
 @pytest.mark.slow
 def test_serving_bench_writes_its_result_file(tmp_path):

@@ -3,28 +3,38 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from socseg.params import override
+from socseg.params import load_params, override
 from socseg.data.synth import synth_from_params, synth_volume
 from socseg.data.volumes import VolumeError
 
 SHAPE = (24, 96, 96)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synth(**changes):
+    """synth_volume with the settings of params.yaml (every one is required), ``changes`` applied."""
+    params = load_params(REPO / "params.yaml")
+    settings = {k: v for k, v in params["synth"].items() if k != "check_against"}
+    settings.update(phase_map=params["data"]["phase_map"], **changes)
+    return synth_volume("phantom", **settings)
 
 
 @pytest.fixture(scope="module")
 def phantom():
-    return synth_volume(shape=SHAPE, seed=0)
+    return synth(shape=SHAPE, seed=0)
 
 
 def test_deterministic(phantom):
-    again = synth_volume(shape=SHAPE, seed=0)
+    again = synth(shape=SHAPE, seed=0)
     np.testing.assert_array_equal(again.image, phantom.image)
     np.testing.assert_array_equal(again.labels, phantom.labels)
-    other = synth_volume(shape=SHAPE, seed=1)
+    other = synth(shape=SHAPE, seed=1)
     assert not np.array_equal(other.labels, phantom.labels)
     assert not np.array_equal(other.image, phantom.image)
 
@@ -55,9 +65,9 @@ def test_two_threshold_rule_is_good_not_perfect(phantom):
     assert 0.8 < accuracy < 0.995
 
 
-def test_default_shape_is_fast():
+def test_default_shape_is_fast(params):
     start = time.perf_counter()
-    volume = synth_volume()
+    volume = synth_from_params(params, "sample")
     assert volume.image.shape == (48, 192, 192)
     assert time.perf_counter() - start < 10
 
@@ -74,11 +84,15 @@ def test_from_params_and_overrides(params):
 
 def test_bad_settings():
     with pytest.raises(VolumeError, match="sum to 1"):
-        synth_volume(shape=(4, 8, 8), fractions={"pore": 0.5, "ysz": 0.5, "ni": 0.5})
+        synth(shape=(4, 8, 8), fractions={"pore": 0.5, "ysz": 0.5, "ni": 0.5})
     with pytest.raises(VolumeError, match="phase map"):
-        synth_volume(shape=(4, 8, 8), fractions={"pore": 0.5, "metal": 0.5})
+        synth(shape=(4, 8, 8), fractions={"pore": 0.5, "metal": 0.5})
+    with pytest.raises(VolumeError, match="phase map"):
+        synth(shape=(4, 8, 8), grey_levels={"pore": 1.0, "ysz": 2.0})
     with pytest.raises(VolumeError, match="shape"):
-        synth_volume(shape=(4, 8))
+        synth(shape=(4, 8))
+    with pytest.raises(VolumeError, match="grain_size"):
+        synth(shape=(4, 8, 8), grain_size=0)
 
 
 def test_builtin_sample_is_the_one_data_dvc_versions(params, repo_root, tmp_path, monkeypatch):
@@ -99,7 +113,7 @@ def test_builtin_sample_is_the_one_data_dvc_versions(params, repo_root, tmp_path
 
 
 def test_training_makes_a_missing_builtin_sample(params, repo_root, tmp_path, monkeypatch):
-    from socseg.training.train import load_labelled_volumes
+    from socseg.data.prepare import load_labelled_volumes
 
     monkeypatch.chdir(repo_root)
     params["data"]["dir"] = str(tmp_path / "samples")

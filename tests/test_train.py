@@ -29,15 +29,31 @@ def test_run_logs_params_tags_curves_and_final_scores(trained):
     assert run.data.tags["precision"] == "float32"
     history = MlflowClient().get_metric_history(result.run_id, "val_iou_ni")
     assert [m.step for m in history] == [0, 1, 2]
-    for name in ("test_iou_ni", "test_iou_rest", "test_dice_ni", "test_mean_iou", "test_accuracy", "final_val_mean_iou"):
+    for name in ("test_iou_ni", "test_iou_rest", "test_dice_ni", "test_mean_iou", "test_accuracy", "final_val_mean_iou",
+                 "test_ni_fraction_true", "test_ni_fraction_pred", "test_ni_fraction_error"):
         assert 0.0 <= run.data.metrics[name] <= 1.0, name
+    assert run.data.params["train.max_minutes"] == "0.0"
+    assert run.data.tags["stopped_by"] == "epochs" and run.data.tags["state"] == "COMPLETE"
+    assert run.data.metrics["epochs_run"] == len(history) == len(result.history["loss"])
 
 
 def test_early_stopping_restores_the_best_validation_epoch(trained):
-    _, result = trained
+    """The logged model holds the best epoch's weights: scored as each epoch was (VALIDATION_WINDOW),
+    it gets the best validation score of the curve again."""
+    from socseg.data.prepare import load_labelled_volumes, prepare_data
+    from socseg.inference.evaluate import score_slabs
+    from socseg.inference.predictor import Predictor
+    from socseg.training.train import VALIDATION_WINDOW
+
+    params, result = trained
     val_curve = result.history["val_mean_iou"]
     assert result.best_epoch == int(np.argmax(val_curve))
-    assert result.metrics["val_mean_iou"] == pytest.approx(max(val_curve), abs=1e-9)
+    slabs = prepare_data(params, load_labelled_volumes(params), "ni").slabs["val"]
+    rescored = score_slabs(Predictor.load(result.model_uri), slabs, **VALIDATION_WINDOW).scores
+    assert rescored["mean_iou"] == pytest.approx(max(val_curve), abs=1e-9)
+    # The final validation score is measured with the served window (what `socseg evaluate` reports).
+    served = score_slabs(Predictor.load(result.model_uri), slabs).scores
+    assert result.metrics["val_mean_iou"] == pytest.approx(served["mean_iou"], abs=1e-9)
 
 
 def test_pictures_tables_and_model_are_artifacts(trained):
@@ -55,27 +71,52 @@ def test_pictures_tables_and_model_are_artifacts(trained):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_logged_model_takes_raw_grey_values_and_reproduces_the_test_score(trained):
-    """The exported model carries the normalisation: raw uint16 in, same test IoU as logged."""
-    import socseg.model.unet  # noqa: F401  (registers the custom layers)
-    from socseg.inference.window import predict_probabilities
-    from socseg.model.metrics import confusion_matrix, probabilities_to_classes, segmentation_scores
-    from socseg.data.volumes import load_volume
+def test_one_logged_model_the_segmenter_takes_raw_grey_values(trained):
+    """The run logs one model, the pyfunc segmenter; its network carries the normalisation."""
+    from socseg.inference.predictor import Predictor
+    from socseg.inference.pyfunc import model_config
 
     params, result = trained
-    model = mlflow.keras.load_model(result.model_uri)
-    assert model.get_layer("normalise") is not None
+    assert result.model_uri.startswith("models:/")
+    info = mlflow.models.get_model_info(result.model_uri)
+    assert info.run_id == result.run_id and "python_function" in info.flavors
+    assert "keras" not in info.flavors
+    logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{result.run_id}'", output_format="list")
+    assert [m.model_id for m in logged] == [result.model_uri.removeprefix("models:/")]
+    config = model_config(result.model_uri)
+    run = MlflowClient().get_run(result.run_id)
+    assert (config.task, config.encoder, config.tile_size, config.context_slices) == ("ni", "unet", 32, 0)
+    assert config.class_names == ["rest", "ni"]
+    assert config.normalisation["low"] == pytest.approx(float(run.data.params["normalise.low"]))
+    assert config.normalisation["high"] == pytest.approx(float(run.data.params["normalise.high"]))
+    assert config.tta == params["inference"]["tta"] and config.step_fraction == params["inference"]["step_fraction"]
+    predictor = Predictor.load(result.model_uri)
+    assert predictor.network.get_layer("normalise") is not None
+    raw = np.random.default_rng(0).integers(20000, 42000, (2, 40, 48)).astype(np.uint16)
+    classes = predictor.classes(raw)
+    assert classes.shape == (2, 40, 48) and classes.dtype == np.uint8 and set(np.unique(classes)) <= {0, 1}
+
+
+def test_logged_test_metrics_equal_socseg_evaluate_on_the_test_slab(trained):
+    """test_iou_* of the run are what `socseg evaluate` measures for the logged model on the same slices."""
+    import json
+
+    from socseg.data.volumes import load_volume
+    from socseg.inference.evaluate import evaluate_model
+
+    params, result = trained
+    client = MlflowClient()
+    split = json.loads(open(client.download_artifacts(result.run_id, "training/split.json")).read())
+    start, stop = split["tiny"]["test"]
+    assert stop - start > 0
     volume = load_volume(f"{params['data']['dir']}/tiny")
-    split = MlflowClient().get_run(result.run_id).data.params["split_tiny_test"]
-    start, stop = map(int, split.split("-"))
-    test = slice(start, stop)
-    raw = volume.image[test].astype(np.float32)
-    probs = predict_probabilities(model.predict_on_batch, raw, tile_size=32, batch_size=4)
-    truth = (volume.labels[test] == 255).astype(np.uint8)
-    scores = segmentation_scores(confusion_matrix(truth, probabilities_to_classes(probs, "ni"), 2), ["rest", "ni"])
-    assert scores["iou_ni"] == pytest.approx(result.metrics["test_iou_ni"], abs=1e-4)
-    signature = mlflow.models.get_model_info(result.model_uri).signature
-    assert signature is not None and signature.inputs.to_dict()[0]["tensor-spec"]["shape"][-1] == 1
+    evaluated = evaluate_model(result.model_uri, volume, z_range=(start, stop))
+    assert evaluated["class_names"] == ["rest", "ni"]
+    logged = client.get_run(result.run_id).data.metrics
+    for name in ("rest", "ni"):
+        assert evaluated[f"iou_{name}"] == logged[f"test_iou_{name}"] == result.metrics[f"test_iou_{name}"], name
+    assert evaluated["mean_iou"] == logged["test_mean_iou"]
+    assert evaluated["ni_fraction_error"] == logged["test_ni_fraction_error"]
 
 
 def test_vgg16_phases_with_bfloat16_trains_and_tags_precision(tiny_params, mlflow_env):
@@ -147,3 +188,26 @@ def test_bad_plateau_factor_is_refused(tiny_params, mlflow_env):
     tiny_params["train"].update(epochs=1, reduce_lr_patience=1, reduce_lr_factor=1.5)
     with pytest.raises(ValueError, match="reduce_lr_factor"):
         train(tiny_params, log_model=False, evaluate_test=False)
+
+
+def test_time_budget_stops_after_the_first_epoch(tiny_params, mlflow_env):
+    from socseg.training.train import train
+
+    tiny_params["train"].update(epochs=5, patience=10, max_minutes=0.0001)
+    result = train(tiny_params, log_model=False, evaluate_test=False)
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["stopped_by"] == "time_budget"
+    assert len(result.history["val_mean_iou"]) == 1 and result.best_epoch == 0
+    assert result.metrics["epochs_run"] == 1 == run.data.metrics["epochs_run"]
+    assert [m.step for m in MlflowClient().get_metric_history(result.run_id, "val_mean_iou")] == [0]
+    assert run.data.params["train.max_minutes"] == "0.0001"
+
+
+def test_no_time_budget_runs_every_epoch(tiny_params, mlflow_env):
+    from socseg.training.train import train
+
+    tiny_params["train"].update(epochs=5, patience=10, max_minutes=0)
+    result = train(tiny_params, log_model=False, evaluate_test=False)
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.tags["stopped_by"] == "epochs"
+    assert len(result.history["val_mean_iou"]) == 5 and result.metrics["epochs_run"] == 5

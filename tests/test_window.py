@@ -1,18 +1,52 @@
-"""Sliding-window inference: blending arithmetic, padding, TTA, streaming, seams, multi-axis fusion."""
+"""Sliding-window inference: blending arithmetic, padding, TTA, streaming, seams, 2.5D context,
+multi-axis fusion; whole stacks through the :class:`Predictor`."""
 
 import numpy as np
 import pytest
 
+from socseg.inference.predictor import ModelConfig, Predictor
 from socseg.inference.window import (
     SlidingWindow,
     WindowSettings,
     fixed_batch,
     gaussian_importance,
     iter_window_probabilities,
-    multi_axis_probabilities,
-    predict_probabilities,
-    sliding_window_probabilities,
 )
+
+PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
+
+
+class Network:
+    """A NumPy function as the Predictor's network (anything with ``predict_on_batch``); records each batch."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.batches = []
+
+    def predict_on_batch(self, tiles):
+        self.batches.append(tiles.shape)
+        return self.fn(tiles)
+
+
+def model_config(tile_size, step_fraction=0.5, tta=False, batch_size=8, context_slices=0, normalisation=None):
+    return ModelConfig(
+        task="phases",
+        encoder="unet",
+        class_names=["pore", "ysz", "ni"],
+        phase_map=PHASE_MAP,
+        tile_size=tile_size,
+        context_slices=context_slices,
+        normalisation=normalisation or {},
+        step_fraction=step_fraction,
+        tta=tta,
+        batch_size=batch_size,
+        max_slice_pixels=10**8,
+        max_clipped_fraction=0.5,
+    )
+
+
+def predictor(fn, tile_size, **settings):
+    return Predictor(Network(fn), model_config(tile_size, **settings))
 
 
 def pointwise(tiles):
@@ -34,14 +68,40 @@ def test_gaussian_importance_peaks_in_the_centre_and_never_vanishes():
 def test_blending_reproduces_a_pointwise_model_exactly(shape, step_fraction):
     rng = np.random.default_rng(0)
     images = rng.random((2, *shape), dtype=np.float32) * 1000
-    probs = sliding_window_probabilities(pointwise, images, WindowSettings(32, step_fraction, batch_size=7))
-    assert probs.shape == (2, *shape, 2)
+    probs = predictor(pointwise, 32, step_fraction=step_fraction, batch_size=7).probabilities(images)
+    assert probs.shape == (2, *shape, 2) and probs.dtype == np.float32
     np.testing.assert_allclose(probs[..., 0], images, rtol=1e-5)
     np.testing.assert_allclose(probs[..., 1], 2 * images, rtol=1e-5)
 
 
+def test_predictor_runs_an_exported_keras_model_with_its_normalisation():
+    """Raw grey in: the exported model's first layer clips (x - low) / (high - low) into [0, 1]."""
+    import keras
+
+    from socseg.data.normalise import Normaliser
+    from socseg.model.export import export_model
+
+    inputs = keras.Input(shape=(None, None, 1))
+    # Pointwise, so blending must reproduce it: channel 0 the normalised grey, channel 1 its complement.
+    outputs = keras.layers.Concatenate()([inputs, keras.layers.Rescaling(-1.0, offset=1.0)(inputs)])
+    network = export_model(keras.Model(inputs, outputs), Normaliser(100.0, 1100.0, 0.5, 99.5))
+    config = model_config(32, step_fraction=0.5, batch_size=5, normalisation={"low": 100.0, "high": 1100.0})
+    model = Predictor(network, config)
+    images = np.random.default_rng(7).integers(0, 1300, (3, 45, 38)).astype(np.uint16)
+    probs = model.probabilities(images)
+    expected = np.clip((images.astype(np.float32) - 100.0) / 1000.0, 0.0, 1.0)
+    assert probs.shape == (3, 45, 38, 2)
+    np.testing.assert_allclose(probs[..., 0], expected, atol=1e-5)
+    np.testing.assert_allclose(probs[..., 1], 1.0 - expected, atol=1e-5)
+    # Classes are the argmax, labels the phase map's values of those classes.
+    classes = model.classes(images)
+    far = np.abs(expected - 0.5) > 1e-3  # away from the tie, the argmax is unambiguous
+    np.testing.assert_array_equal(classes[far], (expected < 0.5)[far].astype(np.uint8))
+    np.testing.assert_array_equal(model.to_labels(classes), np.where(classes == 1, 128, 0).astype(np.uint8))
+
+
 def test_window_geometry_mirror_pads_and_covers_small_slices():
-    settings = WindowSettings(64, 0.5)
+    settings = WindowSettings(64, 0.5, False, 8)
     assert settings.step == 32 and settings.margin == 16
     window = SlidingWindow(501, 501, settings)
     assert window.pads == ((16, 16), (16, 16))
@@ -55,25 +115,26 @@ def test_window_geometry_mirror_pads_and_covers_small_slices():
     np.testing.assert_array_equal(small.crop(padded), image)
     (top, _), (left, _) = small.pads
     assert padded[top - 1, left] == image[0, 0]  # symmetric mirror at the border
-    assert WindowSettings(64, 1.0).margin == 0
+    assert WindowSettings(64, 1.0, False, 8).margin == 0
 
 
 def test_tta_averages_the_eight_flips_and_rotations_and_undoes_them():
     """A 'network' that adds a left-to-right ramp: the 8 transforms cancel it into a constant."""
     size = 16
     ramp = np.arange(size, dtype=np.float32)[None, None, :, None]
-    calls = []
 
-    def ramped(tiles):
-        calls.append(len(tiles))
-        return tiles + ramp
-
+    model = predictor(lambda tiles: tiles + ramp, size, step_fraction=0.5, tta=True, batch_size=100)
     image = np.random.default_rng(1).random((1, 40, 40), dtype=np.float32)
-    with_tta = sliding_window_probabilities(ramped, image, WindowSettings(size, 0.5, tta=True, batch_size=100))
+    with_tta = model.probabilities(image)  # the model's own setting: TTA on
     np.testing.assert_allclose(with_tta[0, ..., 0], image[0] + (size - 1) / 2, atol=1e-5)
-    assert len(calls) == 8
-    without = sliding_window_probabilities(ramped, image, WindowSettings(size, 0.5, tta=False, batch_size=100))
+    assert len(model.network.batches) == 8  # one batch of tiles, eight transforms
+    without = model.probabilities(image, tta=False)  # per-call override
+    assert len(model.network.batches) == 9
     assert np.abs(without[0, ..., 0] - image[0] - (size - 1) / 2).max() > 1
+    # The step can be overridden per call too: a quarter-tile step needs more tiles than half a tile.
+    (n_half,) = {shape[0] for shape in model.network.batches}
+    model.probabilities(image, tta=False, step_fraction=0.25)
+    assert model.network.batches[-1][0] > n_half
 
 
 def test_slices_stream_through_with_few_in_flight():
@@ -84,20 +145,27 @@ def test_slices_stream_through_with_few_in_flight():
             consumed.append(k)
             yield np.full((40, 40), k, np.float32)
 
-    settings = WindowSettings(32, 0.5, batch_size=8)  # 9 tiles per 40x40 slice
+    settings = WindowSettings(32, 0.5, False, 8)  # 9 tiles per 40x40 slice
     for k, probs in enumerate(iter_window_probabilities(pointwise, slices(), settings)):
         assert probs[0, 0, 0] == pytest.approx(k)
         assert len(consumed) <= k + 2  # a batch of 8 tiles never spans more than two slices
 
 
 def test_mixed_slice_shapes_and_bad_settings():
-    out = list(iter_window_probabilities(pointwise, [np.ones((50, 60)), np.ones((33, 20))], WindowSettings(32)))
+    settings = WindowSettings(32, 0.5, False, 8)
+    out = list(iter_window_probabilities(pointwise, [np.ones((50, 60)), np.ones((33, 20))], settings))
     assert [o.shape for o in out] == [(50, 60, 2), (33, 20, 2)]
     with pytest.raises(ValueError, match="step_fraction"):
-        WindowSettings(32, 0.0)
+        WindowSettings(32, 0.0, False, 8)
+    with pytest.raises(ValueError, match="tile size"):
+        WindowSettings(0, 0.5, False, 8)
+    with pytest.raises(ValueError, match="batch size"):
+        WindowSettings(32, 0.5, False, 0)
     for bad in (np.ones((2, 3, 4, 5)), np.ones(7), np.ones((0, 4))):
         with pytest.raises(ValueError, match="slice, got shape"):
-            list(iter_window_probabilities(pointwise, [bad], WindowSettings(32)))
+            list(iter_window_probabilities(pointwise, [bad], settings))
+    with pytest.raises(ValueError, match=r"\(N, H, W\) stack"):
+        predictor(pointwise, 32).probabilities(np.ones((40, 40)))
 
 
 def test_fixed_batch_pads_short_batches_and_drops_the_padding():
@@ -108,47 +176,57 @@ def test_fixed_batch_pads_short_batches_and_drops_the_padding():
         return pointwise(tiles)
 
     images = np.random.default_rng(4).random((3, 40, 50), dtype=np.float32)
-    probs = sliding_window_probabilities(fixed_batch(recording, 8), images, WindowSettings(32, 0.5, batch_size=8))
+    settings = WindowSettings(32, 0.5, False, 8)
+    probs = np.stack(list(iter_window_probabilities(fixed_batch(recording, 8), images, settings)))
     np.testing.assert_allclose(probs[..., 0], images, rtol=1e-6)
     assert set(shapes) == {(8, 32, 32, 1)}
+    n_tiles = 3 * len(SlidingWindow(40, 50, settings).positions)
+    assert n_tiles % 8 and len(shapes) == -(-n_tiles // 8)  # full batches and one padded short batch
 
 
-def test_settings_from_params_section_and_overrides():
-    settings = WindowSettings.from_params(128, {"step_fraction": 0.25, "tta": "true", "batch_size": 4, "other": 1})
-    assert settings == WindowSettings(128, 0.25, True, 4)
-    assert WindowSettings.from_params(128, {"tta": True}, tta=False, step_fraction=None).tta is False
-
-
-def test_fixed_tiling_for_validation_still_counts_each_pixel_once():
-    images = np.random.default_rng(2).random((2, 70, 90), dtype=np.float32)
-    np.testing.assert_allclose(predict_probabilities(pointwise, images, 32, 4)[..., 0], images)
+def test_model_config_gives_the_window_settings_and_per_call_overrides():
+    config = model_config(128, step_fraction=0.25, tta=True, batch_size=4)
+    assert config.window() == WindowSettings(128, 0.25, True, 4)
+    assert config.window(tta=False) == WindowSettings(128, 0.25, False, 4)
+    assert config.window(step_fraction=0.5) == WindowSettings(128, 0.5, True, 4)
+    assert config.window(tta=None, step_fraction=None) == config.window()
+    with pytest.raises(ValueError, match="step_fraction"):
+        config.window(step_fraction=1.5)
 
 
 def test_multi_axis_fusion_places_each_axis_back_where_it_came_from():
+    """A 2.5D 'network' (k = 1) answering the following plane: along each axis that is a different
+    neighbour, so the mean of the three axes shows where each went and that its context came from
+    the axis being sliced, whatever the chunking."""
     volume = np.random.default_rng(3).random((6, 9, 11), dtype=np.float32)
-    planes_seen = []
+    model = predictor(lambda tiles: tiles[..., 2:], 16, batch_size=6, context_slices=1)
 
-    def planes(batch):
-        planes_seen.append(batch.shape[1:])
-        return batch[..., None] * 3
+    def following(axis):
+        index = np.minimum(np.arange(volume.shape[axis]) + 1, volume.shape[axis] - 1)
+        return np.take(volume, index, axis=axis)
 
-    fused = multi_axis_probabilities(planes, volume, chunk=4)
-    np.testing.assert_allclose(fused[..., 0], volume * 3, rtol=1e-6)
-    assert {(9, 11), (6, 11), (6, 9)} == set(planes_seen)
-
-    def by_plane_height(batch):  # z planes say 9, y and x planes say 6: mean (9 + 6 + 6) / 3
-        return np.full((*batch.shape, 1), batch.shape[1], np.float32)
-
-    np.testing.assert_allclose(multi_axis_probabilities(by_plane_height, volume), 7.0)
-    only_z = multi_axis_probabilities(by_plane_height, volume, axes=["z"])
-    np.testing.assert_allclose(only_z, 9.0)
+    counted = []
+    fused = model.multi_axis_probabilities(volume, chunk=4, progress=counted.append)
+    assert fused.shape == (6, 9, 11, 1)
+    np.testing.assert_allclose(fused[..., 0], (following(0) + following(1) + following(2)) / 3, rtol=1e-5)
+    assert sum(counted) == 6 + 9 + 11  # every plane of every axis reported once
+    for chunk in (1, 2, 100):  # chunk boundaries change nothing: each chunk reads its true neighbours
+        np.testing.assert_allclose(model.multi_axis_probabilities(volume, chunk=chunk), fused, rtol=1e-6)
+    only_z = model.multi_axis_probabilities(volume, axes=("z",), chunk=4)
+    np.testing.assert_allclose(only_z[..., 0], following(0), rtol=1e-6)
+    only_x = model.multi_axis_probabilities(volume, axes=("x",))
+    np.testing.assert_allclose(only_x[..., 0], following(2), rtol=1e-6)
     with pytest.raises(ValueError, match="axes"):
-        multi_axis_probabilities(planes, volume, axes=["q"])
+        model.multi_axis_probabilities(volume, axes=("q",))
+    with pytest.raises(ValueError, match="axes"):
+        model.multi_axis_probabilities(volume, axes=())
+    with pytest.raises(ValueError, match="volume"):
+        model.multi_axis_probabilities(volume[0])
 
 
 @pytest.fixture(scope="module")
 def unet_slice():
-    """A small random-weight U-Net (raw grey in) and a 256x256 phantom slice."""
+    """A small random-weight U-Net (raw grey in) as a Predictor with 64-pixel tiles, and a 256x256 phantom slice."""
     import keras
 
     from socseg.params import load_params
@@ -162,7 +240,8 @@ def unet_slice():
     low, high = np.percentile(image, [0.5, 99.5])
     network = build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none")
     model = export_model(network, Normaliser(float(low), float(high), 0.5, 99.5))
-    return model.predict_on_batch, image
+    config = model_config(64, step_fraction=0.5, batch_size=16, normalisation={"low": float(low), "high": float(high)})
+    return Predictor(model, config), image
 
 
 def _seam_ratio(probs, reference, seams):
@@ -178,14 +257,14 @@ def _seam_ratio(probs, reference, seams):
 
 
 def test_no_seams_tiled_matches_each_tile_and_has_no_grid_pattern(unet_slice):
-    predict, image = unet_slice
-    settings = WindowSettings(64, 0.5, batch_size=16)
-    tiled = sliding_window_probabilities(predict, image[None], settings)[0]
+    model, image = unet_slice
+    predict = model.network.predict_on_batch
+    tiled = model.probabilities(image[None])[0]
     # A U-Net is fully convolutional: the whole 256x256 slice in one pass is the seam-free reference.
     reference = np.asarray(predict(image[None, ..., None]))[0]
 
     # 1. In each tile's centre, the blend is that tile's own prediction (neighbours weigh ~exp(-6)).
-    window = SlidingWindow(256, 256, settings)
+    window = SlidingWindow(256, 256, model.config.window())
     padded = window.pad(image)
     (top, _), (left, _) = window.pads
     worst = 0.0
@@ -198,7 +277,12 @@ def test_no_seams_tiled_matches_each_tile_and_has_no_grid_pattern(unet_slice):
 
     # 2. No error concentrated on the tile grid; the naive non-overlapping stitch shows its seams.
     seams = [63, 64, 127, 128, 191, 192]
-    naive = predict_probabilities(predict, image[None], 64)[0]
+    naive = np.zeros_like(reference)
+    for y in range(0, 256, 64):
+        for x in range(0, 256, 64):
+            naive[y : y + 64, x : x + 64] = np.asarray(predict(image[None, y : y + 64, x : x + 64, None]))[0]
+    # Step 1.0 is that stitch: no overlap, no padding, every pixel from one tile.
+    np.testing.assert_allclose(model.probabilities(image[None], step_fraction=1.0)[0], naive, atol=1e-5)
     assert _seam_ratio(naive, reference, seams) > 3.0  # the check can see seams
     assert _seam_ratio(tiled, reference, seams) < 2.0
     assert np.abs(tiled - reference).mean() < np.abs(naive - reference).mean()
@@ -226,35 +310,31 @@ def first_and_last_channel(tiles):
     return np.stack([tiles[..., 0], tiles[..., -1]], axis=-1)
 
 
-def test_fixed_tiling_2p5d_takes_context_from_the_whole_stack():
-    images = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 40, 50), np.float32)
-    probs = predict_probabilities(first_and_last_channel, images, 32, 4, context_slices=1, slices=range(2, 5))
-    assert probs.shape == (3, 40, 50, 2)
-    assert [(p[..., 0].max(), p[..., 1].max()) for p in probs] == [(1, 3), (2, 4), (3, 5)]
-    edge = predict_probabilities(first_and_last_channel, images, 32, 4, context_slices=1, slices=range(0, 1))
-    assert (edge[0, ..., 0].max(), edge[0, ..., 1].max()) == (0, 1)  # replicated before slice 0
-
-
-def test_sliding_window_2p5d_halo_slices_are_context_only():
+def test_2p5d_context_slices_are_context_only():
     images = np.random.default_rng(5).random((7, 40, 33), dtype=np.float32)
-    settings = WindowSettings(32, 0.5, batch_size=5)
-    whole = sliding_window_probabilities(first_and_last_channel, images, settings, context_slices=2)
+    model = predictor(first_and_last_channel, 32, batch_size=5, context_slices=2)
+    whole = model.probabilities(images)
+    assert whole.shape == (7, 40, 33, 2)
     np.testing.assert_allclose(whole[3, ..., 0], images[1], rtol=1e-6)
     np.testing.assert_allclose(whole[3, ..., 1], images[5], rtol=1e-6)
-    part = sliding_window_probabilities(first_and_last_channel, images, settings, 2, halo_before=2, halo_after=1)
+    np.testing.assert_allclose(whole[0, ..., 0], images[0], rtol=1e-6)  # replicated before slice 0
+    np.testing.assert_allclose(whole[6, ..., 1], images[6], rtol=1e-6)  # and after the last
+    part = model.probabilities(images, context_before=2, context_after=1)
     np.testing.assert_allclose(part, whole[2:6])
-    with pytest.raises(ValueError, match="halo"):
-        sliding_window_probabilities(first_and_last_channel, images, settings, 2, halo_before=4, halo_after=4)
+    for before, after in ((4, 4), (-1, 0), (0, -1)):
+        with pytest.raises(ValueError, match="does not fit"):
+            model.probabilities(images, context_before=before, context_after=after)
 
 
-def test_multi_axis_halo_gives_every_chunk_its_true_neighbours():
-    volume = np.random.default_rng(6).random((7, 9, 10), dtype=np.float32)
-
-    def next_plane(batch, before, after):  # a 2.5D model with k = 1 looking at the following plane
-        following = np.concatenate([batch[1:], batch[-1:]])
-        return following[before : len(batch) - after, ..., None]
-
-    chunked = multi_axis_probabilities(next_plane, volume, axes=["z"], chunk=2, halo=1)
-    whole = multi_axis_probabilities(next_plane, volume, axes=["z"], chunk=100, halo=1)
-    np.testing.assert_allclose(chunked, whole)
-    np.testing.assert_allclose(whole[:-1, ..., 0], volume[1:])
+def test_iter_volume_takes_context_from_the_whole_stack():
+    """Chunks of a z range, each with its true neighbours: as if the whole stack were predicted at once."""
+    images = np.random.default_rng(6).random((9, 40, 50), dtype=np.float32)
+    model = predictor(first_and_last_channel, 32, batch_size=4, context_slices=1)
+    expected = model.classes(images)  # class 1 where the slice after is brighter than the one before
+    np.testing.assert_array_equal(expected[4], (images[5] > images[3]).astype(np.uint8))
+    pieces = list(model.iter_volume(images, z_range=(2, 7), chunk=2))
+    assert [(c.start, c.stop, c.before, c.after) for c, _ in pieces] == [(2, 4, 1, 1), (4, 6, 1, 1), (6, 7, 1, 1)]
+    np.testing.assert_array_equal(np.concatenate([classes for _, classes in pieces]), expected[2:7])
+    edge = list(model.iter_volume(images, z_range=(0, 1)))
+    assert edge[0][0].before == 0
+    np.testing.assert_array_equal(edge[0][1][0], (images[1] > images[0]).astype(np.uint8))  # replicated before slice 0

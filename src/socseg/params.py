@@ -134,27 +134,27 @@ def _convert(value: Any, kind: Any, where: str) -> Any:
     except ParamsError:
         raise
     except (TypeError, ValueError) as error:
-        raise ParamsError(f"params {where}: {error}") from None
+        raise ParamsError(f"{where}: {error}") from None
     raise TypeError(f"schema type {kind!r} not handled")  # pragma: no cover
 
 
 def _build(cls: type, tree: Any, where: str) -> Any:
     if not isinstance(tree, Mapping):
-        raise ParamsError(f"params {where}: expected a mapping, got {tree!r}")
+        raise ParamsError(f"{where}: expected a mapping, got {tree!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(tree) - set(names))
     if unknown:
-        raise ParamsError(f"params {where}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(names)})")
+        raise ParamsError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} (known: {', '.join(names)})")
     missing = [n for n in names if n not in tree]
     if missing:
-        raise ParamsError(f"params {where}: missing {', '.join(missing)} (params.yaml holds every setting)")
+        raise ParamsError(f"{where}: missing {', '.join(missing)} (params.yaml holds every setting)")
     values = {}
     for f in dataclasses.fields(cls):
         value = _convert(tree[f.name], hints[f.name], f"{where}.{f.name}")
         choices = f.metadata.get("choices")
         if choices and value not in choices and not (f.metadata.get("or_path") and value):
-            raise ParamsError(f"params {where}.{f.name}: {value!r} is not one of {', '.join(choices)}")
+            raise ParamsError(f"{where}.{f.name}: {value!r} is not one of {', '.join(choices)}")
         values[f.name] = value
     return cls(**values)
 
@@ -229,7 +229,7 @@ class TrainParams:
     patience: int = _help("early-stopping patience (epochs) on validation mean IoU")
     reduce_lr_patience: int = _help("lower the learning rate after N epochs without validation gain (0: never)")
     reduce_lr_factor: float = _help("learning-rate factor of each reduction")
-    max_minutes: float = _help("wall-clock budget of the training loop in minutes (0: none); stops after the epoch that crosses it")
+    max_minutes: float = _help("wall-clock budget of the training loop in minutes (0: none); no epoch starts that would overrun it")
     seed: int = _help("random seed")
 
 

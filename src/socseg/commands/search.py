@@ -62,7 +62,7 @@ def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size,
 @click.option("--out", default=f"{_OUTPUTS}/prepare.json", show_default=True, type=click.Path(dir_okay=False))
 def prepare(task, data_dir, params_file, out) -> None:
     """Record slab splits, training-slab normalisation and the data fingerprint (DVC stage)."""
-    from socseg.training.pipeline import prepare as run_prepare
+    from socseg.data.prepare import prepare as run_prepare
 
     summary = run_prepare(load_with(params_file, data=dict(dir=data_dir), train=dict(task=task)), out)
     click.echo(f"prepared {len(summary['volumes'])} volume(s), fingerprint {summary['data_fingerprint'][:12]} -> {out}")

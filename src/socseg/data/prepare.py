@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -118,3 +119,42 @@ def prepare_data(params: Mapping | Params, volumes: Sequence[Volume], task: str)
         slabs=slabs,
         fingerprint=volumes_fingerprint([dict(v.meta.checksums) for v in volumes]),
     )
+
+
+# --------------------------------------------------------------------------- the prepare stage
+
+
+def write_json(data: Mapping, path: str | Path) -> None:
+    """Write a stage's small JSON output atomically (DVC never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def prepare(params: Mapping | Params, out: str | Path) -> dict:
+    """Record each volume's slab split, the training-slab normalisation and the data fingerprint.
+
+    Training recomputes the same (deterministic) split and normalisation; this file is what DVC
+    tracks, so changing the data or the split/normalise params reruns everything downstream.
+    """
+    p = typed(params)
+    data = prepare_data(p, load_labelled_volumes(p), p.train.task)
+    summary = {
+        "volumes": {slab.name: {"shape": list(slab.volume.image.shape), **data.splits[slab.name].to_dict()}
+                    for slab in data.slabs["train"]},
+        "normalisation": data.normaliser.to_dict(),
+        "class_names": data.class_names,
+        "phase_map": {str(k): v for k, v in data.phase_map.items()},
+        "data_fingerprint": data.fingerprint,
+    }
+    write_json(summary, out)
+    return summary

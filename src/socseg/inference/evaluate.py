@@ -41,6 +41,19 @@ class Evaluation:
         return segmentation_scores(self.confusion, self.class_names)
 
 
+def slab_confusion(slab: Slab, classes: np.ndarray, task: str, start: int | None = None) -> np.ndarray:
+    """Confusion matrix of predicted task ``classes`` for slices ``start..`` of ``slab`` (default:
+    the slab's first) against the slab's labels: how every socseg score, and the benchmarks'
+    baselines, count pixels."""
+    start = slab.z_range[0] if start is None else start
+    stop = start + len(classes)
+    if not slab.z_range[0] <= start < stop <= slab.z_range[1]:
+        raise ValueError(f"slices {start}:{stop} are not in slab {slab.name} {slab.z_range}")
+    volume = slab.volume
+    truth = task_targets(volume.class_index(slice(start, stop)), task, volume.class_names)
+    return confusion_matrix(truth, classes, len(task_class_names(task, volume.class_names)))
+
+
 def score_slabs(
     predictor: Predictor,
     slabs: Sequence[Slab],
@@ -80,8 +93,7 @@ def score_slabs(
             seconds += time.perf_counter() - began
             if task != config.task:  # a phases model scored on Ni vs rest
                 classes = (classes == config.class_names.index(NI_PHASE)).astype(np.uint8)
-            truth = task_targets(volume.class_index(slice(chunk.start, chunk.stop)), task, volume.class_names)
-            cm += confusion_matrix(truth, classes, len(class_names))
+            cm += slab_confusion(slab, classes, task, chunk.start)
             if kept is not None:
                 kept[chunk.start - start : chunk.stop - start] = classes
             began = time.perf_counter()

@@ -141,7 +141,12 @@ def segment(
     source, output = check_paths(source, output, overwrite)
     started = time.perf_counter()
     with SliceReader(source) as reader:
-        volume = checked(reader.read(0, reader.shape[0]))
+        # Checked chunk by chunk, as without --multi-axis: a few slices on another grey scale are
+        # refused even when the rest of the volume would dilute them below the limit.
+        volume = np.empty(reader.shape, reader.dtype)
+        for start in range(0, reader.shape[0], slice_batch):
+            stop = min(start + slice_batch, reader.shape[0])
+            volume[start:stop] = checked(reader.read(start, stop))
     z, y, x = volume.shape
     with _progress(z + y + x, "segment (3 axes)", progress) as bar:
         probs = predictor.multi_axis_probabilities(volume, chunk=slice_batch, progress=bar.update, **window)

@@ -1,7 +1,9 @@
-"""The DVC stages after the data: prepare -> search -> evaluate -> register.
+"""The DVC stages after the search: evaluate (test slabs) and register (the champion gate).
 
 Each stage reads params.yaml and the previous stage's small JSON output, so ``dvc repro`` knows
-what to rerun. The test slab is touched only here, after the search has chosen on validation.
+what to rerun (``prepare`` is :func:`socseg.data.prepare.prepare`, ``search`` is
+:mod:`socseg.training.search`). The test slab is touched only here, after the search has chosen
+on validation.
 """
 
 from __future__ import annotations
@@ -13,49 +15,12 @@ from typing import Mapping
 import mlflow
 import numpy as np
 
-from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data
+from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data, read_json, write_json
 from socseg.inference.evaluate import Evaluation, score_slabs
 from socseg.inference.predictor import Predictor
 from socseg.inference.pyfunc import model_config
 from socseg.params import Params, typed
 from socseg.training import tracking
-
-
-def _write_json(data: Mapping, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-
-
-def read_json(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
-    return json.loads(path.read_text())
-
-
-def prepare(params: Mapping | Params, out: str | Path) -> dict:
-    """Record each volume's slab split, the training-slab normalisation and the data fingerprint.
-
-    Training recomputes the same (deterministic) split and normalisation; this file is what DVC
-    tracks, so changing the data or the split/normalise params reruns everything downstream.
-    """
-    p = typed(params)
-    data = prepare_data(p, load_labelled_volumes(p), p.train.task)
-    summary = {
-        "volumes": {
-            name: {"shape": list(slab.volume.image.shape), **data.splits[name].to_dict()}
-            for name, slab in ((s.name, s) for s in data.slabs["train"])
-        },
-        "normalisation": data.normaliser.to_dict(),
-        "class_names": data.class_names,
-        "phase_map": {str(k): v for k, v in data.phase_map.items()},
-        "data_fingerprint": data.fingerprint,
-    }
-    _write_json(summary, out)
-    return summary
 
 
 def test_data(params: Mapping | Params, task: str) -> PreparedData:
@@ -123,7 +88,7 @@ def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | 
     result = {**metrics, "model_uri": model_uri, "best_trial": search["best_trial"],
               "best_run_id": search["best_run_id"], "study_name": search["study_name"],
               "confusion_matrix": evaluation.confusion.tolist(), "class_names": evaluation.class_names}
-    _write_json(result, out)
+    write_json(result, out)
     return result
 
 
@@ -175,5 +140,5 @@ def register(params: Mapping | Params, search_json: str | Path, metrics_json: st
             **{k: f"{v:.6f}" for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)},
         },
     )
-    _write_json(promotion.to_dict(), out)
+    write_json(promotion.to_dict(), out)
     return promotion.to_dict()

@@ -56,20 +56,29 @@ class SlabValidation(keras.callbacks.Callback):
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stops training after the epoch that crosses ``train.max_minutes`` of wall-clock time.
+    """Stops training within ``train.max_minutes`` of wall-clock time (0: no budget).
 
-    Benchmarks compare models at equal training time across machines; the best epoch so far is
-    kept (:class:`KeepBest`), and the run is tagged with how it ended.
+    Training stops after the epoch that reaches the budget, or earlier when the next epoch,
+    judged by the last one, would overrun it; never by the first epoch alone, which includes
+    compilation (36-67 s for VGG16/ResNet50 under JAX on an H100, against 2 s epochs). Benchmarks
+    compare models at equal training time this way; the best epoch so far is kept (:class:`KeepBest`).
     """
 
     def __init__(self, minutes: float):
         super().__init__()
         self.seconds = 60.0 * float(minutes)
-        self.started = time.perf_counter()
+        self.started: float | None = None  # the first fit; the fine-tune schedule calls fit twice
         self.exhausted = False
 
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.last = time.perf_counter()
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.seconds > 0 and time.perf_counter() - self.started >= self.seconds:
+        now = time.perf_counter()
+        elapsed, epoch_seconds, self.last = now - self.started, now - self.last, now
+        if self.seconds > 0 and (elapsed >= self.seconds or (epoch >= 1 and elapsed + epoch_seconds > self.seconds)):
             self.exhausted = True
             self.model.stop_training = True
 
