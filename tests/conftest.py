@@ -84,3 +84,15 @@ def _write_slices(folder: Path, stem: str, arrays, width: int = 3, ext: str = ".
 def write_slices():
     """Write arrays as one TIFF per slice, ``<stem><number><ext>`` as microscopes export them."""
     return _write_slices
+
+
+@pytest.fixture(scope="session")
+def serving_client():
+    """``serving/client.py`` as a module (a script, not part of the package): the REST client,
+    ``local_server`` and ``free_port`` that tests share."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serving_client", REPO / "serving" / "client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

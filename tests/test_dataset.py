@@ -67,3 +67,10 @@ def test_2p5d_crops_carry_neighbours_from_the_same_slab_only():
         z = int(label[0, 0])
         assert crop[0, 0].tolist() == [max(z - 1, 0), z, min(z + 1, depth - 1)]  # clamped at the slab's ends
         assert np.ptp(crop, axis=(0, 1)).max() == 0  # geometric augmentation moves all channels together
+
+
+def test_augmentation_from_the_params_section(params):
+    from socseg.params import typed
+
+    params["tiles"]["augment"].update(flips=False, rot90=True, intensity_jitter=0.03)
+    assert Augmentation.from_params(typed(params).tiles.augment) == Augmentation(False, True, 0.03)

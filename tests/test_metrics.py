@@ -66,6 +66,21 @@ def test_absent_class_scores_one():
         segmentation_scores(cm, ["rest", "ni"])
 
 
+def test_scores_carry_the_ni_volume_fraction_and_its_error():
+    # truth: 3 of 8 pixels Ni; prediction: 4 of 8 (one pore pixel called Ni)
+    truth = np.array([0, 0, 1, 1, 2, 2, 2, 1])
+    pred = np.array([0, 2, 1, 1, 2, 2, 2, 1])
+    scores = segmentation_scores(confusion_matrix(truth, pred, 3), ["pore", "ysz", "ni"])
+    assert scores["ni_fraction_true"] == pytest.approx(3 / 8)
+    assert scores["ni_fraction_pred"] == pytest.approx(4 / 8)
+    assert scores["ni_fraction_error"] == pytest.approx(1 / 8)
+    binary = segmentation_scores(confusion_matrix((truth == 2).astype(int), (pred == 2).astype(int), 2), ["rest", "ni"])
+    assert binary["ni_fraction_error"] == pytest.approx(1 / 8)
+    # No Ni class (or nothing scored): no fraction keys
+    assert not any(k.startswith("ni_fraction") for k in segmentation_scores(np.eye(2), ["pore", "ysz"]))
+    assert not any(k.startswith("ni_fraction") for k in segmentation_scores(np.zeros((2, 2)), ["rest", "ni"]))
+
+
 def test_probabilities_to_classes():
     p = np.array([[0.2, 0.5], [0.51, 0.9]])
     expected = [[0, 0], [1, 1]]

@@ -11,7 +11,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,6 @@ N_TRIALS = 4  # study-wide target: 2-3 trials per worker (~25 s each here when b
 WORKERS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _read_env_file(path: Path) -> dict[str, str]:
     """The ``export KEY='value'`` lines that lab_services.sh writes to lab.env."""
     values = {}
@@ -45,7 +38,7 @@ def _read_env_file(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def lab():
+def lab(serving_client):
     """``{"storage", "tracking_uri", "env"}`` of running services; started here only if not given."""
     try:
         import psycopg2  # noqa: F401
@@ -59,8 +52,8 @@ def lab():
     directory = Path(tempfile.mkdtemp(prefix="socseg-lab-"))
     directory.chmod(0o755)
     script = ["bash", str(REPO / "scripts" / "lab_services.sh")]
-    pg_port = _free_port()
-    mlflow_port = next(port for port in iter(_free_port, None) if port != pg_port)
+    pg_port = serving_client.free_port()
+    mlflow_port = serving_client.free_port({pg_port})
     env = {**os.environ, "LAB_PG_PORT": str(pg_port), "LAB_MLFLOW_PORT": str(mlflow_port),
            "LAB_PYTHON": sys.executable, "LAB_TIMEOUT": "90"}
     try:

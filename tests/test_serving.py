@@ -3,7 +3,6 @@ bad requests get a 4xx naming the problem while the server keeps serving, served
 local pyfunc.predict, and serving/client.py segments a volume through it."""
 
 import base64
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -21,13 +20,6 @@ NAME = "socseg-tiny"
 MAX_PIXELS = 512 * 512
 
 
-def _client_module():
-    spec = importlib.util.spec_from_file_location("serving_client", REPO / "serving" / "client.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _tiff_b64(array: np.ndarray) -> str:
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, array, compression="zlib")
@@ -39,7 +31,7 @@ def _frame(*slices: str) -> dict:
 
 
 @pytest.fixture()
-def server(tiny_params, mlflow_env, tmp_path):
+def server(tiny_params, mlflow_env, tmp_path, serving_client):
     """Train a 2.5D model (one neighbour per side), register as NAME@champion, serve; yields
     (url, model URI); the server always stops."""
     from mlflow.tracking import MlflowClient
@@ -52,7 +44,7 @@ def server(tiny_params, mlflow_env, tmp_path):
     version = mlflow.register_model(result.model_uri, NAME)
     MlflowClient().set_registered_model_alias(NAME, "champion", version.version)
     uri = f"models:/{NAME}@champion"
-    with _client_module().local_server(uri, timeout=60, log_path=tmp_path / "server.log") as (url, _):
+    with serving_client.local_server(uri, timeout=60, log_path=tmp_path / "server.log") as (url, _):
         yield url, uri
 
 
@@ -94,7 +86,7 @@ def _bad_requests() -> list[tuple[str, bytes, str, str]]:
 
 
 @pytest.mark.slow
-def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(server, shared_data, tmp_path):
+def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(server, shared_data, tmp_path, serving_client):
     url, uri = server
     invocations = f"{url}/invocations"
     good = {"inputs": np.full((1, 40, 50), 30000, np.uint16).tolist()}
@@ -134,7 +126,7 @@ def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(serve
     from socseg.inference.predictor import ModelConfig
     from socseg.inference.pyfunc import model_config
 
-    client = _client_module()
+    client = serving_client
     described = client.RestSegmenter(url).describe()
     assert ModelConfig.from_dict(described) == model_config(uri) and described["context_slices"] == 1
     assert client.label_phase_map(described) == {0: "rest", 255: "ni"}
@@ -172,8 +164,8 @@ def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(serve
     assert tifffile.imread(volume).shape == (3, 501, 501)
 
 
-def test_client_retries_connection_errors_then_gives_up(tmp_path):
-    client = _client_module()
+def test_client_retries_connection_errors_then_gives_up(tmp_path, serving_client):
+    client = serving_client
     volume = tmp_path / "v.tif"
     tifffile.imwrite(volume, np.zeros((2, 20, 20), np.uint16), photometric="minisblack")
     rest = client.RestSegmenter(f"http://127.0.0.1:{client.free_port()}", retries=2, backoff=0.01)
@@ -194,9 +186,9 @@ def test_client_retries_connection_errors_then_gives_up(tmp_path):
         (["--no-tta"], {"tta": False}),
     ],
 )
-def test_client_options_become_request_params(tmp_path, monkeypatch, flags, params):
+def test_client_options_become_request_params(tmp_path, monkeypatch, flags, params, serving_client):
     """What client.py's options put in each request's "params" (no server: the request body is built here)."""
-    client = _client_module()
+    client = serving_client
     calls = []
 
     def capture(url, source, output, **kwargs):

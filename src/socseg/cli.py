@@ -7,17 +7,9 @@ import os
 import click
 
 from socseg import __version__
+from socseg.commands.options import CommandError
 
 DEBUG_ENV = "SOCSEG_DEBUG"
-
-
-class CommandError(click.ClickException):
-    """Any failure of a command, shown as one line ``error: <what>``; exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 def one_line(error: BaseException) -> str:

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
+from socseg.commands.options import CommandError
 from socseg.data.synth import BUILTIN_SAMPLE, materialise_sample, synth_from_params
 from socseg.data.volumes import Volume, VolumeError, import_slices, load_volume, parse_phase_map, save_volume, volume_dir
 from socseg.params import load_params, typed
-
-
-class DataError(click.ClickException):
-    """A bad-input error: ``error: <message>`` on stderr, exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 def _target(name: str, data_dir: str | None, params: dict, overwrite: bool) -> Path:
@@ -84,7 +75,7 @@ def import_(
         volume = import_slices(name, images, labels, phase_map=mapping, voxel_size_nm=voxel_size)
         save_volume(volume, target, overwrite=overwrite)
     except (VolumeError, OSError) as exc:  # OSError: params file or disk problems
-        raise DataError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     click.echo(f"imported {_summary(volume, target)}")
 
 
@@ -107,5 +98,5 @@ def synth(name: str, shape: str | None, seed: int | None, data_dir: str | None, 
             volume = synth_from_params(params, name, shape=_parse_shape(shape), seed=seed)
             save_volume(volume, target, overwrite=overwrite)
     except (VolumeError, OSError) as exc:  # OSError: params file or disk problems
-        raise DataError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     click.echo(f"synthesised {_summary(volume, target)}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from socseg.commands.data import DataError
+from socseg.commands.options import CommandError
 from socseg.analysis.microstructure import (
     TPB_ISOTROPIC_CORRECTION,
     MicrostructureError,
@@ -129,7 +129,7 @@ def microstructure(
         pred_result = _measure(pred, voxel_nm, **options)
         true_result = _measure(reference, voxel_nm, **options) if reference is not None else None
     except (VolumeError, MicrostructureError, OSError) as exc:  # VolumeError/MicrostructureError: bad input
-        raise DataError(str(exc)) from None
+        raise CommandError(str(exc)) from None
 
     if true_result is not None and true_result.shape != pred_result.shape:
         pred_result.notes.append(f"shapes differ: {pred_result.shape} vs truth {true_result.shape}")

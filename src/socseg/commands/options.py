@@ -1,4 +1,5 @@
-"""Click options made from the parameter schema, so a setting is declared once (socseg.params)."""
+"""What the commands share: options made from the parameter schema (a setting is declared once, in
+socseg.params), the params they read, and the one-line error."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ from typing import Any, Callable, Iterable, Mapping
 import click
 
 from socseg.params import Params, load_params, override
+
+
+class CommandError(click.ClickException):
+    """Any failure of a command, shown as one line ``error: <what>``; exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
 
 
 class Blankable(click.ParamType):

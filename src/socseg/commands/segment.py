@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from socseg.commands.data import DataError
-from socseg.commands.options import param_option
+from socseg.commands.options import CommandError, param_option
 
 
 @click.command()
@@ -54,6 +53,6 @@ def segment(
             allow_out_of_range=allow_out_of_range,
         )
     except (VolumeError, GreyRangeError, OSError, MlflowException) as exc:
-        raise DataError(getattr(exc, "message", None) or str(exc)) from None
+        raise CommandError(getattr(exc, "message", None) or str(exc)) from None
     z, h, w = result.shape
     click.echo(f"segmented {z}x{h}x{w} in {result.seconds:.1f} s ({result.slices_per_second:.2f} slices/s) -> {result.output}")
