@@ -255,7 +255,7 @@ class SearchParams:
     def __post_init__(self) -> None:
         bad = [e for e in self.encoders if e not in ENCODERS]
         if bad:
-            raise ParamsError(f"params search.encoders: {', '.join(bad)} not among {', '.join(ENCODERS)}")
+            raise ParamsError(f"params.search.encoders: {', '.join(bad)} not among {', '.join(ENCODERS)}")
 
 
 @dataclass(frozen=True)
@@ -276,14 +276,17 @@ class InferenceParams:
     tta: bool = _help("8-fold flip/rotation test-time augmentation")
     batch_size: int = _help("tiles per forward pass")
     slice_batch: int = _help("slices per streamed chunk and per REST request")
+    chunk_depth: int = _help("slices per z-chunk of a Zarr output: one task of a (Dask) run")
     max_slice_pixels: int = _help("largest slice the served model accepts")
     max_clipped_fraction: float = _help("refuse input with more pixels than this outside the model's grey range")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.step_fraction <= 1.0:
-            raise ParamsError(f"params inference.step_fraction must be in (0, 1], got {self.step_fraction}")
+            raise ParamsError(f"params.inference.step_fraction must be in (0, 1], got {self.step_fraction}")
+        if self.chunk_depth < 1:
+            raise ParamsError(f"params.inference.chunk_depth must be >= 1, got {self.chunk_depth}")
         if not 0.0 < self.max_clipped_fraction <= 1.0:
-            raise ParamsError(f"params inference.max_clipped_fraction must be in (0, 1], got {self.max_clipped_fraction}")
+            raise ParamsError(f"params.inference.max_clipped_fraction must be in (0, 1], got {self.max_clipped_fraction}")
 
 
 @dataclass(frozen=True)

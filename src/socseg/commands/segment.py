@@ -1,6 +1,9 @@
-"""``socseg segment``: whole-volume segmentation with a logged pyfunc segmenter, no server."""
+"""``socseg segment``: whole-volume segmentation with a logged model: a TIFF label stack, or a
+chunked Zarr store written by this process or by a Dask cluster."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -9,15 +12,18 @@ from socseg.commands.options import CommandError, param_option
 
 @click.command()
 @click.argument("model_uri")
-@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
-@click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (never INPUT).")
+@click.argument("input_path", metavar="INPUT")
+@click.argument("output", type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (never INPUT); a .zarr OUTPUT is otherwise resumed.")
 @param_option("inference", "slice_batch")
+@param_option("inference", "chunk_depth")
+@click.option("--scheduler", default=None, metavar="local[:N] | tcp://HOST:PORT",
+              help="Segment a .zarr OUTPUT on a Dask cluster: N local worker processes, or the scheduler at an address.")
 @click.option("--tta/--no-tta", default=None, help="8-fold flip/rotation test-time augmentation [default: the model's setting].")
 @click.option(
     "--step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), help="Tile step / tile size [default: the model's]."
 )
-@click.option("--multi-axis", is_flag=True, help="Average predictions along z, y and x (holds the volume in memory).")
+@click.option("--multi-axis", is_flag=True, help="Average predictions along z, y and x (holds the volume in memory; .tif OUTPUT).")
 @click.option(
     "--allow-out-of-range",
     is_flag=True,
@@ -25,34 +31,59 @@ from socseg.commands.options import CommandError, param_option
 )
 @click.option("--tracking-uri", help="Where models:/ and runs:/ URIs resolve [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
 def segment(
-    model_uri, input_path, output, overwrite, slice_batch, tta, step_fraction, multi_axis, allow_out_of_range, tracking_uri
+    model_uri, input_path, output, overwrite, slice_batch, chunk_depth, scheduler, tta, step_fraction, multi_axis,
+    allow_out_of_range, tracking_uri
 ) -> None:
-    """Segment INPUT (multi-page TIFF, folder of slice TIFFs or volume directory) with MODEL_URI
-    (e.g. models:/socseg-ni@champion, runs:/<id>/segmenter) into the label stack OUTPUT (.tif)."""
+    """Segment INPUT with MODEL_URI (e.g. models:/socseg-ni@champion, runs:/<id>/segmenter).
+
+    INPUT: a multi-page TIFF, a folder of slice TIFFs, a socseg volume directory, an HDF5 dataset
+    (scan.h5:/entry/data/data) or a Zarr / OME-Zarr array. OUTPUT: a label stack (.tif), or a
+    chunked OME-Zarr store (.zarr), resumable, written here or on a Dask cluster (--scheduler).
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from socseg.data.volumes import VolumeError
     from socseg.inference.predictor import GreyRangeError
-    from socseg.inference.segment import segment as run_segment
     from socseg.params import load_params, typed
     from socseg.training.tracking import tracking_uri as resolve_tracking_uri
 
+    zarr_output = Path(output).suffix.lower() == ".zarr"
+    if scheduler and not zarr_output:
+        raise CommandError("--scheduler writes a chunked .zarr OUTPUT; name one (e.g. labels.zarr)")
+    if multi_axis and zarr_output:
+        raise CommandError("--multi-axis holds the whole volume in one process: use a .tif OUTPUT")
     try:
         params = typed(load_params())
-        mlflow.set_tracking_uri(resolve_tracking_uri(params, tracking_uri))
-        result = run_segment(
-            model_uri,
-            input_path,
-            output,
-            overwrite=overwrite,
-            slice_batch=slice_batch or params.inference.slice_batch,
-            tta=tta,
-            step_fraction=step_fraction,
-            multi_axis=multi_axis,
-            allow_out_of_range=allow_out_of_range,
-        )
+        uri = resolve_tracking_uri(params, tracking_uri)
+        mlflow.set_tracking_uri(uri)
+        if zarr_output:
+            from socseg.inference.distributed import describe, segment_to_zarr
+
+            result = segment_to_zarr(
+                model_uri, input_path, output, chunk_depth=chunk_depth or params.inference.chunk_depth,
+                tracking_uri=uri, scheduler=scheduler, overwrite=overwrite, tta=tta, step_fraction=step_fraction,
+                allow_out_of_range=allow_out_of_range,
+            )
+        else:
+            from socseg.inference.segment import segment as run_segment
+
+            result = run_segment(
+                model_uri,
+                input_path,
+                output,
+                overwrite=overwrite,
+                slice_batch=slice_batch or params.inference.slice_batch,
+                tta=tta,
+                step_fraction=step_fraction,
+                multi_axis=multi_axis,
+                allow_out_of_range=allow_out_of_range,
+            )
     except (VolumeError, GreyRangeError, OSError, MlflowException) as exc:
         raise CommandError(getattr(exc, "message", None) or str(exc)) from None
     z, h, w = result.shape
     click.echo(f"segmented {z}x{h}x{w} in {result.seconds:.1f} s ({result.slices_per_second:.2f} slices/s) -> {result.output}")
+    if zarr_output:
+        click.echo(f"{result.n_chunks} chunk(s) of {chunk_depth or params.inference.chunk_depth} slices, "
+                   f"{result.n_skipped} already finished by an earlier run")
+        click.echo(describe(result))

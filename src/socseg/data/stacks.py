@@ -42,34 +42,119 @@ from socseg.data.volumes import (
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs")
+ZARR_SUFFIXES = (".zarr",)
+
+
+def split_hdf5_path(text: str | os.PathLike) -> tuple[Path, str] | None:
+    """``"scan.h5:/entry/data/data"`` -> (file, dataset path); None for anything that is not HDF5.
+
+    The NeXus / synchrotron convention: a file and the path of the 3-D dataset inside it.
+    """
+    text = str(text)
+    for suffix in HDF5_SUFFIXES:
+        marker = text.lower().find(suffix + ":")
+        if marker >= 0:
+            cut = marker + len(suffix)
+            return Path(text[:cut]), text[cut + 1 :] or "/"
+        if text.lower().endswith(suffix):
+            return Path(text), ""
+    return None
+
+
+def open_zarr_array(path: str | os.PathLike, mode: str = "r") -> Any:
+    """The 3-D array of a Zarr store: the array itself, or an (OME-)Zarr group's full-resolution
+    level (its first multiscales dataset, else its only array)."""
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode=mode)
+    except Exception as exc:  # zarr raises many types for missing or corrupt stores
+        raise VolumeError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from None
+    if isinstance(node, zarr.Array):
+        return node
+    attrs = dict(node.attrs)
+    multiscales = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+    if multiscales:
+        return node[multiscales[0]["datasets"][0]["path"]]
+    arrays = [name for name, _ in node.arrays()]
+    if len(arrays) == 1:
+        return node[arrays[0]]
+    raise VolumeError(f"{path}: a Zarr group without OME multiscales metadata and with {len(arrays)} arrays "
+                      f"({', '.join(sorted(arrays)) or 'none'}): name the array, e.g. {path}/<array>")
+
+
 class SliceReader:
-    """Grey slices of a multi-page TIFF, a folder of slice TIFFs or a socseg volume directory,
-    read a few at a time. Use as a context manager (a TIFF file stays open while streaming)."""
+    """Grey slices of a multi-page TIFF, a folder of slice TIFFs, a socseg volume directory, an
+    HDF5 dataset (``scan.h5:/entry/data/data``) or a Zarr / OME-Zarr array, read a few at a time
+    (HDF5 and Zarr lazily, chunk by chunk: never the whole volume). Use as a context manager (a
+    TIFF or HDF5 file stays open while streaming)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._tif: tifffile.TiffFile | None = None
+        self._h5: Any = None
+        self._lazy: Any = None  # an h5py dataset or a zarr array: sliced on demand
         self._files: list[Path] = []
         self._whole: np.ndarray | None = None
         source = self.path
-        if source.is_dir() and (source / META_FILE).is_file():
-            source = source / IMAGE_FILE
-        if source.is_dir():
-            files = [p for p in source.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES]
-            if not files:
-                raise VolumeError(f"{source}: no .tif/.tiff files")
-            self._files = [p for _, p in slices_by_index(files, "image")]
-            first, _ = read_slice_file(self._files[0])
-            if first.ndim != 2:
-                raise VolumeError(f"{self._files[0]}: expected one 2-D grey slice, got shape {first.shape}")
-            self.shape = (len(self._files), *first.shape)
-            self.dtype = first.dtype
-        elif source.is_file():
-            self._open_tiff(source)
+        hdf5 = split_hdf5_path(path)
+        if hdf5 is not None:
+            self._open_hdf5(*hdf5)
+            source = hdf5[0]
+        elif source.suffix.lower() in ZARR_SUFFIXES or (source / "zarr.json").is_file() or (source / ".zarray").is_file():
+            self._open_lazy(open_zarr_array(source), source)
         else:
-            raise VolumeError(f"{source}: no such file or directory")
+            if source.is_dir() and (source / META_FILE).is_file():
+                source = source / IMAGE_FILE
+            if source.is_dir():
+                files = [p for p in source.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES]
+                if not files:
+                    raise VolumeError(f"{source}: no .tif/.tiff files")
+                self._files = [p for _, p in slices_by_index(files, "image")]
+                first, _ = read_slice_file(self._files[0])
+                if first.ndim != 2:
+                    raise VolumeError(f"{self._files[0]}: expected one 2-D grey slice, got shape {first.shape}")
+                self.shape = (len(self._files), *first.shape)
+                self.dtype = first.dtype
+            elif source.is_file():
+                self._open_tiff(source)
+            else:
+                raise VolumeError(f"{source}: no such file or directory")
         if self.dtype.name not in ("uint8", "uint16", "float32"):
             raise VolumeError(f"{source}: image dtype {self.dtype} not allowed (allowed: uint8, uint16, float32)")
+
+    def _open_hdf5(self, file: Path, dataset: str) -> None:
+        import h5py
+
+        if not file.is_file():
+            raise VolumeError(f"{file}: no such HDF5 file")
+        try:
+            self._h5 = h5py.File(file, "r")
+        except OSError as exc:
+            raise VolumeError(f"{file}: not a readable HDF5 file ({exc})") from None
+        if not dataset:
+            found: list[str] = []
+            self._h5.visititems(lambda name, node: found.append(name) if isinstance(node, h5py.Dataset) and node.ndim == 3 else None)
+            self.close()
+            raise VolumeError(f"{file}: name the dataset, e.g. {file}:/{found[0] if found else 'entry/data/data'}"
+                              + (f" (3-D datasets: {', '.join(found)})" if found else " (it holds no 3-D dataset)"))
+        node = self._h5.get(dataset)
+        if not isinstance(node, h5py.Dataset):
+            self.close()
+            raise VolumeError(f"{file}: no dataset {dataset!r}" + (" (that is a group)" if node is not None else ""))
+        try:
+            self._open_lazy(node, Path(f"{file}:{dataset}"))
+        except VolumeError:
+            self.close()
+            raise
+
+    def _open_lazy(self, array: Any, where: Path) -> None:
+        if len(array.shape) != 3:
+            raise VolumeError(f"{where}: expected a 3-D (Z, Y, X) grey volume, got shape {tuple(array.shape)}")
+        self._lazy = array
+        self.shape = tuple(int(n) for n in array.shape)
+        self.dtype = np.dtype(array.dtype)
 
     def _open_tiff(self, source: Path) -> None:
         try:
@@ -101,6 +186,8 @@ class SliceReader:
         """Slices ``[start, stop)`` as ``(n, H, W)``, checked (dtype, shape, NaN/inf)."""
         if self._whole is not None:
             batch = self._whole[start:stop]
+        elif self._lazy is not None:
+            batch = np.asarray(self._lazy[start:stop])
         elif self._tif is not None:
             try:
                 batch = np.stack([series.asarray(key=k) for series, k in self._keys[start:stop]])
@@ -124,6 +211,9 @@ class SliceReader:
         if self._tif is not None:
             self._tif.close()
             self._tif = None
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
 
     def __enter__(self) -> "SliceReader":
         return self
@@ -137,10 +227,13 @@ class SliceReader:
 
 def check_paths(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
     """Refuse what would lose data, before any slow work: OUTPUT must be a new ``.tif`` (or
-    ``overwrite``), never INPUT itself nor inside an INPUT folder."""
-    source, output = Path(source), Path(output)
-    if output.suffix.lower() not in TIFF_SUFFIXES:
-        raise VolumeError(f"{output}: OUTPUT must be a .tif/.tiff file (a label stack)")
+    ``overwrite``), or a ``.zarr`` store (an existing one is resumed, see
+    :class:`socseg.data.chunked.ChunkedLabels`), never INPUT itself nor inside an INPUT folder."""
+    hdf5 = split_hdf5_path(source)
+    source, output = (hdf5[0] if hdf5 else Path(source)), Path(output)
+    zarr_output = output.suffix.lower() in ZARR_SUFFIXES
+    if output.suffix.lower() not in TIFF_SUFFIXES and not zarr_output:
+        raise VolumeError(f"{output}: OUTPUT must be a .tif/.tiff file (a label stack) or a .zarr store (chunked labels)")
     if not source.exists():
         raise VolumeError(f"{source}: no such file or directory")
     src, out = source.resolve(), output.resolve()
@@ -148,6 +241,10 @@ def check_paths(source: str | os.PathLike, output: str | os.PathLike, overwrite:
         raise VolumeError(f"{output} is the INPUT: refusing to overwrite the grey volume")
     if source.is_dir() and out.is_relative_to(src):
         raise VolumeError(f"{output} lies inside the INPUT folder {source}: write it elsewhere")
+    if zarr_output:
+        if output.exists() and not output.is_dir():
+            raise VolumeError(f"{output} exists and is not a Zarr store")
+        return source, output
     if output.is_dir():
         raise VolumeError(f"{output} is a directory")
     if output.exists() and not overwrite:

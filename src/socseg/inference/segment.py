@@ -71,11 +71,11 @@ def segment_stream(
     ``context_slices``), and ``predict_chunk(slices, before, after)`` returns the labels of the
     slices between the ``before`` and ``after`` context slices.
     """
-    source, output = check_paths(source, output, overwrite)
+    _, output = check_paths(source, output, overwrite)
     if slice_batch < 1:
         raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
     started = time.perf_counter()
-    with SliceReader(source) as reader:
+    with SliceReader(source) as reader:  # source as given: an HDF5 path names its dataset
         with LabelStackWriter(output, reader.shape, metadata) as writer, _progress(reader.shape[0], "segment", progress) as bar:
             for chunk in iter_chunks(reader.shape[0], slice_batch, context_slices):
                 stack = reader.read(chunk.read.start, chunk.read.stop)
@@ -138,7 +138,7 @@ def segment(
                               slice_batch=slice_batch, overwrite=overwrite, metadata=metadata, progress=progress)
 
     # Multi-axis: z, y and x planes averaged (volume-segmantics); holds the volume in memory.
-    source, output = check_paths(source, output, overwrite)
+    _, output = check_paths(source, output, overwrite)
     started = time.perf_counter()
     with SliceReader(source) as reader:
         # Checked chunk by chunk, as without --multi-axis: a few slices on another grey scale are

@@ -1,0 +1,216 @@
+"""Whole volumes into a chunked Zarr store, in this process or on a Dask cluster.
+
+``socseg segment MODEL INPUT OUTPUT.zarr [--scheduler local[:N] | tcp://HOST:PORT]``. The volume is
+cut into z-chunks of ``inference.chunk_depth`` slices; one task segments one z-chunk, read with
+the model's 2.5D context slices around it, with the predictor that ``socseg segment`` and the
+served model use, and writes it into :class:`socseg.data.chunked.ChunkedLabels`. Without a
+scheduler the same tasks run here one after the other, so both paths write the same store.
+
+Dask distributed is the engine: a ``LocalCluster`` on one machine, ``dask scheduler`` /
+``dask worker`` processes on a cluster, dask-jobqueue on SLURM or PBS. Each worker process loads
+the model once (:func:`worker_predictor` caches it) and reuses it for all its tasks; only the
+model URI and file paths travel, never volumes. Finished chunks are recorded in the store, so an
+interrupted run (Ctrl-C, a killed client or worker) is resumed by running the command again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+from socseg.data.chunked import ChunkedLabels
+from socseg.data.context import iter_chunks
+from socseg.data.stacks import SliceReader, check_paths, split_hdf5_path
+from socseg.data.volumes import META_FILE, VolumeError, VolumeMeta
+
+LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything a task needs, small enough to send to every worker."""
+
+    model_uri: str
+    tracking_uri: str
+    source: str
+    output: str
+    context_slices: int
+    tta: bool | None = None
+    step_fraction: float | None = None
+    allow_out_of_range: bool = False
+
+
+@dataclass
+class ZarrResult:
+    output: Path
+    shape: tuple[int, int, int]
+    seconds: float
+    n_chunks: int
+    n_skipped: int  # chunks a previous run had finished
+    per_worker: dict[str, dict[str, float]] = field(default_factory=dict)  # worker -> slices, seconds
+
+    @property
+    def slices_per_second(self) -> float:
+        done = sum(w["slices"] for w in self.per_worker.values())
+        return done / self.seconds if self.seconds > 0 else float("nan")
+
+
+@lru_cache(maxsize=2)
+def worker_predictor(model_uri: str, tracking_uri: str) -> Any:
+    """The predictor of ``model_uri``, loaded once per process (a Dask worker keeps it for all its tasks)."""
+    import mlflow
+
+    from socseg.inference.predictor import Predictor
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return Predictor.load(model_uri)
+
+
+def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
+    """Segment z-chunk ``index`` of ``job.source`` into ``job.output``: the task of every path."""
+    started = time.perf_counter()
+    predictor = worker_predictor(job.model_uri, job.tracking_uri)
+    store = ChunkedLabels.open(job.output)
+    start, stop = store.chunk(index)
+    piece = next(iter_chunks(store.shape[0], stop - start, job.context_slices, start, stop))
+    with SliceReader(job.source) as reader:
+        stack = reader.read(piece.read.start, piece.read.stop)
+    if not job.allow_out_of_range:
+        predictor.check_grey_range(stack)
+    classes = predictor.classes(stack, piece.before, piece.after, tta=job.tta, step_fraction=job.step_fraction)
+    store.write(index, predictor.to_labels(classes))
+    return {"index": index, "slices": stop - start, "seconds": time.perf_counter() - started, "worker": _worker_name()}
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()} (this process)"
+
+
+def _voxel_size_nm(source: str) -> float | None:
+    path = Path(source)
+    if split_hdf5_path(source) is None and (path / META_FILE).is_file():
+        return VolumeMeta.from_json((path / META_FILE).read_text(), str(path / META_FILE)).voxel_size_nm
+    return None
+
+
+def parse_scheduler(text: str) -> tuple[str, int | None]:
+    """``local`` / ``local:N`` (N worker processes on this machine) or a scheduler address."""
+    if text == LOCAL or text.startswith(LOCAL + ":"):
+        _, _, n = text.partition(":")
+        try:
+            workers = int(n) if n else None
+        except ValueError:
+            raise ValueError(f"--scheduler {text!r}: expected local, local:N or tcp://HOST:PORT") from None
+        if workers is not None and workers < 1:
+            raise ValueError(f"--scheduler {text!r}: at least one worker")
+        return LOCAL, workers
+    if "://" not in text:
+        raise ValueError(f"--scheduler {text!r}: expected local, local:N or tcp://HOST:PORT")
+    return text, None
+
+
+def _client(scheduler: str):
+    """A Dask client: a new loopback LocalCluster of worker processes, or the scheduler at an address."""
+    from distributed import Client, LocalCluster
+
+    address, n_workers = parse_scheduler(scheduler)
+    if address != LOCAL:
+        return Client(address, timeout="30s"), None
+    cluster = LocalCluster(n_workers=n_workers or max(1, (os.cpu_count() or 2) // 2), threads_per_worker=1,
+                           processes=True, host="127.0.0.1", dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def segment_to_zarr(
+    model_uri: str,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    chunk_depth: int,
+    tracking_uri: str,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    tta: bool | None = None,
+    step_fraction: float | None = None,
+    allow_out_of_range: bool = False,
+    progress: bool = True,
+) -> ZarrResult:
+    """Segment ``source`` into the Zarr store ``output``, resuming what a previous run finished."""
+    from tqdm import tqdm
+
+    from socseg.inference.pyfunc import model_config
+
+    check_paths(source, output, overwrite)
+    config = model_config(model_uri)  # read from the MLmodel: the client does not load the network
+    if chunk_depth < 1:
+        raise ValueError(f"chunk depth must be >= 1 slice, got {chunk_depth}")
+    if chunk_depth < config.context_slices:
+        raise ValueError(f"chunk depth {chunk_depth} is smaller than the model's context ({config.context_slices} "
+                         "slices on each side): use a chunk depth of at least that (inference.chunk_depth)")
+    with SliceReader(source) as reader:
+        shape = reader.shape
+    job = ChunkJob(model_uri, tracking_uri, str(source), str(output), config.context_slices, tta, step_fraction,
+                   allow_out_of_range)
+    run = {"model_uri": model_uri, "source": str(Path(str(source)).resolve()) if split_hdf5_path(source) is None
+           else str(source), "shape": list(shape), "chunk_depth": chunk_depth, "tta": tta, "step_fraction": step_fraction}
+    metadata = {"phase_map": {str(k): v for k, v in config.label_phase_map.items()}, "task": config.task,
+                "model_uri": model_uri, "source": str(source), "context_slices": config.context_slices}
+    store = ChunkedLabels.create_or_resume(output, shape, chunk_depth, run, metadata, _voxel_size_nm(str(source)),
+                                           overwrite)
+    pending = store.pending()
+    started = time.perf_counter()
+    per_worker: dict[str, dict[str, float]] = {}
+    with tqdm(total=len(pending), desc="segment (chunks)", unit="chunk", disable=None if progress else True) as bar:
+        for done in _run(pending, job, scheduler):
+            entry = per_worker.setdefault(done["worker"], {"slices": 0, "seconds": 0.0, "chunks": 0})
+            entry["slices"] += done["slices"]
+            entry["seconds"] += done["seconds"]
+            entry["chunks"] += 1
+            bar.update(1)
+    missing = store.pending()
+    if missing:
+        raise VolumeError(f"{output}: chunks {missing} were not written; run the command again to finish them")
+    return ZarrResult(Path(output), shape, time.perf_counter() - started, store.n_chunks,
+                      store.n_chunks - len(pending), per_worker)
+
+
+def _run(pending: list[int], job: ChunkJob, scheduler: str | None) -> Iterator[dict[str, Any]]:
+    """Each pending chunk's task result, as the tasks finish."""
+    if scheduler is None:
+        for index in pending:
+            yield segment_chunk(index, job)
+        return
+    from distributed import as_completed
+
+    client, cluster = _client(scheduler)
+    try:
+        link = getattr(client, "dashboard_link", None) if cluster is None else None  # LocalCluster: no dashboard
+        print(f"dask: {len(client.scheduler_info().get('workers', {}))} worker(s) at {client.scheduler.address}"
+              + (f", dashboard {link}" if link else ""), flush=True)
+        futures = client.map(segment_chunk, pending, job=job, pure=False)
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def describe(result: ZarrResult) -> str:
+    """One line per worker: chunks, slices and slices/s."""
+    lines = []
+    for worker, w in sorted(result.per_worker.items()):
+        rate = w["slices"] / w["seconds"] if w["seconds"] else float("nan")
+        lines.append(f"  {worker}: {w['chunks']} chunk(s), {w['slices']} slices, {rate:.2f} slices/s while busy")
+    return "\n".join(lines)
+

@@ -1,0 +1,205 @@
+"""Chunked Zarr output, in this process and on a real Dask LocalCluster (2 worker processes, loopback)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from socseg.data.chunked import ChunkedLabels
+from socseg.data.volumes import VolumeError
+
+SHAPE = (20, 48, 40)
+
+
+def _model(folder: Path, context_slices: int) -> str:
+    """A small untrained U-Net saved as a socseg segmenter folder (a model URI without a tracking server)."""
+    import keras
+
+    from socseg.data.normalise import Normaliser
+    from socseg.inference.predictor import ModelConfig
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.model.export import export_model
+    from socseg.model.unet import build_model
+
+    keras.utils.set_random_seed(3)
+    network = build_model("unet", "phases", n_classes=3, base_filters=4, context_slices=context_slices)
+    config = ModelConfig(task="phases", encoder="unet", class_names=["pore", "ysz", "ni"],
+                         phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=context_slices,
+                         normalisation={"low": 20000.0, "high": 43000.0}, step_fraction=0.5, tta=False, batch_size=8,
+                         max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5)
+    return str(save_segmenter(export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5)), config, folder / f"model{context_slices}"))
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory) -> Path:
+    """A grey phantom stack as a multi-page TIFF."""
+    from socseg.data.synth import synth_from_params
+    from socseg.params import load_params
+
+    folder = tmp_path_factory.mktemp("volume")
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    grey = synth_from_params(params, "v", shape=SHAPE, seed=5).image
+    path = folder / "grey.tif"
+    tifffile.imwrite(path, grey)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[int, str]:
+    folder = tmp_path_factory.mktemp("models")
+    return {k: _model(folder, k) for k in (0, 1, 2)}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real LocalCluster: 2 worker processes (each with a nanny that restarts it), on loopback."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as local:
+        yield local
+
+
+def _segment_zarr(model: str, source, output, scheduler=None, chunk_depth=6, **kwargs):
+    from socseg.inference.distributed import segment_to_zarr
+
+    return segment_to_zarr(model, source, output, chunk_depth=chunk_depth, tracking_uri="sqlite:///unused.db",
+                           scheduler=scheduler, progress=False, **kwargs)
+
+
+def _tif_labels(model: str, source, output) -> np.ndarray:
+    from socseg.inference.segment import segment
+
+    segment(model, source, output, slice_batch=4, progress=False)
+    return tifffile.imread(output)
+
+
+def _zarr_labels(path) -> np.ndarray:
+    return np.asarray(ChunkedLabels.open(path).labels[:])
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_single_process_and_cluster_write_what_socseg_segment_writes(models, volume, cluster, tmp_path, context):
+    expected = _tif_labels(models[context], volume, tmp_path / "ref.tif")
+    single = _segment_zarr(models[context], volume, tmp_path / "single.zarr")
+    assert single.n_chunks == 4 and single.n_skipped == 0 and single.shape == SHAPE
+    np.testing.assert_array_equal(_zarr_labels(tmp_path / "single.zarr"), expected)
+    spread = _segment_zarr(models[context], volume, tmp_path / "dask.zarr", scheduler=cluster.scheduler_address)
+    np.testing.assert_array_equal(_zarr_labels(tmp_path / "dask.zarr"), expected)
+    assert len(spread.per_worker) == 2 and sum(w["chunks"] for w in spread.per_worker.values()) == 4
+    attrs = ChunkedLabels.open(tmp_path / "dask.zarr").attrs
+    assert attrs["phase_map"] == {"0": "pore", "128": "ysz", "255": "ni"} and attrs["model_uri"] == models[context]
+    import zarr
+
+    ome = dict(zarr.open_group(str(tmp_path / "dask.zarr"), mode="r").attrs)["ome"]
+    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["z", "y", "x"]
+
+
+def test_a_worker_killed_mid_run_changes_nothing(models, volume, cluster, tmp_path):
+    from distributed import Client
+
+    expected = _tif_labels(models[1], volume, tmp_path / "ref.tif")
+    with Client(cluster.scheduler_address) as client:
+        pids = list(client.run(os.getpid).values())
+    output = tmp_path / "killed.zarr"
+    killed = []
+
+    def kill_when_a_chunk_is_done() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if len(ChunkedLabels.open(output).pending()) < 10:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            except (VolumeError, OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_when_a_chunk_is_done)
+    watcher.start()
+    result = _segment_zarr(models[1], volume, output, scheduler=cluster.scheduler_address, chunk_depth=2)
+    watcher.join()
+    assert killed, "no worker was killed: the test did not test anything"
+    assert result.n_chunks == 10
+    np.testing.assert_array_equal(_zarr_labels(output), expected)
+    cluster.wait_for_workers(2, timeout=60)  # the nanny restarted it
+
+
+def test_a_rerun_skips_finished_chunks_and_redoes_the_unfinished(models, volume, tmp_path):
+    output = tmp_path / "resume.zarr"
+    _segment_zarr(models[1], volume, output)
+    expected = _zarr_labels(output)
+    store = ChunkedLabels.open(output)
+    # An interrupted run: chunk 1 never flagged complete (its writer died), chunk 3 half-written.
+    store.complete[1] = 0
+    store.complete[3] = 0
+    store.labels[18:20] = 7
+    again = _segment_zarr(models[1], volume, output)
+    assert (again.n_chunks, again.n_skipped) == (4, 2)
+    assert sum(w["chunks"] for w in again.per_worker.values()) == 2
+    np.testing.assert_array_equal(_zarr_labels(output), expected)
+    # Another model into the same store is refused rather than mixed in.
+    with pytest.raises(VolumeError, match="another run"):
+        _segment_zarr(models[0], volume, output)
+    _segment_zarr(models[0], volume, output, overwrite=True)
+
+
+def test_hdf5_and_zarr_inputs_give_the_labels_of_the_tiff(models, volume, tmp_path):
+    import h5py
+    import zarr
+
+    grey = tifffile.imread(volume)
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f.create_dataset("entry/data/data", data=grey, chunks=(4, 48, 40))
+        f.create_dataset("entry/data/flat", data=grey[0])
+    zarr.create_array(str(tmp_path / "scan.zarr"), data=grey, chunks=(4, 24, 40))
+    expected = _tif_labels(models[1], volume, tmp_path / "ref.tif")
+    np.testing.assert_array_equal(_tif_labels(models[1], f"{tmp_path / 'scan.h5'}:/entry/data/data", tmp_path / "h5.tif"), expected)
+    np.testing.assert_array_equal(_tif_labels(models[1], tmp_path / "scan.zarr", tmp_path / "zarr.tif"), expected)
+    _segment_zarr(models[1], f"{tmp_path / 'scan.h5'}:/entry/data/data", tmp_path / "h5.zarr")
+    np.testing.assert_array_equal(_zarr_labels(tmp_path / "h5.zarr"), expected)
+
+    with pytest.raises(VolumeError, match="no dataset 'entry/data/missing'"):
+        _tif_labels(models[1], f"{tmp_path / 'scan.h5'}:entry/data/missing", tmp_path / "x.tif")
+    with pytest.raises(VolumeError, match="name the dataset.*entry/data/data"):
+        _tif_labels(models[1], tmp_path / "scan.h5", tmp_path / "x.tif")
+    with h5py.File(tmp_path / "four.h5", "w") as f:
+        f.create_dataset("d", data=np.zeros((2, 3, 8, 8), np.uint16))
+    with pytest.raises(VolumeError, match="expected a 3-D"):
+        _tif_labels(models[1], f"{tmp_path / 'four.h5'}:/d", tmp_path / "x.tif")
+    with pytest.raises(VolumeError, match="expected a 3-D"):
+        _tif_labels(models[1], f"{tmp_path / 'scan.h5'}:/entry/data/flat", tmp_path / "x.tif")
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_bad_chunking_and_unwritable_output_are_clear_errors(models, volume, tmp_path):
+    with pytest.raises(ValueError, match=r"chunk depth 1 is smaller than the model's context \(2 slices"):
+        _segment_zarr(models[2], volume, tmp_path / "a.zarr", chunk_depth=1)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        _segment_zarr(models[0], volume, tmp_path / "a.zarr", chunk_depth=0)
+    assert not (tmp_path / "a.zarr").exists()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output's parent folder should be")
+    with pytest.raises(VolumeError, match="cannot create the Zarr store"):
+        _segment_zarr(models[1], volume, blocker / "out.zarr")
+    with pytest.raises(VolumeError, match="OUTPUT must be"):
+        _segment_zarr(models[1], volume, tmp_path / "out.h5")
+
+
+def test_scheduler_spellings():
+    from socseg.inference.distributed import parse_scheduler
+
+    assert parse_scheduler("local") == ("local", None)
+    assert parse_scheduler("local:3") == ("local", 3)
+    assert parse_scheduler("tcp://10.0.0.1:8786") == ("tcp://10.0.0.1:8786", None)
+    for bad in ("local:0", "local:x", "10.0.0.1:8786"):
+        with pytest.raises(ValueError, match="scheduler"):
+            parse_scheduler(bad)
