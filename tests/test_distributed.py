@@ -203,3 +203,74 @@ def test_scheduler_spellings():
     for bad in ("local:0", "local:x", "10.0.0.1:8786"):
         with pytest.raises(ValueError, match="scheduler"):
             parse_scheduler(bad)
+
+
+def test_microstructure_reads_zarr_and_hdf5_label_volumes(models, volume, tmp_path):
+    import h5py
+    from click.testing import CliRunner
+
+    from socseg.cli import main
+    from socseg.data.stacks import load_labels
+
+    _segment_zarr(models[0], volume, tmp_path / "labels.zarr")
+    labels = _zarr_labels(tmp_path / "labels.zarr")
+    with h5py.File(tmp_path / "labels.h5", "w") as f:
+        f.create_dataset("seg", data=labels)
+    default = {0: "pore", 128: "ysz", 255: "ni"}
+    from_zarr = load_labels(tmp_path / "labels.zarr", None, {0: "a", 1: "b"})  # the recorded map wins
+    assert from_zarr.phase_map == default and np.array_equal(from_zarr.labels, labels)
+    from_h5 = load_labels(f"{tmp_path / 'labels.h5'}:/seg", None, default)
+    assert np.array_equal(from_h5.labels, labels)
+    with pytest.raises(VolumeError, match="contradicts the phase map recorded"):
+        load_labels(tmp_path / "labels.zarr", {0: "rest", 255: "ni"}, default)
+    out = CliRunner().invoke(main, ["microstructure", str(tmp_path / "labels.zarr"), "--json"])
+    assert out.exit_code == 0, out.output
+    import json
+
+    report = json.loads(out.output)
+    fractions = {k: v for k, v in report["volume"]["flat"].items() if k.startswith("vf.")}
+    assert fractions["vf.ni"] == pytest.approx(float(np.mean(labels == 255)))
+
+
+def test_segment_command_writes_zarr_and_names_wrong_combinations(models, volume, tmp_path):
+    from click.testing import CliRunner
+
+    from socseg.cli import main
+
+    runner = CliRunner()
+    out = runner.invoke(main, ["segment", models[1], str(volume), str(tmp_path / "cli.zarr"), "--chunk-depth", "8"])
+    assert out.exit_code == 0, out.output
+    assert "3 chunk(s) of 8 slices, 0 already finished" in out.output
+    again = runner.invoke(main, ["segment", models[1], str(volume), str(tmp_path / "cli.zarr"), "--chunk-depth", "8"])
+    assert "3 already finished" in again.output
+    np.testing.assert_array_equal(_zarr_labels(tmp_path / "cli.zarr"), _tif_labels(models[1], volume, tmp_path / "r.tif"))
+    bad = runner.invoke(main, ["segment", models[1], str(volume), str(tmp_path / "x.tif"), "--scheduler", "local:2"])
+    assert bad.exit_code == 2 and "--scheduler writes a chunked .zarr OUTPUT" in bad.stderr
+    bad = runner.invoke(main, ["segment", models[1], str(volume), str(tmp_path / "x.zarr"), "--multi-axis"])
+    assert bad.exit_code == 2 and "--multi-axis" in bad.stderr
+
+
+def test_evaluate_scores_hdf5_grey_against_zarr_labels_as_it_scores_a_volume(models, tmp_path, params):
+    import json
+
+    import h5py
+    from click.testing import CliRunner
+
+    from socseg.cli import main
+    from socseg.data.synth import synth_from_params
+    from socseg.data.volumes import save_volume
+
+    volume = synth_from_params(params, "labelled", shape=(12, 48, 40), seed=2)
+    save_volume(volume, tmp_path / "labelled")
+    with h5py.File(tmp_path / "grey.h5", "w") as f:
+        f.create_dataset("entry/data/data", data=volume.image)
+    import zarr
+
+    zarr.create_array(str(tmp_path / "truth.zarr"), data=volume.labels, chunks=(4, 48, 40))
+    runner = CliRunner()
+    as_volume = runner.invoke(main, ["evaluate", models[0], str(tmp_path / "labelled"), "--json"])
+    as_files = runner.invoke(main, ["evaluate", models[0], f"{tmp_path / 'grey.h5'}:/entry/data/data",
+                                    "--labels", str(tmp_path / "truth.zarr"), "--json"])
+    assert as_volume.exit_code == 0 and as_files.exit_code == 0, as_files.output
+    a, b = json.loads(as_volume.output), json.loads(as_files.output)
+    assert a["confusion"] == b["confusion"] and a["mean_iou"] == b["mean_iou"]

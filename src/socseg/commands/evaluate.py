@@ -14,32 +14,42 @@ from socseg.commands.options import param_option, params_file_option
 @click.argument("model_uri")
 @click.argument("volume")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (confusion matrix included).")
+@click.option("--labels", "labels_path", default=None, metavar="LABELS",
+              help="VOLUME is then a grey stack (TIFF, folder, scan.h5:/path, .zarr) and LABELS its label stack (same forms).")
+@click.option("--phase-map", default=None, help="With --labels: label value -> phase, e.g. 0=pore,128=ysz,255=ni "
+              "[default: recorded in LABELS, else params: data.phase_map].")
 @click.option("--slices", default=None, metavar="START:STOP", help="Score only these slices, e.g. 162:200.")
 @param_option("train", "task", help="Default: the model's (a phases model can also be scored on ni).")
 @click.option("--tta/--no-tta", default=None, help="8-fold flip/rotation test-time augmentation [default: the model's setting].")
 @param_option("data", "dir", "--data-dir", "data_dir", help="Where VOLUME is looked up when it is a name.")
 @click.option("--tracking-uri", help="Where models:/ and runs:/ URIs resolve [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
 @params_file_option
-def evaluate(model_uri: str, volume: str, as_json: bool, slices: str | None, task: str | None, tta: bool | None,
-             data_dir: str | None, tracking_uri: str | None, params_file: str | None) -> None:
+def evaluate(model_uri: str, volume: str, as_json: bool, labels_path: str | None, phase_map: str | None, slices: str | None,
+             task: str | None, tta: bool | None, data_dir: str | None, tracking_uri: str | None, params_file: str | None) -> None:
     """Per-class IoU/Dice, mean IoU, accuracy and Ni fraction error of MODEL_URI on VOLUME.
 
     MODEL_URI: e.g. runs:/<run_id>/segmenter or models:/socseg-ni@champion. VOLUME: a volume
-    folder as `socseg data import` writes it, or the name of one under the data dir. The model
+    folder as `socseg data import` writes it, or the name of one under the data dir; or, with
+    --labels, any grey stack (TIFF, folder of TIFFs, scan.h5:/entry/data/data, .zarr). The model
     predicts as it serves (sliding window, its TTA setting, 2.5D context from the whole volume),
     so the numbers are the evaluate stage's for the same slices.
     """
     import mlflow
 
-    from socseg.data.volumes import load_volume, volume_dir
+    from socseg.data.stacks import labelled_volume
+    from socseg.data.volumes import load_volume, parse_phase_map, volume_dir
     from socseg.inference.evaluate import evaluate_model, parse_slices
     from socseg.params import load_params, typed
     from socseg.training.tracking import tracking_uri as resolve_tracking_uri
 
     params = typed(load_params(params_file))
     mlflow.set_tracking_uri(resolve_tracking_uri(params, tracking_uri))
-    path = Path(volume) if Path(volume).is_dir() else volume_dir(volume, data_dir or params.data.dir)
-    loaded = load_volume(path)
+    if labels_path:
+        mapping = parse_phase_map(phase_map) if phase_map else None
+        loaded = labelled_volume(volume, labels_path, mapping, params.data.phase_map)
+    else:
+        path = Path(volume) if Path(volume).is_dir() else volume_dir(volume, data_dir or params.data.dir)
+        loaded = load_volume(path)
     z_range = parse_slices(slices, loaded.image.shape[0])
     result = evaluate_model(model_uri, loaded, task, z_range, tta)
     if as_json:

@@ -207,6 +207,12 @@ class SliceReader:
         check_image_array(batch, self.path)
         return batch
 
+    def read_all_labels(self) -> np.ndarray:
+        """The whole stack, unchecked as grey values (a label volume from HDF5 or Zarr)."""
+        if self._lazy is None:
+            raise VolumeError(f"{self.path}: not an HDF5 dataset or a Zarr array")
+        return np.asarray(self._lazy[:])
+
     def close(self) -> None:
         if self._tif is not None:
             self._tif.close()
@@ -329,12 +335,19 @@ class LabelVolume:
 
 
 def load_labels(path: str | Path, phase_map: dict[int, str] | None, default_phase_map: Mapping[int, str]) -> LabelVolume:
-    """Read a volume directory's ``labels.tif`` or a bare label stack.
+    """Read a volume directory's ``labels.tif`` or a bare label stack (TIFF, folder of TIFFs, a
+    Zarr store ``socseg segment`` wrote, an HDF5 dataset ``file.h5:/path``).
 
     ``phase_map`` overrides the recorded one; a bare stack with none recorded (a TIFF written by
     something else) is read with ``default_phase_map`` (``data.phase_map`` of params.yaml).
     """
     source = Path(path)
+    hdf5 = split_hdf5_path(path)
+    if hdf5 is not None or _is_zarr(source):
+        with SliceReader(path) as reader:  # lazily opened; the metrics need the whole volume
+            labels = np.asarray(reader.read_all_labels())
+        name = (hdf5[0] if hdf5 else source).stem
+        return _with_phase_map(path, name, labels, phase_map, default_phase_map)
     if source.is_dir() and (source / META_FILE).is_file():
         meta = VolumeMeta.from_json((source / META_FILE).read_text(), str(source / META_FILE))
         if not meta.has_labels:
@@ -347,7 +360,15 @@ def load_labels(path: str | Path, phase_map: dict[int, str] | None, default_phas
         if labels.shape != tuple(meta.shape):
             raise VolumeError(f"{source / LABELS_FILE}: shape {labels.shape} but {META_FILE} says {tuple(meta.shape)}")
         return LabelVolume(meta.name, labels, phase_map or meta.phase_map, meta.voxel_size_nm)
-    labels = read_stack(source)
+    return _with_phase_map(source, source.stem or source.name, read_stack(source), phase_map, default_phase_map)
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.suffix.lower() in ZARR_SUFFIXES or (path / "zarr.json").is_file() or (path / ".zarray").is_file()
+
+
+def _with_phase_map(source: str | Path, name: str, labels: np.ndarray, phase_map: dict[int, str] | None,
+                    default_phase_map: Mapping[int, str]) -> LabelVolume:
     if labels.dtype.kind not in "ui":
         raise VolumeError(f"{source}: label stack must hold integer label values, got {labels.dtype}")
     recorded = recorded_phase_map(source)
@@ -357,18 +378,24 @@ def load_labels(path: str | Path, phase_map: dict[int, str] | None, default_phas
             f"{format_phase_map(recorded)} (by socseg segment): drop --phase-map to use the recorded one"
         )
     mapping = phase_map or recorded or normalise_phase_map(default_phase_map)
-    return LabelVolume(source.stem or source.name, labels, mapping, None)
+    return LabelVolume(name, labels, mapping, None)
 
 
 def recorded_phase_map(path: str | Path) -> dict[int, str] | None:
-    """The phase map ``socseg segment`` recorded in a label stack's first page (e.g. {0: rest,
-    255: ni} for an ``ni`` model), or None (a folder, or a TIFF written by something else)."""
+    """The phase map ``socseg segment`` recorded in a label stack's first page or a Zarr store's
+    attributes (e.g. {0: rest, 255: ni} for an ``ni`` model), or None (a folder, an HDF5 dataset,
+    or a file written by something else)."""
     source = Path(path)
-    if not source.is_file():
-        return None
     try:
-        recorded = read_label_metadata(source).get("phase_map")
-    except Exception:  # not our TIFF description: read_stack has already vetted the file itself
+        if _is_zarr(source):
+            import zarr
+
+            recorded = dict(zarr.open_group(str(source), mode="r").attrs).get("socseg", {}).get("phase_map")
+        elif source.is_file():
+            recorded = read_label_metadata(source).get("phase_map")
+        else:
+            return None
+    except Exception:  # not written by socseg (a bare array, another TIFF description): nothing recorded
         return None
     if not recorded:
         return None
@@ -378,3 +405,19 @@ def recorded_phase_map(path: str | Path) -> dict[int, str] | None:
         return normalise_phase_map(recorded)
     except VolumeError as exc:
         raise VolumeError(f"{source}: bad recorded phase_map ({exc})") from None
+
+
+def labelled_volume(image: str | Path, labels: str | Path, phase_map: dict[int, str] | None,
+                    default_phase_map: Mapping[int, str]) -> "Volume":
+    """A grey stack and a label stack from separate inputs (any :class:`SliceReader` input and
+    any :func:`load_labels` input: TIFF, folders, HDF5, Zarr) as one labelled volume, in memory."""
+    from socseg.data.volumes import Volume
+
+    with SliceReader(image) as reader:
+        grey = reader.read(0, reader.shape[0])
+    truth = load_labels(labels, phase_map, default_phase_map)
+    if truth.labels.shape != grey.shape:
+        raise VolumeError(f"{labels}: labels of shape {truth.labels.shape} for an image of shape {grey.shape}")
+    meta = VolumeMeta(name=truth.name, shape=grey.shape, image_dtype=grey.dtype.name, phase_map=dict(truth.phase_map),
+                      source=f"{image} + {labels}", has_labels=True)
+    return Volume(grey, np.asarray(truth.labels, dtype=np.uint8), meta)

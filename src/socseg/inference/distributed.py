@@ -194,9 +194,10 @@ def _run(pending: list[int], job: ChunkJob, scheduler: str | None) -> Iterator[d
 
     client, cluster = _client(scheduler)
     try:
-        link = getattr(client, "dashboard_link", None) if cluster is None else None  # LocalCluster: no dashboard
-        print(f"dask: {len(client.scheduler_info().get('workers', {}))} worker(s) at {client.scheduler.address}"
-              + (f", dashboard {link}" if link else ""), flush=True)
+        info = client.scheduler_info()
+        served = "dashboard" in info.get("services", {})  # only where the scheduler runs one (needs bokeh)
+        print(f"dask: {len(info.get('workers', {}))} worker(s) at {client.scheduler.address}"
+              + (f", dashboard {client.dashboard_link}" if served else ""), flush=True)
         futures = client.map(segment_chunk, pending, job=job, pure=False)
         for future in as_completed(futures):
             yield future.result()
