@@ -146,9 +146,8 @@ def segment_to_zarr(
     progress: bool = True,
 ) -> ZarrResult:
     """Segment ``source`` into the Zarr store ``output``, resuming what a previous run finished."""
-    from tqdm import tqdm
-
     from socseg.inference.pyfunc import model_config
+    from socseg.inference.segment import progress_bar
 
     check_paths(source, output, overwrite)
     config = model_config(model_uri)  # read from the MLmodel: the client does not load the network
@@ -170,7 +169,7 @@ def segment_to_zarr(
     pending = store.pending()
     started = time.perf_counter()
     per_worker: dict[str, dict[str, float]] = {}
-    with tqdm(total=len(pending), desc="segment (chunks)", unit="chunk", disable=None if progress else True) as bar:
+    with progress_bar(len(pending), "segment (chunks)", progress, unit="chunk") as bar:
         for done in _run(pending, job, scheduler):
             entry = per_worker.setdefault(done["worker"], {"slices": 0, "seconds": 0.0, "chunks": 0})
             entry["slices"] += done["slices"]

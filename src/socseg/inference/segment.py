@@ -47,9 +47,9 @@ class SegmentResult:
         return self.shape[0] / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _progress(total: int, desc: str, progress: bool) -> tqdm:
-    # disable=None: a bar on a terminal only, so logs and tests stay clean.
-    return tqdm(total=total, desc=desc, unit="slice", disable=None if progress else True)
+def progress_bar(total: int, desc: str, progress: bool, unit: str = "slice") -> tqdm:
+    """A progress bar on a terminal only (``disable=None``), so logs and tests stay clean."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if progress else True)
 
 
 def segment_stream(
@@ -76,7 +76,7 @@ def segment_stream(
         raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
     started = time.perf_counter()
     with SliceReader(source) as reader:  # source as given: an HDF5 path names its dataset
-        with LabelStackWriter(output, reader.shape, metadata) as writer, _progress(reader.shape[0], "segment", progress) as bar:
+        with LabelStackWriter(output, reader.shape, metadata) as writer, progress_bar(reader.shape[0], "segment", progress) as bar:
             for chunk in iter_chunks(reader.shape[0], slice_batch, context_slices):
                 stack = reader.read(chunk.read.start, chunk.read.stop)
                 labels = np.asarray(predict_chunk(stack, chunk.before, chunk.after))
@@ -148,7 +148,7 @@ def segment(
             stop = min(start + slice_batch, reader.shape[0])
             volume[start:stop] = checked(reader.read(start, stop))
     z, y, x = volume.shape
-    with _progress(z + y + x, "segment (3 axes)", progress) as bar:
+    with progress_bar(z + y + x, "segment (3 axes)", progress) as bar:
         probs = predictor.multi_axis_probabilities(volume, chunk=slice_batch, progress=bar.update, **window)
     del volume
     with LabelStackWriter(output, probs.shape[:3], metadata) as writer:
