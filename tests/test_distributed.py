@@ -274,3 +274,50 @@ def test_evaluate_scores_hdf5_grey_against_zarr_labels_as_it_scores_a_volume(mod
     assert as_volume.exit_code == 0 and as_files.exit_code == 0, as_files.output
     a, b = json.loads(as_volume.output), json.loads(as_files.output)
     assert a["confusion"] == b["confusion"] and a["mean_iou"] == b["mean_iou"]
+
+
+def test_probabilities_and_uncertainty_beside_the_labels(models, volume, tmp_path):
+    from socseg.data.chunked import class_probabilities, normalised_entropy
+    from socseg.inference.predictor import Predictor
+
+    _segment_zarr(models[0], volume, tmp_path / "plain.zarr")
+    _segment_zarr(models[0], volume, tmp_path / "probs.zarr", probabilities=True)
+    store = ChunkedLabels.open(tmp_path / "probs.zarr")
+    np.testing.assert_array_equal(np.asarray(store.labels[:]), _zarr_labels(tmp_path / "plain.zarr"))
+    probs = np.asarray(store.probabilities[:]).astype(int)
+    assert probs.shape == (*SHAPE, 3) and np.all(np.abs(probs.sum(-1) - 255) <= 2)
+    exact = Predictor.load(models[0]).probabilities(tifffile.imread(volume))
+    expected = np.rint(normalised_entropy(class_probabilities(exact)) * 255)
+    assert np.abs(np.asarray(store.uncertainty[:]).astype(int) - expected).max() <= 1
+    assert ChunkedLabels.open(tmp_path / "plain.zarr").probabilities is None
+
+
+def test_a_killed_client_loses_no_finished_chunk(models, volume, tmp_path):
+    """`socseg segment ... OUT.zarr` killed (SIGKILL) mid-run; the same command again finishes the
+    store, skipping what was done, identical to an uninterrupted run."""
+    import subprocess
+    import sys
+
+    expected = _tif_labels(models[1], volume, tmp_path / "ref.tif")
+    output = tmp_path / "killed-client.zarr"
+    command = [sys.executable, "-m", "socseg.cli", "segment", models[1], str(volume), str(output), "--chunk-depth", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    done = 0
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            done = SHAPE[0] - len(ChunkedLabels.open(output).pending())
+        except (VolumeError, OSError, KeyError, ValueError):
+            done = 0
+        if done >= 2:
+            process.kill()
+            break
+        time.sleep(0.05)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, f"the run was not killed mid-way ({done} chunks done)"
+    finished = SHAPE[0] - len(ChunkedLabels.open(output).pending())
+    assert 2 <= finished < SHAPE[0]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{finished} already finished by an earlier run" in again.stdout
+    np.testing.assert_array_equal(_zarr_labels(output), expected)

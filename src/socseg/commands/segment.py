@@ -19,6 +19,8 @@ from socseg.commands.options import CommandError, param_option
 @param_option("inference", "chunk_depth")
 @click.option("--scheduler", default=None, metavar="local[:N] | tcp://HOST:PORT",
               help="Segment a .zarr OUTPUT on a Dask cluster: N local worker processes, or the scheduler at an address.")
+@click.option("--probabilities", is_flag=True,
+              help=".zarr OUTPUT: also keep class probabilities and an uncertainty (entropy) map, uint8, beside the labels.")
 @click.option("--tta/--no-tta", default=None, help="8-fold flip/rotation test-time augmentation [default: the model's setting].")
 @click.option(
     "--step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), help="Tile step / tile size [default: the model's]."
@@ -31,8 +33,8 @@ from socseg.commands.options import CommandError, param_option
 )
 @click.option("--tracking-uri", help="Where models:/ and runs:/ URIs resolve [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
 def segment(
-    model_uri, input_path, output, overwrite, slice_batch, chunk_depth, scheduler, tta, step_fraction, multi_axis,
-    allow_out_of_range, tracking_uri
+    model_uri, input_path, output, overwrite, slice_batch, chunk_depth, scheduler, probabilities, tta, step_fraction,
+    multi_axis, allow_out_of_range, tracking_uri
 ) -> None:
     """Segment INPUT with MODEL_URI (e.g. models:/socseg-ni@champion, runs:/<id>/segmenter).
 
@@ -51,6 +53,8 @@ def segment(
     zarr_output = Path(output).suffix.lower() == ".zarr"
     if scheduler and not zarr_output:
         raise CommandError("--scheduler writes a chunked .zarr OUTPUT; name one (e.g. labels.zarr)")
+    if probabilities and not zarr_output:
+        raise CommandError("--probabilities is written into a chunked .zarr OUTPUT; name one (e.g. labels.zarr)")
     if multi_axis and zarr_output:
         raise CommandError("--multi-axis holds the whole volume in one process: use a .tif OUTPUT")
     try:
@@ -63,7 +67,7 @@ def segment(
             result = segment_to_zarr(
                 model_uri, input_path, output, chunk_depth=chunk_depth or params.inference.chunk_depth,
                 tracking_uri=uri, scheduler=scheduler, overwrite=overwrite, tta=tta, step_fraction=step_fraction,
-                allow_out_of_range=allow_out_of_range,
+                allow_out_of_range=allow_out_of_range, probabilities=probabilities,
             )
         else:
             from socseg.inference.segment import segment as run_segment

@@ -26,6 +26,8 @@ from socseg.data.volumes import VolumeError
 
 LABELS = "0"
 COMPLETE = "complete"
+PROBABILITIES = "probabilities"  # optional: class probabilities x 255, uint8 (z, y, x, class)
+UNCERTAINTY = "uncertainty"  # optional: normalised entropy of the probabilities x 255, uint8 (z, y, x)
 # Zarr chunks split each z-chunk in y and x too, so a reader of a small region reads little.
 PLANE_CHUNK = 1024
 
@@ -37,6 +39,9 @@ class ChunkedLabels:
         self.group = group
         self.labels = group[LABELS]
         self.complete = group[COMPLETE]
+        names = {name for name, _ in group.arrays()}
+        self.probabilities = group[PROBABILITIES] if PROBABILITIES in names else None
+        self.uncertainty = group[UNCERTAINTY] if UNCERTAINTY in names else None
         self.shape = tuple(int(n) for n in self.labels.shape)
         self.chunk_depth = int(self.labels.chunks[0])
         self.n_chunks = math.ceil(self.shape[0] / self.chunk_depth)
@@ -60,6 +65,7 @@ class ChunkedLabels:
         metadata: Mapping[str, Any],
         voxel_size_nm: float | None = None,
         overwrite: bool = False,
+        n_classes: int = 0,
     ) -> "ChunkedLabels":
         """A new store, or the existing one when it was made by the same ``run`` (model, input,
         shape, chunking, prediction settings): its flagged chunks are kept. A store made by another
@@ -86,6 +92,12 @@ class ChunkedLabels:
                                chunks=(chunk_depth, min(y, PLANE_CHUNK), min(x, PLANE_CHUNK)),
                                dimension_names=("z", "y", "x"))
             group.create_array(COMPLETE, shape=(math.ceil(z / chunk_depth),), dtype="uint8", fill_value=0, chunks=(1,))
+            if n_classes:
+                plane = (chunk_depth, min(y, PLANE_CHUNK), min(x, PLANE_CHUNK))
+                group.create_array(PROBABILITIES, shape=(*shape, n_classes), dtype="uint8", fill_value=0,
+                                   chunks=(*plane, n_classes), dimension_names=("z", "y", "x", "c"))
+                group.create_array(UNCERTAINTY, shape=shape, dtype="uint8", fill_value=0, chunks=plane,
+                                   dimension_names=("z", "y", "x"))
         except OSError as exc:
             raise VolumeError(f"{path}: cannot create the Zarr store ({exc})") from None
         scale = [voxel_size_nm / 1000.0] * 3 if voxel_size_nm else [1.0, 1.0, 1.0]
@@ -111,15 +123,37 @@ class ChunkedLabels:
         """The z-chunks not yet recorded as complete."""
         return [int(i) for i in np.flatnonzero(np.asarray(self.complete[:]) == 0)]
 
-    def write(self, index: int, labels: np.ndarray) -> None:
-        """Write z-chunk ``index``, then record it complete (never the other way round)."""
+    def write(self, index: int, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+        """Write z-chunk ``index`` (and its probabilities where the store keeps them), then record
+        it complete (never the other way round)."""
         start, stop = self.chunk(index)
         labels = np.asarray(labels, dtype=np.uint8)
         if labels.shape != (stop - start, *self.shape[1:]):
             raise VolumeError(f"labels of shape {labels.shape} for chunk {index} of shape {(stop - start, *self.shape[1:])}")
+        if self.probabilities is not None:
+            if probabilities is None:
+                raise VolumeError(f"chunk {index}: this store keeps probabilities, none were given")
+            classes = class_probabilities(probabilities)
+            self.probabilities[start:stop] = np.rint(classes * 255).astype(np.uint8)
+            self.uncertainty[start:stop] = np.rint(normalised_entropy(classes) * 255).astype(np.uint8)
         self.labels[start:stop] = labels
         self.complete[index] = 1
 
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs.get("socseg", {}))
+
+
+def class_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    """One probability per class: the ``ni`` task's single P(ni) becomes (rest, ni)."""
+    probabilities = np.clip(np.asarray(probabilities, dtype=np.float32), 0.0, 1.0)
+    if probabilities.shape[-1] == 1:
+        return np.concatenate([1.0 - probabilities, probabilities], axis=-1)
+    return probabilities
+
+
+def normalised_entropy(classes: np.ndarray) -> np.ndarray:
+    """Entropy of per-class probabilities over log(classes): 0 where the model is sure, 1 where
+    every class is equally likely. Where it is high is where labelling a slice helps most."""
+    p = np.clip(classes, 1e-7, 1.0)
+    return np.clip(-(p * np.log(p)).sum(axis=-1) / np.log(classes.shape[-1]), 0.0, 1.0)

@@ -43,6 +43,7 @@ class ChunkJob:
     tta: bool | None = None
     step_fraction: float | None = None
     allow_out_of_range: bool = False
+    probabilities: bool = False  # also write the probability and uncertainty arrays
 
 
 @dataclass
@@ -82,8 +83,9 @@ def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
         stack = reader.read(piece.read.start, piece.read.stop)
     if not job.allow_out_of_range:
         predictor.check_grey_range(stack)
-    classes = predictor.classes(stack, piece.before, piece.after, tta=job.tta, step_fraction=job.step_fraction)
-    store.write(index, predictor.to_labels(classes))
+    probabilities = predictor.probabilities(stack, piece.before, piece.after, tta=job.tta, step_fraction=job.step_fraction)
+    labels = predictor.to_labels(predictor.to_classes(probabilities))
+    store.write(index, labels, probabilities if job.probabilities else None)
     return {"index": index, "slices": stop - start, "seconds": time.perf_counter() - started, "worker": _worker_name()}
 
 
@@ -143,9 +145,14 @@ def segment_to_zarr(
     tta: bool | None = None,
     step_fraction: float | None = None,
     allow_out_of_range: bool = False,
+    probabilities: bool = False,
     progress: bool = True,
 ) -> ZarrResult:
-    """Segment ``source`` into the Zarr store ``output``, resuming what a previous run finished."""
+    """Segment ``source`` into the Zarr store ``output``, resuming what a previous run finished.
+
+    ``probabilities``: also keep each voxel's class probabilities and their normalised entropy
+    (uncertainty: where to label next), uint8-quantised, beside the labels.
+    """
     from socseg.inference.pyfunc import model_config
     from socseg.inference.segment import progress_bar
 
@@ -159,13 +166,15 @@ def segment_to_zarr(
     with SliceReader(source) as reader:
         shape = reader.shape
     job = ChunkJob(model_uri, tracking_uri, str(source), str(output), config.context_slices, tta, step_fraction,
-                   allow_out_of_range)
+                   allow_out_of_range, probabilities)
     run = {"model_uri": model_uri, "source": str(Path(str(source)).resolve()) if split_hdf5_path(source) is None
-           else str(source), "shape": list(shape), "chunk_depth": chunk_depth, "tta": tta, "step_fraction": step_fraction}
+           else str(source), "shape": list(shape), "chunk_depth": chunk_depth, "tta": tta, "step_fraction": step_fraction,
+           "probabilities": probabilities}
     metadata = {"phase_map": {str(k): v for k, v in config.label_phase_map.items()}, "task": config.task,
                 "model_uri": model_uri, "source": str(source), "context_slices": config.context_slices}
+    n_classes = len(config.class_names) if probabilities else 0
     store = ChunkedLabels.create_or_resume(output, shape, chunk_depth, run, metadata, _voxel_size_nm(str(source)),
-                                           overwrite)
+                                           overwrite, n_classes)
     pending = store.pending()
     started = time.perf_counter()
     per_worker: dict[str, dict[str, float]] = {}
