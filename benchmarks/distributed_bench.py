@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,14 +33,21 @@ COLUMNS = [("mode", "mode"), ("slices_per_s", "slices/s", ".2f"), ("seconds", "w
 # The single-process path in a fresh interpreter, so its peak RSS is its own.
 _SINGLE = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     from socseg.inference.distributed import segment_to_zarr
     model, grey, out, depth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     started = time.perf_counter()
     result = segment_to_zarr(model, grey, out, chunk_depth=depth, tracking_uri="sqlite:///unused.db", progress=False)
-    print(json.dumps({"seconds": time.perf_counter() - started, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    print(json.dumps({"seconds": time.perf_counter() - started, "rss": hwm // 1024}))
     """
 )
+
+
+def peak_rss_mib() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
 
 
 def _model(folder: Path, tile: int, base_filters: int) -> str:
@@ -117,14 +123,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                                          tracking_uri="sqlite:///unused.db", scheduler=cluster.scheduler_address,
                                          progress=False)
                 seconds = time.perf_counter() - began
-                worker_rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+                worker_rss = client.run(peak_rss_mib)
             same = bool(np.array_equal(np.asarray(ChunkedLabels.open(output).labels[:]), reference))
             rss = ", ".join(str(v) for v in sorted(worker_rss.values()))
             rows.append({"mode": f"Dask LocalCluster, {n} worker process(es)", "slices_per_s": shape[0] / seconds,
                          "seconds": seconds, "peak_rss_mib": f"workers {rss}", "identical": same,
                          "chunks_per_worker": {w: v["chunks"] for w, v in result.per_worker.items()}})
             print(rows[-1], flush=True)
-    client_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    client_rss = peak_rss_mib()
     settings = {"shape": list(shape), "dtype": "uint16", "chunk_depth": args.chunk_depth, "tile": args.tile,
                 "model": f"untrained from-scratch U-Net, base filters {args.base_filters}, phases, float32",
                 "window": "params.yaml inference: step_fraction, batch_size; no TTA",

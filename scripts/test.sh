@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DVC_NO_ANALYTICS=1 TF_CPP_MIN_LOG_LEVEL=2
 bash scripts/setup_env.sh
-exec .venv/bin/python -m pytest -q "$@"
+# Both cores (pytest-xdist, one worker per core); a test file stays on one worker, so its
+# module-scoped fixtures (a Dask cluster, the lab services) are made once.
+exec .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"
