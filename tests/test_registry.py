@@ -115,11 +115,11 @@ def in_store(store):
 @pytest.fixture(scope="module")
 def trained(store):
     """A clearly good and a clearly bad tiny model, each with its real test score (``test_mean_iou``)."""
-    from socseg.training.pipeline import score_on_test_slabs, test_data
+    from socseg.training.pipeline import held_out_data, score_on_test_slabs
     from socseg.training.train import train
 
     params = _tiny_params(store["folder"])
-    slabs = test_data(params, "ni").slabs["test"]
+    slabs = held_out_data(params, "ni").slabs["test"]
     recipes = {
         "good": dict(train={"epochs": 6, "patience": 6, "learning_rate": 0.005}, tiles={"steps_per_epoch": 8}),
         "bad": dict(train={"epochs": 1, "learning_rate": 1e-6}, tiles={"steps_per_epoch": 1}),

@@ -13,6 +13,7 @@ The model's settings (:class:`ModelConfig`) are stored once, as the pyfunc's ``m
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import islice
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -193,7 +194,8 @@ class Predictor:
         window = self.config.window(tta, step_fraction)
         stream = iter_with_context(images, self.context_slices)
         out: np.ndarray | None = None
-        for k, probs in enumerate(iter_window_probabilities(self._predict, _between(stream, context_before, n), window)):
+        between = islice(stream, context_before, context_before + n)  # context slices are not predicted
+        for k, probs in enumerate(iter_window_probabilities(self._predict, between, window)):
             if out is None:
                 out = np.empty((n, *probs.shape), dtype=np.float32)
             out[k] = probs
@@ -266,10 +268,3 @@ class Predictor:
 
 
 AXES = {"z": 0, "y": 1, "x": 2}
-
-
-def _between(stream: Iterator[np.ndarray], skip: int, count: int) -> Iterator[np.ndarray]:
-    """Items ``skip .. skip + count`` of ``stream``."""
-    from itertools import islice
-
-    return islice(stream, skip, skip + count)

@@ -23,7 +23,7 @@ from socseg.params import Params, typed
 from socseg.training import tracking
 
 
-def test_data(params: Mapping | Params, task: str) -> PreparedData:
+def held_out_data(params: Mapping | Params, task: str) -> PreparedData:
     """The configured volumes, split; refused when the split leaves no held-out test slices."""
     p = typed(params)
     data = prepare_data(p, load_labelled_volumes(p), task)
@@ -67,7 +67,7 @@ def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | 
     model_uri = search["best_model_uri"]
     tracking.configure_tracking(params)
     task = model_config(model_uri).task
-    slabs = test_data(params, task).slabs["test"]
+    slabs = held_out_data(params, task).slabs["test"]
     evaluation = score_on_test_slabs(model_uri, slabs)
     slab, predicted = slabs[0], evaluation.predictions[0]
     truth = slab.targets(task)
@@ -121,7 +121,7 @@ def register(params: Mapping | Params, search_json: str | Path, metrics_json: st
     tracking.configure_tracking(p)
     model_uri = metrics["model_uri"]
     task = model_config(model_uri).task
-    data = test_data(p, task)  # loaded once: the champion is re-scored on the same slices
+    data = held_out_data(p, task)  # loaded once: the champion is re-scored on the same slices
     promotion = register_and_promote(
         model_uri,
         registered_model_name(p.registry.model_name, task),
