@@ -96,3 +96,17 @@ def serving_client():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def run_checked():
+    """``run(args, cwd, env, timeout=900)``: run a command, fail the test with the tail of its
+    output unless it exits 0, return its stdout (end-to-end tests: dvc, mlflow run, socseg)."""
+    import subprocess
+
+    def run(args, cwd, env, timeout=900):
+        done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{args}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    return run
