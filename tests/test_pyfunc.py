@@ -8,6 +8,8 @@ import json
 import os
 
 import mlflow
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -279,6 +281,31 @@ def test_a_model_pickled_before_the_restructure_still_loads(segmenter, grey, tmp
     old = mlflow.pyfunc.load_model(str(path))
     assert isinstance(old.unwrap_python_model(), Segmenter)
     np.testing.assert_array_equal(old.predict(grey), model.predict(grey))
+
+
+def test_relog_gives_an_old_model_this_versions_serving_code(segmenter, grey, tmp_path, mlflow_env):
+    """`socseg relog`: an old model's network and config in a new run, without retraining."""
+    import json
+
+    from click.testing import CliRunner
+
+    from socseg.cli import main
+    from socseg.inference.pyfunc import save_segmenter
+
+    model, exported = segmenter
+    old = save_segmenter(exported, make_config(), tmp_path / "old")
+    (old / "python_model.pkl").write_bytes(b"csocseg.pyfunc\nSegmenter\n)\x81.")
+    out = CliRunner().invoke(main, ["relog", str(old)])
+    assert out.exit_code == 0, out.output
+    uri = out.output.split(" model ")[1].split(" (from ")[0]
+    assert uri.startswith("models:/") and f"(from {old})" in out.output
+    new = mlflow.pyfunc.load_model(uri)
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    assert b"socseg.inference.pyfunc" in (local / "python_model.pkl").read_bytes()
+    np.testing.assert_array_equal(new.predict(grey), model.predict(grey))
+    described = json.loads(new.predict(grey[:1], params={"describe": True})["config"][0])
+    assert described == model_config(str(old)).to_dict()
+    assert mlflow.get_run(mlflow.models.get_model_info(uri).run_id).data.tags["relogged_from"] == str(old)
 
 
 def test_training_logs_one_model_the_segmenter(tiny_params, mlflow_env):

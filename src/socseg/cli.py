@@ -44,6 +44,7 @@ def _register() -> None:
     from socseg.commands.evaluate import evaluate
     from socseg.commands.microstructure import microstructure
     from socseg.commands.search import evaluate_best, prepare, register, search
+    from socseg.commands.relog import relog
     from socseg.commands.segment import segment
     from socseg.commands.suggest import suggest_slices
     from socseg.commands.train import train
@@ -53,6 +54,7 @@ def _register() -> None:
     main.add_command(microstructure)
     main.add_command(evaluate)
     main.add_command(segment)
+    main.add_command(relog)
     main.add_command(suggest_slices)
     for command in (prepare, search, evaluate_best, register):
         main.add_command(command)

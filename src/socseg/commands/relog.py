@@ -1,0 +1,37 @@
+"""``socseg relog``: a logged model again, with this version's serving code (no retraining)."""
+
+from __future__ import annotations
+
+import click
+
+from socseg.commands.options import params_file_option
+
+
+@click.command("relog")
+@click.argument("model_uri")
+@click.option("--tracking-uri", help="Where MODEL_URI resolves and the new run goes [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
+@params_file_option
+def relog(model_uri: str, tracking_uri: str | None, params_file: str | None) -> None:
+    """Log MODEL_URI's network and settings as a new segmenter with the socseg code installed now.
+
+    A model carries the code it was logged with, and `mlflow models serve` runs that code: a
+    model logged by an older socseg answers the requests of its own version. Relogging gives it
+    this version's request parameters (context_before/context_after, describe) without retraining;
+    register the printed URI to serve it.
+    """
+    import mlflow
+
+    from socseg.inference.predictor import Predictor
+    from socseg.inference.pyfunc import log_segmenter
+    from socseg.params import load_params, typed
+    from socseg.training import tracking
+
+    params = typed(load_params(params_file))
+    mlflow.set_tracking_uri(tracking.tracking_uri(params, tracking_uri))
+    predictor = Predictor.load(model_uri)  # an old pickle resolves to this version's class (socseg.pyfunc)
+    tracking.configure_tracking(params)
+    with mlflow.start_run(run_name=f"relog {model_uri}") as run:
+        mlflow.set_tags({"relogged_from": model_uri, "task": predictor.config.task,
+                         "encoder": predictor.config.encoder or "unknown", "git_commit": tracking.git_commit() or "none"})
+        info = log_segmenter(predictor.network, predictor.config)
+    click.echo(f"run {run.info.run_id}: model {info.model_uri} (from {model_uri})")
