@@ -65,6 +65,16 @@ def overlay_figure(
     return fig
 
 
+def slab_overlay_figure(slab, truth: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]) -> plt.Figure:
+    """:func:`overlay_figure` of the first, middle and last slice of a slab
+    (:class:`socseg.data.prepare.Slab`); ``truth`` and ``predicted`` are its class maps."""
+    start, _ = slab.z_range
+    picks = sorted({0, len(predicted) // 2, len(predicted) - 1})
+    return overlay_figure([slab.volume.image[start + k] for k in picks], [truth[k] for k in picks],
+                          [predicted[k] for k in picks], class_names,
+                          titles=[f"{slab.name} z={start + k}" for k in picks])
+
+
 def confusion_figure(cm: np.ndarray, class_names: Sequence[str]) -> plt.Figure:
     """Confusion matrix, rows = truth, normalised per row, with the pixel counts printed."""
     cm = np.asarray(cm, dtype=np.float64)

@@ -32,9 +32,9 @@ def held_out_data(params: Mapping | Params, task: str) -> PreparedData:
     return data
 
 
-def score_on_test_slabs(model_uri: str, slabs: list[Slab]) -> Evaluation:
+def score_on_test_slabs(model_uri: str, slabs: list[Slab], keep_predictions: bool = False) -> Evaluation:
     """The model's scores on the test slabs, as users would segment them."""
-    return score_slabs(Predictor.load(model_uri), slabs, keep_predictions=True)
+    return score_slabs(Predictor.load(model_uri), slabs, keep_predictions=keep_predictions)
 
 
 def microstructure_comparison(predicted_classes: np.ndarray, true_classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
@@ -61,14 +61,14 @@ def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | 
     """Evaluate the search's best trial on the TEST slabs; log to the search's parent run; write metrics.json."""
     import matplotlib.pyplot as plt
 
-    from socseg.analysis.plots import confusion_figure, overlay_figure
+    from socseg.analysis.plots import confusion_figure, slab_overlay_figure
 
     search = read_json(search_json)
     model_uri = search["best_model_uri"]
     tracking.configure_tracking(params)
     task = model_config(model_uri).task
     slabs = held_out_data(params, task).slabs["test"]
-    evaluation = score_on_test_slabs(model_uri, slabs)
+    evaluation = score_on_test_slabs(model_uri, slabs, keep_predictions=True)
     slab, predicted = slabs[0], evaluation.predictions[0]
     truth = slab.targets(task)
     metrics = {f"test_{k}": v for k, v in evaluation.scores.items()}
@@ -77,11 +77,7 @@ def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | 
         mlflow.log_metrics(metrics)
         fig = confusion_figure(evaluation.confusion, evaluation.class_names)
         mlflow.log_figure(fig, "evaluate/test_confusion.png")
-        start, _ = slab.z_range
-        picks = sorted({0, len(predicted) // 2, len(predicted) - 1})
-        fig2 = overlay_figure([slab.volume.image[start + k] for k in picks], [truth[k] for k in picks],
-                              [predicted[k] for k in picks], evaluation.class_names,
-                              titles=[f"{slab.name} z={start + k}" for k in picks])
+        fig2 = slab_overlay_figure(slab, truth, predicted, evaluation.class_names)
         mlflow.log_figure(fig2, "evaluate/test_overlays.png")
         plt.close(fig)
         plt.close(fig2)

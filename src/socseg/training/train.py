@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from socseg.analysis.plots import overlay_figure, training_curves_figure
+from socseg.analysis.plots import slab_overlay_figure, training_curves_figure
 from socseg.data.dataset import Augmentation, RandomCrops
 from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data
 from socseg.inference.evaluate import Evaluation, score_slabs
@@ -321,20 +321,11 @@ def log_segmenter(predictor: Predictor):
 
 def _log_overlays(data: PreparedData, evaluation: Evaluation) -> None:
     """Test-slab overlays (first, middle and last slice of the first test slab)."""
-    slab, pred = data.slabs["test"][0], evaluation.predictions[0]
-    start, _ = slab.z_range
-    picks = sorted({0, len(pred) // 2, len(pred) - 1})
-    truth = slab.targets(data.task)
-    fig = overlay_figure(
-        [slab.volume.image[start + k] for k in picks],
-        [truth[k] for k in picks],
-        [pred[k] for k in picks],
-        data.class_names,
-        titles=[f"{slab.name} z={start + k}" for k in picks],
-    )
-    mlflow.log_figure(fig, "plots/test_overlays.png")
     import matplotlib.pyplot as plt
 
+    slab = data.slabs["test"][0]
+    fig = slab_overlay_figure(slab, slab.targets(data.task), evaluation.predictions[0], data.class_names)
+    mlflow.log_figure(fig, "plots/test_overlays.png")
     plt.close(fig)
 
 
