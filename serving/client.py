@@ -2,7 +2,7 @@
 
     python serving/client.py http://127.0.0.1:5000 volume.tif labels.tif [--slice-batch 8]
         [--form compact|tensor] [--encoding tiff|npy] [--tta] [--allow-out-of-range]
-        [--overwrite] [--retries 5]
+        [--grey-range LOW,HIGH] [--overwrite] [--retries 5]
 
 Sends INPUT (multi-page TIFF, folder of slice TIFFs or socseg volume directory) to
 ``/invocations`` a few slices per request, reassembles the answers and writes the label stack
@@ -10,7 +10,9 @@ OUTPUT with the same guarantees as ``socseg segment`` (streamed, atomic, never o
 existing OUTPUT only with --overwrite): the reading and writing are :mod:`socseg.inference.segment`'s.
 The client first asks the server for the model's config (request param ``describe``): a 2.5D
 model's ``context_slices`` decides how many neighbouring slices go around each chunk, and the
-phase map goes into OUTPUT's metadata.
+phase map goes into OUTPUT's metadata. For a per_volume model (``normalisation_mode``) the client
+estimates the whole input's grey range once and sends it with every request (``grey_low``,
+``grey_high``; ``--grey-range`` gives it instead).
 Connection errors, timeouts and 502/503/504 are retried with exponential backoff; a 4xx is
 the server naming a problem with the request and stops the run with that message.
 """
@@ -34,8 +36,11 @@ import numpy as np
 import requests
 
 from socseg.inference.predictor import ModelConfig
+from socseg.params import WINDOWS
 from socseg.inference.pyfunc import IMAGE_COLUMN, decode_array, encode_array
 from socseg.inference.segment import SegmentResult, segment_stream
+from socseg.data.normalise import GreyRangeEstimateError, parse_grey_range
+from socseg.data.stacks import SliceReader
 from socseg.data.volumes import VolumeError, parse_phase_map
 
 RETRY_STATUS = (502, 503, 504)
@@ -171,6 +176,13 @@ def segment_with_server(
     config = client.describe()
     if phase_map is None and config.get("phase_map"):
         client.phase_map = {int(k): v for k, v in label_phase_map(config).items()}
+    model = ModelConfig.from_dict(config)
+    if model.normalisation_mode == "per_volume" and "grey_low" not in client.params:
+        # Each request carries only some slices: send the whole input's grey range with every one,
+        # estimated as `socseg segment` and `socseg stats` do, so the labels do not depend on the batching.
+        with SliceReader(source) as reader:
+            low, high = model.volume_grey_range(reader)
+        client.params.update(grey_low=low, grey_high=high)
 
     def metadata() -> dict[str, Any]:  # asked after the first answer, which carries the phase map
         known = dict(phase_map) if phase_map else client.phase_map
@@ -256,11 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--form", choices=("compact", "tensor"), default="compact")
     parser.add_argument("--encoding", choices=("tiff", "npy"), default="tiff", help="compact form only")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="8-fold flip/rotation TTA (server default)")
-    parser.add_argument("--step-fraction", type=float, default=None, help="tile step / tile size (server default)")
+    parser.add_argument("--window", choices=WINDOWS, default=None,
+                        help="one pass per slice, or the sliding window (server default)")
+    parser.add_argument("--step-fraction", type=float, default=None, help="sliding window: tile step / tile size (server default)")
     parser.add_argument("--phase-map", default=None, help="label value -> phase for the metadata, e.g. 0=pore,255=ni")
     parser.add_argument("--allow-out-of-range", action="store_true",
                         help="segment even when most grey values lie outside the model's range "
                              "(sends the request param allow_out_of_range: true)")
+    parser.add_argument("--grey-range", type=parse_grey_range, default=None, metavar="LOW,HIGH",
+                        help="the input's grey range, sent as grey_low/grey_high with every request "
+                             "[default: estimated on the whole input for a per_volume model, as `socseg stats`]")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     parser.add_argument("--retries", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one answer")
@@ -278,13 +295,15 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             form=args.form,
             encoding=args.encoding,
-            params={"tta": args.tta, "step_fraction": args.step_fraction,
-                    "allow_out_of_range": True if args.allow_out_of_range else None},
+            params={"tta": args.tta, "window": args.window, "step_fraction": args.step_fraction,
+                    "allow_out_of_range": True if args.allow_out_of_range else None,
+                    "grey_low": args.grey_range[0] if args.grey_range else None,
+                    "grey_high": args.grey_range[1] if args.grey_range else None},
             phase_map=parse_phase_map(args.phase_map) if args.phase_map else None,
             retries=args.retries,
             timeout=args.timeout,
         )
-    except (VolumeError, ServerError, OSError) as exc:
+    except (VolumeError, ServerError, GreyRangeEstimateError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     z, h, w = result.shape

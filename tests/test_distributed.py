@@ -32,7 +32,8 @@ def _model(folder: Path, context_slices: int) -> str:
     network = build_model("unet", "phases", n_classes=3, base_filters=4, context_slices=context_slices)
     config = ModelConfig(task="phases", encoder="unet", class_names=["pore", "ysz", "ni"],
                          phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=context_slices,
-                         normalisation={"low": 20000.0, "high": 43000.0}, step_fraction=0.5, tta=False, batch_size=8,
+                         normalisation={"low": 20000.0, "high": 43000.0}, normalisation_mode="fixed", window="whole_slice",
+                         whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=8,
                          max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5)
     return str(save_segmenter(export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5)), config, folder / f"model{context_slices}"))
 

@@ -127,3 +127,77 @@ def test_unknown_name_or_task_lists_valid_ones():
         get_loss("iou", "ni")
     with pytest.raises(ValueError, match="ni, phases"):
         get_loss("ce", "pores")
+
+
+# --------------------------------------------------------------------------- sparse labels (IGNORE)
+
+
+def _masked_case(task, seed=0):
+    """Truth with unlabelled (IGNORE) pixels, and predictions to compare against."""
+    from socseg.data.tasks import IGNORE
+
+    rng = np.random.default_rng(seed)
+    n = 2 if task == "ni" else 3
+    truth = rng.integers(0, n, size=(2, 8, 8))
+    ignored = rng.random((2, 8, 8)) < 0.5
+    sparse = np.where(ignored, IGNORE, truth)
+    if task == "ni":
+        pred = rng.uniform(0.05, 0.95, size=(2, 8, 8, 1)).astype("float32")
+    else:
+        logits = rng.normal(size=(2, 8, 8, n))
+        pred = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype("float32")
+    return truth, sparse, ignored, pred
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("task", ["ni", "phases"])
+def test_ignored_pixels_do_not_change_any_loss(name, task):
+    """Predictions at IGNORE pixels do not move the loss; all-IGNORE samples contribute 0."""
+    from socseg.data.tasks import IGNORE
+
+    truth, sparse, ignored, pred = _masked_case(task)
+    loss = get_loss(name, task)
+    base = per_sample(loss, sparse, pred)
+    other = pred.copy()
+    other[ignored] = 1 - other[ignored] if task == "ni" else other[ignored][..., ::-1]  # changed where ignored
+    assert not np.allclose(per_sample(loss, truth, other), per_sample(loss, truth, pred))  # it would matter if labelled
+    assert per_sample(loss, sparse, other) == pytest.approx(base, rel=1e-5, abs=1e-6)
+    assert np.all(base > 0)
+    nothing = np.full_like(truth, IGNORE)
+    assert per_sample(loss, nothing, pred) == pytest.approx([0.0, 0.0], abs=1e-7)
+    half = sparse.copy()
+    half[1] = IGNORE  # one sample without labels: the batch loss is half the other sample's
+    assert value(loss, half, pred) == pytest.approx(base[0] / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["ni", "phases"])
+def test_masked_ce_and_dice_are_the_losses_of_the_labelled_pixels(task):
+    """CE: the mean over labelled pixels; Dice: soft Dice of the labelled pixels alone."""
+    truth, sparse, ignored, pred = _masked_case(task, seed=1)
+    probs = np.concatenate([1 - pred, pred], -1) if task == "ni" else pred
+    labelled = ~ignored[0]
+    p_true_pixels = np.take_along_axis(probs[0], truth[0][..., None], axis=-1)[..., 0][labelled]
+    ce = per_sample(get_loss("ce", task), sparse, pred)[0]
+    assert ce == pytest.approx(-np.log(p_true_pixels).mean(), rel=1e-5)
+    one_hot = np.eye(probs.shape[-1])[truth[0]][labelled]
+    kept = probs[0][labelled]
+    dice = (2 * (kept * one_hot).sum(0) + 1) / (kept.sum(0) + one_hot.sum(0) + 1)
+    assert per_sample(get_loss("dice", task), sparse, pred)[0] == pytest.approx(1 - dice.mean(), rel=1e-5)
+
+
+def test_fully_labelled_maps_give_the_unmasked_values():
+    """No IGNORE pixel: the masked CE is the plain mean (hand value above)."""
+    expected = -np.mean(np.log([0.9, 0.8, 0.6, 0.9]))
+    assert value(get_loss("ce", "ni"), NI_TRUE, NI_PROB) == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_metric_skips_ignored_pixels():
+    from socseg.data.tasks import IGNORE
+    from socseg.model.metrics import ThresholdedIoU
+
+    truth = np.array([[[1, 0], [IGNORE, IGNORE]]])
+    right = np.array([[[0.9, 0.1], [0.9, 0.1]]], dtype="float32")[..., None]  # wrong only where ignored
+    metric = ThresholdedIoU(task="ni")
+    metric.update_state(truth, right)
+    assert float(metric.result()) == pytest.approx(1.0)
+    assert keras.ops.convert_to_numpy(metric.confusion).sum() == 2

@@ -33,6 +33,9 @@ def make_config(**fields):
         tile_size=32,
         context_slices=0,
         normalisation={"low": 20000.0, "high": 43000.0},
+        normalisation_mode="fixed",
+        window="sliding",
+        whole_slice_max_pixels=0,
         step_fraction=0.5,
         tta=False,
         batch_size=8,
@@ -226,10 +229,11 @@ def test_ni_task_outputs_rest_and_ni_values():
 def test_config_of_models_logged_before_the_later_fields():
     """Records of older models lack encoder, context_slices and max_clipped_fraction: the values they ran with."""
     record = make_config().to_dict()
-    for later in ("encoder", "context_slices", "max_clipped_fraction"):
+    for later in ("encoder", "context_slices", "max_clipped_fraction", "normalisation_mode"):
         del record[later]
     old = ModelConfig.from_dict(record)
     assert (old.encoder, old.context_slices, old.max_clipped_fraction) == ("", 0, 0.5)
+    assert old.normalisation_mode == "fixed"  # what every model before per_volume did
     assert old == make_config(encoder="")
     with pytest.raises(KeyError):
         ModelConfig.from_dict({k: v for k, v in record.items() if k != "tile_size"})  # not optional
@@ -284,8 +288,11 @@ def test_a_model_pickled_before_the_restructure_still_loads(segmenter, grey, tmp
 
 
 def test_relog_gives_an_old_model_this_versions_serving_code(segmenter, grey, tmp_path, mlflow_env):
-    """`socseg relog`: an old model's network and config in a new run, without retraining."""
+    """`socseg relog`: an old model's network and training record in a new run, without retraining,
+    with the inference settings of params.yaml now (e.g. whole-slice passes)."""
     import json
+
+    from socseg.params import load_params, typed
 
     from click.testing import CliRunner
 
@@ -302,9 +309,12 @@ def test_relog_gives_an_old_model_this_versions_serving_code(segmenter, grey, tm
     new = mlflow.pyfunc.load_model(uri)
     local = Path(mlflow.artifacts.download_artifacts(uri))
     assert b"socseg.inference.pyfunc" in (local / "python_model.pkl").read_bytes()
-    np.testing.assert_array_equal(new.predict(grey), model.predict(grey))
+    # The same network: with the old model's window, the same labels.
+    np.testing.assert_array_equal(new.predict(grey, params={"window": "sliding"}), model.predict(grey))
     described = json.loads(new.predict(grey[:1], params={"describe": True})["config"][0])
-    assert described == model_config(str(old)).to_dict()
+    inference = typed(load_params()).inference
+    assert described == ModelConfig.from_training(model_config(str(old)).to_dict(), inference).to_dict()
+    assert described["window"] == inference.window and model_config(str(old)).window == "sliding"
     assert mlflow.get_run(mlflow.models.get_model_info(uri).run_id).data.tags["relogged_from"] == str(old)
 
 
@@ -330,7 +340,7 @@ def test_training_logs_one_model_the_segmenter(tiny_params, mlflow_env):
     image = load_volume(f"{tiny_params['data']['dir']}/tiny").image[-3:]
     labels = model.predict(image)
     # The window on its own, with the settings the params gave (TTA, a quarter-tile step).
-    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, image, config.window())))
+    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, image, config.window_settings())))
     np.testing.assert_array_equal(labels, np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
 
 
@@ -351,7 +361,7 @@ def test_training_a_2p5d_model_logs_its_context_and_the_segmenter_uses_it(tiny_p
     volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
     image = volume.image[-4:]
     stacked = iter_with_context(image, 1)
-    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, stacked, config.window())))
+    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, stacked, config.window_settings())))
     np.testing.assert_array_equal(model.predict(image), np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
     # Context slices are context only: the middle two slices come back, predicted with their true neighbours.
     middle = model.predict(image, params={"context_before": 1, "context_after": 1})
@@ -458,3 +468,97 @@ def test_max_clipped_fraction_travels_from_params_into_the_model(segmenter, save
     model, _ = segmenter
     assert model_config(str(saved[0])).max_clipped_fraction == 0.5
     assert {p.name: p.default for p in model.metadata.get_params_schema().params}["allow_out_of_range"] is False
+
+
+# --------------------------------------------------------------------------- per-volume normalisation
+
+PER_VOLUME = {"low": 0.0, "high": 1.0, "low_percentile": 0.5, "high_percentile": 99.5}
+
+
+def test_normalisation_mode_is_a_field_of_the_config():
+    """Training's record carries the mode inside ``normalisation``; the config keeps it as a field."""
+    record = make_config().to_dict()
+    record["normalisation"] = {"mode": "per_volume", **PER_VOLUME}
+    del record["normalisation_mode"]
+    config = ModelConfig.from_dict(record)
+    assert config.normalisation_mode == "per_volume" and config.normalisation == PER_VOLUME
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    record["normalisation"]["mode"] = "per_slice"
+    with pytest.raises(ValueError, match="normalisation mode 'per_slice' is not one of fixed, per_volume"):
+        ModelConfig.from_dict(record)
+
+
+@pytest.fixture(scope="module")
+def per_volume_saved(tmp_path_factory):
+    """The small U-Net behind IntensityNormalisation(0, 1), saved as a per_volume segmenter."""
+    import keras
+
+    from socseg.data.normalise import Normaliser
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.model.export import export_model
+    from socseg.model.unet import build_model
+
+    keras.utils.set_random_seed(0)
+    network = build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none")
+    exported = export_model(network, Normaliser(0.0, 1.0, 0.5, 99.5))
+    config = make_config(normalisation=PER_VOLUME, normalisation_mode="per_volume")
+    return save_segmenter(exported, config, tmp_path_factory.mktemp("per_volume") / "model"), exported
+
+
+def test_served_grey_range_params_give_the_labels_of_local_segment(per_volume_saved, grey, tmp_path):
+    """grey_low/grey_high: a request of some slices is mapped with the whole volume's range, as
+    `socseg segment` maps each chunk; a float32 copy with its own range gets the same labels."""
+    from socseg.inference.segment import segment
+
+    path, exported = per_volume_saved
+    model = mlflow.pyfunc.load_model(str(path))
+    predictor = Predictor(exported, model_config(str(path)))
+    low, high = predictor.volume_grey_range(grey)
+    stack = tmp_path / "grey.tif"
+    tifffile.imwrite(stack, grey, photometric="minisblack")
+    segment(str(path), stack, tmp_path / "local.tif", slice_batch=1, grey_range=(low, high), progress=False)
+    local = tifffile.imread(tmp_path / "local.tif")
+    params = {"grey_low": low, "grey_high": high}
+    np.testing.assert_array_equal(model.predict(grey[1:2], params=params), local[1:2])  # one slice, the volume's range
+    np.testing.assert_array_equal(model.predict(grey, params=params), local)
+    # Without the params a per_volume model uses the request's own slices: the whole volume here.
+    np.testing.assert_array_equal(model.predict(grey), local)
+    # The same slices as a float32 phase reconstruction, with its own range: the same labels.
+    rescaled = (2.5e-5 * grey.astype(np.float64) - 0.55).astype(np.float32)
+    r_low, r_high = predictor.volume_grey_range(rescaled)
+    assert r_low == pytest.approx(2.5e-5 * low - 0.55, abs=1e-6)
+    assert np.mean(model.predict(rescaled, params={"grey_low": r_low, "grey_high": r_high}) == local) > 0.999
+    # A wrong range changes the labels: the params are applied.
+    wrong = {"grey_low": low, "grey_high": (low + high) / 2, "allow_out_of_range": True}
+    assert np.mean(model.predict(grey, params=wrong) == local) < 0.9
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"grey_low": 1.0}, "grey_low given without grey_high: send both"),
+    ({"grey_high": 2.0}, "grey_high given without grey_low: send both"),
+    ({"grey_low": 5.0, "grey_high": 5.0}, "LOW must be below HIGH"),
+])
+def test_grey_range_params_are_checked(per_volume_saved, grey, params, message):
+    model = mlflow.pyfunc.load_model(str(per_volume_saved[0]))
+    with pytest.raises(MlflowException, match=message) as info:
+        model.predict(grey, params=params)
+    assert info.value.get_http_status_code() == 400
+
+
+def test_per_volume_request_without_a_range_to_estimate_is_a_400(per_volume_saved):
+    model = mlflow.pyfunc.load_model(str(per_volume_saved[0]))
+    flat = np.full((2, 20, 20), 30000, np.uint16)
+    with pytest.raises(MlflowException, match="grey values are constant.*send the volume's grey range as grey_low") as info:
+        model.predict(flat)
+    assert info.value.get_http_status_code() == 400
+    assert model.predict(flat, params={"grey_low": 20000.0, "grey_high": 43000.0}).shape == flat.shape
+
+
+def test_fixed_model_maps_a_given_grey_range_onto_its_training_range(segmenter, grey):
+    """A fixed model refuses a float32 copy on another scale; with that copy's range it segments it."""
+    model, _ = segmenter
+    rescaled = (2.5e-5 * grey.astype(np.float64) - 0.55).astype(np.float32)
+    with pytest.raises(MlflowException, match="out of this model's range"):
+        model.predict(rescaled)
+    as_given = model.predict(rescaled, params={"grey_low": 2.5e-5 * 20000.0 - 0.55, "grey_high": 2.5e-5 * 43000.0 - 0.55})
+    assert np.mean(as_given == model.predict(grey)) > 0.999

@@ -289,3 +289,19 @@ def test_changed_data_starts_a_new_study_and_the_same_data_resumes(search_params
     changed = run_search(search_params, encoder="unet")
     assert changed.study_name != first.study_name and changed.n_trained == 1
     assert changed.best_run_id != first.best_run_id
+
+
+def test_normalisation_mode_is_searchable(search_params):
+    """``normalise.mode`` as a categorical of search.space: each trial trains with the sampled mode."""
+    from socseg.params import ParamsError, typed
+    from socseg.training.search import trial_params
+
+    search_params["search"]["space"] = {"normalise.mode": {"type": "categorical", "choices": ["fixed", "per_volume"]}}
+    assert typed(search_params).normalise.mode == "fixed"
+    for mode in ("fixed", "per_volume"):
+        tree = trial_params(search_params, "unet", optuna.trial.FixedTrial({"normalise.mode": mode}))
+        assert typed(tree).normalise.mode == mode
+    search_params["search"]["space"]["normalise.mode"]["choices"].append("per_slice")  # a typo in the space
+    tree = trial_params(search_params, "unet", optuna.trial.FixedTrial({"normalise.mode": "per_slice"}))
+    with pytest.raises(ParamsError, match="normalise.mode: 'per_slice' is not one of"):
+        typed(tree)

@@ -23,11 +23,12 @@ PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
 
 
 def _config(context_slices: int = 0, batch_size: int = 16) -> ModelConfig:
-    """An 'ni' model's config: tile 64, normalisation 20000..43000, half-tile steps, no TTA."""
+    """An 'ni' model's config: tile 64, normalisation 20000..43000, whole-slice passes, no TTA."""
     return ModelConfig(
         task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=PHASE_MAP, tile_size=64,
-        context_slices=context_slices, normalisation={"low": 20000.0, "high": 43000.0}, step_fraction=0.5,
-        tta=False, batch_size=batch_size, max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5,
+        context_slices=context_slices, normalisation={"low": 20000.0, "high": 43000.0}, normalisation_mode="fixed",
+        window="whole_slice",
+        whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=batch_size, max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5,
     )
 
 
@@ -374,3 +375,130 @@ def test_microstructure_of_an_ni_segmentation_uses_its_recorded_phase_map(model_
     assert result.exit_code == 0, result.output
     fractions = json.loads(result.output)["volume"]["metrics"]["volume_fraction"]
     assert fractions == pytest.approx({"rest": np.mean(labels == 0), "ni": np.mean(labels == 255)})
+
+
+# --------------------------------------------------------------------------- per-volume normalisation
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    """An 8-bit copy as a viewer exports one: min..max stretched to 0..255."""
+    low, high = float(image.min()), float(image.max())
+    return np.rint((image.astype(np.float64) - low) / (high - low) * 255).astype(np.uint8)
+
+
+def test_per_volume_model_labels_uint16_float32_and_uint8_copies_alike(tiny_params, mlflow_env, phantom, threshold_model_path,
+                                                                      tmp_path):
+    """Issue 15: the same labelled phantom as uint16, as a float32 phase reconstruction
+    (2.5e-5 * x - 0.55) and as uint8 gets the same labels from a briefly trained per_volume
+    U-Net; a fixed-mode model refuses the float32 copy (the behaviour this replaces)."""
+    from socseg.inference.pyfunc import model_config
+    from socseg.training.train import train
+
+    tiny_params["normalise"]["mode"] = "per_volume"
+    tiny_params["train"].update(task="phases", epochs=8, batch_size=4)
+    tiny_params["tiles"]["steps_per_epoch"] = 10
+    result = train(tiny_params, run_name="per-volume")
+    config = model_config(result.model_uri)
+    assert config.normalisation_mode == "per_volume"
+    assert config.normalisation == {"low": 0.0, "high": 1.0, "low_percentile": 0.5, "high_percentile": 99.5}
+
+    uint16_path, rescaled_path, image, rescaled, _ = phantom
+    uint8_path = tmp_path / "uint8.tif"
+    tifffile.imwrite(uint8_path, _as_uint8(image), photometric="minisblack")
+    labels = {}
+    for name, path in (("uint16", uint16_path), ("float32", rescaled_path), ("uint8", uint8_path)):
+        out = tmp_path / f"labels_{name}.tif"
+        segment(result.model_uri, path, out, slice_batch=4, progress=False)
+        labels[name] = tifffile.imread(out)
+        assert read_label_metadata(out)["normalisation_mode"] == "per_volume"
+    assert len(np.unique(labels["uint16"])) == 3  # a model that labels phases, not one class
+    for name in ("float32", "uint8"):
+        agreement = np.mean(labels[name] == labels["uint16"])
+        assert agreement >= 0.995, (name, agreement)
+    with pytest.raises(GreyRangeError, match="out of this model's range"):
+        segment(threshold_model_path, rescaled_path, tmp_path / "fixed.tif", slice_batch=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def per_volume_model_path(tmp_path_factory):
+    """An 'ni' per_volume segmenter: Ni where the grey value lies above 78 % of the volume's own
+    0.5..99.5 percentile range (a 1x1 convolution behind IntensityNormalisation(0, 1), set by hand)."""
+    import dataclasses
+
+    import keras
+
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.model.export import IntensityNormalisation
+
+    inputs = keras.Input((None, None, 1))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    outputs = conv(IntensityNormalisation(0.0, 1.0)(inputs))
+    conv.set_weights([np.full((1, 1, 1, 1), 50.0, np.float32), np.array([-50.0 * 0.78], np.float32)])
+    config = dataclasses.replace(_config(), normalisation={"low": 0.0, "high": 1.0, "low_percentile": 0.5,
+                                                           "high_percentile": 99.5}, normalisation_mode="per_volume")
+    return str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path_factory.mktemp("pv") / "model"))
+
+
+def test_per_volume_segment_estimates_the_whole_input_once_and_grey_range_overrides(per_volume_model_path, phantom,
+                                                                                    tmp_path):
+    from socseg.data.normalise import grey_range
+
+    uint16_path, rescaled_path, image, rescaled, ni = phantom
+    runner = CliRunner()
+    out = tmp_path / "a.tif"
+    done = runner.invoke(main, ["segment", per_volume_model_path, str(rescaled_path), str(out), "--slice-batch", "2"])
+    assert done.exit_code == 0, done.output
+    expected = grey_range(rescaled, 0.5, 99.5)
+    assert read_label_metadata(out)["grey_range"] == pytest.approx([expected.low, expected.high])
+    labels = tifffile.imread(out)
+    assert np.mean((labels == 255) == ni) > 0.95  # the float32 copy's Ni is found
+    # Chunks of 2 slices all use the whole volume's range: the same as one chunk of all slices.
+    segment(per_volume_model_path, rescaled_path, tmp_path / "one.tif", slice_batch=len(image), progress=False)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "one.tif"), labels)
+    # `socseg stats` prints the same range.
+    stats = runner.invoke(main, ["stats", str(rescaled_path), "--model", per_volume_model_path])
+    assert stats.exit_code == 0, stats.output
+    printed = json.loads(stats.output)
+    assert (printed["low"], printed["high"]) == (expected.low, expected.high)
+    assert printed["n_sampled"] == rescaled.size and printed["source"] == str(rescaled_path)
+    assert (printed["low_percentile"], printed["high_percentile"]) == (0.5, 99.5)
+    other = json.loads(runner.invoke(main, ["stats", str(uint16_path), "--percentiles", "1,99"]).output)
+    assert (other["low_percentile"], other["high_percentile"]) == (1.0, 99.0)
+    # --grey-range overrides the estimate (here: the uint16 range on the uint16 copy gives the same labels).
+    u = grey_range(image, 0.5, 99.5)
+    given = runner.invoke(main, ["segment", per_volume_model_path, str(uint16_path), str(tmp_path / "b.tif"),
+                                 "--grey-range", f"{u.low!r},{u.high!r}"])
+    assert given.exit_code == 0, given.output
+    assert read_label_metadata(tmp_path / "b.tif")["grey_range"] == [u.low, u.high]
+    assert np.mean(tifffile.imread(tmp_path / "b.tif") == labels) > 0.999
+    shifted = runner.invoke(main, ["segment", per_volume_model_path, str(uint16_path), str(tmp_path / "c.tif"),
+                                   "--grey-range", f"{u.low},{(u.low + u.high) / 2}", "--allow-out-of-range"])
+    assert shifted.exit_code == 0, shifted.output
+    assert np.mean(tifffile.imread(tmp_path / "c.tif") == labels) < 0.9  # the given range is what is used
+    bad = runner.invoke(main, ["segment", per_volume_model_path, str(uint16_path), str(tmp_path / "d.tif"),
+                               "--grey-range", "5,1"])
+    assert bad.exit_code == 2 and "LOW must be below HIGH" in bad.output and not (tmp_path / "d.tif").exists()
+    # A .zarr OUTPUT (the Dask path's tasks, here in this process) gets the same range in every chunk.
+    zarr = runner.invoke(main, ["segment", per_volume_model_path, str(rescaled_path), str(tmp_path / "l.zarr"),
+                                "--chunk-depth", "2"])
+    assert zarr.exit_code == 0, zarr.output
+    from socseg.data.chunked import ChunkedLabels
+
+    np.testing.assert_array_equal(np.asarray(ChunkedLabels.open(tmp_path / "l.zarr").labels[:]), labels)
+
+
+@pytest.mark.parametrize("kind", ["constant", "nan"])
+def test_a_volume_without_grey_statistics_is_one_error_line_and_nothing_written(per_volume_model_path, tmp_path, kind):
+    volume = np.full((3, 40, 40), 30000, np.uint16) if kind == "constant" else np.full((3, 40, 40), np.nan, np.float32)
+    source = tmp_path / "in.tif"
+    tifffile.imwrite(source, volume, photometric="minisblack")
+    message = "grey values are constant" if kind == "constant" else "NaN or infinite"
+    runner = CliRunner()
+    for args in (["segment", per_volume_model_path, str(source), str(tmp_path / "out.tif")],
+                 ["segment", per_volume_model_path, str(source), str(tmp_path / "out.zarr")],
+                 ["stats", str(source)]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and message in result.output, result.output
+        assert result.output.count("\n") == 1  # one line, no traceback
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]  # no OUTPUT, no partial file

@@ -229,3 +229,70 @@ def test_serving_bench_writes_its_result_file(tmp_path):
     first = record["rows"][0]
     assert f"{first['mode']:38} {first['slices_per_s']:9.2f}" in run.stdout  # the printed figure is the recorded one
     assert f"| {first['mode']} | {first['slices_per_s']:.2f} |" in (out / "serving.md").read_text()
+
+
+def test_client_sends_a_per_volume_models_whole_input_range_with_every_request(serving_client, tmp_path, monkeypatch):
+    """serving/client.py, its HTTP replaced by the pyfunc model itself: for a per_volume model the
+    whole input's grey range goes with every request (as `socseg segment` applies it to every
+    chunk), so the labels equal local segmentation; --grey-range sends the given range instead."""
+    import dataclasses
+
+    import keras
+    import pandas as pd
+
+    from socseg.data.normalise import grey_range
+    from socseg.data.stacks import read_label_metadata
+    from socseg.inference.predictor import ModelConfig
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.inference.segment import segment
+    from socseg.model.export import IntensityNormalisation
+
+    inputs = keras.Input((None, None, 1))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    outputs = conv(IntensityNormalisation(0.0, 1.0)(inputs))
+    conv.set_weights([np.full((1, 1, 1, 1), 50.0, np.float32), np.array([-25.0], np.float32)])  # Ni above mid-range
+    config = ModelConfig.from_dict({
+        "task": "ni", "encoder": "unet", "class_names": ["rest", "ni"], "phase_map": {"0": "pore", "128": "ysz", "255": "ni"},
+        "tile_size": 32, "context_slices": 0, "window": "whole_slice", "whole_slice_max_pixels": 4096 * 4096,
+        "step_fraction": 0.5, "tta": False, "batch_size": 8, "max_slice_pixels": MAX_PIXELS, "max_clipped_fraction": 0.5,
+        "normalisation": {"mode": "per_volume", "low": 0.0, "high": 1.0, "low_percentile": 0.5, "high_percentile": 99.5}})
+    model_path = str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path / "model"))
+    model = mlflow.pyfunc.load_model(model_path)
+    sent: list[dict] = []
+
+    def post(self, body: bytes):
+        request = json.loads(body)
+        params = request.get("params") or {}
+        sent.append(params)
+        if "dataframe_split" in request:
+            split = request["dataframe_split"]
+            data = pd.DataFrame(split["data"], columns=split["columns"])
+        else:
+            data = np.asarray(request["inputs"])
+        answer = model.predict(data, params=params)
+        return answer.to_dict(orient="records") if isinstance(answer, pd.DataFrame) else np.asarray(answer).tolist()
+
+    monkeypatch.setattr(serving_client.RestSegmenter, "post", post)
+    rng = np.random.default_rng(5)
+    volume = (2.5e-5 * rng.integers(20000, 43000, (6, 30, 40)) - 0.55).astype(np.float32)  # a float32 scan
+    volume[3:] *= 1.1  # later slices brighter: a range per request would differ from the whole volume's
+    source = tmp_path / "scan.tif"
+    tifffile.imwrite(source, volume, photometric="minisblack")
+    segment(model_path, source, tmp_path / "local.tif", slice_batch=6, progress=False)
+    local = tifffile.imread(tmp_path / "local.tif")
+
+    serving_client.segment_with_server("http://fake", str(source), str(tmp_path / "served.tif"), slice_batch=2,
+                                       progress=False)
+    whole = grey_range(volume, 0.5, 99.5)
+    assert len(sent) == 4 and sent[0] == {"describe": True}  # describe, then three requests of two slices
+    assert all((p["grey_low"], p["grey_high"]) == (whole.low, whole.high) for p in sent[1:])
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "served.tif"), local)
+    assert read_label_metadata(tmp_path / "served.tif")["params"]["grey_low"] == whole.low
+
+    sent.clear()
+    assert serving_client.main(["http://fake", str(source), str(tmp_path / "given.tif"), "--slice-batch", "3",
+                                "--grey-range=-0.1,0.6", "--allow-out-of-range"]) == 0
+    assert all((p["grey_low"], p["grey_high"]) == (-0.1, 0.6) for p in sent[1:]) and len(sent) == 3
+    with pytest.raises(SystemExit):  # argparse refuses a bad --grey-range
+        serving_client.main(["http://fake", str(source), str(tmp_path / "bad.tif"), "--grey-range", "1"])
+    assert not (tmp_path / "bad.tif").exists()

@@ -28,7 +28,8 @@ class Network:
         return self.fn(tiles)
 
 
-def model_config(tile_size, step_fraction=0.5, tta=False, batch_size=8, context_slices=0, normalisation=None):
+def model_config(tile_size, step_fraction=0.5, tta=False, batch_size=8, context_slices=0, normalisation=None,
+                 window="sliding", whole_slice_max_pixels=0):
     return ModelConfig(
         task="phases",
         encoder="unet",
@@ -37,12 +38,23 @@ def model_config(tile_size, step_fraction=0.5, tta=False, batch_size=8, context_
         tile_size=tile_size,
         context_slices=context_slices,
         normalisation=normalisation or {},
+        normalisation_mode="fixed",
+        window=window,
+        whole_slice_max_pixels=whole_slice_max_pixels,
         step_fraction=step_fraction,
         tta=tta,
         batch_size=batch_size,
         max_slice_pixels=10**8,
         max_clipped_fraction=0.5,
     )
+
+
+def sliding(tile_size, step_fraction, tta, batch_size):
+    return WindowSettings(tile_size, step_fraction, tta, batch_size, "sliding", 0)
+
+
+def whole(tile_size, batch_size, max_pixels=10**8, tta=False):
+    return WindowSettings(tile_size, 0.5, tta, batch_size, "whole_slice", max_pixels)
 
 
 def predictor(fn, tile_size, **settings):
@@ -101,7 +113,7 @@ def test_predictor_runs_an_exported_keras_model_with_its_normalisation():
 
 
 def test_window_geometry_mirror_pads_and_covers_small_slices():
-    settings = WindowSettings(64, 0.5, False, 8)
+    settings = sliding(64, 0.5, False, 8)
     assert settings.step == 32 and settings.margin == 16
     window = SlidingWindow(501, 501, settings)
     assert window.pads == ((16, 16), (16, 16))
@@ -115,7 +127,7 @@ def test_window_geometry_mirror_pads_and_covers_small_slices():
     np.testing.assert_array_equal(small.crop(padded), image)
     (top, _), (left, _) = small.pads
     assert padded[top - 1, left] == image[0, 0]  # symmetric mirror at the border
-    assert WindowSettings(64, 1.0, False, 8).margin == 0
+    assert sliding(64, 1.0, False, 8).margin == 0
 
 
 def test_tta_averages_the_eight_flips_and_rotations_and_undoes_them():
@@ -145,22 +157,22 @@ def test_slices_stream_through_with_few_in_flight():
             consumed.append(k)
             yield np.full((40, 40), k, np.float32)
 
-    settings = WindowSettings(32, 0.5, False, 8)  # 9 tiles per 40x40 slice
+    settings = sliding(32, 0.5, False, 8)  # 9 tiles per 40x40 slice
     for k, probs in enumerate(iter_window_probabilities(pointwise, slices(), settings)):
         assert probs[0, 0, 0] == pytest.approx(k)
         assert len(consumed) <= k + 2  # a batch of 8 tiles never spans more than two slices
 
 
 def test_mixed_slice_shapes_and_bad_settings():
-    settings = WindowSettings(32, 0.5, False, 8)
+    settings = sliding(32, 0.5, False, 8)
     out = list(iter_window_probabilities(pointwise, [np.ones((50, 60)), np.ones((33, 20))], settings))
     assert [o.shape for o in out] == [(50, 60, 2), (33, 20, 2)]
     with pytest.raises(ValueError, match="step_fraction"):
-        WindowSettings(32, 0.0, False, 8)
+        sliding(32, 0.0, False, 8)
     with pytest.raises(ValueError, match="tile size"):
-        WindowSettings(0, 0.5, False, 8)
+        sliding(0, 0.5, False, 8)
     with pytest.raises(ValueError, match="batch size"):
-        WindowSettings(32, 0.5, False, 0)
+        sliding(32, 0.5, False, 0)
     for bad in (np.ones((2, 3, 4, 5)), np.ones(7), np.ones((0, 4))):
         with pytest.raises(ValueError, match="slice, got shape"):
             list(iter_window_probabilities(pointwise, [bad], settings))
@@ -176,8 +188,8 @@ def test_fixed_batch_pads_short_batches_and_drops_the_padding():
         return pointwise(tiles)
 
     images = np.random.default_rng(4).random((3, 40, 50), dtype=np.float32)
-    settings = WindowSettings(32, 0.5, False, 8)
-    probs = np.stack(list(iter_window_probabilities(fixed_batch(recording, 8), images, settings)))
+    settings = sliding(32, 0.5, False, 8)
+    probs = np.stack(list(iter_window_probabilities(fixed_batch(recording), images, settings)))
     np.testing.assert_allclose(probs[..., 0], images, rtol=1e-6)
     assert set(shapes) == {(8, 32, 32, 1)}
     n_tiles = 3 * len(SlidingWindow(40, 50, settings).positions)
@@ -186,12 +198,15 @@ def test_fixed_batch_pads_short_batches_and_drops_the_padding():
 
 def test_model_config_gives_the_window_settings_and_per_call_overrides():
     config = model_config(128, step_fraction=0.25, tta=True, batch_size=4)
-    assert config.window() == WindowSettings(128, 0.25, True, 4)
-    assert config.window(tta=False) == WindowSettings(128, 0.25, False, 4)
-    assert config.window(step_fraction=0.5) == WindowSettings(128, 0.5, True, 4)
-    assert config.window(tta=None, step_fraction=None) == config.window()
+    assert config.window_settings() == sliding(128, 0.25, True, 4)
+    assert config.window_settings(tta=False) == sliding(128, 0.25, False, 4)
+    assert config.window_settings(step_fraction=0.5) == sliding(128, 0.5, True, 4)
+    assert config.window_settings(tta=None, step_fraction=None, window=None) == config.window_settings()
+    assert config.window_settings(window="whole_slice").window == "whole_slice"
     with pytest.raises(ValueError, match="step_fraction"):
-        config.window(step_fraction=1.5)
+        config.window_settings(step_fraction=1.5)
+    with pytest.raises(ValueError, match="window must be one of whole_slice, sliding"):
+        config.window_settings(window="tiles")
 
 
 def test_multi_axis_fusion_places_each_axis_back_where_it_came_from():
@@ -264,7 +279,7 @@ def test_no_seams_tiled_matches_each_tile_and_has_no_grid_pattern(unet_slice):
     reference = np.asarray(predict(image[None, ..., None]))[0]
 
     # 1. In each tile's centre, the blend is that tile's own prediction (neighbours weigh ~exp(-6)).
-    window = SlidingWindow(256, 256, model.config.window())
+    window = SlidingWindow(256, 256, model.config.window_settings())
     padded = window.pad(image)
     (top, _), (left, _) = window.pads
     worst = 0.0
@@ -338,3 +353,88 @@ def test_iter_volume_takes_context_from_the_whole_stack():
     edge = list(model.iter_volume(images, z_range=(0, 1)))
     assert edge[0][0].before == 0
     np.testing.assert_array_equal(edge[0][1][0], (images[1] > images[0]).astype(np.uint8))  # replicated before slice 0
+
+
+# ----------------------------------------------------------------------------- whole-slice passes
+
+
+@pytest.mark.parametrize("shape", [(501, 501), (100, 70), (10, 7), (1, 200)])
+def test_whole_slice_pass_reproduces_a_pointwise_model_in_one_pass_per_slice(shape):
+    images = np.random.default_rng(7).random((3, *shape), dtype=np.float32)
+    calls = []
+
+    def recording(batch):
+        calls.append(batch.shape)
+        return pointwise(batch)
+
+    settings = whole(32, batch_size=1)  # 1 tile of 32^2 per pass: one slice per pass, whatever its size
+    probs = np.stack(list(iter_window_probabilities(recording, images, settings)))
+    np.testing.assert_allclose(probs[..., 0], images, rtol=1e-6)
+    np.testing.assert_allclose(probs[..., 1], 2 * images, rtol=1e-6)
+    assert len(calls) == 3
+    (_, h, w, _), = set(calls)
+    assert h % 32 == 0 and w % 32 == 0 and h >= shape[0] + 32 and w >= shape[1] + 32  # margin, then a multiple of 32
+
+
+def test_whole_slice_passes_batch_slices_by_pixels_and_keep_order_across_shapes():
+    calls = []
+
+    def recording(batch):
+        calls.append(batch.shape)
+        return pointwise(batch)
+
+    images = [np.full((40, 40), k, np.float32) for k in range(5)] + [np.full((70, 20), 9, np.float32)]
+    # 40 + 2 x 16 margin -> 96^2 padded slices; 18 tiles of 32^2 = 2 slices per pass; the odd shape flushes.
+    out = list(iter_window_probabilities(recording, images, whole(32, batch_size=18)))
+    assert [o[0, 0, 0] for o in out] == [0, 1, 2, 3, 4, 9]
+    assert [o.shape for o in out] == [(40, 40, 2)] * 5 + [(70, 20, 2)]
+    assert [c[0] for c in calls] == [2, 2, 1, 1]
+
+
+def test_slices_over_the_whole_slice_bound_take_the_sliding_window():
+    calls = []
+
+    def recording(batch):
+        calls.append(batch.shape)
+        return pointwise(batch)
+
+    images = [np.full((40, 40), 1, np.float32), np.full((200, 200), 2, np.float32), np.full((40, 40), 3, np.float32)]
+    out = list(iter_window_probabilities(recording, images, whole(32, batch_size=8, max_pixels=100 * 100)))
+    assert [o[5, 5, 0] for o in out] == [1, 2, 3] and out[1].shape == (200, 200, 2)
+    assert {c[1:3] for c in calls} == {(96, 96), (32, 32)}  # whole passes for the small ones, 32-tiles for the big
+    with pytest.raises(ValueError, match="whole_slice_max_pixels"):
+        WindowSettings(32, 0.5, False, 8, "whole_slice", -1)
+
+
+def test_tta_on_whole_non_square_slices_cancels_a_ramp():
+    ramp_model = predictor(lambda x: x + np.arange(x.shape[2], dtype=np.float32)[None, None, :, None], 32,
+                           tta=True, window="whole_slice", whole_slice_max_pixels=10**6)
+    image = np.zeros((1, 30, 50), np.float32)
+    out = ramp_model.probabilities(image)[0, ..., 0]
+    # Each transform adds a ramp along the padded slice's x or y; undone and averaged, the result
+    # varies far less across x than the raw ramp (0..width) would.
+    assert out.shape == (30, 50) and np.ptp(out) < 0.6 * 50
+
+
+def test_fixed_batch_keeps_one_batch_size_per_shape():
+    seen = []
+
+    def recording(batch):
+        seen.append(batch.shape)
+        return pointwise(batch)
+
+    padded = fixed_batch(recording)
+    for n, size in [(4, 32), (1, 32), (1, 64), (3, 32)]:
+        out = padded(np.ones((n, size, size, 1), np.float32))
+        assert out.shape == (n, size, size, 2)
+    assert seen == [(4, 32, 32, 1), (4, 32, 32, 1), (1, 64, 64, 1), (4, 32, 32, 1)]
+
+
+def test_whole_slice_pass_is_the_network_on_the_padded_slice_and_close_to_the_sliding_window(unet_slice):
+    model, image = unet_slice
+    whole_probs = model.probabilities(image[None], window="whole_slice")[0]
+    reference = np.asarray(model.network.predict_on_batch(
+        np.pad(image, 16, mode="symmetric")[None, ..., None]))[0, 16:-16, 16:-16]  # 256 + 32 = 288 = 9 x 32
+    np.testing.assert_allclose(whole_probs, reference, atol=2e-4)  # float32 kernels differ per shape
+    tiled = model.probabilities(image[None], window="sliding")[0]
+    assert np.mean(np.argmax(tiled, -1) == np.argmax(whole_probs, -1)) > 0.9

@@ -91,6 +91,8 @@ def parse_bool(value: Any) -> bool:
 # from these fields and the MLproject's parameters are tested against them.
 
 ENCODERS = ("vgg16", "resnet50", "unet")
+WINDOWS = ("whole_slice", "sliding")
+NORMALISATION_MODES = ("fixed", "per_volume")
 TASKS = ("ni", "phases")
 LOSSES = ("ce", "dice", "ce_dice", "focal")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -188,7 +190,10 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class NormaliseParams:
-    low_percentile: float = _help("grey value mapped to 0, as a percentile of the training slab")
+    mode: str = _help("fixed: the training slab's grey range, stored in the model; per_volume: each volume's own "
+                      "grey range (training volumes and scans to segment), so another dtype or a rescaled scan "
+                      "gets the same labels", NORMALISATION_MODES)
+    low_percentile: float = _help("grey value mapped to 0, as a percentile of the training slab (per_volume: of each volume)")
     high_percentile: float = _help("grey value mapped to 1")
 
 
@@ -265,6 +270,26 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
+class FinetuneParams:
+    epochs: int = _help("fine-tuning epochs (no validation slices: all are run, the last epoch's weights kept)")
+    steps_per_epoch: int = _help("random batches per epoch, crops drawn around labelled pixels")
+    learning_rate: float = _help("Adam learning rate (below training's: the parent's weights are a good start)")
+    freeze_encoder: bool = _help("keep the parent's encoder frozen; train the decoder only")
+    ignore_value: int = _help("label value of unlabelled pixels in a sparse label stack; must not be a phase-map value")
+    test_fraction: float = _help("fraction of the labelled slices held out to score and gate the result (>= 1 "
+                                 "slice with 2 or more labelled)")
+    max_minutes: float = _help("wall-clock budget of the fine-tuning loop in minutes (0: none)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ignore_value <= 255:
+            raise ParamsError(f"params.finetune.ignore_value must be a uint8 label value 0-255, got {self.ignore_value}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ParamsError(f"params.finetune.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.epochs < 1 or self.steps_per_epoch < 1:
+            raise ParamsError("params.finetune.epochs and steps_per_epoch must be >= 1")
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     tracking_uri: str = _help("MLflow tracking URI ($MLFLOW_TRACKING_URI wins)")
     experiment: str = _help("MLflow experiment")
@@ -272,6 +297,8 @@ class MlflowParams:
 
 @dataclass(frozen=True)
 class InferenceParams:
+    window: str = _help("whole_slice: one pass per slice; sliding: overlapping training-size tiles", WINDOWS)
+    whole_slice_max_pixels: int = _help("larger slices (after padding) take the sliding window")
     step_fraction: float = _help("sliding-window step as a fraction of the tile")
     tta: bool = _help("8-fold flip/rotation test-time augmentation")
     batch_size: int = _help("tiles per forward pass")
@@ -281,6 +308,8 @@ class InferenceParams:
     max_clipped_fraction: float = _help("refuse input with more pixels than this outside the model's grey range")
 
     def __post_init__(self) -> None:
+        if self.whole_slice_max_pixels < 0:
+            raise ParamsError(f"params.inference.whole_slice_max_pixels must be >= 0, got {self.whole_slice_max_pixels}")
         if not 0.0 < self.step_fraction <= 1.0:
             raise ParamsError(f"params.inference.step_fraction must be in (0, 1], got {self.step_fraction}")
         if self.chunk_depth < 1:
@@ -301,6 +330,7 @@ class Params:
     train: TrainParams
     search: SearchParams
     registry: RegistryParams
+    finetune: FinetuneParams
     mlflow: MlflowParams
     inference: InferenceParams
 

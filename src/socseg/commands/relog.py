@@ -17,11 +17,14 @@ def relog(model_uri: str, tracking_uri: str | None, params_file: str | None) -> 
     A model carries the code it was logged with, and `mlflow models serve` runs that code: a
     model logged by an older socseg answers the requests of its own version. Relogging gives it
     this version's request parameters (context_before/context_after, describe) without retraining;
-    register the printed URI to serve it.
+    register the printed URI to serve it. The inference settings (window, step, TTA, batch, limits)
+    are those of params.yaml's `inference:` section now, e.g. whole-slice passes for a model that
+    was logged with the sliding window; the training record (task, classes, normalisation, tile
+    size, context) is the model's own.
     """
     import mlflow
 
-    from socseg.inference.predictor import Predictor
+    from socseg.inference.predictor import ModelConfig, Predictor
     from socseg.inference.pyfunc import log_segmenter
     from socseg.params import load_params, typed
     from socseg.training import tracking
@@ -33,5 +36,6 @@ def relog(model_uri: str, tracking_uri: str | None, params_file: str | None) -> 
     with mlflow.start_run(run_name=f"relog {model_uri}") as run:
         mlflow.set_tags({"relogged_from": model_uri, "task": predictor.config.task,
                          "encoder": predictor.config.encoder or "unknown", "git_commit": tracking.git_commit() or "none"})
-        info = log_segmenter(predictor.network, predictor.config)
+        config = ModelConfig.from_training(predictor.config.to_dict(), params.inference)
+        info = log_segmenter(predictor.network, config)
     click.echo(f"run {run.info.run_id}: model {info.model_uri} (from {model_uri})")

@@ -8,6 +8,10 @@ from pathlib import Path
 import click
 
 from socseg.commands.options import CommandError, param_option
+from socseg.commands.stats import grey_range_option
+from socseg.params import WINDOWS
+
+IN_STORE = "<in the .zarr store>"  # --probabilities / --uncertainty given without a path
 
 
 @click.command()
@@ -19,11 +23,20 @@ from socseg.commands.options import CommandError, param_option
 @param_option("inference", "chunk_depth")
 @click.option("--scheduler", default=None, metavar="local[:N] | tcp://HOST:PORT",
               help="Segment a .zarr OUTPUT on a Dask cluster: N local worker processes, or the scheduler at an address.")
-@click.option("--probabilities", is_flag=True,
-              help=".zarr OUTPUT: also keep class probabilities and an uncertainty (entropy) map, uint8, beside the labels.")
+@click.option("--probabilities", is_flag=False, flag_value=IN_STORE, default=None, metavar="[PATH.tif]",
+              help="Also write the class probabilities, uint8 (P x 255). .tif OUTPUT: to PATH.tif, an ImageJ hyperstack "
+                   "(Z, C, Y, X), one channel per class (Fiji: a multi-channel stack; tifffile/napari: (Z, C, H, W)). "
+                   ".zarr OUTPUT: no PATH; kept in the store, with the uncertainty.")
+@click.option("--uncertainty", is_flag=False, flag_value=IN_STORE, default=None, metavar="[PATH.tif]",
+              help="Also write the uncertainty: normalised entropy of the probabilities x 255 (0 sure, 255 every class "
+                   "equally likely), uint8. .tif OUTPUT: to PATH.tif (Z, Y, X). .zarr OUTPUT: no PATH; kept in the "
+                   "store, with the probabilities. `socseg suggest-slices` ranks either.")
 @click.option("--tta/--no-tta", default=None, help="8-fold flip/rotation test-time augmentation [default: the model's setting].")
+@click.option("--window", type=click.Choice(WINDOWS),
+              help="whole_slice: one pass per slice; sliding: overlapping tiles [default: the model's].")
 @click.option(
-    "--step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True), help="Tile step / tile size [default: the model's]."
+    "--step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Sliding window: tile step / tile size [default: the model's]."
 )
 @click.option("--multi-axis", is_flag=True, help="Average predictions along z, y and x (holds the volume in memory; .tif OUTPUT).")
 @click.option(
@@ -31,10 +44,11 @@ from socseg.commands.options import CommandError, param_option
     is_flag=True,
     help="Segment even when most grey values lie outside the model's training range (refused by default).",
 )
+@grey_range_option
 @click.option("--tracking-uri", help="Where models:/ and runs:/ URIs resolve [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
 def segment(
-    model_uri, input_path, output, overwrite, slice_batch, chunk_depth, scheduler, probabilities, tta, step_fraction,
-    multi_axis, allow_out_of_range, tracking_uri
+    model_uri, input_path, output, overwrite, slice_batch, chunk_depth, scheduler, probabilities, uncertainty, tta, window,
+    step_fraction, multi_axis, allow_out_of_range, grey_range, tracking_uri
 ) -> None:
     """Segment INPUT with MODEL_URI (e.g. models:/socseg-ni@champion, runs:/<id>/segmenter).
 
@@ -45,6 +59,7 @@ def segment(
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from socseg.data.normalise import GreyRangeEstimateError
     from socseg.data.volumes import VolumeError
     from socseg.inference.predictor import GreyRangeError
     from socseg.params import load_params, typed
@@ -53,8 +68,12 @@ def segment(
     zarr_output = Path(output).suffix.lower() == ".zarr"
     if scheduler and not zarr_output:
         raise CommandError("--scheduler writes a chunked .zarr OUTPUT; name one (e.g. labels.zarr)")
-    if probabilities and not zarr_output:
-        raise CommandError("--probabilities is written into a chunked .zarr OUTPUT; name one (e.g. labels.zarr)")
+    for option, value in (("--probabilities", probabilities), ("--uncertainty", uncertainty)):
+        if zarr_output and value not in (None, IN_STORE):
+            raise CommandError(f"{option} {value}: a .zarr OUTPUT keeps probabilities and uncertainty inside the store; "
+                               f"give {option} without a path")
+        if not zarr_output and value == IN_STORE:
+            raise CommandError(f"{option} needs a path for a .tif OUTPUT, e.g. {option} {option[2:]}.tif")
     if multi_axis and zarr_output:
         raise CommandError("--multi-axis holds the whole volume in one process: use a .tif OUTPUT")
     try:
@@ -66,8 +85,9 @@ def segment(
 
             result = segment_to_zarr(
                 model_uri, input_path, output, chunk_depth=chunk_depth or params.inference.chunk_depth,
-                tracking_uri=uri, scheduler=scheduler, overwrite=overwrite, tta=tta, step_fraction=step_fraction,
-                allow_out_of_range=allow_out_of_range, probabilities=probabilities,
+                tracking_uri=uri, scheduler=scheduler, overwrite=overwrite, tta=tta, step_fraction=step_fraction, window=window,
+                allow_out_of_range=allow_out_of_range, probabilities=bool(probabilities or uncertainty),
+                grey_range=grey_range,
             )
         else:
             from socseg.inference.segment import segment as run_segment
@@ -80,10 +100,14 @@ def segment(
                 slice_batch=slice_batch or params.inference.slice_batch,
                 tta=tta,
                 step_fraction=step_fraction,
+                window=window,
                 multi_axis=multi_axis,
                 allow_out_of_range=allow_out_of_range,
+                probabilities=probabilities,
+                uncertainty=uncertainty,
+                grey_range=grey_range,
             )
-    except (VolumeError, GreyRangeError, OSError, MlflowException) as exc:
+    except (VolumeError, GreyRangeError, GreyRangeEstimateError, OSError, MlflowException) as exc:
         raise CommandError(getattr(exc, "message", None) or str(exc)) from None
     z, h, w = result.shape
     click.echo(f"segmented {z}x{h}x{w} in {result.seconds:.1f} s ({result.slices_per_second:.2f} slices/s) -> {result.output}")
@@ -91,3 +115,7 @@ def segment(
         click.echo(f"{result.n_chunks} chunk(s) of {chunk_depth or params.inference.chunk_depth} slices, "
                    f"{result.n_skipped} already finished by an earlier run")
         click.echo(describe(result))
+    else:
+        for what, path in (("probabilities", result.probabilities), ("uncertainty", result.uncertainty)):
+            if path is not None:
+                click.echo(f"{what} -> {path}")

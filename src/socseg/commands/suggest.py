@@ -8,12 +8,17 @@ import click
 
 
 @click.command("suggest-slices")
-@click.argument("store", metavar="LABELS.zarr")
+@click.argument("store", metavar="LABELS.zarr|UNCERTAINTY.tif")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="How many slices to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON.")
 def suggest_slices(store: str, top: int, as_json: bool) -> None:
-    """Rank the slices of LABELS.zarr (written by `socseg segment ... --probabilities`) by the
-    model's mean uncertainty, most uncertain first: where labelling helps fine-tuning most."""
+    """Rank the slices of a segmented volume by the model's mean uncertainty, most uncertain
+    first: where labelling helps fine-tuning most.
+
+    LABELS.zarr: a store written by `socseg segment MODEL INPUT LABELS.zarr --uncertainty` (or
+    --probabilities). UNCERTAINTY.tif: the map written by `socseg segment MODEL INPUT LABELS.tif
+    --uncertainty UNCERTAINTY.tif`.
+    """
     from dataclasses import asdict
 
     from socseg.analysis.uncertainty import rank_slices

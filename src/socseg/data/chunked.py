@@ -22,7 +22,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from socseg import __version__
+from socseg.analysis.uncertainty import class_probabilities, normalised_entropy, quantise
 from socseg.data.volumes import VolumeError
+
+__all__ = ["ChunkedLabels", "class_probabilities", "normalised_entropy"]  # the two: imported from here before
 
 LABELS = "0"
 COMPLETE = "complete"
@@ -134,26 +137,11 @@ class ChunkedLabels:
             if probabilities is None:
                 raise VolumeError(f"chunk {index}: this store keeps probabilities, none were given")
             classes = class_probabilities(probabilities)
-            self.probabilities[start:stop] = np.rint(classes * 255).astype(np.uint8)
-            self.uncertainty[start:stop] = np.rint(normalised_entropy(classes) * 255).astype(np.uint8)
+            self.probabilities[start:stop] = quantise(classes)
+            self.uncertainty[start:stop] = quantise(normalised_entropy(classes))
         self.labels[start:stop] = labels
         self.complete[index] = 1
 
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs.get("socseg", {}))
-
-
-def class_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    """One probability per class: the ``ni`` task's single P(ni) becomes (rest, ni)."""
-    probabilities = np.clip(np.asarray(probabilities, dtype=np.float32), 0.0, 1.0)
-    if probabilities.shape[-1] == 1:
-        return np.concatenate([1.0 - probabilities, probabilities], axis=-1)
-    return probabilities
-
-
-def normalised_entropy(classes: np.ndarray) -> np.ndarray:
-    """Entropy of per-class probabilities over log(classes): 0 where the model is sure, 1 where
-    every class is equally likely. Where it is high is where labelling a slice helps most."""
-    p = np.clip(classes, 1e-7, 1.0)
-    return np.clip(-(p * np.log(p)).sum(axis=-1) / np.log(classes.shape[-1]), 0.0, 1.0)

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from socseg.data.context import n_channels, neighbour_indices
+from socseg.data.tasks import IGNORE
 from socseg.params import AugmentParams
 
 
@@ -65,6 +66,10 @@ class RandomCrops(keras.utils.PyDataset):
         context_slices: int = 0,
         **kwargs,
     ):
+        """Sparse labels (targets holding :data:`~socseg.data.tasks.IGNORE`): every crop contains a
+        labelled pixel, drawn from a :data:`CELL` x :data:`CELL` cell picked with probability
+        proportional to its labelled pixels (a slab by its labelled pixel count), so no step is
+        spent on crops without a label. Fully labelled targets: crops uniform over the slabs."""
         super().__init__(**kwargs)
         self.channels = n_channels(context_slices)
         self.context_slices = int(context_slices)
@@ -82,6 +87,13 @@ class RandomCrops(keras.utils.PyDataset):
         self.seed = seed
         self.epoch = 0
         sizes = np.array([i.size for i in self.images], dtype=np.float64)
+        # Per slab: None (fully labelled) or the (z, cell row, cell column) of cells holding labels
+        # and the cumulative labelled-pixel counts to draw them from.
+        self.cells = [labelled_cells(t) for t in self.targets]
+        if any(c is not None for c in self.cells):
+            sizes = np.array([t.size if c is None else c[1][-1] for t, c in zip(self.targets, self.cells)], np.float64)
+            if not sizes.sum():
+                raise ValueError("the training targets hold no labelled pixel (all are unlabelled)")
         self.slab_probabilities = sizes / sizes.sum()
 
     @staticmethod
@@ -103,9 +115,12 @@ class RandomCrops(keras.utils.PyDataset):
         for b in range(self.batch_size):
             slab = int(rng.choice(len(self.images), p=self.slab_probabilities))
             image, target = self.images[slab], self.targets[slab]
-            z = int(rng.integers(0, image.shape[0]))
-            top = int(rng.integers(0, image.shape[1] - self.size + 1))
-            left = int(rng.integers(0, image.shape[2] - self.size + 1))
+            if self.cells[slab] is None:
+                z = int(rng.integers(0, image.shape[0]))
+                top = int(rng.integers(0, image.shape[1] - self.size + 1))
+                left = int(rng.integers(0, image.shape[2] - self.size + 1))
+            else:
+                z, top, left = self._labelled_crop(slab, rng)
             rows, cols = np.s_[top : top + self.size], np.s_[left : left + self.size]
             planes = neighbour_indices(z, self.context_slices, 0, image.shape[0])
             crop, label = self.augmentation(np.moveaxis(image[planes, rows, cols], 0, -1), target[z, rows, cols], aug_rng)
@@ -113,5 +128,50 @@ class RandomCrops(keras.utils.PyDataset):
             y[b] = label
         return x, y
 
+    def _labelled_crop(self, slab: int, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(z, top, left) of a crop that contains a random labelled pixel of a labelled cell of ``slab``."""
+        coordinates, cumulative = self.cells[slab]
+        k = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+        z, row, column = (int(v) for v in coordinates[min(k, len(coordinates) - 1)])
+        height, width = self.images[slab].shape[1:]
+        cell = self.targets[slab][z, row * CELL : (row + 1) * CELL, column * CELL : (column + 1) * CELL]
+        ys, xs = np.nonzero(cell != IGNORE)
+        pick = int(rng.integers(0, len(ys)))
+        y, x = row * CELL + int(ys[pick]), column * CELL + int(xs[pick])
+        top = min(max(y - int(rng.integers(0, self.size)), 0), height - self.size)
+        left = min(max(x - int(rng.integers(0, self.size)), 0), width - self.size)
+        return z, top, left
+
     def on_epoch_end(self) -> None:
         self.epoch += 1
+
+
+# Edge in pixels of the cells sparse-label crops are drawn from (see RandomCrops).
+CELL = 16
+
+
+def labelled_cells(target: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where a class-index slab ``(Z, H, W)`` holds labels: None when every pixel is labelled, else
+    ``(coordinates, cumulative)``: the (z, row, column) of each :data:`CELL`-pixel cell with a
+    labelled pixel, and the running total of their labelled pixel counts (empty when none).
+
+    One pass, slice by slice: a slab's labelled cells take a few bytes per cell, not a mask.
+    """
+    if not np.any(target == IGNORE):
+        return None
+    depth, height, width = target.shape
+    rows, columns = -(-height // CELL), -(-width // CELL)
+    coordinates, counts = [], []
+    for z in range(depth):
+        labelled = target[z] != IGNORE
+        if not labelled.any():
+            continue
+        padded = np.zeros((rows * CELL, columns * CELL), np.int32)
+        padded[:height, :width] = labelled
+        per_cell = padded.reshape(rows, CELL, columns, CELL).sum(axis=(1, 3))
+        row, column = np.nonzero(per_cell)
+        coordinates.append(np.stack([np.full_like(row, z), row, column], axis=1))
+        counts.append(per_cell[row, column])
+    if not coordinates:
+        return np.zeros((0, 3), np.int64), np.zeros(1, np.float64)
+    return np.concatenate(coordinates), np.cumsum(np.concatenate(counts)).astype(np.float64)

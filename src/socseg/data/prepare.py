@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from socseg.data.normalise import Normaliser
+from socseg.data.normalise import Normaliser, grey_range
 from socseg.data.split import SUBSETS, SlabSplit, split_from_params
 from socseg.data.tasks import check_task, task_class_names, task_targets
 from socseg.data.volumes import Volume, load_volume, volume_dir
@@ -43,15 +43,29 @@ class PreparedData:
     task: str
     class_names: list[str]
     phase_map: dict[int, str]
+    # What the exported model's IntensityNormalisation layer holds: the training slabs' grey range
+    # (mode fixed), or 0..1 (mode per_volume: the predictor maps each volume's own range first).
     normaliser: Normaliser
     splits: dict[str, SlabSplit]
     slabs: dict[str, list[Slab]]  # subset -> slabs (one per volume with a non-empty subset)
     fingerprint: str
+    normalisation_mode: str  # fixed | per_volume (normalise.mode)
+    volume_normalisers: dict[str, Normaliser]  # per_volume: volume name -> its whole-volume grey range
+
+    def slab_normaliser(self, slab: Slab) -> Normaliser:
+        """The mapping to [0, 1] of ``slab``'s grey values: its volume's own (per_volume) or the model's."""
+        if self.normalisation_mode == "per_volume":
+            return self.volume_normalisers[slab.name]
+        return self.normaliser
 
     def normalised(self, slab: Slab) -> np.ndarray:
         """The slab's grey values as the network is trained on them (float32 in [0, 1])."""
         start, stop = slab.z_range
-        return self.normaliser.apply(slab.volume.image[start:stop])
+        return self.slab_normaliser(slab).apply(slab.volume.image[start:stop])
+
+    def normalisation_record(self) -> dict:
+        """The model config's ``normalisation``: mode, the layer's low/high and the percentiles."""
+        return {"mode": self.normalisation_mode, **self.normaliser.to_dict()}
 
 
 def volumes_fingerprint(checksums: Iterable[Mapping[str, str]]) -> str:
@@ -91,16 +105,20 @@ def data_fingerprint(params: Mapping | Params) -> str:
 
 
 def prepare_data(params: Mapping | Params, volumes: Sequence[Volume], task: str) -> PreparedData:
-    """Split every volume into slabs and fit the normaliser on the training slabs only."""
+    """Split every volume into slabs; fit the normaliser on the training slabs only (mode fixed),
+    or estimate each volume's own whole-volume grey range (mode per_volume: :func:`grey_range`,
+    the function scoring and ``socseg segment`` use on the volume they are given)."""
     p = typed(params)
     check_task(task)
     class_names = task_class_names(task, volumes[0].class_names)
     splits = {v.meta.name: split_from_params(v.image.shape[0], p.split) for v in volumes}
-    normaliser = Normaliser.fit(
-        [v.image[splits[v.meta.name].range("train")] for v in volumes],
-        p.normalise.low_percentile,
-        p.normalise.high_percentile,
-    )
+    low_p, high_p = p.normalise.low_percentile, p.normalise.high_percentile
+    volume_normalisers: dict[str, Normaliser] = {}
+    if p.normalise.mode == "per_volume":
+        volume_normalisers = {v.meta.name: grey_range(v.image, low_p, high_p) for v in volumes}
+        normaliser = Normaliser(0.0, 1.0, float(low_p), float(high_p))
+    else:
+        normaliser = Normaliser.fit([v.image[splits[v.meta.name].range("train")] for v in volumes], low_p, high_p)
     slabs: dict[str, list[Slab]] = {subset: [] for subset in SUBSETS}
     for volume in volumes:
         split = splits[volume.meta.name]
@@ -118,6 +136,8 @@ def prepare_data(params: Mapping | Params, volumes: Sequence[Volume], task: str)
         splits=splits,
         slabs=slabs,
         fingerprint=volumes_fingerprint([dict(v.meta.checksums) for v in volumes]),
+        normalisation_mode=p.normalise.mode,
+        volume_normalisers=volume_normalisers,
     )
 
 
@@ -151,7 +171,9 @@ def prepare(params: Mapping | Params, out: str | Path) -> dict:
     summary = {
         "volumes": {slab.name: {"shape": list(slab.volume.image.shape), **data.splits[slab.name].to_dict()}
                     for slab in data.slabs["train"]},
-        "normalisation": data.normaliser.to_dict(),
+        "normalisation": data.normalisation_record(),
+        **({"volume_grey_ranges": {name: n.to_dict() for name, n in data.volume_normalisers.items()}}
+           if data.volume_normalisers else {}),
         "class_names": data.class_names,
         "phase_map": {str(k): v for k, v in data.phase_map.items()},
         "data_fingerprint": data.fingerprint,

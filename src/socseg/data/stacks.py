@@ -312,6 +312,63 @@ class LabelStackWriter:
                 self.partial.unlink()
 
 
+class ProbabilityStackWriter(LabelStackWriter):
+    """Class probabilities, uint8 ``(n, H, W, C)`` per :meth:`write` (P x 255), -> an ImageJ
+    hyperstack ``OUTPUT`` (axes ZCYX), streamed and renamed into place like the labels.
+
+    ImageJ's own layout (one uncompressed page per class per slice, contiguous) because it is what
+    Fiji opens as a multi-channel stack without Bio-Formats, and napari / tifffile read as an array
+    ``(Z, C, H, W)``. Each page's label is its class; ``metadata`` goes into the ImageJ ``Info``
+    property as JSON (Fiji: Image > Show Info). Uncompressed, it takes Z*C*H*W bytes; past 4 GiB
+    it is a BigTIFF, which Fiji opens through Bio-Formats only.
+    """
+
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        shape: tuple[int, int, int],
+        class_names: list[str],
+        metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    ):
+        super().__init__(output, shape, metadata)
+        self.class_names = [str(name) for name in class_names]
+
+    def __enter__(self) -> "ProbabilityStackWriter":
+        import warnings
+
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        bigtiff = math.prod(self.shape) * len(self.class_names) > 2**32 - 2**25  # data + page headers < 4 GiB
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nonconformant BigTIFF ImageJ")
+            self._tif = tifffile.TiffWriter(self.partial, bigtiff=bigtiff, imagej=True)
+        return self
+
+    def write(self, probabilities: np.ndarray) -> None:
+        assert self._tif is not None, "use ProbabilityStackWriter as a context manager"
+        expected = (*self.shape[1:], len(self.class_names))
+        for plane in np.asarray(probabilities, dtype=np.uint8):
+            if plane.shape != expected:
+                raise VolumeError(f"probability slice {self.written} is {plane.shape}, expected {expected}")
+            metadata = None
+            if self.written == 0:  # ImageJ keeps the first page's metadata for the whole hyperstack
+                extra = self.metadata() if callable(self.metadata) else dict(self.metadata or {})
+                record = {"shape": [self.shape[0], len(self.class_names), *self.shape[1:]], "axes": "ZCYX",
+                          "classes": self.class_names, **dict(extra), "socseg_version": __version__}
+                metadata = {"Info": json.dumps(record, default=str), "Labels": self.class_names * self.shape[0]}
+            self._tif.write(np.moveaxis(plane, -1, 0), contiguous=True, photometric="minisblack", metadata=metadata)
+            self.written += 1
+
+
+def read_probability_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON record :class:`ProbabilityStackWriter` put in a probability stack's ImageJ ``Info``."""
+    with tifffile.TiffFile(path) as tif:
+        text = (tif.imagej_metadata or {}).get("Info") or "{}"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+
+
 def read_label_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON description :class:`LabelStackWriter` put on a label stack's first page."""
     with tifffile.TiffFile(path) as tif:

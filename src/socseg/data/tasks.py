@@ -12,6 +12,10 @@ from socseg.params import TASKS
 
 NI_PHASE = "ni"
 SOC_PHASES = ("pore", "ysz", "ni")  # a Ni/YSZ electrode's phases in grey-value (label-value) order
+# Class index of an unlabelled pixel in target maps (sparse labels, ``socseg finetune``): losses,
+# the training metric and every score skip it. Above any real class index (a phase map has at most
+# 255 phases), and it survives the uint8 target maps unchanged.
+IGNORE = 255
 
 
 def check_task(task: str) -> str:
@@ -31,10 +35,13 @@ def task_class_names(task: str, phase_names: list[str]) -> list[str]:
 
 
 def task_targets(class_index: np.ndarray, task: str, phase_names: list[str]) -> np.ndarray:
-    """Map phase class indices (0..n-1 in label-value order) to the task's class indices (uint8)."""
+    """Map phase class indices (0..n-1 in label-value order) to the task's class indices (uint8);
+    :data:`IGNORE` (an unlabelled pixel) stays IGNORE."""
     check_task(task)
     if task == "ni":
-        return (class_index == phase_names.index(NI_PHASE)).astype(np.uint8)
+        targets = (class_index == phase_names.index(NI_PHASE)).astype(np.uint8)
+        targets[class_index == IGNORE] = IGNORE
+        return targets
     return class_index.astype(np.uint8, copy=False)
 
 

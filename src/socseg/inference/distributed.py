@@ -42,8 +42,10 @@ class ChunkJob:
     context_slices: int
     tta: bool | None = None
     step_fraction: float | None = None
+    window: str | None = None
     allow_out_of_range: bool = False
     probabilities: bool = False  # also write the probability and uncertainty arrays
+    grey_range: tuple[float, float] | None = None  # the whole input's, for every chunk (per_volume models)
 
 
 @dataclass
@@ -82,8 +84,10 @@ def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
     with SliceReader(job.source) as reader:
         stack = reader.read(piece.read.start, piece.read.stop)
     if not job.allow_out_of_range:
-        predictor.check_grey_range(stack)
-    probabilities = predictor.probabilities(stack, piece.before, piece.after, tta=job.tta, step_fraction=job.step_fraction)
+        predictor.check_grey_range(stack, job.grey_range)
+    probabilities = predictor.probabilities(stack, piece.before, piece.after, tta=job.tta,
+                                          step_fraction=job.step_fraction, window=job.window,
+                                          grey_range=job.grey_range)
     labels = predictor.to_labels(predictor.to_classes(probabilities))
     store.write(index, labels, probabilities if job.probabilities else None)
     return {"index": index, "slices": stop - start, "seconds": time.perf_counter() - started, "worker": _worker_name()}
@@ -144,11 +148,16 @@ def segment_to_zarr(
     overwrite: bool = False,
     tta: bool | None = None,
     step_fraction: float | None = None,
+    window: str | None = None,
     allow_out_of_range: bool = False,
     probabilities: bool = False,
     progress: bool = True,
+    grey_range: tuple[float, float] | None = None,
 ) -> ZarrResult:
     """Segment ``source`` into the Zarr store ``output``, resuming what a previous run finished.
+
+    ``grey_range``: the input's grey values mapped onto the model's range in every task; None:
+    a per_volume model's is estimated here, on the whole input, once (the tasks see one chunk each).
 
     ``probabilities``: also keep each voxel's class probabilities and their normalised entropy
     (uncertainty: where to label next), uint8-quantised, beside the labels.
@@ -165,11 +174,16 @@ def segment_to_zarr(
                          "slices on each side): use a chunk depth of at least that (inference.chunk_depth)")
     with SliceReader(source) as reader:
         shape = reader.shape
+        if grey_range is None and config.normalisation_mode == "per_volume":
+            grey_range = config.volume_grey_range(reader)
+    if grey_range is not None:
+        grey_range = (float(grey_range[0]), float(grey_range[1]))
     job = ChunkJob(model_uri, tracking_uri, str(source), str(output), config.context_slices, tta, step_fraction,
-                   allow_out_of_range, probabilities)
+                   window, allow_out_of_range, probabilities, grey_range)
     run = {"model_uri": model_uri, "source": str(Path(str(source)).resolve()) if split_hdf5_path(source) is None
-           else str(source), "shape": list(shape), "chunk_depth": chunk_depth, "tta": tta, "step_fraction": step_fraction,
-           "probabilities": probabilities}
+           else str(source), "shape": list(shape), "chunk_depth": chunk_depth, "tta": tta, "step_fraction": step_fraction, "window": window,
+           "probabilities": probabilities,
+           **({"grey_range": list(grey_range)} if grey_range is not None else {})}  # a resume must use the same
     metadata = {"phase_map": {str(k): v for k, v in config.label_phase_map.items()}, "task": config.task,
                 "model_uri": model_uri, "source": str(source), "context_slices": config.context_slices}
     n_classes = len(config.class_names) if probabilities else 0

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from socseg.data.prepare import Slab
-from socseg.data.tasks import NI_PHASE, check_task, task_class_names, task_targets
+from socseg.data.tasks import IGNORE, NI_PHASE, check_task, task_class_names, task_targets
 from socseg.data.volumes import Volume, load_volume
 from socseg.inference.predictor import Predictor
 from socseg.model.metrics import confusion_matrix, segmentation_scores
@@ -44,14 +44,16 @@ class Evaluation:
 def slab_confusion(slab: Slab, classes: np.ndarray, task: str, start: int | None = None) -> np.ndarray:
     """Confusion matrix of predicted task ``classes`` for slices ``start..`` of ``slab`` (default:
     the slab's first) against the slab's labels: how every socseg score, and the benchmarks'
-    baselines, count pixels."""
+    baselines, count pixels. Unlabelled pixels (sparse labels: class :data:`IGNORE`) are not counted."""
     start = slab.z_range[0] if start is None else start
     stop = start + len(classes)
     if not slab.z_range[0] <= start < stop <= slab.z_range[1]:
         raise ValueError(f"slices {start}:{stop} are not in slab {slab.name} {slab.z_range}")
     volume = slab.volume
     truth = task_targets(volume.class_index(slice(start, stop)), task, volume.class_names)
-    return confusion_matrix(truth, classes, len(task_class_names(task, volume.class_names)))
+    labelled = truth != IGNORE
+    return confusion_matrix(truth, classes, len(task_class_names(task, volume.class_names)),
+                            mask=None if labelled.all() else labelled)
 
 
 def score_slabs(
@@ -64,8 +66,12 @@ def score_slabs(
     """Score ``predictor`` on ``slabs`` (one confusion matrix over all of them).
 
     ``task`` defaults to the model's; a ``phases`` model can also be scored on ``ni``.
-    ``window`` overrides the model's ``tta`` / ``step_fraction`` (validation during training uses
-    ``step_fraction=1.0``: each epoch's score at a quarter of the cost).
+    ``window`` overrides the model's ``tta`` / ``step_fraction`` / ``window`` (validation during
+    training uses whole-slice passes without TTA, whatever the served settings).
+
+    A per_volume model scores each slab with its whole volume's grey range
+    (:meth:`Predictor.volume_grey_range`: the function and the volume training normalised it
+    with, and what ``socseg segment`` estimates on a whole input), so the scores are what users get.
     """
     config = predictor.config
     task = check_task(task or config.task)
@@ -88,8 +94,11 @@ def score_slabs(
         if not 0 <= start < stop <= volume.image.shape[0]:
             raise ValueError(f"slices {start}:{stop} outside volume {slab.name!r} with {volume.image.shape[0]} slices")
         kept = np.empty((stop - start, *volume.image.shape[1:]), np.uint8) if keep_predictions else None
+        settings = dict(window)
+        if predictor.per_volume and settings.get("grey_range") is None:
+            settings["grey_range"] = predictor.volume_grey_range(volume.image)
         began = time.perf_counter()
-        for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, **window):
+        for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, **settings):
             seconds += time.perf_counter() - began
             if task != config.task:  # a phases model scored on Ni vs rest
                 classes = (classes == config.class_names.index(NI_PHASE)).astype(np.uint8)
@@ -138,7 +147,7 @@ def evaluate_model(
     predictor = Predictor.load(model_uri)
     z_range = z_range or (0, volume.image.shape[0])
     tile = predictor.config.tile_size
-    predictor.probabilities(np.zeros((1, tile, tile), np.float32) + predictor.config.normalisation.get("low", 0.0))  # warm-up
+    predictor.probabilities(np.zeros((1, tile, tile), np.float32), grey_range=(0.0, 1.0))  # warm-up (any grey scale)
     evaluation = score_slabs(predictor, [Slab(volume, tuple(z_range))], task, tta=tta)
     start, stop = z_range
     return {

@@ -21,10 +21,13 @@ import numpy as np
 from socseg.data.context import Chunk, iter_chunks, iter_with_context
 from socseg.data.tasks import NI_PHASE, check_task, classes_to_label_values
 from socseg.inference.window import Predict, WindowSettings, fixed_batch, iter_window_probabilities
-from socseg.params import InferenceParams, parse_bool
+from socseg.params import NORMALISATION_MODES, InferenceParams, parse_bool
 
 # What models logged by earlier socseg versions did not record yet: the value they behaved with.
-_RECORDED_LATER = {"max_clipped_fraction": 0.5, "context_slices": 0, "encoder": ""}
+_RECORDED_LATER = {"max_clipped_fraction": 0.5, "context_slices": 0, "encoder": "", "window": "sliding",
+                   "whole_slice_max_pixels": 0, "normalisation_mode": "fixed"}
+
+GreyRange = tuple[float, float]  # (low, high) grey values of a volume: see socseg.data.normalise.grey_range
 
 
 class GreyRangeError(ValueError):
@@ -41,7 +44,10 @@ class ModelConfig:
     phase_map: dict[int, str]
     tile_size: int
     context_slices: int  # 2.5D: neighbouring slices on each side the network sees (socseg.data.context)
-    normalisation: dict[str, float]
+    normalisation: dict[str, float]  # the network's layer: low, high (0, 1 in per_volume mode) and percentiles
+    normalisation_mode: str  # fixed | per_volume (socseg.data.normalise): how raw grey values reach that layer
+    window: str  # whole_slice | sliding (socseg.inference.window)
+    whole_slice_max_pixels: int  # larger slices take the sliding window
     step_fraction: float
     tta: bool
     batch_size: int
@@ -50,7 +56,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> "ModelConfig":
+        """From the stored record; training's record may carry the mode inside ``normalisation``."""
         record = {**_RECORDED_LATER, **dict(record)}
+        normalisation = dict(record.get("normalisation") or {})
+        mode = str(normalisation.pop("mode", record["normalisation_mode"]))
+        if mode not in NORMALISATION_MODES:
+            raise ValueError(f"normalisation mode {mode!r} is not one of {', '.join(NORMALISATION_MODES)}")
         return cls(
             task=check_task(str(record["task"])),
             encoder=str(record["encoder"]),
@@ -58,7 +69,10 @@ class ModelConfig:
             phase_map={int(k): str(v) for k, v in dict(record["phase_map"]).items()},
             tile_size=int(record["tile_size"]),
             context_slices=int(record["context_slices"]),
-            normalisation={k: float(v) for k, v in dict(record.get("normalisation") or {}).items()},
+            normalisation={k: float(v) for k, v in normalisation.items()},
+            normalisation_mode=mode,
+            window=str(record["window"]),
+            whole_slice_max_pixels=int(record["whole_slice_max_pixels"]),
             step_fraction=float(record["step_fraction"]),
             tta=parse_bool(record["tta"]),
             batch_size=int(record["batch_size"]),
@@ -72,6 +86,8 @@ class ModelConfig:
         with the ``inference:`` settings of params.yaml."""
         return cls.from_dict({
             **dict(trained),
+            "window": inference.window,
+            "whole_slice_max_pixels": inference.whole_slice_max_pixels,
             "step_fraction": inference.step_fraction,
             "tta": inference.tta,
             "batch_size": inference.batch_size,
@@ -85,6 +101,23 @@ class ModelConfig:
         return record
 
     @property
+    def percentiles(self) -> tuple[float, float]:
+        """The normalisation's low/high percentiles (what :meth:`volume_grey_range` estimates)."""
+        norm = self.normalisation
+        if "low_percentile" not in norm or "high_percentile" not in norm:
+            raise ValueError("this model did not record its normalisation percentiles: give the volume's grey range "
+                             "(--grey-range LOW,HIGH, or the request params grey_low and grey_high)")
+        return norm["low_percentile"], norm["high_percentile"]
+
+    def volume_grey_range(self, source: Any) -> GreyRange:
+        """The grey range of a whole volume (an array ``(Z, H, W)`` or an open SliceReader) at this
+        model's percentiles: :func:`socseg.data.normalise.grey_range`, as training used it."""
+        from socseg.data.normalise import grey_range
+
+        found = grey_range(source, *self.percentiles)
+        return found.low, found.high
+
+    @property
     def label_phase_map(self) -> dict[int, str]:
         """Label value -> class name of what the model outputs (ni task: 0 is 'rest', not a phase)."""
         if self.task == "ni":
@@ -92,12 +125,17 @@ class ModelConfig:
             return {0: "rest", ni_value: NI_PHASE}
         return dict(sorted(self.phase_map.items()))
 
-    def window(self, tta: bool | None = None, step_fraction: float | None = None) -> WindowSettings:
+    def window_settings(
+        self, tta: bool | None = None, step_fraction: float | None = None, window: str | None = None
+    ) -> WindowSettings:
+        """The model's inference settings, with per-call overrides (None: the model's own)."""
         return WindowSettings(
             tile_size=self.tile_size,
             step_fraction=self.step_fraction if step_fraction is None else float(step_fraction),
             tta=self.tta if tta is None else bool(tta),
             batch_size=self.batch_size,
+            window=self.window if window is None else str(window),
+            whole_slice_max_pixels=self.whole_slice_max_pixels,
         )
 
 
@@ -115,7 +153,7 @@ class Predictor:
         self.config = config
         predict: Predict = network.predict_on_batch
         if keras.backend.backend() == "jax":  # one compiled shape (see fixed_batch)
-            predict = fixed_batch(predict, config.batch_size)
+            predict = fixed_batch(predict)
         self._predict = predict
 
     @classmethod
@@ -134,7 +172,43 @@ class Predictor:
     def context_slices(self) -> int:
         return self.config.context_slices
 
-    def check_grey_range(self, images: np.ndarray) -> None:
+    @property
+    def per_volume(self) -> bool:
+        """Whether the model maps each volume's own grey range (normalise.mode per_volume)."""
+        return self.config.normalisation_mode == "per_volume"
+
+    def volume_grey_range(self, source: Any) -> GreyRange:
+        """The grey range of a whole volume at this model's percentiles (:meth:`ModelConfig.volume_grey_range`):
+        pass it as ``grey_range`` to every chunk of that volume."""
+        return self.config.volume_grey_range(source)
+
+    def resolve_grey_range(self, images: np.ndarray, grey_range: GreyRange | None = None) -> GreyRange | None:
+        """The grey range ``images`` are mapped from: the one given; else, for a per_volume model,
+        that of ``images`` themselves (a REST request's own slices: a client that sends a volume
+        in pieces should send the whole volume's range); else None (fixed mode: raw values)."""
+        if grey_range is not None:
+            from socseg.data.normalise import check_grey_range_values
+
+            return check_grey_range_values(*grey_range)
+        if self.per_volume:
+            return self.volume_grey_range(np.asarray(images))
+        return None
+
+    def map_grey(self, images: np.ndarray, grey_range: GreyRange | None) -> np.ndarray:
+        """``images`` mapped affinely so that ``grey_range`` lands on the model's (low, high)
+        (float32, NaN -> low); unchanged for None."""
+        if grey_range is None:
+            return images
+        norm = self.config.normalisation
+        low, high = float(norm.get("low", 0.0)), float(norm.get("high", 1.0))
+        source_low, source_high = grey_range
+        mapped = np.asarray(images, dtype=np.float32) - np.float32(source_low)  # a new array
+        mapped *= np.float32((high - low) / (source_high - source_low))
+        mapped += np.float32(low)
+        np.nan_to_num(mapped, copy=False, nan=low)
+        return mapped
+
+    def check_grey_range(self, images: np.ndarray, grey_range: GreyRange | None = None) -> None:
         """Refuse a batch mostly outside the model's grey range, before it is silently mislabelled.
 
         The network sees ``clip((x - low) / (high - low), 0, 1)`` with ``low``/``high`` fixed on
@@ -143,10 +217,16 @@ class Predictor:
         and comes back as a single class without any warning. More than
         ``config.max_clipped_fraction`` of the pixels below ``low`` or above ``high`` raises
         :class:`GreyRangeError` (HTTP 400 when served; one ``error:`` line in ``socseg segment``).
+
+        The check runs on the values the network will see: with a ``grey_range`` (or a per_volume
+        model's own estimate, :meth:`resolve_grey_range`) after :meth:`map_grey`, so a float32
+        scan whose range is given or estimated passes.
         """
         norm, config = self.config.normalisation, self.config
         if "low" not in norm or "high" not in norm or images.size == 0:
             return
+        given = self.resolve_grey_range(images, grey_range)
+        images = self.map_grey(images, given)
         low, high = float(norm["low"]), float(norm["high"])
         below = int(np.count_nonzero(images < low))
         above = int(np.count_nonzero(images > high))
@@ -156,7 +236,9 @@ class Predictor:
         flat = images.reshape(-1)
         sample = flat[:: max(1, flat.size // 1_000_000)]  # percentiles of ~1M values are plenty
         p1, p99 = (float(v) for v in np.percentile(sample, [1, 99]))
-        if "low_percentile" in norm and "high_percentile" in norm:
+        if given is not None:
+            origin = f" (after mapping the grey range {given[0]:g}..{given[1]:g} onto it)"
+        elif "low_percentile" in norm and "high_percentile" in norm:
             origin = f" (the training slab's {norm['low_percentile']:g}th..{norm['high_percentile']:g}th percentiles)"
         else:
             origin = ""
@@ -178,24 +260,31 @@ class Predictor:
         context_after: int = 0,
         tta: bool | None = None,
         step_fraction: float | None = None,
+        window: str | None = None,
+        grey_range: GreyRange | None = None,
     ) -> np.ndarray:
         """``(N, H, W, C)`` float32 blended probabilities for adjacent slices ``(N + before + after, H, W)``.
 
         The first ``context_before`` and last ``context_after`` slices are context only (a 2.5D
         model's neighbours of the chunk): not predicted, not returned. At the stack's ends the
         outermost slice stands in for missing neighbours.
+
+        ``grey_range`` (low, high): the grey values of the whole volume these slices come from
+        that are mapped onto the model's normalisation range (:meth:`map_grey`). A per_volume
+        model given none uses the range of ``images`` themselves (:meth:`resolve_grey_range`).
         """
         images = np.asarray(images)
         if images.ndim != 3:
             raise ValueError(f"expected a (N, H, W) stack, got shape {images.shape}")
+        images = self.map_grey(images, self.resolve_grey_range(images, grey_range))
         n = len(images) - context_before - context_after
         if context_before < 0 or context_after < 0 or n < 0:
             raise ValueError(f"context {context_before} + {context_after} does not fit a stack of {len(images)} slices")
-        window = self.config.window(tta, step_fraction)
+        settings = self.config.window_settings(tta, step_fraction, window)
         stream = iter_with_context(images, self.context_slices)
         out: np.ndarray | None = None
         between = islice(stream, context_before, context_before + n)  # context slices are not predicted
-        for k, probs in enumerate(iter_window_probabilities(self._predict, between, window)):
+        for k, probs in enumerate(iter_window_probabilities(self._predict, between, settings)):
             if out is None:
                 out = np.empty((n, *probs.shape), dtype=np.float32)
             out[k] = probs
@@ -209,25 +298,28 @@ class Predictor:
     def to_labels(self, classes: np.ndarray) -> np.ndarray:
         return classes_to_label_values(classes, self.config.task, self.config.phase_map)
 
-    def classes(self, images: np.ndarray, context_before: int = 0, context_after: int = 0, **window: Any) -> np.ndarray:
+    def classes(self, images: np.ndarray, context_before: int = 0, context_after: int = 0, **settings: Any) -> np.ndarray:
         """Task class indices (uint8) for the slices between the context (see :meth:`probabilities`)."""
-        return self.to_classes(self.probabilities(images, context_before, context_after, **window))
+        return self.to_classes(self.probabilities(images, context_before, context_after, **settings))
 
     def iter_volume(
         self,
         images: Any,
         z_range: tuple[int, int] | None = None,
         chunk: int = 8,
-        **window: Any,
+        **settings: Any,
     ) -> Iterator[tuple[Chunk, np.ndarray]]:
         """``(chunk, class indices)`` for slices ``z_range`` of a stack ``(Z, H, W)`` (an array or a
         memory map), ``chunk`` slices at a time; a 2.5D model's context comes from the whole
-        stack, so the slices around ``z_range`` are real neighbours."""
+        stack, so the slices around ``z_range`` are real neighbours. A per_volume model without
+        a ``grey_range`` setting uses the whole stack's (as training did), not each chunk's."""
+        if self.per_volume and settings.get("grey_range") is None:
+            settings["grey_range"] = self.volume_grey_range(images)
         total = images.shape[0]
         start, stop = z_range or (0, total)
         for piece in iter_chunks(total, chunk, self.context_slices, start, stop):
             stack = np.asarray(images[piece.read])
-            yield piece, self.classes(stack, piece.before, piece.after, **window)
+            yield piece, self.classes(stack, piece.before, piece.after, **settings)
 
     def multi_axis_probabilities(
         self,
@@ -235,7 +327,7 @@ class Predictor:
         axes: tuple[str, ...] = ("z", "y", "x"),
         chunk: int = 8,
         progress: Callable[[int], Any] | None = None,
-        **window: Any,
+        **settings: Any,
     ) -> np.ndarray:
         """Mean of the probabilities from slicing ``volume`` (Z, Y, X) along each of ``axes``.
 
@@ -251,12 +343,14 @@ class Predictor:
         unknown = [a for a in names if a not in AXES]
         if unknown or not names:
             raise ValueError(f"axes must be a non-empty subset of z, y, x; got {names}")
+        if self.per_volume and settings.get("grey_range") is None:  # the volume's range, not each plane chunk's
+            settings["grey_range"] = self.volume_grey_range(volume)
         total: np.ndarray | None = None
         for name in names:
             planes = np.moveaxis(volume, AXES[name], 0)
             for piece in iter_chunks(planes.shape[0], chunk, self.context_slices):
                 stack = np.ascontiguousarray(planes[piece.read])
-                probs = self.probabilities(stack, piece.before, piece.after, **window)
+                probs = self.probabilities(stack, piece.before, piece.after, **settings)
                 if total is None:
                     total = np.zeros((*volume.shape, probs.shape[-1]), dtype=np.float32)
                 np.moveaxis(total, AXES[name], 0)[piece.start : piece.stop] += probs

@@ -37,7 +37,9 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ParamSchema, ParamSpec
 
+from socseg.analysis.uncertainty import uncertainty
 from socseg.inference.predictor import GreyRangeError, ModelConfig, Predictor
+from socseg.params import WINDOWS
 
 KERAS_ARTIFACT = "keras_model"
 IMAGE_COLUMN = "image"
@@ -65,7 +67,9 @@ def _signature(config: ModelConfig) -> ModelSignature:
         params=ParamSchema(
             [
                 ParamSpec("return_probabilities", "boolean", False),
+                ParamSpec("return_uncertainty", "boolean", False),  # normalised entropy, float32 0..1
                 ParamSpec("tta", "boolean", config.tta),
+                ParamSpec("window", "string", config.window),  # whole_slice | sliding
                 ParamSpec("step_fraction", "double", config.step_fraction),
                 ParamSpec("encoding", "string", ""),  # compact output: "" = as the input, npy, tiff
                 ParamSpec("dtype", "string", ""),  # tensor input: declared grey dtype, checked
@@ -73,6 +77,10 @@ def _signature(config: ModelConfig) -> ModelSignature:
                 ParamSpec("context_after", "long", 0),  # 2.5D: trailing slices sent as context only
                 ParamSpec("allow_out_of_range", "boolean", False),  # skip Predictor.check_grey_range
                 ParamSpec("describe", "boolean", False),  # answer with the model's config, not labels
+                # The whole volume's grey range (both or neither; `socseg stats`): mapped onto the
+                # model's normalisation range. Neither: a per_volume model uses the request's own slices.
+                ParamSpec("grey_low", "double", None),
+                ParamSpec("grey_high", "double", None),
             ]
         )
     )
@@ -343,6 +351,24 @@ def parse_request(model_input: Any, config: ModelConfig, declared_dtype: str = "
     return ParsedRequest(_check_grey(images, "inputs", declared_dtype), False, "npy")
 
 
+def parse_grey_range_params(params: Mapping[str, Any]) -> tuple[float, float] | None:
+    """``grey_low`` / ``grey_high``: the grey range of the volume a request's slices come from
+    (both or neither), so a per_volume model maps every request of one volume alike."""
+    from socseg.data.normalise import check_grey_range_values
+
+    low, high = params.get("grey_low"), params.get("grey_high")
+    if low is None and high is None:
+        return None
+    if low is None or high is None:
+        missing, given = ("grey_low", "grey_high") if low is None else ("grey_high", "grey_low")
+        raise RequestError(f"{given} given without {missing}: send both (the volume's grey range, e.g. from "
+                           "`socseg stats`) or neither")
+    try:
+        return check_grey_range_values(float(low), float(high))
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"grey_low/grey_high: {exc}") from None
+
+
 def parse_flag(params: Mapping[str, Any], name: str) -> bool:
     """A boolean request param (MLflow converts per the signature; direct callers may pass text)."""
     from socseg.params import parse_bool
@@ -424,26 +450,44 @@ class Segmenter(mlflow.pyfunc.PythonModel):
         step = params.get("step_fraction")
         if step is not None and not 0.0 < float(step) <= 1.0:
             raise RequestError(f"step_fraction must be in (0, 1], got {step}")
+        window = params.get("window") or None
+        if window is not None and window not in WINDOWS:
+            raise RequestError(f"unknown window {window!r}: use one of {', '.join(WINDOWS)}")
         encoding = str(params.get("encoding") or "")
         if encoding and encoding not in ENCODINGS:
             raise RequestError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
+        grey_range = parse_grey_range_params(params)
         request = parse_request(model_input, self.config, str(params.get("dtype") or ""))
         before, after = parse_context(params, len(request.images))
+        try:  # a per_volume model without grey_low/grey_high: the range of this request's own slices
+            grey_range = self.predictor.resolve_grey_range(request.images, grey_range)
+        except ValueError as error:  # e.g. constant slices: no range to estimate
+            raise RequestError(f"{error}; send the volume's grey range as grey_low and grey_high") from None
         if not parse_flag(params, "allow_out_of_range"):
             try:
-                self.predictor.check_grey_range(request.images)
+                self.predictor.check_grey_range(request.images, grey_range)
             except GreyRangeError as error:
                 raise RequestError(str(error)) from None
         tta = None if params.get("tta") is None else parse_flag(params, "tta")
         with self._lock:
-            probs = self.predictor.probabilities(request.images, before, after, tta=tta, step_fraction=step)
+            probs = self.predictor.probabilities(request.images, before, after, tta=tta, step_fraction=step, window=window,
+                                                 grey_range=grey_range)
         labels = self.predictor.to_labels(self.predictor.to_classes(probs))
         want_probs = parse_flag(params, "return_probabilities")
+        # The uncertainty `socseg segment --uncertainty` writes (x 255 there), from the same probabilities.
+        unsure = uncertainty(probs) if parse_flag(params, "return_uncertainty") else None
         if not request.compact:
-            return {"labels": labels, "probabilities": probs} if want_probs else labels
+            answer = {"labels": labels}
+            if want_probs:
+                answer["probabilities"] = probs
+            if unsure is not None:
+                answer["uncertainty"] = unsure
+            return answer if len(answer) > 1 else labels
         encoding = encoding or request.encoding
         frame = pd.DataFrame({"labels": [encode_array(lab, encoding) for lab in labels]})
         if want_probs:
             frame["probabilities"] = [encode_array(p, encoding) for p in probs]
+        if unsure is not None:
+            frame["uncertainty"] = [encode_array(u, encoding) for u in unsure]
         frame["phase_map"] = json.dumps({str(k): v for k, v in self.config.label_phase_map.items()})
         return frame

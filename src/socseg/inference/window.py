@@ -1,6 +1,12 @@
-"""The sliding window: whole slices of any size from a network trained on small tiles.
+"""Whole slices of any size from a network trained on small tiles: one pass, or a sliding window.
 
-nnU-Net style: tiles overlap (``step_fraction`` of a tile), each tile's prediction is weighted by
+A U-Net is fully convolutional, so the default (``window: whole_slice``) predicts each slice in one
+forward pass, mirror-padded by :data:`WHOLE_SLICE_MARGIN` and up to a multiple of
+:data:`WHOLE_SLICE_MULTIPLE`: every pixel is computed once and sees the whole slice as context.
+Slices above ``whole_slice_max_pixels`` (activation memory grows with the slice) and
+``window: sliding`` use the sliding window instead.
+
+The sliding window is nnU-Net style: tiles overlap (``step_fraction`` of a tile), each tile's prediction is weighted by
 a Gaussian centred on the tile before blending (a U-Net is least reliable near a tile's edge,
 where it sees zero padding instead of context), slices are mirror-padded at their borders, and
 8-fold flip/rotation test-time augmentation is optional. It streams: slices go in one by one,
@@ -23,6 +29,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from socseg.data.tiling import tile_starts
+from socseg.params import WINDOWS
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -31,18 +38,33 @@ GAUSSIAN_SIGMA_SCALE = 0.125
 # Test-time augmentation: the 8 symmetries of a square tile (quarter turns, each with and without
 # a mirror). Training augments with flips and rot90, so the network has seen every one of them.
 DIHEDRAL: tuple[tuple[int, bool], ...] = tuple((turns, mirror) for turns in range(4) for mirror in (False, True))
+# Whole-slice input: a multiple of the deepest encoder's downsampling (VGG16/ResNet50: 5 poolings),
+# mirror-padded by a margin so that border pixels see image-like context rather than the zeros of
+# the first convolutions' padding.
+WHOLE_SLICE_MULTIPLE = 32
+WHOLE_SLICE_MARGIN = 16
 
 
 @dataclass(frozen=True)
 class WindowSettings:
-    """How whole slices are tiled: the ``inference:`` section of params.yaml plus the model's tile size."""
+    """How whole slices are predicted: the ``inference:`` section of params.yaml plus the model's tile size.
+
+    ``batch_size`` counts training-size tiles; a whole-slice pass takes as many slices as hold that
+    many pixels (at least one).
+    """
 
     tile_size: int
     step_fraction: float
     tta: bool
     batch_size: int
+    window: str
+    whole_slice_max_pixels: int
 
     def __post_init__(self) -> None:
+        if self.window not in WINDOWS:
+            raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {self.window!r}")
+        if self.whole_slice_max_pixels < 0:
+            raise ValueError(f"whole_slice_max_pixels must be >= 0, got {self.whole_slice_max_pixels}")
         if self.tile_size <= 0:
             raise ValueError(f"tile size must be positive, got {self.tile_size}")
         if not 0.0 < float(self.step_fraction) <= 1.0:
@@ -132,8 +154,8 @@ def _window(height: int, width: int, settings: WindowSettings) -> tuple[SlidingW
 
 
 def with_tta(predict: Predict) -> Predict:
-    """``predict`` averaged over the 8 :data:`DIHEDRAL` transforms of each square tile, each undone
-    on the output before averaging (8x the compute). The one TTA of socseg: scoring and serving."""
+    """``predict`` averaged over the 8 :data:`DIHEDRAL` transforms of each tile or whole slice, each
+    undone on the output before averaging (8x the compute). The one TTA of socseg: scoring and serving."""
 
     def averaged(tiles: np.ndarray) -> np.ndarray:
         total = None
@@ -154,16 +176,19 @@ def predict_tiles(predict: Predict, tiles: np.ndarray, tta: bool = False) -> np.
     return np.asarray((with_tta(predict) if tta else predict)(tiles), dtype=np.float32)
 
 
-def fixed_batch(predict: Predict, batch_size: int) -> Predict:
-    """``predict`` that always sees ``batch_size`` tiles: a short batch is zero-padded and the
-    padding's output dropped. JAX compiles one program per input shape, so a volume's ragged last
-    batches would each cost a compilation; the padding costs a few wasted tiles instead."""
+def fixed_batch(predict: Predict) -> Predict:
+    """``predict`` that sees one batch size per tile shape: a batch shorter than the largest one
+    seen so far for its shape is zero-padded to it and the padding's output dropped. JAX compiles
+    one program per input shape, so a volume's ragged last batches would each cost a compilation;
+    the padding costs a few wasted tiles instead."""
+    largest: dict[tuple[int, ...], int] = {}
 
     def padded(tiles: np.ndarray) -> np.ndarray:
-        n = len(tiles)
-        if n == batch_size:
+        n, shape = len(tiles), tuple(tiles.shape[1:])
+        size = largest[shape] = max(n, largest.get(shape, 0))
+        if n == size:
             return np.asarray(predict(tiles))
-        filler = np.zeros((batch_size - n, *tiles.shape[1:]), dtype=tiles.dtype)
+        filler = np.zeros((size - n, *shape), dtype=tiles.dtype)
         return np.asarray(predict(np.concatenate([tiles, filler])))[:n]
 
     return padded
@@ -190,10 +215,75 @@ class _InFlight:
         return self.window.crop(self.acc / self.weight_sum[..., None])
 
 
+def _checked(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim not in (2, 3) or image.size == 0:
+        raise ValueError(f"expected a non-empty (H, W) or (H, W, channels) slice, got shape {image.shape}")
+    return image.astype(np.float32, copy=False).reshape(*image.shape[:2], -1)
+
+
+def whole_slice_pads(height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Mirror padding (before, after) per axis of a whole-slice pass: the margin, then up to a multiple."""
+    out = []
+    for length in (height, width):
+        total = -(-(length + 2 * WHOLE_SLICE_MARGIN) // WHOLE_SLICE_MULTIPLE) * WHOLE_SLICE_MULTIPLE - length
+        out.append((total // 2, total - total // 2))
+    return out[0], out[1]
+
+
+def fits_whole_slice(height: int, width: int, settings: WindowSettings) -> bool:
+    """Whether a slice goes through in one pass (else: the sliding window)."""
+    if settings.window != "whole_slice":
+        return False
+    (a, b), (c, d) = whole_slice_pads(height, width)
+    return (height + a + b) * (width + c + d) <= settings.whole_slice_max_pixels
+
+
 def iter_window_probabilities(
     predict: Predict, slices: Iterable[np.ndarray], settings: WindowSettings
 ) -> Iterator[np.ndarray]:
-    """Blended class probabilities ``(H, W, C)`` float32 for each slice, in input order.
+    """Class probabilities ``(H, W, C)`` float32 for each slice, in input order.
+
+    A slice is ``(H, W)`` grey values, or ``(H, W, 2k + 1)`` for a 2.5D model (see
+    :func:`socseg.data.context.iter_with_context)`. Slices may differ in shape. Whole-slice passes
+    batch consecutive slices of one shape; a slice too large for one pass (or every slice, with
+    ``window: sliding``) goes through :func:`iter_sliding_window_probabilities`. A slice is yielded
+    as soon as it is done, so memory holds only the slices of one batch.
+    """
+    if settings.window == "sliding":  # tiles of consecutive slices share forward passes
+        yield from iter_sliding_window_probabilities(predict, slices, settings)
+        return
+    batch: list[np.ndarray] = []
+
+    def flush() -> Iterator[np.ndarray]:
+        if batch:
+            (a, b), (c, d) = whole_slice_pads(*batch[0].shape[:2])
+            padded = np.pad(np.stack(batch), [(0, 0), (a, b), (c, d), (0, 0)], mode="symmetric")
+            preds = predict_tiles(predict, padded, settings.tta)
+            batch.clear()
+            for pred in preds:
+                yield pred[a : pred.shape[0] - b, c : pred.shape[1] - d]
+
+    for image in slices:
+        image = _checked(image)
+        if not fits_whole_slice(image.shape[0], image.shape[1], settings):  # too large: many tiles of its own
+            yield from flush()
+            yield from iter_sliding_window_probabilities(predict, [image], settings)
+            continue
+        if batch and batch[0].shape != image.shape:
+            yield from flush()
+        batch.append(image)
+        (a, b), (c, d) = whole_slice_pads(*image.shape[:2])
+        per_pass = max(1, settings.batch_size * settings.tile_size**2 // ((image.shape[0] + a + b) * (image.shape[1] + c + d)))
+        if len(batch) >= per_pass:
+            yield from flush()
+    yield from flush()
+
+
+def iter_sliding_window_probabilities(
+    predict: Predict, slices: Iterable[np.ndarray], settings: WindowSettings
+) -> Iterator[np.ndarray]:
+    """Blended sliding-window class probabilities ``(H, W, C)`` float32 for each slice, in input order.
 
     A slice is ``(H, W)`` grey values, or ``(H, W, 2k + 1)`` for a 2.5D model (see
     :func:`socseg.data.context.iter_with_context`). Slices may differ in shape. A forward pass takes
@@ -218,11 +308,9 @@ def iter_window_probabilities(
             yield pending.popleft().result()
 
     for image in slices:
-        image = np.asarray(image)
-        if image.ndim not in (2, 3) or image.size == 0:
-            raise ValueError(f"expected a non-empty (H, W) or (H, W, channels) slice, got shape {image.shape}")
+        image = _checked(image)
         window, positions, weight_sum = _window(image.shape[0], image.shape[1], settings)
-        padded = window.pad(image.astype(np.float32, copy=False).reshape(*image.shape[:2], -1))
+        padded = window.pad(image)
         state = _InFlight(window, weight_sum, len(positions))
         pending.append(state)
         for y, x in positions:

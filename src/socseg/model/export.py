@@ -33,6 +33,10 @@ class IntensityNormalisation(keras.layers.Layer):
 def export_model(model: keras.Model, normaliser: Normaliser) -> keras.Model:
     """``model`` behind an :class:`IntensityNormalisation` layer: (B, H, W, 2k + 1) raw grey in.
 
+    ``normaliser``: the training slabs' grey range (normalise.mode fixed), or 0..1 (per_volume:
+    :attr:`socseg.data.prepare.PreparedData.normaliser`; the predictor maps each volume's own
+    grey range onto 0..1 before the network, see :meth:`socseg.inference.predictor.Predictor.map_grey`).
+
     The layers are shared, not copied: the exported model follows the weights as training goes on.
     """
     inputs = keras.Input(shape=(None, None, model.input_shape[-1]), dtype="float32", name="grey")

@@ -6,6 +6,10 @@ accepted). ``y_pred`` is P(ni) ``(batch, H, W, 1)`` for ``ni`` or softmax probab
 both tasks share one implementation: categorical CE on ``[1 - p, p]`` *is* binary CE, and Dice
 then covers the rest class as well as nickel. Every loss returns one value per sample, so Keras'
 reduction and sample weights work as usual.
+
+Sparse labels: pixels whose class index is :data:`~socseg.data.tasks.IGNORE` (unlabelled) have
+zero weight: CE is the mean over labelled pixels, Dice counts labelled pixels only, and a sample
+without any labelled pixel contributes 0. Fully labelled maps give exactly the unmasked values.
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from socseg.data.tasks import check_task
+from socseg.data.tasks import IGNORE, check_task
 from socseg.params import LOSSES
 
 
 
 def _class_probabilities(y_true, y_pred, task: str):
-    """Return (probabilities, one-hot truth), both ``(batch, H, W, C)``, C = 2 for ni."""
+    """Return (probabilities, one-hot truth, labelled): ``(batch, H, W, C)`` twice, C = 2 for ni,
+    and the ``(batch, H, W)`` weight of each pixel (0 where the truth is IGNORE, else 1).
+
+    IGNORE pixels get an all-zero one-hot row (index 0, masked), whatever the backend's one_hot
+    does with an index out of range.
+    """
     if task == "ni":
         p = ops.clip(y_pred[..., 0], 0.0, 1.0)
         probs = ops.stack([1.0 - p, p], axis=-1)
@@ -27,13 +36,17 @@ def _class_probabilities(y_true, y_pred, task: str):
         probs = y_pred
     if len(y_true.shape) == len(probs.shape):  # (batch, H, W, 1) labels
         y_true = ops.squeeze(y_true, axis=-1)
-    one_hot = ops.one_hot(ops.cast(y_true, "int32"), probs.shape[-1], dtype=probs.dtype)
-    return probs, one_hot
+    y_true = ops.cast(y_true, "int32")
+    ignored = ops.equal(y_true, IGNORE)
+    labelled = ops.cast(ops.logical_not(ignored), probs.dtype)
+    one_hot = ops.one_hot(ops.where(ignored, 0, y_true), probs.shape[-1], dtype=probs.dtype)
+    return probs, one_hot * labelled[..., None], labelled
 
 
-def _pixel_mean(values):
-    """Mean over every axis but the batch axis: one value per sample."""
-    return ops.mean(values, axis=tuple(range(1, len(values.shape))))
+def _pixel_mean(values, labelled):
+    """Mean over the labelled pixels of each sample (0 for a sample without any): one value per sample."""
+    axes = tuple(range(1, len(values.shape)))
+    return ops.sum(values * labelled, axis=axes) / ops.maximum(ops.sum(labelled, axis=axes), 1.0)
 
 
 class _SegmentationLoss(keras.losses.Loss):
@@ -49,19 +62,21 @@ class _SegmentationLoss(keras.losses.Loss):
         return config
 
 
-def _cross_entropy(probs, one_hot, gamma: float = 0.0):
-    """Per-sample mean of -(1 - p_true)^gamma log p_true (gamma 0: plain CE)."""
+def _cross_entropy(probs, one_hot, labelled, gamma: float = 0.0):
+    """Per-sample mean over labelled pixels of -(1 - p_true)^gamma log p_true (gamma 0: plain CE)."""
     eps = keras.config.epsilon()
     probs = ops.clip(probs, eps, 1.0 - eps)
     per_class = -one_hot * ops.log(probs)
     if gamma:
         per_class = per_class * ops.power(1.0 - probs, gamma)
-    return _pixel_mean(ops.sum(per_class, axis=-1))
+    return _pixel_mean(ops.sum(per_class, axis=-1), labelled)
 
 
-def _dice(probs, one_hot, smooth: float):
-    """Per-sample 1 - soft Dice, averaged over classes."""
+def _dice(probs, one_hot, labelled, smooth: float):
+    """Per-sample 1 - soft Dice over the labelled pixels, averaged over classes (0 with none labelled:
+    both sums are 0, so every class scores smooth / smooth = 1)."""
     axes = tuple(range(1, len(probs.shape) - 1))
+    probs = probs * labelled[..., None]
     intersection = ops.sum(probs * one_hot, axis=axes)
     total = ops.sum(probs, axis=axes) + ops.sum(one_hot, axis=axes)
     dice = (2.0 * intersection + smooth) / (total + smooth)
@@ -115,8 +130,8 @@ class CEDiceLoss(DiceLoss):
     """CE + Dice: CE gives well-behaved pixel gradients, Dice counters class imbalance."""
 
     def call(self, y_true, y_pred):
-        probs, one_hot = _class_probabilities(y_true, y_pred, self.task)
-        return _cross_entropy(probs, one_hot) + _dice(probs, one_hot, self.smooth)
+        probs, one_hot, labelled = _class_probabilities(y_true, y_pred, self.task)
+        return _cross_entropy(probs, one_hot, labelled) + _dice(probs, one_hot, labelled, self.smooth)
 
 
 _LOSS_CLASSES = {"ce": CrossEntropyLoss, "dice": DiceLoss, "ce_dice": CEDiceLoss, "focal": FocalLoss}

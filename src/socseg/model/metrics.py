@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from socseg.data.tasks import NI_PHASE, SOC_PHASES, check_task, task_class_names
+from socseg.data.tasks import IGNORE, NI_PHASE, SOC_PHASES, check_task, task_class_names
 
 
 # Pixels per bincount call: bounds the int64 temporaries when counting whole slabs.
@@ -115,7 +115,8 @@ class ThresholdedIoU(keras.metrics.Metric):
 
     Unlike a batch-averaged soft IoU, this equals :func:`segmentation_scores` on the same
     pixels. ``class_id`` None gives the mean over classes (for ni: rest and ni). The default name
-    matches the evaluation keys: ``mean_iou``, ``iou_ni``, ``dice_ysz``...
+    matches the evaluation keys: ``mean_iou``, ``iou_ni``, ``dice_ysz``... Unlabelled pixels
+    (:data:`~socseg.data.tasks.IGNORE`) are not counted, as in scoring.
     """
 
     def __init__(
@@ -150,8 +151,11 @@ class ThresholdedIoU(keras.metrics.Metric):
         if len(y_true.shape) == len(y_pred.shape):
             y_true = ops.squeeze(y_true, axis=-1)
         true = ops.cast(y_true, "int32")
+        labelled = ops.reshape(ops.cast(ops.not_equal(true, IGNORE), self.dtype), (-1, 1))
+        true = ops.where(ops.equal(true, IGNORE), 0, true)
         # One-hot of the flat (true, pred) cell index, summed: a jit-friendly bincount.
         cells = ops.one_hot(ops.reshape(true * self._n + pred, (-1,)), self._n * self._n, dtype=self.dtype)
+        cells = cells * labelled
         if sample_weight is not None:
             weight = ops.cast(sample_weight, self.dtype)
             while len(weight.shape) < len(true.shape):

@@ -4,7 +4,8 @@ Every new version gets the alias ``challenger``. It takes ``champion`` only if i
 least the current champion's *measured on the same test data now* (the champion is re-evaluated,
 not trusted from an old tag, since the data may have changed since it was promoted). A worse
 model never replaces the champion. Only the single ``register`` step decides, after the search has
-finished, so concurrent search workers never race on the alias.
+finished, so concurrent search workers never race on the alias; ``socseg finetune`` decides the same
+way for its one model, on the new scan's held-out labelled slices (:mod:`socseg.training.finetune`).
 """
 
 from __future__ import annotations
@@ -91,12 +92,15 @@ def register_and_promote(
     tags: Mapping[str, str] | None = None,
     metric: str = "test_mean_iou",
     run_id: str = "",
+    gate: bool = True,
 ) -> Promotion:
     """Register ``model_uri`` as a new version of ``name`` and decide the champion.
 
     ``score`` is the new model's ``metric`` on the test data; ``evaluate(model_uri)`` scores the
     current champion on the same data. ``run_id`` (the training run) lets a re-run of the same
-    pipeline find its earlier version instead of registering a duplicate.
+    pipeline find its earlier version instead of registering a duplicate. ``gate=False`` (no test
+    data to decide on, e.g. a fine-tune with a single labelled slice): the new version becomes
+    challenger only, the champion is neither scored nor moved, and ``score`` is not recorded.
     """
     client = MlflowClient()
     champion = (_registered_model(name, client).aliases or {}).get(CHAMPION)
@@ -104,10 +108,13 @@ def register_and_promote(
     existing = _version_of_run(name, run_id, client)
     if existing is not None:
         return Promotion(name, existing, float(score), previous, None, previous == existing, already_registered=True)
-    previous_score = evaluate(f"models:/{name}@{CHAMPION}") if previous is not None else None
+    previous_score = evaluate(f"models:/{name}@{CHAMPION}") if previous is not None and gate else None
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()}).version
-    client.set_model_version_tag(name, version, metric, f"{score:.6f}")
     client.set_registered_model_alias(name, CHALLENGER, version)
+    if not gate:
+        client.set_model_version_tag(name, version, "promotion", "ungated")
+        return Promotion(name, str(version), float(score), previous, None, False)
+    client.set_model_version_tag(name, version, metric, f"{score:.6f}")
     promoted = previous_score is None or score >= previous_score
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)

@@ -32,9 +32,10 @@ from socseg.training import tracking
 from socseg.training.runtime import resolve_precision, runtime_tags, seed_everything, set_precision
 
 # Validation after every epoch scores the whole validation slabs through the predictor users get,
-# with tiles that do not overlap: a quarter of the served window's cost for the epoch-to-epoch
-# comparison that early stopping and the search need. Final scores use the served settings.
-VALIDATION_WINDOW = {"step_fraction": 1.0, "tta": False}
+# one pass per slice without TTA: the cheapest window, whatever the served settings, for the
+# epoch-to-epoch comparison that early stopping and the search need. Final scores use the served
+# settings.
+VALIDATION_WINDOW = {"window": "whole_slice", "tta": False}
 
 
 class SlabValidation(keras.callbacks.Callback):
@@ -304,7 +305,7 @@ def model_config(data: PreparedData, params: Params) -> ModelConfig:
             "encoder": t.encoder,
             "class_names": data.class_names,
             "phase_map": data.phase_map,
-            "normalisation": data.normaliser.to_dict(),
+            "normalisation": data.normalisation_record(),  # mode, and the layer's low/high (0/1 per_volume)
             "tile_size": params.tiles.size,
             "context_slices": t.context_slices,
         },
@@ -330,6 +331,14 @@ def _log_overlays(data: PreparedData, evaluation: Evaluation) -> None:
 
 
 def _log_artifacts(data: PreparedData, history: dict[str, list[float]]) -> None:
+    log_history(history, {"split.json": json.dumps({k: v.to_dict() for k, v in data.splits.items()}, indent=2),
+                          "normalisation.json": json.dumps(data.normaliser.to_dict(), indent=2)})
+
+
+def log_history(history: dict[str, list[float]], files: Mapping[str, str] | None = None) -> None:
+    """The training curves (``plots/training_curves.png``) and ``training/history.csv`` of the active
+    run, plus ``files`` (name -> text) under ``training/``: what every training run logs
+    (``socseg train``, search trials, ``socseg finetune``)."""
     import matplotlib.pyplot as plt
 
     fig = training_curves_figure(history)
@@ -340,6 +349,6 @@ def _log_artifacts(data: PreparedData, history: dict[str, list[float]]) -> None:
         frame = pd.DataFrame(history)
         frame.insert(0, "epoch", np.arange(len(frame)))
         frame.to_csv(tmp_path / "history.csv", index=False)
-        (tmp_path / "split.json").write_text(json.dumps({k: v.to_dict() for k, v in data.splits.items()}, indent=2))
-        data.normaliser.save(tmp_path / "normalisation.json")
+        for name, text in (files or {}).items():
+            (tmp_path / name).write_text(text)
         mlflow.log_artifacts(tmp, "training")

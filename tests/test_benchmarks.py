@@ -1,0 +1,140 @@
+"""The benchmark scripts of issue 17 end to end on tiny inputs: runtime_bench.py and serving_load_bench.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_runtime_bench_measures_every_variant_against_keras(tmp_path):
+    """One whole slice, float32 untrained U-Net: a row per variant, Keras the reference, the XLA and
+    ONNX Runtime labels (float32 all through) equal to Keras', figures printed = recorded."""
+    out = tmp_path / "out"
+    args = ["--slices", "1", "--repeat", "1", "--base-filters", "4", "--precision", "float32",
+            "--variants", "keras,xla,onnxruntime", "--workloads", "slices", "--out", str(out)]
+    run = _bench("runtime_bench.py", args)
+    record = json.loads((out / "runtime.json").read_text())
+    assert record["command"] == "python benchmarks/runtime_bench.py " + " ".join(args)
+    assert record["figures"]["untrained_model"] is True and record["figures"]["adoption_bar"]["speedup"] == 1.5
+    assert [(r["workload"], r["variant"]) for r in record["rows"]] == [
+        ("slices", v) for v in ("keras", "xla", "onnxruntime")]
+    rows = {(r["workload"], r["variant"]): r for r in record["rows"]}
+    keras_row = rows["slices", "keras"]
+    assert keras_row["items"] == 1 and keras_row["rate"] > 0 and keras_row["speedup"] == 1.0
+    assert keras_row["agreement_pct"] == 100.0 and keras_row["max_abs_prob_diff"] == 0.0
+    xla = rows["slices", "xla"]
+    assert xla["rate"] > 0 and xla["agreement_pct"] >= 99.9 and xla["max_abs_prob_diff"] < 1e-4
+    assert xla["meets_bar"] == ("yes" if xla["speedup"] >= 1.5 else "no")
+    onnx = rows["slices", "onnxruntime"]
+    try:
+        import onnxruntime  # noqa: F401
+        import tf2onnx  # noqa: F401
+    except ImportError:  # not a pinned dependency: the row must say why it is empty
+        assert onnx["rate"] is None and "pip install" in onnx["error"]
+    else:
+        assert onnx["rate"] > 0 and onnx["agreement_pct"] >= 99.9 and onnx["max_abs_prob_diff"] < 1e-4
+    first = rows["slices", "xla"]
+    assert f"slices: {first['rate']:.2f} slices/s ({first['speedup']:.2f}x Keras)" in run.stdout
+    markdown = (out / "runtime.md").read_text()
+    assert f"| slices | xla | {first['rate']:.2f} | slices/s |" in markdown and "untrained" in markdown
+
+
+def _runtime_bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import runtime_bench
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return runtime_bench
+
+
+def test_runtime_bench_inputs_cover_every_pixel():
+    """The tile workload is the sliding window's grid (tile 128, step 64, 32-pixel mirror margin:
+    8 x 8 tiles of a 501x501 slice) in batches of the model's batch size; the slice workload pads
+    to 512x512 and its crop gives the slices back."""
+    bench = _runtime_bench()
+    stack = np.random.default_rng(0).integers(0, 65535, (3, 501, 501), dtype=np.uint16)
+    batches = bench.tile_batches(stack, 0, 128, 0.5, 16)
+    assert [len(b) for b in batches] == [16] * 12 and batches[0].shape[1:] == (128, 128, 1)
+    assert batches[0].dtype == np.float32
+    assert np.array_equal(batches[0][0, 32:, 32:, 0], stack[0, :96, :96])  # first tile: margin, then the slice
+    assert np.array_equal(batches[0][0, :32, 32:, 0], stack[0, 31::-1, :96])  # mirrored, edge pixel repeated
+    assert np.array_equal(batches[-1][-1, :-32, :-32, 0], stack[2, -96:, -96:])  # last tile: the corner
+    context = bench.tile_batches(stack, 1, 128, 0.5, 16)  # 2.5D: the neighbours as channels
+    assert context[0].shape[1:] == (128, 128, 3) and np.array_equal(context[0][0, 32:, 32:, 1], stack[0, :96, :96])
+    slices, crop = bench.slice_batches(stack, 0, 2)
+    assert [b.shape for b in slices] == [(2, 512, 512, 1), (1, 512, 512, 1)]
+    assert np.array_equal(np.concatenate(slices)[:, crop[0], crop[1], 0], stack)
+
+
+def test_float32_copy_of_a_mixed_precision_network():
+    """A mixed_bfloat16 network (what precision: auto trains on AMX CPUs) is exported through a
+    float32 copy with the same weights, whose probabilities are the bf16 ones to bf16 rounding."""
+    import keras
+
+    runtime_bench = _runtime_bench()
+    from socseg.data.normalise import Normaliser
+    from socseg.model.export import export_model
+    from socseg.model.unet import build_model
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        mixed = export_model(build_model("unet", "phases", n_classes=3, base_filters=4), Normaliser(0.0, 1000.0, 1.0, 99.0))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    copy, cast = runtime_bench.float32_network(mixed)
+    assert cast and copy is not mixed
+    policies = {layer.dtype_policy.name for layer in copy.layers[-1].layers}
+    assert policies == {"float32"}, policies
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in mixed.layers[-1].layers}
+    assert all(np.array_equal(a, b) for a, b in zip(copy.get_weights(), mixed.get_weights()))
+    x = np.random.default_rng(0).uniform(0, 1000, (2, 64, 64, 1)).astype(np.float32)
+    assert np.max(np.abs(copy.predict_on_batch(x) - np.asarray(mixed.predict_on_batch(x), np.float32))) < 0.02
+    same, cast_again = runtime_bench.float32_network(copy)
+    assert same is copy and not cast_again
+
+
+@pytest.mark.slow
+def test_serving_load_bench_two_workers(tmp_path):
+    """Two concurrent clients against a 2-worker server: no error, every answer equal to the same
+    request sent alone, the workers' processes in the RSS figure, and the README block rewritten
+    from the result file."""
+    out = tmp_path / "out"
+    readme = tmp_path / "README.md"
+    start, end = "<!-- serving_load_bench: begin", "<!-- serving_load_bench: end -->"
+    text = (REPO / "serving" / "README.md").read_text()
+    assert start in text and end in text  # the block the real README carries
+    readme.write_text("# serving\n\nbefore\n\n" + text[text.index(start):text.index(end) + len(end)] + "\n\nafter\n")
+    args = ["--workers", "2", "--clients", "2", "--requests", "2", "--slices", "2", "--slices-per-request", "2",
+            "--base-filters", "4", "--out", str(out), "--readme", str(readme)]
+    run = _bench("serving_load_bench.py", args)
+    record = json.loads((out / "serving_load.json").read_text())
+    assert record["command"] == "python benchmarks/serving_load_bench.py " + " ".join(args)
+    (row,) = record["rows"]
+    assert row["workers"] == 2 and row["errors"] == 0 and row["requests_ok"] == 4 and row["labels_consistent"]
+    assert record["figures"]["errors_total"] == 0 and len(record["figures"]["workers_2"]["latencies_s"]) == 4
+    assert 0 < row["latency_p50_s"] <= row["latency_p95_s"] <= row["latency_max_s"]
+    assert row["slices_per_s"] > 0 and row["slices_per_s"] * row["wall_s"] == pytest.approx(8)
+    # mlflow CLI + uvicorn + 2 workers: a lone process would mean MLFLOW_MODELS_WORKERS was ignored
+    assert row["server_processes"] >= 4 and row["server_rss_sum_mib"] > row["server_peak_rss_mib"] > 100
+    assert f"{row['slices_per_s']:.2f} slices/s" in run.stdout
+    written = readme.read_text()
+    assert written.startswith("# serving\n\nbefore\n\n") and written.endswith("\n\nafter\n")
+    assert f"| 2 | 4 | 0 | {row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} | {row['slices_per_s']:.2f} |" in written
+    assert f"`{record['command']}`" in written

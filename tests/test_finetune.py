@@ -1,0 +1,306 @@
+"""Fine-tuning on sparse labels: unlabelled pixels and slices, crops around labels, scoring that
+skips them, and `socseg finetune` end to end from a tiny registered parent."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+
+from socseg.data.tasks import IGNORE
+
+PHASES = {0: "pore", 128: "ysz", 255: "ni"}
+
+
+def _volume(labels: np.ndarray, name: str = "scan"):
+    from socseg.data.volumes import Volume, VolumeMeta
+
+    image = np.random.default_rng(0).integers(20000, 40000, labels.shape).astype(np.uint16)
+    meta = VolumeMeta(name=name, shape=labels.shape, image_dtype="uint16", phase_map=dict(PHASES), has_labels=True)
+    return Volume(image, labels.astype(np.uint8), meta)
+
+
+def _labels(shape=(6, 20, 20), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).choice([0, 128, 255], size=shape).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- sparse volumes
+
+
+def test_ignore_value_and_unlabelled_slices_become_IGNORE():
+    from socseg.data.sparse import sparse_volume
+
+    labels = _labels()
+    labels[1, :5] = 1  # painted "unlabelled"
+    sparse = sparse_volume(_volume(labels), ignore_value=1, labelled_slices=[1, 4])
+    index = sparse.class_index()
+    assert np.all(index[[0, 2, 3, 5]] == IGNORE)  # not in --labelled-slices
+    assert np.all(index[1, :5] == IGNORE) and np.all(index[1, 5:] != IGNORE)
+    assert np.array_equal(index[4], np.searchsorted([0, 128, 255], labels[4]))
+    assert np.array_equal(sparse.class_index(slice(1, 3)), index[1:3])
+    assert sparse.slices_with_labels() == [1, 4]
+    assert sparse.labelled_pixels(1) == 15 * 20 and sparse.labelled_pixels(0) == 0
+    # ni targets keep IGNORE instead of calling it "rest"
+    from socseg.data.prepare import Slab
+
+    targets = Slab(sparse, (0, 6)).targets("ni")
+    assert np.all(targets[0] == IGNORE) and set(np.unique(targets[4])) <= {0, 1}
+    assert sparse.with_labelled_slices([4]).slices_with_labels() == [4]
+
+
+@pytest.mark.parametrize(
+    ("change", "kwargs", "message"),
+    [
+        (lambda lab: lab.__setitem__((2, 0, 0), 7), {}, r"label values \[7\].*not in the phase map"),
+        (lambda lab: lab.fill(1), {}, "no labelled pixel"),
+        (lambda lab: None, {"ignore_value": 128}, "ignore value 128 is a phase"),
+        (lambda lab: None, {"labelled_slices": [2, 9]}, r"labelled slices \[9\] outside"),
+        (lambda lab: lab[3].fill(1), {"labelled_slices": [3]}, r"no labelled pixel in slices \[3\]"),
+    ],
+)
+def test_bad_sparse_labels_are_refused_with_the_reason(change, kwargs, message):
+    from socseg.data.sparse import sparse_volume
+    from socseg.data.volumes import VolumeError
+
+    labels = _labels()
+    change(labels)
+    with pytest.raises(VolumeError, match=message):
+        sparse_volume(_volume(labels), **{"ignore_value": 1, **kwargs})
+
+
+def test_values_outside_the_phase_map_in_unlabelled_slices_do_not_matter():
+    from socseg.data.sparse import sparse_volume
+
+    labels = _labels()
+    labels[0] = 7
+    assert sparse_volume(_volume(labels), 1, [2, 3]).slices_with_labels() == [2, 3]
+
+
+def test_slice_lists_and_split():
+    from socseg.data.sparse import parse_slice_list
+    from socseg.data.volumes import VolumeError
+    from socseg.training.finetune import slice_ranges, split_labelled
+
+    assert parse_slice_list("3, 17,10-12") == [3, 10, 11, 12, 17]
+    assert parse_slice_list("") is None
+    with pytest.raises(VolumeError, match="bad slice list"):
+        parse_slice_list("3,x")
+    assert split_labelled([40, 3, 17], 0.25) == ([3, 17], [40])
+    assert split_labelled([5, 6], 0.9) == ([5], [6])  # at least one of each
+    assert split_labelled([8], 0.5) == ([8], [])  # nothing to hold out
+    assert split_labelled(list(range(10)), 0.3) == (list(range(7)), [7, 8, 9])
+    assert slice_ranges([9, 3, 4, 5]) == "3-5,9"
+
+
+def test_slab_confusion_counts_labelled_pixels_only():
+    from socseg.data.prepare import Slab
+    from socseg.data.sparse import sparse_volume
+    from socseg.inference.evaluate import slab_confusion
+
+    labels = _labels()
+    labels[:, :, :10] = 1
+    slab = Slab(sparse_volume(_volume(labels), 1), (1, 3))
+    truth = np.searchsorted([0, 128, 255], labels[1:3]).astype(np.uint8)
+    wrong_where_unlabelled = truth.copy()
+    wrong_where_unlabelled[:, :, :10] = (truth[:, :, :10] + 1) % 3
+    cm = slab_confusion(slab, wrong_where_unlabelled, "phases")
+    assert cm.sum() == 2 * 20 * 10 and np.trace(cm) == cm.sum()  # every counted pixel right
+    cm_ni = slab_confusion(slab, (wrong_where_unlabelled == 2).astype(np.uint8), "ni")
+    assert cm_ni.sum() == 2 * 20 * 10 and np.trace(cm_ni) == cm_ni.sum()
+
+
+def test_crops_of_sparse_targets_always_hold_a_label():
+    from socseg.data.dataset import RandomCrops
+
+    targets = np.full((4, 96, 96), IGNORE, np.uint8)
+    targets[2, 70:74, 5:9] = 1  # one small labelled patch in one slice
+    images = np.random.default_rng(0).random((4, 96, 96), dtype=np.float32)
+    crops = RandomCrops([images, images[:2]], [targets, np.full((2, 96, 96), IGNORE, np.uint8)],
+                        size=32, batch_size=8, steps=3, context_slices=1)
+    assert crops.slab_probabilities.tolist() == [1.0, 0.0]  # slabs by labelled pixels
+    for step in range(3):
+        x, y = crops[step]
+        assert x.shape == (8, 32, 32, 3)
+        assert all((crop != IGNORE).any() for crop in y)
+    dense = RandomCrops([images], [np.zeros((4, 96, 96), np.uint8)], size=32, batch_size=2, steps=1)
+    assert dense.cells == [None]  # fully labelled: uniform crops as before
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        RandomCrops([images], [np.full((4, 96, 96), IGNORE, np.uint8)], size=32, batch_size=2, steps=1)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture()
+def parent(tiny_params, mlflow_env):
+    """A tiny trained ni model registered as socseg-ni v1, champion."""
+    from socseg.training.registry import register_and_promote
+    from socseg.training.train import train
+
+    result = train(tiny_params, run_name="parent", evaluate_test=False)  # no champion yet: nothing to compare
+    promotion = register_and_promote(result.model_uri, "socseg-ni", result.metrics["val_mean_iou"],
+                                     evaluate=lambda uri: 0.0, run_id=result.run_id)
+    assert promotion.version == "1" and promotion.promoted
+    tiny_params["finetune"].update(epochs=1, steps_per_epoch=2)
+    return tiny_params
+
+
+@pytest.fixture()
+def new_scan(tiny_params, tmp_path):
+    """Another phantom as a grey TIFF and a sparse label TIFF: labels in a few slices only, the
+    rest of those slices and every other slice painted with the ignore value 1."""
+    from socseg.data.synth import synth_from_params
+
+    volume = synth_from_params(tiny_params, "newscan", shape=(16, 64, 64), seed=7)
+    labels = np.full(volume.labels.shape, 1, np.uint8)
+    for z in (2, 6, 10, 14):
+        labels[z, 8:56, 8:56] = volume.labels[z, 8:56, 8:56]
+    grey, sparse = tmp_path / "newscan.tif", tmp_path / "newscan_labels.tif"
+    tifffile.imwrite(grey, volume.image)
+    tifffile.imwrite(sparse, labels)
+    return grey, sparse, labels
+
+
+def _state(client):
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    versions = client.search_model_versions("name = 'socseg-ni'")
+    return len(runs), sorted(int(v.version) for v in versions)
+
+
+def _invoke(params, tmp_path, *args):
+    from click.testing import CliRunner
+
+    from socseg.cli import main
+
+    params_file = tmp_path / "params_finetune.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    return CliRunner().invoke(main, ["finetune", *map(str, args), "--params", str(params_file)])
+
+
+def test_finetune_registers_a_gated_challenger_with_lineage(parent, new_scan, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from socseg.inference.predictor import Predictor
+    from socseg.training.finetune import LINEAGE_TAG, finetune
+
+    client = MlflowClient()
+    grey, labels_path, labels = new_scan
+    before = _state(client)
+    parent_model = Predictor.load("models:/socseg-ni/1")
+
+    # Bad input: refused with the reason, nothing logged or registered.
+    bad = labels.copy()
+    bad[6, 0, 0] = 77
+    tifffile.imwrite(tmp_path / "bad.tif", bad)
+    tifffile.imwrite(tmp_path / "empty.tif", np.full_like(labels, 1))
+    tifffile.imwrite(tmp_path / "grey8.tif", (tifffile.imread(grey) // 257).astype(np.uint8))  # another grey scale
+    refused = [
+        (("models:/socseg-ni@champion", grey, "--labels", tmp_path / "bad.tif"), r"label values \[77\]"),
+        (("models:/socseg-ni@champion", grey, "--labels", tmp_path / "empty.tif"), "no labelled pixel"),
+        (("models:/socseg-ni@champion", grey, "--labels", labels_path, "--task", "phases"), "is a 'ni' model, not 'phases'"),
+        (("models:/socseg-ni@champion", grey, "--labels", labels_path, "--ignore-value", "255"), "ignore value 255 is a phase"),
+        (("models:/socseg-ni@champion", grey), "not a socseg volume folder: give its label stack"),
+        (("models:/socseg-ni@champion", tmp_path / "grey8.tif", "--labels", labels_path), "out of this model's range"),
+    ]
+    for args, message in refused:
+        done = _invoke(parent, tmp_path, *args)
+        assert done.exit_code == 2, done.output
+        assert done.output.startswith("error: ") and len(done.output.strip().splitlines()) == 1, done.output
+        assert re.search(message, done.output), (message, done.output)
+    assert _state(client) == before
+
+    # Four labelled slices: trained on 2, 6, 10; slice 14 held out, gate decides there.
+    done = _invoke(parent, tmp_path, "models:/socseg-ni@champion", grey, "--labels", labels_path,
+                   "--out", tmp_path / "finetune.json")
+    assert done.exit_code == 0, done.output
+    result = json.loads((tmp_path / "finetune.json").read_text())
+    assert result["train_slices"] == [2, 6, 10] and result["test_slices"] == [14]
+    promotion = result["promotion"]
+    assert promotion["name"] == "socseg-ni" and promotion["version"] == "2"
+    assert promotion["champion_version_before"] == "1" and promotion["champion_score_before"] is not None
+    assert str(client.get_registered_model("socseg-ni").aliases["challenger"]) == "2"
+    run = client.get_run(result["run_id"])
+    assert run.data.tags[LINEAGE_TAG] == "models:/socseg-ni/1"
+    assert run.data.tags["socseg.parent_model_uri"] == "models:/socseg-ni@champion"
+    assert run.data.tags["socseg.parent_model_version"] == "1"
+    assert run.data.params["finetune.test_slices"] == "14" and run.data.params["finetune.ignore_value"] == "1"
+    assert 0.0 <= run.data.metrics["test_mean_iou"] <= 1.0
+    assert run.data.metrics["test_labelled_pixels"] == 48 * 48  # the held-out slice's labelled pixels only
+    version = client.get_model_version("socseg-ni", "2")
+    assert version.tags[LINEAGE_TAG] == "models:/socseg-ni/1" and version.tags["promotion"] in ("champion", "rejected")
+    assert version.run_id == result["run_id"]
+    # The champion gate compared on the held-out slice: the score recorded is the run's.
+    assert float(version.tags["test_mean_iou"]) == pytest.approx(run.data.metrics["test_mean_iou"], abs=1e-6)
+    child = Predictor.load(result["model_uri"])
+    assert dataclasses.asdict(child.config) == dataclasses.asdict(parent_model.config)  # task, classes, normalisation kept
+    assert any(not np.array_equal(a, b) for a, b in zip(child.network.get_weights(), parent_model.network.get_weights()))
+
+    # One labelled slice, through the library, of a volume folder named under data.dir (fully
+    # labelled, so --labelled-slices marks the rest unlabelled): no held-out slice, challenger
+    # only, champion untouched.
+    champion = client.get_registered_model("socseg-ni").aliases["champion"]
+    one = finetune(parent, "models:/socseg-ni/1", "tiny", labelled=[6])
+    assert one.train_slices == [6] and one.test_slices == []
+    assert one.promotion["version"] == "3" and not one.promotion["promoted"]
+    aliases = client.get_registered_model("socseg-ni").aliases
+    assert str(aliases["challenger"]) == "3" and aliases["champion"] == champion
+    assert client.get_model_version("socseg-ni", "3").tags["promotion"] == "ungated"
+    assert client.get_run(one.run_id).data.tags["socseg.gate"].startswith("none")
+    assert not any(k.startswith("test_") and k != "test_labelled_pixels" for k in one.metrics)
+
+
+def test_finetune_entry_point_parameters_are_settings_or_inputs(repo_root):
+    """Every `finetune` MLproject parameter is an input of the command or a params.yaml setting,
+    and is passed to the command."""
+    import typing
+
+    from socseg.params import Params
+
+    project = yaml.safe_load((repo_root / "MLproject").read_text())["entry_points"]["finetune"]
+    inputs = {"model_uri", "volume", "labels", "phase_map", "labelled_slices"}
+    elsewhere = {"batch_size": "train", "loss": "train", "seed": "train", "task": "train", "data_dir": "data.dir"}
+    for name, spec in project["parameters"].items():
+        assert f"{{{name}}}" in project["command"], name
+        if name in inputs:
+            continue
+        assert spec["default"] == "", f"finetune.{name}: a default besides params.yaml's"
+        section, _, field = elsewhere.get(name, "finetune").partition(".")
+        cls = typing.get_type_hints(Params)[section]
+        assert (field or name) in {f.name for f in dataclasses.fields(cls)}, name
+    assert "default" not in project["parameters"]["model_uri"]  # required
+
+
+@pytest.mark.slow
+def test_mlflow_run_finetune_entry_point(repo_root, parent, new_scan, tmp_path):
+    """`mlflow run . -e finetune` (as a user runs it): '' parameters fall back to params.yaml."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    grey, labels_path, _ = new_scan
+    params_file = tmp_path / "params_run.yaml"
+    params_file.write_text(yaml.safe_dump(parent, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env.update(SOCSEG_PARAMS=str(params_file), MLFLOW_EXPERIMENT_NAME="finetune-e2e",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = [sys.executable, "-m", "mlflow", "run", str(repo_root), "-e", "finetune", "--env-manager", "local",
+               "-P", "model_uri=models:/socseg-ni@champion", "-P", f"volume={grey}", "-P", f"labels={labels_path}",
+               "-P", "labelled_slices=2,6,10", "-P", "epochs=1", "-P", "steps_per_epoch=1"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("finetune-e2e")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["mlflow.project.entryPoint"] == "finetune"
+    assert run.data.tags["socseg.lineage"] == "models:/socseg-ni/1"
+    assert run.data.params["finetune.train_slices"] == "2,6" and run.data.params["finetune.test_slices"] == "10"
+    assert run.data.params["finetune.ignore_value"] == str(parent["finetune"]["ignore_value"])
+    assert str(client.get_registered_model("socseg-ni").aliases["challenger"]) == "2"
