@@ -229,12 +229,17 @@ def test_ni_task_outputs_rest_and_ni_values():
 def test_config_of_models_logged_before_the_later_fields():
     """Records of older models lack encoder, context_slices and max_clipped_fraction: the values they ran with."""
     record = make_config().to_dict()
-    for later in ("encoder", "context_slices", "max_clipped_fraction", "normalisation_mode"):
+    for later in ("encoder", "context_slices", "max_clipped_fraction", "normalisation_mode", "window",
+                  "whole_slice_max_pixels"):
         del record[later]
     old = ModelConfig.from_dict(record)
     assert (old.encoder, old.context_slices, old.max_clipped_fraction) == ("", 0, 0.5)
     assert old.normalisation_mode == "fixed"  # what every model before per_volume did
-    assert old == make_config(encoder="")
+    assert old.window == "sliding"  # what every model before whole-slice passes did ...
+    from socseg.inference.window import fits_whole_slice
+
+    assert fits_whole_slice(501, 501, old.window_settings(window="whole_slice"))  # ... which they do on request
+    assert old == make_config(encoder="", whole_slice_max_pixels=old.whole_slice_max_pixels)
     with pytest.raises(KeyError):
         ModelConfig.from_dict({k: v for k, v in record.items() if k != "tile_size"})  # not optional
 

@@ -23,9 +23,10 @@ from socseg.data.tasks import NI_PHASE, check_task, classes_to_label_values
 from socseg.inference.window import Predict, WindowSettings, fixed_batch, iter_window_probabilities
 from socseg.params import NORMALISATION_MODES, InferenceParams, parse_bool
 
-# What models logged by earlier socseg versions did not record yet: the value they behaved with.
+# What models logged by earlier socseg versions did not record yet: the value they behaved with
+# (the sliding window; whole-slice passes on request, up to the bound they were introduced with).
 _RECORDED_LATER = {"max_clipped_fraction": 0.5, "context_slices": 0, "encoder": "", "window": "sliding",
-                   "whole_slice_max_pixels": 0, "normalisation_mode": "fixed"}
+                   "whole_slice_max_pixels": 4096 * 1024, "normalisation_mode": "fixed"}
 
 GreyRange = tuple[float, float]  # (low, high) grey values of a volume: see socseg.data.normalise.grey_range
 
