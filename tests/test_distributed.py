@@ -278,7 +278,7 @@ def test_evaluate_scores_hdf5_grey_against_zarr_labels_as_it_scores_a_volume(mod
 
 
 def test_probabilities_and_uncertainty_beside_the_labels(models, volume, tmp_path):
-    from socseg.data.chunked import class_probabilities, normalised_entropy
+    from socseg.analysis.uncertainty import class_probabilities, normalised_entropy
     from socseg.inference.predictor import Predictor
 
     _segment_zarr(models[0], volume, tmp_path / "plain.zarr")

@@ -29,7 +29,11 @@ def _store(path, probabilities: bool = True, finish: bool = True) -> ChunkedLabe
     sure[1, :4] = [0.5, 0.5, 0.0]  # slice 1: half its pixels torn between two classes
     for index in range(store.n_chunks if finish else store.n_chunks - 1):
         start, stop = store.chunk(index)
-        store.write(index, np.zeros((stop - start, *SHAPE[1:]), np.uint8), sure[start:stop] if probabilities else None)
+        labels = np.zeros((stop - start, *SHAPE[1:]), np.uint8)
+        if probabilities:
+            store.write(index, labels, quantise(sure[start:stop]), quantise(uncertainty(sure[start:stop])))
+        else:
+            store.write(index, labels)
     return store
 
 

@@ -78,7 +78,7 @@ def rank_slices(path: str | os.PathLike) -> list[SliceUncertainty]:
 
 def _zarr_blocks(store_path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray]]:
     """(first slice, uint8 uncertainty of a z-chunk) of a label store, checked before any is read."""
-    from socseg.data.chunked import ChunkedLabels  # chunked.py imports this module
+    from socseg.data.chunked import ChunkedLabels
 
     store = ChunkedLabels.open(store_path)
     if store.uncertainty is None:

@@ -22,10 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from socseg import __version__
-from socseg.analysis.uncertainty import class_probabilities, normalised_entropy, quantise
 from socseg.data.volumes import VolumeError
 
-__all__ = ["ChunkedLabels", "class_probabilities", "normalised_entropy"]  # the two: imported from here before
 
 LABELS = "0"
 COMPLETE = "complete"
@@ -126,19 +124,20 @@ class ChunkedLabels:
         """The z-chunks not yet recorded as complete."""
         return [int(i) for i in np.flatnonzero(np.asarray(self.complete[:]) == 0)]
 
-    def write(self, index: int, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
-        """Write z-chunk ``index`` (and its probabilities where the store keeps them), then record
-        it complete (never the other way round)."""
+    def write(self, index: int, labels: np.ndarray, probabilities: np.ndarray | None = None,
+              uncertainty: np.ndarray | None = None) -> None:
+        """Write z-chunk ``index`` (and, where the store keeps them, its uint8 class probabilities
+        and uncertainty: :func:`socseg.analysis.uncertainty.quantise`d), then record it complete
+        (never the other way round)."""
         start, stop = self.chunk(index)
         labels = np.asarray(labels, dtype=np.uint8)
         if labels.shape != (stop - start, *self.shape[1:]):
             raise VolumeError(f"labels of shape {labels.shape} for chunk {index} of shape {(stop - start, *self.shape[1:])}")
         if self.probabilities is not None:
-            if probabilities is None:
-                raise VolumeError(f"chunk {index}: this store keeps probabilities, none were given")
-            classes = class_probabilities(probabilities)
-            self.probabilities[start:stop] = quantise(classes)
-            self.uncertainty[start:stop] = quantise(normalised_entropy(classes))
+            if probabilities is None or uncertainty is None:
+                raise VolumeError(f"chunk {index}: this store keeps probabilities and uncertainty, none were given")
+            self.probabilities[start:stop] = probabilities
+            self.uncertainty[start:stop] = uncertainty
         self.labels[start:stop] = labels
         self.complete[index] = 1
 

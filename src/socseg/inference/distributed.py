@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+from socseg.analysis.uncertainty import class_probabilities, normalised_entropy, quantise
 from socseg.data.chunked import ChunkedLabels
 from socseg.data.context import iter_chunks
 from socseg.data.stacks import SliceReader, check_paths, split_hdf5_path
@@ -89,7 +90,11 @@ def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
                                           step_fraction=job.step_fraction, window=job.window,
                                           grey_range=job.grey_range)
     labels = predictor.to_labels(predictor.to_classes(probabilities))
-    store.write(index, labels, probabilities if job.probabilities else None)
+    if job.probabilities:
+        classes = class_probabilities(probabilities)
+        store.write(index, labels, quantise(classes), quantise(normalised_entropy(classes)))
+    else:
+        store.write(index, labels)
     return {"index": index, "slices": stop - start, "seconds": time.perf_counter() - started, "worker": _worker_name()}
 
 
