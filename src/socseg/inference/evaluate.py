@@ -94,11 +94,9 @@ def score_slabs(
         if not 0 <= start < stop <= volume.image.shape[0]:
             raise ValueError(f"slices {start}:{stop} outside volume {slab.name!r} with {volume.image.shape[0]} slices")
         kept = np.empty((stop - start, *volume.image.shape[1:]), np.uint8) if keep_predictions else None
-        settings = dict(window)
-        if predictor.per_volume and settings.get("grey_range") is None:
-            settings["grey_range"] = predictor.volume_grey_range(volume.image)
         began = time.perf_counter()
-        for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, **settings):
+        # A per_volume model's range comes from the whole volume: Predictor.iter_volume estimates it.
+        for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, **window):
             seconds += time.perf_counter() - began
             if task != config.task:  # a phases model scored on Ni vs rest
                 classes = (classes == config.class_names.index(NI_PHASE)).astype(np.uint8)
