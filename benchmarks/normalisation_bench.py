@@ -47,25 +47,33 @@ def native_noise_sigma(image: np.ndarray) -> float:
     return float(mad / 0.6745 / np.sqrt(2.0))
 
 
-def transforms(seed: int = 0) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+def gamma(x: np.ndarray, exponent: float) -> np.ndarray:
+    """Gamma on the volume's own 0..max scale, back to uint16 (another contrast curve)."""
+    top = float(x.max())
+    return np.clip(np.round(top * (x.astype(np.float64) / top) ** exponent), 0, 65535).astype(np.uint16)
+
+
+def blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """3-D Gaussian blur (a coarser resolution), back to uint16."""
     from scipy.ndimage import gaussian_filter
 
-    def gamma(x: np.ndarray) -> np.ndarray:
-        top = float(x.max())
-        return np.clip(np.round(top * (x.astype(np.float64) / top) ** 0.7), 0, 65535).astype(np.uint16)
+    return np.round(gaussian_filter(x.astype(np.float32), sigma)).astype(np.uint16)
 
-    def noisy(x: np.ndarray) -> np.ndarray:
-        sigma = native_noise_sigma(x) * np.sqrt(3.0)  # sqrt(native^2 + added^2) = 2 native
-        rng = np.random.default_rng(seed)
-        out = x.astype(np.float32) + rng.normal(0.0, sigma, x.shape).astype(np.float32)
-        return np.clip(np.round(out), 0, 65535).astype(np.uint16)
 
+def add_noise(x: np.ndarray, factor: float, seed: int = 0) -> np.ndarray:
+    """Gaussian noise added so that the noise level is ``factor`` x the native one (a lower dose)."""
+    sigma = native_noise_sigma(x) * np.sqrt(factor**2 - 1.0)  # sqrt(native^2 + added^2) = factor x native
+    out = x.astype(np.float32) + np.random.default_rng(seed).normal(0.0, sigma, x.shape).astype(np.float32)
+    return np.clip(np.round(out), 0, 65535).astype(np.uint16)
+
+
+def transforms(seed: int = 0) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     return {
         "original (uint16)": lambda x: x,
         "linear float32 (2.5e-5 x - 0.55)": lambda x: (2.5e-5 * x.astype(np.float32) - 0.55).astype(np.float32),
-        "gamma 0.7": gamma,
-        "Gaussian blur sigma 1": lambda x: np.round(gaussian_filter(x.astype(np.float32), 1.0)).astype(np.uint16),
-        "noise 2x native": noisy,
+        "gamma 0.7": lambda x: gamma(x, 0.7),
+        "Gaussian blur sigma 1": lambda x: blur(x, 1.0),
+        "noise 2x native": lambda x: add_noise(x, 2.0, seed),
     }
 
 

@@ -14,6 +14,15 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files with end-to-end (``slow``) tests first, in-file order kept: with one file per xdist
+    worker (``--dist loadfile``) the long files start at once and the short ones fill in at the
+    end, so the suite takes about half its summed time on two workers, not that plus a long file
+    started last."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
@@ -35,24 +44,42 @@ def params():
     return load_params(REPO / "params.yaml")
 
 
-@pytest.fixture()
-def tiny_params(tmp_path, params):
-    """params.yaml shrunk for CPU tests: a 24x64x64 phantom, 32-pixel tiles, one epoch of 2 steps."""
+def make_tiny_params(params: dict, folder: Path) -> dict:
+    """params.yaml shrunk for CPU tests, with data and MLflow store under ``folder``: a 24x64x64
+    phantom, 32-pixel tiles, one epoch of 2 steps."""
     from socseg.data.synth import synth_from_params
     from socseg.data.volumes import save_volume
 
     p = copy.deepcopy(params)
-    p["data"]["dir"] = str(tmp_path / "data")
+    p["data"]["dir"] = str(folder / "data")
     p["data"]["volumes"] = ["tiny"]
     p["split"].update(train=0.6, val=0.2, test=0.2, gap=2)
     p["tiles"].update(size=32, steps_per_epoch=2)
     # float32: tests compare scores across batch sizes and processes; train.precision: auto would
     # make that hardware-dependent (bf16 on AVX512-BF16/AMX machines).
     p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1, precision="float32")
-    p["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p["mlflow"]["tracking_uri"] = f"sqlite:///{folder / 'mlflow.db'}"
     volume = synth_from_params(p, "tiny", shape=(24, 64, 64), seed=1)
     save_volume(volume, Path(p["data"]["dir"]) / "tiny")
     return p
+
+
+@pytest.fixture()
+def tiny_params(tmp_path, params):
+    """params.yaml shrunk for CPU tests (:func:`make_tiny_params`), in the test's tmp_path."""
+    return make_tiny_params(params, tmp_path)
+
+
+def use_mlflow_store(uri: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point MLflow at ``uri`` through the environment (as `mlflow run` does) and process-wide."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    # The process-wide URI too: an earlier test's configure_tracking() would otherwise still win.
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 @pytest.fixture()
@@ -60,13 +87,7 @@ def mlflow_env(tmp_path, monkeypatch):
     """A private MLflow SQLite store for one test (set through the environment, as `mlflow run` does)."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    # The process-wide URI too: an earlier test's configure_tracking() would otherwise still win.
-    mlflow.set_tracking_uri(uri)
-    yield uri
+    yield use_mlflow_store(f"sqlite:///{tmp_path / 'mlflow.db'}", monkeypatch)
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)

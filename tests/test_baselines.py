@@ -61,6 +61,21 @@ def test_random_forest_learns_classes_a_threshold_cannot_separate():
     assert forest_acc > np.mean(threshold.predict(image[test]) == labels[test]) + 0.15
 
 
+def test_random_forest_trains_on_labelled_pixels_only():
+    """Sparse labels (fine-tuning's scribbles): IGNORE pixels are never drawn as training samples."""
+    from socseg.data.tasks import IGNORE
+
+    labels = blobs((2, 48, 48), 2, seed=5)
+    image = (0.2 + 0.6 * labels + np.random.default_rng(6).normal(0, 0.05, labels.shape)).astype(np.float32)
+    sparse = np.full_like(labels, IGNORE)
+    sparse[:, :12, :] = labels[:, :12, :]  # a labelled strip, 1/4 of each slice
+    forest = RandomForestBaseline(n_estimators=10, n_samples=10_000, sigmas=(1.0,), n_jobs=1).fit(image, sparse)
+    assert set(forest.forest.classes_.tolist()) == {0, 1}  # IGNORE (255) would be a third class
+    assert np.mean(forest.predict(image) == labels) > 0.95
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        RandomForestBaseline(n_estimators=2, sigmas=(1.0,)).fit(image, np.full_like(labels, IGNORE))
+
+
 def test_unfitted_and_bad_input_raise():
     with pytest.raises(RuntimeError):
         ThresholdBaseline().predict(np.zeros((1, 4, 4)))

@@ -74,7 +74,9 @@ def test_model_scores_on_its_test_slab_match_training_and_the_cli(trained):
     assert evaluation.scores["mean_iou"] == pytest.approx(scores["mean_iou"])
     (kept,) = evaluation.predictions
     assert kept.shape == (stop - start, 64, 64)
-    np.testing.assert_array_equal(kept, predictor.classes(loaded.image[start:stop]))  # a 2-D model: no context
+    # A 2-D model: no context; a per_volume one (the default) with the whole volume's grey range.
+    grey = predictor.volume_grey_range(loaded.image) if predictor.per_volume else None
+    np.testing.assert_array_equal(kept, predictor.classes(loaded.image[start:stop], grey_range=grey))
     with pytest.raises(ValueError, match="cannot be scored on task 'phases'"):
         score_slabs(predictor, [Slab(loaded, (start, stop))], task="phases")
 

@@ -95,6 +95,7 @@ def test_slice_lists_and_split():
     assert split_labelled([5, 6], 0.9) == ([5], [6])  # at least one of each
     assert split_labelled([8], 0.5) == ([8], [])  # nothing to hold out
     assert split_labelled(list(range(10)), 0.3) == (list(range(7)), [7, 8, 9])
+    assert split_labelled([40, 3, 17], 0.0) == ([3, 17, 40], [])  # 0: every labelled slice trains
     assert slice_ranges([9, 3, 4, 5]) == "3-5,9"
 
 
@@ -139,10 +140,13 @@ def test_crops_of_sparse_targets_always_hold_a_label():
 
 @pytest.fixture()
 def parent(tiny_params, mlflow_env):
-    """A tiny trained ni model registered as socseg-ni v1, champion."""
+    """A tiny trained fixed-mode ni model registered as socseg-ni v1, champion (fixed: a scan on
+    another grey scale is refused; a per_volume parent is fine-tuned in
+    test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale)."""
     from socseg.training.registry import register_and_promote
     from socseg.training.train import train
 
+    tiny_params["normalise"]["mode"] = "fixed"
     result = train(tiny_params, run_name="parent", evaluate_test=False)  # no champion yet: nothing to compare
     promotion = register_and_promote(result.model_uri, "socseg-ni", result.metrics["val_mean_iou"],
                                      evaluate=lambda uri: 0.0, run_id=result.run_id)
@@ -304,3 +308,38 @@ def test_mlflow_run_finetune_entry_point(repo_root, parent, new_scan, tmp_path):
     assert run.data.params["finetune.train_slices"] == "2,6" and run.data.params["finetune.test_slices"] == "10"
     assert run.data.params["finetune.ignore_value"] == str(parent["finetune"]["ignore_value"])
     assert str(client.get_registered_model("socseg-ni").aliases["challenger"]) == "2"
+
+
+def test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale(tiny_params, mlflow_env, tmp_path):
+    """per_volume (the default): a uint8 copy of the scan is mapped by its own whole-volume range
+    for training crops and scores alike; the run records that range."""
+    import keras
+    from mlflow.tracking import MlflowClient
+
+    from socseg.data.normalise import Normaliser
+    from socseg.data.synth import synth_from_params
+    from socseg.data.volumes import Volume
+    from socseg.inference.predictor import ModelConfig, Predictor
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.model.export import export_model
+    from socseg.training.finetune import finetune
+
+    inputs = keras.Input((None, None, 1))
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs)
+    config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
+                         tile_size=32, context_slices=0, normalisation={"low": 0.0, "high": 1.0, "low_percentile": 0.5,
+                                                                        "high_percentile": 99.5},
+                         normalisation_mode="per_volume", window="whole_slice", whole_slice_max_pixels=10**6,
+                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5)
+    uri = str(save_segmenter(export_model(keras.Model(inputs, outputs), Normaliser(0.0, 1.0, 0.5, 99.5)), config,
+                             tmp_path / "per-volume-model"))
+    phantom = synth_from_params(tiny_params, "scan8", shape=(12, 64, 64), seed=8)
+    scan = Volume((phantom.image // 257).astype(np.uint8), phantom.labels,
+                  dataclasses.replace(phantom.meta, image_dtype="uint8", checksums={}))
+    tiny_params["finetune"].update(epochs=1, steps_per_epoch=2)
+    result = finetune(tiny_params, uri, scan, labelled=[2, 9], register=False)
+    record = json.loads(open(MlflowClient().download_artifacts(result.run_id, "training/finetune.json")).read())
+    expected = Predictor.load(uri).volume_grey_range(scan.image)
+    assert record["normalisation"]["grey_range"] == pytest.approx(list(expected))
+    assert 2.0 < expected[0] < expected[1] < 200.0  # the uint8 scan's own range, not the uint16 one
+    assert 0.0 <= result.metrics["test_iou_ni"] <= 1.0  # the held-out slice 9, scored through the same mapping

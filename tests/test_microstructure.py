@@ -408,3 +408,17 @@ def test_a_phase_filling_the_whole_volume_has_no_sizes_instead_of_failing():
     assert diameters.size == 0 and counts.size == 0
     diameters, counts = local_thickness_diameters(np.pad(np.ones((4, 8, 8), bool), 1), 1.0)
     assert counts.sum() == 4 * 8 * 8 and diameters.max() > 0
+
+
+def test_porespy_kernels_are_compiled_once_per_machine_not_per_process():
+    """Every `socseg evaluate` process and DVC stage sizes phases: porespy's numba kernels are cached on disk."""
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    from socseg.analysis.microstructure import _porespy
+
+    _porespy()
+    from porespy.filters import _lt_methods
+
+    kernels = [k for k in vars(_lt_methods).values() if isinstance(k, Dispatcher)]
+    assert kernels and all(not isinstance(k._cache, NullCache) for k in kernels)

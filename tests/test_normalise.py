@@ -143,6 +143,7 @@ def test_prepare_per_volume_maps_each_volume_by_its_own_range(tiny_params):
     from socseg.training.train import model_config
 
     volumes = load_labelled_volumes(tiny_params)
+    tiny_params["normalise"]["mode"] = "fixed"
     fixed = prepare_data(tiny_params, volumes, "ni")
     (volume,) = volumes
     start, stop = fixed.splits["tiny"].train

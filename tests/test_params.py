@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 
@@ -96,13 +97,15 @@ def test_the_schema_holds_no_defaults():
     (lambda p: p["search"].update(encoders=["vgg16", "alexnet"]), "alexnet"),
     (lambda p: p["inference"].update(step_fraction=1.5), "step_fraction"),
     (lambda p: p.pop("registry"), "params: missing registry"),
+    (lambda p: p["finetune"].update(test_fraction=1.0), "test_fraction must be in [0, 1)"),
+    (lambda p: p["finetune"].update(test_fraction=-0.1), "test_fraction must be in [0, 1)"),
 ])
 def test_a_tree_that_does_not_fit_names_the_key(params, change, message):
     from socseg.params import ParamsError, typed
 
     p = copy.deepcopy(params)
     change(p)
-    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ParamsError, match=re.escape(message)):
         typed(p)
 
 

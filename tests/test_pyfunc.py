@@ -344,8 +344,12 @@ def test_training_logs_one_model_the_segmenter(tiny_params, mlflow_env):
     network = model.unwrap_python_model().predictor.network
     image = load_volume(f"{tiny_params['data']['dir']}/tiny").image[-3:]
     labels = model.predict(image)
-    # The window on its own, with the settings the params gave (TTA, a quarter-tile step).
-    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, image, config.window_settings())))
+    # The window on its own, with the settings the params gave (TTA, a quarter-tile step), on the
+    # grey values the network sees: per_volume (the default), the request's own range mapped.
+    predictor = model.unwrap_python_model().predictor
+    assert config.normalisation_mode == tiny_params["normalise"]["mode"] == "per_volume"
+    mapped = predictor.map_grey(image, predictor.resolve_grey_range(image))
+    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, mapped, config.window_settings())))
     np.testing.assert_array_equal(labels, np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
 
 
@@ -365,7 +369,8 @@ def test_training_a_2p5d_model_logs_its_context_and_the_segmenter_uses_it(tiny_p
     assert json.loads(model.predict(np.zeros((1, 8, 8), np.uint16), params={"describe": True})["config"][0])["context_slices"] == 1
     volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
     image = volume.image[-4:]
-    stacked = iter_with_context(image, 1)
+    predictor = model.unwrap_python_model().predictor
+    stacked = iter_with_context(predictor.map_grey(image, predictor.resolve_grey_range(image)), 1)
     probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, stacked, config.window_settings())))
     np.testing.assert_array_equal(model.predict(image), np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
     # Context slices are context only: the middle two slices come back, predicted with their true neighbours.

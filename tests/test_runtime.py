@@ -2,7 +2,7 @@
 
 import pytest
 
-from socseg.training.runtime import resolve_precision, runtime_tags
+from socseg.training.runtime import resolve_precision, runs_eagerly, runtime_tags
 
 
 @pytest.mark.parametrize(
@@ -32,3 +32,12 @@ def test_explicit_precision_is_kept_and_unknown_is_refused():
 def test_run_tags_name_the_resolved_precision(monkeypatch):
     monkeypatch.setattr("socseg.training.runtime.resolve_precision", lambda p: "float32" if p == "auto" else p)
     assert runtime_tags("auto")["precision"] == "float32"
+
+
+def test_short_trainings_run_eagerly_long_ones_as_a_graph():
+    assert runs_eagerly(1, 2, 32) and runs_eagerly(4, 8, 32)
+    assert not runs_eagerly(3, 11, 32)  # 33 steps: tracing pays off
+    assert not runs_eagerly(1, 2, 0)  # 0: always a graph
+    assert runtime_tags("float32", eager=True)["execution"] == "eager"
+    assert runtime_tags("float32", eager=False)["execution"] == "graph"
+    assert "execution" not in runtime_tags("float32")  # a run that does not train (a search's parent run)

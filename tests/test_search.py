@@ -297,7 +297,7 @@ def test_normalisation_mode_is_searchable(search_params):
     from socseg.training.search import trial_params
 
     search_params["search"]["space"] = {"normalise.mode": {"type": "categorical", "choices": ["fixed", "per_volume"]}}
-    assert typed(search_params).normalise.mode == "fixed"
+    assert typed(search_params).normalise.mode == "per_volume"  # params.yaml's default; each trial's own below
     for mode in ("fixed", "per_volume"):
         tree = trial_params(search_params, "unet", optuna.trial.FixedTrial({"normalise.mode": mode}))
         assert typed(tree).normalise.mode == mode

@@ -77,9 +77,10 @@ def _bad_requests() -> list[tuple[str, bytes, str, str]]:
         ("bad context", body({"inputs": [[[1, 2]]] * 2, "params": {"context_before": -1}}), js,
          "context_before must be a whole number of slices >= 0"),
         ("no image column", body({"dataframe_split": {"columns": ["x"], "data": [["a"]]}}), js, "column 'image'"),
-        # grey values on another scale (float32 after 2.5e-5 * x - 0.55): all below the model's range
-        ("outside the grey range", body({"inputs": np.full((1, 40, 50), 0.2).tolist()}), js,
-         "grey values out of this model's range: 100.0%"),
+        # constant slices: a per_volume model (the default, as served here) has no grey range to map
+        # (a fixed-mode model refuses another grey scale: tests/test_pyfunc.py)
+        ("constant slices", body({"inputs": np.full((1, 40, 50), 0.2).tolist()}), js,
+         "send the volume's grey range as grey_low and grey_high"),
         ("not JSON", b"{this is not json", js, ""),
         ("wrong content type", b"1,2,3", "text/plain", "content types"),
     ]
@@ -89,7 +90,9 @@ def _bad_requests() -> list[tuple[str, bytes, str, str]]:
 def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(server, shared_data, tmp_path, serving_client):
     url, uri = server
     invocations = f"{url}/invocations"
-    good = {"inputs": np.full((1, 40, 50), 30000, np.uint16).tolist()}
+    # Not constant: a per_volume model (the default) maps a request's own grey range, which a
+    # constant slice does not have.
+    good = {"inputs": np.random.default_rng(3).integers(20000, 42000, (1, 40, 50)).astype(np.uint16).tolist()}
     for what, body, content_type, words in _bad_requests():
         answer = requests.post(invocations, data=body, headers={"Content-Type": content_type}, timeout=60)
         assert 400 <= answer.status_code < 500, (what, answer.status_code, answer.text[:500])
@@ -97,7 +100,7 @@ def test_real_server_bad_inputs_then_good_requests_equal_local_predictions(serve
         # ... and the server is still there for the next good request.
         assert requests.post(invocations, json=good, timeout=60).status_code == 200, what
 
-    rescaled = {"inputs": np.full((1, 40, 50), 0.2).tolist(), "params": {"allow_out_of_range": True}}
+    rescaled = {"inputs": np.random.default_rng(4).uniform(0.1, 0.3, (1, 40, 50)).tolist(), "params": {"allow_out_of_range": True}}
     assert requests.post(invocations, json=rescaled, timeout=60).status_code == 200  # the override
 
     local = mlflow.pyfunc.load_model(uri)

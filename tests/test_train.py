@@ -1,5 +1,8 @@
 """One short training run against a real (temporary) MLflow SQLite store; then check what it logged."""
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -7,13 +10,37 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 
-@pytest.fixture()
-def trained(tiny_params, mlflow_env):
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """One 3-epoch training in a store of its own, shared by the tests that only read what it
+    logged (training is the slow part of this file)."""
+    from conftest import make_tiny_params, use_mlflow_store
+    from socseg.params import load_params
     from socseg.training.train import train
 
-    tiny_params["train"]["epochs"] = 3
-    tiny_params["train"]["patience"] = 3
-    return tiny_params, train(tiny_params, run_name="tiny")
+    folder = tmp_path_factory.mktemp("trained")
+    params = make_tiny_params(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), folder)
+    params["train"]["epochs"] = 3
+    params["train"]["patience"] = 3
+    params["train"]["eager_max_steps"] = 0  # a graph, as every real training (6 steps would run eagerly)
+    with pytest.MonkeyPatch.context() as patch:
+        use_mlflow_store(params["mlflow"]["tracking_uri"], patch)
+        result = train(params, run_name="tiny")
+        while mlflow.active_run():
+            mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    return params, result
+
+
+@pytest.fixture()
+def trained(trained_once, monkeypatch):
+    """(params, TrainResult) of the shared training, with MLflow pointed at its store for this test."""
+    from conftest import use_mlflow_store
+
+    params, result = trained_once
+    use_mlflow_store(params["mlflow"]["tracking_uri"], monkeypatch)
+    yield copy.deepcopy(params), result
+    mlflow.set_tracking_uri(None)
 
 
 def test_run_logs_params_tags_curves_and_final_scores(trained):
@@ -26,7 +53,7 @@ def test_run_logs_params_tags_curves_and_final_scores(trained):
     assert float(run.data.params["normalise.high"]) > float(run.data.params["normalise.low"])
     for tag in ("device", "keras_backend", "precision", "data_fingerprint", "git_commit", "data_md5_dvc"):
         assert run.data.tags.get(tag), tag
-    assert run.data.tags["precision"] == "float32"
+    assert run.data.tags["precision"] == "float32" and run.data.tags["execution"] == "graph"
     history = MlflowClient().get_metric_history(result.run_id, "val_iou_ni")
     assert [m.step for m in history] == [0, 1, 2]
     for name in ("test_iou_ni", "test_iou_rest", "test_dice_ni", "test_mean_iou", "test_accuracy", "final_val_mean_iou",
@@ -126,6 +153,7 @@ def test_vgg16_phases_with_bfloat16_trains_and_tags_precision(tiny_params, mlflo
     result = train(tiny_params, log_model=False)
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["precision"] == "mixed_bfloat16"
+    assert run.data.tags["execution"] == "eager"  # 1 epoch x 2 steps <= train.eager_max_steps
     assert {"test_iou_pore", "test_iou_ysz", "test_iou_ni"} <= set(run.data.metrics)
     import keras
 
@@ -223,3 +251,41 @@ def test_no_time_budget_runs_every_epoch(tiny_params, mlflow_env):
     run = MlflowClient().get_run(result.run_id)
     assert run.data.tags["stopped_by"] == "epochs"
     assert len(result.history["val_mean_iou"]) == 5 and result.metrics["epochs_run"] == 5
+
+
+def test_validation_estimates_a_per_volume_range_once_not_every_epoch(tiny_params, monkeypatch):
+    """per_volume: each validation volume's grey range is estimated when validation is set up,
+    and every epoch scores with it, as score_slabs would with its own estimate."""
+    import keras
+
+    from socseg.data.normalise import Normaliser
+    from socseg.data.prepare import Slab
+    from socseg.data.volumes import load_volume
+    from socseg.inference.evaluate import score_slabs
+    from socseg.inference.predictor import ModelConfig, Predictor
+    from socseg.model.export import export_model
+    from socseg.training.train import SlabValidation
+
+    inputs = keras.Input((None, None, 1))
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer=keras.initializers.Constant(20.0),
+                                  bias_initializer=keras.initializers.Constant(-14.0))(inputs)
+    network = export_model(keras.Model(inputs, outputs), Normaliser(0.0, 1.0, 0.5, 99.5))
+    config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
+                         tile_size=32, context_slices=0, normalisation={"low": 0.0, "high": 1.0, "low_percentile": 0.5,
+                                                                        "high_percentile": 99.5},
+                         normalisation_mode="per_volume", window="whole_slice", whole_slice_max_pixels=10**6,
+                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5)
+    predictor = Predictor(network, config)
+    volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
+    slabs = [Slab(volume, (0, 6)), Slab(volume, (18, 24))]
+    expected = score_slabs(predictor, slabs).scores
+    estimates = []
+    original = Predictor.volume_grey_range
+    monkeypatch.setattr(Predictor, "volume_grey_range", lambda self, source: estimates.append(1) or original(self, source))
+    validation = SlabValidation(predictor, slabs)
+    assert len(estimates) == 1 and set(validation.grey_ranges) == {"tiny"}  # one per volume
+    for epoch in range(3):
+        logs: dict = {}
+        validation.on_epoch_end(epoch, logs)
+        assert logs["val_iou_ni"] == pytest.approx(expected["iou_ni"], abs=1e-9)
+    assert len(estimates) == 1  # none per epoch

@@ -235,6 +235,8 @@ class TrainParams:
     reduce_lr_patience: int = _help("lower the learning rate after N epochs without validation gain (0: never)")
     reduce_lr_factor: float = _help("learning-rate factor of each reduction")
     max_minutes: float = _help("wall-clock budget of the training loop in minutes (0: none); no epoch starts that would overrun it")
+    eager_max_steps: int = _help("a training of at most this many steps (epochs x steps_per_epoch) runs eagerly: "
+                                 "tracing the step into a graph costs seconds, more than a few steps gain (0: always a graph)")
     seed: int = _help("random seed")
 
 
@@ -277,14 +279,15 @@ class FinetuneParams:
     freeze_encoder: bool = _help("keep the parent's encoder frozen; train the decoder only")
     ignore_value: int = _help("label value of unlabelled pixels in a sparse label stack; must not be a phase-map value")
     test_fraction: float = _help("fraction of the labelled slices held out to score and gate the result (>= 1 "
-                                 "slice with 2 or more labelled)")
+                                 "slice with 2 or more labelled); 0: none, every labelled slice trains and the "
+                                 "result is registered as challenger without a gate")
     max_minutes: float = _help("wall-clock budget of the fine-tuning loop in minutes (0: none)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.ignore_value <= 255:
             raise ParamsError(f"params.finetune.ignore_value must be a uint8 label value 0-255, got {self.ignore_value}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ParamsError(f"params.finetune.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ParamsError(f"params.finetune.test_fraction must be in [0, 1), got {self.test_fraction}")
         if self.epochs < 1 or self.steps_per_epoch < 1:
             raise ParamsError("params.finetune.epochs and steps_per_epoch must be >= 1")
 

@@ -336,6 +336,29 @@ def _quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
     return float(values[min(int(np.searchsorted(cumulative, q - 1e-12)), len(values) - 1)])
 
 
+def _porespy() -> Any:
+    """porespy, with its numba kernels cached on disk.
+
+    porespy compiles them (``@njit`` without ``cache``) on first use in every process: about 5 s
+    per ``socseg evaluate``/``microstructure`` process and per DVC stage, more than sizing a test
+    slab takes. Caching them (numba's cache: beside porespy's sources, else ``NUMBA_CACHE_DIR`` or
+    ``~/.cache``; keyed on porespy's source files and the CPU) compiles them once per machine.
+    """
+    import sys
+
+    import porespy
+
+    from numba.core.dispatcher import Dispatcher
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("porespy.") and not getattr(module, "_socseg_jit_cached", False):
+            for kernel in list(vars(module).values()):
+                if isinstance(kernel, Dispatcher) and not kernel.signatures:
+                    kernel.enable_caching()
+            module._socseg_jit_cached = True  # type: ignore[attr-defined]
+    return porespy
+
+
 def local_thickness_diameters(mask: np.ndarray, voxel: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(diameters ascending, voxel count at each) of the local thickness of ``mask`` (porespy).
 
@@ -345,7 +368,7 @@ def local_thickness_diameters(mask: np.ndarray, voxel: float = 1.0) -> tuple[np.
     reads ``2R``. The uint8 index output keeps memory at 1 B/voxel instead of float64.
     """
     try:
-        import porespy  # lazy: ~2 s import and numba JIT, needed only here
+        porespy = _porespy()  # lazy: a 2-6 s import, needed only here
     except ImportError as exc:
         raise MicrostructureError(f"sizes need porespy ({exc}); install it or skip sizes (size_phases=[])") from None
 

@@ -13,14 +13,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from socseg.data.prepare import Slab
 from socseg.data.tasks import IGNORE, NI_PHASE, check_task, task_class_names, task_targets
 from socseg.data.volumes import Volume, load_volume
-from socseg.inference.predictor import Predictor
+from socseg.inference.predictor import GreyRange, Predictor
 from socseg.model.metrics import confusion_matrix, segmentation_scores
 
 # Slices predicted per chunk: bounds the (Z, H, W, C) float32 probabilities held at once. Every
@@ -61,6 +61,7 @@ def score_slabs(
     slabs: Sequence[Slab],
     task: str | None = None,
     keep_predictions: bool = False,
+    grey_ranges: Mapping[str, GreyRange] | None = None,
     **window: Any,
 ) -> Evaluation:
     """Score ``predictor`` on ``slabs`` (one confusion matrix over all of them).
@@ -72,6 +73,7 @@ def score_slabs(
     A per_volume model scores each slab with its whole volume's grey range
     (:meth:`Predictor.volume_grey_range`: the function and the volume training normalised it
     with, and what ``socseg segment`` estimates on a whole input), so the scores are what users get.
+    ``grey_ranges`` (volume name -> range) gives ranges already estimated (validation, every epoch).
     """
     config = predictor.config
     task = check_task(task or config.task)
@@ -96,7 +98,8 @@ def score_slabs(
         kept = np.empty((stop - start, *volume.image.shape[1:]), np.uint8) if keep_predictions else None
         began = time.perf_counter()
         # A per_volume model's range comes from the whole volume: Predictor.iter_volume estimates it.
-        for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, **window):
+        known = {"grey_range": grey_ranges[slab.name]} if grey_ranges and slab.name in grey_ranges else {}
+        for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, **{**window, **known}):
             seconds += time.perf_counter() - began
             if task != config.task:  # a phases model scored on Ni vs rest
                 classes = (classes == config.class_names.index(NI_PHASE)).astype(np.uint8)

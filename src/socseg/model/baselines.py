@@ -20,6 +20,8 @@ from typing import Sequence, Union
 import numpy as np
 from scipy import ndimage as ndi
 
+from socseg.data.tasks import IGNORE
+
 DEFAULT_SIGMAS: tuple[float, ...] = (0.7, 1.0, 1.6, 3.5, 5.0)
 Stacks = Union[np.ndarray, Sequence[np.ndarray]]  # one (Z, H, W) stack or several (one per volume)
 _PER_SIGMA = ("gauss", "log", "gradmag", "hess_max", "hess_min", "st_max", "st_min")
@@ -200,9 +202,14 @@ class RandomForestBaseline:
         per_slice = max(1, -(-self.n_samples // len(pairs)))
         xs, ys = [], []
         for image, target in pairs:
-            pick = rng.choice(image.size, min(per_slice, image.size), replace=False)
+            labelled = np.flatnonzero(target.reshape(-1) != IGNORE)  # sparse labels: unlabelled pixels teach nothing
+            if not labelled.size:
+                continue
+            pick = rng.choice(labelled, min(per_slice, labelled.size), replace=False)
             xs.append(pixel_features(image, self.sigmas).reshape(image.size, -1)[pick])
             ys.append(target.reshape(-1)[pick])
+        if not xs:
+            raise ValueError("no labelled pixel to train the forest on (every target is IGNORE)")
         self.forest = RandomForestClassifier(
             n_estimators=self.n_estimators, max_depth=self.max_depth, n_jobs=self.n_jobs, random_state=self.seed
         ).fit(np.concatenate(xs), np.concatenate(ys))

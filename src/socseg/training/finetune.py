@@ -128,9 +128,10 @@ def load_scan(volume: Volume | str | Path, labels: str | Path | None, phase_map:
 def split_labelled(slices: Sequence[int], test_fraction: float) -> tuple[list[int], list[int]]:
     """(train, test) labelled slices: the last ``round(test_fraction * n)`` along z are held out,
     at least one of each when there are two or more; a single labelled slice trains, none is
-    held out (nothing to gate on)."""
+    held out (nothing to gate on). ``test_fraction`` 0 holds none out: every labelled slice
+    trains (the user scores the result elsewhere; registered as challenger, no gate)."""
     slices = sorted(int(z) for z in slices)
-    if len(slices) < 2:
+    if len(slices) < 2 or test_fraction == 0:
         return slices, []
     held_out = min(max(1, int(round(test_fraction * len(slices)))), len(slices) - 1)
     return slices[:-held_out], slices[-held_out:]
@@ -209,7 +210,8 @@ def finetune(
     :func:`load_scan`; ``task`` (None: the model's) is checked against the model's. With
     ``register``, the result becomes ``challenger`` of the parent's registered name (else
     ``registry.model_name``) and the champion gate decides on the held-out labelled slices.
-    Settings: ``finetune.*``; loss, batch size and seed from ``train``, augmentation from ``tiles``.
+    Settings: ``finetune.*``; loss, batch size, seed and eager_max_steps from ``train``, augmentation
+    from ``tiles``.
     """
     import keras
     import mlflow
@@ -223,7 +225,7 @@ def finetune(
     from socseg.training import tracking
     from socseg.training.pipeline import registered_model_name
     from socseg.training.registry import register_and_promote
-    from socseg.training.runtime import runtime_tags, seed_everything
+    from socseg.training.runtime import runs_eagerly, runtime_tags, seed_everything
     from socseg.training.train import MlflowEpochLogger, TimeBudget, _set_encoder_trainable, log_history, log_segmenter
 
     p = typed(params)
@@ -290,10 +292,12 @@ def finetune(
     inner.trainable = True
     if f.freeze_encoder:
         _set_encoder_trainable(inner, False)
+    eager = runs_eagerly(f.epochs, f.steps_per_epoch, t.eager_max_steps)
     inner.compile(
         optimizer=keras.optimizers.Adam(learning_rate=f.learning_rate),
         loss=get_loss(t.loss, config.task),
         metrics=[ThresholdedIoU(task=config.task, n_classes=len(config.class_names), name="mean_iou")],
+        run_eagerly=eager,
     )
     precision = inner.dtype_policy.name
     fingerprint = scan_fingerprint(scan)
@@ -302,7 +306,7 @@ def finetune(
     tracking.configure_tracking(p)
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.set_tags({
-            **runtime_tags(precision),
+            **runtime_tags(precision, eager),
             "encoder": config.encoder or "unknown",
             "task": config.task,
             "data_fingerprint": fingerprint,
@@ -314,7 +318,7 @@ def finetune(
         })
         mlflow.log_params(tracking.flat_params({
             "finetune": {**asdict(f), "ignore_value": ignore},
-            "train": {"loss": t.loss, "batch_size": t.batch_size, "seed": t.seed},
+            "train": {"loss": t.loss, "batch_size": t.batch_size, "seed": t.seed, "eager_max_steps": t.eager_max_steps},
             "tiles": {"size": config.tile_size, "augment": asdict(p.tiles.augment)},
         }))
         mlflow.log_params({"finetune.train_slices": slice_ranges(train_slices),

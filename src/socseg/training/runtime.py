@@ -79,6 +79,17 @@ def set_precision(precision: str) -> str:
     return precision
 
 
+def runs_eagerly(epochs: int, steps_per_epoch: int, eager_max_steps: int) -> bool:
+    """Whether a training of ``epochs`` x ``steps_per_epoch`` steps should run eagerly.
+
+    Keras traces the training step into a graph before the first step: about 7 s for a small
+    U-Net on 2 CPU cores, whatever the batch. A long training earns that back many times; a
+    run of a few steps (a smoke test, a tiny search trial, a quick check of a new scan) does not,
+    and runs faster step by step (params: ``train.eager_max_steps``; 0: always a graph).
+    """
+    return 0 < epochs * steps_per_epoch <= eager_max_steps
+
+
 def seed_everything(seed: int) -> None:
     keras.utils.set_random_seed(int(seed))
 
@@ -110,10 +121,14 @@ def accelerator() -> str:
     return f"CPU ({cpu}, {os.cpu_count()} cores)"
 
 
-def runtime_tags(precision: str) -> dict[str, str]:
-    return {
+def runtime_tags(precision: str, eager: bool | None = None) -> dict[str, str]:
+    """Tags of a run: device, backend, precision and, for a run that trains, eager or graph execution."""
+    tags = {
         "device": accelerator(),
         "keras_backend": keras.backend.backend(),
         "keras_version": keras.__version__,
         "precision": resolve_precision(precision),
     }
+    if eager is not None:
+        tags["execution"] = "eager" if eager else "graph"
+    return tags

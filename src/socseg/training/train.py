@@ -29,7 +29,7 @@ from socseg.model.metrics import ThresholdedIoU
 from socseg.model.unet import build_model
 from socseg.params import Params, typed
 from socseg.training import tracking
-from socseg.training.runtime import resolve_precision, runtime_tags, seed_everything, set_precision
+from socseg.training.runtime import resolve_precision, runs_eagerly, runtime_tags, seed_everything, set_precision
 
 # Validation after every epoch scores the whole validation slabs through the predictor users get,
 # one pass per slice without TTA: the cheapest window, whatever the served settings, for the
@@ -43,15 +43,20 @@ class SlabValidation(keras.callbacks.Callback):
 
     The scores come from :func:`socseg.inference.evaluate.score_slabs` with the predictor of the
     exported model (which shares the training network's weights), so early stopping optimises
-    what the evaluate stage reports, with :data:`VALIDATION_WINDOW`.
+    what the evaluate stage reports, with :data:`VALIDATION_WINDOW`. A per_volume model's volume
+    grey ranges do not change between epochs: they are estimated once, here.
     """
 
     def __init__(self, predictor: Predictor, slabs: Sequence[Slab]):
         super().__init__()
         self.predictor, self.slabs = predictor, slabs
+        self.grey_ranges: dict[str, tuple[float, float]] | None = {} if predictor.per_volume else None
+        for slab in slabs if predictor.per_volume else ():
+            if slab.name not in self.grey_ranges:
+                self.grey_ranges[slab.name] = predictor.volume_grey_range(slab.volume.image)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        scores = score_slabs(self.predictor, self.slabs, **VALIDATION_WINDOW).scores
+        scores = score_slabs(self.predictor, self.slabs, grey_ranges=self.grey_ranges, **VALIDATION_WINDOW).scores
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in scores.items() if k.startswith(("iou", "mean_iou", "mean_dice"))})
 
@@ -202,11 +207,14 @@ def train(
         # final scores see exactly what will be logged.
         predictor = Predictor(export_model(model, data.normaliser), model_config(data, p))
 
+        eager = runs_eagerly(t.epochs, p.tiles.steps_per_epoch, t.eager_max_steps)
+
         def compile_model(learning_rate: float) -> None:
             model.compile(
                 optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
                 loss=get_loss(t.loss, t.task),
                 metrics=[ThresholdedIoU(task=t.task, n_classes=n_classes, name="mean_iou")],
+                run_eagerly=eager,
             )
 
         crops = RandomCrops(
@@ -240,7 +248,7 @@ def train(
         with mlflow.start_run(run_name=run_name, nested=nested) as run:
             mlflow.set_tags(
                 {
-                    **runtime_tags(precision),
+                    **runtime_tags(precision, eager),
                     "encoder": t.encoder,
                     "task": t.task,
                     "data_fingerprint": data.fingerprint,
