@@ -14,13 +14,22 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+SLOW_TEST_SECONDS = 10.0  # what a ``slow`` test without ``seconds=`` is expected to take
+
+
 def pytest_collection_modifyitems(config, items):
-    """Files with end-to-end (``slow``) tests first, in-file order kept: with one file per xdist
-    worker (``--dist loadfile``) the long files start at once and the short ones fill in at the
-    end, so the suite takes about half its summed time on two workers, not that plus a long file
-    started last."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    """Longest files first, in-file order kept: with one file per xdist worker (``--dist
+    loadfile``) the long files start at once and the short ones fill in at the end, so the suite
+    takes about half its summed time on two workers, not that plus a long file started last. A
+    file's length is the sum of its ``slow(seconds=...)`` marks (measured on 2 cores, rounded)."""
+    from collections import defaultdict
+
+    seconds: dict = defaultdict(float)
+    for item in items:
+        marker = item.get_closest_marker("slow")
+        if marker is not None:
+            seconds[item.path] += float(marker.kwargs.get("seconds", SLOW_TEST_SECONDS))
+    items.sort(key=lambda item: -seconds[item.path])
 
 
 @pytest.fixture(scope="session")

@@ -123,7 +123,7 @@ def _tiny_project(repo_root, tiny_params, project: Path) -> dict:
     return params
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=165)
 def test_mlproject_main_trains_what_each_invocation_asks_for(repo_root, tiny_params, tmp_path, run_checked):
     """`mlflow run . -P encoder=unet`, then vgg16, then task=phases in one store; then the first again."""
     project = tmp_path / "project"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(repo_root, tiny_params, tmp_path, run_checked):
     project = tmp_path / "project"
     project.mkdir()

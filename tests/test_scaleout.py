@@ -92,7 +92,7 @@ def _wait_all(workers, deadline: float) -> None:
                 worker.wait(timeout=30)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_two_workers_share_one_study_and_one_register_step_promotes(lab, tiny_params, tmp_path, monkeypatch,
                                                                     reset_tracking_uri):
     import optuna

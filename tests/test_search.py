@@ -107,7 +107,7 @@ def test_pruned_trial_closes_its_run_as_pruned(tiny_params, mlflow_env, tmp_path
     assert result.model_uri == ""
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=32)
 def test_a_killed_search_leaves_a_study_that_continues(search_params, mlflow_env, tmp_path):
     """kill -9 in the middle of a trial; the next run fails the stale trial (heartbeat) and finishes."""
     storage = search_params["search"]["storage"]
@@ -154,7 +154,7 @@ def test_a_killed_search_leaves_a_study_that_continues(search_params, mlflow_env
     assert retried == 0  # its parameters were retried
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_real_data_search_benchmark_writes_what_accuracy_reads(search_params, mlflow_env, repo_root, tmp_path):
     """benchmarks/search_real.py (the search on SOCPristine) on a phantom: its search.json drives accuracy.py."""
     import csv

@@ -210,7 +210,7 @@ def test_client_options_become_request_params(tmp_path, monkeypatch, flags, para
         client.main(argv + ["--halo", "1"])
     assert stop.value.code == 2 and len(calls) == 1
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_serving_bench_writes_its_result_file(tmp_path):
     """benchmarks/serving_bench.py on 2 slices, one repeat: the printed figures land in serving.json /
     serving.md with the command, commit, hardware and software."""
