@@ -367,6 +367,20 @@ def test_each_chunk_is_checked_and_a_late_refusal_leaves_no_output(model_path, p
     assert tifffile.imread(out).shape == mixed.shape
 
 
+def test_each_chunk_is_mapped_once_to_check_and_predict(model_path, phantom, tmp_path, monkeypatch):
+    """The range check reads the grey values the network sees: one mapping per chunk, not two."""
+    from socseg.inference.predictor import Predictor
+
+    image = phantom[2]
+    calls = []
+    original = Predictor.map_grey
+    monkeypatch.setattr(Predictor, "map_grey", lambda self, images, grey: calls.append(len(images)) or original(self, images, grey))
+    source = tmp_path / "grey.tif"
+    tifffile.imwrite(source, image, photometric="minisblack")
+    segment(model_path, source, tmp_path / "labels.tif", slice_batch=4, grey_range=(20000.0, 43000.0), progress=False)
+    assert calls == [len(c) for c in np.array_split(np.arange(len(image)), range(4, len(image), 4))]
+
+
 def test_microstructure_of_an_ni_segmentation_uses_its_recorded_phase_map(model_path, phantom, tmp_path):
     out = tmp_path / "labels.tif"
     segment(model_path, phantom[0], out, slice_batch=4, progress=False)

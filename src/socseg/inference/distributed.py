@@ -84,11 +84,9 @@ def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
     piece = next(iter_chunks(store.shape[0], stop - start, job.context_slices, start, stop))
     with SliceReader(job.source) as reader:
         stack = reader.read(piece.read.start, piece.read.stop)
-    if not job.allow_out_of_range:
-        predictor.check_grey_range(stack, job.grey_range)
     probabilities = predictor.probabilities(stack, piece.before, piece.after, tta=job.tta,
                                           step_fraction=job.step_fraction, window=job.window,
-                                          grey_range=job.grey_range)
+                                          grey_range=job.grey_range, check_range=not job.allow_out_of_range)
     labels = predictor.to_labels(predictor.to_classes(probabilities))
     if job.probabilities:
         classes = class_probabilities(probabilities)

@@ -223,11 +223,16 @@ class Predictor:
         model's own estimate, :meth:`resolve_grey_range`) after :meth:`map_grey`, so a float32
         scan whose range is given or estimated passes.
         """
+        if "low" not in self.config.normalisation or np.asarray(images).size == 0:
+            return
+        given = self.resolve_grey_range(images, grey_range)
+        self._check_mapped(self.map_grey(images, given), given)
+
+    def _check_mapped(self, images: np.ndarray, given: GreyRange | None) -> None:
+        """:meth:`check_grey_range` of grey values already mapped from ``given`` (None: raw)."""
         norm, config = self.config.normalisation, self.config
         if "low" not in norm or "high" not in norm or images.size == 0:
             return
-        given = self.resolve_grey_range(images, grey_range)
-        images = self.map_grey(images, given)
         low, high = float(norm["low"]), float(norm["high"])
         below = int(np.count_nonzero(images < low))
         above = int(np.count_nonzero(images > high))
@@ -263,6 +268,7 @@ class Predictor:
         step_fraction: float | None = None,
         window: str | None = None,
         grey_range: GreyRange | None = None,
+        check_range: bool = False,
     ) -> np.ndarray:
         """``(N, H, W, C)`` float32 blended probabilities for adjacent slices ``(N + before + after, H, W)``.
 
@@ -273,11 +279,16 @@ class Predictor:
         ``grey_range`` (low, high): the grey values of the whole volume these slices come from
         that are mapped onto the model's normalisation range (:meth:`map_grey`). A per_volume
         model given none uses the range of ``images`` themselves (:meth:`resolve_grey_range`).
+        ``check_range``: refuse input mostly outside the model's range (:meth:`check_grey_range`),
+        on the mapped values this pass uses (mapped once, not once to check and once to predict).
         """
         images = np.asarray(images)
         if images.ndim != 3:
             raise ValueError(f"expected a (N, H, W) stack, got shape {images.shape}")
-        images = self.map_grey(images, self.resolve_grey_range(images, grey_range))
+        given = self.resolve_grey_range(images, grey_range)
+        images = self.map_grey(images, given)
+        if check_range:
+            self._check_mapped(images, given)
         n = len(images) - context_before - context_after
         if context_before < 0 or context_after < 0 or n < 0:
             raise ValueError(f"context {context_before} + {context_after} does not fit a stack of {len(images)} slices")

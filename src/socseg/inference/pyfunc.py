@@ -463,15 +463,14 @@ class Segmenter(mlflow.pyfunc.PythonModel):
             grey_range = self.predictor.resolve_grey_range(request.images, grey_range)
         except ValueError as error:  # e.g. constant slices: no range to estimate
             raise RequestError(f"{error}; send the volume's grey range as grey_low and grey_high") from None
-        if not parse_flag(params, "allow_out_of_range"):
-            try:
-                self.predictor.check_grey_range(request.images, grey_range)
-            except GreyRangeError as error:
-                raise RequestError(str(error)) from None
         tta = None if params.get("tta") is None else parse_flag(params, "tta")
-        with self._lock:
-            probs = self.predictor.probabilities(request.images, before, after, tta=tta, step_fraction=step, window=window,
-                                                 grey_range=grey_range)
+        try:
+            with self._lock:
+                probs = self.predictor.probabilities(request.images, before, after, tta=tta, step_fraction=step,
+                                                     window=window, grey_range=grey_range,
+                                                     check_range=not parse_flag(params, "allow_out_of_range"))
+        except GreyRangeError as error:
+            raise RequestError(str(error)) from None
         labels = self.predictor.to_labels(self.predictor.to_classes(probs))
         want_probs = parse_flag(params, "return_probabilities")
         # The uncertainty `socseg segment --uncertainty` writes (x 255 there), from the same probabilities.

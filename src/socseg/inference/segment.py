@@ -274,15 +274,10 @@ def segment(
         "grey_range": None if grey_range is None else [float(v) for v in grey_range],
     }
 
-    def checked(images: np.ndarray) -> np.ndarray:
-        if not allow_out_of_range:
-            predictor.check_grey_range(images, grey_range)
-        return images
-
     sides = {"probabilities": probabilities, "uncertainty": uncertainty, "class_names": list(config.class_names)}
     if not multi_axis:
         def labels(stack: np.ndarray, before: int, after: int) -> Any:
-            probs = predictor.probabilities(checked(stack), before, after, **overrides)
+            probs = predictor.probabilities(stack, before, after, check_range=not allow_out_of_range, **overrides)
             values = predictor.to_labels(predictor.to_classes(probs))
             return (values, probs) if probabilities is not None or uncertainty is not None else values
 
@@ -298,7 +293,9 @@ def segment(
         volume = np.empty(reader.shape, reader.dtype)
         for start in range(0, reader.shape[0], slice_batch):
             stop = min(start + slice_batch, reader.shape[0])
-            volume[start:stop] = checked(reader.read(start, stop))
+            volume[start:stop] = reader.read(start, stop)
+            if not allow_out_of_range:
+                predictor.check_grey_range(volume[start:stop], grey_range)
     z, y, x = volume.shape
     with progress_bar(z + y + x, "segment (3 axes)", progress) as bar:
         probs = predictor.multi_axis_probabilities(volume, chunk=slice_batch, progress=bar.update, **overrides)
