@@ -309,6 +309,22 @@ def test_mlflow_run_finetune_entry_point(repo_root, parent, new_scan, tmp_path):
     assert run.data.params["finetune.ignore_value"] == str(parent["finetune"]["ignore_value"])
     assert str(client.get_registered_model("socseg-ni").aliases["challenger"]) == "2"
 
+    # The same entry point again in the same store, with other parameters: a run of its own, with
+    # its own settings and its parent as it is now, registered as the next version.
+    champion = str(client.get_registered_model("socseg-ni").aliases["champion"])  # 1, or 2 if the gate promoted it
+    again = [*command[:command.index("labelled_slices=2,6,10")], "labelled_slices=2,6,10,14", "-P", "epochs=1",
+             "-P", "steps_per_epoch=1", "-P", "learning_rate=0.001"]
+    done = subprocess.run(again, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.run_id for r in runs][0] == run.info.run_id and len(runs) == 2
+    second = runs[1]
+    assert second.data.params["finetune.train_slices"] == "2,6,10" and second.data.params["finetune.test_slices"] == "14"
+    assert float(second.data.params["finetune.learning_rate"]) == 0.001
+    assert float(run.data.params["finetune.learning_rate"]) == parent["finetune"]["learning_rate"]
+    assert second.data.tags["socseg.lineage"] == f"models:/socseg-ni/{champion}"
+    assert str(client.get_registered_model("socseg-ni").aliases["challenger"]) == "3"
+
 
 def test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale(tiny_params, mlflow_env, tmp_path):
     """per_volume (the default): a uint8 copy of the scan is mapped by its own whole-volume range
