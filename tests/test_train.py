@@ -254,12 +254,13 @@ def test_no_time_budget_runs_every_epoch(tiny_params, mlflow_env):
 
 
 def test_validation_estimates_a_per_volume_range_once_not_every_epoch(tiny_params, monkeypatch):
-    """per_volume: each validation volume's grey range is estimated when validation is set up,
-    and every epoch scores with it, as score_slabs would with its own estimate."""
+    """per_volume: each volume's grey range is estimated once, when the data is prepared (the
+    range training maps it with), and every epoch scores with it, as score_slabs would with its
+    own estimate."""
     import keras
 
     from socseg.data.normalise import Normaliser
-    from socseg.data.prepare import Slab
+    from socseg.data.prepare import Slab, load_labelled_volumes, prepare_data
     from socseg.data.volumes import load_volume
     from socseg.inference.evaluate import score_slabs
     from socseg.inference.predictor import ModelConfig, Predictor
@@ -279,13 +280,15 @@ def test_validation_estimates_a_per_volume_range_once_not_every_epoch(tiny_param
     volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
     slabs = [Slab(volume, (0, 6)), Slab(volume, (18, 24))]
     expected = score_slabs(predictor, slabs).scores
+    tiny_params["normalise"]["mode"] = "per_volume"
+    ranges = prepare_data(tiny_params, load_labelled_volumes(tiny_params), "ni").grey_ranges()
+    assert ranges == {"tiny": pytest.approx(predictor.volume_grey_range(volume.image))}  # what scoring would estimate
     estimates = []
     original = Predictor.volume_grey_range
     monkeypatch.setattr(Predictor, "volume_grey_range", lambda self, source: estimates.append(1) or original(self, source))
-    validation = SlabValidation(predictor, slabs)
-    assert len(estimates) == 1 and set(validation.grey_ranges) == {"tiny"}  # one per volume
+    validation = SlabValidation(predictor, slabs, ranges)
     for epoch in range(3):
         logs: dict = {}
         validation.on_epoch_end(epoch, logs)
         assert logs["val_iou_ni"] == pytest.approx(expected["iou_ni"], abs=1e-9)
-    assert len(estimates) == 1  # none per epoch
+    assert estimates == []  # none per epoch: prepare's ranges are used

@@ -63,6 +63,13 @@ class PreparedData:
         start, stop = slab.z_range
         return self.slab_normaliser(slab).apply(slab.volume.image[start:stop])
 
+    def grey_ranges(self) -> dict[str, tuple[float, float]] | None:
+        """per_volume: volume name -> the whole-volume grey range training mapped it with, which
+        scoring a slab of that volume maps too (estimated once, here); fixed: None."""
+        if self.normalisation_mode != "per_volume":
+            return None
+        return {name: (n.low, n.high) for name, n in self.volume_normalisers.items()}
+
     def normalisation_record(self) -> dict:
         """The model config's ``normalisation``: mode, the layer's low/high and the percentiles."""
         return {"mode": self.normalisation_mode, **self.normaliser.to_dict()}

@@ -44,16 +44,14 @@ class SlabValidation(keras.callbacks.Callback):
     The scores come from :func:`socseg.inference.evaluate.score_slabs` with the predictor of the
     exported model (which shares the training network's weights), so early stopping optimises
     what the evaluate stage reports, with :data:`VALIDATION_WINDOW`. A per_volume model's volume
-    grey ranges do not change between epochs: they are estimated once, here.
+    grey ranges do not change between epochs: ``grey_ranges`` (volume name -> range, what
+    :meth:`PreparedData.grey_ranges` estimated once) are used every epoch.
     """
 
-    def __init__(self, predictor: Predictor, slabs: Sequence[Slab]):
+    def __init__(self, predictor: Predictor, slabs: Sequence[Slab],
+                 grey_ranges: Mapping[str, tuple[float, float]] | None = None):
         super().__init__()
-        self.predictor, self.slabs = predictor, slabs
-        self.grey_ranges: dict[str, tuple[float, float]] | None = {} if predictor.per_volume else None
-        for slab in slabs if predictor.per_volume else ():
-            if slab.name not in self.grey_ranges:
-                self.grey_ranges[slab.name] = predictor.volume_grey_range(slab.volume.image)
+        self.predictor, self.slabs, self.grey_ranges = predictor, slabs, grey_ranges
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         scores = score_slabs(self.predictor, self.slabs, grey_ranges=self.grey_ranges, **VALIDATION_WINDOW).scores
@@ -232,7 +230,7 @@ def train(
         keep_best = KeepBest(patience=t.patience)
         budget = TimeBudget(t.max_minutes)
         callbacks = [
-            SlabValidation(predictor, val_slabs),
+            SlabValidation(predictor, val_slabs, data.grey_ranges()),
             keep_best,
             *_plateau_schedule(t.reduce_lr_patience, t.reduce_lr_factor),
             budget,
@@ -293,7 +291,8 @@ def train(
             subsets = ("val", "test") if evaluate_test else ("val",)
             for subset in subsets:
                 if data.slabs[subset]:
-                    evaluation = score_slabs(predictor, data.slabs[subset], keep_predictions=subset == "test")
+                    evaluation = score_slabs(predictor, data.slabs[subset], keep_predictions=subset == "test",
+                                             grey_ranges=data.grey_ranges())
                     metrics.update({f"{subset}_{k}": v for k, v in evaluation.scores.items()})
                     if subset == "test":
                         _log_overlays(data, evaluation)
