@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"  # oneDNN (TensorFlow's CPU kernels) uses no instructions above this
 PACKAGES = ("socseg", "keras", "tensorflow", "tensorflow-cpu", "jax", "mlflow", "mlflow-skinny", "optuna", "numpy",
             "scikit-learn", "psycopg2-binary", "SQLAlchemy")
 
@@ -73,6 +74,56 @@ def cpu_info() -> dict[str, Any]:
     return info
 
 
+def cpu_class(flags: Mapping[str, bool], onednn_isa: str | None = None) -> str:
+    """The CPU class a speed figure belongs to, from the CPU flags and any oneDNN ISA limit.
+
+    Speed on CPUs differs most by vector width and native bf16: ``AVX-512 + AMX`` (Xeon since
+    Sapphire Rapids), ``AVX-512 + bf16`` (e.g. AMD Zen 4), ``AVX-512``, ``AVX2`` (most laptops,
+    desktops and AMD before Zen 4). ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX-512 machine approximates
+    the AVX2 class for TensorFlow's convolutions (numpy and scikit-learn are not limited by it).
+    """
+    isa = (onednn_isa or "").upper()
+    if isa.startswith("AVX2") or isa in ("AVX", "SSE41"):
+        native = cpu_class(flags)
+        return f"AVX2 (oneDNN limited by {ONEDNN_ISA_ENV}={isa} on an {native} CPU)" if native != "AVX2" else "AVX2"
+    if flags.get("amx_bf16") or flags.get("amx_tile"):
+        return "AVX-512 + AMX"
+    if flags.get("avx512_bf16"):
+        return "AVX-512 + bf16"
+    if flags.get("avx512f"):
+        return "AVX-512"
+    return "AVX2" if flags.get("avx2", True) else "pre-AVX2"
+
+
+def machine_load() -> dict[str, Any]:
+    """What else ran: the 1-minute load average and the other processes using CPU right now.
+
+    Taken at the start and at the end of a benchmark, so that a reader can tell a quiet
+    machine from a shared one (a load near the core count before we start means we shared it).
+    """
+    load: dict[str, Any] = {}
+    try:
+        load["loadavg_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True,
+                             check=True, timeout=10).stdout.splitlines()[1:]
+        mine = {os.getpid(), os.getppid()}
+        busy = []
+        for line in out:
+            pid, ppid, pcpu, args = line.split(None, 3)
+            if float(pcpu) < 10.0:
+                break
+            if int(pid) in mine or int(ppid) == os.getpid() or args.startswith("ps "):
+                continue
+            busy.append(f"{args[:80]} ({pcpu} % CPU)")
+        load["other_busy_processes"] = busy[:5]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return load
+
+
 def software_versions() -> dict[str, str]:
     """Python, OS and the installed versions of the packages that shape the figures (missing ones left out)."""
     versions = {"python": platform.python_version(), "platform": platform.platform()}
@@ -115,9 +166,20 @@ def run_metadata(script: str | Path, argv: Sequence[str] | None = None) -> dict[
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
-        "hardware": cpu_info(),
+        "hardware": {**cpu_info(), ONEDNN_ISA_ENV: os.environ.get(ONEDNN_ISA_ENV)},
+        "cpu_class": cpu_class(cpu_info().get("flags", {}), os.environ.get(ONEDNN_ISA_ENV)),
         "software": software_versions(),
+        "load_start": machine_load(),
     }
+
+
+def describe_load(load: Mapping[str, Any] | None) -> str:
+    """``load 0.12, nothing else busy`` or ``load 1.87; also running: pytest ...`` for headers."""
+    if not load:
+        return "not recorded"
+    busy = load.get("other_busy_processes") or []
+    text = f"load average {load.get('loadavg_1min', '?')}"
+    return text + ("; also running: " + "; ".join(busy) if busy else "; no other process above 10 % CPU")
 
 
 def describe_hardware(hw: Mapping[str, Any]) -> str:
@@ -136,7 +198,8 @@ def write_result(out: Path, name: str, title: str, metadata: Mapping[str, Any], 
     the spec (default ``,.2f``) in the table, unrounded in the JSON.
     """
     out.mkdir(parents=True, exist_ok=True)
-    record = {**metadata, "settings": dict(settings), "figures": dict(figures), "rows": [dict(r) for r in rows]}
+    record = {**metadata, "load_end": machine_load(), "settings": dict(settings), "figures": dict(figures),
+              "rows": [dict(r) for r in rows]}
     json_path = out / f"{name}.json"
     json_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     software = metadata.get("software", {})
@@ -145,6 +208,8 @@ def write_result(out: Path, name: str, title: str, metadata: Mapping[str, Any], 
         "date / commit": f"{metadata.get('date')} / {metadata.get('git_commit')}"
                          + (" (uncommitted changes in tracked files)" if metadata.get("git_dirty") else ""),
         "hardware": describe_hardware(metadata.get("hardware", {})),
+        "cpu class": metadata.get("cpu_class") or cpu_class(metadata.get("hardware", {}).get("flags", {})),
+        "what else ran": f"start: {describe_load(metadata.get('load_start'))}; end: {describe_load(record['load_end'])}",
         "software": ", ".join(f"{k} {v}" for k, v in software.items() if k != "platform"),
         "settings": "; ".join(f"{k} {v}" for k, v in settings.items()),
     }
