@@ -26,7 +26,9 @@ from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
 
 from socseg.training.runtime import resolve_precision  # noqa: E402
 
-STEPS = {"install": ["bash", "scripts/setup_env.sh"], "after_install": ["bash", "scripts/quickstart.sh"]}
+# The install step is the quick start's own (no test or docs tools), timed apart from the rest.
+STEPS = {"install": ["bash", "-c", "SOCSEG_NO_TEST=1 SOCSEG_TOOLS= bash scripts/setup_env.sh"],
+         "after_install": ["bash", "scripts/quickstart.sh"]}
 
 
 def load_average() -> float:

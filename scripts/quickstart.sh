@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DVC_NO_ANALYTICS=1 TF_CPP_MIN_LOG_LEVEL=2
-bash scripts/setup_env.sh
+SOCSEG_NO_TEST=1 SOCSEG_TOOLS= bash scripts/setup_env.sh   # the pipeline only: no test or docs tools
 source .venv/bin/activate
-# One VGG16 trial of 3 x 15 steps: minutes on a laptop CPU (measured: benchmarks/results/quickstart);
+# One VGG16 trial of 3 x 15 steps: minutes on 2 CPU cores (times per CPU class: benchmarks/results/quickstart*);
 # params.yaml holds the real defaults. Precision is chosen from the hardware (train.precision: auto).
 mlflow run . --env-manager local -P encoder=vgg16 -P n_trials=1 -P epochs=3 -P steps_per_epoch=15 \
   "$@"

@@ -7,9 +7,11 @@ from socseg.data.context import Chunk, iter_chunks, iter_with_context, n_channel
 
 
 def context_stack(images, k):
-    """Reference: every slice with its clamped neighbours as channels, from the whole stack at once."""
-    z = len(images)
-    return np.moveaxis(images[np.stack([neighbour_indices(i, k, 0, z) for i in range(z)])], 1, -1)
+    """Reference written without socseg: slice z with slices z-k .. z+k as channels, a neighbour
+    past either end of the stack replaced by the end slice, from the whole stack at once."""
+    depth = len(images)
+    return np.stack([np.stack([images[min(max(z + d, 0), depth - 1)] for d in range(-k, k + 1)], axis=-1)
+                     for z in range(depth)])
 
 
 def test_channels_and_clamped_neighbours():
@@ -23,12 +25,19 @@ def test_channels_and_clamped_neighbours():
         neighbour_indices(12, 1, 10, 12)
 
 
-def test_context_stack_puts_neighbours_in_channels():
-    images = np.arange(4)[:, None, None] * np.ones((4, 2, 3))  # slice z is filled with z
-    stacked = context_stack(images, 1)
+def test_iter_with_context_puts_neighbours_in_channels():
+    """socseg's streaming 2.5D stacks against arrays written out by hand (slice z is filled with z)."""
+    images = np.arange(4)[:, None, None] * np.ones((4, 2, 3))
+    stacked = np.stack(list(iter_with_context(images, 1)))
     assert stacked.shape == (4, 2, 3, 3)
-    assert [stacked[z, 0, 0].tolist() for z in range(4)] == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]]
-    np.testing.assert_array_equal(context_stack(images, 0)[..., 0], images)
+    expected = np.array([[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]], float)  # ends replicated
+    np.testing.assert_array_equal(stacked, np.broadcast_to(expected[:, None, None, :], (4, 2, 3, 3)))
+    wide = np.stack(list(iter_with_context(images[:3], 2)))  # more context than slices on each side
+    expected = np.array([[0, 0, 0, 1, 2], [0, 0, 1, 2, 2], [0, 1, 2, 2, 2]], float)
+    np.testing.assert_array_equal(wide, np.broadcast_to(expected[:, None, None, :], (3, 2, 3, 5)))
+    np.testing.assert_array_equal(np.stack(list(iter_with_context(images, 0))), images)  # k = 0: 2-D, unchanged
+    # the index form of the same rule (what training crops use)
+    assert [neighbour_indices(z, 1, 0, 4).tolist() for z in range(4)] == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]]
 
 
 @pytest.mark.parametrize("depth", [1, 2, 5, 9])

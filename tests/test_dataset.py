@@ -43,10 +43,22 @@ def test_intensity_jitter_changes_grey_values_only():
 
 
 def test_slices_smaller_than_the_crop_are_mirror_padded():
+    """A 20x20 slice padded to a 32x32 crop: the 12 extra rows (columns) are rows 19, 18, ..., 8
+    (the edge pixel repeated, then inward), in the image and its target alike."""
     image, target = _slabs()
-    crops = RandomCrops([image[:, :20, :20]], [target[:, :20, :20]], size=32, batch_size=1, steps=1)
+    image, target = image[:1, :20, :20], target[:1, :20, :20]  # one slice: the crop is all of it, padded
+    crops = RandomCrops([image], [target], size=32, batch_size=1, steps=1)
     x, y = crops[0]
     assert x.shape == (1, 32, 32, 1)
+    x, y = x[0, ..., 0], y[0]
+    np.testing.assert_array_equal(x[:20, :20], image[0])  # the slice itself, top left
+    np.testing.assert_array_equal(x[20], image[0, 19, list(range(20)) + list(range(19, 7, -1))])
+    np.testing.assert_array_equal(x[20:, :20], image[0, [19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8], :])
+    np.testing.assert_array_equal(x[:20, 20:], image[0, :, [19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8]].T)
+    np.testing.assert_array_equal(x[31, 31], image[0, 8, 8])  # the corner: mirrored both ways
+    np.testing.assert_array_equal(x[20:, 20:], image[0, 19:7:-1, 19:7:-1])
+    np.testing.assert_array_equal(y[20:, :20], target[0, 19:7:-1, :])  # the target mirrored the same way
+    np.testing.assert_array_equal(y[:20, 20:], target[0, :, 19:7:-1])
 
 
 def test_mismatched_slabs_are_rejected():

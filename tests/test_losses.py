@@ -185,10 +185,16 @@ def test_masked_ce_and_dice_are_the_losses_of_the_labelled_pixels(task):
     assert per_sample(get_loss("dice", task), sparse, pred)[0] == pytest.approx(1 - dice.mean(), rel=1e-5)
 
 
-def test_fully_labelled_maps_give_the_unmasked_values():
-    """No IGNORE pixel: the masked CE is the plain mean (hand value above)."""
-    expected = -np.mean(np.log([0.9, 0.8, 0.6, 0.9]))
-    assert value(get_loss("ce", "ni"), NI_TRUE, NI_PROB) == pytest.approx(expected, rel=1e-6)
+def test_fully_labelled_phases_dice_and_ce_dice_are_the_unmasked_values_by_hand():
+    """No IGNORE pixel, 3 classes: the masked Dice is the plain soft Dice over all 4 pixels, with the
+    sums written out by hand from PH_TRUE / PH_PROB (smooth 1), and ce_dice adds the plain CE."""
+    # class 0: p_true 0.7, sum p 0.7+0.1+0.2+0.5 = 1.5, 1 pixel; class 1: 0.8, 0.2+0.8+0.2+0.1 = 1.3, 1 pixel;
+    # class 2: 0.6+0.4 = 1.0, 0.1+0.1+0.6+0.4 = 1.2, 2 pixels.
+    dice = [(2 * 0.7 + 1) / (1.5 + 1 + 1), (2 * 0.8 + 1) / (1.3 + 1 + 1), (2 * 1.0 + 1) / (1.2 + 2 + 1)]
+    expected_dice = 1 - sum(dice) / 3
+    assert value(get_loss("dice", "phases"), PH_TRUE, PH_PROB) == pytest.approx(expected_dice, rel=1e-5)
+    expected_ce = -(np.log(0.7) + np.log(0.8) + np.log(0.6) + np.log(0.4)) / 4
+    assert value(get_loss("ce_dice", "phases"), PH_TRUE, PH_PROB) == pytest.approx(expected_ce + expected_dice, rel=1e-5)
 
 
 def test_training_metric_skips_ignored_pixels():

@@ -137,6 +137,52 @@ def test_tpb_diagonal_line_reads_l1_length_and_isotropic_correction_removes_bias
     assert np.mean(ratios) * ms.TPB_ISOTROPIC_CORRECTION == pytest.approx(1.0, abs=0.06)
 
 
+def tilted_lines(shape: tuple[int, int, int], pore_below: int, crossings: list[float], slope: float) -> np.ndarray:
+    """Pore for y < ``pore_below``; above it, bands of YSZ and Ni parted by the planes
+    ``z - slope * x = c`` (c in ``crossings``; coordinates in voxels, voxel i spans [i, i + 1]).
+    Each plane meets the pore face y = ``pore_below`` in one straight triple line, of direction
+    (dz, dy, dx) = (slope, 0, 1)."""
+    z, y, x = np.meshgrid(*(np.arange(n) + 0.5 for n in shape), indexing="ij")
+    band = np.digitize(z - slope * x, crossings)
+    labels = np.where(band % 2 == 0, YSZ, NI).astype(np.uint8)
+    labels[y < pore_below] = PORE
+    return labels
+
+
+def test_tpb_density_of_parallel_triple_lines_in_um_is_exact():
+    """Five straight triple lines along x in a 1.2 x 0.64 x 2.0 um box (voxels 0.05 x 0.04 x 0.1 um):
+    analytic density = 5 lines x 2.0 um / 1.536 um^3 = 6.5104 um^-2. Axis-aligned lines lie on voxel
+    edges, so the edge count is exact: every x-edge of each line counts once (20 per line), no other."""
+    voxel = (0.05, 0.04, 0.1)
+    labels = tilted_lines((24, 16, 20), pore_below=8, crossings=[4, 8, 12, 16, 20], slope=0.0)
+    tpb = measure(labels, PHASES, voxel_size=voxel, unit="um", size_phases=[]).tpb
+    assert tpb.edges == {"z": 0, "y": 0, "x": 5 * 20}
+    assert tpb.length == pytest.approx(5 * 2.0, rel=1e-12)
+    assert tpb.density_edges == pytest.approx(5 * 2.0 / (1.2 * 0.64 * 2.0), rel=1e-12)  # 6.5104 um^-2
+    assert tpb.density == pytest.approx(6.5104 * 2 / 3, rel=1e-4)
+
+
+def test_tpb_density_of_tilted_triple_lines_in_um_reads_their_l1_length():
+    """Two straight triple lines of slope dz/dx = 1/2 (in voxels), each crossing the whole box
+    along x and staying inside it along z, in a 4.8 x 2.4 x 2.0 um box of 0.1 x 0.2 x 0.05 um voxels
+    (z, y, x). Each line runs 2.0 um along x and rises 2.0 um along z: true length sqrt(8) = 2.83 um.
+    Discretisation: the x-edges are exact (one per voxel column, 40 x 0.05 = 2.0 um per line); the
+    z-edges lie between voxel centres, so a line's z-steps count its rise between the first and
+    last column centres, 39 x 0.5 = 19.5 voxels, rounded down or up (19 or 20 steps of 0.1 um).
+    Staircase (L1) length: 2 x (2.0 + 1.95) = 7.9 um, +- 0.05 um per line."""
+    voxel = (0.1, 0.2, 0.05)
+    labels = tilted_lines((48, 12, 40), pore_below=6, crossings=[8.5, 24.5], slope=0.5)
+    tpb = measure(labels, PHASES, voxel_size=voxel, unit="um", size_phases=[]).tpb
+    assert tpb.edges["x"] == 2 * 40 and tpb.edges["y"] == 0
+    assert 2 * 19 <= tpb.edges["z"] <= 2 * 20
+    volume = 4.8 * 2.4 * 2.0
+    tolerance = 2 * 0.05 + 1e-9  # um: half a z-step per line, both ways (the bound is reached)
+    assert tpb.length == pytest.approx(7.9, abs=tolerance)
+    assert tpb.density_edges == pytest.approx(7.9 / volume, abs=tolerance / volume)  # 0.343 +- 0.004 um^-2
+    true_density = 2 * math.sqrt(2.0**2 + 2.0**2) / volume  # the staircase over-reads a tilted line
+    assert tpb.density_edges / true_density == pytest.approx(7.9 / (2 * math.sqrt(8)), abs=tolerance / (2 * math.sqrt(8)))
+
+
 def test_tpb_and_active_tpb_match_reference_across_chunks(monkeypatch):
     import porespy
 
@@ -289,7 +335,10 @@ def test_real_socpristine_labels(shared_data: Path):
     assert result.volume_fraction == pytest.approx({"pore": 0.2914, "ysz": 0.4320, "ni": 0.2766}, abs=5e-4)
     tpb = result.tpb
     assert tpb.length == sum(tpb.edges.values())
-    assert 5e-4 < tpb.density_edges < 5e-3  # voxel^-2
+    # Edge counts of the independent reference naive_tpb on these 200 slices (counted once: 19 s on
+    # 2 cores, too slow to repeat here); the labels are fixed data, so the counts are exact.
+    assert tpb.edges == {"z": 23954, "y": 22383, "x": 23913}
+    assert tpb.density_edges == pytest.approx((23954 + 22383 + 23913) / (200 * 501 * 501), rel=1e-12)  # 1.40e-3 voxel^-2
     assert tpb.density == pytest.approx(tpb.density_edges * 2 / 3)
     for name in ("pore", "ysz", "ni"):  # all three phases percolate through this block
         assert min(result.percolation[name].spanning.values()) > 0.85

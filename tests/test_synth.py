@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -119,3 +120,47 @@ def test_training_makes_a_missing_builtin_sample(params, repo_root, tmp_path, mo
     params["data"]["dir"] = str(tmp_path / "samples")
     (volume,) = load_labelled_volumes(params, ["sample"])
     assert volume.image.shape == tuple(params["synth"]["shape"]) and volume.labels is not None
+
+
+def _data_dvc_with_own_volume(project, sample_dir, tamper: bool = False) -> None:
+    """A project whose data.dvc versions the sample *and* a user's volume, as after `dvc add data`:
+    the directory md5 covers both; DVC's .dir manifest in the cache lists each file."""
+    import hashlib
+    import json
+
+    entries = [{"md5": hashlib.md5(p.read_bytes()).hexdigest(), "relpath": f"sample/{p.name}"}
+               for p in sorted(sample_dir.iterdir())]
+    if tamper:
+        entries[0]["md5"] = "0" * 32
+    entries.append({"md5": "1" * 32, "relpath": "mine/image.tif"})
+    text = json.dumps(sorted(entries, key=lambda e: e["relpath"]))
+    dir_md5 = hashlib.md5(text.encode()).hexdigest()
+    manifest = project / ".dvc" / "cache" / "files" / "md5" / dir_md5[:2] / f"{dir_md5[2:]}.dir"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(text)
+    (project / "data.dvc").write_text(f"outs:\n- md5: {dir_md5}.dir\n  nfiles: 4\n  hash: md5\n  path: data\n")
+
+
+def test_builtin_sample_is_checked_once_own_volumes_are_versioned_beside_it(params, tmp_path, monkeypatch):
+    """After `dvc add data` with the user's own volume, the sample is checked file by file against
+    DVC's manifest: the true sample passes, a differing one is refused, an absent manifest warns."""
+    from socseg.data.synth import materialise_sample
+    from socseg.data.volumes import VolumeError
+
+    params["synth"]["check_against"] = ""
+    reference = materialise_sample(params, tmp_path / "reference" / "sample")
+    params["synth"]["check_against"] = "data.dvc"
+    good, bad, pulled_not = (tmp_path / name for name in ("good", "bad", "nocache"))
+    for project, tamper in ((good, False), (bad, True), (pulled_not, False)):
+        project.mkdir()
+        _data_dvc_with_own_volume(project, reference, tamper)
+    monkeypatch.chdir(good)
+    assert materialise_sample(params, good / "samples" / "sample").is_dir()
+    monkeypatch.chdir(bad)
+    with pytest.raises(VolumeError, match="sample/image.tif"):
+        materialise_sample(params, bad / "samples" / "sample")
+    assert not (bad / "samples" / "sample").exists()
+    shutil.rmtree(pulled_not / ".dvc")
+    monkeypatch.chdir(pulled_not)
+    with pytest.warns(UserWarning, match="not in the DVC cache"):
+        assert materialise_sample(params, pulled_not / "samples" / "sample").is_dir()

@@ -8,6 +8,8 @@ perfect. Everything is drawn from one seeded ``numpy`` Generator: same arguments
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -165,15 +167,40 @@ def dvc_dir_md5(files: Mapping[str, Path]) -> str:
 
 def recorded_dvc_md5(dvc_file: str | Path) -> str | None:
     """The directory md5 a ``.dvc`` file records for its single output (``None`` if absent)."""
+    record = _dvc_out(dvc_file)
+    return str(record.get("md5", "")).removesuffix(".dir") or None
+
+
+def _dvc_out(dvc_file: str | Path) -> dict[str, Any]:
+    """The single ``outs`` entry of a ``.dvc`` file (``{}`` if the file or a single output is absent)."""
     import yaml
 
     path = Path(dvc_file)
     if not path.is_file():
+        return {}
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
+    return dict(outs[0]) if len(outs) == 1 else {}
+
+
+def recorded_sample_md5s(dvc_file: str | Path) -> dict[str, str] | None:
+    """File md5s (``sample/<name>`` -> md5) that a ``.dvc`` file of a *larger* data folder records
+    for the built-in sample, read from the directory manifest in the DVC cache.
+
+    Once users ``dvc add`` their own volumes beside ``sample/``, the directory md5 covers their
+    files too and can no longer be recomputed from the sample alone; DVC's ``.dir`` manifest still
+    lists each file's md5. ``None`` when the manifest is not in the local cache (before
+    ``dvc pull``); ``{}`` when the folder versions no sample.
+    """
+    import json
+
+    md5 = str(_dvc_out(dvc_file).get("md5", ""))
+    if not md5.endswith(".dir"):
         return None
-    record = yaml.safe_load(path.read_text()) or {}
-    outs = record.get("outs") or []
-    md5 = str(outs[0].get("md5", "")) if len(outs) == 1 else ""
-    return md5.removesuffix(".dir") or None
+    manifest = Path(dvc_file).parent / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    if not manifest.is_file():
+        return None
+    entries = json.loads(manifest.read_text())
+    return {e["relpath"]: e["md5"] for e in entries if e["relpath"].startswith(f"{BUILTIN_SAMPLE}/")}
 
 
 def materialise_sample(params: Mapping[str, Any], directory: str | Path, check_against: str | None = None) -> Path:
@@ -193,14 +220,30 @@ def materialise_sample(params: Mapping[str, Any], directory: str | Path, check_a
     if check_against is None:
         check_against = typed(params).synth.check_against
     save_volume(synth_from_params(params, BUILTIN_SAMPLE), target, overwrite=True)
-    expected = recorded_dvc_md5(check_against) if check_against else None
-    if expected is not None:
-        files = {f"{BUILTIN_SAMPLE}/{name}": target / name for name in (IMAGE_FILE, LABELS_FILE, META_FILE)}
+    if not check_against:
+        return target
+    files = {f"{BUILTIN_SAMPLE}/{name}": target / name for name in (IMAGE_FILE, LABELS_FILE, META_FILE)}
+    refused = ("the synth params were changed or this machine does not reproduce the phantom bit for bit; "
+               "set synth.check_against to '' to use it anyway")
+    if _dvc_out(check_against).get("nfiles", len(files)) == len(files):  # the folder holds the sample alone
+        expected = recorded_dvc_md5(check_against)
         actual = dvc_dir_md5(files)
-        if actual != expected:
+        if expected is not None and actual != expected:
             shutil.rmtree(target, ignore_errors=True)
-            raise VolumeError(
-                f"the generated sample (md5 {actual}) differs from the one {check_against} versions (md5 {expected}): "
-                "the synth params were changed or this machine does not reproduce the phantom bit for bit; "
-                "set synth.check_against to '' to use it anyway")
+            raise VolumeError(f"the generated sample (md5 {actual}) differs from the one {check_against} versions "
+                              f"(md5 {expected}): {refused}")
+        return target
+    recorded = recorded_sample_md5s(check_against)  # the user's own volumes are versioned beside it
+    if recorded is None:
+        warnings.warn(f"{check_against} versions more than the built-in sample and its manifest is not in the "
+                      "DVC cache (run `dvc pull`): the generated sample is not checked against it", stacklevel=2)
+        return target
+    import hashlib
+
+    differing = sorted(rel for rel, md5 in recorded.items()
+                       if rel not in files or hashlib.md5(files[rel].read_bytes()).hexdigest() != md5)
+    if differing:
+        shutil.rmtree(target, ignore_errors=True)
+        raise VolumeError(f"the generated sample differs from the one {check_against} versions "
+                          f"({', '.join(differing)}): {refused}")
     return target

@@ -13,6 +13,11 @@ import keras
 from socseg.params import AUTO, PRECISIONS
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # without these, bf16 is emulated and slower than float32
+ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"  # caps the instructions oneDNN (TensorFlow's CPU kernels) may use
+# oneDNN ISA levels that include native bf16 dot products (oneDNN's names; DEFAULT/ALL: no cap).
+ONEDNN_BF16_ISAS = frozenset({"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                              "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+                              "AVX10_2_512_AMX_2", "DEFAULT", "ALL"})
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
@@ -69,7 +74,18 @@ def resolve_precision(precision: str, flags: set[str] | None = None, gpu_bf16: b
     if gpu is not None:
         return "mixed_bfloat16" if gpu else "float32"
     flags = cpu_flags() if flags is None else flags
-    return "mixed_bfloat16" if flags & set(BF16_CPU_FLAGS) else "float32"
+    return "mixed_bfloat16" if flags & set(BF16_CPU_FLAGS) and onednn_allows_bf16() else "float32"
+
+
+def onednn_allows_bf16(isa_cap: str | None = None) -> bool:
+    """Whether ``ONEDNN_MAX_CPU_ISA`` (default: the environment's) leaves oneDNN its bf16 units.
+
+    The cap is how an AVX-512 machine stands in for the many CPUs without AVX-512 (``AVX2``); a
+    user of such a CPU gets float32 from ``auto``, so the stand-in must too, or it would time
+    emulated bf16 that no real AVX2 user runs.
+    """
+    cap = (os.environ.get(ONEDNN_ISA_ENV, "") if isa_cap is None else isa_cap).strip().upper()
+    return not cap or cap in ONEDNN_BF16_ISAS
 
 
 def set_precision(precision: str) -> str:
