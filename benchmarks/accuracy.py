@@ -19,7 +19,9 @@ scored whole, and the training volumes are then split into train | gap | val onl
 
 Writes ``<out>/accuracy.csv`` and ``<out>/accuracy.md`` after every method (a crash keeps what
 was measured) and logs them, with one nested run per method, to MLflow (``$MLFLOW_TRACKING_URI``
-or params' ``mlflow.tracking_uri``). ``--readme README.md`` puts the table into the README block.
+or params' ``mlflow.tracking_uri``). The documentation shows the table through
+``python benchmarks/render.py`` (a ``render:`` block reads ``<out>/accuracy.csv``); this script
+writes no README.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from typing import Any, Sequence
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, command_line, floats, git_commit, hardware, import_socpristine  # noqa: E402
+from _common import (REPO, ONEDNN_ISA_ENV, command_line, cpu_class, cpu_info, describe_load, floats, git_commit,  # noqa: E402
+                     git_dirty, hardware, import_socpristine, machine_load)
 
 from socseg.params import ENCODERS  # noqa: E402
 BASELINES = ("threshold", "rf")
@@ -49,8 +52,6 @@ METHOD_LABELS = {
     "vgg16": "U-Net, VGG16 encoder",
     "resnet50": "U-Net, ResNet50 encoder",
 }
-README_START, README_END = "<!-- accuracy-table:start -->", "<!-- accuracy-table:end -->"
-README_HEADING = "## Accuracy on real data"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -98,7 +99,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=REPO / "benchmarks/results")
     out.add_argument("--experiment", default="socseg-accuracy", help="MLflow experiment")
-    out.add_argument("--readme", type=Path, help="also replace the accuracy block of this README")
     out.add_argument("--note", default="", help="free text for the Markdown header (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
@@ -305,7 +305,9 @@ def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -
 
     p = {**params, "data": {**params["data"], "dir": str(setting.data_dir)}, "split": setting.split}
     volumes = load_labelled_volumes(p, setting.train_names)
-    data = prepare_data(p, volumes, task)
+    tests = test_slabs(setting, volumes[0].class_names)
+    # A test volume that is not a training volume: its own grey range (per_volume), the training one (fixed)
+    data = prepare_data(p, volumes, task, test_volumes=[s.volume for s in tests if s.name not in setting.train_names])
     images = [data.normalised(s) for s in data.slabs["train"]]
     targets = [s.targets(task) for s in data.slabs["train"]]
     if method == "threshold":
@@ -318,14 +320,17 @@ def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -
         train_s = time.perf_counter() - started
         cm = np.zeros((len(data.class_names),) * 2, dtype=np.int64)
         infer_s, n_slices = 0.0, 0
-        for slab in test_slabs(setting, volumes[0].class_names):
+        for slab in tests:
             started = time.perf_counter()
             pred = model.predict(data.normalised(slab))
             infer_s += time.perf_counter() - started
             n_slices += len(pred)
             cm += slab_confusion(slab, pred, task)
         scores = segmentation_scores(cm, data.class_names)
-        if method == "threshold":
+        if method == "threshold" and data.normalisation_mode == "per_volume":  # no one raw scale: each volume's own
+            settings = ("thresholds " + ", ".join(f"{t:.3f}" for t in model.thresholds)
+                        + " of each volume's own grey range (max. train mean IoU)")
+        elif method == "threshold":
             raw = [data.normaliser.low + t * (data.normaliser.high - data.normaliser.low) for t in model.thresholds]
             settings = "raw grey thresholds " + ", ".join(f"{t:.0f}" for t in raw) + " (max. train mean IoU)"
         else:
@@ -455,6 +460,20 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
+def run_context() -> dict[str, Any]:
+    """What the header and every row record beside the figures: the commit and whether tracked files
+    differed from it (the figures may come from uncommitted code), the CPU class the speed columns
+    belong to (flags and any ``ONEDNN_MAX_CPU_ISA`` limit), and what else ran when the run began."""
+    return {"git_commit": git_commit(), "git_dirty": git_dirty(),
+            "cpu_class": cpu_class(cpu_info().get("flags", {}), os.environ.get(ONEDNN_ISA_ENV)),
+            "load_start": machine_load()}
+
+
+def what_else_ran(context: dict[str, Any], load_end: dict[str, Any]) -> str:
+    """The header line on the machine's load at the start of the run and when a row was written."""
+    return f"start: {describe_load(context['load_start'])}; end: {describe_load(load_end)}"
+
+
 def sorted_rows(rows: list[dict]) -> list[dict]:
     """Table order: by task, slab split before the leaky one, then in the order methods ran."""
     return sorted(rows, key=lambda r: (r["task"] != "ni", "leaks" in r["split"]))
@@ -482,20 +501,6 @@ def write_outputs(rows: list[dict], header: dict[str, str], out: Path) -> tuple[
     return out / "accuracy.csv", out / "accuracy.md"
 
 
-def update_readme(readme: Path, rows: list[dict], header: dict[str, str]) -> None:
-    """Replace the delimited block (or add it, under its heading, before the MLflow section)."""
-    text = readme.read_text()
-    block = f"{README_START}\n{markdown(rows, header)}{README_END}"
-    if README_START in text and README_END in text:
-        before, rest = text.split(README_START, 1)
-        text = before + block + rest.split(README_END, 1)[1]
-    else:
-        section = f"{README_HEADING}\n\n{block}\n\n"
-        anchor = "## What one training run logs to MLflow"
-        text = text.replace(anchor, section + anchor, 1) if anchor in text else text.rstrip() + "\n\n" + section
-    readme.write_text(text)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -513,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_dirs = args.train_volume or [import_socpristine(args.source, args.cache_dir)]
     command = command_line(__file__, argv)
     hw = hardware()
+    context = run_context()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="socseg-accuracy-") as tmp:
         cross = args.test_volume is not None and args.test_volume.resolve() not in {d.resolve() for d in train_dirs}
@@ -521,8 +527,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         test_desc = "; ".join(f"{d.name} z {z[0]}-{z[1] - 1}" if z else f"{d.name} (whole)" for d, z in slab.tests)
         header = {
             "command": f"`{command}`",
-            "date / commit": f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} / {git_commit()}",
+            "date / commit": f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} / {context['git_commit']}"
+                             + (" (uncommitted changes in tracked files)" if context["git_dirty"] else ""),
             "hardware": hw,
+            "cpu class": context["cpu_class"],
+            "what else ran": f"start: {describe_load(context['load_start'])}",
             "data": f"train {', '.join(slab.train_names)} (split train/val/test/gap = "
                     f"{'/'.join(f'{v:g}' for v in [*split[:2], slab.split['test'], split[3]])}); "
                     f"test {test_desc}",
@@ -537,6 +546,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         def add(row: dict, task: str, method: str, setting: Setting) -> None:
             row = {"task": task, "method": method_label(method, args) + row.pop("method_suffix", ""), "split": setting.label,
                    "hardware": hw, **row}
+            load_end = machine_load()  # after this row's method: what ran while it trained and scored
+            row.update({"cpu_class": context["cpu_class"], "git_commit": context["git_commit"],
+                        "git_dirty": context["git_dirty"], "load_start": describe_load(context["load_start"]),
+                        "load_end": describe_load(load_end)})
+            header["what else ran"] = what_else_ran(context, load_end)
             rows.append(row)
             write_outputs(rows, header, args.out)
             print(f"[{time.strftime('%H:%M:%S')}] {task:6s} {row['method']:38s} {row['split']:22s} "
@@ -545,7 +559,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         configure_tracking(params)
         with mlflow.start_run(run_name="accuracy-benchmark") as parent:
-            mlflow.set_tags({"hardware": hw, "command": command[:5000], "kind": "accuracy-benchmark"})
+            mlflow.set_tags({"hardware": hw, "cpu_class": context["cpu_class"], "command": command[:5000],
+                             "kind": "accuracy-benchmark"})
             mlflow.log_params({"split": "/".join(map(str, split)), "tasks": ",".join(args.tasks),
                                "methods": ",".join(args.methods), "train_volumes": ",".join(map(str, train_dirs)),
                                "test_volume": str(args.test_volume or "test slabs")})
@@ -564,13 +579,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 else:
                     for row in run_unet(method, task, leak, params, args):
                         add(row, task, method, leak)
+            header["what else ran"] = what_else_ran(context, machine_load())
             csv_path, md_path = write_outputs(rows, header, args.out)
             mlflow.log_artifact(str(csv_path), "accuracy")
             mlflow.log_artifact(str(md_path), "accuracy")
             header["MLflow run"] = f"{parent.info.run_id} (experiment {args.experiment})"
             write_outputs(rows, header, args.out)
-            if args.readme:
-                update_readme(args.readme, rows, header)
     print(f"wrote {args.out / 'accuracy.csv'} and {args.out / 'accuracy.md'}")
 
 

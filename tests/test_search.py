@@ -305,3 +305,38 @@ def test_normalisation_mode_is_searchable(search_params):
     tree = trial_params(search_params, "unet", optuna.trial.FixedTrial({"normalise.mode": "per_slice"}))
     with pytest.raises(ParamsError, match="normalise.mode: 'per_slice' is not one of"):
         typed(tree)
+
+
+def test_a_searched_context_wider_than_the_gap_is_refused_before_any_trial(search_params, tmp_path, monkeypatch):
+    """train.context_slices searched with choices [0, 1, 3] on tiny's gap of 2: refused before the
+    study, the data or MLflow are touched (the volume named does not exist), naming both values;
+    choices that all fit the gap pass that check, and a searched split.gap counts with its narrowest."""
+    from click.testing import CliRunner
+
+    from socseg.cli import main
+    from socseg.training.search import check_search_context_gap, run_search
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    search_params["data"]["volumes"] = ["missing"]
+    search_params["search"]["space"]["train.context_slices"] = {"type": "categorical", "choices": [0, 1, 3]}
+    with pytest.raises(ValueError, match=r"split gap 2 is smaller than train.context_slices 3.*train.context_slices \[0, 1, 3\]"):
+        run_search(search_params, encoder="unet")
+    params_file = tmp_path / "search-params.yaml"
+    params_file.write_text(yaml.safe_dump(search_params))
+    result = CliRunner().invoke(main, ["search", "--params", str(params_file), "--encoder", "unet"])
+    assert result.exit_code == 2 and "split gap 2 is smaller than train.context_slices 3" in result.output
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+    search_params["search"]["space"]["train.context_slices"]["choices"] = [0, 1, 2]  # params.yaml's choices
+    check_search_context_gap(search_params)
+    search_params["search"]["space"]["split.gap"] = {"type": "int", "low": 1, "high": 4}
+    with pytest.raises(ValueError, match=r"split gap 1 is smaller than train.context_slices 2.*split.gap \[1, 4\]"):
+        check_search_context_gap(search_params)
+
+
+def test_params_yaml_searches_only_contexts_its_gap_holds(params):
+    """The shipped params.yaml: split.gap 4 holds every searched train.context_slices (0, 1, 2)."""
+    from socseg.training.search import check_search_context_gap, searchable_values
+
+    assert max(searchable_values(params["search"]["space"], "train.context_slices", None)) <= params["split"]["gap"]
+    check_search_context_gap(params)

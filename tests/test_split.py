@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from socseg.data.split import slab_split, split_from_params
+from socseg.data.split import check_split_context, slab_split, split_from_params
 from socseg.params import typed
 
 
@@ -44,5 +44,33 @@ def test_impossible_splits_raise(args):
 
 
 def test_split_from_params_reads_the_split_section(params):
-    split = split_from_params(100, typed(params).split)
-    assert split.gap == params["split"]["gap"]
+    """The fractions and gap of params' split section really shape the slabs: the ``gap`` slices
+    at each boundary are in no subset, and consecutive slabs are ``gap`` slices apart."""
+    params["split"].update(train=0.5, val=0.25, test=0.25, gap=7)  # not the file's values: read, not assumed
+    split = split_from_params(94, typed(params).split)
+    train, val, test = (set(split.range(s)) for s in ("train", "val", "test"))
+    gap_slices = set(range(split.train[1], split.val[0])) | set(range(split.val[1], split.test[0]))
+    assert split.val[0] - split.train[1] == 7 and split.test[0] - split.val[1] == 7
+    assert len(gap_slices) == 14 and not gap_slices & (train | val | test)
+    assert train | val | test | gap_slices == set(range(94)) and split.gap == 7
+    assert (len(train), len(val), len(test)) == (40, 20, 20)  # 94 - 2 x 7 = 80 usable slices, 0.5 / 0.25 / 0.25
+
+
+@pytest.mark.parametrize("gap, context", [(0, 1), (1, 2), (3, 4)])
+def test_a_gap_narrower_than_the_2_5d_context_is_refused(params, gap, context):
+    """A 2.5D model reads ``context`` slices on each side from the whole volume: a narrower gap
+    would give the first validation/test slices training slices as input."""
+    with pytest.raises(ValueError, match=rf"split gap {gap} is smaller than train.context_slices {context}"):
+        slab_split(100, 0.6, 0.2, 0.2, gap=gap, context_slices=context)
+    params["split"].update(train=0.6, val=0.2, test=0.2, gap=gap)
+    params_split = typed(params).split
+    with pytest.raises(ValueError, match=rf"split gap {gap} .*context_slices {context}:"):
+        split_from_params(100, params_split, context)
+    with pytest.raises(ValueError, match=rf"set split.gap >= {context}"):
+        check_split_context(params_split, context)
+
+
+def test_a_gap_as_wide_as_the_context_or_a_single_slab_is_accepted():
+    assert slab_split(100, 0.6, 0.2, 0.2, gap=2, context_slices=2).val[0] == 60  # 96 usable: train 58, then 2 gap slices
+    whole = slab_split(100, 1.0, 0.0, 0.0, gap=0, context_slices=3)  # no boundary, nothing to read across
+    assert whole.train == (0, 100) and whole.val == whole.test == (100, 100)

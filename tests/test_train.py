@@ -173,6 +173,27 @@ def test_training_refuses_unlabelled_volumes(tiny_params, mlflow_env):
         train(tiny_params, volume_names=["nolabels"])
 
 
+def test_training_refuses_a_gap_narrower_than_the_context_before_anything_runs(tiny_params, tmp_path, monkeypatch):
+    """``socseg train --context-slices 3`` on tiny's gap of 2: refused first, naming both values:
+    no volume is read (the named one does not exist) and no MLflow store is made."""
+    import yaml
+    from click.testing import CliRunner
+
+    from socseg.cli import main
+    from socseg.training.train import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tiny_params["data"]["volumes"] = ["missing"]
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params))
+    result = CliRunner().invoke(main, ["train", "--params", str(params_file), "--context-slices", "3"])
+    assert result.exit_code == 2 and "split gap 2 is smaller than train.context_slices 3" in result.output
+    tiny_params["train"]["context_slices"] = 3
+    with pytest.raises(ValueError, match="split gap 2 is smaller than train.context_slices 3"):
+        train(tiny_params)
+    assert not (tmp_path / "mlflow.db").exists() and mlflow.active_run() is None
+
+
 def test_fine_tune_schedule_freezes_the_encoder_then_trains_it(tiny_params, mlflow_env):
     import keras
 

@@ -47,16 +47,26 @@ class PreparedData:
     # (mode fixed), or 0..1 (mode per_volume: the predictor maps each volume's own range first).
     normaliser: Normaliser
     splits: dict[str, SlabSplit]
-    slabs: dict[str, list[Slab]]  # subset -> slabs (one per volume with a non-empty subset)
+    slabs: dict[str, list[Slab]]  # subset -> slabs (one per volume with a non-empty subset; test: + whole test volumes)
     fingerprint: str
     normalisation_mode: str  # fixed | per_volume (normalise.mode)
     volume_normalisers: dict[str, Normaliser]  # per_volume: volume name -> its whole-volume grey range
 
     def slab_normaliser(self, slab: Slab) -> Normaliser:
-        """The mapping to [0, 1] of ``slab``'s grey values: its volume's own (per_volume) or the model's."""
-        if self.normalisation_mode == "per_volume":
-            return self.volume_normalisers[slab.name]
-        return self.normaliser
+        """The mapping to [0, 1] of ``slab``'s grey values: its volume's own (per_volume) or the model's.
+
+        per_volume knows only the volumes :func:`prepare_data` was given (training volumes and
+        separate ``test_volumes``): a range estimated here for another one would be missing from
+        :meth:`grey_ranges`, which scoring uses, so such a slab is refused.
+        """
+        if self.normalisation_mode != "per_volume":
+            return self.normaliser
+        if slab.name not in self.volume_normalisers:
+            raise ValueError(
+                f"volume {slab.name!r} was not prepared (prepared: {', '.join(sorted(self.volume_normalisers))}): "
+                "per_volume normalisation needs its whole-volume grey range; pass a separate test volume to "
+                "prepare_data as test_volumes")
+        return self.volume_normalisers[slab.name]
 
     def normalised(self, slab: Slab) -> np.ndarray:
         """The slab's grey values as the network is trained on them (float32 in [0, 1])."""
@@ -64,8 +74,9 @@ class PreparedData:
         return self.slab_normaliser(slab).apply(slab.volume.image[start:stop])
 
     def grey_ranges(self) -> dict[str, tuple[float, float]] | None:
-        """per_volume: volume name -> the whole-volume grey range training mapped it with, which
-        scoring a slab of that volume maps too (estimated once, here); fixed: None."""
+        """per_volume: volume name -> the whole-volume grey range training mapped it with (a separate
+        test volume: its own, estimated the same way), which scoring a slab of that volume maps
+        too (estimated once, in :func:`prepare_data`); fixed: None."""
         if self.normalisation_mode != "per_volume":
             return None
         return {name: (n.low, n.high) for name, n in self.volume_normalisers.items()}
@@ -111,21 +122,61 @@ def data_fingerprint(params: Mapping | Params) -> str:
     return volumes_fingerprint([dict(v.meta.checksums) for v in load_labelled_volumes(params)])
 
 
-def prepare_data(params: Mapping | Params, volumes: Sequence[Volume], task: str) -> PreparedData:
+def prepare_data(
+    params: Mapping | Params, volumes: Sequence[Volume], task: str, test_volumes: Sequence[Volume] = ()
+) -> PreparedData:
     """Split every volume into slabs; fit the normaliser on the training slabs only (mode fixed),
     or estimate each volume's own whole-volume grey range (mode per_volume: :func:`grey_range`,
-    the function scoring and ``socseg segment`` use on the volume they are given)."""
+    the function scoring and ``socseg segment`` use on the volume they are given).
+
+    ``test_volumes``: other volumes, each a whole test slab after the test slabs of ``volumes``.
+    They get their own grey range in per_volume mode (as ``socseg segment`` would estimate it)
+    and the training slabs' range in fixed mode; they never touch the fit, and they count in the
+    fingerprint (the test data is part of what a score means).
+    """
     p = typed(params)
     check_task(task)
+    check_separate_test_volumes(volumes, test_volumes)
     class_names = task_class_names(task, volumes[0].class_names)
-    splits = {v.meta.name: split_from_params(v.image.shape[0], p.split) for v in volumes}
+    splits = {v.meta.name: split_from_params(v.image.shape[0], p.split, p.train.context_slices) for v in volumes}
     low_p, high_p = p.normalise.low_percentile, p.normalise.high_percentile
     volume_normalisers: dict[str, Normaliser] = {}
     if p.normalise.mode == "per_volume":
-        volume_normalisers = {v.meta.name: grey_range(v.image, low_p, high_p) for v in volumes}
+        volume_normalisers = {v.meta.name: grey_range(v.image, low_p, high_p) for v in (*volumes, *test_volumes)}
         normaliser = Normaliser(0.0, 1.0, float(low_p), float(high_p))
     else:
         normaliser = Normaliser.fit([v.image[splits[v.meta.name].range("train")] for v in volumes], low_p, high_p)
+    slabs = slab_subsets(volumes, splits)
+    slabs["test"] += [Slab(v, (0, v.image.shape[0])) for v in test_volumes]
+    return PreparedData(
+        task=task,
+        class_names=class_names,
+        phase_map=dict(volumes[0].meta.phase_map),
+        normaliser=normaliser,
+        splits=splits,
+        slabs=slabs,
+        fingerprint=volumes_fingerprint([dict(v.meta.checksums) for v in (*volumes, *test_volumes)]),
+        normalisation_mode=p.normalise.mode,
+        volume_normalisers=volume_normalisers,
+    )
+
+
+def check_separate_test_volumes(volumes: Sequence[Volume], test_volumes: Sequence[Volume]) -> None:
+    """Refuse a test volume sharing a name with another volume (ranges and scores go by name) or
+    with other phases than the training volumes (its labels would mean other classes)."""
+    names = [v.meta.name for v in (*volumes, *test_volumes)]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"volume name(s) {', '.join(map(repr, clashes))} given more than once (training and "
+                         "test volumes are told apart by name): rename one")
+    for volume in test_volumes:
+        if volume.class_names != volumes[0].class_names:
+            raise ValueError(f"test volume {volume.meta.name!r} has phases {volume.class_names}, the training "
+                             f"volumes {volumes[0].class_names}")
+
+
+def slab_subsets(volumes: Sequence[Volume], splits: Mapping[str, SlabSplit]) -> dict[str, list[Slab]]:
+    """subset -> the non-empty slabs of ``volumes`` under ``splits``; refused without training slices."""
     slabs: dict[str, list[Slab]] = {subset: [] for subset in SUBSETS}
     for volume in volumes:
         split = splits[volume.meta.name]
@@ -135,17 +186,7 @@ def prepare_data(params: Mapping | Params, volumes: Sequence[Volume], task: str)
                 slabs[subset].append(Slab(volume, (start, stop)))
     if not slabs["train"]:
         raise ValueError("the split leaves no training slices")
-    return PreparedData(
-        task=task,
-        class_names=class_names,
-        phase_map=dict(volumes[0].meta.phase_map),
-        normaliser=normaliser,
-        splits=splits,
-        slabs=slabs,
-        fingerprint=volumes_fingerprint([dict(v.meta.checksums) for v in volumes]),
-        normalisation_mode=p.normalise.mode,
-        volume_normalisers=volume_normalisers,
-    )
+    return slabs
 
 
 # --------------------------------------------------------------------------- the prepare stage

@@ -111,6 +111,33 @@ def trial_params(params: Mapping, encoder: str, trial: optuna.Trial) -> dict:
     return tree
 
 
+def searchable_values(space: Mapping[str, Mapping], key: str, fixed: Any) -> list[Any]:
+    """The values a trial may give ``key``: its choices, or low and high, when searched; else ``fixed``."""
+    spec = space.get(key)
+    if spec is None:
+        return [fixed]
+    return list(spec["choices"]) if spec.get("type") == "categorical" else [spec["low"], spec["high"]]
+
+
+def check_search_context_gap(params: Mapping) -> None:
+    """Refuse a search in which any trial's 2.5D context would be wider than its split gap
+    (:func:`socseg.data.split.check_context_gap`), before any trial runs: a searched
+    ``train.context_slices`` counts with its widest choice, a searched ``split.gap`` with its narrowest."""
+    from socseg.data.split import check_context_gap
+
+    p = typed(params)
+    space = p.search.space
+    context = max(int(v) for v in searchable_values(space, "train.context_slices", p.train.context_slices))
+    gap = min(int(v) for v in searchable_values(space, "split.gap", p.split.gap))
+    try:
+        check_context_gap(gap, context, (p.split.train, p.split.val, p.split.test))
+    except ValueError as error:
+        searched = [f"{key} {searchable_values(space, key, None)}" for key in ("train.context_slices", "split.gap")
+                    if key in space]
+        raise ValueError(f"{error}" + (f" (search.space searches {', '.join(searched)}: every choice must "
+                                       "fit the gap)" if searched else "")) from None
+
+
 # --------------------------------------------------------------------------- study identity
 
 CHECKED_IDENTITY = ("task", "encoder", "data_fingerprint")  # an explicit study name must agree on these
@@ -238,6 +265,7 @@ def run_search(
     from socseg.training.train import train
 
     p = typed(params)
+    check_search_context_gap(params)  # before the study, the data or MLflow are touched
     search = p.search
     encoder = encoder or p.train.encoder
     n_trials = int(n_trials if n_trials is not None else search.n_trials)

@@ -21,6 +21,7 @@ import pandas as pd
 from socseg.analysis.plots import slab_overlay_figure, training_curves_figure
 from socseg.data.dataset import Augmentation, RandomCrops
 from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data
+from socseg.data.split import check_split_context
 from socseg.inference.evaluate import Evaluation, score_slabs
 from socseg.inference.predictor import ModelConfig, Predictor
 from socseg.model.export import export_model
@@ -181,6 +182,7 @@ def train(
     """
     p = typed(params)
     t = p.train
+    check_split_context(p.split, t.context_slices)  # before anything is loaded, trained or logged
     precision = resolve_precision(t.precision)
     names = list(volume_names or p.data.volumes)
     tracking.configure_tracking(p)

@@ -1,0 +1,112 @@
+"""benchmarks/accuracy.py with a separate test volume (--train-volume A --test-volume B), in both
+normalisation modes: B is scored whole, with its own grey range (per_volume) or the training one (fixed)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow(seconds=60)  # each test: two accuracy.py runs, one U-Net trained
+
+# B saved as a float32 phase-like reconstruction: the same data as B on another grey scale.
+SCALE, OFFSET = 2.5e-5, -0.4
+
+
+def _accuracy_module(repo_root: Path):
+    spec = importlib.util.spec_from_file_location("socseg_accuracy_benchmark", repo_root / "benchmarks/accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def volumes(tiny_params, tmp_path) -> dict[str, Path]:
+    """A (tiny, the training volume), B (another phantom on A's grey scale) and B rescaled (float32)."""
+    from socseg.data.synth import synth_from_params
+    from socseg.data.volumes import Volume, VolumeMeta, save_volume
+
+    data = Path(tiny_params["data"]["dir"])
+    b = synth_from_params(tiny_params, "b", shape=(16, 64, 64), seed=2)
+    save_volume(b, data / "b")
+    image = b.image.astype(np.float32) * np.float32(SCALE) + np.float32(OFFSET)
+    meta = VolumeMeta("b-float", image.shape, "float32", dict(b.meta.phase_map), has_labels=True)
+    save_volume(Volume(image, b.labels, meta), data / "b-float")
+    return {"a": data / "tiny", "b": data / "b", "b-float": data / "b-float"}
+
+
+def _run(accuracy, tiny_params, tmp_path: Path, mode: str, test: Path, methods: str) -> dict[str, dict]:
+    """accuracy.py's main with --train-volume A --test-volume ``test``: method -> its CSV row."""
+    tiny_params["normalise"]["mode"] = mode
+    tiny_params["train"]["learning_rate"] = 0.01  # 4 steps that find some Ni: the range then visibly matters
+    params_file = tmp_path / f"params-{mode}.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params))
+    out = tmp_path / f"out-{mode}-{test.name}-{methods.replace(',', '-')}"
+    accuracy.main(["--params", str(params_file), "--train-volume", f"{tiny_params['data']['dir']}/tiny",
+                   "--test-volume", str(test), "--split", "0.6,0.2,0.2,2", "--tasks", "ni", "--methods", methods,
+                   "--leakage", "none", "--epochs", "1", "--steps-per-epoch", "4", "--out", str(out)])
+    rows = {row["method"]: row for row in csv.DictReader((out / "accuracy.csv").open())}
+    for row in rows.values():
+        assert row["split"] == f"other volume ({test.name})" and int(row["n_test_slices"]) == 16  # B whole
+    return rows
+
+
+def _unet_scored_on(accuracy, model_uri: str, test: Path, grey_ranges=None):
+    """The logged U-Net on the whole of another test volume, as accuracy.py scores it (score_model),
+    or with the given per_volume ``grey_ranges``."""
+    from socseg.inference.evaluate import score_slabs
+    from socseg.inference.predictor import Predictor
+
+    setting = accuracy.Setting("other", test.parent, [], {}, [(test, None)])
+    if grey_ranges is None:
+        return accuracy.score_model(model_uri, setting, "ni")
+    return score_slabs(Predictor.load(model_uri), accuracy.test_slabs(setting), "ni", grey_ranges=grey_ranges)
+
+
+def test_per_volume_scores_a_separate_test_volume_with_its_own_range(repo_root, tiny_params, volumes, mlflow_env, tmp_path):
+    """per_volume (the default): B and B rescaled to float32 get the same scores, from the
+    threshold baseline (which crashed with a KeyError) and from the U-Net, because each is mapped
+    by its own whole-volume grey range; with A's range the rescaled copy would score otherwise."""
+    from socseg.data.normalise import grey_range
+    from socseg.data.volumes import load_volume
+
+    accuracy = _accuracy_module(repo_root)
+    rows = _run(accuracy, tiny_params, tmp_path, "per_volume", volumes["b"], "threshold,unet")
+    threshold, unet = rows["global threshold(s)"], rows["U-Net (from scratch)"]
+    assert float(threshold["mean_iou"]) > 0.8  # a phantom a global threshold segments well
+    assert "of each volume's own grey range" in threshold["settings"]
+    moved = _run(accuracy, tiny_params, tmp_path, "per_volume", volumes["b-float"], "threshold")["global threshold(s)"]
+    for key in ("mean_iou", "iou_ni", "accuracy"):
+        assert float(moved[key]) == pytest.approx(float(threshold[key]), abs=2e-3), key
+
+    assert float(unet["iou_ni"]) > 0.0  # the U-Net finds Ni on B
+    on_float = _unet_scored_on(accuracy, unet["model_uri"], volumes["b-float"])
+    assert on_float.scores["mean_iou"] == pytest.approx(float(unet["mean_iou"]), abs=2e-3)
+    assert on_float.scores["iou_ni"] == pytest.approx(float(unet["iou_ni"]), abs=2e-3)
+    own_range = grey_range(load_volume(volumes["b-float"]).image, 0.5, 99.5)  # as socseg segment estimates it
+    own = _unet_scored_on(accuracy, unet["model_uri"], volumes["b-float"], {"b-float": (own_range.low, own_range.high)})
+    np.testing.assert_array_equal(own.confusion, on_float.confusion)  # the range scoring used: grey_range's
+    a_range = grey_range(load_volume(volumes["a"]).image, 0.5, 99.5)
+    wrong = _unet_scored_on(accuracy, unet["model_uri"], volumes["b-float"], {"b-float": (a_range.low, a_range.high)})
+    assert not np.array_equal(wrong.confusion, on_float.confusion)  # the network does depend on the range
+
+
+def test_fixed_scores_a_separate_test_volume_with_the_training_range(repo_root, tiny_params, volumes, mlflow_env, tmp_path):
+    """fixed: B (on the training data's grey scale) scores as well as per_volume; B rescaled to
+    float32 is mapped by the training range too, so every voxel clips to one class (no Ni found)."""
+    accuracy = _accuracy_module(repo_root)
+    rows = _run(accuracy, tiny_params, tmp_path, "fixed", volumes["b"], "threshold,unet")
+    threshold, unet = rows["global threshold(s)"], rows["U-Net (from scratch)"]
+    assert float(threshold["mean_iou"]) > 0.8 and threshold["settings"].startswith("raw grey thresholds ")
+    assert 0.0 <= float(unet["mean_iou"]) <= 1.0
+    moved = _run(accuracy, tiny_params, tmp_path, "fixed", volumes["b-float"], "threshold")["global threshold(s)"]
+    assert float(moved["iou_ni"]) == 0.0 and float(moved["mean_iou"]) < float(threshold["mean_iou"]) - 0.3
+    on_float = _unet_scored_on(accuracy, unet["model_uri"], volumes["b-float"])
+    assert on_float.scores["iou_ni"] < float(unet["iou_ni"])  # no longer what it found on B's own scale
+    assert on_float.scores["mean_iou"] != pytest.approx(float(unet["mean_iou"]), abs=1e-3)
