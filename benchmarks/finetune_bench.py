@@ -5,9 +5,15 @@
 
 The "new scan" is the SOCPristine volume transformed as a whole (``--new-scan``, default: gamma
 0.5, then Gaussian blur sigma 2, then noise at 4x the native level, with the transforms of
-``normalisation_bench.py``: another beamtime's contrast, resolution and dose). Ten slices
-spread evenly over its test slab are the annotator's pool; the other test slices are scored, with
-the one scorer (``score_slabs`` / ``slab_confusion``), and never trained on.
+``normalisation_bench.py``: another beamtime's contrast, resolution and dose). The first ten
+slices of its test slab are the annotator's pool; after a gap, the rest of the test slab is
+scored, with the one scorer (``score_slabs`` / ``slab_confusion``), and never trained on.
+
+The gap keeps every scored slice at least ``max(c + 2, 2c + 1)`` slices away from every labelled
+slice, ``c`` being the base model's ``context_slices`` (:func:`pool_and_scored`): a 2.5D model
+reads ``c`` neighbours on each side, so a scored slice next to a labelled one would be scored on
+grey values the fine-tune trained on (neighbouring PXCT slices are near-copies: the leak the slab
+split exists to stop). A split that leaves no slice to score is refused.
 
 For 1, 3 and 10 labelled slices, and for 3 slices of which only 10 % of the pixels are labelled
 (random 24-pixel squares, the rest ``IGNORE``, as a user's painted regions), the script scores:
@@ -66,6 +72,32 @@ def painted_mask(shape: tuple[int, int], fraction: float, rng: np.random.Generat
     return mask
 
 
+def min_distance(context_slices: int) -> int:
+    """Slices between a labelled and a scored slice, at least: ``c + 2`` (no labelled slice inside a
+    scored slice's context window, one to spare) and ``2c + 1`` (no grey slice read by both)."""
+    return max(context_slices + 2, 2 * context_slices + 1)
+
+
+def pool_and_scored(start: int, stop: int, pool_size: int, context_slices: int) -> tuple[list[int], int, list[int]]:
+    """Test slab ``[start, stop)`` -> (labelled pool, gap, scored slices).
+
+    The pool is the slab's first ``pool_size`` slices (one contiguous part, as an annotator labels
+    a stretch of a scan); ``gap`` unused slices follow (:func:`min_distance` - 1); the rest is scored.
+    Raises ValueError when no slice is left to score.
+    """
+    if pool_size < 3:
+        raise ValueError(f"--pool {pool_size}: the labelled sets need a pool of at least 3 slices")
+    gap = min_distance(context_slices) - 1
+    pool = list(range(start, start + pool_size))
+    scored = list(range(pool[-1] + gap + 1, stop))
+    if not scored:
+        raise ValueError(
+            f"no slice left to score: the test slab z {start}-{stop - 1} ({stop - start} slices) holds the pool of "
+            f"{pool_size} and a gap of {gap} (context_slices {context_slices}) but nothing after them; "
+            f"lower --pool or give the test slab more slices (--split)")
+    return pool, gap, scored
+
+
 def settings_to_run(pool: Sequence[int]) -> list[dict[str, Any]]:
     """The labelled sets: 1, 3 and 10 whole slices from the pool, and 3 slices 10 % painted."""
     pool = list(pool)
@@ -83,7 +115,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-uri", required=True, help="the base model (a socseg ni model: runs:/, models:/)")
     p.add_argument("--new-scan", choices=list(NEW_SCANS), default=next(iter(NEW_SCANS)))
     p.add_argument("--split", type=lambda t: floats(t, 4), default=[0.6, 0.1, 0.3, 8], metavar="TRAIN,VAL,TEST,GAP")
-    p.add_argument("--pool", type=int, default=10, help="labelled-slice pool spread over the test slab")
+    p.add_argument("--pool", type=int, default=10,
+                   help="labelled-slice pool: the first POOL slices of the test slab (the rest, after a gap, is scored)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="params override for the fine-tunes, e.g. finetune.epochs=10 (repeatable)")
     p.add_argument("--forest-trees", type=int, default=100)
@@ -155,19 +188,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     image = new_scan(original.image, args.new_scan, args.seed)
     train, val, test, gap = args.split
     start, stop = slab_split(original.image.shape[0], train, val, test, int(gap)).test
-    pool = sorted({int(round(z)) for z in np.linspace(start + 2, stop - 3, args.pool)})
-    scored = [z for z in range(start, stop) if z not in pool]
+    base_predictor = Predictor.load(args.model_uri)
+    context = base_predictor.context_slices
+    try:
+        pool, pool_gap, scored = pool_and_scored(start, stop, args.pool, context)
+    except ValueError as error:
+        raise SystemExit(f"finetune_bench: {error}") from None
     meta = VolumeMeta(**{**original.meta.__dict__, "name": "socpristine-new-scan", "image_dtype": image.dtype.name,
                          "checksums": {}})
     scan = Volume(image, original.labels, meta)
-    scoring_slab = Slab(sparse_volume(scan, None, scored), (start, stop))  # pool slices unlabelled: not scored
+    scoring_slab = Slab(scan, (scored[0], stop))  # context slices are read from the gap, never from the pool
 
     def model_row(setting: dict[str, Any], method: str, model_uri: str, seconds: float, pixels: int,
                   **window: Any) -> dict[str, Any]:
         scores = score_slabs(Predictor.load(model_uri), [scoring_slab], "ni", tta=False, **window).scores
         return {"setting": setting["setting"], "method": method, "labelled_slices": len(setting["slices"]),
-                "partial": setting["partial"], "labelled_pixels": pixels, "iou_ni": scores["iou_ni"],
-                "mean_iou": scores["mean_iou"], "train_s": seconds, "model_uri": model_uri}
+                "labelled_z": list(setting["slices"]), "partial": setting["partial"], "labelled_pixels": pixels,
+                "iou_ni": scores["iou_ni"], "mean_iou": scores["mean_iou"], "train_s": seconds, "model_uri": model_uri}
 
     def progress(row: dict[str, Any]) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {row['setting']:26s} {row['method']:18s} IoU Ni {row['iou_ni']:.4f} "
@@ -177,7 +214,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = {"setting": "none", "slices": [], "partial": False}
     rows.append(model_row(base, "base model", args.model_uri, 0.0, 0))
     progress(rows[-1])
-    base_predictor = Predictor.load(args.model_uri)
     if not base_predictor.per_volume:  # what a user tries first: --grey-range, the scan's range mapped
         rows.append(model_row(base, "base model, grey range mapped", args.model_uri, 0.0, 0,
                               grey_range=base_predictor.volume_grey_range(image)))
@@ -209,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             cm += slab_confusion(scoring_slab, forest.predict(np.asarray(image[z : z + 1], np.float32)), "ni", z)
         scores = segmentation_scores(cm, ["rest", "ni"])
         rows.append({"setting": setting["setting"], "method": "random forest", "labelled_slices": len(setting["slices"]),
-                     "partial": setting["partial"], "labelled_pixels": pixels, "iou_ni": scores["iou_ni"],
+                     "labelled_z": list(setting["slices"]), "partial": setting["partial"], "labelled_pixels": pixels, "iou_ni": scores["iou_ni"],
                      "mean_iou": scores["mean_iou"], "train_s": train_s, "model_uri": ""})
         progress(rows[-1])
 
@@ -222,7 +258,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         figures[key + ("_partial" if row["partial"] else "") + "_iou_ni"] = row["iou_ni"]
     settings = {
         "new scan": f"SOCPristine transformed: {args.new_scan} (seed {args.seed})",
-        "scored": f"{len(scored)} test slices z {start}-{stop - 1} not in the pool (pool: {pool})",
+        "labelled pool": f"z {pool[0]}-{pool[-1]}: the first {len(pool)} slices of the test slab z {start}-{stop - 1}",
+        "gap": f"{pool_gap} unused slices (z {pool[-1] + 1}-{scored[0] - 1}): every scored slice is >= "
+               f"{min_distance(context)} slices from every labelled one (base model context_slices {context}; "
+               f"max(c + 2, 2c + 1))",
+        "scored": f"{len(scored)} slices z {scored[0]}-{scored[-1]}, never trained on",
+        "scored_z_range": [scored[0], scored[-1]],
         "base model": args.model_uri,
         "fine-tune": ", ".join(f"{k} {v}" for k, v in params["finetune"].items()),
         "forest": f"RandomForestBaseline, {args.forest_trees} trees, the same labelled pixels",

@@ -13,6 +13,13 @@ neither counts reading). Each setting is warmed up on two slices first (graph tr
 inference). ``--quickstart`` also trains the README quick-start model (one VGG16 run, 3 epochs x
 15 steps, on the built-in sample) and times ``socseg segment`` of the 48x192x192 sample after
 model load. Writes ``inference.json`` and ``inference.md`` into ``--out``.
+
+Precision: a logged model computes in the dtype policy it was trained with (``train.precision``;
+``auto`` is bf16 on a CPU with AVX512-BF16 or AMX), whatever CPU loads it: the layers' policies
+are saved in the .keras file. On a CPU without native bf16 (``ONEDNN_MAX_CPU_ISA=AVX2`` on this
+one, or an AVX2 laptop) that bf16 is emulated. ``--precisions as_trained,float32`` scores the
+model as it loads and also the same weights computing in float32 (what ``auto`` trains on such a
+CPU); every U-Net row records the policy its layers computed in (``compute_dtype``).
 """
 
 from __future__ import annotations
@@ -44,6 +51,57 @@ def parse_windows(text: str) -> list[dict[str, Any]]:
     return out
 
 
+PRECISION_CHOICES = ("as_trained", "float32")
+
+
+def parse_precisions(text: str) -> list[str]:
+    """``as_trained,float32`` -> the compute precisions each U-Net is scored in."""
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in chosen if item not in PRECISION_CHOICES]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown precision(s) {bad or text!r}: use {', '.join(PRECISION_CHOICES)}")
+    return chosen
+
+
+def compute_dtypes(network: Any) -> str:
+    """The dtype policies the network's weighted layers compute in (nested models walked), e.g.
+    ``mixed_bfloat16``: the precision a loaded model really runs in."""
+    names: set[str] = set()
+
+    def walk(model: Any) -> None:
+        for layer in model.layers:
+            if hasattr(layer, "layers"):
+                walk(layer)
+            elif layer.weights:
+                names.add(layer.dtype_policy.name)
+
+    walk(network)
+    return ", ".join(sorted(names)) or "none"
+
+
+def float32_network(network: Any) -> Any:
+    """``network`` rebuilt with every layer computing in float32 and the same weights.
+
+    A model trained in mixed precision keeps float32 variables, so this is exact on the weights; it
+    is the model a user gets who trains the same recipe in float32 (``auto`` on a CPU without bf16).
+    """
+    import keras
+
+    def to_float32(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and \
+                    str(node.get("config", {}).get("name", "")).startswith("mixed_"):
+                return "float32"
+            return {key: to_float32(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [to_float32(value) for value in node]
+        return "float32" if node in ("mixed_bfloat16", "mixed_float16") else node
+
+    clone = keras.saving.deserialize_keras_object(to_float32(keras.saving.serialize_keras_object(network)))
+    clone.set_weights(network.get_weights())
+    return clone
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, required=True, help="accuracy.py CSV: U-Net rows with a model_uri")
@@ -52,6 +110,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
     p.add_argument("--windows", type=parse_windows, default=parse_windows("sliding:0.5,sliding:0.75,sliding:1.0,whole_slice"))
+    p.add_argument("--precisions", type=parse_precisions, default=["as_trained"],
+                   help="comma list: as_trained (the logged model as it loads) and/or float32 (the same weights "
+                        "computing in float32)")
     p.add_argument("--test-slices", type=int, default=0, help="score only the first N test slices (0: all)")
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--rf-samples", type=int, default=150_000)
@@ -103,25 +164,59 @@ def forest_row(volume, split, slab, args) -> dict[str, Any]:
             "settings": f"{args.rf_trees} trees, {args.rf_samples // 1000}k px, n_jobs {args.rf_jobs}"}
 
 
-def unet_rows(label: str, model_uri: str, slab, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from socseg.data.prepare import Slab
-    from socseg.inference.evaluate import score_slabs
+def unet_rows(label: str, model_uri: str, slab, windows: list[dict[str, Any]],
+              precisions: Sequence[str] = ("as_trained",)) -> list[dict[str, Any]]:
     from socseg.inference.predictor import Predictor
 
-    predictor = Predictor.load(model_uri)
+    loaded = Predictor.load(model_uri)
+    trained = compute_dtypes(loaded.network)
+    rows = []
+    for precision in precisions:
+        if precision == "as_trained":
+            predictor, dtype = loaded, f"{trained} (as trained)"
+        else:
+            predictor = Predictor(float32_network(loaded.network), loaded.config)
+            dtype = f"{compute_dtypes(predictor.network)} (weights of the {trained} model)"
+        rows += window_rows(label, model_uri, predictor, slab, windows, dtype)
+    return rows
+
+
+def window_rows(label: str, model_uri: str, predictor, slab, windows: list[dict[str, Any]],
+                dtype: str) -> list[dict[str, Any]]:
+    """One row per window setting: IoU and slices/s of ``predictor`` on the slab (after a warm-up)."""
+    from socseg.data.prepare import Slab
+    from socseg.inference.evaluate import score_slabs
+
     rows = []
     for settings in windows:
-        score_slabs(predictor, [Slab(slab.volume, (slab.z_range[0], slab.z_range[0] + 2))], "ni", tta=False, **settings)
-        evaluation = score_slabs(predictor, [slab], "ni", tta=False, **settings)
         name = settings["window"] + (f", step {settings['step_fraction']:g}" if settings["step_fraction"] else "")
-        rows.append({"model": label, "window": name, "iou_ni": evaluation.scores["iou_ni"],
-                     "mean_iou": evaluation.scores["mean_iou"], "seconds": evaluation.seconds,
-                     "slices_per_s": evaluation.n_slices / evaluation.seconds, "model_uri": model_uri,
-                     "settings": f"batch {predictor.config.batch_size} tiles of {predictor.config.tile_size}^2, "
-                                 f"context {predictor.config.context_slices}"})
-        print(f"[{time.strftime('%H:%M:%S')}] {label:28s} {name:22s} IoU Ni {rows[-1]['iou_ni']:.4f} "
-              f"{rows[-1]['slices_per_s']:.2f} slices/s", flush=True)
+        row = {"model": label, "window": name, "model_uri": model_uri, "compute_dtype": dtype,
+               "settings": f"batch {predictor.config.batch_size} tiles of {predictor.config.tile_size}^2, "
+                           f"context {predictor.config.context_slices}"}
+        try:
+            score_slabs(predictor, [Slab(slab.volume, (slab.z_range[0], slab.z_range[0] + 2))], "ni", tta=False, **settings)
+            evaluation = score_slabs(predictor, [slab], "ni", tta=False, **settings)
+        except Exception as error:  # e.g. a bf16 model under ONEDNN_MAX_CPU_ISA=AVX2: recorded, the others still run
+            row.update(iou_ni=None, mean_iou=None, seconds=None, slices_per_s=None, error=failure(error))
+            row["settings"] += f"; did not run: {row['error']}"
+            print(f"[{time.strftime('%H:%M:%S')}] {label:28s} {name:22s} {dtype.split()[0]:15s} FAILED: {row['error']}",
+                  flush=True)
+            rows.append(row)
+            continue
+        row.update(iou_ni=evaluation.scores["iou_ni"], mean_iou=evaluation.scores["mean_iou"], seconds=evaluation.seconds,
+                   slices_per_s=evaluation.n_slices / evaluation.seconds)
+        rows.append(row)
+        print(f"[{time.strftime('%H:%M:%S')}] {label:28s} {name:22s} {dtype.split()[0]:15s} IoU Ni {row['iou_ni']:.4f} "
+              f"{row['slices_per_s']:.2f} slices/s", flush=True)
     return rows
+
+
+def failure(error: Exception) -> str:
+    """``Type: the error's first meaningful line`` (TensorFlow's messages run over many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for word in ("exception", "could not", "error") for line in lines if word in line.lower()),
+                  lines[0] if lines else "")
+    return f"{type(error).__name__}: {detail[:300]}"
 
 
 def quickstart_row(tmp: Path) -> dict[str, Any]:
@@ -164,21 +259,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = [forest_row(volume, split, slab, args)]
     print(f"[{time.strftime('%H:%M:%S')}] forest: IoU Ni {rows[0]['iou_ni']:.4f} {rows[0]['slices_per_s']:.2f} slices/s", flush=True)
     for _, model in models.iterrows():
-        rows += unet_rows(str(model["method"]), str(model["model_uri"]), slab, args.windows)
+        rows += unet_rows(str(model["method"]), str(model["model_uri"]), slab, args.windows, args.precisions)
     if args.quickstart:
         with tempfile.TemporaryDirectory(prefix="socseg-inference-") as tmp:
             rows.append(quickstart_row(Path(tmp)))
     forest = rows[0]["slices_per_s"]
     for row in rows:
-        row["x_forest"] = row["slices_per_s"] / forest
+        row["x_forest"] = row["slices_per_s"] / forest if row.get("slices_per_s") else None
     settings = {"data": f"SOCPristine test slab z {slab.z_range[0]}-{slab.z_range[1] - 1} (split {args.split}), 501x501",
-                "models": str(args.models), "tta": "off", "timing": "prediction only, after a 2-slice warm-up"}
+                "models": str(args.models), "tta": "off", "timing": "prediction only, after a 2-slice warm-up",
+                "precisions": ", ".join(args.precisions)
+                              + " (as_trained: the dtype policy saved with the model, whatever this CPU does natively)"}
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        settings["isa limit"] = (f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}: limits TensorFlow's oneDNN "
+                                 "kernels (the U-Nets); the random forest (NumPy, scikit-learn) still uses every "
+                                 "instruction of this CPU")
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        settings["onednn"] = ("TF_ENABLE_ONEDNN_OPTS=0: TensorFlow's own (Eigen) kernels instead of oneDNN's, so "
+                              "ONEDNN_MAX_CPU_ISA does not apply to them")
     if args.note:
         settings["note"] = args.note
     columns = [("model", "model"), ("window", "window"), ("iou_ni", "IoU Ni", ".4f"), ("mean_iou", "mean IoU", ".4f"),
-               ("slices_per_s", "slices/s"), ("x_forest", "x forest"), ("settings", "settings")]
+               ("slices_per_s", "slices/s"), ("x_forest", "x forest"), ("compute_dtype", "computes in"),
+               ("settings", "settings")]
+    failed = [f"- {r['model']}, {r['window']}, {r['compute_dtype']}: did not run ({r['error']})" for r in rows if r.get("error")]
     json_path, md_path = write_result(args.out, "inference", "Inference: window vs speed, against the random forest",
-                                      metadata, settings, {}, columns, rows)
+                                      metadata, settings, {}, columns, rows,
+                                      notes=["Settings that failed (kept as rows, no figures):", *failed] if failed else ())
     print(f"wrote {json_path} and {md_path}")
 
 

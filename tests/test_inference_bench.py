@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _ni_segmenter(folder: Path) -> str:
-    """A one-convolution 'ni' network saved as a pyfunc segmenter (whole-slice passes by default)."""
+    """A one-convolution 'ni' network saved as a pyfunc segmenter (whole-slice passes by default).
+
+    The convolution computes in mixed bf16 and the probabilities in float32, as a U-Net trained with
+    ``train.precision: auto`` on a bf16 CPU: the policy travels with the saved model."""
     import keras
 
     from socseg.inference.predictor import ModelConfig
@@ -25,8 +28,9 @@ def _ni_segmenter(folder: Path) -> str:
     keras.utils.set_random_seed(0)
     inputs = keras.Input((None, None, 1))
     x = IntensityNormalisation(20000.0, 43000.0)(inputs)
-    outputs = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid",
-                                  bias_initializer=keras.initializers.Constant(-0.5))(x)
+    x = keras.layers.Conv2D(1, 3, padding="same", bias_initializer=keras.initializers.Constant(-0.5),
+                            dtype="mixed_bfloat16")(x)
+    outputs = keras.layers.Activation("sigmoid", dtype="float32")(x)
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
                          tile_size=32, context_slices=0, normalisation={"low": 20000.0, "high": 43000.0}, normalisation_mode="fixed",
                          window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5, tta=False, batch_size=8,
@@ -47,13 +51,17 @@ def test_inference_bench_scores_every_window_and_the_forest(tmp_path, params, wr
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/inference_bench.py"), "--models", str(models), "--source", str(source),
          "--cache-dir", str(tmp_path / "cache"), "--split", "0.5,0.2,0.3,1", "--windows", "sliding:0.5,sliding:1.0,whole_slice",
-         "--rf-trees", "5", "--rf-samples", "2000", "--rf-jobs", "1", "--out", str(out)],
+         "--precisions", "as_trained,float32", "--rf-trees", "5", "--rf-samples", "2000", "--rf-jobs", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     record = json.loads((out / "inference.json").read_text())
     rows = record["rows"]
-    assert [r["window"] for r in rows] == ["-", "sliding, step 0.5", "sliding, step 1", "whole_slice"]
+    windows = ["sliding, step 0.5", "sliding, step 1", "whole_slice"]
+    assert [r["window"] for r in rows] == ["-", *windows, *windows]
+    # Every window first as the model loads (its saved bf16 policy), then with the same weights in float32.
+    assert [r["compute_dtype"].split()[0] for r in rows[1:]] == ["mixed_bfloat16"] * 3 + ["float32"] * 3
+    assert "as_trained, float32" in record["settings"]["precisions"]
     assert rows[0]["model"].startswith("random forest") and rows[0]["x_forest"] == 1.0
     for row in rows:
         assert 0.0 <= row["iou_ni"] <= 1.0 and row["slices_per_s"] > 0
@@ -61,6 +69,65 @@ def test_inference_bench_scores_every_window_and_the_forest(tmp_path, params, wr
     assert np.ptp([r["iou_ni"] for r in rows[1:]]) < 0.02
     assert "test slab" in record["settings"]["data"] and record["git_commit"]
     assert "| whole_slice |" in (out / "inference.md").read_text()
+
+
+def test_float32_network_computes_in_float32_with_the_same_weights():
+    """The float32 copy of a mixed-bf16 model: float32 layers and output, same weights, and
+    probabilities within bf16 rounding of the original's."""
+    import keras
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from inference_bench import compute_dtypes, float32_network, parse_precisions
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", dtype="mixed_bfloat16")(inputs)
+    inner = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid", dtype="mixed_bfloat16")(x), name="unet")
+    outer_in = keras.Input((None, None, 3))
+    network = keras.Model(outer_in, inner(outer_in))
+    copy = float32_network(network)
+    assert compute_dtypes(network) == "mixed_bfloat16" and compute_dtypes(copy) == "float32"
+    for a, b in zip(network.get_weights(), copy.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    batch = np.random.default_rng(0).random((2, 16, 16, 3), dtype=np.float32)
+    original, converted = network.predict_on_batch(batch), copy.predict_on_batch(batch)
+    assert str(original.dtype) == "bfloat16" and converted.dtype == np.float32
+    np.testing.assert_allclose(converted, np.asarray(original, np.float32), atol=0.02)
+    assert parse_precisions("float32,as_trained") == ["float32", "as_trained"]
+    with pytest.raises(Exception, match="unknown precision"):
+        parse_precisions("bf16")
+
+
+def test_a_setting_that_fails_is_recorded_and_the_others_still_run(params):
+    """A network that raises (as a bf16 model does under ONEDNN_MAX_CPU_ISA=AVX2) gives a row with its
+    error and no figures; the float32 setting after it is measured."""
+    from socseg.data.prepare import Slab
+    from socseg.data.synth import synth_from_params
+    from socseg.inference.predictor import ModelConfig, Predictor
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from inference_bench import parse_windows, window_rows
+
+    class Refusing:
+        def predict_on_batch(self, batch):
+            raise RuntimeError("Graph execution error:\n\nDetected at node conv defined at ...\n"
+                               "Operation received an exception:Status: 3, message: could not create a primitive descriptor")
+
+    class Half:
+        def predict_on_batch(self, batch):
+            return np.full((*batch.shape[:3], 1), 0.5, np.float32)
+
+    config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
+                         tile_size=32, context_slices=0, normalisation={"low": 20000.0, "high": 43000.0},
+                         normalisation_mode="fixed", window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
+                         tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5)
+    slab = Slab(synth_from_params(params, "bench", shape=(6, 32, 32), seed=5), (2, 6))
+    windows = parse_windows("whole_slice")
+    failed = window_rows("m", "uri", Predictor(Refusing(), config), slab, windows, "mixed_bfloat16 (as trained)")
+    measured = window_rows("m", "uri", Predictor(Half(), config), slab, windows, "float32")
+    assert failed[0]["slices_per_s"] is None and failed[0]["error"].startswith("RuntimeError: Operation received an exception")
+    assert "did not run" in failed[0]["settings"]
+    assert measured[0]["slices_per_s"] > 0 and "error" not in measured[0]
 
 
 def test_normalisation_bench_scores_fixed_and_per_volume_models_on_every_transform(tmp_path, params, write_slices):
