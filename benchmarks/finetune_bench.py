@@ -9,7 +9,7 @@ The "new scan" is the SOCPristine volume transformed as a whole (``--new-scan``,
 slices of its test slab are the annotator's pool; after a gap, the rest of the test slab is
 scored, with the one scorer (``score_slabs`` / ``slab_confusion``), and never trained on.
 
-The gap keeps every scored slice at least ``max(c + 2, 2c + 1)`` slices away from every labelled
+The gap leaves at least ``max(c + 2, 2c)`` unused slices between every labelled and every scored
 slice, ``c`` being the base model's ``context_slices`` (:func:`pool_and_scored`): a 2.5D model
 reads ``c`` neighbours on each side, so a scored slice next to a labelled one would be scored on
 grey values the fine-tune trained on (neighbouring PXCT slices are near-copies: the leak the slab
@@ -72,22 +72,23 @@ def painted_mask(shape: tuple[int, int], fraction: float, rng: np.random.Generat
     return mask
 
 
-def min_distance(context_slices: int) -> int:
-    """Slices between a labelled and a scored slice, at least: ``c + 2`` (no labelled slice inside a
-    scored slice's context window, one to spare) and ``2c + 1`` (no grey slice read by both)."""
-    return max(context_slices + 2, 2 * context_slices + 1)
+def min_gap(context_slices: int) -> int:
+    """Unused slices between the labelled pool and the scored slices, at least: ``c + 2`` (no labelled
+    slice inside a scored slice's context window, with two to spare, as the slab split asks) and
+    ``2c`` (no grey slice read by both a labelled and a scored slice's window)."""
+    return max(context_slices + 2, 2 * context_slices)
 
 
 def pool_and_scored(start: int, stop: int, pool_size: int, context_slices: int) -> tuple[list[int], int, list[int]]:
     """Test slab ``[start, stop)`` -> (labelled pool, gap, scored slices).
 
     The pool is the slab's first ``pool_size`` slices (one contiguous part, as an annotator labels
-    a stretch of a scan); ``gap`` unused slices follow (:func:`min_distance` - 1); the rest is scored.
+    a stretch of a scan); ``gap`` unused slices follow (:func:`min_gap`); the rest is scored.
     Raises ValueError when no slice is left to score.
     """
     if pool_size < 3:
         raise ValueError(f"--pool {pool_size}: the labelled sets need a pool of at least 3 slices")
-    gap = min_distance(context_slices) - 1
+    gap = min_gap(context_slices)
     pool = list(range(start, start + pool_size))
     scored = list(range(pool[-1] + gap + 1, stop))
     if not scored:
@@ -259,9 +260,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = {
         "new scan": f"SOCPristine transformed: {args.new_scan} (seed {args.seed})",
         "labelled pool": f"z {pool[0]}-{pool[-1]}: the first {len(pool)} slices of the test slab z {start}-{stop - 1}",
-        "gap": f"{pool_gap} unused slices (z {pool[-1] + 1}-{scored[0] - 1}): every scored slice is >= "
-               f"{min_distance(context)} slices from every labelled one (base model context_slices {context}; "
-               f"max(c + 2, 2c + 1))",
+        "gap": f"{pool_gap} unused slices (z {pool[-1] + 1}-{scored[0] - 1}) between the labelled and the scored "
+               f"slices: at least context_slices + 2, and no slice read by both (base model context_slices "
+               f"{context}; max(c + 2, 2c))",
         "scored": f"{len(scored)} slices z {scored[0]}-{scored[-1]}, never trained on",
         "scored_z_range": [scored[0], scored[-1]],
         "base model": args.model_uri,

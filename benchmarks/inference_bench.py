@@ -37,6 +37,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
 
 from _common import REPO, RESULTS, floats, import_socpristine, run_metadata, write_result  # noqa: E402
 
+from socseg.model.export import float32_network  # noqa: E402
+
 
 def parse_windows(text: str) -> list[dict[str, Any]]:
     """``sliding:0.5,whole_slice`` -> per-call predictor settings."""
@@ -77,29 +79,6 @@ def compute_dtypes(network: Any) -> str:
 
     walk(network)
     return ", ".join(sorted(names)) or "none"
-
-
-def float32_network(network: Any) -> Any:
-    """``network`` rebuilt with every layer computing in float32 and the same weights.
-
-    A model trained in mixed precision keeps float32 variables, so this is exact on the weights; it
-    is the model a user gets who trains the same recipe in float32 (``auto`` on a CPU without bf16).
-    """
-    import keras
-
-    def to_float32(node: Any) -> Any:
-        if isinstance(node, dict):
-            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and \
-                    str(node.get("config", {}).get("name", "")).startswith("mixed_"):
-                return "float32"
-            return {key: to_float32(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [to_float32(value) for value in node]
-        return "float32" if node in ("mixed_bfloat16", "mixed_float16") else node
-
-    clone = keras.saving.deserialize_keras_object(to_float32(keras.saving.serialize_keras_object(network)))
-    clone.set_weights(network.get_weights())
-    return clone
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -175,7 +154,7 @@ def unet_rows(label: str, model_uri: str, slab, windows: list[dict[str, Any]],
         if precision == "as_trained":
             predictor, dtype = loaded, f"{trained} (as trained)"
         else:
-            predictor = Predictor(float32_network(loaded.network), loaded.config)
+            predictor = Predictor(float32_network(loaded.network)[0], loaded.config)
             dtype = f"{compute_dtypes(predictor.network)} (weights of the {trained} model)"
         rows += window_rows(label, model_uri, predictor, slab, windows, dtype)
     return rows

@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "quickstart")
     args = parser.parse_args()
     metadata = run_metadata(__file__)
+    # What is measured is a fresh clone of the commit: uncommitted changes of this checkout are not in it.
+    metadata["checkout_dirty"], metadata["git_dirty"] = metadata["git_dirty"], False
     log_dir = Path(tempfile.mkdtemp(prefix="socseg-quickstart-logs-"))
     rows = [one_run(number, log_dir) for number in range(1, args.runs + 1)]
     figures = {
@@ -74,7 +76,9 @@ def main() -> None:
     mlflow_line = next(line.strip() for line in quickstart.splitlines() if line.strip().startswith("mlflow run"))
     write_result(
         args.out, "quickstart", "Quick start from fresh clones", metadata,
-        settings={"runs": args.runs, "quickstart": mlflow_line.rstrip(" \\")},
+        settings={"runs": args.runs, "quickstart": mlflow_line.rstrip(" \\"),
+                  "measured": f"fresh clones of commit {metadata['git_commit']} (the checkout's uncommitted changes, "
+                              f"if any, are not in them: checkout dirty {metadata['checkout_dirty']})"},
         figures=figures,
         columns=[("run", "run"), ("install_s", "install (s)", ".1f"), ("after_install_s", "after install (s)", ".1f"),
                  ("test_iou_ni", "champion test Ni IoU", ".4f"), ("segmented", "sample segmented"),

@@ -57,6 +57,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
 
 from _common import RESULTS, run_metadata, write_result  # noqa: E402
 
+from socseg.model.export import float32_network  # noqa: E402
+
 Predict = Callable[[np.ndarray], np.ndarray]
 
 VARIANTS = ("keras", "keras-float32", "xla", "onnxruntime", "openvino", "openvino-default")
@@ -176,46 +178,6 @@ def build_xla(network: Any, work: Path) -> tuple[Predict, str]:
 
     forward = tf.function(lambda x: network(x, training=False), jit_compile=True)
     return (lambda x: forward(tf.constant(x)).numpy()), "tf.function(jit_compile=True)"
-
-
-def _float32_policies(config: Any) -> tuple[Any, bool]:
-    """``config`` (a serialised model) with every mixed dtype policy made ``float32``; whether any was."""
-    if isinstance(config, dict):
-        changed = False
-        if str(config.get("class_name", "")).endswith("DTypePolicy"):
-            inner = config.get("config") or {}
-            if str(inner.get("name", "")).startswith("mixed_"):
-                return {**config, "config": {**inner, "name": "float32"}}, True
-        out = {}
-        for key, value in config.items():
-            if key == "dtype" and isinstance(value, str) and value.startswith("mixed_"):
-                out[key], hit = "float32", True
-            else:
-                out[key], hit = _float32_policies(value)
-            changed |= hit
-        return out, changed
-    if isinstance(config, list):
-        items = [_float32_policies(v) for v in config]
-        return [v for v, _ in items], any(hit for _, hit in items)
-    return config, False
-
-
-def float32_network(network: Any) -> tuple[Any, bool]:
-    """A float32 copy (same weights) of a network trained with a mixed precision policy, and whether one was needed.
-
-    ``precision: auto`` trains ``mixed_bfloat16`` on CPUs with AVX512-BF16/AMX, and the exported
-    ONNX of such a network has bf16 convolutions that neither ONNX Runtime nor OpenVINO loads
-    ("Type 'tensor(bfloat16)' of input parameter ... of operator (Conv) ... is invalid"). The
-    weights are float32 variables either way, so a float32 copy is the same network at full precision.
-    """
-    import keras
-
-    serialised, changed = _float32_policies(keras.saving.serialize_keras_object(network))
-    if not changed:
-        return network, False
-    copy = keras.saving.deserialize_keras_object(serialised)
-    copy.set_weights(network.get_weights())
-    return copy, True
 
 
 def export_onnx(network: Any, work: Path) -> Path:

@@ -85,7 +85,8 @@ def test_float32_network_computes_in_float32_with_the_same_weights():
     inner = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid", dtype="mixed_bfloat16")(x), name="unet")
     outer_in = keras.Input((None, None, 3))
     network = keras.Model(outer_in, inner(outer_in))
-    copy = float32_network(network)
+    copy, cast = float32_network(network)
+    assert cast
     assert compute_dtypes(network) == "mixed_bfloat16" and compute_dtypes(copy) == "float32"
     for a, b in zip(network.get_weights(), copy.get_weights()):
         np.testing.assert_array_equal(a, b)

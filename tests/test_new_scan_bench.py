@@ -84,14 +84,14 @@ def test_finetune_bench_scores_base_finetuned_and_forest_for_each_labelled_set(t
     record = json.loads((out / "finetune.json").read_text())
     rows = record["rows"]
 
-    # No adjacency leak: with 1 context slice per side, every scored slice is >= max(1 + 2, 2 + 1) = 3
-    # slices from every labelled one; the pool is the test slab's first 10 slices, the rest is scored.
+    # No adjacency leak: with 1 context slice per side, max(1 + 2, 2) = 3 unused slices lie between the
+    # labelled and the scored slices (distance 4); the pool is the test slab's first 10 slices.
     start, stop = slab_split(40, 0.3, 0.1, 0.6, 1).test
     first, last = record["settings"]["scored_z_range"]
     labelled = {z for r in rows for z in r["labelled_z"]}
     assert labelled == set(range(start, start + 10)) and last == stop - 1 and last >= first
-    assert min(abs(s - z) for s in range(first, last + 1) for z in labelled) == 3
-    assert f"{start}-{start + 9}" in record["settings"]["labelled pool"] and "2 unused slices" in record["settings"]["gap"]
+    assert min(abs(s - z) for s in range(first, last + 1) for z in labelled) == 4
+    assert f"{start}-{start + 9}" in record["settings"]["labelled pool"] and "3 unused slices" in record["settings"]["gap"]
     # Fine-tuning must have learnt the new scan: every fine-tune beats the base model there (a float32
     # model and fixed seeds, so the same figures on every CPU: base 0.35, fine-tunes 0.45-0.46).
     base = rows[0]["iou_ni"]
@@ -154,15 +154,15 @@ def test_new_scan_chains_the_normalisation_transforms():
 
 @pytest.mark.parametrize("context", [0, 1, 2, 3])
 def test_pool_and_scored_keeps_the_scored_slices_clear_of_the_pool(context):
-    """Every scored slice is at least context + 2 slices from every labelled one, and its context
-    window (context slices per side) shares no slice with any labelled slice's window."""
+    """At least context + 2 unused slices lie between the labelled and the scored slices, and no
+    scored slice's context window (context slices per side) shares a slice with a labelled one's."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from finetune_bench import pool_and_scored
 
     pool, gap, scored = pool_and_scored(145, 200, 10, context)
     assert pool == list(range(145, 155)) and scored[-1] == 199
     closest = min(s - z for s in scored for z in pool)
-    assert closest >= context + 2
+    assert closest - 1 >= context + 2  # unused slices in between
     windows = lambda zs: {n for z in zs for n in range(z - context, z + context + 1)}  # noqa: E731
     assert not windows(pool) & windows(scored)
     assert gap == scored[0] - pool[-1] - 1 and closest - 1 == gap  # no more slices dropped than needed
@@ -173,7 +173,7 @@ def test_pool_and_scored_refuses_a_test_slab_with_nothing_left_to_score():
     from finetune_bench import pool_and_scored
 
     with pytest.raises(ValueError, match="no slice left to score.*lower --pool"):
-        pool_and_scored(0, 12, 10, 1)  # 10 pool slices + a gap of 2 fill the 12-slice slab
-    assert pool_and_scored(0, 13, 10, 1)[2] == [12]
+        pool_and_scored(0, 13, 10, 1)  # 10 pool slices + a gap of 3 fill the 13-slice slab
+    assert pool_and_scored(0, 14, 10, 1)[2] == [13]
     with pytest.raises(ValueError, match="at least 3"):
         pool_and_scored(0, 30, 2, 0)
