@@ -452,6 +452,10 @@ def idle_claims(record: Record) -> list[str]:
             if first >= 0.5:
                 return [f"The note says \"machine otherwise idle\", but the {key} was {first:.2f} "
                         f"(1-minute average) on {record.hardware.split(', ')[1]}."]
+            return []
+    if record.load == "not recorded":
+        return ["The note calls the machine idle, but the file records no load average or other process "
+                "to back it: take its timings as unverified on that point."]
     return []
 
 
