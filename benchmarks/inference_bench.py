@@ -37,7 +37,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
 
 from _common import REPO, RESULTS, floats, import_socpristine, run_metadata, write_result  # noqa: E402
 
-from socseg.model.export import float32_network  # noqa: E402
+from socseg.model.precision import float32_network  # noqa: E402
 
 
 def parse_windows(text: str) -> list[dict[str, Any]]:

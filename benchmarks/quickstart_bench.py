@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
 
-from socseg.training.runtime import resolve_precision  # noqa: E402
+from socseg.model.precision import resolve_precision  # noqa: E402
 
 # The install step is the quick start's own (no test or docs tools), timed apart from the rest.
 STEPS = {"install": ["bash", "-c", "SOCSEG_NO_TEST=1 SOCSEG_TOOLS= bash scripts/setup_env.sh"],

@@ -57,7 +57,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
 
 from _common import RESULTS, run_metadata, write_result  # noqa: E402
 
-from socseg.model.export import float32_network  # noqa: E402
+from socseg.model.precision import float32_network  # noqa: E402
 
 Predict = Callable[[np.ndarray], np.ndarray]
 

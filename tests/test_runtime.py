@@ -2,7 +2,8 @@
 
 import pytest
 
-from socseg.training.runtime import resolve_precision, runs_eagerly, runtime_tags
+from socseg.model.precision import resolve_precision
+from socseg.training.runtime import runs_eagerly, runtime_tags
 
 
 @pytest.mark.parametrize(
@@ -19,7 +20,7 @@ from socseg.training.runtime import resolve_precision, runs_eagerly, runtime_tag
 def test_auto_precision_follows_the_hardware(flags, gpu_bf16, expected, monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     if gpu_bf16 is None:  # no GPU on this machine, whatever the test machine has
-        monkeypatch.setattr("socseg.training.runtime.gpu_supports_bf16", lambda: None)
+        monkeypatch.setattr("socseg.model.precision.gpu_supports_bf16", lambda: None)
     assert resolve_precision("auto", flags=flags, gpu_bf16=gpu_bf16) == expected
 
 
@@ -34,7 +35,7 @@ def test_auto_precision_follows_the_hardware(flags, gpu_bf16, expected, monkeypa
     ],
 )
 def test_a_onednn_isa_cap_below_bf16_makes_auto_choose_float32(cap, expected, monkeypatch):
-    monkeypatch.setattr("socseg.training.runtime.gpu_supports_bf16", lambda: None)
+    monkeypatch.setattr("socseg.model.precision.gpu_supports_bf16", lambda: None)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     assert resolve_precision("auto", flags={"avx512f", "avx512_bf16"}) == expected
 
@@ -61,7 +62,7 @@ def test_run_tags_name_the_precision_resolved_from_the_probed_hardware(cpu, gpu,
     cpu_flags, gpu_supports_bf16 and resolve_precision decide what the run tags say."""
     import tensorflow as tf
 
-    from socseg.training import runtime
+    from socseg.model import precision as runtime  # where the probes live; runtime_tags reads them
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 {' '.join(sorted(cpu))}\n\n")
@@ -77,7 +78,7 @@ def test_run_tags_name_the_precision_resolved_from_the_probed_hardware(cpu, gpu,
 
 
 def test_cpu_flags_are_read_from_cpuinfo_and_a_missing_file_gives_none(tmp_path):
-    from socseg.training.runtime import cpu_flags
+    from socseg.model.precision import cpu_flags
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 amx_bf16 amx_tile\nbugs\t\t: spectre_v1\n")

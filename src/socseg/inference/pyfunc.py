@@ -430,9 +430,13 @@ class Segmenter(mlflow.pyfunc.PythonModel):
         import socseg.model.losses  # noqa: F401
         import socseg.model.metrics  # noqa: F401
         import socseg.model.unet  # noqa: F401
+        from socseg.model.precision import runnable_network
 
         config = ModelConfig.from_dict(context.model_config)
         network = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
+        # A model keeps the dtype policy it was trained with: bf16 where it is not native would
+        # crawl (emulated) or fail (oneDNN without bf16 refuses the convolutions); run float32 there.
+        network, self.computes_in = runnable_network(network)
         self.predictor = Predictor(network, config)
         # The scoring server runs requests in threads; one forward pass at a time bounds memory.
         self._lock = threading.Lock()

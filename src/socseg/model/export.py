@@ -7,8 +7,6 @@ holds the model needs nothing else to feed it uint8, uint16 or float32 slices.
 
 from __future__ import annotations
 
-from typing import Any
-
 import keras
 
 from socseg.data.normalise import Normaliser
@@ -44,42 +42,3 @@ def export_model(model: keras.Model, normaliser: Normaliser) -> keras.Model:
     inputs = keras.Input(shape=(None, None, model.input_shape[-1]), dtype="float32", name="grey")
     normalised = IntensityNormalisation(normaliser.low, normaliser.high, name="normalise")(inputs)
     return keras.Model(inputs, model(normalised), name=f"socseg_{model.name}")
-
-
-def _float32_policies(config: Any) -> tuple[Any, bool]:
-    """``config`` (a serialised model) with every mixed dtype policy made ``float32``; whether any was."""
-    if isinstance(config, dict):
-        changed = False
-        if str(config.get("class_name", "")).endswith("DTypePolicy"):
-            inner = config.get("config") or {}
-            if str(inner.get("name", "")).startswith("mixed_"):
-                return {**config, "config": {**inner, "name": "float32"}}, True
-        out = {}
-        for key, value in config.items():
-            if key == "dtype" and isinstance(value, str) and value.startswith("mixed_"):
-                out[key], hit = "float32", True
-            else:
-                out[key], hit = _float32_policies(value)
-            changed |= hit
-        return out, changed
-    if isinstance(config, list):
-        items = [_float32_policies(v) for v in config]
-        return [v for v, _ in items], any(hit for _, hit in items)
-    return config, False
-
-
-def float32_network(network: Any) -> tuple[Any, bool]:
-    """A float32 copy (same weights) of a network trained with a mixed precision policy, and whether one was needed.
-
-    ``precision: auto`` trains ``mixed_bfloat16`` where bf16 is native, and a loaded model keeps
-    computing in the policy it was trained with. Elsewhere that fails or crawls: the exported ONNX
-    has bf16 convolutions that neither ONNX Runtime nor OpenVINO loads, and oneDNN capped to AVX2
-    refuses bf16 convolutions. The weights are float32 variables either way, so a float32 copy is
-    the same network at full precision (what ``auto`` trains on a CPU without native bf16).
-    """
-    serialised, changed = _float32_policies(keras.saving.serialize_keras_object(network))
-    if not changed:
-        return network, False
-    copy = keras.saving.deserialize_keras_object(serialised)
-    copy.set_weights(network.get_weights())
-    return copy, True

@@ -30,7 +30,8 @@ from socseg.model.metrics import ThresholdedIoU
 from socseg.model.unet import build_model
 from socseg.params import Params, typed
 from socseg.training import tracking
-from socseg.training.runtime import resolve_precision, runs_eagerly, runtime_tags, seed_everything, set_precision
+from socseg.model.precision import resolve_precision
+from socseg.training.runtime import runs_eagerly, runtime_tags, seed_everything, set_precision
 
 # Validation after every epoch scores the whole validation slabs through the predictor users get,
 # one pass per slice without TTA: the cheapest window, whatever the served settings, for the

@@ -1,0 +1,154 @@
+"""Which precision the hardware computes natively, and a logged model made to fit it.
+
+Below training and inference on purpose: training picks its dtype policy from it
+(``train.precision: auto``), and loading a logged model uses it too, since a model keeps the policy
+it was trained with: a model trained in bf16 on an AVX512-BF16 CPU or an Ampere GPU, loaded on a
+CPU without native bf16, would otherwise crawl through emulated bf16 or fail outright (oneDNN
+limited to AVX2 refuses bf16 convolutions).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import keras
+
+from socseg.params import AUTO, PRECISIONS
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # without these, bf16 is emulated and slower than float32
+ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"  # caps the instructions oneDNN (TensorFlow's CPU kernels) may use
+# oneDNN ISA levels that include native bf16 dot products (oneDNN's names; DEFAULT/ALL: no cap).
+ONEDNN_BF16_ISAS = frozenset({"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                              "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+                              "AVX10_2_512_AMX_2", "DEFAULT", "ALL"})
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def gpu_supports_bf16() -> bool | None:
+    """``None`` without a GPU; else whether the first GPU has native bf16 (NVIDIA compute >= 8.0)."""
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            if not gpus:
+                return None
+            capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+            return tuple(capability) >= (8, 0)
+        if backend == "jax":
+            import jax
+
+            gpus = [d for d in jax.devices() if d.platform == "gpu"]
+            if not gpus:
+                return None
+            return float(getattr(gpus[0], "compute_capability", "0")) >= 8.0
+        if backend == "torch":
+            import torch
+
+            return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+    except Exception:  # a broken driver: decide on the CPU
+        return None
+    return None
+
+
+def resolve_precision(precision: str, flags: set[str] | None = None, gpu_bf16: bool | None = None) -> str:
+    """``auto`` -> ``mixed_bfloat16`` where the hardware does bf16 natively (a GPU of compute
+    capability >= 8.0, or a CPU with AVX512-BF16 / AMX-BF16), else ``float32``.
+
+    Decided from the hardware, not assumed: on a CPU without those units mixed bf16 is emulated
+    and slower than float32. Any other value is checked and returned as it is.
+    """
+    if precision != AUTO:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: choose one of {AUTO}, {', '.join(PRECISIONS)}")
+        return precision
+    gpu = gpu_supports_bf16() if gpu_bf16 is None else gpu_bf16
+    if gpu is not None:
+        return "mixed_bfloat16" if gpu else "float32"
+    flags = cpu_flags() if flags is None else flags
+    return "mixed_bfloat16" if flags & set(BF16_CPU_FLAGS) and onednn_allows_bf16() else "float32"
+
+
+def onednn_allows_bf16(isa_cap: str | None = None) -> bool:
+    """Whether ``ONEDNN_MAX_CPU_ISA`` (default: the environment's) leaves oneDNN its bf16 units.
+
+    The cap is how an AVX-512 machine stands in for the many CPUs without AVX-512 (``AVX2``); a
+    user of such a CPU gets float32 from ``auto``, so the stand-in must too, or it would time
+    emulated bf16 that no real AVX2 user runs.
+    """
+    cap = (os.environ.get(ONEDNN_ISA_ENV, "") if isa_cap is None else isa_cap).strip().upper()
+    return not cap or cap in ONEDNN_BF16_ISAS
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 natively (what ``auto`` would train in)."""
+    return resolve_precision(AUTO) == "mixed_bfloat16"
+
+
+def computes_in_bf16(network: Any) -> bool:
+    """Whether any weighted layer of ``network`` (nested models included) computes in bf16."""
+    def walk(model: Any) -> bool:
+        return any(walk(layer) if hasattr(layer, "layers") else
+                   bool(layer.weights) and layer.dtype_policy.compute_dtype == "bfloat16"
+                   for layer in model.layers)
+
+    return walk(network)
+
+
+def runnable_network(network: Any) -> tuple[Any, str]:
+    """``network`` as this machine should run it, and a word for the logs: a bf16 model where bf16
+    is not native becomes its float32 copy (same weights, :func:`float32_network`)."""
+    if computes_in_bf16(network) and not native_bf16():
+        return float32_network(network)[0], "float32 (bf16 model; no native bf16 here)"
+    return network, "as trained"
+
+
+def _float32_policies(config: Any) -> tuple[Any, bool]:
+    """``config`` (a serialised model) with every mixed dtype policy made ``float32``; whether any was."""
+    if isinstance(config, dict):
+        changed = False
+        if str(config.get("class_name", "")).endswith("DTypePolicy"):
+            inner = config.get("config") or {}
+            if str(inner.get("name", "")).startswith("mixed_"):
+                return {**config, "config": {**inner, "name": "float32"}}, True
+        out = {}
+        for key, value in config.items():
+            if key == "dtype" and isinstance(value, str) and value.startswith("mixed_"):
+                out[key], hit = "float32", True
+            else:
+                out[key], hit = _float32_policies(value)
+            changed |= hit
+        return out, changed
+    if isinstance(config, list):
+        items = [_float32_policies(v) for v in config]
+        return [v for v, _ in items], any(hit for _, hit in items)
+    return config, False
+
+
+def float32_network(network: Any) -> tuple[Any, bool]:
+    """A float32 copy (same weights) of a network trained with a mixed precision policy, and whether one was needed.
+
+    ``precision: auto`` trains ``mixed_bfloat16`` where bf16 is native, and a loaded model keeps
+    computing in the policy it was trained with. Elsewhere that fails or crawls: the exported ONNX
+    has bf16 convolutions that neither ONNX Runtime nor OpenVINO loads, and oneDNN capped to AVX2
+    refuses bf16 convolutions. The weights are float32 variables either way, so a float32 copy is
+    the same network at full precision (what ``auto`` trains on a CPU without native bf16).
+    """
+    serialised, changed = _float32_policies(keras.saving.serialize_keras_object(network))
+    if not changed:
+        return network, False
+    copy = keras.saving.deserialize_keras_object(serialised)
+    copy.set_weights(network.get_weights())
+    return copy, True

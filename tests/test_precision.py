@@ -1,0 +1,93 @@
+"""The native-precision probe and a logged model made to fit the machine (socseg.model.precision)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from socseg.model.precision import computes_in_bf16, float32_network, native_bf16, runnable_network
+
+
+def mixed_network():
+    """A tiny functional model whose layers compute in bf16 (a nested model inside, as socseg's)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", dtype="mixed_bfloat16")(inputs)
+    inner = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid", dtype="mixed_bfloat16")(x))
+    outer = keras.Input((None, None, 1))
+    return keras.Model(outer, inner(outer))
+
+
+def test_a_bf16_model_runs_in_float32_where_bf16_is_not_native(monkeypatch):
+    """The real probe, with the machine made AVX2-like the way the benchmarks do it (oneDNN capped,
+    no GPU): a bf16 model comes back as its float32 copy with the same weights and outputs within
+    bf16 rounding; where bf16 is native it is returned untouched. (The cap is handed to the probe
+    rather than put in the environment: oneDNN reads it once per process, and it would then cap
+    every later test of this worker.)"""
+    from socseg.model import precision
+    network = mixed_network()
+    batch = np.random.default_rng(0).random((2, 12, 12, 1), dtype=np.float32)
+    monkeypatch.setattr("socseg.model.precision.gpu_supports_bf16", lambda: None)
+    monkeypatch.setattr("socseg.model.precision.cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+
+    capped = precision.onednn_allows_bf16
+    monkeypatch.setattr(precision, "onednn_allows_bf16", lambda isa_cap=None: capped("AVX2"))
+    assert computes_in_bf16(network) and not native_bf16()
+    runnable, how = runnable_network(network)
+    assert runnable is not network and not computes_in_bf16(runnable) and how.startswith("float32")
+    for a, b in zip(network.get_weights(), runnable.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    out = runnable.predict_on_batch(batch)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, np.asarray(network.predict_on_batch(batch), np.float32), atol=0.02)
+
+    monkeypatch.setattr(precision, "onednn_allows_bf16", lambda isa_cap=None: capped(""))
+    assert native_bf16()
+    assert runnable_network(network) == (network, "as trained")
+
+
+def test_a_float32_model_is_never_copied(monkeypatch):
+    import keras
+
+    monkeypatch.setattr("socseg.model.precision.native_bf16", lambda: False)
+    inputs = keras.Input((None, None, 1))
+    network = keras.Model(inputs, keras.layers.Conv2D(1, 1)(inputs))
+    assert not computes_in_bf16(network)
+    assert runnable_network(network) == (network, "as trained")
+    assert float32_network(network) == (network, False)
+
+
+def test_a_logged_bf16_segmenter_loads_in_float32_without_native_bf16(tmp_path, monkeypatch):
+    """The served and scoring path: a pyfunc segmenter trained in bf16, loaded where bf16 is not
+    native, predicts with a float32 network and gives the labels of the bf16 one (or nearly: bf16
+    rounding may flip a pixel on a class boundary)."""
+    import keras
+    import mlflow
+
+    from socseg.data.normalise import Normaliser
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.model.export import export_model
+    from socseg.model.unet import build_model
+    from test_pyfunc import make_config
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        network = export_model(build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none"),
+                               Normaliser(20000.0, 43000.0, 0.5, 99.5))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    path = save_segmenter(network, make_config(), tmp_path / "model")
+    grey = np.random.default_rng(0).integers(18000, 45000, (2, 40, 40)).astype(np.uint16)
+    monkeypatch.setattr("socseg.model.precision.native_bf16", lambda: True)
+    as_trained = mlflow.pyfunc.load_model(str(path))
+    assert as_trained.unwrap_python_model().computes_in == "as trained"
+    assert computes_in_bf16(as_trained.unwrap_python_model().predictor.network)
+    monkeypatch.setattr("socseg.model.precision.native_bf16", lambda: False)
+    converted = mlflow.pyfunc.load_model(str(path))
+    inner = converted.unwrap_python_model()
+    assert inner.computes_in.startswith("float32") and not computes_in_bf16(inner.predictor.network)
+    agree = np.mean(np.asarray(converted.predict(grey)) == np.asarray(as_trained.predict(grey)))
+    assert agree > 0.99
