@@ -826,7 +826,21 @@ def command_helps(command: Any, name: str, parent: Any = None) -> Iterator[tuple
 
 
 def cli_page() -> str:
-    """docs/reference/cli.md: the --help of ``socseg`` and of each of its commands."""
+    """docs/reference/cli.md, made in a fresh interpreter (``--cli-page``): what a user's ``--help``
+    prints, whatever a long-lived process (a test session) has imported or changed before."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "SOCSEG_PARAMS")}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--cli-page"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RenderError(f"the command-line page could not be made: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def cli_page_here() -> str:
+    """The --help of ``socseg`` and of each of its commands, from the click commands of this process."""
     from socseg.cli import main as socseg_main
 
     out = [GENERATED_NOTE, "", "# Command line: socseg", "",
@@ -1008,10 +1022,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a figure, block or page is stale")
     parser.add_argument("--lint", action="store_true", help="list figures typed by hand; exit 1 if any")
+    parser.add_argument("--cli-page", action="store_true", help=argparse.SUPPRESS)  # cli_page's fresh interpreter
     parser.add_argument("--root", type=Path, default=REPO, help="repository root (default: this checkout)")
     parser.add_argument("documents", nargs="*", help="only these documents (paths relative to the root; default: all)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
+    if args.cli_page:
+        sys.stdout.write(cli_page_here())
+        return 0
     try:
         if args.lint:
             hits = lint_all(root, args.documents)
