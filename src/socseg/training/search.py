@@ -23,8 +23,9 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
-from socseg.training import tracking
+from socseg.data.split import check_context_gap
 from socseg.params import set_dotted, typed
+from socseg.training import tracking
 from socseg.training.runtime import runtime_tags
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -123,8 +124,6 @@ def check_search_context_gap(params: Mapping) -> None:
     """Refuse a search in which any trial's 2.5D context would be wider than its split gap
     (:func:`socseg.data.split.check_context_gap`), before any trial runs: a searched
     ``train.context_slices`` counts with its widest choice, a searched ``split.gap`` with its narrowest."""
-    from socseg.data.split import check_context_gap
-
     p = typed(params)
     space = p.search.space
     context = max(int(v) for v in searchable_values(space, "train.context_slices", p.train.context_slices))

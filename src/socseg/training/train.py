@@ -27,10 +27,10 @@ from socseg.inference.predictor import ModelConfig, Predictor
 from socseg.model.export import export_model
 from socseg.model.losses import get_loss
 from socseg.model.metrics import ThresholdedIoU
+from socseg.model.precision import resolve_precision
 from socseg.model.unet import build_model
 from socseg.params import Params, typed
 from socseg.training import tracking
-from socseg.model.precision import resolve_precision
 from socseg.training.runtime import runs_eagerly, runtime_tags, seed_everything, set_precision
 
 # Validation after every epoch scores the whole validation slabs through the predictor users get,
