@@ -327,7 +327,7 @@ def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -
             n_slices += len(pred)
             cm += slab_confusion(slab, pred, task)
         scores = segmentation_scores(cm, data.class_names)
-        if method == "threshold" and data.normalisation_mode == "per_volume":  # no one raw scale: each volume's own
+        if method == "threshold" and data.grey_ranges() is not None:  # no one raw scale: each volume's own
             settings = ("thresholds " + ", ".join(f"{t:.3f}" for t in model.thresholds)
                         + " of each volume's own grey range (max. train mean IoU)")
         elif method == "threshold":
@@ -396,9 +396,10 @@ def score_model(model_uri: str, setting: Setting, task: str, tta: bool = False):
     ``socseg.inference.evaluate.score_slabs``, as the evaluate stage and ``socseg evaluate`` score it."""
     from socseg.inference.evaluate import score_slabs
     from socseg.inference.predictor import Predictor
+    from socseg.inference.request import InferenceOptions
 
     # score_slabs checks the model's classes against each volume's phases
-    return score_slabs(Predictor.load(model_uri), test_slabs(setting), task, tta=tta)
+    return score_slabs(Predictor.load(model_uri), test_slabs(setting), task, options=InferenceOptions(tta=tta))
 
 
 def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta: bool = False, trained=None) -> list[dict]:

@@ -34,10 +34,10 @@ COLUMNS = [("mode", "mode"), ("slices_per_s", "slices/s", ".2f"), ("seconds", "w
 _SINGLE = textwrap.dedent(
     """
     import json, sys, time
-    from socseg.inference.distributed import segment_to_zarr
+    from socseg.inference.distributed import ZarrTarget, segment_to_zarr
     model, grey, out, depth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     started = time.perf_counter()
-    result = segment_to_zarr(model, grey, out, chunk_depth=depth, tracking_uri="sqlite:///unused.db", progress=False)
+    result = segment_to_zarr(model, grey, ZarrTarget(out, depth), tracking_uri="sqlite:///unused.db", progress=False)
     hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
     print(json.dumps({"seconds": time.perf_counter() - started, "rss": hwm // 1024}))
     """
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               dashboard_address=None) as cluster, Client(cluster) as client:
                 output = folder / f"dask{n}.zarr"
                 began = time.perf_counter()
-                result = segment_to_zarr(model, str(folder / "grey.tif"), output, chunk_depth=args.chunk_depth,
+                result = segment_to_zarr(model, str(folder / "grey.tif"), ZarrTarget(output, args.chunk_depth),
                                          tracking_uri="sqlite:///unused.db", scheduler=cluster.scheduler_address,
                                          progress=False)
                 seconds = time.perf_counter() - began

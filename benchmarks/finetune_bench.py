@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from socseg.data.volumes import Volume, VolumeMeta, load_volume
     from socseg.inference.evaluate import score_slabs, slab_confusion
     from socseg.inference.predictor import Predictor
+    from socseg.inference.request import InferenceOptions
     from socseg.model.baselines import RandomForestBaseline
     from socseg.model.metrics import segmentation_scores
     from socseg.params import load_params, set_dotted
@@ -201,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     scoring_slab = Slab(scan, (scored[0], stop))  # context slices are read from the gap, never from the pool
 
     def model_row(setting: dict[str, Any], method: str, model_uri: str, seconds: float, pixels: int,
-                  **window: Any) -> dict[str, Any]:
-        scores = score_slabs(Predictor.load(model_uri), [scoring_slab], "ni", tta=False, **window).scores
+                  grey_range: tuple[float, float] | None = None) -> dict[str, Any]:
+        options = InferenceOptions(tta=False, grey_range=grey_range)
+        scores = score_slabs(Predictor.load(model_uri), [scoring_slab], "ni", options=options).scores
         return {"setting": setting["setting"], "method": method, "labelled_slices": len(setting["slices"]),
                 "labelled_z": list(setting["slices"]), "partial": setting["partial"], "labelled_pixels": pixels,
                 "iou_ni": scores["iou_ni"], "mean_iou": scores["mean_iou"], "train_s": seconds, "model_uri": model_uri}
@@ -215,9 +217,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = {"setting": "none", "slices": [], "partial": False}
     rows.append(model_row(base, "base model", args.model_uri, 0.0, 0))
     progress(rows[-1])
-    if not base_predictor.per_volume:  # what a user tries first: --grey-range, the scan's range mapped
+    if base_predictor.config.normalisation.source_range(image) is None:  # a fixed model: what a user tries first,
+        # --grey-range, the scan's range mapped
         rows.append(model_row(base, "base model, grey range mapped", args.model_uri, 0.0, 0,
-                              grey_range=base_predictor.volume_grey_range(image)))
+                              grey_range=base_predictor.config.normalisation.estimate_range(image)))
         progress(rows[-1])
     rng = np.random.default_rng(args.seed)
     for setting in settings_to_run(pool):

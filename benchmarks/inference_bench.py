@@ -165,6 +165,7 @@ def window_rows(label: str, model_uri: str, predictor, slab, windows: list[dict[
     """One row per window setting: IoU and slices/s of ``predictor`` on the slab (after a warm-up)."""
     from socseg.data.prepare import Slab
     from socseg.inference.evaluate import score_slabs
+    from socseg.inference.request import InferenceOptions
 
     rows = []
     for settings in windows:
@@ -173,8 +174,9 @@ def window_rows(label: str, model_uri: str, predictor, slab, windows: list[dict[
                "settings": f"batch {predictor.config.batch_size} tiles of {predictor.config.tile_size}^2, "
                            f"context {predictor.config.context_slices}"}
         try:
-            score_slabs(predictor, [Slab(slab.volume, (slab.z_range[0], slab.z_range[0] + 2))], "ni", tta=False, **settings)
-            evaluation = score_slabs(predictor, [slab], "ni", tta=False, **settings)
+            options = InferenceOptions(tta=False, **settings)
+            score_slabs(predictor, [Slab(slab.volume, (slab.z_range[0], slab.z_range[0] + 2))], "ni", options=options)
+            evaluation = score_slabs(predictor, [slab], "ni", options=options)
         except Exception as error:  # e.g. a bf16 model under ONEDNN_MAX_CPU_ISA=AVX2: recorded, the others still run
             row.update(iou_ni=None, mean_iou=None, seconds=None, slices_per_s=None, error=failure(error))
             row["settings"] += f"; did not run: {row['error']}"

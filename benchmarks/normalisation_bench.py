@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from socseg.data.volumes import Volume, VolumeMeta, load_volume
     from socseg.inference.evaluate import score_slabs
     from socseg.inference.predictor import Predictor
+    from socseg.inference.request import InferenceOptions
 
     models = pd.read_csv(args.models)
     models = models[models["model_uri"].notna()]
@@ -114,12 +115,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         copy = Volume(image, volume.labels, VolumeMeta(**{**volume.meta.__dict__, "image_dtype": image.dtype.name, "checksums": {}}))
         slab = Slab(copy, z_range)
         for label, predictor in predictors.items():
-            variants = [(label, {})]
-            if not predictor.per_volume:
-                variants.append((f"{label}, range mapped at inference", {"grey_range": predictor.volume_grey_range(image)}))
-            for shown, settings in variants:
-                evaluation = score_slabs(predictor, [slab], "ni", tta=False, **settings)
-                rows.append({"transform": name, "model": shown, "mode": predictor.config.normalisation_mode,
+            normalisation = predictor.config.normalisation
+            variants = [(label, InferenceOptions(tta=False))]
+            if normalisation.source_range(image) is None:  # a fixed model: also with the volume's range mapped
+                variants.append((f"{label}, range mapped at inference",
+                                 InferenceOptions(tta=False, grey_range=normalisation.estimate_range(image))))
+            for shown, options in variants:
+                evaluation = score_slabs(predictor, [slab], "ni", options=options)
+                rows.append({"transform": name, "model": shown, "mode": normalisation.mode,
                              "iou_ni": evaluation.scores["iou_ni"], "mean_iou": evaluation.scores["mean_iou"],
                              "grey": f"{float(np.min(image)):.4g}..{float(np.max(image)):.4g} {image.dtype}"})
                 print(f"[{time.strftime('%H:%M:%S')}] {name:34s} {shown:50s} IoU Ni {rows[-1]['iou_ni']:.4f}", flush=True)

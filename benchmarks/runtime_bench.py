@@ -57,6 +57,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
 
 from _common import RESULTS, run_metadata, write_result  # noqa: E402
 
+from socseg.data.tasks import get_task  # noqa: E402
 from socseg.model.precision import float32_network  # noqa: E402
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -268,12 +269,10 @@ def run_pass(predict: Predict, batches: Sequence[np.ndarray]) -> tuple[float, li
 
 
 def classes_of(outputs: Sequence[np.ndarray], task: str, crop: tuple[slice, slice] | None) -> np.ndarray:
-    from socseg.model.metrics import probabilities_to_classes
-
     probs = np.concatenate(outputs)
     if crop is not None:
         probs = probs[:, crop[0], crop[1]]
-    return probabilities_to_classes(probs, task)
+    return get_task(task).to_classes(probs)
 
 
 def meets_bar(variant: str, speedup: float, agreement: float) -> str:

@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metadata = run_metadata(__file__, argv)
 
     from socseg.inference.predictor import Predictor
-    from socseg.inference.segment import segment_stream
+    from socseg.inference.segment import SegmentOutputs, segment_stream
 
     client = serving_client()
     rows: list[dict] = []
@@ -149,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         labels(tifffile.imread(volume, key=0)[None], 0, 0)  # warm-up: first-call tracing is not throughput
         rate = max(
-            segment_stream(labels, volume, folder / "local.tif", context_slices=predictor.context_slices,
-                           slice_batch=args.slice_batch, overwrite=True, progress=False).slices_per_second
+            segment_stream(labels, volume, SegmentOutputs(folder / "local.tif", overwrite=True),
+                           context_slices=predictor.context_slices, slice_batch=args.slice_batch,
+                           progress=False).slices_per_second
             for _ in range(args.repeat)
         )
         rows.append({"mode": "local (socseg segment, model loaded)", "slices_per_s": rate, "kib_sent_per_slice": None,

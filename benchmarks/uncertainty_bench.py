@@ -46,15 +46,15 @@ def slice_statistics(predictor: Any, image: np.ndarray, labels_volume: Any, z_ra
     from socseg.analysis.uncertainty import uncertainty
     from socseg.data.context import iter_chunks
     from socseg.data.prepare import Slab
+    from socseg.inference.request import InferenceOptions
 
     start, stop = z_range
-    grey = predictor.volume_grey_range(image) if predictor.per_volume else None
+    request = predictor.request(InferenceOptions(tta=False), source=image, check_range=False)
     targets = Slab(labels_volume, z_range).targets(predictor.config.task)
     step = max(1, targets.size // PIXEL_SAMPLE)
     means, errors, pixel_u, pixel_wrong = [], [], [], []
     for piece in iter_chunks(image.shape[0], 8, predictor.context_slices, start, stop):
-        probs = predictor.probabilities(np.asarray(image[piece.read]), piece.before, piece.after, tta=False,
-                                        grey_range=grey)
+        probs = predictor.probabilities(np.asarray(image[piece.read]), piece.before, piece.after, request)
         unsure = uncertainty(probs)
         wrong = predictor.to_classes(probs) != targets[piece.start - start : piece.stop - start]
         means.extend(unsure.reshape(len(unsure), -1).mean(axis=1).tolist())

@@ -10,7 +10,7 @@ OUTPUT with the same guarantees as ``socseg segment`` (streamed, atomic, never o
 existing OUTPUT only with --overwrite): the reading and writing are :mod:`socseg.inference.segment`'s.
 The client first asks the server for the model's config (request param ``describe``): a 2.5D
 model's ``context_slices`` decides how many neighbouring slices go around each chunk, and the
-phase map goes into OUTPUT's metadata. For a per_volume model (``normalisation_mode``) the client
+phase map goes into OUTPUT's metadata. For a per_volume model (its ``normalisation``) the client
 estimates the whole input's grey range once and sends it with every request (``grey_low``,
 ``grey_high``; ``--grey-range`` gives it instead).
 Connection errors, timeouts and 502/503/504 are retried with exponential backoff; a 4xx is
@@ -35,10 +35,10 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import requests
 
-from socseg.inference.predictor import ModelConfig
+from socseg.inference.config import ModelConfig
 from socseg.params import WINDOWS
 from socseg.inference.pyfunc import IMAGE_COLUMN, decode_array, encode_array
-from socseg.inference.segment import SegmentResult, segment_stream
+from socseg.inference.segment import SegmentOutputs, SegmentResult, segment_stream
 from socseg.data.normalise import GreyRangeEstimateError, parse_grey_range
 from socseg.data.stacks import SliceReader
 from socseg.data.volumes import VolumeError, parse_phase_map
@@ -177,12 +177,14 @@ def segment_with_server(
     if phase_map is None and config.get("phase_map"):
         client.phase_map = {int(k): v for k, v in label_phase_map(config).items()}
     model = ModelConfig.from_dict(config)
-    if model.normalisation_mode == "per_volume" and "grey_low" not in client.params:
-        # Each request carries only some slices: send the whole input's grey range with every one,
-        # estimated as `socseg segment` and `socseg stats` do, so the labels do not depend on the batching.
+    if "grey_low" not in client.params:
+        # Each request carries only some slices: a per_volume model gets the whole input's grey range
+        # with every one, estimated as `socseg segment` and `socseg stats` do, so the labels do not
+        # depend on the batching (a fixed model: none, raw values).
         with SliceReader(source) as reader:
-            low, high = model.volume_grey_range(reader)
-        client.params.update(grey_low=low, grey_high=high)
+            grey_range = model.normalisation.source_range(reader)
+        if grey_range is not None:
+            client.params.update(grey_low=grey_range[0], grey_high=grey_range[1])
 
     def metadata() -> dict[str, Any]:  # asked after the first answer, which carries the phase map
         known = dict(phase_map) if phase_map else client.phase_map
@@ -193,10 +195,9 @@ def segment_with_server(
             "params": client.params,
         }
 
-    result = segment_stream(
-        client, source, output, context_slices=int(config.get("context_slices", 0)), slice_batch=slice_batch,
-        overwrite=overwrite, metadata=metadata, progress=progress,
-    )
+    outputs = SegmentOutputs.check(source, output, overwrite=overwrite)
+    result = segment_stream(client, source, outputs, context_slices=int(config.get("context_slices", 0)),
+                            slice_batch=slice_batch, metadata=metadata, progress=progress)
     return result, client
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from socseg.data.normalise import Normalisation
 from socseg.data.chunked import ChunkedLabels
 from socseg.data.volumes import VolumeError
 
@@ -32,7 +33,7 @@ def _model(folder: Path, context_slices: int) -> str:
     network = build_model("unet", "phases", n_classes=3, base_filters=4, context_slices=context_slices)
     config = ModelConfig(task="phases", encoder="unet", class_names=["pore", "ysz", "ni"],
                          phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=context_slices,
-                         normalisation={"low": 20000.0, "high": 43000.0}, normalisation_mode="fixed", window="whole_slice",
+                         normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"),  window="whole_slice",
                          whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=8,
                          max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5)
     return str(save_segmenter(export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5)), config, folder / f"model{context_slices}"))
@@ -68,11 +69,11 @@ def cluster():
         yield local
 
 
-def _segment_zarr(model: str, source, output, scheduler=None, chunk_depth=6, **kwargs):
-    from socseg.inference.distributed import segment_to_zarr
+def _segment_zarr(model: str, source, output, scheduler=None, chunk_depth=6, overwrite=False, probabilities=False):
+    from socseg.inference.distributed import ZarrTarget, segment_to_zarr
 
-    return segment_to_zarr(model, source, output, chunk_depth=chunk_depth, tracking_uri="sqlite:///unused.db",
-                           scheduler=scheduler, progress=False, **kwargs)
+    target = ZarrTarget(output, chunk_depth, overwrite, probabilities)
+    return segment_to_zarr(model, source, target, tracking_uri="sqlite:///unused.db", scheduler=scheduler, progress=False)
 
 
 def _tif_labels(model: str, source, output) -> np.ndarray:

@@ -75,8 +75,8 @@ def test_model_scores_on_its_test_slab_match_training_and_the_cli(trained):
     (kept,) = evaluation.predictions
     assert kept.shape == (stop - start, 64, 64)
     # A 2-D model: no context; a per_volume one (the default) with the whole volume's grey range.
-    grey = predictor.volume_grey_range(loaded.image) if predictor.per_volume else None
-    np.testing.assert_array_equal(kept, predictor.classes(loaded.image[start:stop], grey_range=grey))
+    request = predictor.request(source=loaded.image)  # the whole volume's range, as scoring maps it
+    np.testing.assert_array_equal(kept, predictor.classes(loaded.image[start:stop], request=request))
     with pytest.raises(ValueError, match="cannot be scored on task 'phases'"):
         score_slabs(predictor, [Slab(loaded, (start, stop))], task="phases")
 

@@ -236,6 +236,17 @@ def test_finetune_registers_a_gated_challenger_with_lineage(parent, new_scan, tm
     assert run.data.params["finetune.test_slices"] == "14" and run.data.params["finetune.ignore_value"] == "1"
     assert 0.0 <= run.data.metrics["test_mean_iou"] <= 1.0
     assert run.data.metrics["test_labelled_pixels"] == 48 * 48  # the held-out slice's labelled pixels only
+    # One trainer (socseg.training.trainer.TrainingRun) runs `socseg train` and `socseg finetune`:
+    # the fine-tune's run has exactly the parent training run's tags besides its own socseg.* ones,
+    # and the same time, epoch and history records.
+    trained = client.get_run(client.get_model_version("socseg-ni", "1").run_id)
+    own = {key for key in run.data.tags if not key.startswith(("mlflow.", "socseg."))}
+    assert own == {key for key in trained.data.tags if not key.startswith("mlflow.")}
+    assert {"device", "precision", "execution", "data_fingerprint", "git_commit", "stopped_by", "state"} <= own
+    assert {"train_seconds", "epochs_run"} <= set(run.data.metrics) & set(trained.data.metrics)
+    for run_id in (run.info.run_id, trained.info.run_id):
+        logged = {a.path for folder in ("plots", "training") for a in client.list_artifacts(run_id, folder)}
+        assert {"plots/training_curves.png", "training/history.csv"} <= logged, run_id
     version = client.get_model_version("socseg-ni", "2")
     # The gate's verdict, the version's tag and the champion alias say the same (which way it goes
     # here depends on training: test_the_gate_promotes_a_better_fine_tune_and_rejects_a_worse_one
@@ -272,7 +283,7 @@ def _constant_segmenter(name: str, ni: bool) -> tuple[str, str]:
     import keras
     import mlflow
 
-    from socseg.data.normalise import Normaliser
+    from socseg.data.normalise import Normalisation, Normaliser
     from socseg.inference.predictor import ModelConfig
     from socseg.inference.pyfunc import log_segmenter
     from socseg.model.export import export_model
@@ -282,9 +293,9 @@ def _constant_segmenter(name: str, ni: bool) -> tuple[str, str]:
     network = keras.Model(inputs, conv(inputs))
     conv.set_weights([np.zeros((1, 1, 1, 1), np.float32), np.array([40.0 if ni else -40.0], np.float32)])
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=dict(PHASES), tile_size=32,
-                         context_slices=0, normalisation={"low": 0.0, "high": 1.0, "low_percentile": 0.5,
-                                                          "high_percentile": 99.5},
-                         normalisation_mode="per_volume", window="whole_slice", whole_slice_max_pixels=10**6,
+                         context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
+                                                          "high_percentile": 99.5}, "per_volume"),
+                          window="whole_slice", whole_slice_max_pixels=10**6,
                          step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5)
     with mlflow.start_run(run_name=name) as run:
         info = log_segmenter(export_model(network, Normaliser(0.0, 1.0, 0.5, 99.5)), config)
@@ -405,7 +416,7 @@ def test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale(tiny_p
     import keras
     from mlflow.tracking import MlflowClient
 
-    from socseg.data.normalise import Normaliser
+    from socseg.data.normalise import Normalisation, Normaliser
     from socseg.data.synth import synth_from_params
     from socseg.data.volumes import Volume
     from socseg.inference.predictor import ModelConfig, Predictor
@@ -416,9 +427,9 @@ def test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale(tiny_p
     inputs = keras.Input((None, None, 1))
     outputs = keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs)
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
-                         tile_size=32, context_slices=0, normalisation={"low": 0.0, "high": 1.0, "low_percentile": 0.5,
-                                                                        "high_percentile": 99.5},
-                         normalisation_mode="per_volume", window="whole_slice", whole_slice_max_pixels=10**6,
+                         tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
+                                                                        "high_percentile": 99.5}, "per_volume"),
+                          window="whole_slice", whole_slice_max_pixels=10**6,
                          step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5)
     uri = str(save_segmenter(export_model(keras.Model(inputs, outputs), Normaliser(0.0, 1.0, 0.5, 99.5)), config,
                              tmp_path / "per-volume-model"))
@@ -428,7 +439,7 @@ def test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale(tiny_p
     tiny_params["finetune"].update(epochs=1, steps_per_epoch=2)
     result = finetune(tiny_params, uri, scan, labelled=[2, 9], register=False)
     record = json.loads(open(MlflowClient().download_artifacts(result.run_id, "training/finetune.json")).read())
-    expected = Predictor.load(uri).volume_grey_range(scan.image)
+    expected = Predictor.load(uri).config.normalisation.estimate_range(scan.image)
     assert record["normalisation"]["grey_range"] == pytest.approx(list(expected))
     assert 2.0 < expected[0] < expected[1] < 200.0  # the uint8 scan's own range, not the uint16 one
     assert 0.0 <= result.metrics["test_iou_ni"] <= 1.0  # the held-out slice 9, scored through the same mapping

@@ -21,6 +21,8 @@ def _ni_segmenter(folder: Path) -> str:
     ``train.precision: auto`` on a bf16 CPU: the policy travels with the saved model."""
     import keras
 
+    from socseg.data.normalise import Normalisation
+
     from socseg.inference.predictor import ModelConfig
     from socseg.inference.pyfunc import save_segmenter
     from socseg.model.export import IntensityNormalisation
@@ -32,7 +34,7 @@ def _ni_segmenter(folder: Path) -> str:
                             dtype="mixed_bfloat16")(x)
     outputs = keras.layers.Activation("sigmoid", dtype="float32")(x)
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
-                         tile_size=32, context_slices=0, normalisation={"low": 20000.0, "high": 43000.0}, normalisation_mode="fixed",
+                         tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"), 
                          window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5, tta=False, batch_size=8,
                          max_slice_pixels=10**6, max_clipped_fraction=0.5)
     return str(save_segmenter(keras.Model(inputs, outputs), config, folder / "model"))
@@ -104,6 +106,7 @@ def test_a_setting_that_fails_is_recorded_and_the_others_still_run(params):
     error and no figures; the float32 setting after it is measured."""
     from socseg.data.prepare import Slab
     from socseg.data.synth import synth_from_params
+    from socseg.data.normalise import Normalisation
     from socseg.inference.predictor import ModelConfig, Predictor
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -119,8 +122,8 @@ def test_a_setting_that_fails_is_recorded_and_the_others_still_run(params):
             return np.full((*batch.shape[:3], 1), 0.5, np.float32)
 
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
-                         tile_size=32, context_slices=0, normalisation={"low": 20000.0, "high": 43000.0},
-                         normalisation_mode="fixed", window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
+                         tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"),
+                          window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
                          tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5)
     slab = Slab(synth_from_params(params, "bench", shape=(6, 32, 32), seed=5), (2, 6))
     windows = parse_windows("whole_slice")
@@ -137,6 +140,7 @@ def test_normalisation_bench_scores_fixed_and_per_volume_models_on_every_transfo
     import keras
 
     from socseg.data.synth import synth_from_params
+    from socseg.data.normalise import Normalisation
     from socseg.inference.predictor import ModelConfig
     from socseg.inference.pyfunc import save_segmenter
     from socseg.model.export import IntensityNormalisation
@@ -154,8 +158,8 @@ def test_normalisation_bench_scores_fixed_and_per_volume_models_on_every_transfo
                                       bias_initializer=keras.initializers.Constant(-14.0))(x)  # Ni: brightest 30 %
         config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
                              tile_size=32, context_slices=0,
-                             normalisation={"low": low, "high": high, "low_percentile": 0.5, "high_percentile": 99.5},
-                             normalisation_mode=mode, window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
+                             normalisation=Normalisation.from_dict({"low": low, "high": high, "low_percentile": 0.5, "high_percentile": 99.5}, mode),
+                              window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
                              tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5)
         uris[mode] = save_segmenter(keras.Model(inputs, outputs), config, tmp_path / mode)
     models = tmp_path / "accuracy.csv"

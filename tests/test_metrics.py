@@ -5,13 +5,8 @@ import numpy as np
 import pytest
 
 import socseg.model.metrics as metrics
-from socseg.model.metrics import (
-    ThresholdedIoU,
-    class_names,
-    confusion_matrix,
-    probabilities_to_classes,
-    segmentation_scores,
-)
+from socseg.data.tasks import get_task
+from socseg.model.metrics import ThresholdedIoU, confusion_matrix, segmentation_scores
 
 TRUTH = np.array([[1, 1], [0, 0]])
 PRED = np.array([[1, 0], [0, 0]])
@@ -81,20 +76,18 @@ def test_scores_carry_the_ni_volume_fraction_and_its_error():
     assert not any(k.startswith("ni_fraction") for k in segmentation_scores(np.zeros((2, 2)), ["rest", "ni"]))
 
 
-def test_probabilities_to_classes():
-    p = np.array([[0.2, 0.5], [0.51, 0.9]])
-    expected = [[0, 0], [1, 1]]
-    np.testing.assert_array_equal(probabilities_to_classes(p[..., None], "ni"), expected)
-    np.testing.assert_array_equal(probabilities_to_classes(p, "ni"), expected)
-    probs = np.array([[[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]])
-    out = probabilities_to_classes(probs, "phases")
-    np.testing.assert_array_equal(out, [[1, 0]])
-    assert out.dtype == np.uint8
+def probabilities_to_classes(probs, task):
+    return get_task(task).to_classes(probs)
 
 
-def test_class_names():
-    assert class_names("ni") == ["rest", "ni"]
-    assert class_names("phases") == ["pore", "ysz", "ni"]
+def class_names(task, n_classes=3):
+    return get_task(task).default_class_names(n_classes)
+
+
+def test_metric_names_use_the_tasks_default_class_names():
+    assert ThresholdedIoU("ni", class_id=1).name == "iou_ni"
+    assert ThresholdedIoU(get_task("phases"), n_classes=3, class_id=1).name == "iou_ysz"
+    assert ThresholdedIoU("phases", n_classes=4, class_id=3, metric="dice").name == "dice_class3"
 
 
 def keras_value(metric, *updates):

@@ -471,3 +471,121 @@ def test_porespy_kernels_are_compiled_once_per_machine_not_per_process():
 
     kernels = [k for k in vars(_lt_methods).values() if isinstance(k, Dispatcher)]
     assert kernels and all(not isinstance(k._cache, NullCache) for k in kernels)
+
+
+# --------------------------------------------------------------------------- full output, pinned
+
+
+def pinned_volume() -> np.ndarray:
+    """Every part of :func:`measure` non-trivial: partial percolation, isolated components, TPB
+    along all three axes with part of it inactive, and sizes of two phases."""
+    labels = np.full((10, 12, 14), YSZ, dtype=np.uint8)
+    labels[:, :5, :] = PORE  # a pore slab spanning z and x
+    labels[2:5, 5:7, :] = NI  # a Ni rod along x on the pore slab: TPB along x
+    labels[:, 5:7, 10:12] = NI  # a Ni pillar along z on the pore slab: TPB along z
+    labels[7:9, 8:11, 5:9] = NI  # an isolated Ni block inside the YSZ
+    labels[6:8, 9:11, 8:12] = PORE  # an isolated pore touching the block: inactive TPB
+    for k in range(6):  # a Ni staircase rising in z and y
+        labels[k + 3, k + 2 : k + 4, 1] = NI
+    return labels
+
+
+PINNED_TPB_SIZES = {
+    "shape": (10, 12, 14), "voxel_size": (0.5, 0.5, 0.5), "unit": "um", "phases": ["pore", "ysz", "ni"],
+    "volume_fraction": {"pore": 0.4232142857142857, "ysz": 0.48988095238095236, "ni": 0.0869047619047619},
+    "specific_surface": {"pore": 0.15714285714285714, "ysz": 0.25555555555555554, "ni": 0.22698412698412698},
+    "specific_surface_faces": {"pore": 0.2357142857142857, "ysz": 0.3833333333333333, "ni": 0.3404761904761905},
+    "interface_density": {"pore-ysz": 0.09285714285714286, "pore-ni": 0.06428571428571428,
+                          "ysz-ni": 0.16269841269841268},
+    "interface_density_faces": {"pore-ysz": 0.1392857142857143, "pore-ni": 0.09642857142857143,
+                                "ysz-ni": 0.24404761904761904},
+    "surface_correction": 0.6666666666666666,
+    "percolation": {
+        "pore": {"spanning": {"z": 0.9774964838255977, "y": 0.0, "x": 0.9774964838255977},
+                 "isolated": 0.02250351617440225, "largest": 0.9774964838255977, "components": 2},
+        "ysz": {"spanning": {"z": 1.0, "y": 0.0, "x": 1.0}, "isolated": 0.0, "largest": 1.0, "components": 1},
+        "ni": {"spanning": {"z": 0.8493150684931506, "y": 0.0, "x": 0.8493150684931506},
+               "isolated": 0.1506849315068493, "largest": 0.8493150684931506, "components": 2},
+    },
+    "tpb": {"phases": ("pore", "ysz", "ni"), "edges": {"z": 20, "y": 4, "x": 26}, "length": 25.0,
+            "density_edges": 0.11904761904761904, "correction": 0.7, "density": 0.08333333333333333,
+            "active_fraction": {"z": 0.84, "y": 0.0, "x": 0.84}},
+    "sizes": {
+        "pore": {"d_mean": 4.8115330520393815, "d10": 5.0, "d50": 5.0, "d90": 5.0,
+                 "histogram": {"1": 0.02812939521800281, "3": 0.026722925457102673, "4": 0.02250351617440225,
+                               "5": 0.9226441631504922},
+                 "features": 2, "feature_d_mean": 3.529078101787617, "feature_d_volume_mean": 5.406491918318947},
+        "ni": {"d_mean": 1.0, "d10": 1.0, "d50": 1.0, "d90": 1.0, "histogram": {"1": 1.0}, "features": 2,
+               "feature_d_mean": 2.415852716723441, "feature_d_volume_mean": 2.8892488586964444},
+    },
+    "notes": [],
+}
+
+PINNED_SKIPS = {
+    "shape": (10, 12, 14), "voxel_size": (1.0, 1.0, 2.0), "unit": "unit", "phases": ["void", "ceramic", "Ni"],
+    "volume_fraction": {"void": 0.4232142857142857, "ceramic": 0.48988095238095236, "Ni": 0.0869047619047619},
+    "specific_surface": {"void": 0.07499999999999998, "ceramic": 0.11626984126984126, "Ni": 0.10079365079365078},
+    "specific_surface_faces": {"void": 0.11249999999999999, "ceramic": 0.1744047619047619, "Ni": 0.15119047619047618},
+    "interface_density": {"void-ceramic": 0.04523809523809523, "void-Ni": 0.02976190476190476,
+                          "ceramic-Ni": 0.07103174603174603},
+    "interface_density_faces": {"void-ceramic": 0.06785714285714285, "void-Ni": 0.044642857142857144,
+                                "ceramic-Ni": 0.10654761904761904},
+    "surface_correction": 0.6666666666666666,
+    "percolation": {
+        "void": {"spanning": {"z": 0.9774964838255977, "y": 0.0, "x": 0.9774964838255977},
+                 "isolated": 0.02250351617440225, "largest": 0.9774964838255977, "components": 2},
+        "ceramic": {"spanning": {"z": 1.0, "y": 0.0, "x": 1.0}, "isolated": 0.0, "largest": 1.0, "components": 1},
+        "Ni": {"spanning": {"z": 0.8493150684931506, "y": 0.0, "x": 0.8493150684931506},
+               "isolated": 0.1506849315068493, "largest": 0.8493150684931506, "components": 2},
+    },
+    "tpb": None,
+    "sizes": {},
+    "notes": ["TPB skipped: phases ['pore', 'ysz', 'ni'] not all in ['void', 'ceramic', 'Ni']"
+              " (name them with tpb_phases)",
+              "sizes skipped: local thickness assumes isotropic voxels"],
+}
+
+
+def _leaves(value, path: str = ""):
+    """(path, type, leaf) in output order: pins the keys, their order and the container types."""
+    if isinstance(value, dict):
+        yield path, dict, None
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}/{key}")
+    elif isinstance(value, (list, tuple)):
+        yield path, type(value), len(value)
+        for k, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{k}]")
+    else:
+        yield path, type(value), value
+
+
+@pytest.mark.parametrize("phase_map, kwargs, expected", [
+    (PHASES, dict(voxel_size=0.5, unit="um", size_phases=["ni", "pore"], tpb_correction=0.7), PINNED_TPB_SIZES),
+    ({0: "void", 128: "ceramic", 255: "Ni"}, dict(voxel_size=(1.0, 1.0, 2.0)), PINNED_SKIPS),
+], ids=["tpb-and-sizes", "tpb-and-sizes-skipped"])
+def test_measure_full_output_is_pinned(phase_map, kwargs, expected):
+    """The whole result dict of a fixed volume (keys, order, types, values), so a restructuring of
+    :func:`measure` cannot change any number or the order a report lists them in."""
+    got = list(_leaves(measure(pinned_volume(), phase_map, **kwargs).to_dict()))
+    want = list(_leaves(expected))
+    assert [(path, kind) for path, kind, _ in got] == [(path, kind) for path, kind, _ in want]
+    for (path, _, value), (_, _, reference) in zip(got, want):
+        if isinstance(reference, float):
+            assert value == pytest.approx(reference, rel=1e-12, abs=1e-15), path
+        else:
+            assert value == reference, path
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tpb_phases=["pore", "ysz", "Pore"]), r"TPB needs three distinct phases, got \['pore', 'ysz', 'Pore'\]"),
+    (dict(tpb_phases=["pore", "ysz"]), r"TPB needs three distinct phases, got \['pore', 'ysz'\]"),
+    (dict(size_phases=["ni", "lsm"]),
+     r"sizes: phases \['lsm'\] not in the phase map \(phases: \['pore', 'ysz', 'ni'\]\)"),
+    (dict(voxel_size=(1.0, 0.0, 1.0)),
+     r"voxel size must be one or three positive numbers \(z, y, x\), got \(1.0, 0.0, 1.0\)"),
+    (dict(voxel_size=(1.0, 1.0)), r"voxel size must be one or three positive numbers"),
+])
+def test_measure_rejects_bad_settings_with_a_message_naming_them(kwargs, message):
+    with pytest.raises(MicrostructureError, match=message):
+        measure(pinned_volume(), PHASES, **kwargs)

@@ -32,6 +32,7 @@ def _threshold_model(folder: Path, context_slices: int = 0) -> str:
     import keras
 
     from socseg.data.normalise import Normaliser
+    from socseg.data.normalise import Normalisation
     from socseg.inference.predictor import ModelConfig
     from socseg.inference.pyfunc import save_segmenter
     from socseg.model.export import export_model
@@ -48,8 +49,8 @@ def _threshold_model(folder: Path, context_slices: int = 0) -> str:
     network = export_model(keras.Model(inputs, outputs, name="unet"), Normaliser(low, high, 0.5, 99.5))
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
                          tile_size=32, context_slices=context_slices,
-                         normalisation={"low": low, "high": high, "low_percentile": 0.5, "high_percentile": 99.5},
-                         normalisation_mode="fixed", window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
+                         normalisation=Normalisation.from_dict({"low": low, "high": high, "low_percentile": 0.5, "high_percentile": 99.5}, "fixed"),
+                          window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
                          tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5)
     return str(save_segmenter(network, config, folder / f"threshold-model-{context_slices}"))
 

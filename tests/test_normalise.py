@@ -148,21 +148,24 @@ def test_prepare_per_volume_maps_each_volume_by_its_own_range(tiny_params):
     (volume,) = volumes
     start, stop = fixed.splits["tiny"].train
     assert fixed.normaliser == Normaliser.fit([volume.image[start:stop]], 0.5, 99.5)
-    assert fixed.normalisation_mode == "fixed" and fixed.volume_normalisers == {}
+    assert fixed.normalisation.mode == "fixed" and fixed.volume_ranges == {"tiny": None} and fixed.grey_ranges() is None
     fixed_config = model_config(fixed, typed(tiny_params))
-    assert fixed_config.normalisation_mode == "fixed" and fixed_config.normalisation == fixed.normaliser.to_dict()
+    assert fixed_config.normalisation == fixed.normalisation
+    assert fixed_config.normalisation.to_dict() == {"mode": "fixed", **fixed.normaliser.to_dict()}
 
     tiny_params["normalise"]["mode"] = "per_volume"
     per_volume = prepare_data(tiny_params, volumes, "ni")
     own = grey_range(volume.image, 0.5, 99.5)
-    assert per_volume.volume_normalisers == {"tiny": own} and own != fixed.normaliser
+    assert per_volume.volume_ranges == {"tiny": (own.low, own.high)} and own != fixed.normaliser
+    assert per_volume.slab_normaliser(per_volume.slabs["train"][0]) == own
     assert per_volume.normaliser == Normaliser(0.0, 1.0, 0.5, 99.5)  # what the exported layer holds
     slab = per_volume.slabs["val"][0]
     a, b = slab.z_range
     np.testing.assert_array_equal(per_volume.normalised(slab), own.apply(volume.image[a:b]))
     config = model_config(per_volume, typed(tiny_params))
-    assert config.normalisation_mode == "per_volume"
-    assert config.normalisation == {"low": 0.0, "high": 1.0, "low_percentile": 0.5, "high_percentile": 99.5}
+    assert config.normalisation.mode == "per_volume"
+    assert config.normalisation.to_dict() == {"mode": "per_volume", "low": 0.0, "high": 1.0, "low_percentile": 0.5,
+                                              "high_percentile": 99.5}
     from socseg.inference.predictor import ModelConfig
 
     assert ModelConfig.from_dict(config.to_dict()) == config
@@ -174,3 +177,33 @@ def test_normalise_mode_is_checked_by_the_schema(params):
     params["normalise"]["mode"] = "per_slice"
     with pytest.raises(ParamsError, match="normalise.mode: 'per_slice' is not one of fixed, per_volume"):
         typed(params)
+
+
+def test_the_normalisation_types_resolve_a_source_range_and_round_trip():
+    """FixedRange maps nothing unless a range is given; PerVolume estimates the source's own; both
+    map a given range, refuse a bad one, and survive their one dict encoding (old ones too)."""
+    from socseg.data.normalise import FixedRange, Normalisation, PerVolume, grey_range
+
+    volume = np.random.default_rng(3).normal(30000, 4000, (6, 32, 32)).astype(np.float32)
+    fixed = Normalisation.fit("fixed", [volume[:3]], 0.5, 99.5)
+    per_volume = Normalisation.fit("per_volume", [volume[:3]], 0.5, 99.5)
+    assert isinstance(fixed, FixedRange) and isinstance(per_volume, PerVolume)
+    assert fixed.layer == Normaliser.fit([volume[:3]], 0.5, 99.5) and per_volume.layer == Normaliser(0.0, 1.0, 0.5, 99.5)
+    assert fixed.source_range(volume) is None  # raw values reach the layer
+    own = grey_range(volume, 0.5, 99.5)
+    assert per_volume.source_range(volume) == (own.low, own.high)
+    for normalisation in (fixed, per_volume):
+        assert normalisation.source_range(volume, (1.0, 2.0)) == (1.0, 2.0)
+        with pytest.raises(ValueError, match="LOW must be below HIGH"):
+            normalisation.source_range(volume, (2.0, 1.0))
+        assert Normalisation.from_dict(normalisation.to_dict()) == normalisation
+        # the earlier encoding: the mode beside the record (normalisation_mode), or nowhere (fixed)
+        earlier = {k: v for k, v in normalisation.to_dict().items() if k != "mode"}
+        assert Normalisation.from_dict(earlier, normalisation.mode) == normalisation
+    assert Normalisation.from_dict({"low": 1.0, "high": 2.0}) == FixedRange(low=1.0, high=2.0)
+    # the mapping training applies: a per_volume source's own range, else the layer
+    assert per_volume.unit_mapping((own.low, own.high)) == own and fixed.unit_mapping(None) == fixed.layer
+    with pytest.raises(ValueError, match="normalisation mode 'per_slice' is not one of fixed, per_volume"):
+        Normalisation.fit("per_slice", [volume], 0.5, 99.5)
+    with pytest.raises(ValueError, match="per_volume normalisation's layer maps 0..1"):
+        Normalisation.from_dict({"mode": "per_volume", "low": 3.0, "high": 9.0})

@@ -59,7 +59,9 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(repo_root
         project, env_tracking)
     version, fingerprint, study, score = check.split()
     assert version == "1" and study == "repro"
-    prepared = json.loads((project / "outputs" / "prepare.json").read_text())
+    # `socseg prepare` (no stage: the stages compute the same split) writes the split and fingerprint to inspect
+    run_checked([sys.executable, "-m", "socseg.cli", "prepare", "--out", str(tmp_path / "prepare.json")], project, env)
+    prepared = json.loads((tmp_path / "prepare.json").read_text())
     assert fingerprint == prepared["data_fingerprint"]
     assert float(score) == pytest.approx(metrics["test_mean_iou"], abs=1e-6)
 
@@ -88,16 +90,16 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(repo_root
     original = analysis.read_text()
     analysis.write_text(original + "\n# edited\n")
     stale = set(json.loads(run_checked(dvc + ["status", "--json"], project, env)))
-    assert "evaluate" in stale and "search" not in stale and "prepare" not in stale
+    assert "evaluate" in stale and "search" not in stale and "sample" not in stale
     analysis.write_text(original)
 
-    # Change one search parameter: only search and what follows are stale, not prepare.
+    # Change one search parameter: only search and what follows are stale, not the sample before it.
     changed = yaml.safe_load((project / "params.yaml").read_text())
     changed["search"]["n_trials"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     status = run_checked(dvc + ["status", "--json"], project, env)
     stale = set(json.loads(status))
-    assert "search" in stale and "prepare" not in stale
+    assert "search" in stale and "sample" not in stale
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     # dvc exp run -S: a registry-only change reruns just the register stage.
@@ -112,7 +114,8 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(repo_root
 
 @pytest.mark.slow
 def test_dvc_repro_is_the_first_command_of_a_fresh_clone(repo_root, tmp_path, run_checked):
-    """No data, no stores: `dvc repro prepare` makes the built-in sample (checked against data.dvc) and prepares it."""
+    """No data, no stores: `dvc repro sample` makes the built-in sample (checked against data.dvc), which the
+    search stage then reads."""
     project = tmp_path / "clone"
     run_checked(["git", "clone", "-q", str(repo_root), str(project)], tmp_path, dict(os.environ))
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):  # the working tree's versions, committed or not
@@ -122,10 +125,13 @@ def test_dvc_repro_is_the_first_command_of_a_fresh_clone(repo_root, tmp_path, ru
     assert not (project / "samples").exists() and not (project / "data").exists()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    out = run_checked([sys.executable, "-m", "dvc", "repro", "prepare"], project, env)
-    assert "Running stage 'sample'" in out and "Running stage 'prepare'" in out
+    out = run_checked([sys.executable, "-m", "dvc", "repro", "sample"], project, env)
+    assert "Running stage 'sample'" in out
+    plan = run_checked([sys.executable, "-m", "dvc", "repro", "--dry", "search"], project, env)
+    assert "Running stage 'search'" in plan and "Running stage 'sample'" not in plan  # the sample is made: search is next
+    run_checked([sys.executable, "-m", "socseg.cli", "prepare", "--out", "outputs/prepare.json"], project, env)
     prepared = json.loads((project / "outputs" / "prepare.json").read_text())
-    assert list(prepared["volumes"]) == ["sample"]
+    assert list(prepared["volumes"]) == ["sample"]  # what the search stage reads: the built-in sample alone
     # The generated sample is the one data.dvc versions, byte for byte.
     from socseg.data.synth import dvc_dir_md5, recorded_dvc_md5
 

@@ -34,7 +34,7 @@ def test_slab_normaliser_of_a_separate_test_volume_per_volume(tiny_params):
     assert test_slab.name == "other" and test_slab.z_range == (0, 10)  # the whole volume, after the tiny test slab
     assert [s.name for s in data.slabs["test"]] == ["tiny", "other"] and "other" not in data.splits
     own = grey_range(other.image, 0.5, 99.5)
-    assert data.slab_normaliser(test_slab) == own != data.volume_normalisers["tiny"]
+    assert data.slab_normaliser(test_slab) == own != data.slab_normaliser(data.slabs["test"][0])
     assert data.grey_ranges()["other"] == (own.low, own.high)
     np.testing.assert_array_equal(data.normalised(test_slab), own.apply(other.image))
     assert data.fingerprint != prepare_data(tiny_params, volumes, "ni").fingerprint  # the test data is part of it
@@ -54,7 +54,7 @@ def test_slab_normaliser_of_a_separate_test_volume_fixed(tiny_params):
     data = prepare_data(tiny_params, volumes, "ni", test_volumes=[bright])
     test_slab = data.slabs["test"][-1]
     assert test_slab.name == "bright" and data.slab_normaliser(test_slab) == data.normaliser == without.normaliser
-    assert data.grey_ranges() is None and data.volume_normalisers == {}
+    assert data.grey_ranges() is None and data.volume_ranges == {"tiny": None, "bright": None}
     np.testing.assert_array_equal(data.normalised(test_slab), without.normaliser.apply(bright.image))
 
 

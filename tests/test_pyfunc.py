@@ -16,7 +16,9 @@ import pytest
 import tifffile
 from mlflow.exceptions import MlflowException
 
+from socseg.data.normalise import FixedRange, PerVolume
 from socseg.inference.predictor import GreyRangeError, ModelConfig, Predictor
+from socseg.inference.request import InferenceOptions, InferenceRequest
 from socseg.inference.pyfunc import RequestError, decode_array, encode_array, model_config, parse_request
 from socseg.inference.window import iter_window_probabilities
 
@@ -32,8 +34,7 @@ def make_config(**fields):
         phase_map=PHASE_MAP,
         tile_size=32,
         context_slices=0,
-        normalisation={"low": 20000.0, "high": 43000.0},
-        normalisation_mode="fixed",
+        normalisation=FixedRange(low=20000.0, high=43000.0),
         window="sliding",
         whole_slice_max_pixels=0,
         step_fraction=0.5,
@@ -206,7 +207,7 @@ def test_context_parameters_must_be_whole_slice_counts():
 
 
 def test_declared_dtype_checks_json_numbers():
-    config = make_config(class_names=["a", "b"], phase_map={0: "a", 255: "b"}, normalisation={})
+    config = make_config(class_names=["a", "b"], phase_map={0: "a", 255: "b"})
     assert parse_request(np.array([[[1.0, 2.0]]]), config, "uint16").images.dtype == np.uint16
     with pytest.raises(RequestError, match="not integers"):
         parse_request(np.array([[[1.5, 2.0]]]), config, "uint16")
@@ -217,7 +218,7 @@ def test_declared_dtype_checks_json_numbers():
 
 
 def test_ni_task_outputs_rest_and_ni_values():
-    config = make_config(task="ni", class_names=["rest", "ni"], normalisation={})
+    config = make_config(task="ni", class_names=["rest", "ni"])
     assert config.label_phase_map == {0: "rest", 255: "ni"}
     assert make_config().label_phase_map == PHASE_MAP
     record = config.to_dict()
@@ -229,16 +230,17 @@ def test_ni_task_outputs_rest_and_ni_values():
 def test_config_of_models_logged_before_the_later_fields():
     """Records of older models lack encoder, context_slices and max_clipped_fraction: the values they ran with."""
     record = make_config().to_dict()
-    for later in ("encoder", "context_slices", "max_clipped_fraction", "normalisation_mode", "window",
-                  "whole_slice_max_pixels"):
+    for later in ("encoder", "context_slices", "max_clipped_fraction", "window", "whole_slice_max_pixels"):
         del record[later]
+    del record["normalisation"]["mode"]  # recorded neither inside normalisation nor beside it
     old = ModelConfig.from_dict(record)
     assert (old.encoder, old.context_slices, old.max_clipped_fraction) == ("", 0, 0.5)
-    assert old.normalisation_mode == "fixed"  # what every model before per_volume did
+    assert old.normalisation.mode == "fixed"  # what every model before per_volume did
     assert old.window == "sliding"  # what every model before whole-slice passes did ...
     from socseg.inference.window import fits_whole_slice
 
-    assert fits_whole_slice(501, 501, old.window_settings(window="whole_slice"))  # ... which they do on request
+    on_request = InferenceRequest.resolve(old, InferenceOptions(window="whole_slice"))
+    assert fits_whole_slice(501, 501, on_request.window)  # ... which they do on request
     assert old == make_config(encoder="", whole_slice_max_pixels=old.whole_slice_max_pixels)
     with pytest.raises(KeyError):
         ModelConfig.from_dict({k: v for k, v in record.items() if k != "tile_size"})  # not optional
@@ -347,9 +349,9 @@ def test_training_logs_one_model_the_segmenter(tiny_params, mlflow_env):
     # The window on its own, with the settings the params gave (TTA, a quarter-tile step), on the
     # grey values the network sees: per_volume (the default), the request's own range mapped.
     predictor = model.unwrap_python_model().predictor
-    assert config.normalisation_mode == tiny_params["normalise"]["mode"] == "per_volume"
-    mapped = predictor.map_grey(image, predictor.resolve_grey_range(image))
-    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, mapped, config.window_settings())))
+    assert config.normalisation.mode == tiny_params["normalise"]["mode"] == "per_volume"
+    mapped = predictor.map_grey(image, config.normalisation.estimate_range(image))
+    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, mapped, predictor.request(source=image).window)))
     np.testing.assert_array_equal(labels, np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
 
 
@@ -370,8 +372,8 @@ def test_training_a_2p5d_model_logs_its_context_and_the_segmenter_uses_it(tiny_p
     volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
     image = volume.image[-4:]
     predictor = model.unwrap_python_model().predictor
-    stacked = iter_with_context(predictor.map_grey(image, predictor.resolve_grey_range(image)), 1)
-    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, stacked, config.window_settings())))
+    stacked = iter_with_context(predictor.map_grey(image, config.normalisation.estimate_range(image)), 1)
+    probs = np.stack(list(iter_window_probabilities(network.predict_on_batch, stacked, predictor.request(source=image).window)))
     np.testing.assert_array_equal(model.predict(image), np.where(probs[..., 0] > 0.5, 255, 0).astype(np.uint8))
     # Context slices are context only: the middle two slices come back, predicted with their true neighbours.
     middle = model.predict(image, params={"context_before": 1, "context_after": 1})
@@ -440,7 +442,7 @@ def test_input_outside_the_models_grey_range_is_a_400_unless_allowed(segmenter, 
 
 def test_grey_range_check_counts_both_ends_against_the_configured_fraction(saved):
     exported = saved[1]
-    config = make_config(task="ni", class_names=["rest", "ni"], normalisation={"low": 100.0, "high": 200.0})
+    config = make_config(task="ni", class_names=["rest", "ni"], normalisation=FixedRange(low=100.0, high=200.0))
     assert config.max_clipped_fraction == 0.5
 
     def check(images, **fields):
@@ -456,7 +458,8 @@ def test_grey_range_check_counts_both_ends_against_the_configured_fraction(saved
     check(images, max_clipped_fraction=0.6)
     with pytest.raises(GreyRangeError, match=r"allowed: 20%"):
         check(images, max_clipped_fraction=0.2)
-    check(images, normalisation={})  # no range recorded: no check
+    with pytest.raises(ValueError, match="records the layer's low and high"):  # no range recorded: refused
+        ModelConfig.from_dict({**config.to_dict(), "normalisation": {"mode": "fixed"}})
 
 
 def test_max_clipped_fraction_travels_from_params_into_the_model(segmenter, saved, repo_root):
@@ -485,14 +488,18 @@ def test_max_clipped_fraction_travels_from_params_into_the_model(segmenter, save
 PER_VOLUME = {"low": 0.0, "high": 1.0, "low_percentile": 0.5, "high_percentile": 99.5}
 
 
-def test_normalisation_mode_is_a_field_of_the_config():
-    """Training's record carries the mode inside ``normalisation``; the config keeps it as a field."""
+def test_normalisation_is_one_typed_field_of_the_config():
+    """The mode is recorded once, inside ``normalisation``; records of the earlier encoding (the mode
+    beside it as ``normalisation_mode``) still load."""
     record = make_config().to_dict()
     record["normalisation"] = {"mode": "per_volume", **PER_VOLUME}
-    del record["normalisation_mode"]
+    assert "normalisation_mode" not in record
     config = ModelConfig.from_dict(record)
-    assert config.normalisation_mode == "per_volume" and config.normalisation == PER_VOLUME
+    assert config.normalisation == PerVolume(low_percentile=0.5, high_percentile=99.5)
+    assert config.normalisation.to_dict() == {"mode": "per_volume", **PER_VOLUME}
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    earlier = {**record, "normalisation": dict(PER_VOLUME), "normalisation_mode": "per_volume"}
+    assert ModelConfig.from_dict(earlier) == config
     record["normalisation"]["mode"] = "per_slice"
     with pytest.raises(ValueError, match="normalisation mode 'per_slice' is not one of fixed, per_volume"):
         ModelConfig.from_dict(record)
@@ -511,7 +518,7 @@ def per_volume_saved(tmp_path_factory):
     keras.utils.set_random_seed(0)
     network = build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none")
     exported = export_model(network, Normaliser(0.0, 1.0, 0.5, 99.5))
-    config = make_config(normalisation=PER_VOLUME, normalisation_mode="per_volume")
+    config = make_config(normalisation=PerVolume(low_percentile=0.5, high_percentile=99.5))
     return save_segmenter(exported, config, tmp_path_factory.mktemp("per_volume") / "model"), exported
 
 
@@ -523,10 +530,10 @@ def test_served_grey_range_params_give_the_labels_of_local_segment(per_volume_sa
     path, exported = per_volume_saved
     model = mlflow.pyfunc.load_model(str(path))
     predictor = Predictor(exported, model_config(str(path)))
-    low, high = predictor.volume_grey_range(grey)
+    low, high = predictor.config.normalisation.estimate_range(grey)
     stack = tmp_path / "grey.tif"
     tifffile.imwrite(stack, grey, photometric="minisblack")
-    segment(str(path), stack, tmp_path / "local.tif", slice_batch=1, grey_range=(low, high), progress=False)
+    segment(str(path), stack, tmp_path / "local.tif", InferenceOptions(grey_range=(low, high)), slice_batch=1, progress=False)
     local = tifffile.imread(tmp_path / "local.tif")
     params = {"grey_low": low, "grey_high": high}
     np.testing.assert_array_equal(model.predict(grey[1:2], params=params), local[1:2])  # one slice, the volume's range
@@ -535,7 +542,7 @@ def test_served_grey_range_params_give_the_labels_of_local_segment(per_volume_sa
     np.testing.assert_array_equal(model.predict(grey), local)
     # The same slices as a float32 phase reconstruction, with its own range: the same labels.
     rescaled = (2.5e-5 * grey.astype(np.float64) - 0.55).astype(np.float32)
-    r_low, r_high = predictor.volume_grey_range(rescaled)
+    r_low, r_high = predictor.config.normalisation.estimate_range(rescaled)
     assert r_low == pytest.approx(2.5e-5 * low - 0.55, abs=1e-6)
     assert np.mean(model.predict(rescaled, params={"grey_low": r_low, "grey_high": r_high}) == local) > 0.999
     # A wrong range changes the labels: the params are applied.

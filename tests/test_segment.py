@@ -16,7 +16,10 @@ from click.testing import CliRunner
 from socseg.cli import main
 from socseg.data.stacks import check_paths, read_label_metadata
 from socseg.data.volumes import VolumeError
+from socseg.data.normalise import FixedRange, PerVolume
 from socseg.inference.predictor import GreyRangeError, ModelConfig
+from socseg.inference.request import InferenceOptions
+from socseg.inference.segment import SegmentOutputs
 from socseg.inference.segment import segment, segment_stream
 
 PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
@@ -26,7 +29,7 @@ def _config(context_slices: int = 0, batch_size: int = 16) -> ModelConfig:
     """An 'ni' model's config: tile 64, normalisation 20000..43000, whole-slice passes, no TTA."""
     return ModelConfig(
         task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=PHASE_MAP, tile_size=64,
-        context_slices=context_slices, normalisation={"low": 20000.0, "high": 43000.0}, normalisation_mode="fixed",
+        context_slices=context_slices, normalisation=FixedRange(low=20000.0, high=43000.0),
         window="whole_slice",
         whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=batch_size, max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5,
     )
@@ -156,15 +159,15 @@ def test_an_interrupted_run_leaves_no_output_and_keeps_the_old_one(stack, tmp_pa
     out.write_bytes(b"previous result")
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        segment_stream(interrupted, stack, out, context_slices=0, slice_batch=4, overwrite=True, progress=False)
+        segment_stream(interrupted, stack, SegmentOutputs(out, overwrite=True), context_slices=0, slice_batch=4, progress=False)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif", "labels.tif"]
     with pytest.raises(VolumeError, match="labels of shape"):
-        segment_stream(lambda b, before, after: np.zeros((1, 2, 2), np.uint8), stack, out, context_slices=0,
-                       slice_batch=4, overwrite=True, progress=False)
+        segment_stream(lambda b, before, after: np.zeros((1, 2, 2), np.uint8), stack, SegmentOutputs(out, overwrite=True),
+                       context_slices=0, slice_batch=4, progress=False)
     assert out.read_bytes() == b"previous result"
     with pytest.raises(ValueError, match="slice_batch must be >= 1"):
-        segment_stream(interrupted, stack, out, context_slices=0, slice_batch=0, overwrite=True, progress=False)
+        segment_stream(interrupted, stack, SegmentOutputs(out, overwrite=True), context_slices=0, slice_batch=0, progress=False)
 
 
 def test_stream_sends_each_chunk_with_its_context_slices(stack, grey, tmp_path):
@@ -349,7 +352,7 @@ def test_cli_refuses_a_volume_outside_the_models_grey_range(threshold_model_path
     expected = mlflow.pyfunc.load_model(model_path).predict(image)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), expected)
     assert np.mean((expected == 255) == ni) > 0.95  # the model does find the phantom's Ni
-    segment(model_path, uint16_path, tmp_path / "b.tif", slice_batch=4, allow_out_of_range=True, progress=False)
+    segment(model_path, uint16_path, tmp_path / "b.tif", InferenceOptions(allow_out_of_range=True), slice_batch=4, progress=False)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), expected)
 
 
@@ -377,7 +380,8 @@ def test_each_chunk_is_mapped_once_to_check_and_predict(model_path, phantom, tmp
     monkeypatch.setattr(Predictor, "map_grey", lambda self, images, grey: calls.append(len(images)) or original(self, images, grey))
     source = tmp_path / "grey.tif"
     tifffile.imwrite(source, image, photometric="minisblack")
-    segment(model_path, source, tmp_path / "labels.tif", slice_batch=4, grey_range=(20000.0, 43000.0), progress=False)
+    segment(model_path, source, tmp_path / "labels.tif", InferenceOptions(grey_range=(20000.0, 43000.0)), slice_batch=4,
+            progress=False)
     assert calls == [len(c) for c in np.array_split(np.arange(len(image)), range(4, len(image), 4))]
 
 
@@ -413,8 +417,9 @@ def test_per_volume_model_labels_uint16_float32_and_uint8_copies_alike(tiny_para
     tiny_params["tiles"]["steps_per_epoch"] = 10
     result = train(tiny_params, run_name="per-volume")
     config = model_config(result.model_uri)
-    assert config.normalisation_mode == "per_volume"
-    assert config.normalisation == {"low": 0.0, "high": 1.0, "low_percentile": 0.5, "high_percentile": 99.5}
+    assert config.normalisation == PerVolume(low_percentile=0.5, high_percentile=99.5)
+    assert config.normalisation.to_dict() == {"mode": "per_volume", "low": 0.0, "high": 1.0, "low_percentile": 0.5,
+                                              "high_percentile": 99.5}
 
     uint16_path, rescaled_path, image, rescaled, _ = phantom
     uint8_path = tmp_path / "uint8.tif"
@@ -448,8 +453,7 @@ def per_volume_model_path(tmp_path_factory):
     conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
     outputs = conv(IntensityNormalisation(0.0, 1.0)(inputs))
     conv.set_weights([np.full((1, 1, 1, 1), 50.0, np.float32), np.array([-50.0 * 0.78], np.float32)])
-    config = dataclasses.replace(_config(), normalisation={"low": 0.0, "high": 1.0, "low_percentile": 0.5,
-                                                           "high_percentile": 99.5}, normalisation_mode="per_volume")
+    config = dataclasses.replace(_config(), normalisation=PerVolume(low_percentile=0.5, high_percentile=99.5))
     return str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path_factory.mktemp("pv") / "model"))
 
 

@@ -76,7 +76,7 @@ def test_early_stopping_restores_the_best_validation_epoch(trained):
     val_curve = result.history["val_mean_iou"]
     assert result.best_epoch == int(np.argmax(val_curve))
     slabs = prepare_data(params, load_labelled_volumes(params), "ni").slabs["val"]
-    rescored = score_slabs(Predictor.load(result.model_uri), slabs, **VALIDATION_WINDOW).scores
+    rescored = score_slabs(Predictor.load(result.model_uri), slabs, options=VALIDATION_WINDOW).scores
     assert rescored["mean_iou"] == pytest.approx(max(val_curve), abs=1e-9)
     # The final validation score is measured with the served window (what `socseg evaluate` reports).
     served = score_slabs(Predictor.load(result.model_uri), slabs).scores
@@ -280,7 +280,7 @@ def test_validation_estimates_a_per_volume_range_once_not_every_epoch(tiny_param
     own estimate."""
     import keras
 
-    from socseg.data.normalise import Normaliser
+    from socseg.data.normalise import Normalisation, Normaliser, PerVolume
     from socseg.data.prepare import Slab, load_labelled_volumes, prepare_data
     from socseg.data.volumes import load_volume
     from socseg.inference.evaluate import score_slabs
@@ -293,9 +293,9 @@ def test_validation_estimates_a_per_volume_range_once_not_every_epoch(tiny_param
                                   bias_initializer=keras.initializers.Constant(-14.0))(inputs)
     network = export_model(keras.Model(inputs, outputs), Normaliser(0.0, 1.0, 0.5, 99.5))
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
-                         tile_size=32, context_slices=0, normalisation={"low": 0.0, "high": 1.0, "low_percentile": 0.5,
-                                                                        "high_percentile": 99.5},
-                         normalisation_mode="per_volume", window="whole_slice", whole_slice_max_pixels=10**6,
+                         tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
+                                                                        "high_percentile": 99.5}, "per_volume"),
+                          window="whole_slice", whole_slice_max_pixels=10**6,
                          step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5)
     predictor = Predictor(network, config)
     volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
@@ -303,10 +303,10 @@ def test_validation_estimates_a_per_volume_range_once_not_every_epoch(tiny_param
     expected = score_slabs(predictor, slabs).scores
     tiny_params["normalise"]["mode"] = "per_volume"
     ranges = prepare_data(tiny_params, load_labelled_volumes(tiny_params), "ni").grey_ranges()
-    assert ranges == {"tiny": pytest.approx(predictor.volume_grey_range(volume.image))}  # what scoring would estimate
+    assert ranges == {"tiny": pytest.approx(config.normalisation.estimate_range(volume.image))}  # what scoring would estimate
     estimates = []
-    original = Predictor.volume_grey_range
-    monkeypatch.setattr(Predictor, "volume_grey_range", lambda self, source: estimates.append(1) or original(self, source))
+    original = PerVolume.estimate_range
+    monkeypatch.setattr(PerVolume, "estimate_range", lambda self, source: estimates.append(1) or original(self, source))
     validation = SlabValidation(predictor, slabs, ranges)
     for epoch in range(3):
         logs: dict = {}

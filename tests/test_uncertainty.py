@@ -16,7 +16,7 @@ from socseg.cli import main
 from socseg.data.chunked import ChunkedLabels
 from socseg.data.stacks import read_label_metadata, read_probability_metadata
 from socseg.data.volumes import VolumeError
-from socseg.inference.segment import segment, segment_stream
+from socseg.inference.segment import SegmentOutputs, segment, segment_stream
 
 SHAPE = (6, 8, 10)
 
@@ -118,8 +118,9 @@ def test_tiff_probabilities_and_uncertainty_are_the_predictors_and_do_not_depend
     model = models[(task, context)]
     runs = {}
     for name, batch in (("streamed", 3), ("one_chunk", 100)):  # 11 slices: 4 chunks, or 1
-        result = segment(model, stack, tmp_path / f"{name}.tif", slice_batch=batch, progress=False,
-                         probabilities=tmp_path / f"{name}-p.tif", uncertainty=tmp_path / f"{name}-u.tif")
+        outputs = SegmentOutputs.check(stack, tmp_path / f"{name}.tif", probabilities=tmp_path / f"{name}-p.tif",
+                                       uncertainty=tmp_path / f"{name}-u.tif")
+        result = segment(model, stack, outputs, slice_batch=batch, progress=False)
         assert (result.probabilities, result.uncertainty) == (tmp_path / f"{name}-p.tif", tmp_path / f"{name}-u.tif")
         runs[name] = [tifffile.imread(tmp_path / f"{name}{suffix}.tif") for suffix in ("", "-p", "-u")]
     for streamed, whole in zip(runs["streamed"], runs["one_chunk"]):
@@ -154,8 +155,8 @@ def test_tiff_probabilities_and_uncertainty_are_the_predictors_and_do_not_depend
 
 def test_multi_axis_writes_probabilities_and_uncertainty_of_its_fused_prediction(models, stack, grey, tmp_path):
     model = models[("phases", 1)]
-    segment(model, stack, tmp_path / "l.tif", slice_batch=4, multi_axis=True, progress=False,
-            probabilities=tmp_path / "p.tif", uncertainty=tmp_path / "u.tif")
+    outputs = SegmentOutputs.check(stack, tmp_path / "l.tif", probabilities=tmp_path / "p.tif", uncertainty=tmp_path / "u.tif")
+    segment(model, stack, outputs, slice_batch=4, multi_axis=True, progress=False)
     labels, probs, unsure = (tifffile.imread(tmp_path / n) for n in ("l.tif", "p.tif", "u.tif"))
     assert probs.shape == (grey.shape[0], 3, *grey.shape[1:]) and unsure.shape == labels.shape == grey.shape
     per_class = np.moveaxis(probs, 1, -1)
@@ -178,11 +179,11 @@ def test_side_outputs_are_refused_before_any_work_and_never_left_half_written(mo
     ]
     for kwargs, message in refused:
         with pytest.raises(VolumeError, match=message):
-            segment(model, stack, out, slice_batch=4, progress=False, **kwargs)
+            segment(model, stack, SegmentOutputs.check(stack, out, **kwargs), slice_batch=4, progress=False)
     existing = tmp_path / "old-u.tif"
     existing.write_bytes(b"keep me")
     with pytest.raises(VolumeError, match="--uncertainty .*old-u.tif already exists"):
-        segment(model, stack, out, slice_batch=4, progress=False, uncertainty=existing)
+        segment(model, stack, SegmentOutputs.check(stack, out, uncertainty=existing), slice_batch=4, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif", "old-u.tif"]
 
     calls = []
@@ -194,8 +195,9 @@ def test_side_outputs_are_refused_before_any_work_and_never_left_half_written(mo
         return np.zeros(batch.shape, np.uint8), np.full((*batch.shape, 1), 0.5, np.float32)
 
     with pytest.raises(KeyboardInterrupt):
-        segment_stream(interrupted, stack, out, context_slices=0, slice_batch=4, progress=False, overwrite=True,
-                       probabilities=tmp_path / "p.tif", uncertainty=existing, class_names=["rest", "ni"])
+        outputs = SegmentOutputs.check(stack, out, probabilities=tmp_path / "p.tif", uncertainty=existing, overwrite=True)
+        segment_stream(interrupted, stack, outputs, context_slices=0, slice_batch=4, progress=False,
+                       class_names=["rest", "ni"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif", "old-u.tif"]  # no partial file of any
     assert existing.read_bytes() == b"keep me"
 
@@ -233,8 +235,8 @@ def test_suggest_slices_ranks_an_uncertainty_tiff_and_refuses_other_tiffs(models
     probs[..., 0] = 1.0
     probs[4] = 1 / 3
     probs[1, :4] = [0.5, 0.5, 0.0]
-    with OutputWriters(tmp_path / "l.tif", SHAPE, {"phase_map": {"0": "pore"}}, tmp_path / "p.tif", tmp_path / "u.tif",
-                       ["pore", "ysz", "ni"]) as writers:
+    outputs = SegmentOutputs(tmp_path / "l.tif", tmp_path / "p.tif", tmp_path / "u.tif")
+    with OutputWriters(outputs, SHAPE, {"phase_map": {"0": "pore"}}, ["pore", "ysz", "ni"]) as writers:
         for start in range(0, SHAPE[0], 4):  # two chunks
             writers.write(np.zeros((min(4, SHAPE[0] - start), *SHAPE[1:]), np.uint8), probs[start : start + 4])
     from_tiff = rank_slices(tmp_path / "u.tif")
@@ -263,7 +265,8 @@ def test_served_uncertainty_is_the_one_segment_writes(models, stack, grey, tmp_p
     from socseg.inference.pyfunc import IMAGE_COLUMN, decode_array, encode_array
 
     model = models[("phases", 1)]
-    segment(model, stack, tmp_path / "l.tif", slice_batch=4, progress=False, uncertainty=tmp_path / "u.tif")
+    segment(model, stack, SegmentOutputs.check(stack, tmp_path / "l.tif", uncertainty=tmp_path / "u.tif"), slice_batch=4,
+            progress=False)
     local = tifffile.imread(tmp_path / "u.tif")
     served = mlflow.pyfunc.load_model(model)
     tensor = served.predict(grey, params={"return_uncertainty": True})

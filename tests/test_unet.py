@@ -8,7 +8,8 @@ import socseg.model.losses  # noqa: F401  (registers the custom objects load_mod
 import socseg.model.metrics  # noqa: F401
 from socseg.model.losses import get_loss
 from socseg.model.metrics import ThresholdedIoU
-from socseg.model.unet import ENCODERS, GreyToRGB, build_encoder, build_model, n_outputs, use_encoder_batchnorm
+from socseg.data.tasks import get_task
+from socseg.model.unet import ENCODERS, GreyToRGB, build_encoder, build_model, use_encoder_batchnorm
 
 RNG = np.random.default_rng(0)
 X = RNG.random((2, 64, 64, 1)).astype("float32")
@@ -44,11 +45,25 @@ def weights_equal(a, b):
     return all(np.array_equal(u, v) for u, v in zip(a.get_weights(), b.get_weights(), strict=True))
 
 
+def n_outputs(task, n_classes):
+    return get_task(task).n_outputs(n_classes)
+
+
 def test_n_outputs():
     assert n_outputs("ni", 3) == 1
     assert n_outputs("phases", 3) == 3
+    with pytest.raises(ValueError, match="n_classes >= 2"):
+        n_outputs("phases", 1)
     with pytest.raises(ValueError, match="ni, phases"):
         n_outputs("pores", 3)
+    with pytest.raises(ValueError, match="ni, phases"):
+        build_model("unet", "pores")
+
+
+def test_output_layer_follows_the_task_object():
+    model = build_model("unet", get_task("ni"), base_filters=4)
+    assert model.get_layer("probabilities").get_config()["activation"] == "sigmoid"
+    assert model.output.shape[-1] == 1 and model.name == "unet_unet_ni"
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)

@@ -17,10 +17,10 @@ from socseg.data.volumes import (
     import_slices,
     load_volume,
     parse_phase_map,
-    read_stack,
     save_volume,
     volume_dir,
 )
+from socseg.data.stacks import read_stack
 
 PHASES = {0: "pore", 128: "ysz", 255: "ni"}
 

@@ -4,7 +4,9 @@ multi-axis fusion; whole stacks through the :class:`Predictor`."""
 import numpy as np
 import pytest
 
+from socseg.data.normalise import FixedRange
 from socseg.inference.predictor import ModelConfig, Predictor
+from socseg.inference.request import InferenceOptions, InferenceRequest
 from socseg.inference.window import (
     SlidingWindow,
     WindowSettings,
@@ -37,8 +39,7 @@ def model_config(tile_size, step_fraction=0.5, tta=False, batch_size=8, context_
         phase_map=PHASE_MAP,
         tile_size=tile_size,
         context_slices=context_slices,
-        normalisation=normalisation or {},
-        normalisation_mode="fixed",
+        normalisation=normalisation or FixedRange(low=0.0, high=1.0),
         window=window,
         whole_slice_max_pixels=whole_slice_max_pixels,
         step_fraction=step_fraction,
@@ -97,7 +98,7 @@ def test_predictor_runs_an_exported_keras_model_with_its_normalisation():
     # Pointwise, so blending must reproduce it: channel 0 the normalised grey, channel 1 its complement.
     outputs = keras.layers.Concatenate()([inputs, keras.layers.Rescaling(-1.0, offset=1.0)(inputs)])
     network = export_model(keras.Model(inputs, outputs), Normaliser(100.0, 1100.0, 0.5, 99.5))
-    config = model_config(32, step_fraction=0.5, batch_size=5, normalisation={"low": 100.0, "high": 1100.0})
+    config = model_config(32, step_fraction=0.5, batch_size=5, normalisation=FixedRange(low=100.0, high=1100.0))
     model = Predictor(network, config)
     images = np.random.default_rng(7).integers(0, 1300, (3, 45, 38)).astype(np.uint16)
     probs = model.probabilities(images)
@@ -140,12 +141,12 @@ def test_tta_averages_the_eight_flips_and_rotations_and_undoes_them():
     with_tta = model.probabilities(image)  # the model's own setting: TTA on
     np.testing.assert_allclose(with_tta[0, ..., 0], image[0] + (size - 1) / 2, atol=1e-5)
     assert len(model.network.batches) == 8  # one batch of tiles, eight transforms
-    without = model.probabilities(image, tta=False)  # per-call override
+    without = model.probabilities(image, request=model.request(InferenceOptions(tta=False), source=image))  # per-call override
     assert len(model.network.batches) == 9
     assert np.abs(without[0, ..., 0] - image[0] - (size - 1) / 2).max() > 1
     # The step can be overridden per call too: a quarter-tile step needs more tiles than half a tile.
     (n_half,) = {shape[0] for shape in model.network.batches}
-    model.probabilities(image, tta=False, step_fraction=0.25)
+    model.probabilities(image, request=model.request(InferenceOptions(tta=False, step_fraction=0.25), source=image))
     assert model.network.batches[-1][0] > n_half
 
 
@@ -196,17 +197,21 @@ def test_fixed_batch_pads_short_batches_and_drops_the_padding():
     assert n_tiles % 8 and len(shapes) == -(-n_tiles // 8)  # full batches and one padded short batch
 
 
-def test_model_config_gives_the_window_settings_and_per_call_overrides():
+def test_a_request_gives_the_model_window_settings_and_per_call_overrides():
     config = model_config(128, step_fraction=0.25, tta=True, batch_size=4)
-    assert config.window_settings() == sliding(128, 0.25, True, 4)
-    assert config.window_settings(tta=False) == sliding(128, 0.25, False, 4)
-    assert config.window_settings(step_fraction=0.5) == sliding(128, 0.5, True, 4)
-    assert config.window_settings(tta=None, step_fraction=None, window=None) == config.window_settings()
-    assert config.window_settings(window="whole_slice").window == "whole_slice"
+
+    def settings(**options):
+        return InferenceRequest.resolve(config, InferenceOptions(**options)).window
+
+    assert settings() == sliding(128, 0.25, True, 4)
+    assert settings(tta=False) == sliding(128, 0.25, False, 4)
+    assert settings(step_fraction=0.5) == sliding(128, 0.5, True, 4)
+    assert settings(tta=None, step_fraction=None, window=None) == settings()
+    assert settings(window="whole_slice").window == "whole_slice"
     with pytest.raises(ValueError, match="step_fraction"):
-        config.window_settings(step_fraction=1.5)
-    with pytest.raises(ValueError, match="window must be one of whole_slice, sliding"):
-        config.window_settings(window="tiles")
+        InferenceOptions(step_fraction=1.5)  # refused when the options are made, before any model
+    with pytest.raises(ValueError, match="unknown window 'tiles': use one of whole_slice, sliding"):
+        InferenceOptions(window="tiles")
 
 
 def test_multi_axis_fusion_places_each_axis_back_where_it_came_from():
@@ -255,7 +260,7 @@ def unet_slice():
     low, high = np.percentile(image, [0.5, 99.5])
     network = build_model("unet", "phases", n_classes=3, base_filters=4, encoder_weights="none")
     model = export_model(network, Normaliser(float(low), float(high), 0.5, 99.5))
-    config = model_config(64, step_fraction=0.5, batch_size=16, normalisation={"low": float(low), "high": float(high)})
+    config = model_config(64, step_fraction=0.5, batch_size=16, normalisation=FixedRange(low=float(low), high=float(high)))
     return Predictor(model, config), image
 
 
@@ -279,7 +284,7 @@ def test_no_seams_tiled_matches_each_tile_and_has_no_grid_pattern(unet_slice):
     reference = np.asarray(predict(image[None, ..., None]))[0]
 
     # 1. In each tile's centre, the blend is that tile's own prediction (neighbours weigh ~exp(-6)).
-    window = SlidingWindow(256, 256, model.config.window_settings())
+    window = SlidingWindow(256, 256, model.request(source=image[None]).window)
     padded = window.pad(image)
     (top, _), (left, _) = window.pads
     worst = 0.0
@@ -297,7 +302,7 @@ def test_no_seams_tiled_matches_each_tile_and_has_no_grid_pattern(unet_slice):
         for x in range(0, 256, 64):
             naive[y : y + 64, x : x + 64] = np.asarray(predict(image[None, y : y + 64, x : x + 64, None]))[0]
     # Step 1.0 is that stitch: no overlap, no padding, every pixel from one tile.
-    np.testing.assert_allclose(model.probabilities(image[None], step_fraction=1.0)[0], naive, atol=1e-5)
+    np.testing.assert_allclose(model.probabilities(image[None], request=model.request(InferenceOptions(step_fraction=1.0), source=image[None]))[0], naive, atol=1e-5)
     assert _seam_ratio(naive, reference, seams) > 3.0  # the check can see seams
     assert _seam_ratio(tiled, reference, seams) < 2.0
     assert np.abs(tiled - reference).mean() < np.abs(naive - reference).mean()
@@ -432,9 +437,9 @@ def test_fixed_batch_keeps_one_batch_size_per_shape():
 
 def test_whole_slice_pass_is_the_network_on_the_padded_slice_and_close_to_the_sliding_window(unet_slice):
     model, image = unet_slice
-    whole_probs = model.probabilities(image[None], window="whole_slice")[0]
+    whole_probs = model.probabilities(image[None], request=model.request(InferenceOptions(window="whole_slice"), source=image[None]))[0]
     reference = np.asarray(model.network.predict_on_batch(
         np.pad(image, 16, mode="symmetric")[None, ..., None]))[0, 16:-16, 16:-16]  # 256 + 32 = 288 = 9 x 32
     np.testing.assert_allclose(whole_probs, reference, atol=2e-4)  # float32 kernels differ per shape
-    tiled = model.probabilities(image[None], window="sliding")[0]
+    tiled = model.probabilities(image[None], request=model.request(InferenceOptions(window="sliding"), source=image[None]))[0]
     assert np.mean(np.argmax(tiled, -1) == np.argmax(whole_probs, -1)) > 0.9

@@ -7,7 +7,17 @@ import os
 import click
 
 from socseg import __version__
+from socseg.commands.data import data
+from socseg.commands.evaluate import evaluate
+from socseg.commands.finetune import finetune
+from socseg.commands.microstructure import microstructure
 from socseg.commands.options import CommandError
+from socseg.commands.relog import relog
+from socseg.commands.search import evaluate_best, prepare, register, search
+from socseg.commands.segment import segment
+from socseg.commands.stats import stats
+from socseg.commands.suggest import suggest_slices
+from socseg.commands.train import train
 
 DEBUG_ENV = "SOCSEG_DEBUG"
 
@@ -39,32 +49,9 @@ def main() -> None:
     """Segment PXCT volumes of SOC Ni/YSZ electrodes and measure their microstructure."""
 
 
-def _register() -> None:
-    from socseg.commands.data import data
-    from socseg.commands.evaluate import evaluate
-    from socseg.commands.finetune import finetune
-    from socseg.commands.microstructure import microstructure
-    from socseg.commands.search import evaluate_best, prepare, register, search
-    from socseg.commands.relog import relog
-    from socseg.commands.segment import segment
-    from socseg.commands.stats import stats
-    from socseg.commands.suggest import suggest_slices
-    from socseg.commands.train import train
-
-    main.add_command(data)
-    main.add_command(train)
-    main.add_command(finetune)
-    main.add_command(microstructure)
-    main.add_command(evaluate)
-    main.add_command(segment)
-    main.add_command(stats)
-    main.add_command(relog)
-    main.add_command(suggest_slices)
-    for command in (prepare, search, evaluate_best, register):
-        main.add_command(command)
-
-
-_register()
+for command in (data, train, finetune, microstructure, evaluate, segment, stats, relog, suggest_slices,
+                prepare, search, evaluate_best, register):
+    main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -93,6 +93,24 @@ def parse_bool(value: Any) -> bool:
 ENCODERS = ("vgg16", "resnet50", "unet")
 WINDOWS = ("whole_slice", "sliding")
 NORMALISATION_MODES = ("fixed", "per_volume")
+
+
+def check_step_fraction(value: Any) -> float:
+    """A sliding-window step (fraction of the tile) in (0, 1]: the one check of it, wherever it comes from."""
+    try:
+        step = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"step_fraction must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < step <= 1.0:
+        raise ValueError(f"step_fraction must be in (0, 1], got {value}")
+    return step
+
+
+def check_window(value: str) -> str:
+    """An inference window name: one of :data:`WINDOWS`."""
+    if value not in WINDOWS:
+        raise ValueError(f"unknown window {value!r}: use one of {', '.join(WINDOWS)}")
+    return value
 TASKS = ("ni", "phases")
 LOSSES = ("ce", "dice", "ce_dice", "focal")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -313,8 +331,10 @@ class InferenceParams:
     def __post_init__(self) -> None:
         if self.whole_slice_max_pixels < 0:
             raise ParamsError(f"params.inference.whole_slice_max_pixels must be >= 0, got {self.whole_slice_max_pixels}")
-        if not 0.0 < self.step_fraction <= 1.0:
-            raise ParamsError(f"params.inference.step_fraction must be in (0, 1], got {self.step_fraction}")
+        try:
+            check_step_fraction(self.step_fraction)
+        except ValueError as error:
+            raise ParamsError(f"params.inference.{error}") from None
         if self.chunk_depth < 1:
             raise ParamsError(f"params.inference.chunk_depth must be >= 1, got {self.chunk_depth}")
         if not 0.0 < self.max_clipped_fraction <= 1.0:

@@ -48,7 +48,9 @@ Methods (each validated in ``tests/test_microstructure.py`` against volumes with
 Library choice (measured here, 2 CPU cores): porespy 3.2.0 installs cleanly (it pulls numba,
 edt, dask and vtk via pyvista, ~850 MB) and its local thickness takes ~11 s on a 500^3 phase,
 where a hand-written scipy version needs one ``distance_transform_edt`` (22 s, 6 GB peak at
-500^3) per radius -- so sizes use porespy, imported lazily. taufactor 1.2.1 needs PyTorch
+500^3) per radius -- so sizes use porespy. porespy and numba are imported inside the sizing
+step only: together a 2-6 s import that every ``socseg`` command would otherwise pay at start-up
+(the CLI imports this module), for the one step that needs them. taufactor 1.2.1 needs PyTorch
 (pip pulled CUDA torch, 6.4 GB) for a handful of functions that are one-pass numpy here; its
 TPB is an edge fraction, not a length density, without active TPB. It is not a dependency; on
 a random phantom its TPB edge count, face-counting areas and ``extract_through_feature``
@@ -63,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -344,10 +347,7 @@ def _porespy() -> Any:
     slab takes. Caching them (numba's cache: beside porespy's sources, else ``NUMBA_CACHE_DIR`` or
     ``~/.cache``; keyed on porespy's source files and the CPU) compiles them once per machine.
     """
-    import sys
-
-    import porespy
-
+    import porespy  # lazy, with numba: see the module docstring
     from numba.core.dispatcher import Dispatcher
 
     for name, module in list(sys.modules.items()):
@@ -411,6 +411,139 @@ def _sizes(
 # --------------------------------------------------------------------------- main entry
 
 
+def _surface_densities(
+    index: np.ndarray, names: list[str], voxel: tuple[float, float, float], total_volume: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(interface density per pair ``"a-b"``, specific surface per phase), both uncorrected.
+
+    One face count serves both: each face belongs to exactly one phase pair, so a phase's surface
+    is the sum of its interfaces (see the module docstring).
+    """
+    n = len(names)
+    area = _face_pair_counts(index, n, voxel)
+    interfaces: dict[str, float] = {}
+    surfaces = {name: 0.0 for name in names}
+    for i in range(n):
+        for j in range(i + 1, n):
+            density = float(area[i, j] / total_volume)
+            interfaces[f"{names[i]}-{names[j]}"] = density
+            surfaces[names[i]] += density
+            surfaces[names[j]] += density
+    return interfaces, surfaces
+
+
+def _tpb_phase_ids(names: list[str], tpb_phases: Sequence[str] | None, notes: list[str]) -> list[int] | None:
+    """Indices of the phases playing pore, YSZ, Ni; None (with a note) when TPB is skipped.
+
+    Phases named explicitly must exist: a typo there is an error. The default names may be absent
+    (a two-phase ``ni`` segmentation has no TPB), which skips the TPB instead of failing the run.
+    """
+    if tpb_phases is not None:
+        tpb_ids = _find_phases(names, tpb_phases, "TPB")
+        if len(set(tpb_ids)) != 3:
+            raise MicrostructureError(f"TPB needs three distinct phases, got {list(tpb_phases)}")
+        return tpb_ids
+    try:
+        return _find_phases(names, TPB_PHASES, "TPB")
+    except MicrostructureError:
+        notes.append(f"TPB skipped: phases {list(TPB_PHASES)} not all in {names} (name them with tpb_phases)")
+        return None
+
+
+def _size_phase_ids(
+    names: list[str], size_phases: Sequence[str] | None, voxel: tuple[float, float, float], notes: list[str]
+) -> list[int]:
+    """Indices of the phases to size; none (with a note) for anisotropic voxels, where the
+    local thickness's spheres would be ellipsoids in real units."""
+    if size_phases is None:
+        size_ids = [i for i, name in enumerate(names) if name.lower() in DEFAULT_SIZE_PHASES]
+    else:
+        size_ids = _find_phases(names, size_phases, "sizes")
+    if size_ids and len(set(voxel)) > 1:
+        notes.append("sizes skipped: local thickness assumes isotropic voxels")
+        return []
+    return size_ids
+
+
+@dataclass
+class _ActiveTPB:
+    """The TPB edges of a volume and, per axis, which of them are still possibly active.
+
+    Every edge starts active; each TPB phase's labelling then clears the edges none of whose
+    voxels of that phase lie in a component spanning the axis. Kept apart from the phase loop so
+    that loop labels each phase once for percolation, active TPB and sizes alike.
+    """
+
+    phase_ids: list[int]
+    edges: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    active: dict[str, list[np.ndarray]]
+
+    @classmethod
+    def find(cls, index: np.ndarray, phase_ids: list[int]) -> _ActiveTPB:
+        edges = _tpb_edges(index, phase_ids)
+        active = {axis: [np.ones(len(e[0]), dtype=bool) for e in edges] for axis in AXES} if edges else {}
+        return cls(phase_ids, edges, active)
+
+    def keep_spanning(self, components: np.ndarray, spans: dict[str, np.ndarray]) -> None:
+        """Clear the edges whose voxels of this phase all lie in components not spanning the axis."""
+        for edge_axis, corner in enumerate(self.edges):
+            if corner[0].size == 0:
+                continue
+            ids = np.stack([components[v] for v in _edge_voxels(edge_axis, corner)])
+            for axis in AXES:
+                self.active[axis][edge_axis] &= spans[axis][ids].any(axis=0)
+
+    def result(
+        self, names: list[str], voxel: tuple[float, float, float], total_volume: float, correction: float
+    ) -> TPBResult:
+        """Edge lengths in ``unit`` (each edge as long as the voxel along its axis), densities and active shares."""
+        lengths = [len(e[0]) * voxel[k] for k, e in enumerate(self.edges)]
+        length = float(sum(lengths))
+        density_edges = length / total_volume
+        active_fraction = {
+            axis: float(sum(self.active[axis][k].sum() * voxel[k] for k in range(3)) / length) if length else 0.0
+            for axis in AXES
+        }
+        return TPBResult(
+            phases=tuple(names[k] for k in self.phase_ids),  # type: ignore[arg-type]
+            edges={AXES[k]: int(len(e[0])) for k, e in enumerate(self.edges)},
+            length=length,
+            density_edges=density_edges,
+            correction=float(correction),
+            density=density_edges * float(correction),
+            active_fraction=active_fraction,
+        )
+
+
+def _connectivity(
+    index: np.ndarray,
+    names: list[str],
+    voxel: tuple[float, float, float],
+    unit: str,
+    tpb: _ActiveTPB | None,
+    size_ids: list[int],
+) -> tuple[dict[str, PercolationResult], dict[str, SizeResult]]:
+    """Percolation of every phase, the active TPB (updating ``tpb``) and the sizes of ``size_ids``.
+
+    Labelling a phase's components is the costly step and its int32 array (4 B/voxel) the largest
+    temporary, so each phase is labelled once for all three uses and freed before the next.
+    """
+    percolation: dict[str, PercolationResult] = {}
+    sizes: dict[str, SizeResult] = {}
+    for i, name in enumerate(names):
+        mask = index == i
+        components, n_components = ndi.label(mask, structure=_SIX_CONNECTED)
+        percolation[name], spans = _percolation(components, n_components)
+        if tpb is not None and i in tpb.phase_ids:
+            tpb.keep_spanning(components, spans)
+        component_counts = _bincount(components, n_components + 1) if i in size_ids else None
+        del components
+        if component_counts is not None:
+            sizes[name] = _sizes(mask, component_counts, voxel, unit)
+        del mask
+    return percolation, sizes
+
+
 def measure(
     labels: np.ndarray,
     phase_map: dict[int, str],
@@ -437,82 +570,19 @@ def measure(
     voxel = _voxel_size(voxel_size)
     unit = unit or ("voxel" if voxel_size is None else "unit")
     index, names = phase_index(labels, phase_map)
-    n = len(names)
     shape = tuple(int(s) for s in index.shape)
     total_volume = float(np.prod(shape)) * float(np.prod(voxel))
     notes: list[str] = []
 
-    counts = _bincount(index, n)
+    counts = _bincount(index, len(names))
     fractions = {name: float(counts[i] / index.size) for i, name in enumerate(names)}
+    interfaces_raw, surface_raw = _surface_densities(index, names, voxel, total_volume)
+    tpb_ids = _tpb_phase_ids(names, tpb_phases, notes)
+    size_ids = _size_phase_ids(names, size_phases, voxel, notes)
 
-    area = _face_pair_counts(index, n, voxel)
-    interfaces_raw: dict[str, float] = {}
-    surface_raw = {name: 0.0 for name in names}
-    for i in range(n):
-        for j in range(i + 1, n):
-            density = float(area[i, j] / total_volume)
-            interfaces_raw[f"{names[i]}-{names[j]}"] = density
-            surface_raw[names[i]] += density
-            surface_raw[names[j]] += density
-
-    if tpb_phases is not None:
-        tpb_ids: list[int] | None = _find_phases(names, tpb_phases, "TPB")
-        if len(set(tpb_ids)) != 3:
-            raise MicrostructureError(f"TPB needs three distinct phases, got {list(tpb_phases)}")
-    else:
-        try:
-            tpb_ids = _find_phases(names, TPB_PHASES, "TPB")
-        except MicrostructureError:
-            tpb_ids = None
-            notes.append(f"TPB skipped: phases {list(TPB_PHASES)} not all in {names} (name them with tpb_phases)")
-    if size_phases is None:
-        size_ids = [i for i, name in enumerate(names) if name.lower() in DEFAULT_SIZE_PHASES]
-    else:
-        size_ids = _find_phases(names, size_phases, "sizes")
-    if size_ids and len(set(voxel)) > 1:
-        notes.append("sizes skipped: local thickness assumes isotropic voxels")
-        size_ids = []
-
-    edges = _tpb_edges(index, tpb_ids) if tpb_ids is not None else None
-    active = {axis: [np.ones(len(e[0]), dtype=bool) for e in edges] for axis in AXES} if edges else {}
-
-    percolation: dict[str, PercolationResult] = {}
-    sizes: dict[str, SizeResult] = {}
-    for i, name in enumerate(names):
-        mask = index == i
-        components, n_components = ndi.label(mask, structure=_SIX_CONNECTED)
-        percolation[name], spans = _percolation(components, n_components)
-        if edges is not None and i in (tpb_ids or ()):
-            for edge_axis, corner in enumerate(edges):
-                if corner[0].size == 0:
-                    continue
-                ids = np.stack([components[v] for v in _edge_voxels(edge_axis, corner)])
-                for axis in AXES:
-                    active[axis][edge_axis] &= spans[axis][ids].any(axis=0)
-        component_counts = _bincount(components, n_components + 1) if i in size_ids else None
-        del components
-        if component_counts is not None:
-            sizes[name] = _sizes(mask, component_counts, voxel, unit)
-        del mask
-
-    tpb = None
-    if edges is not None and tpb_ids is not None:  # (both or neither)
-        lengths = [len(e[0]) * voxel[k] for k, e in enumerate(edges)]
-        length = float(sum(lengths))
-        density_edges = length / total_volume
-        active_fraction = {
-            axis: float(sum(active[axis][k].sum() * voxel[k] for k in range(3)) / length) if length else 0.0
-            for axis in AXES
-        }
-        tpb = TPBResult(
-            phases=tuple(names[k] for k in tpb_ids),  # type: ignore[arg-type]
-            edges={AXES[k]: int(len(e[0])) for k, e in enumerate(edges)},
-            length=length,
-            density_edges=density_edges,
-            correction=float(tpb_correction),
-            density=density_edges * float(tpb_correction),
-            active_fraction=active_fraction,
-        )
+    active_tpb = _ActiveTPB.find(index, tpb_ids) if tpb_ids is not None else None
+    percolation, sizes = _connectivity(index, names, voxel, unit, active_tpb, size_ids)
+    tpb = active_tpb.result(names, voxel, total_volume, tpb_correction) if active_tpb is not None else None
 
     return MicrostructureResult(
         shape=shape,  # type: ignore[arg-type]

@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import tifffile
 
+from socseg.data.chunked import ChunkedLabels
+from socseg.data.formats import TIFF_SUFFIXES
+from socseg.data.stacks import SliceReader, read_label_metadata
 from socseg.data.volumes import VolumeError
 
 UNCERTAINTY_CONTENT = "uncertainty"  # the ``content`` an uncertainty TIFF's description records
@@ -67,7 +71,7 @@ def rank_slices(path: str | os.PathLike) -> list[SliceUncertainty]:
     ``path``: a ``.zarr`` label store segmented with ``--probabilities`` (its ``uncertainty``
     array), or the uncertainty TIFF of ``socseg segment ... --uncertainty PATH.tif``.
     """
-    blocks = _tiff_blocks(Path(path)) if Path(path).suffix.lower() in (".tif", ".tiff") else _zarr_blocks(path)
+    blocks = _tiff_blocks(Path(path)) if Path(path).suffix.lower() in TIFF_SUFFIXES else _zarr_blocks(path)
     slices = []
     for start, block in blocks:
         block = np.asarray(block, dtype=np.float32) / 255.0
@@ -78,8 +82,6 @@ def rank_slices(path: str | os.PathLike) -> list[SliceUncertainty]:
 
 def _zarr_blocks(store_path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray]]:
     """(first slice, uint8 uncertainty of a z-chunk) of a label store, checked before any is read."""
-    from socseg.data.chunked import ChunkedLabels
-
     store = ChunkedLabels.open(store_path)
     if store.uncertainty is None:
         raise VolumeError(f"{store_path} holds no uncertainty: segment into it with --uncertainty")
@@ -97,10 +99,6 @@ def _zarr_blocks(store_path: str | os.PathLike) -> Iterator[tuple[int, np.ndarra
 def _tiff_blocks(path: Path) -> Iterator[tuple[int, np.ndarray]]:
     """(first slice, uint8 uncertainty) of an uncertainty TIFF, a few slices at a time. Refuses a
     label stack or a probability stack (both uint8 TIFFs too) before anything is ranked."""
-    import tifffile
-
-    from socseg.data.stacks import SliceReader, read_label_metadata
-
     if not path.is_file():
         raise VolumeError(f"{path}: no such file")
     try:

@@ -1,4 +1,8 @@
-"""``socseg evaluate``: score a logged model on a labelled volume, as the pipeline scores it."""
+"""``socseg evaluate``: score a logged model on a labelled volume, as the pipeline scores it.
+
+MLflow and the scoring code (Keras) are imported inside the command: ``socseg --help`` and every
+other command start without them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ from pathlib import Path
 import click
 
 from socseg.commands.options import param_option, params_file_option
+from socseg.data.stacks import labelled_volume
+from socseg.data.volumes import load_volume, parse_phase_map, volume_dir
+from socseg.params import load_params, typed
 
 
 @click.command("evaluate")
@@ -36,10 +43,7 @@ def evaluate(model_uri: str, volume: str, as_json: bool, labels_path: str | None
     """
     import mlflow
 
-    from socseg.data.stacks import labelled_volume
-    from socseg.data.volumes import load_volume, parse_phase_map, volume_dir
     from socseg.inference.evaluate import evaluate_model, parse_slices
-    from socseg.params import load_params, typed
     from socseg.training.tracking import tracking_uri as resolve_tracking_uri
 
     params = typed(load_params(params_file))

@@ -1,4 +1,8 @@
-"""``socseg finetune``: train a registered model further on sparse labels of a new scan."""
+"""``socseg finetune``: train a registered model further on sparse labels of a new scan.
+
+The training stack (Keras, MLflow) is imported inside the command, so that ``socseg --help`` and
+the other commands start without it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ import json
 import click
 
 from socseg.commands.options import CommandError, blankable, load_with, param_option, params_file_option
+from socseg.data.prepare import write_json
+from socseg.data.sparse import parse_slice_list
+from socseg.data.volumes import VolumeError, parse_phase_map
 
 
 @click.command("finetune")
@@ -47,8 +54,6 @@ def finetune(model_uri, volume, labels_path, phase_map, ignore_value, labelled_s
     champion gate (the champion is scored on them too) come from them; with one labelled slice
     there is nothing to gate on and the result is challenger only.
     """
-    from socseg.data.sparse import parse_slice_list
-    from socseg.data.volumes import VolumeError, parse_phase_map
     from socseg.training.finetune import FinetuneError, finetune as run_finetune
 
     params = load_with(
@@ -88,8 +93,6 @@ def finetune(model_uri, volume, labels_path, phase_map, ignore_value, labelled_s
                        f"{promotion['champion_score_before']:.4f} on the held-out slices)")
         click.echo(f"{promotion['name']} v{promotion['version']} {verdict}")
     if out:
-        from socseg.data.prepare import write_json
-
         write_json({"run_id": result.run_id, "model_uri": result.model_uri, "parent_model_uri": result.parent_model_uri,
                     "lineage": result.lineage, "train_slices": result.train_slices, "test_slices": result.test_slices,
                     "metrics": result.metrics, "promotion": promotion}, out)

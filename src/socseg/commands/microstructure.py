@@ -16,7 +16,6 @@ from typing import Any
 
 import click
 
-from socseg.commands.options import CommandError
 from socseg.analysis.microstructure import (
     TPB_ISOTROPIC_CORRECTION,
     MicrostructureError,
@@ -25,8 +24,10 @@ from socseg.analysis.microstructure import (
     measure,
     relative_errors,
 )
+from socseg.commands.options import CommandError
 from socseg.data.stacks import LabelVolume, load_labels
 from socseg.data.volumes import VolumeError, parse_phase_map
+from socseg.params import load_params, typed
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -116,8 +117,6 @@ def microstructure(
 ) -> None:
     """Microstructure metrics of VOLUME (and of --truth, with the relative error of VOLUME)."""
     try:
-        from socseg.params import load_params, typed
-
         mapping = parse_phase_map(phase_map) if phase_map is not None else None
         default = typed(load_params()).data.phase_map
         pred = load_labels(volume, mapping, default)

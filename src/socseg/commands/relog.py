@@ -1,10 +1,15 @@
-"""``socseg relog``: a logged model again, with this version's serving code (no retraining)."""
+"""``socseg relog``: a logged model again, with this version's serving code (no retraining).
+
+MLflow and the inference code (Keras) are imported inside the command: ``socseg --help`` and every
+other command start without them.
+"""
 
 from __future__ import annotations
 
 import click
 
 from socseg.commands.options import params_file_option
+from socseg.params import load_params, typed
 
 
 @click.command("relog")
@@ -26,7 +31,6 @@ def relog(model_uri: str, tracking_uri: str | None, params_file: str | None) -> 
 
     from socseg.inference.predictor import ModelConfig, Predictor
     from socseg.inference.pyfunc import log_segmenter
-    from socseg.params import load_params, typed
     from socseg.training import tracking
 
     params = typed(load_params(params_file))

@@ -1,12 +1,19 @@
-"""``socseg search`` and the pipeline stage commands ``prepare``, ``evaluate-best``, ``register``."""
+"""The pipeline's stage commands ``search``, ``evaluate-best`` and ``register``, and ``prepare``,
+which writes the split and normalisation they compute for a look before a long search.
+
+MLflow and the training and scoring code (Keras, Optuna) are imported inside the commands: ``socseg
+--help`` and every other command start without them.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import click
 
 from socseg.commands.options import load_with, param_option, params_file_option
+from socseg.data.prepare import prepare as run_prepare
 from socseg.params import ENCODERS
 
 _OUTPUTS = "outputs"
@@ -44,8 +51,6 @@ def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size,
                         study_name=study_name, storage=storage)
     write_result(result, out)
     if history_out:
-        import shutil
-
         import mlflow
 
         shutil.copyfile(mlflow.artifacts.download_artifacts(run_id=result.best_run_id, artifact_path="training/history.csv"),
@@ -61,9 +66,7 @@ def search(encoder, task, n_trials, timeout, epochs, steps_per_epoch, tile_size,
 @params_file_option
 @click.option("--out", default=f"{_OUTPUTS}/prepare.json", show_default=True, type=click.Path(dir_okay=False))
 def prepare(task, data_dir, params_file, out) -> None:
-    """Record slab splits, training-slab normalisation and the data fingerprint (DVC stage)."""
-    from socseg.data.prepare import prepare as run_prepare
-
+    """Write the slab splits, normalisation and data fingerprint that training computes, to inspect them."""
     summary = run_prepare(load_with(params_file, data=dict(dir=data_dir), train=dict(task=task)), out)
     click.echo(f"prepared {len(summary['volumes'])} volume(s), fingerprint {summary['data_fingerprint'][:12]} -> {out}")
 

@@ -1,17 +1,58 @@
 """``socseg segment``: whole-volume segmentation with a logged model: a TIFF label stack, or a
-chunked Zarr store written by this process or by a Dask cluster."""
+chunked Zarr store written by this process or by a Dask cluster.
+
+The command builds the call's :class:`~socseg.inference.request.InferenceOptions` once from its
+options; MLflow and the inference stack are imported inside it, so that ``socseg --help`` and
+the other commands start without them."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 
 from socseg.commands.options import CommandError, param_option
 from socseg.commands.stats import grey_range_option
-from socseg.params import WINDOWS
+from socseg.data.normalise import GreyRangeEstimateError
+from socseg.data.volumes import VolumeError
+from socseg.inference.predictor import GreyRangeError
+from socseg.inference.request import InferenceOptions
+from socseg.params import WINDOWS, load_params, typed
 
 IN_STORE = "<in the .zarr store>"  # --probabilities / --uncertainty given without a path
+
+
+def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The per-call inference settings as click options, handed to ``command`` as one checked
+    :class:`~socseg.inference.request.InferenceOptions` (``options``)."""
+
+    @functools.wraps(command)
+    def with_options(*args: Any, tta: bool | None, window: str | None, step_fraction: float | None,
+                     allow_out_of_range: bool, grey_range: tuple[float, float] | None, **kwargs: Any) -> Any:
+        try:
+            options = InferenceOptions(tta=tta, step_fraction=step_fraction, window=window, grey_range=grey_range,
+                                       allow_out_of_range=allow_out_of_range)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        return command(*args, options=options, **kwargs)
+
+    decorators = [
+        click.option("--tta/--no-tta", default=None,
+                     help="8-fold flip/rotation test-time augmentation [default: the model's setting]."),
+        click.option("--window", type=click.Choice(WINDOWS),
+                     help="whole_slice: one pass per slice; sliding: overlapping tiles [default: the model's]."),
+        click.option("--step-fraction", type=float,
+                     help="Sliding window: tile step / tile size, in (0, 1] [default: the model's]."),
+        click.option("--allow-out-of-range", is_flag=True,
+                     help="Segment even when most grey values lie outside the model's training range (refused by default)."),
+        grey_range_option,
+    ]
+    for decorator in reversed(decorators):
+        with_options = decorator(with_options)
+    return with_options
+
 
 
 @click.command()
@@ -31,24 +72,13 @@ IN_STORE = "<in the .zarr store>"  # --probabilities / --uncertainty given witho
               help="Also write the uncertainty: normalised entropy of the probabilities x 255 (0 sure, 255 every class "
                    "equally likely), uint8. .tif OUTPUT: to PATH.tif (Z, Y, X). .zarr OUTPUT: no PATH; kept in the "
                    "store, with the probabilities. `socseg suggest-slices` ranks either.")
-@click.option("--tta/--no-tta", default=None, help="8-fold flip/rotation test-time augmentation [default: the model's setting].")
-@click.option("--window", type=click.Choice(WINDOWS),
-              help="whole_slice: one pass per slice; sliding: overlapping tiles [default: the model's].")
-@click.option(
-    "--step-fraction", type=click.FloatRange(0.0, 1.0, min_open=True),
-    help="Sliding window: tile step / tile size [default: the model's]."
-)
 @click.option("--multi-axis", is_flag=True, help="Average predictions along z, y and x (holds the volume in memory; .tif OUTPUT).")
-@click.option(
-    "--allow-out-of-range",
-    is_flag=True,
-    help="Segment even when most grey values lie outside the model's training range (refused by default).",
-)
-@grey_range_option
+@inference_options
 @click.option("--tracking-uri", help="Where models:/ and runs:/ URIs resolve [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
 def segment(
-    model_uri, input_path, output, overwrite, slice_batch, chunk_depth, scheduler, probabilities, uncertainty, tta, window,
-    step_fraction, multi_axis, allow_out_of_range, grey_range, tracking_uri
+    model_uri: str, input_path: str, output: str, overwrite: bool, slice_batch: int | None, chunk_depth: int | None,
+    scheduler: str | None, probabilities: str | None, uncertainty: str | None, multi_axis: bool,
+    options: InferenceOptions, tracking_uri: str | None,
 ) -> None:
     """Segment INPUT with MODEL_URI (e.g. models:/socseg-ni@champion, runs:/<id>/segmenter).
 
@@ -59,13 +89,43 @@ def segment(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from socseg.data.normalise import GreyRangeEstimateError
-    from socseg.data.volumes import VolumeError
-    from socseg.inference.predictor import GreyRangeError
-    from socseg.params import load_params, typed
     from socseg.training.tracking import tracking_uri as resolve_tracking_uri
 
     zarr_output = Path(output).suffix.lower() == ".zarr"
+    check_output_options(zarr_output, scheduler, probabilities, uncertainty, multi_axis)
+    try:
+        params = typed(load_params())
+        uri = resolve_tracking_uri(params, tracking_uri)
+        mlflow.set_tracking_uri(uri)
+        if zarr_output:
+            from socseg.inference.distributed import ZarrTarget, describe, segment_to_zarr
+
+            depth = chunk_depth or params.inference.chunk_depth
+            target = ZarrTarget(output, depth, overwrite, probabilities=bool(probabilities or uncertainty))
+            result = segment_to_zarr(model_uri, input_path, target, options, tracking_uri=uri, scheduler=scheduler)
+        else:
+            from socseg.inference.segment import SegmentOutputs
+            from socseg.inference.segment import segment as run_segment
+
+            outputs = SegmentOutputs.check(input_path, output, probabilities, uncertainty, overwrite)
+            result = run_segment(model_uri, input_path, outputs, options,
+                                 slice_batch=slice_batch or params.inference.slice_batch, multi_axis=multi_axis)
+    except (VolumeError, GreyRangeError, GreyRangeEstimateError, OSError, MlflowException) as exc:
+        raise CommandError(getattr(exc, "message", None) or str(exc)) from None
+    z, h, w = result.shape
+    click.echo(f"segmented {z}x{h}x{w} in {result.seconds:.1f} s ({result.slices_per_second:.2f} slices/s) -> {result.output}")
+    if zarr_output:
+        click.echo(f"{result.n_chunks} chunk(s) of {depth} slices, {result.n_skipped} already finished by an earlier run")
+        click.echo(describe(result))
+    else:
+        for what, path in (("probabilities", result.probabilities), ("uncertainty", result.uncertainty)):
+            if path is not None:
+                click.echo(f"{what} -> {path}")
+
+
+def check_output_options(zarr_output: bool, scheduler: str | None, probabilities: str | None,
+                         uncertainty: str | None, multi_axis: bool) -> None:
+    """Refuse option combinations the OUTPUT kind cannot take, before anything is loaded."""
     if scheduler and not zarr_output:
         raise CommandError("--scheduler writes a chunked .zarr OUTPUT; name one (e.g. labels.zarr)")
     for option, value in (("--probabilities", probabilities), ("--uncertainty", uncertainty)):
@@ -76,46 +136,3 @@ def segment(
             raise CommandError(f"{option} needs a path for a .tif OUTPUT, e.g. {option} {option[2:]}.tif")
     if multi_axis and zarr_output:
         raise CommandError("--multi-axis holds the whole volume in one process: use a .tif OUTPUT")
-    try:
-        params = typed(load_params())
-        uri = resolve_tracking_uri(params, tracking_uri)
-        mlflow.set_tracking_uri(uri)
-        if zarr_output:
-            from socseg.inference.distributed import describe, segment_to_zarr
-
-            result = segment_to_zarr(
-                model_uri, input_path, output, chunk_depth=chunk_depth or params.inference.chunk_depth,
-                tracking_uri=uri, scheduler=scheduler, overwrite=overwrite, tta=tta, step_fraction=step_fraction, window=window,
-                allow_out_of_range=allow_out_of_range, probabilities=bool(probabilities or uncertainty),
-                grey_range=grey_range,
-            )
-        else:
-            from socseg.inference.segment import segment as run_segment
-
-            result = run_segment(
-                model_uri,
-                input_path,
-                output,
-                overwrite=overwrite,
-                slice_batch=slice_batch or params.inference.slice_batch,
-                tta=tta,
-                step_fraction=step_fraction,
-                window=window,
-                multi_axis=multi_axis,
-                allow_out_of_range=allow_out_of_range,
-                probabilities=probabilities,
-                uncertainty=uncertainty,
-                grey_range=grey_range,
-            )
-    except (VolumeError, GreyRangeError, GreyRangeEstimateError, OSError, MlflowException) as exc:
-        raise CommandError(getattr(exc, "message", None) or str(exc)) from None
-    z, h, w = result.shape
-    click.echo(f"segmented {z}x{h}x{w} in {result.seconds:.1f} s ({result.slices_per_second:.2f} slices/s) -> {result.output}")
-    if zarr_output:
-        click.echo(f"{result.n_chunks} chunk(s) of {chunk_depth or params.inference.chunk_depth} slices, "
-                   f"{result.n_skipped} already finished by an earlier run")
-        click.echo(describe(result))
-    else:
-        for what, path in (("probabilities", result.probabilities), ("uncertainty", result.uncertainty)):
-            if path is not None:
-                click.echo(f"{what} -> {path}")

@@ -1,4 +1,8 @@
-"""``socseg stats``: a volume's grey range, as a per_volume model maps it (and the ``--grey-range`` option)."""
+"""``socseg stats``: a volume's grey range, as a per_volume model maps it (and the ``--grey-range`` option).
+
+MLflow and the model-reading code (Keras) are imported only when ``--model`` is given: ``socseg
+--help`` and every other command start without them.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import json
 import click
 
 from socseg.commands.options import CommandError
+from socseg.data.normalise import GreyRangeEstimateError, parse_grey_range, sampled_grey_range
+from socseg.data.stacks import SliceReader
+from socseg.data.volumes import VolumeError
+from socseg.params import load_params, typed
 
 
 def _grey_range(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, float] | None:
-    from socseg.data.normalise import parse_grey_range
-
     if value is None or not str(value).strip():
         return None
     try:
@@ -41,11 +47,6 @@ def stats(input_path: str, model_uri: str | None, percentiles: str | None, track
     `--grey-range LOW,HIGH` or the request params grey_low / grey_high when a volume is sent in
     pieces. INPUT: any volume `socseg segment` reads.
     """
-    from socseg.data.normalise import GreyRangeEstimateError, sampled_grey_range
-    from socseg.data.stacks import SliceReader
-    from socseg.data.volumes import VolumeError
-    from socseg.params import load_params, typed
-
     if model_uri and percentiles:
         raise CommandError("give --model or --percentiles, not both")
     try:
@@ -56,7 +57,7 @@ def stats(input_path: str, model_uri: str | None, percentiles: str | None, track
             from socseg.training.tracking import tracking_uri as resolve_tracking_uri
 
             mlflow.set_tracking_uri(resolve_tracking_uri(typed(load_params()), tracking_uri))
-            low_p, high_p = model_config(model_uri).percentiles
+            low_p, high_p = model_config(model_uri).normalisation.percentiles
         elif percentiles:
             parts = percentiles.split(",")
             try:

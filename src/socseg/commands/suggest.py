@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import click
+
+from socseg.analysis.uncertainty import rank_slices
 
 
 @click.command("suggest-slices")
@@ -19,10 +22,6 @@ def suggest_slices(store: str, top: int, as_json: bool) -> None:
     --probabilities). UNCERTAINTY.tif: the map written by `socseg segment MODEL INPUT LABELS.tif
     --uncertainty UNCERTAINTY.tif`.
     """
-    from dataclasses import asdict
-
-    from socseg.analysis.uncertainty import rank_slices
-
     ranked = rank_slices(store)[:top]
     if as_json:
         click.echo(json.dumps([asdict(s) for s in ranked], indent=2))

@@ -1,4 +1,8 @@
-"""``socseg train``: one MLflow-tracked training run (every option overrides params.yaml)."""
+"""``socseg train``: one MLflow-tracked training run (every option overrides params.yaml).
+
+The training stack (Keras, MLflow) and pandas are imported inside the command, so that
+``socseg --help`` and the other commands start without them.
+"""
 
 from __future__ import annotations
 

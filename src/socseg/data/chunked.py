@@ -9,6 +9,9 @@ Resumable and idempotent: an array ``complete`` holds one flag per z-chunk, each
 of its own, set only after that z-chunk's labels are written. A rerun writes only the chunks not
 flagged; a chunk whose writer died half-way is not flagged, so it is written again. Tasks write
 disjoint Zarr chunks, so any number of processes can write one store at once.
+
+zarr is imported inside the methods that open a store, not at module level: importing it costs
+every CLI command start-up time, and only ``.zarr`` outputs need it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Labelled volumes -> what training and scoring work on: slabs, the normalisation, the data version.
 
-The ``prepare`` stage of ``dvc repro`` records this; training recomputes the same (deterministic)
-split and normalisation, and scoring takes its test slabs from it.
+Training and scoring compute the same (deterministic) split and normalisation from params and
+the volumes; ``socseg prepare`` writes them to a file for a look before a long search.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from socseg.data.normalise import Normaliser, grey_range
+from socseg.data.normalise import GreyRange, Normalisation, Normaliser
 from socseg.data.split import SUBSETS, SlabSplit, split_from_params
-from socseg.data.tasks import check_task, task_class_names, task_targets
+from socseg.data.synth import BUILTIN_SAMPLE, materialise_sample
+from socseg.data.tasks import Task, get_task
 from socseg.data.volumes import Volume, load_volume, volume_dir
 from socseg.params import Params, typed
 
@@ -32,58 +33,55 @@ class Slab:
     def name(self) -> str:
         return self.volume.meta.name
 
-    def targets(self, task: str) -> np.ndarray:
+    def targets(self, task: str | Task) -> np.ndarray:
         """Task class indices (uint8) of the slab's labels."""
         start, stop = self.z_range
-        return task_targets(self.volume.class_index(slice(start, stop)), task, self.volume.class_names)
+        return get_task(task).targets(self.volume.class_index(slice(start, stop)), self.volume.class_names)
 
 
 @dataclass
 class PreparedData:
-    task: str
+    task: Task
     class_names: list[str]
     phase_map: dict[int, str]
-    # What the exported model's IntensityNormalisation layer holds: the training slabs' grey range
-    # (mode fixed), or 0..1 (mode per_volume: the predictor maps each volume's own range first).
-    normaliser: Normaliser
+    normalisation: Normalisation  # the model's: fitted on the training slabs (fixed) or per volume
     splits: dict[str, SlabSplit]
     slabs: dict[str, list[Slab]]  # subset -> slabs (one per volume with a non-empty subset; test: + whole test volumes)
     fingerprint: str
-    normalisation_mode: str  # fixed | per_volume (normalise.mode)
-    volume_normalisers: dict[str, Normaliser]  # per_volume: volume name -> its whole-volume grey range
+    # Every prepared volume's grey range as the normalisation resolves it (None: raw values reach
+    # the layer), estimated once here: training, validation and scoring all map a volume alike.
+    volume_ranges: dict[str, GreyRange | None]
+
+    @property
+    def normaliser(self) -> Normaliser:
+        """What the exported model's IntensityNormalisation layer holds."""
+        return self.normalisation.layer
 
     def slab_normaliser(self, slab: Slab) -> Normaliser:
-        """The mapping to [0, 1] of ``slab``'s grey values: its volume's own (per_volume) or the model's.
+        """The mapping to [0, 1] of ``slab``'s grey values, as the network is trained on them.
 
-        per_volume knows only the volumes :func:`prepare_data` was given (training volumes and
-        separate ``test_volumes``): a range estimated here for another one would be missing from
+        Only the volumes :func:`prepare_data` was given (training volumes and separate
+        ``test_volumes``) are known: a range estimated here for another one would be missing from
         :meth:`grey_ranges`, which scoring uses, so such a slab is refused.
         """
-        if self.normalisation_mode != "per_volume":
-            return self.normaliser
-        if slab.name not in self.volume_normalisers:
+        if slab.name not in self.volume_ranges:
             raise ValueError(
-                f"volume {slab.name!r} was not prepared (prepared: {', '.join(sorted(self.volume_normalisers))}): "
-                "per_volume normalisation needs its whole-volume grey range; pass a separate test volume to "
+                f"volume {slab.name!r} was not prepared (prepared: {', '.join(sorted(self.volume_ranges))}): "
+                "its grey range must be resolved with the others; pass a separate test volume to "
                 "prepare_data as test_volumes")
-        return self.volume_normalisers[slab.name]
+        return self.normalisation.unit_mapping(self.volume_ranges[slab.name])
 
     def normalised(self, slab: Slab) -> np.ndarray:
         """The slab's grey values as the network is trained on them (float32 in [0, 1])."""
         start, stop = slab.z_range
         return self.slab_normaliser(slab).apply(slab.volume.image[start:stop])
 
-    def grey_ranges(self) -> dict[str, tuple[float, float]] | None:
-        """per_volume: volume name -> the whole-volume grey range training mapped it with (a separate
-        test volume: its own, estimated the same way), which scoring a slab of that volume maps
-        too (estimated once, in :func:`prepare_data`); fixed: None."""
-        if self.normalisation_mode != "per_volume":
-            return None
-        return {name: (n.low, n.high) for name, n in self.volume_normalisers.items()}
-
-    def normalisation_record(self) -> dict:
-        """The model config's ``normalisation``: mode, the layer's low/high and the percentiles."""
-        return {"mode": self.normalisation_mode, **self.normaliser.to_dict()}
+    def grey_ranges(self) -> dict[str, GreyRange] | None:
+        """Volume name -> the grey range training mapped it with (per_volume: each volume's own;
+        a separate test volume's estimated the same way), which scoring a slab of that volume maps
+        too; None when no volume has one (fixed: raw values)."""
+        ranges = {name: r for name, r in self.volume_ranges.items() if r is not None}
+        return ranges or None
 
 
 def volumes_fingerprint(checksums: Iterable[Mapping[str, str]]) -> str:
@@ -97,8 +95,6 @@ def volumes_fingerprint(checksums: Iterable[Mapping[str, str]]) -> str:
 def load_labelled_volumes(params: Mapping | Params, names: Sequence[str] | None = None) -> list[Volume]:
     """The labelled volumes ``names`` (default ``data.volumes``) under ``data.dir``; the built-in
     sample is made on first use (a fresh clone has none)."""
-    from socseg.data.synth import BUILTIN_SAMPLE, materialise_sample
-
     p = typed(params)
     volumes = []
     for name in names or p.data.volumes:
@@ -123,7 +119,7 @@ def data_fingerprint(params: Mapping | Params) -> str:
 
 
 def prepare_data(
-    params: Mapping | Params, volumes: Sequence[Volume], task: str, test_volumes: Sequence[Volume] = ()
+    params: Mapping | Params, volumes: Sequence[Volume], task: str | Task, test_volumes: Sequence[Volume] = ()
 ) -> PreparedData:
     """Split every volume into slabs; fit the normaliser on the training slabs only (mode fixed),
     or estimate each volume's own whole-volume grey range (mode per_volume: :func:`grey_range`,
@@ -135,29 +131,23 @@ def prepare_data(
     fingerprint (the test data is part of what a score means).
     """
     p = typed(params)
-    check_task(task)
+    task = get_task(task)
     check_separate_test_volumes(volumes, test_volumes)
-    class_names = task_class_names(task, volumes[0].class_names)
+    class_names = task.class_names(volumes[0].class_names)
     splits = {v.meta.name: split_from_params(v.image.shape[0], p.split, p.train.context_slices) for v in volumes}
-    low_p, high_p = p.normalise.low_percentile, p.normalise.high_percentile
-    volume_normalisers: dict[str, Normaliser] = {}
-    if p.normalise.mode == "per_volume":
-        volume_normalisers = {v.meta.name: grey_range(v.image, low_p, high_p) for v in (*volumes, *test_volumes)}
-        normaliser = Normaliser(0.0, 1.0, float(low_p), float(high_p))
-    else:
-        normaliser = Normaliser.fit([v.image[splits[v.meta.name].range("train")] for v in volumes], low_p, high_p)
+    normalisation = Normalisation.fit(p.normalise.mode, [v.image[splits[v.meta.name].range("train")] for v in volumes],
+                                      p.normalise.low_percentile, p.normalise.high_percentile)
     slabs = slab_subsets(volumes, splits)
     slabs["test"] += [Slab(v, (0, v.image.shape[0])) for v in test_volumes]
     return PreparedData(
         task=task,
         class_names=class_names,
         phase_map=dict(volumes[0].meta.phase_map),
-        normaliser=normaliser,
+        normalisation=normalisation,
         splits=splits,
         slabs=slabs,
         fingerprint=volumes_fingerprint([dict(v.meta.checksums) for v in (*volumes, *test_volumes)]),
-        normalisation_mode=p.normalise.mode,
-        volume_normalisers=volume_normalisers,
+        volume_ranges={v.meta.name: normalisation.source_range(v.image) for v in (*volumes, *test_volumes)},
     )
 
 
@@ -189,7 +179,7 @@ def slab_subsets(volumes: Sequence[Volume], splits: Mapping[str, SlabSplit]) -> 
     return slabs
 
 
-# --------------------------------------------------------------------------- the prepare stage
+# --------------------------------------------------------------------------- socseg prepare and the stages' JSON files
 
 
 def write_json(data: Mapping, path: str | Path) -> None:
@@ -209,19 +199,15 @@ def read_json(path: str | Path) -> dict:
 
 
 def prepare(params: Mapping | Params, out: str | Path) -> dict:
-    """Record each volume's slab split, the training-slab normalisation and the data fingerprint.
-
-    Training recomputes the same (deterministic) split and normalisation; this file is what DVC
-    tracks, so changing the data or the split/normalise params reruns everything downstream.
-    """
+    """Write each volume's slab split, the normalisation and the data fingerprint to ``out``:
+    what training will compute from the same params and volumes (``socseg prepare``)."""
     p = typed(params)
     data = prepare_data(p, load_labelled_volumes(p), p.train.task)
     summary = {
         "volumes": {slab.name: {"shape": list(slab.volume.image.shape), **data.splits[slab.name].to_dict()}
                     for slab in data.slabs["train"]},
-        "normalisation": data.normalisation_record(),
-        **({"volume_grey_ranges": {name: n.to_dict() for name, n in data.volume_normalisers.items()}}
-           if data.volume_normalisers else {}),
+        "normalisation": data.normalisation.to_dict(),
+        **({"volume_grey_ranges": {name: list(r) for name, r in ranges.items()}} if (ranges := data.grey_ranges()) else {}),
         "class_names": data.class_names,
         "phase_map": {str(k): v for k, v in data.phase_map.items()},
         "data_fingerprint": data.fingerprint,

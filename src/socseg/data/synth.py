@@ -8,15 +8,27 @@ perfect. Everything is drawn from one seeded ``numpy`` Generator: same arguments
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import warnings
-
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import yaml
 from scipy import ndimage
 
-from socseg.data.volumes import Volume, VolumeError, VolumeMeta, normalise_phase_map
+from socseg.data.volumes import (
+    IMAGE_FILE,
+    LABELS_FILE,
+    META_FILE,
+    Volume,
+    VolumeError,
+    VolumeMeta,
+    normalise_phase_map,
+    save_volume,
+)
 from socseg.params import Params, typed
 
 
@@ -157,9 +169,6 @@ def dvc_dir_md5(files: Mapping[str, Path]) -> str:
     sorted by path: computing it here checks a generated sample against ``data.dvc`` without
     running DVC (``mlflow run`` does not need DVC installed).
     """
-    import hashlib
-    import json
-
     entries = [{"md5": hashlib.md5(Path(path).read_bytes()).hexdigest(), "relpath": rel}
                for rel, path in sorted(files.items())]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest()
@@ -173,8 +182,6 @@ def recorded_dvc_md5(dvc_file: str | Path) -> str | None:
 
 def _dvc_out(dvc_file: str | Path) -> dict[str, Any]:
     """The single ``outs`` entry of a ``.dvc`` file (``{}`` if the file or a single output is absent)."""
-    import yaml
-
     path = Path(dvc_file)
     if not path.is_file():
         return {}
@@ -191,8 +198,6 @@ def recorded_sample_md5s(dvc_file: str | Path) -> dict[str, str] | None:
     lists each file's md5. ``None`` when the manifest is not in the local cache (before
     ``dvc pull``); ``{}`` when the folder versions no sample.
     """
-    import json
-
     md5 = str(_dvc_out(dvc_file).get("md5", ""))
     if not md5.endswith(".dir"):
         return None
@@ -212,10 +217,6 @@ def materialise_sample(params: Mapping[str, Any], directory: str | Path, check_a
     hash to the md5 it records, so a run on a fresh clone trains on exactly the versioned data.
     On a mismatch nothing is left behind.
     """
-    import shutil
-
-    from socseg.data.volumes import IMAGE_FILE, LABELS_FILE, META_FILE, save_volume
-
     target = Path(directory)
     if check_against is None:
         check_against = typed(params).synth.check_against
@@ -238,8 +239,6 @@ def materialise_sample(params: Mapping[str, Any], directory: str | Path, check_a
         warnings.warn(f"{check_against} versions more than the built-in sample and its manifest is not in the "
                       "DVC cache (run `dvc pull`): the generated sample is not checked against it", stacklevel=2)
         return target
-    import hashlib
-
     differing = sorted(rel for rel, md5 in recorded.items()
                        if rel not in files or hashlib.md5(files[rel].read_bytes()).hexdigest() != md5)
     if differing:

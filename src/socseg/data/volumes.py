@@ -288,7 +288,7 @@ def save_volume(volume: Volume, directory: str | os.PathLike, overwrite: bool = 
     return target
 
 
-def _read_stored_tiff(path: Path, mmap: bool) -> np.ndarray:
+def read_stored_tiff(path: Path, mmap: bool) -> np.ndarray:
     """Read a stored stack; with ``mmap`` decode page by page into a disk-backed array.
 
     The stored files are compressed, so they cannot be mapped directly; decoding into an
@@ -329,8 +329,8 @@ def load_volume(directory: str | os.PathLike, mmap: bool = False, verify: bool =
             raise VolumeError(f"{path}: missing (listed by {meta_path})")
         if verify and name in meta.checksums and _sha256_file(path) != meta.checksums[name]:
             raise VolumeError(f"{path}: sha256 differs from {meta_path} (file changed after it was written)")
-    image = _read_stored_tiff(root / IMAGE_FILE, mmap)
-    labels = _read_stored_tiff(root / LABELS_FILE, mmap) if meta.has_labels else None
+    image = read_stored_tiff(root / IMAGE_FILE, mmap)
+    labels = read_stored_tiff(root / LABELS_FILE, mmap) if meta.has_labels else None
     if image.shape != tuple(meta.shape) or image.dtype.name != meta.image_dtype:
         raise VolumeError(
             f"{root / IMAGE_FILE}: {image.shape} {image.dtype} but {meta_path} says {tuple(meta.shape)} "
@@ -447,7 +447,7 @@ def _check_label_array(array: np.ndarray, path: Path) -> np.ndarray:
     return array.astype(np.uint8, copy=False)
 
 
-def _read_slices(
+def read_slices(
     files: Sequence[Path], what: str, labels: bool = False, like: tuple[Path, tuple[int, ...]] | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """Stack 2-D slices (or one 3-D stack) into (Z, Y, X), checking dtype and shape per file.
@@ -520,12 +520,12 @@ def import_slices(
     label_files = _glob_files(labels, "label") if labels is not None else None
     if label_files is not None:
         _pair(image_files, label_files, images, labels)
-    image, image_digests = _read_slices([p for _, p in image_files], "images")
+    image, image_digests = read_slices([p for _, p in image_files], "images")
     checksums = {"source_images": _combined_sha256(image_digests)}
     label_stack = None
     source = f"images={images}"
     if label_files is not None:
-        label_stack, label_digests = _read_slices(
+        label_stack, label_digests = read_slices(
             [p for _, p in label_files], "labels", labels=True, like=(image_files[0][1], image.shape)
         )
         checksums["source_labels"] = _combined_sha256(label_digests)
@@ -559,26 +559,3 @@ def import_slices(
     )
     return Volume(image=image, labels=label_stack, meta=meta)
 
-
-def read_stack(path: str | os.PathLike) -> np.ndarray:
-    """Read a grey stack (Z, Y, X) for segmentation: a multi-page TIFF, a folder of slice TIFFs
-    (ordered by slice number) or a socseg volume directory (its ``image.tif``)."""
-    source = Path(path)
-    if source.is_dir():
-        if (source / META_FILE).is_file():
-            return _read_stored_tiff(source / IMAGE_FILE, mmap=False)
-        files = [p for p in source.iterdir() if p.suffix.lower() in (".tif", ".tiff") and p.is_file()]
-        if not files:
-            raise VolumeError(f"{source}: no .tif/.tiff files")
-        ordered = slices_by_index(files, "image")
-        stack, _ = _read_slices([p for _, p in ordered], "images")
-    elif source.is_file():
-        stack, _ = read_slice_file(source)
-        check_image_array(stack, source)
-    else:
-        raise VolumeError(f"{source}: no such file or directory")
-    if stack.ndim == 2:
-        stack = stack[np.newaxis]
-    if stack.ndim != 3:
-        raise VolumeError(f"{source}: expected a 3-D grey stack, got shape {stack.shape}")
-    return stack

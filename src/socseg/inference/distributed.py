@@ -11,6 +11,9 @@ Dask distributed is the engine: a ``LocalCluster`` on one machine, ``dask schedu
 the model once (:func:`worker_predictor` caches it) and reuses it for all its tasks; only the
 model URI and file paths travel, never volumes. Finished chunks are recorded in the store, so an
 interrupted run (Ctrl-C, a killed client or worker) is resumed by running the command again.
+
+Dask ``distributed`` is imported only when a scheduler is asked for: a run in this process does
+not start (or need) it.
 """
 
 from __future__ import annotations
@@ -23,30 +26,33 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+import mlflow
+
 from socseg.analysis.uncertainty import class_probabilities, normalised_entropy, quantise
 from socseg.data.chunked import ChunkedLabels
 from socseg.data.context import iter_chunks
-from socseg.data.stacks import SliceReader, check_paths, split_hdf5_path
-from socseg.data.volumes import META_FILE, VolumeError, VolumeMeta
+from socseg.data.formats import detect_format, split_hdf5_path
+from socseg.data.stacks import SliceReader, check_paths
+from socseg.data.volumes import VolumeError
+from socseg.inference.predictor import Predictor
+from socseg.inference.pyfunc import model_config
+from socseg.inference.request import InferenceOptions, InferenceRequest
+from socseg.inference.segment import progress_bar
 
 LOCAL = "local"
 
 
 @dataclass(frozen=True)
 class ChunkJob:
-    """Everything a task needs, small enough to send to every worker."""
+    """Everything a task needs, small enough to send to every worker: the request is resolved once,
+    on the client (a per_volume model's grey range is the whole input's, not each chunk's)."""
 
     model_uri: str
     tracking_uri: str
     source: str
     output: str
-    context_slices: int
-    tta: bool | None = None
-    step_fraction: float | None = None
-    window: str | None = None
-    allow_out_of_range: bool = False
+    request: InferenceRequest
     probabilities: bool = False  # also write the probability and uncertainty arrays
-    grey_range: tuple[float, float] | None = None  # the whole input's, for every chunk (per_volume models)
 
 
 @dataclass
@@ -67,10 +73,6 @@ class ZarrResult:
 @lru_cache(maxsize=2)
 def worker_predictor(model_uri: str, tracking_uri: str) -> Any:
     """The predictor of ``model_uri``, loaded once per process (a Dask worker keeps it for all its tasks)."""
-    import mlflow
-
-    from socseg.inference.predictor import Predictor
-
     mlflow.set_tracking_uri(tracking_uri)
     return Predictor.load(model_uri)
 
@@ -81,12 +83,10 @@ def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
     predictor = worker_predictor(job.model_uri, job.tracking_uri)
     store = ChunkedLabels.open(job.output)
     start, stop = store.chunk(index)
-    piece = next(iter_chunks(store.shape[0], stop - start, job.context_slices, start, stop))
+    piece = next(iter_chunks(store.shape[0], stop - start, predictor.context_slices, start, stop))
     with SliceReader(job.source) as reader:
         stack = reader.read(piece.read.start, piece.read.stop)
-    probabilities = predictor.probabilities(stack, piece.before, piece.after, tta=job.tta,
-                                          step_fraction=job.step_fraction, window=job.window,
-                                          grey_range=job.grey_range, check_range=not job.allow_out_of_range)
+    probabilities = predictor.probabilities(stack, piece.before, piece.after, job.request)
     labels = predictor.to_labels(predictor.to_classes(probabilities))
     if job.probabilities:
         classes = class_probabilities(probabilities)
@@ -106,10 +106,8 @@ def _worker_name() -> str:
 
 
 def _voxel_size_nm(source: str) -> float | None:
-    path = Path(source)
-    if split_hdf5_path(source) is None and (path / META_FILE).is_file():
-        return VolumeMeta.from_json((path / META_FILE).read_text(), str(path / META_FILE)).voxel_size_nm
-    return None
+    meta = detect_format(source).volume_meta(source)  # only a socseg volume directory records one
+    return meta.voxel_size_nm if meta is not None else None
 
 
 def parse_scheduler(text: str) -> tuple[str, int | None]:
@@ -140,35 +138,36 @@ def _client(scheduler: str):
     return Client(cluster), cluster
 
 
+@dataclass(frozen=True)
+class ZarrTarget:
+    """Where and how a Zarr run writes: the store, its z-chunk depth, whether an existing store is
+    replaced (else resumed), and whether probabilities and uncertainty are kept beside the labels."""
+
+    output: str | os.PathLike
+    chunk_depth: int
+    overwrite: bool = False
+    probabilities: bool = False
+
+
 def segment_to_zarr(
     model_uri: str,
     source: str | os.PathLike,
-    output: str | os.PathLike,
+    target: ZarrTarget,
+    options: InferenceOptions = InferenceOptions(),
     *,
-    chunk_depth: int,
     tracking_uri: str,
     scheduler: str | None = None,
-    overwrite: bool = False,
-    tta: bool | None = None,
-    step_fraction: float | None = None,
-    window: str | None = None,
-    allow_out_of_range: bool = False,
-    probabilities: bool = False,
     progress: bool = True,
-    grey_range: tuple[float, float] | None = None,
 ) -> ZarrResult:
-    """Segment ``source`` into the Zarr store ``output``, resuming what a previous run finished.
+    """Segment ``source`` into the Zarr store ``target.output``, resuming what a previous run finished.
 
-    ``grey_range``: the input's grey values mapped onto the model's range in every task; None:
-    a per_volume model's is estimated here, on the whole input, once (the tasks see one chunk each).
-
-    ``probabilities``: also keep each voxel's class probabilities and their normalised entropy
-    (uncertainty: where to label next), uint8-quantised, beside the labels.
+    ``options`` are resolved into one request here, on the whole input (a per_volume model's grey
+    range is estimated once: the tasks see one chunk each), and sent to every task.
+    ``target.probabilities``: also keep each voxel's class probabilities and their normalised
+    entropy (uncertainty: where to label next), uint8-quantised, beside the labels.
     """
-    from socseg.inference.pyfunc import model_config
-    from socseg.inference.segment import progress_bar
-
-    check_paths(source, output, overwrite)
+    output, chunk_depth = target.output, target.chunk_depth
+    check_paths(source, output, target.overwrite)
     config = model_config(model_uri)  # read from the MLmodel: the client does not load the network
     if chunk_depth < 1:
         raise ValueError(f"chunk depth must be >= 1 slice, got {chunk_depth}")
@@ -177,21 +176,22 @@ def segment_to_zarr(
                          "slices on each side): use a chunk depth of at least that (inference.chunk_depth)")
     with SliceReader(source) as reader:
         shape = reader.shape
-        if grey_range is None and config.normalisation_mode == "per_volume":
-            grey_range = config.volume_grey_range(reader)
-    if grey_range is not None:
-        grey_range = (float(grey_range[0]), float(grey_range[1]))
-    job = ChunkJob(model_uri, tracking_uri, str(source), str(output), config.context_slices, tta, step_fraction,
-                   window, allow_out_of_range, probabilities, grey_range)
+        request = InferenceRequest.resolve(config, options, source=reader)
+    job = ChunkJob(model_uri, tracking_uri, str(source), str(output), request, target.probabilities)
     run = {"model_uri": model_uri, "source": str(Path(str(source)).resolve()) if split_hdf5_path(source) is None
-           else str(source), "shape": list(shape), "chunk_depth": chunk_depth, "tta": tta, "step_fraction": step_fraction, "window": window,
-           "probabilities": probabilities,
-           **({"grey_range": list(grey_range)} if grey_range is not None else {})}  # a resume must use the same
-    metadata = {"phase_map": {str(k): v for k, v in config.label_phase_map.items()}, "task": config.task,
+           else str(source), "shape": list(shape), "chunk_depth": chunk_depth, **options.record(),
+           "probabilities": target.probabilities,
+           **({"grey_range": list(request.grey_range)} if request.grey_range is not None else {})}  # a resume must use the same
+    metadata = {"phase_map": {str(k): v for k, v in config.label_phase_map.items()}, "task": config.task.name,
                 "model_uri": model_uri, "source": str(source), "context_slices": config.context_slices}
-    n_classes = len(config.class_names) if probabilities else 0
+    n_classes = len(config.class_names) if target.probabilities else 0
     store = ChunkedLabels.create_or_resume(output, shape, chunk_depth, run, metadata, _voxel_size_nm(str(source)),
-                                           overwrite, n_classes)
+                                           target.overwrite, n_classes)
+    return _finish(store, job, scheduler, progress)
+
+
+def _finish(store: ChunkedLabels, job: ChunkJob, scheduler: str | None, progress: bool) -> ZarrResult:
+    """Run the store's pending chunks (here or on the cluster) and check that all were written."""
     pending = store.pending()
     started = time.perf_counter()
     per_worker: dict[str, dict[str, float]] = {}
@@ -204,8 +204,8 @@ def segment_to_zarr(
             bar.update(1)
     missing = store.pending()
     if missing:
-        raise VolumeError(f"{output}: chunks {missing} were not written; run the command again to finish them")
-    return ZarrResult(Path(output), shape, time.perf_counter() - started, store.n_chunks,
+        raise VolumeError(f"{job.output}: chunks {missing} were not written; run the command again to finish them")
+    return ZarrResult(Path(job.output), store.shape, time.perf_counter() - started, store.n_chunks,
                       store.n_chunks - len(pending), per_worker)
 
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from socseg.data.prepare import Slab
-from socseg.data.tasks import IGNORE, NI_PHASE, check_task, task_class_names, task_targets
+from socseg.data.tasks import IGNORE, Task, get_task
 from socseg.data.volumes import Volume, load_volume
-from socseg.inference.predictor import GreyRange, Predictor
+from socseg.data.normalise import GreyRange
+from socseg.inference.predictor import Predictor
+from socseg.inference.request import InferenceOptions
 from socseg.model.metrics import confusion_matrix, segmentation_scores
 
 # Slices predicted per chunk: bounds the (Z, H, W, C) float32 probabilities held at once. Every
@@ -41,7 +43,7 @@ class Evaluation:
         return segmentation_scores(self.confusion, self.class_names)
 
 
-def slab_confusion(slab: Slab, classes: np.ndarray, task: str, start: int | None = None) -> np.ndarray:
+def slab_confusion(slab: Slab, classes: np.ndarray, task: str | Task, start: int | None = None) -> np.ndarray:
     """Confusion matrix of predicted task ``classes`` for slices ``start..`` of ``slab`` (default:
     the slab's first) against the slab's labels: how every socseg score, and the benchmarks'
     baselines, count pixels. Unlabelled pixels (sparse labels: class :data:`IGNORE`) are not counted."""
@@ -49,46 +51,47 @@ def slab_confusion(slab: Slab, classes: np.ndarray, task: str, start: int | None
     stop = start + len(classes)
     if not slab.z_range[0] <= start < stop <= slab.z_range[1]:
         raise ValueError(f"slices {start}:{stop} are not in slab {slab.name} {slab.z_range}")
-    volume = slab.volume
-    truth = task_targets(volume.class_index(slice(start, stop)), task, volume.class_names)
+    volume, task = slab.volume, get_task(task)
+    truth = task.targets(volume.class_index(slice(start, stop)), volume.class_names)
     labelled = truth != IGNORE
-    return confusion_matrix(truth, classes, len(task_class_names(task, volume.class_names)),
+    return confusion_matrix(truth, classes, len(task.class_names(volume.class_names)),
                             mask=None if labelled.all() else labelled)
 
 
 def score_slabs(
     predictor: Predictor,
     slabs: Sequence[Slab],
-    task: str | None = None,
+    task: str | Task | None = None,
     keep_predictions: bool = False,
     grey_ranges: Mapping[str, GreyRange] | None = None,
-    **window: Any,
+    options: InferenceOptions = InferenceOptions(),
 ) -> Evaluation:
     """Score ``predictor`` on ``slabs`` (one confusion matrix over all of them).
 
-    ``task`` defaults to the model's; a ``phases`` model can also be scored on ``ni``.
-    ``window`` overrides the model's ``tta`` / ``step_fraction`` / ``window`` (validation during
+    ``task`` defaults to the model's; a ``phases`` model can also be scored on ``ni``
+    (:meth:`Task.model_class_lut` maps its classes).
+    ``options`` override the model's ``tta`` / ``step_fraction`` / ``window`` (validation during
     training uses whole-slice passes without TTA, whatever the served settings).
 
-    A per_volume model scores each slab with its whole volume's grey range
-    (:meth:`Predictor.volume_grey_range`: the function and the volume training normalised it
-    with, and what ``socseg segment`` estimates on a whole input), so the scores are what users get.
+    Each slab is scored with one request resolved on its whole volume: a per_volume model maps
+    the volume's grey range (the function and the volume training normalised it with, and what
+    ``socseg segment`` estimates on a whole input), so the scores are what users get.
     ``grey_ranges`` (volume name -> range) gives ranges already estimated (validation, every epoch).
     """
     config = predictor.config
-    task = check_task(task or config.task)
-    if task != config.task and not (task == "ni" and config.task == "phases"):
-        raise ValueError(f"a {config.task!r} model cannot be scored on task {task!r}")
+    model_task = get_task(config.task)
+    task = get_task(task or model_task)
+    model_to_task = task.model_class_lut(model_task, config.class_names)  # None: the model's own task
     if not slabs:
         raise ValueError("no slices to score")
-    class_names = task_class_names(task, slabs[0].volume.class_names)
+    class_names = task.class_names(slabs[0].volume.class_names)
     cm = np.zeros((len(class_names),) * 2, dtype=np.int64)
     seconds, n_slices, predictions = 0.0, 0, []
     for slab in slabs:
         volume = slab.volume
         if volume.labels is None:
             raise ValueError(f"volume {slab.name!r} has no labels: nothing to score against")
-        expected = task_class_names(config.task, volume.class_names)
+        expected = model_task.class_names(volume.class_names)
         if expected != config.class_names:
             raise ValueError(f"model classes {config.class_names} do not match volume {slab.name!r} "
                              f"(phases {volume.class_names} give {expected})")
@@ -97,12 +100,12 @@ def score_slabs(
             raise ValueError(f"slices {start}:{stop} outside volume {slab.name!r} with {volume.image.shape[0]} slices")
         kept = np.empty((stop - start, *volume.image.shape[1:]), np.uint8) if keep_predictions else None
         began = time.perf_counter()
-        # A per_volume model's range comes from the whole volume: Predictor.iter_volume estimates it.
-        known = {"grey_range": grey_ranges[slab.name]} if grey_ranges and slab.name in grey_ranges else {}
-        for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, **{**window, **known}):
+        known = (grey_ranges or {}).get(slab.name)
+        request = predictor.request(replace(options, grey_range=known), source=volume.image, check_range=False)
+        for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, request):
             seconds += time.perf_counter() - began
-            if task != config.task:  # a phases model scored on Ni vs rest
-                classes = (classes == config.class_names.index(NI_PHASE)).astype(np.uint8)
+            if model_to_task is not None:  # e.g. a phases model scored on Ni vs rest
+                classes = model_to_task[classes]
             cm += slab_confusion(slab, classes, task, chunk.start)
             if kept is not None:
                 kept[chunk.start - start : chunk.stop - start] = classes
@@ -132,7 +135,7 @@ def parse_slices(text: str | None, n_slices: int) -> tuple[int, int]:
 def evaluate_model(
     model_uri: str,
     volume: Volume | str | os.PathLike,
-    task: str | None = None,
+    task: str | Task | None = None,
     z_range: tuple[int, int] | None = None,
     tta: bool | None = None,
 ) -> dict[str, Any]:
@@ -148,8 +151,9 @@ def evaluate_model(
     predictor = Predictor.load(model_uri)
     z_range = z_range or (0, volume.image.shape[0])
     tile = predictor.config.tile_size
-    predictor.probabilities(np.zeros((1, tile, tile), np.float32), grey_range=(0.0, 1.0))  # warm-up (any grey scale)
-    evaluation = score_slabs(predictor, [Slab(volume, tuple(z_range))], task, tta=tta)
+    warm_up = np.zeros((1, tile, tile), np.float32)  # any grey scale: only the first call's tracing matters
+    predictor.probabilities(warm_up, request=predictor.request(InferenceOptions(grey_range=(0.0, 1.0)), check_range=False))
+    evaluation = score_slabs(predictor, [Slab(volume, tuple(z_range))], task, options=InferenceOptions(tta=tta))
     start, stop = z_range
     return {
         "model_uri": model_uri,
@@ -157,7 +161,7 @@ def evaluate_model(
         "z_range": [int(start), int(stop)],
         "n_slices": int(stop - start),
         "slice_shape": [int(s) for s in volume.image.shape[1:]],
-        "task": check_task(task or predictor.config.task),
+        "task": get_task(task or predictor.config.task).name,
         "class_names": evaluation.class_names,
         "tta": predictor.config.tta if tta is None else bool(tta),
         **evaluation.scores,

@@ -13,6 +13,9 @@ locally. Two input forms (serving/README.md has the JSON):
 
 Every problem with a request raises :class:`MlflowException` with ``INVALID_PARAMETER_VALUE``,
 which MLflow's scoring server answers with HTTP 400 and the message; the server stays up.
+
+Keras (and socseg's model modules) are imported where a network is loaded or saved: the Dask
+client reads a model's config through :func:`model_config` without a deep-learning backend.
 """
 
 from __future__ import annotations
@@ -26,20 +29,25 @@ import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
 import numpy as np
 import pandas as pd
+import tifffile
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ParamSchema, ParamSpec
 
 from socseg.analysis.uncertainty import uncertainty
-from socseg.inference.predictor import GreyRangeError, ModelConfig, Predictor
-from socseg.params import WINDOWS
+from socseg.data.normalise import check_grey_range_values
+from socseg.inference.config import ModelConfig
+from socseg.inference.predictor import GreyRangeError, Predictor
+from socseg.inference.request import InferenceOptions
+from socseg.params import parse_bool
 
 KERAS_ARTIFACT = "keras_model"
 IMAGE_COLUMN = "image"
@@ -92,9 +100,7 @@ def pinned_requirements() -> list[str]:
     socseg itself is not on PyPI; the segmenter carries its code (``code_paths``), so these are
     all a serving environment needs besides it.
     """
-    from importlib.metadata import PackageNotFoundError, version
-
-    import keras
+    import keras  # not at import: the Dask and REST clients read model configs without a backend
 
     names = ["mlflow", "keras", "numpy", "pandas", "tifffile", "pyyaml"]
     names += {"tensorflow": ["tensorflow-cpu", "tensorflow"], "jax": ["jax", "jaxlib"]}.get(keras.backend.backend(), [])
@@ -257,8 +263,6 @@ def _decode_slice(value: Any, index: int, max_pixels: int) -> tuple[np.ndarray, 
 
 
 def _read_tiff_bytes(raw: bytes, where: str, max_pixels: int) -> np.ndarray:
-    import tifffile
-
     try:
         with tifffile.TiffFile(io.BytesIO(raw)) as tif:
             if not tif.pages:  # tifffile only warns about a broken first-page offset
@@ -354,8 +358,6 @@ def parse_request(model_input: Any, config: ModelConfig, declared_dtype: str = "
 def parse_grey_range_params(params: Mapping[str, Any]) -> tuple[float, float] | None:
     """``grey_low`` / ``grey_high``: the grey range of the volume a request's slices come from
     (both or neither), so a per_volume model maps every request of one volume alike."""
-    from socseg.data.normalise import check_grey_range_values
-
     low, high = params.get("grey_low"), params.get("grey_high")
     if low is None and high is None:
         return None
@@ -369,10 +371,20 @@ def parse_grey_range_params(params: Mapping[str, Any]) -> tuple[float, float] | 
         raise RequestError(f"grey_low/grey_high: {exc}") from None
 
 
+def parse_options(params: Mapping[str, Any]) -> InferenceOptions:
+    """A request's inference settings (``tta``, ``window``, ``step_fraction``, ``grey_low``/
+    ``grey_high``, ``allow_out_of_range``) as :class:`InferenceOptions`, checked once."""
+    grey_range = parse_grey_range_params(params)
+    tta = None if params.get("tta") is None else parse_flag(params, "tta")
+    try:
+        return InferenceOptions(tta=tta, step_fraction=params.get("step_fraction"), window=params.get("window") or None,
+                                grey_range=grey_range, allow_out_of_range=parse_flag(params, "allow_out_of_range"))
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+
+
 def parse_flag(params: Mapping[str, Any], name: str) -> bool:
     """A boolean request param (MLflow converts per the signature; direct callers may pass text)."""
-    from socseg.params import parse_bool
-
     try:
         return parse_bool(params.get(name) or False)
     except ValueError:
@@ -388,9 +400,7 @@ def encode_array(array: np.ndarray, encoding: str) -> str:
     if encoding == "npy":
         np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
     elif encoding == "tiff":
-        import tifffile
-
-        # tifffile's shaped description keeps (H, W, C) probabilities, C = 1 included, on reading.
+            # tifffile's shaped description keeps (H, W, C) probabilities, C = 1 included, on reading.
         tifffile.imwrite(buffer, np.ascontiguousarray(array), photometric="minisblack", compression="zlib")
     else:
         raise RequestError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
@@ -406,8 +416,6 @@ def decode_array(text: str) -> np.ndarray:
 def _decode_any(raw: bytes) -> tuple[np.ndarray, str]:
     if raw.startswith(_NPY_MAGIC):
         return np.load(io.BytesIO(raw), allow_pickle=False), "npy"
-    import tifffile
-
     return tifffile.imread(io.BytesIO(raw)), "tiff"
 
 
@@ -451,28 +459,19 @@ class Segmenter(mlflow.pyfunc.PythonModel):
         params = dict(params or {})
         if parse_flag(params, "describe"):  # what a client needs to know (context_slices, phase map...)
             return pd.DataFrame({"config": [json.dumps(self.config.to_dict())]})
-        step = params.get("step_fraction")
-        if step is not None and not 0.0 < float(step) <= 1.0:
-            raise RequestError(f"step_fraction must be in (0, 1], got {step}")
-        window = params.get("window") or None
-        if window is not None and window not in WINDOWS:
-            raise RequestError(f"unknown window {window!r}: use one of {', '.join(WINDOWS)}")
         encoding = str(params.get("encoding") or "")
         if encoding and encoding not in ENCODINGS:
             raise RequestError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
-        grey_range = parse_grey_range_params(params)
+        options = parse_options(params)
         request = parse_request(model_input, self.config, str(params.get("dtype") or ""))
         before, after = parse_context(params, len(request.images))
         try:  # a per_volume model without grey_low/grey_high: the range of this request's own slices
-            grey_range = self.predictor.resolve_grey_range(request.images, grey_range)
+            resolved = self.predictor.request(options, source=request.images)
         except ValueError as error:  # e.g. constant slices: no range to estimate
             raise RequestError(f"{error}; send the volume's grey range as grey_low and grey_high") from None
-        tta = None if params.get("tta") is None else parse_flag(params, "tta")
         try:
             with self._lock:
-                probs = self.predictor.probabilities(request.images, before, after, tta=tta, step_fraction=step,
-                                                     window=window, grey_range=grey_range,
-                                                     check_range=not parse_flag(params, "allow_out_of_range"))
+                probs = self.predictor.probabilities(request.images, before, after, resolved)
         except GreyRangeError as error:
             raise RequestError(str(error)) from None
         labels = self.predictor.to_labels(self.predictor.to_classes(probs))

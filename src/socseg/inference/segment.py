@@ -52,6 +52,8 @@ from socseg.analysis.uncertainty import (
 from socseg.data.context import iter_chunks
 from socseg.data.stacks import TIFF_SUFFIXES, LabelStackWriter, ProbabilityStackWriter, SliceReader, check_paths
 from socseg.data.volumes import VolumeError
+from socseg.inference.predictor import Predictor
+from socseg.inference.request import InferenceOptions, InferenceRequest
 
 # (slices with context, context before, context after) -> label values of the slices between; with
 # probability or uncertainty outputs, (labels, the predictor's probabilities (n, H, W, C)) instead
@@ -76,34 +78,52 @@ def progress_bar(total: int, desc: str, progress: bool, unit: str = "slice") -> 
     return tqdm(total=total, desc=desc, unit=unit, disable=None if progress else True)
 
 
-def check_side_outputs(
-    source: str | os.PathLike,
-    output: str | os.PathLike,
-    probabilities: str | os.PathLike | None = None,
-    uncertainty: str | os.PathLike | None = None,
-    overwrite: bool = False,
-) -> tuple[Path | None, Path | None]:
-    """The probability and uncertainty paths of a ``.tif`` OUTPUT, refused before any slow work
-    when one would lose data or could not be written: not a ``.tif``/``.tiff``, INPUT (or inside
-    an INPUT folder), OUTPUT or the other one, or an existing file without ``overwrite``."""
-    taken = {Path(output).resolve(): "OUTPUT"}
-    checked: list[Path | None] = []
-    for option, path in (("--probabilities", probabilities), ("--uncertainty", uncertainty)):
-        if path is None:
-            checked.append(None)
-            continue
-        path = Path(path)
-        if path.suffix.lower() not in TIFF_SUFFIXES:
-            raise VolumeError(f"{option} {path}: must be a .tif/.tiff file")
-        if path.resolve() in taken:
-            raise VolumeError(f"{option} {path} is also the {taken[path.resolve()]}: give each output its own file")
-        try:
-            check_paths(source, path, overwrite)
-        except VolumeError as exc:
-            raise VolumeError(f"{option} {exc}") from None
-        taken[path.resolve()] = option
-        checked.append(path)
-    return checked[0], checked[1]
+@dataclass(frozen=True)
+class SegmentOutputs:
+    """OUTPUT (the label stack) and, where asked, its probability and uncertainty ``.tif`` files;
+    made by :meth:`check` before any slow work."""
+
+    labels: Path
+    probabilities: Path | None = None
+    uncertainty: Path | None = None
+    overwrite: bool = False
+
+    @property
+    def wants_probabilities(self) -> bool:
+        return self.probabilities is not None or self.uncertainty is not None
+
+    @classmethod
+    def check(
+        cls, source: str | os.PathLike, output: "str | os.PathLike | SegmentOutputs",
+        probabilities: str | os.PathLike | None = None, uncertainty: str | os.PathLike | None = None,
+        overwrite: bool = False,
+    ) -> "SegmentOutputs":
+        """The outputs of segmenting ``source``, refused when one would lose data or could not be
+        written: INPUT (or inside an INPUT folder) as an output, an existing file without
+        ``overwrite``, a side output that is not a ``.tif``/``.tiff`` or is another output.
+        ``output`` may already be a :class:`SegmentOutputs` (checked again against ``source``)."""
+        if isinstance(output, SegmentOutputs):
+            output, probabilities, uncertainty, overwrite = (output.labels, output.probabilities, output.uncertainty,
+                                                             output.overwrite)
+        _, labels = check_paths(source, output, overwrite)
+        taken = {Path(labels).resolve(): "OUTPUT"}
+        checked: list[Path | None] = []
+        for option, path in (("--probabilities", probabilities), ("--uncertainty", uncertainty)):
+            if path is None:
+                checked.append(None)
+                continue
+            path = Path(path)
+            if path.suffix.lower() not in TIFF_SUFFIXES:
+                raise VolumeError(f"{option} {path}: must be a .tif/.tiff file")
+            if path.resolve() in taken:
+                raise VolumeError(f"{option} {path} is also the {taken[path.resolve()]}: give each output its own file")
+            try:
+                check_paths(source, path, overwrite)
+            except VolumeError as exc:
+                raise VolumeError(f"{option} {exc}") from None
+            taken[path.resolve()] = option
+            checked.append(path)
+        return cls(Path(labels), checked[0], checked[1], overwrite)
 
 
 class OutputWriters:
@@ -114,22 +134,17 @@ class OutputWriters:
 
     def __init__(
         self,
-        output: Path,
+        outputs: SegmentOutputs,
         shape: tuple[int, int, int],
         metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None,
-        probabilities: Path | None = None,
-        uncertainty: Path | None = None,
         class_names: list[str] | None = None,
     ):
-        if probabilities is not None and not class_names:
+        if outputs.probabilities is not None and not class_names:
             raise ValueError("writing probabilities needs the model's class names (one channel each)")
-        self.output, self.shape, self.metadata = output, shape, metadata
-        self.probabilities, self.uncertainty, self.class_names = probabilities, uncertainty, class_names
+        self.output, self.shape, self.metadata = outputs.labels, shape, metadata
+        self.probabilities, self.uncertainty, self.class_names = outputs.probabilities, outputs.uncertainty, class_names
+        self.wants_probabilities = outputs.wants_probabilities
         self._stack = contextlib.ExitStack()
-
-    @property
-    def wants_probabilities(self) -> bool:
-        return self.probabilities is not None or self.uncertainty is not None
 
     def _side_metadata(self, content: str, values: str) -> Callable[[], dict[str, Any]]:
         """The run's metadata without the phase map (these are not label stacks), plus what the values mean."""
@@ -175,34 +190,29 @@ class OutputWriters:
 def segment_stream(
     predict_chunk: PredictChunk,
     source: str | os.PathLike,
-    output: str | os.PathLike,
+    outputs: SegmentOutputs,
     *,
     context_slices: int,
     slice_batch: int,
-    overwrite: bool = False,
     metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
-    progress: bool = True,
-    probabilities: str | os.PathLike | None = None,
-    uncertainty: str | os.PathLike | None = None,
     class_names: list[str] | None = None,
+    progress: bool = True,
 ) -> SegmentResult:
-    """Segment ``source`` chunk by chunk with ``predict_chunk`` and write the label stack
-    ``output`` atomically.
+    """Segment ``source`` chunk by chunk with ``predict_chunk`` and write ``outputs`` atomically.
 
     Each chunk of ``slice_batch`` slices is read with up to ``context_slices`` neighbouring
     slices on either side (:func:`socseg.data.context.iter_chunks`; the model's own
     ``context_slices``), and ``predict_chunk(slices, before, after)`` returns the labels of the
-    slices between the ``before`` and ``after`` context slices; with ``probabilities`` and/or
-    ``uncertainty`` (paths of ``.tif`` files, see the module doc) it returns ``(labels,
-    probabilities)``, and ``class_names`` names the probability channels.
+    slices between the ``before`` and ``after`` context slices; when ``outputs`` want
+    probabilities or uncertainty (see the module doc) it returns ``(labels, probabilities)``,
+    and ``class_names`` names the probability channels.
     """
-    _, output = check_paths(source, output, overwrite)
-    probabilities, uncertainty = check_side_outputs(source, output, probabilities, uncertainty, overwrite)
+    outputs = SegmentOutputs.check(source, outputs)
     if slice_batch < 1:
         raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
     started = time.perf_counter()
     with SliceReader(source) as reader:  # source as given: an HDF5 path names its dataset
-        writers = OutputWriters(output, reader.shape, metadata, probabilities, uncertainty, class_names)
+        writers = OutputWriters(outputs, reader.shape, metadata, class_names)
         with writers, progress_bar(reader.shape[0], "segment", progress) as bar:
             for chunk in iter_chunks(reader.shape[0], slice_batch, context_slices):
                 stack = reader.read(chunk.read.start, chunk.read.stop)
@@ -215,77 +225,63 @@ def segment_stream(
                 writers.write(labels, probs)
                 bar.update(chunk.size)
         shape = reader.shape
-    return SegmentResult(output, shape, time.perf_counter() - started, probabilities, uncertainty)
+    return SegmentResult(outputs.labels, shape, time.perf_counter() - started, outputs.probabilities,
+                         outputs.uncertainty)
 
 
 def segment(
     model_uri: str,
     source: str | os.PathLike,
-    output: str | os.PathLike,
+    outputs: str | os.PathLike | SegmentOutputs,
+    options: InferenceOptions = InferenceOptions(),
     *,
     slice_batch: int,
-    overwrite: bool = False,
-    tta: bool | None = None,
-    step_fraction: float | None = None,
-    window: str | None = None,
     multi_axis: bool = False,
     progress: bool = True,
-    allow_out_of_range: bool = False,
-    probabilities: str | os.PathLike | None = None,
-    uncertainty: str | os.PathLike | None = None,
-    grey_range: tuple[float, float] | None = None,
 ) -> SegmentResult:
     """Segment a volume with the model at ``model_uri`` in this process (no server).
 
-    ``grey_range`` (low, high): the input's grey values mapped onto the model's normalisation
-    range, for every chunk alike. None: a per_volume model estimates it on the whole input first
-    (:meth:`~socseg.inference.predictor.Predictor.volume_grey_range`, one streamed pass over a
-    sample of slices; a constant or all-NaN input is refused before anything is written); a
-    fixed model takes raw values.
-
-    ``probabilities`` / ``uncertainty``: also write the class probabilities / their normalised
-    entropy to these ``.tif`` files (see the module doc), from the probabilities the labels come from.
-
-    ``tta`` / ``step_fraction`` / ``window`` None: the model's settings. Each chunk whose grey values mostly
-    lie outside the model's normalisation range is refused
-    (:meth:`~socseg.inference.predictor.Predictor.check_grey_range`) unless ``allow_out_of_range``.
+    ``outputs``: the label stack's path, or a :class:`SegmentOutputs` that also names probability
+    and uncertainty ``.tif`` files (see the module doc) and whether existing files are replaced.
+    ``options``: the per-call settings (None fields: the model's). The request is resolved once,
+    on the whole input: a per_volume model without ``options.grey_range`` estimates the input's
+    range first (one streamed pass over a sample of slices; a constant or all-NaN input is
+    refused before anything is written). Each chunk whose grey values mostly lie outside the
+    model's normalisation range is refused (:meth:`~socseg.inference.predictor.Predictor.check_grey_range`)
+    unless ``options.allow_out_of_range``.
     """
-    from socseg.inference.predictor import Predictor
-
-    check_paths(source, output, overwrite)  # fail fast, before loading the model
-    probabilities, uncertainty = check_side_outputs(source, output, probabilities, uncertainty, overwrite)
+    outputs = SegmentOutputs.check(source, outputs)  # fail fast, before loading the model
     predictor = Predictor.load(model_uri)
     config = predictor.config
-    if grey_range is None and predictor.per_volume:
-        with SliceReader(source) as reader:
-            grey_range = predictor.volume_grey_range(reader)
-    overrides = {"tta": tta, "step_fraction": step_fraction, "window": window, "grey_range": grey_range}
+    with SliceReader(source) as reader:
+        request = predictor.request(options, source=reader)
     metadata = {
         "phase_map": {str(k): v for k, v in config.label_phase_map.items()},
-        "task": config.task,
+        "task": config.task.name,
         "model_uri": model_uri,
         "source": str(source),
-        "tta": config.tta if tta is None else bool(tta),
-        "step_fraction": config.step_fraction if step_fraction is None else float(step_fraction),
-        "window": config.window if window is None else window,
+        **request.record(),
         "multi_axis": multi_axis,
-        "allow_out_of_range": bool(allow_out_of_range),
-        "normalisation_mode": config.normalisation_mode,
-        "grey_range": None if grey_range is None else [float(v) for v in grey_range],
+        "normalisation_mode": config.normalisation.mode,
     }
+    sides = {"class_names": list(config.class_names)}
+    if multi_axis:
+        return _segment_multi_axis(predictor, request, source, outputs, metadata, slice_batch, progress)
 
-    sides = {"probabilities": probabilities, "uncertainty": uncertainty, "class_names": list(config.class_names)}
-    if not multi_axis:
-        def labels(stack: np.ndarray, before: int, after: int) -> Any:
-            probs = predictor.probabilities(stack, before, after, check_range=not allow_out_of_range, **overrides)
-            values = predictor.to_labels(predictor.to_classes(probs))
-            return (values, probs) if probabilities is not None or uncertainty is not None else values
+    def labels(stack: np.ndarray, before: int, after: int) -> Any:
+        probs = predictor.probabilities(stack, before, after, request)
+        values = predictor.to_labels(predictor.to_classes(probs))
+        return (values, probs) if outputs.wants_probabilities else values
 
-        return segment_stream(labels, source, output, context_slices=predictor.context_slices,
-                              slice_batch=slice_batch, overwrite=overwrite, metadata=metadata, progress=progress, **sides)
+    return segment_stream(labels, source, outputs, context_slices=predictor.context_slices, slice_batch=slice_batch,
+                          metadata=metadata, progress=progress, **sides)
 
-    # Multi-axis: z, y and x planes averaged (volume-segmantics); holds the volume in memory.
-    _, output = check_paths(source, output, overwrite)
+
+def _segment_multi_axis(
+    predictor: Predictor, request: InferenceRequest, source: str | os.PathLike, outputs: SegmentOutputs,
+    metadata: Mapping[str, Any], slice_batch: int, progress: bool,
+) -> SegmentResult:
+    """Multi-axis: z, y and x planes averaged (volume-segmantics); holds the volume in memory."""
     started = time.perf_counter()
     with SliceReader(source) as reader:
         # Checked chunk by chunk, as without --multi-axis: a few slices on another grey scale are
@@ -294,14 +290,15 @@ def segment(
         for start in range(0, reader.shape[0], slice_batch):
             stop = min(start + slice_batch, reader.shape[0])
             volume[start:stop] = reader.read(start, stop)
-            if not allow_out_of_range:
-                predictor.check_grey_range(volume[start:stop], grey_range)
+            if request.check_range:
+                predictor.check_grey_range(volume[start:stop], request.grey_range)
     z, y, x = volume.shape
     with progress_bar(z + y + x, "segment (3 axes)", progress) as bar:
-        probs = predictor.multi_axis_probabilities(volume, chunk=slice_batch, progress=bar.update, **overrides)
+        probs = predictor.multi_axis_probabilities(volume, chunk=slice_batch, progress=bar.update, request=request)
     del volume
-    with OutputWriters(output, probs.shape[:3], metadata, **sides) as writers:
+    with OutputWriters(outputs, probs.shape[:3], metadata, list(predictor.config.class_names)) as writers:
         for start in range(0, z, slice_batch):
             chunk = probs[start : start + slice_batch]
             writers.write(predictor.to_labels(predictor.to_classes(chunk)), chunk)
-    return SegmentResult(output, (z, y, x), time.perf_counter() - started, probabilities, uncertainty)
+    return SegmentResult(outputs.labels, (z, y, x), time.perf_counter() - started, outputs.probabilities,
+                         outputs.uncertainty)

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from socseg.data.tiling import tile_starts
-from socseg.params import WINDOWS
+from socseg.params import check_step_fraction, check_window
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -61,14 +61,12 @@ class WindowSettings:
     whole_slice_max_pixels: int
 
     def __post_init__(self) -> None:
-        if self.window not in WINDOWS:
-            raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {self.window!r}")
+        check_window(self.window)
         if self.whole_slice_max_pixels < 0:
             raise ValueError(f"whole_slice_max_pixels must be >= 0, got {self.whole_slice_max_pixels}")
         if self.tile_size <= 0:
             raise ValueError(f"tile size must be positive, got {self.tile_size}")
-        if not 0.0 < float(self.step_fraction) <= 1.0:
-            raise ValueError(f"step_fraction must be in (0, 1], got {self.step_fraction}")
+        check_step_fraction(self.step_fraction)
         if self.batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {self.batch_size}")
 

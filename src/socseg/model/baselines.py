@@ -2,7 +2,7 @@
 
 Both work on the same input the U-Nets see: slabs ``(Z, H, W)`` of grey values normalised with
 the training slab's :class:`~socseg.data.normalise.Normaliser`, and task class indices as targets
-(``socseg.data.tasks.task_targets``). Both predict class indices ``(Z, H, W)`` uint8, so the benchmark
+(:meth:`socseg.data.tasks.Task.targets`). Both predict class indices ``(Z, H, W)`` uint8, so the benchmark
 scores them with the same confusion-matrix code as the networks.
 
 * :class:`ThresholdBaseline` - the floor: one grey threshold (``ni``) or two (``phases``), chosen

@@ -2,7 +2,7 @@
 
 ``y_true`` is a class-index map ``(batch, H, W)`` (any dtype; a trailing channel of 1 is also
 accepted). ``y_pred`` is P(ni) ``(batch, H, W, 1)`` for ``ni`` or softmax probabilities
-``(batch, H, W, C)`` for ``phases``. The binary case is expanded to two classes ``[1 - p, p]`` so
+``(batch, H, W, C)`` for ``phases``. The binary case (:attr:`Task.binary`) is expanded to two classes ``[1 - p, p]`` so
 both tasks share one implementation: categorical CE on ``[1 - p, p]`` *is* binary CE, and Dice
 then covers the rest class as well as nickel. Every loss returns one value per sample, so Keras'
 reduction and sample weights work as usual.
@@ -17,19 +17,18 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from socseg.data.tasks import IGNORE, check_task
+from socseg.data.tasks import IGNORE, Task, get_task
 from socseg.params import LOSSES
 
 
-
-def _class_probabilities(y_true, y_pred, task: str):
-    """Return (probabilities, one-hot truth, labelled): ``(batch, H, W, C)`` twice, C = 2 for ni,
-    and the ``(batch, H, W)`` weight of each pixel (0 where the truth is IGNORE, else 1).
+def _class_probabilities(y_true, y_pred, task: Task):
+    """Return (probabilities, one-hot truth, labelled): ``(batch, H, W, C)`` twice, C = 2 for a
+    binary task (ni), and the ``(batch, H, W)`` weight of each pixel (0 where the truth is IGNORE, else 1).
 
     IGNORE pixels get an all-zero one-hot row (index 0, masked), whatever the backend's one_hot
     does with an index out of range.
     """
-    if task == "ni":
+    if task.binary:  # one channel P(class 1): expand to [1 - p, p]
         p = ops.clip(y_pred[..., 0], 0.0, 1.0)
         probs = ops.stack([1.0 - p, p], axis=-1)
     else:
@@ -52,13 +51,13 @@ def _pixel_mean(values, labelled):
 class _SegmentationLoss(keras.losses.Loss):
     """Common constructor/config: every loss knows its task."""
 
-    def __init__(self, task: str = "ni", name: str | None = None, **kwargs):
-        self.task = check_task(task)
+    def __init__(self, task: str | Task = "ni", name: str | None = None, **kwargs):
+        self.task = get_task(task)
         super().__init__(name=name, **kwargs)
 
     def get_config(self):
         config = super().get_config()
-        config["task"] = self.task
+        config["task"] = self.task.name
         return config
 
 
@@ -95,7 +94,7 @@ class CrossEntropyLoss(_SegmentationLoss):
 class FocalLoss(_SegmentationLoss):
     """Focal loss: CE down-weighted by (1 - p_true)^gamma so easy pixels count less."""
 
-    def __init__(self, task: str = "ni", gamma: float = 2.0, **kwargs):
+    def __init__(self, task: str | Task = "ni", gamma: float = 2.0, **kwargs):
         super().__init__(task, **kwargs)
         self.gamma = float(gamma)
 
@@ -114,7 +113,7 @@ class DiceLoss(_SegmentationLoss):
     prediction score Dice 1 instead of 0/0; at 128x128 crops it is negligible otherwise.
     """
 
-    def __init__(self, task: str = "ni", smooth: float = 1.0, **kwargs):
+    def __init__(self, task: str | Task = "ni", smooth: float = 1.0, **kwargs):
         super().__init__(task, **kwargs)
         self.smooth = float(smooth)
 
@@ -137,8 +136,8 @@ class CEDiceLoss(DiceLoss):
 _LOSS_CLASSES = {"ce": CrossEntropyLoss, "dice": DiceLoss, "ce_dice": CEDiceLoss, "focal": FocalLoss}
 
 
-def get_loss(name: str, task: str) -> keras.losses.Loss:
+def get_loss(name: str, task: str | Task) -> keras.losses.Loss:
     """The loss called ``name`` (one of :data:`LOSSES`) for ``task``."""
     if name not in _LOSS_CLASSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSSES)}")
-    return _LOSS_CLASSES[name](task=check_task(task), name=name)
+    return _LOSS_CLASSES[name](task=get_task(task), name=name)

@@ -1,7 +1,7 @@
 """Segmentation metrics: exact NumPy counts for whole-slab evaluation, a Keras metric for training.
 
-Both score *hard* predictions (threshold 0.5 for ni, argmax for phases) from one confusion
-matrix, so the number on the training progress bar is the same quantity evaluation reports.
+Both score *hard* predictions (the task's: threshold 0.5 for ni, argmax for phases) from one
+confusion matrix, so the number on the training progress bar is the same quantity evaluation reports.
 """
 
 from __future__ import annotations
@@ -10,36 +10,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from socseg.data.tasks import IGNORE, NI_PHASE, SOC_PHASES, check_task, task_class_names
+from socseg.data.tasks import IGNORE, NI_PHASE, Task, get_task
 
 
 # Pixels per bincount call: bounds the int64 temporaries when counting whole slabs.
 _CHUNK = 1 << 22
-
-
-def n_label_classes(task: str, n_classes: int = 3) -> int:
-    """Classes in the label map: 2 (rest, ni) for ``ni``, ``n_classes`` for ``phases``."""
-    return 2 if check_task(task) == "ni" else int(n_classes)
-
-
-def class_names(task: str, n_classes: int = 3) -> list[str]:
-    """Default names for class indices 0..n-1 when no phase map is at hand (metric names):
-    ``rest``/``ni``, the SOC phases ``pore``/``ysz``/``ni``, or ``class<i>``."""
-    if check_task(task) == "phases" and n_classes != len(SOC_PHASES):
-        return [f"class{i}" for i in range(n_classes)]
-    return task_class_names(task, list(SOC_PHASES))
-
-
-def probabilities_to_classes(probs: np.ndarray, task: str) -> np.ndarray:
-    """Hard class map (uint8) from model output: ni ``p > 0.5`` -> 1; phases argmax over the last axis.
-
-    For ni, ``probs`` may keep its channel of 1 or be the bare P(ni) map.
-    """
-    probs = np.asarray(probs)
-    if check_task(task) == "ni":
-        p = probs[..., 0] if probs.ndim and probs.shape[-1] == 1 else probs
-        return (p > 0.5).astype(np.uint8)
-    return np.argmax(probs, axis=-1).astype(np.uint8)
 
 
 def confusion_matrix(
@@ -121,20 +96,21 @@ class ThresholdedIoU(keras.metrics.Metric):
 
     def __init__(
         self,
-        task: str = "ni",
+        task: str | Task = "ni",
         n_classes: int = 3,
         class_id: int | None = None,
         metric: str = "iou",
         name: str | None = None,
         dtype=None,
     ):
-        n = n_label_classes(task, n_classes)
+        task = get_task(task)
+        n = task.n_classes(n_classes)
         if metric not in ("iou", "dice"):
             raise ValueError(f"unknown metric {metric!r}; valid: iou, dice")
         if class_id is not None and not 0 <= class_id < n:
-            raise ValueError(f"class_id {class_id} outside 0..{n - 1} for task {task!r}")
+            raise ValueError(f"class_id {class_id} outside 0..{n - 1} for task {task.name!r}")
         if name is None:
-            name = f"mean_{metric}" if class_id is None else f"{metric}_{class_names(task, n)[class_id]}"
+            name = f"mean_{metric}" if class_id is None else f"{metric}_{task.default_class_names(n)[class_id]}"
         super().__init__(name=name, dtype=dtype)
         self.task, self.n_classes, self.class_id, self.metric = task, int(n_classes), class_id, metric
         self._n = n
@@ -143,7 +119,7 @@ class ThresholdedIoU(keras.metrics.Metric):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         y_pred = ops.convert_to_tensor(y_pred)
-        if self.task == "ni":
+        if self.task.binary:  # one channel, P(class 1)
             pred = ops.cast(y_pred[..., 0] > 0.5, "int32")
         else:
             pred = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
@@ -178,7 +154,7 @@ class ThresholdedIoU(keras.metrics.Metric):
     def get_config(self):
         return {
             **super().get_config(),
-            "task": self.task,
+            "task": self.task.name,
             "n_classes": self.n_classes,
             "class_id": self.class_id,
             "metric": self.metric,

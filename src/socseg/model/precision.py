@@ -5,6 +5,9 @@ Below training and inference on purpose: training picks its dtype policy from it
 it was trained with: a model trained in bf16 on an AVX512-BF16 CPU or an Ampere GPU, loaded on a
 CPU without native bf16, would otherwise crawl through emulated bf16 or fail outright (oneDNN
 limited to AVX2 refuses bf16 convolutions).
+
+:func:`gpu_supports_bf16` imports TensorFlow, JAX or PyTorch inside, only the one Keras runs on:
+the others are optional and usually not installed.
 """
 
 from __future__ import annotations

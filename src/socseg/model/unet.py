@@ -2,7 +2,7 @@
 
 Backend-agnostic Keras 3 only (no TensorFlow imports), so the same models train under
 ``KERAS_BACKEND=jax`` on a GPU. Every model takes normalised grey values ``(batch, H, W, in_channels)``
-with H, W multiples of 32 and returns float32 probabilities ``(batch, H, W, n_outputs(task))``,
+with H, W multiples of 32 and returns float32 probabilities ``(batch, H, W, task.n_outputs(n_classes))``,
 even under a mixed precision policy.
 
 The encoder sits in the model as a nested sub-model named ``"encoder"``
@@ -18,7 +18,7 @@ import numpy as np
 from keras import layers, ops
 
 from socseg.data.context import n_channels
-from socseg.data.tasks import check_task
+from socseg.data.tasks import Task, get_task
 from socseg.params import ENCODERS
 
 # Mean pixel of ImageNet in BGR order: the "caffe" preprocessing VGG16 and ResNet50 were trained with.
@@ -43,16 +43,6 @@ _RESNET_STEM_FILTERS = 16
 _UNET_LEVELS = 4
 # VGG16's conv stack: (convs, filters) per block, as in keras.applications.VGG16.
 _VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
-
-
-def n_outputs(task: str, n_classes: int = 3) -> int:
-    """Output channels: 1 for ``ni`` (P(ni), sigmoid), ``n_classes`` for ``phases`` (softmax)."""
-    check_task(task)
-    if task == "ni":
-        return 1
-    if n_classes < 2:
-        raise ValueError(f"phases needs n_classes >= 2, got {n_classes}")
-    return int(n_classes)
 
 
 def _centre_slice_init(in_channels: int):
@@ -264,7 +254,7 @@ def _skip_layers(encoder: str, batchnorm: bool = False) -> tuple[tuple[str, ...]
 
 def build_model(
     encoder: str,
-    task: str,
+    task: str | Task,
     n_classes: int = 3,
     dropout: float = 0.1,
     encoder_weights: str = "none",
@@ -274,7 +264,9 @@ def build_model(
     encoder_batchnorm: str | bool = "auto",
     bn_momentum: float = 0.9,
 ) -> keras.Model:
-    """Build a U-Net for ``task`` ("ni" or "phases") on the given encoder.
+    """Build a U-Net for ``task`` ("ni" or "phases", or its :class:`Task`) on the given encoder.
+
+    The output layer has ``task.n_outputs(n_classes)`` channels and the task's activation.
 
     ``context_slices`` k > 0 makes it 2.5D: it takes ``2k + 1`` adjacent slices as channels.
 
@@ -285,8 +277,9 @@ def build_model(
     ``encoder_batchnorm``: see :func:`use_encoder_batchnorm` (VGG16 only). ``bn_momentum``: see
     :func:`set_batchnorm_momentum` (all BatchNorm layers, the pretrained encoders' too).
     """
+    task = get_task(task)
     in_channels = n_channels(context_slices)
-    n_out = n_outputs(task, n_classes)
+    n_out = task.n_outputs(n_classes)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     backbone = build_encoder(encoder, encoder_weights, in_channels, base_filters, encoder_batchnorm)
@@ -311,9 +304,8 @@ def build_model(
     for level, (skip, n_filters) in enumerate(zip(reversed(skips), filters)):
         x = _decoder_block(x, skip, n_filters, dropout, f"dec{level}")
     x = layers.Conv2D(n_out, 1, name="logits")(x)
-    activation = "sigmoid" if task == "ni" else "softmax"
-    outputs = layers.Activation(activation, dtype="float32", name="probabilities")(x)
-    model = keras.Model(inputs, outputs, name=f"{encoder}_unet_{task}")
+    outputs = layers.Activation(task.activation, dtype="float32", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name=f"{encoder}_unet_{task.name}")
     set_batchnorm_momentum(model, bn_momentum)
     return model
 

@@ -4,32 +4,47 @@ A model trained on one scan meets a new one (another cell, another beamtime): an
 a few slices, or a few regions of them (:mod:`socseg.data.sparse`), and the model is trained
 further on those labels only. The result keeps everything the parent model fixed (task, classes,
 tile size, 2.5D context, normalisation, inference settings): only the weights change. It is logged
-like any training run, with the parent as lineage, registered under the parent's registered name
-as ``challenger``, and the existing champion gate (:func:`socseg.training.registry.register_and_promote`)
-decides on the new scan's held-out labelled slices, where the champion is scored too.
+like any training run (:class:`FinetuneRun` is a variant of :class:`socseg.training.trainer.TrainingRun`
+with its own data source: crops around the labelled pixels), with the parent as lineage, registered
+under the parent's registered name as ``challenger``, and the existing champion gate
+(:func:`socseg.training.registry.register_and_promote`) decides on the new scan's held-out
+labelled slices, where the champion is scored too.
 
 Every check that can fail on the input (labels, phase map, task, grey scale) runs before a run is
-started: a refused fine-tune writes and registers nothing.
+started (:func:`check_source`): a refused fine-tune writes and registers nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import keras
+import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
+from socseg.data.dataset import Augmentation
+from socseg.data.formats import split_hdf5_path
 from socseg.data.normalise import Normaliser
 from socseg.data.prepare import Slab
 from socseg.data.sparse import SparseVolume, sparse_volume
-from socseg.data.tasks import check_task, task_class_names
+from socseg.data.stacks import labelled_volume
+from socseg.data.tasks import get_task
 from socseg.data.volumes import META_FILE, Volume, VolumeError, volume_dir
+from socseg.inference.evaluate import score_slabs
+from socseg.inference.request import InferenceOptions
+from socseg.inference.predictor import ModelConfig, Predictor
+from socseg.inference.pyfunc import model_config
 from socseg.params import Params, typed
-from socseg.training.train import TrainResult
+from socseg.training import tracking
+from socseg.training.pipeline import registered_model_name
+from socseg.training.registry import register_and_promote
+from socseg.training.trainer import Phase, RunData, Schedule, TrainingRun, TrainResult, set_encoder_trainable
 
 LINEAGE_TAG = "socseg.lineage"  # the parent as an immutable reference: models:/NAME/VERSION, else its URI
 
@@ -72,10 +87,6 @@ def resolve_parent(model_uri: str) -> Parent:
     """Name and version of a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI (the alias
     resolved now, so the lineage stays true after it moves), or of the registered version logged
     from a ``runs:/`` model's run; a model never registered has neither."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient()
     name = version = None
     if model_uri.startswith("models:/"):
@@ -108,8 +119,6 @@ def load_scan(volume: Volume | str | Path, labels: str | Path | None, phase_map:
     """The new scan with its (sparse) labels, in memory, without checking label values against the
     phase map (an ignore value is not a phase): a :class:`Volume`, a socseg volume folder or the
     name of one under ``data.dir``, or any grey stack with ``labels`` (a label stack)."""
-    from socseg.data.stacks import labelled_volume, split_hdf5_path
-
     if isinstance(volume, Volume):
         return volume
     source = Path(volume)
@@ -178,8 +187,6 @@ def _inner_network(network: Any):
     """The U-Net inside an exported model (the layer after ``normalise``) and the exported layer's
     (low, high): fine-tuning trains the U-Net on normalised crops, as training did, and the
     exported model, which shares its layers, is what gets logged."""
-    import keras
-
     inner = [layer for layer in getattr(network, "layers", []) if isinstance(layer, keras.Model)]
     try:
         layer = network.get_layer("normalise")
@@ -189,6 +196,176 @@ def _inner_network(network: Any):
         raise FinetuneError("the model's network is not a socseg exported U-Net (normalisation layer + one inner model): "
                             "only models logged by socseg train/search/finetune can be fine-tuned")
     return inner[0], (float(layer.low), float(layer.high))
+
+
+
+
+@dataclass
+class FinetuneSource:
+    """A fine-tune's inputs once every check has passed: the scan and its labelled slices (split
+    into training and held-out ones), the parent model, and how the scan's grey values reach its
+    network."""
+
+    scan: SparseVolume
+    train_slices: list[int]
+    test_slices: list[int]
+    model_uri: str
+    parent: Parent
+    config: ModelConfig
+    predictor: Predictor  # the parent's exported model: fine-tuned in place (it shares the U-Net's layers)
+    network: keras.Model  # the U-Net inside it, which is compiled and fitted
+    layer_range: tuple[float, float]  # the exported normalisation layer's (low, high)
+    grey: tuple[float, float] | None  # the scan's grey range mapped onto the layer (None: raw values)
+    registered_name: str
+    fingerprint: str  # scan_fingerprint: the data version
+
+
+def check_source(p: Params, model_uri: str, scan: SparseVolume, task: str | None) -> FinetuneSource:
+    """Everything that can refuse the fine-tune of ``model_uri`` on ``scan`` (:class:`FinetuneError`),
+    checked before a run starts; ``task`` (None: the model's) must be the model's."""
+    try:
+        config = model_config(model_uri)  # the MLmodel only: the checks below load no network
+    except ValueError as error:
+        raise FinetuneError(str(error)) from None
+    model_task = get_task(config.task)
+    if task is not None and get_task(task) != model_task:
+        raise FinetuneError(f"{model_uri} is a {model_task.name!r} model, not {task!r}: fine-tuning keeps the model's "
+                            f"task (fine-tune a {task!r} model, or drop --task)")
+    try:
+        expected = model_task.class_names(scan.class_names)
+    except ValueError as error:
+        raise FinetuneError(f"{scan.meta.name!r} cannot train a {model_task.name!r} model: {error}") from None
+    if expected != config.class_names:
+        raise FinetuneError(f"{model_uri} segments {config.class_names} but the labels of {scan.meta.name!r} "
+                            f"(phase map {scan.class_names}) give {expected}")
+    slices = scan.slices_with_labels()
+    train_slices, test_slices = split_labelled(slices, p.finetune.test_fraction)
+    parent = resolve_parent(model_uri)
+    predictor = Predictor.load(model_uri)
+    network, layer_range = _inner_network(predictor.network)
+    try:  # a scan on another grey scale than a fixed-mode model's would train on clipped values
+        grey = config.normalisation.source_range(scan.image)  # per_volume: the scan's own range; fixed: None
+        predictor.check_grey_range(np.asarray(scan.image[slices]), grey)
+    except ValueError as error:
+        raise FinetuneError(f"{scan.meta.name!r}: {error}") from None
+    return FinetuneSource(
+        scan, train_slices, test_slices, model_uri, parent, config, predictor, network, layer_range, grey,
+        registered_name=parent.name or registered_model_name(p.registry.model_name, model_task.name),
+        fingerprint=scan_fingerprint(scan),
+    )
+
+
+class FinetuneRun(TrainingRun):
+    """The run of :func:`finetune`: crops around the labelled pixels of the training slices only,
+    the parent's network, no per-epoch validation (every epoch runs, the last one is kept), test
+    scores on the held-out labelled slices; :meth:`register` is the gate after the run."""
+
+    def __init__(self, params: Params, source: FinetuneSource, run_name: str | None = None):
+        super().__init__(params, finetune_schedule(params, source.config), run_name=run_name)
+        self.source = source
+        self.train_view = source.scan.with_labelled_slices(source.train_slices)
+        self.test_view = source.scan.with_labelled_slices(source.test_slices)
+        self.test_slabs = slabs_around(self.test_view, source.test_slices, 0) if source.test_slices else []
+
+    def prepare(self) -> RunData:
+        source, config = self.source, self.source.config
+        train_slabs = slabs_around(self.train_view, source.train_slices, config.context_slices)
+        network = source.network
+        network.trainable = True
+        if self.params.finetune.freeze_encoder:
+            set_encoder_trainable(network, False)
+        return RunData(
+            network=network, predictor=source.predictor,
+            images=[self.normalised(slab) for slab in train_slabs],
+            targets=[slab.targets(config.task) for slab in train_slabs],
+            task=config.task, n_classes=len(config.class_names), precision=network.dtype_policy.name,
+            encoder=config.encoder or "unknown", fingerprint=source.fingerprint, volumes=source.scan.meta.name,
+            data_md5_dvc="none",  # the scan is not part of the DVC-tracked data
+        )
+
+    def normalised(self, slab: Slab) -> np.ndarray:
+        """A training slab as the inner U-Net sees it: the scan's grey values mapped as its scores
+        map them (``grey``), then through the exported model's own normalisation layer."""
+        source = self.source
+        layer = Normaliser(*source.layer_range, 0.0, 100.0)  # the exported model's own normalisation layer, in NumPy
+        start, stop = slab.z_range
+        return layer.apply(source.predictor.map_grey(np.asarray(source.scan.image[start:stop]), source.grey))
+
+    def run_tags(self) -> dict[str, str]:
+        return {"socseg.kind": "finetune", **self.source.parent.tags()}
+
+    def run_params(self, data: RunData) -> dict[str, Any]:
+        p, source = self.params, self.source
+        f, t = p.finetune, p.train
+        return {
+            **tracking.flat_params({
+                "finetune": {**asdict(f), "ignore_value": source.scan.ignore_value},
+                "train": {"loss": t.loss, "batch_size": t.batch_size, "seed": t.seed, "eager_max_steps": t.eager_max_steps},
+                "tiles": {"size": source.config.tile_size, "augment": asdict(p.tiles.augment)},
+            }),
+            "finetune.train_slices": slice_ranges(source.train_slices),
+            "finetune.test_slices": slice_ranges(source.test_slices) or "none",
+            "finetune.volume": source.scan.meta.source or source.scan.meta.name,
+            "parent.model_uri": source.model_uri,
+        }
+
+    def run_metrics(self) -> dict[str, float]:
+        source = self.source
+        return {"train_labelled_pixels": float(sum(self.train_view.labelled_pixels(z) for z in source.train_slices)),
+                "test_labelled_pixels": float(sum(self.test_view.labelled_pixels(z) for z in source.test_slices))}
+
+    def artifacts(self) -> dict[str, str]:
+        source, (low, high), grey = self.source, self.source.layer_range, self.source.grey
+        return {"finetune.json": json.dumps({
+            "parent": source.parent.tags(), "train_slices": source.train_slices, "test_slices": source.test_slices,
+            "ignore_value": source.scan.ignore_value,
+            "normalisation": {"low": low, "high": high, "grey_range": list(grey) if grey else None}}, indent=2)}
+
+    def final_scores(self, data: RunData) -> dict[str, float]:
+        """Scores on the held-out labelled slices, mapped as training mapped the scan; none (and
+        the run says why) with a single labelled slice."""
+        if not self.test_slabs:
+            mlflow.set_tag("socseg.gate", "none: a single labelled slice, no held-out test slice")
+            return {}
+        grey = self.source.grey
+        scores = score_slabs(data.predictor, self.test_slabs, options=InferenceOptions(grey_range=grey)).scores
+        return {f"test_{k}": v for k, v in scores.items()}
+
+    def register(self, result: TrainResult, metric: str) -> dict[str, Any]:
+        """The logged model as ``challenger`` of the parent's registered name; the champion gate
+        decides on the held-out slices, where the champion is scored too (none held out: ungated)."""
+        source, test_slabs = self.source, self.test_slabs
+        return register_and_promote(
+            result.model_uri,
+            source.registered_name,
+            score=float(result.metrics.get(metric, float("nan"))),
+            evaluate=lambda uri: score_slabs(Predictor.load(uri), test_slabs).scores[metric.removeprefix("test_")],
+            metric=metric,
+            run_id=result.run_id,
+            gate=bool(test_slabs),
+            tags={
+                **source.parent.tags(),
+                "data_fingerprint": source.fingerprint,
+                "git_commit": tracking.git_commit() or "none",
+                "encoder": source.config.encoder or "unknown",
+                "task": str(source.config.task),
+                "run_id": result.run_id,
+                "socseg.kind": "finetune",
+                "finetune.test_slices": slice_ranges(source.test_slices) or "none",
+                **{k: f"{v:.6f}" for k, v in result.metrics.items() if k.startswith("test_") and isinstance(v, float)},
+            },
+        ).to_dict()
+
+
+def finetune_schedule(params: Params, config: ModelConfig) -> Schedule:
+    """``finetune.*`` (loss, batch size, seed and eager_max_steps from ``train``, augmentation from
+    ``tiles``) on the parent's tile size and context: one phase, no validation to stop on."""
+    f, t = params.finetune, params.train
+    return Schedule(seed=t.seed, loss=t.loss, tile_size=config.tile_size, batch_size=t.batch_size,
+                    steps_per_epoch=f.steps_per_epoch, context_slices=config.context_slices,
+                    augmentation=Augmentation.from_params(params.tiles.augment),
+                    phases=(Phase(0, f.epochs, f.learning_rate),), eager_max_steps=t.eager_max_steps,
+                    max_minutes=f.max_minutes)
 
 
 def finetune(
@@ -213,168 +390,23 @@ def finetune(
     Settings: ``finetune.*``; loss, batch size, seed and eager_max_steps from ``train``, augmentation
     from ``tiles``.
     """
-    import keras
-    import mlflow
-
-    from socseg.data.dataset import Augmentation, RandomCrops
-    from socseg.inference.evaluate import score_slabs
-    from socseg.inference.predictor import Predictor
-    from socseg.inference.pyfunc import model_config
-    from socseg.model.losses import get_loss
-    from socseg.model.metrics import ThresholdedIoU
-    from socseg.training import tracking
-    from socseg.training.pipeline import registered_model_name
-    from socseg.training.registry import register_and_promote
-    from socseg.training.runtime import runs_eagerly, runtime_tags, seed_everything
-    from socseg.training.train import MlflowEpochLogger, TimeBudget, _set_encoder_trainable, log_history, log_segmenter
-
     p = typed(params)
-    f, t = p.finetune, p.train
-    ignore = f.ignore_value if ignore_value is None else int(ignore_value)
+    ignore = p.finetune.ignore_value if ignore_value is None else int(ignore_value)
     mlflow.set_tracking_uri(tracking.tracking_uri(p))  # the experiment is set (created) once the checks pass
     metric = p.registry.metric
     if register and not metric.startswith("test_"):
         raise FinetuneError(f"registry.metric {metric!r} is not a test score (test_mean_iou, test_iou_ni, ...)")
-
-    # ---- every check first: a refused fine-tune leaves no run, no model, no registered version
+    # every check first: a refused fine-tune leaves no run, no model, no registered version
     try:
         scan = sparse_volume(load_scan(volume, labels, phase_map, p), ignore, labelled)
     except VolumeError as error:
         raise FinetuneError(str(error)) from None
-    try:
-        config = model_config(model_uri)  # the MLmodel only: the checks below load no network
-    except ValueError as error:
-        raise FinetuneError(str(error)) from None
-    if task is not None and check_task(task) != config.task:
-        raise FinetuneError(f"{model_uri} is a {config.task!r} model, not {task!r}: fine-tuning keeps the model's task "
-                            f"(fine-tune a {task!r} model, or drop --task)")
-    try:
-        expected = task_class_names(config.task, scan.class_names)
-    except ValueError as error:
-        raise FinetuneError(f"{scan.meta.name!r} cannot train a {config.task!r} model: {error}") from None
-    if expected != config.class_names:
-        raise FinetuneError(f"{model_uri} segments {config.class_names} but the labels of {scan.meta.name!r} "
-                            f"(phase map {scan.class_names}) give {expected}")
-    slices = scan.slices_with_labels()
-    train_slices, test_slices = split_labelled(slices, f.test_fraction)
-    parent = resolve_parent(model_uri)
-    predictor = Predictor.load(model_uri)
-    inner, (low, high) = _inner_network(predictor.network)
-    try:  # a scan on another grey scale than a fixed-mode model's would train on clipped values
-        grey = predictor.volume_grey_range(scan.image) if predictor.per_volume else None
-        predictor.check_grey_range(np.asarray(scan.image[slices]), grey)
-    except ValueError as error:
-        raise FinetuneError(f"{scan.meta.name!r}: {error}") from None
-    name = parent.name or registered_model_name(p.registry.model_name, config.task)
-
-    # ---- training data: crops around the labelled pixels of the training slices only
-    train_view, test_view = scan.with_labelled_slices(train_slices), scan.with_labelled_slices(test_slices)
-    context = config.context_slices
-    train_slabs = slabs_around(train_view, train_slices, context)
-    layer = Normaliser(low, high, 0.0, 100.0)  # the exported model's own normalisation layer, in NumPy
-
-    def normalised(slab: Slab) -> np.ndarray:
-        start, stop = slab.z_range
-        return layer.apply(predictor.map_grey(np.asarray(scan.image[start:stop]), grey))
-
-    seed_everything(t.seed)
-    crops = RandomCrops(
-        [normalised(slab) for slab in train_slabs],
-        [slab.targets(config.task) for slab in train_slabs],
-        size=config.tile_size,
-        batch_size=t.batch_size,
-        steps=f.steps_per_epoch,
-        augmentation=Augmentation.from_params(p.tiles.augment),
-        seed=t.seed,
-        context_slices=context,
-    )
-    test_slabs = slabs_around(test_view, test_slices, 0) if test_slices else []
-    inner.trainable = True
-    if f.freeze_encoder:
-        _set_encoder_trainable(inner, False)
-    eager = runs_eagerly(f.epochs, f.steps_per_epoch, t.eager_max_steps)
-    inner.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=f.learning_rate),
-        loss=get_loss(t.loss, config.task),
-        metrics=[ThresholdedIoU(task=config.task, n_classes=len(config.class_names), name="mean_iou")],
-        run_eagerly=eager,
-    )
-    precision = inner.dtype_policy.name
-    fingerprint = scan_fingerprint(scan)
-    lineage = parent.tags()
-    test_pixels = sum(test_view.labelled_pixels(z) for z in test_slices)
-    tracking.configure_tracking(p)
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.set_tags({
-            **runtime_tags(precision, eager),
-            "encoder": config.encoder or "unknown",
-            "task": config.task,
-            "data_fingerprint": fingerprint,
-            "data_md5_dvc": "none",  # the scan is not part of the DVC-tracked data
-            "git_commit": tracking.git_commit() or "none",
-            "volumes": scan.meta.name,
-            "socseg.kind": "finetune",
-            **lineage,
-        })
-        mlflow.log_params(tracking.flat_params({
-            "finetune": {**asdict(f), "ignore_value": ignore},
-            "train": {"loss": t.loss, "batch_size": t.batch_size, "seed": t.seed, "eager_max_steps": t.eager_max_steps},
-            "tiles": {"size": config.tile_size, "augment": asdict(p.tiles.augment)},
-        }))
-        mlflow.log_params({"finetune.train_slices": slice_ranges(train_slices),
-                           "finetune.test_slices": slice_ranges(test_slices) or "none",
-                           "finetune.volume": scan.meta.source or scan.meta.name,
-                           "parent.model_uri": model_uri})
-        logger, budget = MlflowEpochLogger(), TimeBudget(f.max_minutes)
-        started = time.perf_counter()
-        inner.fit(crops, epochs=f.epochs, callbacks=[budget, logger], verbose=2)
-        seconds = time.perf_counter() - started
-        history = logger.history
-        metrics: dict[str, float] = {
-            "train_seconds": seconds,
-            "epochs_run": float(len(history.get("loss", []))),
-            "train_labelled_pixels": float(sum(train_view.labelled_pixels(z) for z in train_slices)),
-            "test_labelled_pixels": float(test_pixels),
-        }
-        mlflow.set_tag("stopped_by", "time_budget" if budget.exhausted else "epochs")
-        mlflow.set_tag("state", "COMPLETE")
-        if test_slabs:
-            window = {"grey_range": grey} if grey is not None else {}
-            scores = score_slabs(predictor, test_slabs, **window).scores
-            metrics.update({f"test_{k}": v for k, v in scores.items()})
-        else:
-            mlflow.set_tag("socseg.gate", "none: a single labelled slice, no held-out test slice")
-        log_history(history, {"finetune.json": json.dumps({
-            "parent": lineage, "train_slices": train_slices, "test_slices": test_slices, "ignore_value": ignore,
-            "normalisation": {"low": low, "high": high, "grey_range": list(grey) if grey else None}}, indent=2)})
-        mlflow.log_metrics(metrics)
-        new_uri = log_segmenter(predictor).model_uri
-        run_id = run.info.run_id
-    promotion = None
-    if register:
-        gated = bool(test_slabs)
-        promotion = register_and_promote(
-            new_uri,
-            name,
-            score=float(metrics.get(metric, float("nan"))),
-            evaluate=lambda uri: score_slabs(Predictor.load(uri), test_slabs).scores[metric.removeprefix("test_")],
-            metric=metric,
-            run_id=run_id,
-            gate=gated,
-            tags={
-                **lineage,
-                "data_fingerprint": fingerprint,
-                "git_commit": tracking.git_commit() or "none",
-                "encoder": config.encoder or "unknown",
-                "task": config.task,
-                "run_id": run_id,
-                "socseg.kind": "finetune",
-                "finetune.test_slices": slice_ranges(test_slices) or "none",
-                **{k: f"{v:.6f}" for k, v in metrics.items() if k.startswith("test_") and isinstance(v, float)},
-            },
-        ).to_dict()
+    source = check_source(p, model_uri, scan, task)
+    run = FinetuneRun(p, source, run_name=run_name)
+    result = run.run()
+    promotion = run.register(result, metric) if register else None  # after the run: it gates the logged model
     return FinetuneResult(
-        run_id, new_uri, metrics, history, len(history.get("loss", [])) - 1, seconds,
-        parent_model_uri=model_uri, lineage=lineage, registered_name=name if register else "",
-        promotion=promotion, train_slices=train_slices, test_slices=test_slices,
+        **vars(result), parent_model_uri=model_uri, lineage=source.parent.tags(),
+        registered_name=source.registered_name if register else "", promotion=promotion,
+        train_slices=source.train_slices, test_slices=source.test_slices,
     )

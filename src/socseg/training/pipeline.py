@@ -1,8 +1,7 @@
 """The DVC stages after the search: evaluate (test slabs) and register (the champion gate).
 
 Each stage reads params.yaml and the previous stage's small JSON output, so ``dvc repro`` knows
-what to rerun (``prepare`` is :func:`socseg.data.prepare.prepare`, ``search`` is
-:mod:`socseg.training.search`). The test slab is touched only here, after the search has chosen
+what to rerun (the stage before them, ``search``, is :mod:`socseg.training.search`). The test slab is touched only here, after the search has chosen
 on validation.
 """
 
@@ -12,15 +11,19 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 
+from socseg.analysis.microstructure import flatten_metrics, measure, relative_errors
+from socseg.analysis.plots import confusion_figure, slab_overlay_figure
 from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data, read_json, write_json
 from socseg.inference.evaluate import Evaluation, score_slabs
 from socseg.inference.predictor import Predictor
 from socseg.inference.pyfunc import model_config
 from socseg.params import Params, typed
 from socseg.training import tracking
+from socseg.training.registry import register_and_promote
 
 
 def held_out_data(params: Mapping | Params, task: str) -> PreparedData:
@@ -43,8 +46,6 @@ def microstructure_comparison(predicted_classes: np.ndarray, true_classes: np.nd
     An IoU of 0.97 can still bias TPB density or percolation; these are what a study publishes.
     Keys: ``micro_pred.<metric>``, ``micro_true.<metric>``, ``micro_relerr.<metric>`` (voxel units).
     """
-    from socseg.analysis.microstructure import flatten_metrics, measure, relative_errors
-
     phase_map = dict(enumerate(class_names))
     predicted = flatten_metrics(measure(predicted_classes, phase_map))
     true = flatten_metrics(measure(true_classes, phase_map))
@@ -59,10 +60,6 @@ def microstructure_comparison(predicted_classes: np.ndarray, true_classes: np.nd
 
 def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | Path) -> dict:
     """Evaluate the search's best trial on the TEST slabs; log to the search's parent run; write metrics.json."""
-    import matplotlib.pyplot as plt
-
-    from socseg.analysis.plots import confusion_figure, slab_overlay_figure
-
     search = read_json(search_json)
     model_uri = search["best_model_uri"]
     tracking.configure_tracking(params)
@@ -92,7 +89,7 @@ def logged_model_encoder(model_uri: str) -> str:
     """The encoder a logged segmenter was trained with: read from the model, not from today's
     params.yaml (models logged before it was recorded there: from their run's tags)."""
     encoder = model_config(model_uri).encoder
-    if not encoder:
+    if not encoder:  # compatibility, removed in 0.2.0 (CHANGELOG.md, "Deprecated"): the run-tag fallback
         run_id = mlflow.models.get_model_info(model_uri).run_id
         encoder = mlflow.get_run(run_id).data.tags.get("encoder", "") if run_id else ""
     return encoder or "unknown"
@@ -108,8 +105,6 @@ def registered_model_name(template: str, task: str) -> str:
 
 def register(params: Mapping | Params, search_json: str | Path, metrics_json: str | Path, out: str | Path) -> dict:
     """Register the evaluated model and move the aliases (see :mod:`socseg.training.registry`)."""
-    from socseg.training.registry import register_and_promote
-
     p = typed(params)
     search = read_json(search_json)
     metrics = read_json(metrics_json)

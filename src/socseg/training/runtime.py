@@ -1,6 +1,8 @@
 """What the computation runs on: Keras backend, device, precision, and seeding.
 
 Every tracked run is tagged with these so numbers are never compared across hardware by accident.
+:func:`accelerator` imports TensorFlow, JAX or PyTorch inside, only the one Keras runs on: the
+others are optional and usually not installed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import platform
 import keras
 
 from socseg.model.precision import resolve_precision
+
 
 def set_precision(precision: str) -> str:
     """Set the global Keras dtype policy (``auto`` is resolved first); returns the policy set."""

@@ -16,17 +16,22 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import keras
+import matplotlib.pyplot as plt
 import mlflow
 import optuna
 from optuna.trial import TrialState
+from optuna.visualization import matplotlib as optuna_plots
+from sqlalchemy.engine import make_url
 
+from socseg.data.prepare import data_fingerprint
 from socseg.data.split import check_context_gap
 from socseg.params import set_dotted, typed
 from socseg.training import tracking
 from socseg.training.runtime import runtime_tags
+from socseg.training.train import train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE = "val_mean_iou"
@@ -251,6 +256,35 @@ class SearchResult:
         return dict(self.__dict__)
 
 
+def trial_objective(params: Mapping, encoder: str, study_name: str, worker: str,
+                    started: list[int]) -> Callable[[optuna.Trial], float]:
+    """The study's objective: one nested training run per trial (validation only, pruned by the
+    study's pruner), its run, worker, encoder and model recorded on the trial; appends each trial's
+    number to ``started``."""
+
+    def objective(trial: optuna.Trial) -> float:
+        started.append(trial.number)
+        tree = trial_params(params, encoder, trial)
+        pruning = OptunaPruning(trial)
+        result = train(
+            tree,
+            run_name=f"trial {trial.number}",
+            nested=True,
+            extra_callbacks=[pruning],
+            evaluate_test=False,
+            tags={"optuna_study": study_name, "optuna_trial": str(trial.number), "search_worker": worker},
+        )
+        trial.set_user_attr("run_id", result.run_id)
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("encoder", tree["train"]["encoder"])
+        if result.pruned:
+            raise optuna.TrialPruned(f"pruned at epoch {len(result.history.get(OBJECTIVE, []))}")
+        trial.set_user_attr("model_uri", result.model_uri)
+        return result.metrics[OBJECTIVE]
+
+    return objective
+
+
 def run_search(
     params: Mapping,
     encoder: str | None = None,
@@ -260,9 +294,6 @@ def run_search(
     storage: str | None = None,
 ) -> SearchResult:
     """Run trials until the study holds ``n_trials`` finished ones (or ``timeout`` seconds pass)."""
-    from socseg.data.prepare import data_fingerprint
-    from socseg.training.train import train
-
     p = typed(params)
     check_search_context_gap(params)  # before the study, the data or MLflow are touched
     search = p.search
@@ -275,28 +306,8 @@ def run_search(
     check_study_identity(study, identity)
     tracking.configure_tracking(params)
     worker = worker_id()
-    started: list[int] = []
-
-    def objective(trial: optuna.Trial) -> float:
-        started.append(trial.number)
-        tree = trial_params(params, encoder, trial)
-        pruning = OptunaPruning(trial)
-        result = train(
-            tree,
-            run_name=f"trial {trial.number}",
-            nested=True,
-            extra_callbacks=[pruning],
-            evaluate_test=False,
-            tags={"optuna_study": study.study_name, "optuna_trial": str(trial.number), "search_worker": worker},
-        )
-        trial.set_user_attr("run_id", result.run_id)
-        trial.set_user_attr("worker", worker)
-        trial.set_user_attr("encoder", tree["train"]["encoder"])
-        if result.pruned:
-            raise optuna.TrialPruned(f"pruned at epoch {len(result.history.get(OBJECTIVE, []))}")
-        trial.set_user_attr("model_uri", result.model_uri)
-        return result.metrics[OBJECTIVE]
-
+    started: list[int] = []  # the trials this invocation ran
+    objective = trial_objective(params, encoder, study.study_name, worker, started)
     # One parent run per worker (named and tagged with host:pid): N workers on one study show as
     # N parents in the MLflow UI, each holding the trials it ran; tags.optuna_study finds them all.
     with mlflow.start_run(run_name=f"search {study.study_name} @ {worker}") as parent:
@@ -339,8 +350,6 @@ def run_search(
 
 def _redact(url: str) -> str:
     """Drop a password from a storage URL before it is logged."""
-    from sqlalchemy.engine import make_url
-
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
@@ -349,9 +358,6 @@ def _redact(url: str) -> str:
 
 def _log_study_artifacts(study: optuna.Study) -> None:
     """Trials table (CSV) and Optuna's optimisation-history and importance plots."""
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
-
     with tempfile.TemporaryDirectory() as tmp:
         table = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
         table.to_csv(Path(tmp) / "trials.csv", index=False)

@@ -1,43 +1,42 @@
-"""One tracked training run: volumes -> slab split -> normalisation -> U-Net -> MLflow.
+"""``socseg train``'s run: volumes -> slab split -> normalisation -> U-Net -> MLflow.
 
 Used by ``socseg train`` and the ``train`` MLproject entry point, and (with a trial's params,
-``nested=True`` and a pruning callback) by the hyperparameter search.
+``nested=True`` and a pruning callback) by the hyperparameter search. The run itself (seed, crops,
+compile, tags, fit, keep the best epoch, log the model) is :class:`socseg.training.trainer.TrainingRun`;
+:class:`TrainRun` supplies its data (labelled volumes split into slabs), a new U-Net, validation
+every epoch and the final validation and test scores.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, Mapping, Sequence
 
 import keras
+import matplotlib.pyplot as plt
 import mlflow
-import numpy as np
-import pandas as pd
 
-from socseg.analysis.plots import slab_overlay_figure, training_curves_figure
-from socseg.data.dataset import Augmentation, RandomCrops
+from socseg.analysis.plots import slab_overlay_figure
+from socseg.data.dataset import Augmentation
 from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data
 from socseg.data.split import check_split_context
 from socseg.inference.evaluate import Evaluation, score_slabs
+from socseg.inference.request import InferenceOptions
 from socseg.inference.predictor import ModelConfig, Predictor
 from socseg.model.export import export_model
-from socseg.model.losses import get_loss
-from socseg.model.metrics import ThresholdedIoU
 from socseg.model.precision import resolve_precision
 from socseg.model.unet import build_model
-from socseg.params import Params, typed
+from socseg.params import Params, TrainParams, typed
 from socseg.training import tracking
-from socseg.training.runtime import runs_eagerly, runtime_tags, seed_everything, set_precision
+from socseg.training.runtime import set_precision
+from socseg.training.trainer import Phase, RunData, Schedule, TrainingRun, TrainResult
 
 # Validation after every epoch scores the whole validation slabs through the predictor users get,
 # one pass per slice without TTA: the cheapest window, whatever the served settings, for the
 # epoch-to-epoch comparison that early stopping and the search need. Final scores use the served
 # settings.
-VALIDATION_WINDOW = {"window": "whole_slice", "tta": False}
+VALIDATION_WINDOW = InferenceOptions(window="whole_slice", tta=False)
 
 
 class SlabValidation(keras.callbacks.Callback):
@@ -56,113 +55,9 @@ class SlabValidation(keras.callbacks.Callback):
         self.predictor, self.slabs, self.grey_ranges = predictor, slabs, grey_ranges
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        scores = score_slabs(self.predictor, self.slabs, grey_ranges=self.grey_ranges, **VALIDATION_WINDOW).scores
+        scores = score_slabs(self.predictor, self.slabs, grey_ranges=self.grey_ranges, options=VALIDATION_WINDOW).scores
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in scores.items() if k.startswith(("iou", "mean_iou", "mean_dice"))})
-
-
-class TimeBudget(keras.callbacks.Callback):
-    """Stops training within ``train.max_minutes`` of wall-clock time (0: no budget).
-
-    Training stops after the epoch that reaches the budget, or earlier when the next epoch,
-    judged by the last one, would overrun it; never by the first epoch alone, which includes
-    compilation (36-67 s for VGG16/ResNet50 under JAX on an H100, against 2 s epochs). Benchmarks
-    compare models at equal training time this way; the best epoch so far is kept (:class:`KeepBest`).
-    """
-
-    def __init__(self, minutes: float):
-        super().__init__()
-        self.seconds = 60.0 * float(minutes)
-        self.started: float | None = None  # the first fit; the fine-tune schedule calls fit twice
-        self.exhausted = False
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
-        self.last = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        now = time.perf_counter()
-        elapsed, epoch_seconds, self.last = now - self.started, now - self.last, now
-        if self.seconds > 0 and (elapsed >= self.seconds or (epoch >= 1 and elapsed + epoch_seconds > self.seconds)):
-            self.exhausted = True
-            self.model.stop_training = True
-
-
-class MlflowEpochLogger(keras.callbacks.Callback):
-    """Logs every epoch's logs (loss, train metrics, validation IoU per class) as MLflow metrics."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.history: dict[str, list[float]] = {}
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        values = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or np.ndim(v) == 0}
-        for key, value in values.items():
-            self.history.setdefault(key, []).append(value)
-        mlflow.log_metrics(values, step=epoch)
-
-
-@dataclass
-class TrainResult:
-    run_id: str
-    model_uri: str  # the segmenter (socseg segment, socseg evaluate, mlflow models serve); "" if none
-    metrics: dict[str, float]
-    history: dict[str, list[float]]
-    best_epoch: int
-    seconds: float
-    pruned: bool = False
-
-
-class KeepBest(keras.callbacks.Callback):
-    """Early stopping on ``val_mean_iou`` that keeps the best weights across several ``fit`` calls.
-
-    Keras' EarlyStopping resets at every ``fit``; the fine-tune schedule (frozen encoder first,
-    then unfrozen) trains in two calls, and the best epoch may lie in either.
-    """
-
-    def __init__(self, patience: int, monitor: str = "val_mean_iou"):
-        super().__init__()
-        self.patience, self.monitor = patience, monitor
-        self.best, self.best_epoch, self.best_weights, self.wait = -np.inf, -1, None, 0
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        value = (logs or {}).get(self.monitor)
-        if value is None:
-            return
-        if value > self.best:
-            self.best, self.best_epoch, self.wait = float(value), epoch, 0
-            self.best_weights = self.model.get_weights()
-        else:
-            self.wait += 1
-            if self.wait >= self.patience:
-                self.model.stop_training = True
-
-    def restore(self) -> None:
-        if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
-
-
-def _plateau_schedule(patience: int, factor: float) -> list[keras.callbacks.Callback]:
-    """Lower the learning rate when validation mean IoU stalls (none when ``patience`` is 0).
-
-    A step-down late in training is what turns a plateau of noisy updates into the last few
-    thousandths of IoU; the new rate is logged per epoch as ``learning_rate``.
-    """
-    if patience <= 0:
-        return []
-    if not 0.0 < factor < 1.0:
-        raise ValueError(f"reduce_lr_factor must be in (0, 1), got {factor}")
-    return [keras.callbacks.ReduceLROnPlateau(
-        monitor="val_mean_iou", mode="max", factor=factor, patience=patience, min_delta=1e-4, verbose=1,
-    )]
-
-
-def _set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
-    try:
-        model.get_layer("encoder").trainable = trainable
-    except ValueError:  # models without a separate encoder block
-        pass
 
 
 def train(
@@ -182,20 +77,34 @@ def train(
     fitting (the Optuna pruner) marks the run pruned: no final evaluation, no model.
     """
     p = typed(params)
-    t = p.train
-    check_split_context(p.split, t.context_slices)  # before anything is loaded, trained or logged
-    precision = resolve_precision(t.precision)
-    names = list(volume_names or p.data.volumes)
-    tracking.configure_tracking(p)
-    set_precision(precision)
-    seed_everything(t.seed)
+    check_split_context(p.split, p.train.context_slices)  # before anything is loaded, trained or logged
+    precision = resolve_precision(p.train.precision)
+    run = TrainRun(p, list(volume_names or p.data.volumes), precision, evaluate_test=evaluate_test, tags=tags,
+                   run_name=run_name, nested=nested, extra_callbacks=extra_callbacks, log_model=log_model)
+    set_precision(precision)  # the global Keras policy the new U-Net is built under
     try:
-        data = prepare_data(p, load_labelled_volumes(p, names), t.task)
-        n_classes = len(data.class_names)
+        return run.run()
+    finally:
+        set_precision("float32")
+
+
+class TrainRun(TrainingRun):
+    """The run of :func:`train`: the configured volumes split into slabs, a new U-Net."""
+
+    def __init__(self, params: Params, volume_names: list[str], precision: str, evaluate_test: bool = True,
+                 tags: Mapping[str, str] | None = None, **run_options: Any):
+        super().__init__(params, train_schedule(params), **run_options)
+        self.volume_names, self.precision = volume_names, precision
+        self.evaluate_test, self.tags = evaluate_test, dict(tags or {})
+        self.data: PreparedData | None = None  # by prepare()
+
+    def prepare(self) -> RunData:
+        p, t = self.params, self.params.train
+        data = self.data = prepare_data(p, load_labelled_volumes(p, self.volume_names), t.task)
         model = build_model(
             t.encoder,
             t.task,
-            n_classes=n_classes,
+            n_classes=len(data.class_names),
             dropout=t.dropout,
             encoder_weights=t.encoder_weights,
             freeze_encoder=t.freeze_encoder,
@@ -207,103 +116,72 @@ def train(
         # The served model from the start: it shares the network's layers, so validation and the
         # final scores see exactly what will be logged.
         predictor = Predictor(export_model(model, data.normaliser), model_config(data, p))
-
-        eager = runs_eagerly(t.epochs, p.tiles.steps_per_epoch, t.eager_max_steps)
-
-        def compile_model(learning_rate: float) -> None:
-            model.compile(
-                optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-                loss=get_loss(t.loss, t.task),
-                metrics=[ThresholdedIoU(task=t.task, n_classes=n_classes, name="mean_iou")],
-                run_eagerly=eager,
-            )
-
-        crops = RandomCrops(
-            [data.normalised(slab) for slab in data.slabs["train"]],
-            [slab.targets(t.task) for slab in data.slabs["train"]],
-            size=p.tiles.size,
-            batch_size=t.batch_size,
-            steps=p.tiles.steps_per_epoch,
-            augmentation=Augmentation.from_params(p.tiles.augment),
-            seed=t.seed,
-            context_slices=t.context_slices,
+        slabs = data.slabs["train"]
+        return RunData(
+            network=model, predictor=predictor,
+            images=[data.normalised(slab) for slab in slabs], targets=[slab.targets(t.task) for slab in slabs],
+            task=t.task, n_classes=len(data.class_names), precision=self.precision, encoder=t.encoder,
+            fingerprint=data.fingerprint, volumes=",".join(self.volume_names),
+            data_md5_dvc=tracking.dvc_data_md5() or "none",
         )
-        val_slabs = data.slabs["val"] or data.slabs["train"]
-        logger = MlflowEpochLogger()
-        keep_best = KeepBest(patience=t.patience)
-        budget = TimeBudget(t.max_minutes)
-        callbacks = [
-            SlabValidation(predictor, val_slabs, data.grey_ranges()),
-            keep_best,
-            *_plateau_schedule(t.reduce_lr_patience, t.reduce_lr_factor),
-            budget,
-            logger,
-            *extra_callbacks,
-        ]
-        # Fine-tune schedule: a frozen (pretrained) encoder first, then everything at a lower rate.
-        unfreeze_after = t.unfreeze_after if t.freeze_encoder else 0
-        phases = [(0, t.epochs, t.learning_rate)]
-        if 0 < unfreeze_after < t.epochs:
-            phases = [(0, unfreeze_after, t.learning_rate),
-                      (unfreeze_after, t.epochs, t.learning_rate * t.fine_tune_lr_factor)]
-        with mlflow.start_run(run_name=run_name, nested=nested) as run:
-            mlflow.set_tags(
-                {
-                    **runtime_tags(precision, eager),
-                    "encoder": t.encoder,
-                    "task": t.task,
-                    "data_fingerprint": data.fingerprint,
-                    "data_md5_dvc": tracking.dvc_data_md5() or "none",
-                    "git_commit": tracking.git_commit() or "none",
-                    "volumes": ",".join(names),
-                    **dict(tags or {}),
-                }
-            )
-            # Section-prefixed names ("train.epochs"): `mlflow run` already logs its own entry-point
-            # parameters under the bare names, and MLflow params cannot be logged twice.
-            mlflow.log_params(tracking.flat_params(
-                {"train": {**asdict(t), "precision": precision}, "tiles": asdict(p.tiles),
-                 "split": asdict(p.split), "normalise": asdict(p.normalise)}))
-            mlflow.log_param("data.volumes", ",".join(names))
-            mlflow.log_params(
-                {f"split_{name}_{subset}": f"{a}-{b}" for name, sp in data.splits.items()
-                 for subset, (a, b) in (("train", sp.train), ("val", sp.val), ("test", sp.test))}
-            )
-            mlflow.log_params({"normalise.low": data.normaliser.low, "normalise.high": data.normaliser.high})
-            started = time.perf_counter()
-            for number, (first, last, learning_rate) in enumerate(phases):
-                if number == 1:
-                    _set_encoder_trainable(model, True)
-                compile_model(learning_rate)
-                model.fit(crops, initial_epoch=first, epochs=last, callbacks=callbacks, verbose=2)
-                if model.stop_training:
-                    break
-            keep_best.restore()
-            seconds = time.perf_counter() - started
-            history = logger.history
-            best_epoch = keep_best.best_epoch
-            metrics: dict[str, float] = {"train_seconds": seconds, "best_epoch": float(best_epoch),
-                                         "epochs_run": float(len(history.get("loss", [])))}
-            mlflow.set_tag("stopped_by", "time_budget" if budget.exhausted else
-                           "early_stopping" if model.stop_training else "epochs")
-            pruned = any(getattr(callback, "pruned", False) for callback in extra_callbacks)
-            mlflow.set_tag("state", "PRUNED" if pruned else "COMPLETE")
-            _log_artifacts(data, history)
-            if pruned:
-                return TrainResult(run.info.run_id, "", metrics, history, best_epoch, seconds, pruned=True)
-            subsets = ("val", "test") if evaluate_test else ("val",)
-            for subset in subsets:
-                if data.slabs[subset]:
-                    evaluation = score_slabs(predictor, data.slabs[subset], keep_predictions=subset == "test",
-                                             grey_ranges=data.grey_ranges())
-                    metrics.update({f"{subset}_{k}": v for k, v in evaluation.scores.items()})
-                    if subset == "test":
-                        _log_overlays(data, evaluation)
-            mlflow.log_metrics({f"final_{k}" if k.startswith("val_") else k: v for k, v in metrics.items()})
-            model_uri = log_segmenter(predictor).model_uri if log_model else ""
-            return TrainResult(run.info.run_id, model_uri, metrics, history, best_epoch, seconds)
-    finally:
-        set_precision("float32")
+
+    def validation(self, data: RunData) -> list[keras.callbacks.Callback]:
+        slabs = self.data.slabs
+        return [SlabValidation(data.predictor, slabs["val"] or slabs["train"], self.data.grey_ranges())]
+
+    def run_tags(self) -> dict[str, str]:
+        return self.tags
+
+    def run_params(self, data: RunData) -> dict[str, Any]:
+        p, prepared = self.params, self.data
+        # Section-prefixed names ("train.epochs"): `mlflow run` already logs its own entry-point
+        # parameters under the bare names, and MLflow params cannot be logged twice.
+        return {
+            **tracking.flat_params({"train": {**asdict(p.train), "precision": self.precision}, "tiles": asdict(p.tiles),
+                                    "split": asdict(p.split), "normalise": asdict(p.normalise)}),
+            "data.volumes": ",".join(self.volume_names),
+            **{f"split_{name}_{subset}": f"{a}-{b}" for name, sp in prepared.splits.items()
+               for subset, (a, b) in (("train", sp.train), ("val", sp.val), ("test", sp.test))},
+            "normalise.low": prepared.normaliser.low,
+            "normalise.high": prepared.normaliser.high,
+        }
+
+    def artifacts(self) -> dict[str, str]:
+        return {"split.json": json.dumps({k: v.to_dict() for k, v in self.data.splits.items()}, indent=2),
+                "normalisation.json": json.dumps(self.data.normaliser.to_dict(), indent=2)}
+
+    def final_scores(self, data: RunData) -> dict[str, float]:
+        """Validation and (unless a search trial) test scores with the served settings; the test
+        slab's overlays."""
+        prepared, scores = self.data, {}
+        for subset in ("val", "test") if self.evaluate_test else ("val",):
+            if prepared.slabs[subset]:
+                evaluation = score_slabs(data.predictor, prepared.slabs[subset], keep_predictions=subset == "test",
+                                         grey_ranges=prepared.grey_ranges())
+                scores.update({f"{subset}_{k}": v for k, v in evaluation.scores.items()})
+                if subset == "test":
+                    _log_overlays(prepared, evaluation)
+        return scores
+
+
+def train_schedule(params: Params) -> Schedule:
+    """The ``train`` and ``tiles`` settings as the trainer's schedule."""
+    t, tiles = params.train, params.tiles
+    return Schedule(seed=t.seed, loss=t.loss, tile_size=tiles.size, batch_size=t.batch_size,
+                    steps_per_epoch=tiles.steps_per_epoch, context_slices=t.context_slices,
+                    augmentation=Augmentation.from_params(tiles.augment), phases=encoder_phases(t),
+                    eager_max_steps=t.eager_max_steps, max_minutes=t.max_minutes, patience=t.patience,
+                    reduce_lr_patience=t.reduce_lr_patience, reduce_lr_factor=t.reduce_lr_factor)
+
+
+def encoder_phases(t: TrainParams) -> tuple[Phase, ...]:
+    """One phase; or, with a frozen (pretrained) encoder and ``unfreeze_after`` inside the epochs,
+    the frozen encoder first, then everything at ``fine_tune_lr_factor`` times the rate."""
+    unfreeze_after = t.unfreeze_after if t.freeze_encoder else 0
+    if 0 < unfreeze_after < t.epochs:
+        return (Phase(0, unfreeze_after, t.learning_rate),
+                Phase(unfreeze_after, t.epochs, t.learning_rate * t.fine_tune_lr_factor, unfreeze_encoder=True))
+    return (Phase(0, t.epochs, t.learning_rate),)
 
 
 def model_config(data: PreparedData, params: Params) -> ModelConfig:
@@ -315,7 +193,7 @@ def model_config(data: PreparedData, params: Params) -> ModelConfig:
             "encoder": t.encoder,
             "class_names": data.class_names,
             "phase_map": data.phase_map,
-            "normalisation": data.normalisation_record(),  # mode, and the layer's low/high (0/1 per_volume)
+            "normalisation": data.normalisation,  # its one encoding in the config (socseg.data.normalise)
             "tile_size": params.tiles.size,
             "context_slices": t.context_slices,
         },
@@ -323,42 +201,9 @@ def model_config(data: PreparedData, params: Params) -> ModelConfig:
     )
 
 
-def log_segmenter(predictor: Predictor):
-    """Log the predictor's network and config as the pyfunc segmenter of the active run."""
-    from socseg.inference import pyfunc
-
-    return pyfunc.log_segmenter(predictor.network, predictor.config)
-
-
 def _log_overlays(data: PreparedData, evaluation: Evaluation) -> None:
     """Test-slab overlays (first, middle and last slice of the first test slab)."""
-    import matplotlib.pyplot as plt
-
     slab = data.slabs["test"][0]
     fig = slab_overlay_figure(slab, slab.targets(data.task), evaluation.predictions[0], data.class_names)
     mlflow.log_figure(fig, "plots/test_overlays.png")
     plt.close(fig)
-
-
-def _log_artifacts(data: PreparedData, history: dict[str, list[float]]) -> None:
-    log_history(history, {"split.json": json.dumps({k: v.to_dict() for k, v in data.splits.items()}, indent=2),
-                          "normalisation.json": json.dumps(data.normaliser.to_dict(), indent=2)})
-
-
-def log_history(history: dict[str, list[float]], files: Mapping[str, str] | None = None) -> None:
-    """The training curves (``plots/training_curves.png``) and ``training/history.csv`` of the active
-    run, plus ``files`` (name -> text) under ``training/``: what every training run logs
-    (``socseg train``, search trials, ``socseg finetune``)."""
-    import matplotlib.pyplot as plt
-
-    fig = training_curves_figure(history)
-    mlflow.log_figure(fig, "plots/training_curves.png")
-    plt.close(fig)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        frame = pd.DataFrame(history)
-        frame.insert(0, "epoch", np.arange(len(frame)))
-        frame.to_csv(tmp_path / "history.csv", index=False)
-        for name, text in (files or {}).items():
-            (tmp_path / name).write_text(text)
-        mlflow.log_artifacts(tmp, "training")

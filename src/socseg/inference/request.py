@@ -1,0 +1,91 @@
+"""One inference call's settings: what a user asks for, and the same resolved against a model.
+
+Every entry point builds its request once and hands it whole to the
+:class:`~socseg.inference.predictor.Predictor`:
+
+* ``socseg segment`` (CLI options) and the library call :func:`socseg.inference.segment.segment`;
+* the Dask client of :func:`socseg.inference.distributed.segment_to_zarr` (resolved on the
+  client, sent to every task inside the ``ChunkJob``);
+* a served request (:meth:`socseg.inference.pyfunc.Segmenter.predict`, from its params);
+* scoring (:mod:`socseg.inference.evaluate`: each slab with its volume's grey range).
+
+:class:`InferenceOptions` are the user's per-call overrides (None: the model's own), checked when
+they are made; :class:`InferenceRequest` is what the predictor runs: the window settings, whether
+to refuse out-of-range input, and the grey range of the source mapped onto the model's layer,
+resolved by the model's :class:`~socseg.data.normalise.Normalisation` (given, the volume's own
+estimate, or none) so that no caller decides it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from socseg.data.normalise import GreyRange, check_grey_range_values
+from socseg.inference.config import ModelConfig
+from socseg.inference.window import WindowSettings
+from socseg.params import check_step_fraction, check_window
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Per-call overrides of a model's inference settings; None: the model's own."""
+
+    tta: bool | None = None
+    step_fraction: float | None = None  # sliding window: tile step / tile size, (0, 1]
+    window: str | None = None  # whole_slice | sliding
+    grey_range: GreyRange | None = None  # the source volume's grey range (e.g. `socseg stats`)
+    allow_out_of_range: bool = False  # segment input mostly outside the model's grey range anyway
+
+    def __post_init__(self) -> None:
+        if self.step_fraction is not None:
+            object.__setattr__(self, "step_fraction", check_step_fraction(self.step_fraction))
+        if self.window is not None:
+            check_window(self.window)
+        if self.grey_range is not None:
+            object.__setattr__(self, "grey_range", check_grey_range_values(*self.grey_range))
+        if self.tta is not None:
+            object.__setattr__(self, "tta", bool(self.tta))
+
+    def record(self) -> dict[str, Any]:
+        """The overrides as given, for an output's run record (a resumed run must ask the same)."""
+        return {"tta": self.tta, "step_fraction": self.step_fraction, "window": self.window}
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """What the predictor runs: options resolved against one model and one source volume."""
+
+    window: WindowSettings
+    grey_range: GreyRange | None  # mapped onto the model's normalisation layer; None: raw values
+    check_range: bool  # refuse input mostly outside the model's range (Predictor.check_grey_range)
+
+    @classmethod
+    def resolve(cls, config: ModelConfig, options: InferenceOptions = InferenceOptions(), source: Any = None,
+                check_range: bool | None = None) -> "InferenceRequest":
+        """``options`` against ``config``; the grey range from ``source`` (an array ``(Z, H, W)`` or
+        an open SliceReader: the whole volume) where the model's normalisation needs one and none
+        was given. ``check_range`` None: refuse out-of-range input unless the options allow it."""
+        window = WindowSettings(
+            tile_size=config.tile_size,
+            step_fraction=config.step_fraction if options.step_fraction is None else options.step_fraction,
+            tta=config.tta if options.tta is None else options.tta,
+            batch_size=config.batch_size,
+            window=config.window if options.window is None else options.window,
+            whole_slice_max_pixels=config.whole_slice_max_pixels,
+        )
+        grey_range = config.normalisation.source_range(source, options.grey_range)
+        if grey_range is not None:
+            grey_range = (float(grey_range[0]), float(grey_range[1]))
+        checked = not options.allow_out_of_range if check_range is None else check_range
+        return cls(window, grey_range, checked)
+
+    def with_grey_range(self, grey_range: GreyRange | None) -> "InferenceRequest":
+        """The same request for another source volume (scoring several volumes with one request)."""
+        return replace(self, grey_range=None if grey_range is None else check_grey_range_values(*grey_range))
+
+    def record(self) -> dict[str, Any]:
+        """The resolved settings, for an output's metadata."""
+        return {"tta": self.window.tta, "step_fraction": self.window.step_fraction, "window": self.window.window,
+                "allow_out_of_range": not self.check_range,
+                "grey_range": None if self.grey_range is None else [float(v) for v in self.grey_range]}
