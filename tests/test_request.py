@@ -67,8 +67,6 @@ def test_the_grey_range_is_resolved_by_the_model_normalisation(volume):
     assert InferenceRequest.resolve(config(), given).grey_range == (10.0, 20.0)  # a fixed model maps a given range
     with pytest.raises(ValueError, match="constant"):  # nothing to estimate from: refused when resolved
         InferenceRequest.resolve(per_volume, source=np.zeros((2, 8, 8), np.float32))
-    moved = InferenceRequest.resolve(per_volume, source=volume).with_grey_range((1.0, 3.0))
-    assert moved.grey_range == (1.0, 3.0) and moved.window == InferenceRequest.resolve(per_volume, source=volume).window
 
 
 def test_a_resolved_request_travels_to_dask_workers_unchanged(volume):

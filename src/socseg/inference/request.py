@@ -18,7 +18,7 @@ estimate, or none) so that no caller decides it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from socseg.data.normalise import GreyRange, check_grey_range_values
@@ -79,10 +79,6 @@ class InferenceRequest:
             grey_range = (float(grey_range[0]), float(grey_range[1]))
         checked = not options.allow_out_of_range if check_range is None else check_range
         return cls(window, grey_range, checked)
-
-    def with_grey_range(self, grey_range: GreyRange | None) -> "InferenceRequest":
-        """The same request for another source volume (scoring several volumes with one request)."""
-        return replace(self, grey_range=None if grey_range is None else check_grey_range_values(*grey_range))
 
     def record(self) -> dict[str, Any]:
         """The resolved settings, for an output's metadata."""
