@@ -225,7 +225,7 @@ def test_microstructure_reads_zarr_and_hdf5_label_volumes(models, volume, tmp_pa
     assert np.array_equal(from_h5.labels, labels)
     with pytest.raises(VolumeError, match="contradicts the phase map recorded"):
         load_labels(tmp_path / "labels.zarr", {0: "rest", 255: "ni"}, default)
-    out = CliRunner().invoke(main, ["microstructure", str(tmp_path / "labels.zarr"), "--json"])
+    out = CliRunner().invoke(main, ["microstructure", str(tmp_path / "labels.zarr"), "--json", "--unit", "voxel"])
     assert out.exit_code == 0, out.output
     import json
 

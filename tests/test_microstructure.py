@@ -357,13 +357,13 @@ def test_command_bare_multipage_tiff_with_phase_map(tmp_path):
     labels = np.where(three_slabs((10, 12, 14)) == NI, 2, np.where(three_slabs() == YSZ, 1, 0)).astype(np.uint8)
     stack = tmp_path / "labels.tif"
     tifffile.imwrite(stack, labels)
-    result = _run([str(stack), "--phase-map", "0=pore,1=ysz,2=ni", "--json", "--size-phases", "none"])
+    result = _run([str(stack), "--phase-map", "0=pore,1=ysz,2=ni", "--json", "--size-phases", "none", "--unit", "voxel"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     flat = report["volume"]["flat"]
     assert flat["vf.pore"] == 0.5 and flat["tpb.density_edges"] == pytest.approx(14 / (10 * 12 * 14))
     assert report["volume"]["metrics"]["unit"] == "voxel" and report["truth"] is None
-    bad = CliRunner().invoke(microstructure, [str(stack)])  # default map 0/128/255 lacks 1 and 2
+    bad = CliRunner().invoke(microstructure, [str(stack), "--unit", "voxel"])  # default map 0/128/255 lacks 1 and 2
     assert bad.exit_code == 2 and "not in the phase map" in bad.output
 
 
@@ -394,9 +394,9 @@ def test_command_folder_of_slices_and_errors(tmp_path):
     folder.mkdir()
     for z, page in enumerate(three_slabs()):
         tifffile.imwrite(folder / f"slice__{z + 1:03d}.tif", page)
-    result = _run([str(folder), "--json", "--size-phases", "none"])
+    result = _run([str(folder), "--json", "--size-phases", "none", "--unit", "voxel"])
     assert json.loads(result.output)["volume"]["flat"]["vf.ni"] == 0.25
-    missing = CliRunner().invoke(microstructure, [str(folder), "--phases", "a,b,c"])
+    missing = CliRunner().invoke(microstructure, [str(folder), "--phases", "a,b,c", "--unit", "voxel"])
     assert missing.exit_code == 2 and "not in the phase map" in missing.output
 
 
@@ -413,14 +413,14 @@ def _ni_segment_output(path: Path) -> np.ndarray:
 def test_command_uses_the_phase_map_segment_recorded(tmp_path):
     stack = tmp_path / "ni_labels.tif"
     _ni_segment_output(stack)
-    result = _run([str(stack), "--json", "--size-phases", "none"])
+    result = _run([str(stack), "--json", "--size-phases", "none", "--unit", "voxel"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["volume"]["metrics"]["volume_fraction"] == {"rest": 0.75, "ni": 0.25}
     flat = report["volume"]["flat"]
     assert "vf.pore" not in flat and "vf.ysz" not in flat  # not counted as pore / YSZ / Ni
     assert any("TPB skipped" in note for note in report["volume"]["metrics"]["notes"])
-    same = _run([str(stack), "--json", "--size-phases", "none", "--phase-map", "255=ni,0=rest"])
+    same = _run([str(stack), "--json", "--size-phases", "none", "--phase-map", "255=ni,0=rest", "--unit", "voxel"])
     assert same.exit_code == 0 and json.loads(same.output)["volume"]["flat"] == flat
 
 
@@ -434,7 +434,7 @@ def test_command_refuses_a_phase_map_that_contradicts_the_recorded_one(tmp_path)
     # --truth shares --phase-map, so a recorded map there is checked the same way.
     truth = tmp_path / "truth.tif"
     tifffile.imwrite(truth, three_slabs())
-    ok = _run([str(truth), "--truth", str(stack), "--json", "--size-phases", "none"])
+    ok = _run([str(truth), "--truth", str(stack), "--json", "--size-phases", "none", "--unit", "voxel"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["truth"]["metrics"]["volume_fraction"] == {"rest": 0.75, "ni": 0.25}
 
@@ -589,3 +589,133 @@ def test_measure_full_output_is_pinned(phase_map, kwargs, expected):
 def test_measure_rejects_bad_settings_with_a_message_naming_them(kwargs, message):
     with pytest.raises(MicrostructureError, match=message):
         measure(pinned_volume(), PHASES, **kwargs)
+
+
+# --------------------------------------------------------------------------- probabilities, units, tortuosity
+
+
+def _probabilities(shape: tuple[int, int, int] = (12, 20, 20)) -> np.ndarray:
+    """Softmax of smooth random scores: (Z, Y, X, 3) float32 probabilities of pore, YSZ, Ni."""
+    rng = np.random.default_rng(3)
+    scores = np.stack([ndi.gaussian_filter(rng.standard_normal(shape), 2.0) for _ in range(3)], -1)
+    weights = np.exp(scores / scores.std() / 0.2)
+    return (weights / weights.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def _segment_outputs(folder: Path, probabilities: np.ndarray) -> tuple[Path, Path]:
+    """The label stack and probability TIFF as `socseg segment OUT.tif --probabilities P.tif` writes them."""
+    from socseg.inference.segment import OutputWriters, SegmentOutputs
+
+    labels = np.array([PORE, YSZ, NI], np.uint8)[np.argmax(probabilities, -1)]
+    outputs = SegmentOutputs(folder / "labels.tif", probabilities=folder / "probabilities.tif")
+    metadata = {"phase_map": {str(k): v for k, v in PHASES.items()}, "task": "phases"}
+    with OutputWriters(outputs, labels.shape, metadata, ["pore", "ysz", "ni"]) as writers:
+        writers.write(labels, probabilities)
+    return outputs.labels, outputs.probabilities
+
+
+def _zarr_store(path: Path, probabilities: np.ndarray | None, labels: np.ndarray, voxel_size_nm: float | None) -> Path:
+    """A store as `socseg segment OUT.zarr [--probabilities]` writes it (uint8 P x 255 beside the labels)."""
+    from socseg.analysis.uncertainty import quantise
+    from socseg.data.chunked import ChunkedLabels
+
+    metadata = {"phase_map": {str(k): v for k, v in PHASES.items()}}
+    store = ChunkedLabels.create_or_resume(path, labels.shape, 5, {}, metadata,
+                                           voxel_size_nm, n_classes=0 if probabilities is None else 3)
+    for index in range(store.n_chunks):
+        start, stop = store.chunk(index)
+        extra = () if probabilities is None else (quantise(probabilities[start:stop]),
+                                                  np.zeros(labels[start:stop].shape, np.uint8))
+        store.write(index, labels[start:stop], *extra)
+    return path
+
+
+def test_command_probability_tiff_reports_intervals_and_whether_they_cover_the_truth(tmp_path):
+    labels, probabilities = _segment_outputs(tmp_path, _probabilities())
+    result = _run([str(probabilities), "--truth", str(labels), "--voxel-size", "50", "--json", "--size-phases", "none"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["volume"]["kind"] == "probabilities" and report["volume"]["metrics"]["unit"] == "um"
+    stored = np.moveaxis(tifffile.imread(probabilities), 1, -1)  # (Z, C, Y, X) uint8 -> channels last
+    argmax = np.array([PORE, YSZ, NI], np.uint8)[np.argmax(stored, -1)]
+    assert 0 < np.sum(argmax != tifffile.imread(labels)) <= 1  # segment's labels but for a tie within 1/255
+    value = flatten_metrics(measure(argmax, PHASES, voxel_size=0.05, unit="um", size_phases=[]))
+    assert report["volume"]["flat"] == pytest.approx(value, rel=1e-12)
+    intervals = report["intervals"]
+    assert set(intervals) == set(report["volume"]["flat"])
+    assert all(i["low"] <= i["value"] <= i["high"] for i in intervals.values())
+    assert intervals["vf.ni"]["high"] - intervals["vf.ni"]["low"] > 0.01
+    assert report["covered"] == {key: True for key in intervals}
+    method = report["interval_method"]
+    assert len(method["samples"]) == 12 and method["method"]["spread"] == 1.0
+    assert set(method["expected_volume_fraction"]) == {"pore", "ysz", "ni"}
+    table = _run([str(probabilities), "--truth", str(labels), "--voxel-size", "50", "--size-phases", "none"]).output
+    assert table.splitlines()[0].split() == ["metric", "value", "low", "high", "labels", "rel.", "err", "covered"]
+    assert "least sure" in table and " NO" not in table
+    refused = CliRunner().invoke(microstructure, [str(probabilities), "--size-phases", "none"])  # no voxel size known
+    assert refused.exit_code == 2 and "voxel size of" in refused.output and "--voxel-size NM" in refused.output
+
+
+def test_command_zarr_probabilities_use_the_recorded_voxel_size_and_match_the_tiff(tmp_path):
+    probabilities = _probabilities()
+    labels, tif = _segment_outputs(tmp_path, probabilities)
+    store = _zarr_store(tmp_path / "labels.zarr", probabilities, tifffile.imread(labels), 50.0)
+    from_zarr = _run([str(store), "--json", "--size-phases", "none", "--samples", "6", "--spread", "2"])
+    assert from_zarr.exit_code == 0, from_zarr.output
+    zarr_report = json.loads(from_zarr.output)
+    assert zarr_report["volume"]["kind"] == "probabilities"
+    assert zarr_report["volume"]["metrics"]["voxel_size"] == [0.05] * 3
+    assert len(zarr_report["interval_method"]["samples"]) == 6
+    tif_report = json.loads(_run([str(tif), "--json", "--size-phases", "none", "--samples", "6", "--spread", "2",
+                                  "--voxel-size", "50"]).output)
+    assert zarr_report["intervals"] == tif_report["intervals"]
+    argmax_only = json.loads(_run([str(store), "--json", "--size-phases", "none", "--samples", "0"]).output)
+    assert all(i["low"] == i["value"] == i["high"] for i in argmax_only["intervals"].values())
+    assert argmax_only["interval_method"]["samples"] == []
+
+
+def test_command_refuses_um_densities_without_a_voxel_size_and_takes_the_override(tmp_path):
+    stack = tmp_path / "labels.tif"
+    tifffile.imwrite(stack, three_slabs())
+    refused = CliRunner().invoke(microstructure, [str(stack), "--size-phases", "none"])
+    assert refused.exit_code == 2 and refused.output.count("\n") == 1
+    assert refused.output.startswith(f"error: the voxel size of {stack} is unknown")
+    assert "pass --voxel-size NM for lengths in um, or --unit voxel for lengths in voxels" in refused.output
+    in_um = json.loads(_run([str(stack), "--size-phases", "none", "--json", "--voxel-size", "50"]).output)["volume"]
+    in_voxels = json.loads(_run([str(stack), "--size-phases", "none", "--json", "--unit", "voxel"]).output)["volume"]
+    assert in_um["metrics"]["unit"] == "um" and in_voxels["metrics"]["unit"] == "voxel"
+    assert in_um["flat"]["tpb.density_edges"] == pytest.approx(in_voxels["flat"]["tpb.density_edges"] / 0.05**2)
+    assert in_um["flat"]["ssa.ni"] == pytest.approx(in_voxels["flat"]["ssa.ni"] / 0.05)
+    both = CliRunner().invoke(microstructure, [str(stack), "--unit", "voxel", "--voxel-size", "50"])
+    assert both.exit_code == 2 and "--voxel-size 50 and --unit voxel contradict each other" in both.output
+    store = _zarr_store(tmp_path / "labels.zarr", None, three_slabs(), 50.0)  # the store records its scale
+    from_store = json.loads(_run([str(store), "--size-phases", "none", "--json"]).output)["volume"]
+    assert from_store["kind"] == "labels" and from_store["flat"] == pytest.approx(in_um["flat"])
+
+
+def test_command_refuses_interval_options_that_do_not_apply(tmp_path):
+    stack = tmp_path / "labels.tif"
+    tifffile.imwrite(stack, three_slabs())
+    on_labels = CliRunner().invoke(microstructure, [str(stack), "--unit", "voxel", "--samples", "4"])
+    assert on_labels.exit_code == 2
+    assert "--samples/--spread set the intervals of a probability volume" in on_labels.output
+    _, probabilities = _segment_outputs(tmp_path, _probabilities())
+    too_few = CliRunner().invoke(microstructure, [str(probabilities), "--unit", "voxel", "--samples", "5"])
+    assert too_few.exit_code == 2 and "5 samples cannot sweep 3 classes: at least 6" in too_few.output
+
+
+def test_command_tortuosity_flag_asks_measure_for_it(tmp_path, monkeypatch):
+    import socseg.commands.microstructure as command
+
+    calls: list[dict] = []
+
+    def recording_measure(labels, phase_map, **kwargs):
+        calls.append(kwargs)  # what tortuosity=True computes is measure's own test; here: the command asks for it
+        return measure(labels, phase_map, **{k: v for k, v in kwargs.items() if k != "tortuosity"})
+
+    monkeypatch.setattr(command, "measure", recording_measure)
+    stack = tmp_path / "labels.tif"
+    tifffile.imwrite(stack, three_slabs())
+    for flags, expected in (([], None), (["--tortuosity"], True), (["--no-tortuosity"], None)):
+        assert _run([str(stack), "--unit", "voxel", "--size-phases", "none", *flags]).exit_code == 0
+        assert calls.pop().get("tortuosity") == expected, flags

@@ -389,7 +389,7 @@ def test_microstructure_of_an_ni_segmentation_uses_its_recorded_phase_map(model_
     out = tmp_path / "labels.tif"
     segment(model_path, phantom[0], out, slice_batch=4, progress=False)
     labels = tifffile.imread(out)
-    result = CliRunner().invoke(main, ["microstructure", str(out), "--json", "--size-phases", "none"])
+    result = CliRunner().invoke(main, ["microstructure", str(out), "--json", "--size-phases", "none", "--unit", "voxel"])
     assert result.exit_code == 0, result.output
     fractions = json.loads(result.output)["volume"]["metrics"]["volume_fraction"]
     assert fractions == pytest.approx({"rest": np.mean(labels == 0), "ni": np.mean(labels == 255)})

@@ -114,8 +114,8 @@ def test_one_logged_model_the_segmenter_takes_raw_grey_values(trained):
     run = MlflowClient().get_run(result.run_id)
     assert (config.task, config.encoder, config.tile_size, config.context_slices) == ("ni", "unet", 32, 0)
     assert config.class_names == ["rest", "ni"]
-    assert config.normalisation["low"] == pytest.approx(float(run.data.params["normalise.low"]))
-    assert config.normalisation["high"] == pytest.approx(float(run.data.params["normalise.high"]))
+    assert config.normalisation.layer.low == pytest.approx(float(run.data.params["normalise.low"]))
+    assert config.normalisation.layer.high == pytest.approx(float(run.data.params["normalise.high"]))
     assert config.tta == params["inference"]["tta"] and config.step_fraction == params["inference"]["step_fraction"]
     predictor = Predictor.load(result.model_uri)
     assert predictor.network.get_layer("normalise") is not None

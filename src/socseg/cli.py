@@ -13,6 +13,7 @@ from socseg.commands.finetune import finetune
 from socseg.commands.microstructure import microstructure
 from socseg.commands.options import CommandError
 from socseg.commands.relog import relog
+from socseg.commands.report import report
 from socseg.commands.search import evaluate_best, prepare, register, search
 from socseg.commands.segment import segment
 from socseg.commands.stats import stats
@@ -49,7 +50,7 @@ def main() -> None:
     """Segment PXCT volumes of SOC Ni/YSZ electrodes and measure their microstructure."""
 
 
-for command in (data, train, finetune, microstructure, evaluate, segment, stats, relog, suggest_slices,
+for command in (data, train, finetune, microstructure, report, evaluate, segment, stats, relog, suggest_slices,
                 prepare, search, evaluate_best, register):
     main.add_command(command)
 

@@ -44,6 +44,9 @@ Methods (each validated in ``tests/test_microstructure.py`` against volumes with
   d10/d50/d90 and mean, quantised to about one voxel. Also the equivalent-sphere diameter
   of the 6-connected components (features touching the volume faces are truncated, and in a
   percolating Ni network one component dominates; the local thickness is the usual measure).
+* **Tortuosity factor and effective diffusivity** per phase and axis, only when asked for
+  (``measure(..., tortuosity=...)``): steady-state diffusion solved on the voxels,
+  :mod:`socseg.analysis.tortuosity` (method, conventions, library comparison).
 
 Library choice (measured here, 2 CPU cores): porespy 3.2.0 installs cleanly (it pulls numba,
 edt, dask and vtk via pyvista, ~850 MB) and its local thickness takes ~11 s on a 500^3 phase,
@@ -72,6 +75,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from socseg.analysis.tortuosity import TortuosityResult, phase_tortuosity
 from socseg.data.volumes import label_lut
 
 AXES: tuple[str, str, str] = ("z", "y", "x")
@@ -146,9 +150,15 @@ class MicrostructureResult:
     tpb: TPBResult | None
     sizes: dict[str, SizeResult]
     notes: list[str] = field(default_factory=list)
+    # phase -> axis -> result; empty unless measure(..., tortuosity=...) asked for it
+    tortuosity: dict[str, dict[str, TortuosityResult]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready; ``tortuosity`` only when measured, so results without it keep their form."""
+        record = dataclasses.asdict(self)
+        if not self.tortuosity:
+            del record["tortuosity"]
+        return record
 
 
 # --------------------------------------------------------------------------- helpers
@@ -465,6 +475,17 @@ def _size_phase_ids(
     return size_ids
 
 
+def _tortuosity_phases(names: list[str], tortuosity: bool | Sequence[str]) -> list[str]:
+    """The phase names ``measure(..., tortuosity=...)`` asks for: True -> all, False -> none."""
+    if tortuosity is True:
+        return list(names)
+    if tortuosity is False or tortuosity is None:
+        return []
+    if isinstance(tortuosity, str):
+        raise MicrostructureError(f"tortuosity: give a list of phase names or True, not the string {tortuosity!r}")
+    return [names[i] for i in _find_phases(names, list(tortuosity), "tortuosity")]
+
+
 @dataclass
 class _ActiveTPB:
     """The TPB edges of a volume and, per axis, which of them are still possibly active.
@@ -553,6 +574,7 @@ def measure(
     size_phases: Sequence[str] | None = None,
     tpb_correction: float = TPB_ISOTROPIC_CORRECTION,
     surface_correction: float = SURFACE_ISOTROPIC_CORRECTION,
+    tortuosity: bool | Sequence[str] = False,
 ) -> MicrostructureResult:
     """Measure fractions, surfaces/interfaces, percolation, TPB (+ active TPB) and sizes.
 
@@ -561,7 +583,10 @@ def measure(
     phase names playing pore, YSZ, Ni (default: those names, case-insensitive; if absent the
     TPB is skipped with a note, while naming absent phases explicitly is an error).
     ``size_phases``: phases whose size distribution to measure (default: ``ni`` if present;
-    ``[]`` skips the local thickness, the slowest step).
+    ``[]`` skips the local thickness, the slowest step). ``tortuosity``: phases whose tortuosity
+    factor and effective diffusivity to compute along z, y and x (``True``: every phase; see
+    :mod:`socseg.analysis.tortuosity`) -- by far the slowest step when asked for: ~2-3 s per
+    million voxels per phase and axis on 2 cores (``benchmarks/results/tortuosity/``).
 
     Memory: the uint8 phase index (1 B/voxel), one int32 component array (4 B/voxel) at a
     time, local thickness ~10 B/voxel. A 500^3 phantom here (2 cores): 7 s and 1.0 GiB peak
@@ -583,6 +608,10 @@ def measure(
     active_tpb = _ActiveTPB.find(index, tpb_ids) if tpb_ids is not None else None
     percolation, sizes = _connectivity(index, names, voxel, unit, active_tpb, size_ids)
     tpb = active_tpb.result(names, voxel, total_volume, tpb_correction) if active_tpb is not None else None
+    tortuosity_phases = _tortuosity_phases(names, tortuosity)
+    tortuosity_results = (
+        phase_tortuosity(index, dict(enumerate(names)), tortuosity_phases, voxel_size=voxel) if tortuosity_phases else {}
+    )
 
     return MicrostructureResult(
         shape=shape,  # type: ignore[arg-type]
@@ -599,6 +628,7 @@ def measure(
         tpb=tpb,
         sizes=sizes,
         notes=notes,
+        tortuosity=tortuosity_results,
     )
 
 
@@ -611,7 +641,9 @@ def flatten_metrics(result: MicrostructureResult, prefix: str = "") -> dict[str,
     Names: ``vf.<phase>``, ``ssa.<phase>``, ``ssa_faces.<phase>``, ``iface.<a>-<b>``,
     ``iface_faces.<a>-<b>``, ``tpb.density``, ``tpb.density_edges``, ``tpb.active.<axis>``,
     ``perc.<phase>.<axis>``, ``perc.<phase>.isolated``, ``perc.<phase>.largest``,
-    ``size.<phase>.{d_mean,d10,d50,d90,feature_d_mean}``. Phase names are lower-cased.
+    ``size.<phase>.{d_mean,d10,d50,d90,feature_d_mean}``, ``tau.<phase>.<axis>`` (tortuosity
+    factor; left out where the phase does not percolate along the axis: it would be infinite),
+    ``deff.<phase>.<axis>`` (D_eff / D_bulk, 0 there). Phase names are lower-cased.
     """
     out: dict[str, float] = {}
 
@@ -642,6 +674,11 @@ def flatten_metrics(result: MicrostructureResult, prefix: str = "") -> dict[str,
     for name, size in result.sizes.items():
         for key in ("d_mean", "d10", "d50", "d90", "feature_d_mean"):
             put(f"size.{low[name]}.{key}", getattr(size, key))
+    for name, by_axis in result.tortuosity.items():
+        for axis, tau in by_axis.items():
+            if tau.factor is not None:
+                put(f"tau.{low[name]}.{axis}", tau.factor)
+            put(f"deff.{low[name]}.{axis}", tau.effective_diffusivity_ratio)
     return out
 
 

@@ -14,6 +14,12 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 _PHASE_COLOURS = {"pore": "#1f1f1f", "ysz": "#3a7dd8", "ni": "#e8b33a", "rest": "#6b6b6b"}
 
 
+def phase_colours(class_names: Sequence[str]) -> list[str]:
+    """One fixed colour per phase name (matplotlib's cycle for unknown names), so every figure
+    draws a phase alike."""
+    return [_PHASE_COLOURS.get(name.lower(), f"C{i}") for i, name in enumerate(class_names)]
+
+
 def training_curves_figure(history: Mapping[str, Sequence[float]]) -> plt.Figure:
     """Loss (left) and validation IoU curves (right) per epoch."""
     fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(11, 4))
@@ -42,7 +48,7 @@ def overlay_figure(
 ) -> plt.Figure:
     """One row per slice: grey image, truth, prediction, error map (wrong pixels in red on grey)."""
     n = len(images)
-    cmap = ListedColormap([_PHASE_COLOURS.get(name, f"C{i}") for i, name in enumerate(class_names)])
+    cmap = ListedColormap(phase_colours(class_names))
     fig, axes = plt.subplots(n, 4, figsize=(14, 3.6 * n), squeeze=False)
     for row, (image, truth, pred) in enumerate(zip(images, truths, predictions)):
         wrong = truth != pred

@@ -100,7 +100,7 @@ def score_slabs(
             raise ValueError(f"slices {start}:{stop} outside volume {slab.name!r} with {volume.image.shape[0]} slices")
         kept = np.empty((stop - start, *volume.image.shape[1:]), np.uint8) if keep_predictions else None
         began = time.perf_counter()
-        known = (grey_ranges or {}).get(slab.name)
+        known = (grey_ranges or {}).get(slab.name, options.grey_range)  # the options' own range unless given here
         request = predictor.request(replace(options, grey_range=known), source=volume.image, check_range=False)
         for chunk, classes in predictor.iter_volume(volume.image, slab.z_range, SCORING_CHUNK, request):
             seconds += time.perf_counter() - began

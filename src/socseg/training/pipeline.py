@@ -15,8 +15,9 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 
-from socseg.analysis.microstructure import flatten_metrics, measure, relative_errors
+from socseg.analysis.microstructure import MicrostructureResult, flatten_metrics, measure, relative_errors
 from socseg.analysis.plots import confusion_figure, slab_overlay_figure
+from socseg.analysis.report import evaluation_report
 from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data, read_json, write_json
 from socseg.inference.evaluate import Evaluation, score_slabs
 from socseg.inference.predictor import Predictor
@@ -40,15 +41,13 @@ def score_on_test_slabs(model_uri: str, slabs: list[Slab], keep_predictions: boo
     return score_slabs(Predictor.load(model_uri), slabs, keep_predictions=keep_predictions)
 
 
-def microstructure_comparison(predicted_classes: np.ndarray, true_classes: np.ndarray, class_names: list[str]) -> dict[str, float]:
+def microstructure_comparison(predicted_result: MicrostructureResult, true_result: MicrostructureResult) -> dict[str, float]:
     """Microstructure numbers of the predicted test slab beside those of its labels.
 
     An IoU of 0.97 can still bias TPB density or percolation; these are what a study publishes.
     Keys: ``micro_pred.<metric>``, ``micro_true.<metric>``, ``micro_relerr.<metric>`` (voxel units).
     """
-    phase_map = dict(enumerate(class_names))
-    predicted = flatten_metrics(measure(predicted_classes, phase_map))
-    true = flatten_metrics(measure(true_classes, phase_map))
+    predicted, true = flatten_metrics(predicted_result), flatten_metrics(true_result)
     finite = lambda d: {k: v for k, v in d.items() if np.isfinite(v)}  # noqa: E731  (JSON has no NaN)
     predicted, true = finite(predicted), finite(true)
     return {
@@ -69,7 +68,9 @@ def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | 
     slab, predicted = slabs[0], evaluation.predictions[0]
     truth = slab.targets(task)
     metrics = {f"test_{k}": v for k, v in evaluation.scores.items()}
-    metrics.update(microstructure_comparison(predicted, truth, evaluation.class_names))
+    phase_map = dict(enumerate(evaluation.class_names))
+    predicted_result, true_result = measure(predicted, phase_map), measure(truth, phase_map)  # voxel units
+    metrics.update(microstructure_comparison(predicted_result, true_result))
     with mlflow.start_run(run_id=search["parent_run_id"]):
         mlflow.log_metrics(metrics)
         fig = confusion_figure(evaluation.confusion, evaluation.class_names)
@@ -78,6 +79,10 @@ def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | 
         mlflow.log_figure(fig2, "evaluate/test_overlays.png")
         plt.close(fig)
         plt.close(fig2)
+        start, stop = slab.z_range
+        mlflow.log_text(evaluation_report(slab.volume.image[start:stop], predicted, truth, evaluation.class_names,
+                                          predicted_result, true_result, model_uri=model_uri,
+                                          slab=f"{slab.name}, slices {start}:{stop}"), "evaluate/test_report.html")
     result = {**metrics, "model_uri": model_uri, "best_trial": search["best_trial"],
               "best_run_id": search["best_run_id"], "study_name": search["study_name"],
               "confusion_matrix": evaluation.confusion.tolist(), "class_names": evaluation.class_names}

@@ -1,0 +1,222 @@
+"""Tortuosity factor and effective diffusivity against geometries with an exact answer for the
+finite-volume discretisation (straight channels, layers in series and parallel, dead ends,
+isolated clusters, 1-voxel zig-zags), anisotropic voxels, sub-volume columns and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+import socseg.analysis.tortuosity as tortuosity_module
+from socseg.analysis.tortuosity import (
+    TortuosityError,
+    column_slices,
+    effective_diffusivity,
+    phase_tortuosity,
+    tortuosity,
+)
+
+
+def straight_channels(shape: tuple[int, int, int], axis: int) -> np.ndarray:
+    """Separate straight square rods (2x2 voxels) running the whole length of ``axis``."""
+    mask = np.zeros(shape, dtype=bool)
+    others = [k for k in range(3) if k != axis]
+    grid = np.zeros([shape[k] for k in others], dtype=bool)
+    grid[1::4, 1::4] = True
+    grid = ndi.binary_dilation(grid, np.ones((2, 2), bool), origin=(-1, -1)) if grid.size else grid
+    return mask | np.expand_dims(grid, axis)
+
+
+def zigzag(layers: int, width: int = 3) -> tuple[np.ndarray, int]:
+    """A 1-voxel staircase through ``layers`` z-layers: z-step, y-step, z-step... Each voxel touches
+    only its predecessor and successor, so the diffusion is a 1-D chain. Returns (mask, voxels)."""
+    mask = np.zeros((layers, layers, width), dtype=bool)
+    z = y = 0
+    mask[0, 0, 1] = True
+    while z < layers - 1:
+        z += 1
+        mask[z, y, 1] = True
+        if z < layers - 1:
+            y += 1
+            mask[z, y, 1] = True
+    return mask, int(mask.sum())
+
+
+def blurred_mask(shape: tuple[int, int, int], fraction: float, sigma: float = 2.0, seed: int = 0) -> np.ndarray:
+    field = ndi.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), sigma)
+    return field < np.quantile(field, fraction)
+
+
+# --------------------------------------------------------------------------- exact answers
+
+
+@pytest.mark.parametrize("axis", ["z", "y", "x"])
+def test_straight_channels_have_factor_one_and_their_fraction_as_diffusivity(axis):
+    k = "zyx".index(axis)
+    mask = straight_channels((9, 10, 11), k)
+    result = tortuosity(mask, axis)
+    assert result.factor == pytest.approx(1.0, abs=1e-12)
+    assert result.volume_fraction == pytest.approx(mask.mean())
+    assert result.effective_diffusivity_ratio == pytest.approx(mask.mean(), abs=1e-12)
+    assert result.method == "fd-cg-amg"
+
+
+def test_channels_along_z_do_not_percolate_along_y_or_x():
+    mask = straight_channels((9, 10, 11), 0)
+    for axis in ("y", "x"):
+        result = tortuosity(mask, axis)
+        assert result.factor is None and result.effective_diffusivity_ratio == 0.0
+        assert result.volume_fraction == pytest.approx(mask.mean())
+
+
+def test_empty_and_full_phases():
+    empty = tortuosity(np.zeros((4, 5, 6), bool), "z")
+    assert (empty.factor, empty.effective_diffusivity_ratio, empty.volume_fraction) == (None, 0.0, 0.0)
+    full = tortuosity(np.ones((4, 5, 6), bool), "x")
+    assert full.factor == pytest.approx(1.0) and full.effective_diffusivity_ratio == pytest.approx(1.0)
+
+
+def test_layers_parallel_to_the_axis_give_the_parallel_value():
+    """Slabs normal to y: along z and x each phase conducts as its own fraction (factor 1); the
+    mixture with diffusivities 1 and 0.2 conducts as their volume-weighted mean."""
+    diffusivity = np.ones((8, 10, 7))
+    diffusivity[:, 6:, :] = 0.2
+    mask = diffusivity == 1.0
+    for axis in ("z", "x"):
+        assert tortuosity(mask, axis).factor == pytest.approx(1.0, abs=1e-12)
+        assert tortuosity(mask, axis).effective_diffusivity_ratio == pytest.approx(0.6)
+        assert effective_diffusivity(diffusivity, axis) == pytest.approx(0.6 * 1.0 + 0.4 * 0.2, rel=1e-10)
+
+
+def test_layers_across_the_axis_give_the_series_value_and_block_a_single_phase():
+    """Slabs normal to y, transport along y: series (harmonic) mean; an insulating slab stops it."""
+    diffusivity = np.ones((7, 10, 8))
+    diffusivity[:, 6:, :] = 0.2
+    assert effective_diffusivity(diffusivity, "y") == pytest.approx(1.0 / (0.6 / 1.0 + 0.4 / 0.2), rel=1e-10)
+    three = np.ones((7, 10, 8))
+    three[:, 3:5] = 0.5
+    three[:, 5:] = 4.0
+    assert effective_diffusivity(three, 1) == pytest.approx(10 / (3 / 1.0 + 2 / 0.5 + 5 / 4.0), rel=1e-10)
+    assert tortuosity(diffusivity == 1.0, "y").factor is None
+
+
+def test_dead_ends_and_isolated_clusters_add_volume_but_no_flux():
+    """A straight channel with side branches open at one end only, plus an isolated block: the flux
+    is the channel's alone, so factor = all phase voxels / channel voxels (total-fraction convention)."""
+    mask = np.zeros((12, 9, 9), dtype=bool)
+    mask[:, 4, 4] = True  # the channel: 12 voxels
+    mask[3, 1:4, 4] = True  # a dead-end branch of 3 voxels
+    mask[8, 4, 5:9] = True  # one of 4 voxels reaching the x face: still a dead end along z
+    mask[5:7, 0:2, 0:2] = True  # an isolated block of 8 voxels
+    result = tortuosity(mask, "z")
+    assert result.factor == pytest.approx((12 + 3 + 4 + 8) / 12, rel=1e-10)
+    assert result.effective_diffusivity_ratio == pytest.approx(12 / mask.size, rel=1e-10)
+
+
+@pytest.mark.parametrize("layers", [5, 12, 30])
+def test_one_voxel_zigzag_is_a_resistor_chain(layers):
+    """N voxels in a chain: N-1 unit links + two half voxels to the faces = resistance N, flux 1/N
+    through a cross-section A; D_eff = L / (N A), volume fraction N / (L A), factor (N / L)^2."""
+    mask, voxels = zigzag(layers)
+    assert voxels == 2 * layers - 2
+    assert tortuosity(mask, "z").factor == pytest.approx((voxels / layers) ** 2, rel=1e-10)
+
+
+def test_anisotropic_voxels_enter_the_conductances():
+    """The zig-zag with voxels (hz, hy, hx): z-links conduct hy*hx/hz, y-links hz*hx/hy, the two
+    half voxels at the faces 2*hy*hx/hz each; D_eff = flux * L*hz / (cross-section area)."""
+    mask, voxels = zigzag(10)
+    hz, hy, hx = 2.0, 0.5, 1.5
+    z_links, y_links = 10 - 1, voxels - 10
+    resistance = z_links * hz / (hy * hx) + y_links * hy / (hz * hx) + 2 * hz / (2 * hy * hx)
+    deff = (1 / resistance) * (10 * hz) / (mask.shape[1] * hy * mask.shape[2] * hx)
+    result = tortuosity(mask, "z", voxel_size=(hz, hy, hx))
+    assert result.effective_diffusivity_ratio == pytest.approx(deff, rel=1e-10)
+    assert result.factor == pytest.approx(mask.mean() / deff, rel=1e-10)
+    assert tortuosity(straight_channels((6, 8, 9), 2), "x", voxel_size=(1.0, 3.0, 0.2)).factor == pytest.approx(1.0)
+
+
+def test_transposing_the_volume_and_its_voxel_size_changes_nothing():
+    mask = blurred_mask((14, 16, 18), 0.5)
+    spacing = (1.0, 2.0, 0.5)
+    along_y = tortuosity(mask, "y", voxel_size=spacing)
+    moved = np.ascontiguousarray(np.moveaxis(mask, 1, 0))
+    along_z = tortuosity(moved, "z", voxel_size=(spacing[1], spacing[0], spacing[2]))
+    assert along_y.factor == pytest.approx(along_z.factor, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- solver paths and columns
+
+
+def test_multigrid_path_agrees_with_the_direct_solve(monkeypatch):
+    """Above DIRECT_SOLVE_UNKNOWNS the system goes to CG + AMG: same answer as the exact solve
+    within the flux tolerance, and straight channels still exactly 1."""
+    mask = blurred_mask((24, 24, 24), 0.45)
+    direct = tortuosity(mask, "x").factor
+    monkeypatch.setattr(tortuosity_module, "DIRECT_SOLVE_UNKNOWNS", 100)
+    iterative = tortuosity(mask, "x").factor
+    assert direct > 1.2  # a tortuous phase, not a trivial one
+    assert iterative == pytest.approx(direct, rel=5 * tortuosity_module.FLUX_TOLERANCE)
+    assert tortuosity(straight_channels((20, 24, 24), 0), "z").factor == pytest.approx(1.0, rel=1e-6)
+
+
+def test_columns_cover_the_cross_section_once_and_respect_the_voxel_budget():
+    shape = (20, 70, 45)
+    columns = column_slices(shape, 0, 20 * 40 * 40)
+    covered = np.zeros(shape, dtype=int)
+    for window in columns:
+        assert covered[window].size <= 20 * 40 * 40 and covered[window].shape[0] == 20
+        covered[window] += 1
+    assert (covered == 1).all() and len(columns) == 2  # 20 x 35 x 45 fits
+    (whole,) = column_slices(shape, 1, 10**9)
+    assert np.zeros(shape)[whole].shape == shape
+
+
+def test_columns_are_exact_for_channels_and_a_lower_bound_of_diffusivity_otherwise():
+    """Cuts between columns are no-flux walls: channels along the axis are not cut (exact), a
+    tortuous phase loses the paths that cross a cut (D_eff lower, factor higher: Rayleigh)."""
+    channels = straight_channels((16, 40, 40), 0)
+    split = tortuosity(channels, "z", max_voxels=16 * 20 * 20)
+    assert split.factor == pytest.approx(1.0) and split.method == "fd-cg-amg, 4 columns"
+    mask = blurred_mask((16, 40, 40), 0.5)
+    whole = tortuosity(mask, "z")
+    columns = tortuosity(mask, "z", max_voxels=16 * 20 * 20)
+    assert columns.effective_diffusivity_ratio < whole.effective_diffusivity_ratio
+    assert columns.factor > whole.factor
+
+
+def test_a_volume_too_long_for_the_voxel_budget_is_refused():
+    with pytest.raises(TortuosityError, match=r"too long along axis z for 1000 voxels per solve.*raise max_voxels"):
+        tortuosity(np.ones((100, 40, 40), bool), "z", max_voxels=1000)
+
+
+# --------------------------------------------------------------------------- label volumes and bad input
+
+
+def test_phase_tortuosity_of_a_label_volume():
+    labels = np.zeros((6, 8, 10), dtype=np.uint8)
+    labels[:, 4:, :] = 255
+    labels[:, 4:, 5:] = 128  # Ni and YSZ share the upper half, split along x
+    result = phase_tortuosity(labels, {0: "Pore", 128: "YSZ", 255: "Ni"}, phases=["ni", "pore"], axes=["z", "x"])
+    assert list(result) == ["Ni", "Pore"] and list(result["Ni"]) == ["z", "x"]
+    assert result["Ni"]["z"].factor == pytest.approx(1.0) and result["Ni"]["x"].factor is None
+    assert result["Pore"]["x"].effective_diffusivity_ratio == pytest.approx(0.5)
+    assert list(phase_tortuosity(labels, {0: "pore", 128: "ysz", 255: "ni"})) == ["pore", "ysz", "ni"]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: tortuosity(np.ones((3, 3, 3), bool), "w"), r"axis must be one of \['z', 'y', 'x'\] or 0, 1, 2; got 'w'"),
+    (lambda: tortuosity(np.ones((3, 3, 3), bool), 3), r"axis must be one of .* got 3"),
+    (lambda: tortuosity(np.ones((3, 3, 3), np.uint8), 0), r"the phase mask must be boolean, got dtype uint8"),
+    (lambda: tortuosity(np.ones((3, 3), bool), 0), r"the volume must be 3-D \(Z, Y, X\), got shape \(3, 3\)"),
+    (lambda: tortuosity(np.ones((3, 3, 3), bool), 0, voxel_size=(1.0, -1.0, 1.0)),
+     r"voxel size must be one or three positive numbers \(z, y, x\), got \(1.0, -1.0, 1.0\)"),
+    (lambda: effective_diffusivity(-np.ones((3, 3, 3)), 0), r"diffusivities must be finite numbers >= 0"),
+    (lambda: phase_tortuosity(np.full((3, 3, 3), 7, np.uint8), {0: "pore"}), r"label values \[7\] are not in the phase map"),
+    (lambda: phase_tortuosity(np.zeros((3, 3, 3), np.uint8), {0: "pore"}, phases=["lsm"]),
+     r"tortuosity: phases \['lsm'\] not in the phase map \(phases: \['pore'\]\)"),
+])
+def test_bad_input_is_refused_with_a_message_naming_it(call, message):
+    with pytest.raises(TortuosityError, match=message):
+        call()
