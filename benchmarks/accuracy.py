@@ -294,14 +294,21 @@ def test_slabs(setting: Setting, phase_names: list[str] | None = None) -> list:
     return slabs
 
 
-def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -> dict[str, Any]:
-    import mlflow
-    import numpy as np
+@dataclass
+class FittedBaseline:
+    """A threshold or forest baseline fitted on a setting's training slabs, with the prepared data
+    that normalises any slab as it was trained (:meth:`PreparedData.normalised`) and the test slabs."""
 
+    model: Any
+    data: Any
+    tests: list
+    train_s: float
+
+
+def fit_baseline(method: str, task: str, setting: Setting, params: dict, args) -> FittedBaseline:
+    """``method`` ("threshold" or "rf") trained on the setting's training slabs of ``task``."""
     from socseg.data.prepare import load_labelled_volumes, prepare_data
-    from socseg.inference.evaluate import slab_confusion
     from socseg.model.baselines import RandomForestBaseline, ThresholdBaseline
-    from socseg.model.metrics import segmentation_scores
 
     p = {**params, "data": {**params["data"], "dir": str(setting.data_dir)}, "split": setting.split}
     volumes = load_labelled_volumes(p, setting.train_names)
@@ -314,10 +321,21 @@ def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -
         model: Any = ThresholdBaseline(n_classes=len(data.class_names))
     else:
         model = RandomForestBaseline(n_estimators=args.rf_trees, n_samples=args.rf_samples, n_jobs=args.rf_jobs)
+    started = time.perf_counter()
+    model.fit(images, targets)
+    return FittedBaseline(model, data, tests, time.perf_counter() - started)
+
+
+def run_baseline(method: str, task: str, setting: Setting, params: dict, args) -> dict[str, Any]:
+    import mlflow
+    import numpy as np
+
+    from socseg.inference.evaluate import slab_confusion
+    from socseg.model.metrics import segmentation_scores
+
     with mlflow.start_run(run_name=f"{method}-{task}", nested=True) as run:
-        started = time.perf_counter()
-        model.fit(images, targets)
-        train_s = time.perf_counter() - started
+        fitted = fit_baseline(method, task, setting, params, args)
+        model, data, tests, train_s = fitted.model, fitted.data, fitted.tests, fitted.train_s
         cm = np.zeros((len(data.class_names),) * 2, dtype=np.int64)
         infer_s, n_slices = 0.0, 0
         for slab in tests:

@@ -76,6 +76,20 @@ def test_random_forest_trains_on_labelled_pixels_only():
         RandomForestBaseline(n_estimators=2, sigmas=(1.0,)).fit(image, np.full_like(labels, IGNORE))
 
 
+def test_random_forest_probabilities_argmax_to_its_labels_and_keep_unseen_classes():
+    labels = blobs((2, 40, 40), 2, seed=7)
+    image = (0.2 + 0.6 * labels + np.random.default_rng(8).normal(0, 0.2, labels.shape)).astype(np.float32)
+    forest = RandomForestBaseline(n_estimators=9, n_samples=3000, sigmas=(1.0,), n_jobs=1).fit(image, labels)
+    probabilities = forest.probabilities(image, n_classes=3)  # class 2 never seen: a zero channel
+    assert probabilities.shape == labels.shape + (3,) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-6)
+    assert not probabilities[..., 2].any()
+    assert 0 < np.mean((probabilities[..., 0] > 0) & (probabilities[..., 1] > 0))  # some pixels are in doubt
+    np.testing.assert_array_equal(np.argmax(probabilities, -1), forest.predict(image))
+    with pytest.raises(ValueError, match="n_classes=1"):
+        forest.probabilities(image, n_classes=1)
+
+
 def test_unfitted_and_bad_input_raise():
     with pytest.raises(RuntimeError):
         ThresholdBaseline().predict(np.zeros((1, 4, 4)))

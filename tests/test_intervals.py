@@ -212,6 +212,35 @@ def test_missing_tortuosity_is_an_unbounded_interval_and_other_gaps_a_note():
     assert sweep_intervals(value, samples)[0]["tau.ni.x"] == MetricInterval(2.9, 2.9, math.inf)
 
 
+def test_samples_without_a_phase_s_tortuosity_do_not_count_for_its_transport_keys():
+    value = {"vf.ni": 0.3, "tau.ni.z": 2.0, "deff.ni.z": 0.15, "tau.ysz.z": 1.5}
+    samples = [{"vf.ni": 0.25, "tau.ni.z": 2.5, "deff.ni.z": 0.12}, {"vf.ni": 0.28, "tau.ysz.z": 1.7},
+               {"vf.ni": 0.35, "tau.ni.z": 1.8, "deff.ni.z": 0.19}]
+    intervals, notes = sweep_intervals(value, samples, [("Ni",), ("ysz",), ("ni",)])
+    assert intervals["tau.ni.z"] == MetricInterval(2.0, 1.8, 2.5)  # not unbounded: sample 2 was not asked
+    assert intervals["deff.ni.z"] == MetricInterval(0.15, 0.12, 0.19)
+    assert intervals["tau.ysz.z"] == MetricInterval(1.5, 1.5, 1.7)
+    assert intervals["vf.ni"] == MetricInterval(0.3, 0.25, 0.35)
+    assert notes == []
+    assert sweep_intervals(value, samples)[0]["tau.ni.z"].high == math.inf  # counted, it would not percolate
+
+
+def test_each_phase_s_tortuosity_is_measured_on_its_own_class_s_extremes_only():
+    probabilities = softmax(smooth_fields((16, 24, 24)) / 0.15, axis=-1)
+    result = measure_with_intervals(ProbabilityVolume.from_array(probabilities, NAMES), BiasSweep(12),
+                                    size_phases=[], tortuosity=["ni", "pore"])
+    measured = {(s.swept_class, s.share): s.tortuosity for s in result.samples if s.tortuosity}
+    assert measured == {("pore", 1.0): ("pore",), ("pore", -1.0): ("pore",), ("ysz", 1.0): ("ysz",),
+                        ("ysz", -1.0): ("ysz",), ("ni", 1.0): ("ni",), ("ni", -1.0): ("ni",)}
+    for s in result.samples:
+        if s.changed_fraction > 0:
+            phases = {k.split(".")[1] for k in s.metrics if k.startswith(("tau.", "deff."))}
+            assert phases == ({s.swept_class} & {"ni", "pore"} if s.tortuosity else set())
+    taus = [s.metrics["tau.ni.z"] for s in result.samples if "tau.ni.z" in s.metrics] + [result.intervals["tau.ni.z"].value]
+    assert len(taus) == 3 and (result.intervals["tau.ni.z"].low, result.intervals["tau.ni.z"].high) == (min(taus), max(taus))
+    assert not any(k.startswith("tau.ysz") for k in result.intervals)
+
+
 @pytest.mark.parametrize("array, names, message", [
     (np.zeros((4, 4, 4), np.float32), NAMES, r"must be \(Z, Y, X, classes\), got shape \(4, 4, 4\)"),
     (np.zeros((2, 4, 4, 3), np.float32), ["a", "b"], "3 probability channels but 2 class names"),

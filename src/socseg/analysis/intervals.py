@@ -65,6 +65,14 @@ uint8 probabilities equals ``socseg segment``'s labels for an ``ni`` model and, 
 model, except where two classes' probabilities are within 1/255. Float input is quantised the same
 way, so an array and the files written from it give identical results.
 
+Tortuosity, when asked for, costs more than all other metrics together: a phase's tortuosity and
+effective diffusivity are measured on the argmax and on the two extreme volumes of its own class
+only (its full expected gain and loss: :meth:`BiasSweep.tortuosity_phases`), so an interval on
+them costs three solves per phase and axis instead of thirteen. A phase's tortuosity falls as it
+gains voxels and rises as it loses them; the other classes' extremes move its boundaries less
+(each takes only the share of the phase's voxels it came close to winning), so read these
+intervals, like those of TPB, as a lower bound of the segmentation uncertainty.
+
 Memory and time: probabilities are never held as float: each z-block of uint8 becomes int16
 fixed-point log-probabilities (:data:`LOG_SCALE` per nat), biased and reduced to uint8 labels. Held
 at once: the argmax labels and one sample's labels (1 B/voxel each) and what
@@ -110,6 +118,8 @@ BLOCK_VOXELS = 1 << 22
 # Tortuosity factors are left out of flatten_metrics where a phase does not percolate (an infinite
 # factor): a sample without one makes the interval unbounded above instead of being skipped.
 UNBOUNDED_WHEN_MISSING = ("tau.",)
+# Keys of the transport metrics, measured on fewer sweep volumes (BiasSweep.tortuosity_phases).
+TRANSPORT = ("tau.", "deff.")
 
 
 @dataclass(frozen=True)
@@ -179,9 +189,14 @@ class BiasSweep:
             plan.extend((c, -self.spread * i / losses) for i in range(losses, 0, -1))
         return plan
 
+    def tortuosity_phases(self, swept_class: str, share: float) -> tuple[str, ...]:
+        """The phases whose tortuosity a sweep volume gets (see the module docstring): the swept
+        class's own, on its two extremes (``share = +-spread``) only."""
+        return (swept_class,) if math.isclose(abs(share), self.spread) else ()
+
     def describe(self) -> dict[str, Any]:
         return {"method": "class-bias sweep over the expected misclassified voxels", "samples": self.samples,
-                "spread": self.spread}
+                "spread": self.spread, "tortuosity_measured_at": "argmax and, for each phase, its own class's shares +-spread"}
 
 
 # --------------------------------------------------------------------------- input
@@ -427,6 +442,7 @@ class SweepSample:
     threshold: float  # the class's resulting threshold against each other class, 1 / (1 + e^bias)
     changed_fraction: float  # voxels whose class differs from the argmax
     metrics: dict[str, float]
+    tortuosity: tuple[str, ...] = ()  # phases whose tortuosity (when asked for) was measured on this volume
 
 
 @dataclass
@@ -447,17 +463,25 @@ class IntervalResult:
                 "samples": [vars(s) for s in self.samples], "notes": list(self.notes), "seconds": self.seconds}
 
 
-def sweep_intervals(value: dict[str, float],
-                    samples: list[dict[str, float]]) -> tuple[dict[str, MetricInterval], list[str]]:
+def sweep_intervals(value: dict[str, float], samples: list[dict[str, float]],
+                    tortuosity_phases: Sequence[Sequence[str]] | None = None) -> tuple[dict[str, MetricInterval], list[str]]:
     """Interval per metric over the argmax (``value``) and the samples, and notes on metrics some
     samples lack. A tortuosity key missing (not percolating: an infinite factor) makes the
-    interval unbounded above; one only samples have gets an infinite value."""
+    interval unbounded above; one only samples have gets an infinite value.
+    ``tortuosity_phases``: per sample, the phases whose tortuosity was measured on it (default:
+    all); a ``tau.``/``deff.`` key of another phase does not count that sample."""
+
+    def counts(key: str, phases: Sequence[str] | None) -> bool:
+        return phases is None or not key.startswith(TRANSPORT) or key.split(".")[1] in {p.lower() for p in phases}
+
+    measured = list(tortuosity_phases) if tortuosity_phases is not None else [None] * len(samples)
     keys = list(value) + [k for s in samples for k in s if k not in value and k.startswith(UNBOUNDED_WHEN_MISSING)]
     intervals: dict[str, MetricInterval] = {}
     notes = []
     for key in dict.fromkeys(keys):
-        found = [s[key] for s in samples if key in s] + ([value[key]] if key in value else [])
-        missing = len(samples) + 1 - len(found)
+        counted = [s for s, phases in zip(samples, measured) if counts(key, phases)]
+        found = [s[key] for s in counted if key in s] + ([value[key]] if key in value else [])
+        missing = len(counted) + 1 - len(found)
         unbounded = missing > 0 and key.startswith(UNBOUNDED_WHEN_MISSING)
         intervals[key] = MetricInterval(value.get(key, math.inf), min(found), math.inf if unbounded else max(found))
         if missing and not unbounded:
@@ -466,19 +490,21 @@ def sweep_intervals(value: dict[str, float],
 
 
 def _sweep(probabilities: ProbabilityVolume, sweep: BiasSweep, argmax: np.ndarray, value: dict[str, float],
-           margins: ClassMargins, measure_flat: Callable[[np.ndarray], dict[str, float]]) -> list[SweepSample]:
-    """Measure the label volume of every (class, share) of the sweep's plan."""
+           margins: ClassMargins, measure_flat: Callable[[np.ndarray, bool], dict[str, float]]) -> list[SweepSample]:
+    """Measure the label volume of every (class, share) of the sweep's plan; the tortuosity only as
+    :meth:`BiasSweep.tortuosity_phases` says."""
     samples = []
     for c, share in sweep.plan(probabilities.n_classes):
         voxels = share * (margins.expected_missed[c] if share > 0 else margins.expected_wrong[c])
         bias = np.zeros(probabilities.n_classes, dtype=np.int64)
         bias[c] = margins.bias_moving(c, voxels)
         labels, changed = decide(probabilities, bias, argmax)
-        metrics = value if changed == 0 else measure_flat(labels)
+        tortuosity = sweep.tortuosity_phases(probabilities.class_names[c], share)
+        metrics = value if changed == 0 else measure_flat(labels, tortuosity)
         del labels
         nats = float(bias[c]) / LOG_SCALE
         samples.append(SweepSample(probabilities.class_names[c], share, nats, 1.0 / (1.0 + math.exp(nats)),
-                                   changed / argmax.size, dict(metrics)))
+                                   changed / argmax.size, dict(metrics), tortuosity))
     return samples
 
 
@@ -500,15 +526,19 @@ def measure_with_intervals(
     phase_map = dict(enumerate(probabilities.class_names))
     sweep.plan(probabilities.n_classes)  # refuses a bad sample count before any slow work
 
-    def measure_flat(labels: np.ndarray) -> dict[str, float]:
-        return flatten_metrics(measure(labels, phase_map, voxel_size, unit, **measure_options))
+    asked = measure_options.get("tortuosity") or ()
+    asked = [n.lower() for n in (probabilities.class_names if asked is True else asked)]
+
+    def measure_flat(labels: np.ndarray, tortuosity: tuple[str, ...]) -> dict[str, float]:
+        phases = [p for p in tortuosity if p.lower() in asked]
+        return flatten_metrics(measure(labels, phase_map, voxel_size, unit, **{**measure_options, "tortuosity": phases}))
 
     argmax, _ = decide(probabilities)
     result = measure(argmax, phase_map, voxel_size, unit, **measure_options)
     value = flatten_metrics(result)
     margins = class_margins(probabilities)
     samples = _sweep(probabilities, sweep, argmax, value, margins, measure_flat) if sweep.samples else []
-    intervals, notes = sweep_intervals(value, [s.metrics for s in samples])
+    intervals, notes = sweep_intervals(value, [s.metrics for s in samples], [s.tortuosity for s in samples])
     expected = {name: float(f) for name, f in zip(probabilities.class_names, margins.expected_fraction)}
     for name, fraction in expected.items():
         interval = intervals.get(f"vf.{name.lower()}")

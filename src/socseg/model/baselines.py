@@ -224,3 +224,20 @@ class RandomForestBaseline:
             features = pixel_features(image, self.sigmas).reshape(image.size, -1)
             out[k] = self.forest.predict(features).reshape(image.shape)  # type: ignore[attr-defined]
         return out
+
+    def probabilities(self, images: np.ndarray, n_classes: int | None = None) -> np.ndarray:
+        """``(N, H, W, n_classes)`` float32 class probabilities (the trees' vote shares), for
+        intervals on what the forest's labels measure. ``n_classes`` (default: the highest class
+        seen in training + 1) keeps a class absent from the training pixels as a zero channel."""
+        if self.forest is None:
+            raise RuntimeError("RandomForestBaseline is not fitted")
+        images = _as_stack(images)
+        seen = np.asarray(self.forest.classes_, dtype=int)  # type: ignore[attr-defined]
+        width = int(seen.max()) + 1 if n_classes is None else n_classes
+        if seen.max() >= width:
+            raise ValueError(f"the forest was trained on class {int(seen.max())}, more than n_classes={width} allow")
+        out = np.zeros(images.shape + (width,), dtype=np.float32)
+        for k, image in enumerate(images):
+            features = pixel_features(image, self.sigmas).reshape(image.size, -1)
+            out[k][..., seen] = self.forest.predict_proba(features).reshape(image.shape + (seen.size,))  # type: ignore[attr-defined]
+        return out

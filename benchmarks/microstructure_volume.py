@@ -1,0 +1,97 @@
+"""Time and peak memory of a whole volume's microstructure with intervals, as a user runs it.
+
+    python benchmarks/microstructure_volume.py --model runs:/<id>/model [--samples 12] [--with-tortuosity] \\
+        [--out benchmarks/results/microstructure_volume]
+
+The commands, each a fresh process timed by ``/usr/bin/time`` (wall seconds, peak RSS):
+
+1. ``socseg segment MODEL VOLUME store.zarr --probabilities`` on all 200 slices of SOCPristine
+   (501x501), the probabilities kept in the store;
+2. ``socseg microstructure store.zarr --samples N --unit voxel``: every metric of the argmax labels
+   with its class-bias interval (Ni sizes included, no tortuosity);
+3. with ``--with-tortuosity``: ``socseg microstructure store.zarr --samples 0 --tortuosity``: the
+   tortuosity of the argmax labels along z, y and x, the cost one labels volume adds (an interval
+   measures it again on each class's two extreme volumes: 7 volumes for three classes).
+
+Writes ``microstructure_volume.json`` / ``.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
+    sys.path.append(str(Path(__file__).resolve().parent))
+
+from _common import REPO, RESULTS, import_socpristine, run_metadata, write_result  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a logged 3-phase segmenter (runs:/... or models:/...)")
+    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    p.add_argument("--samples", type=int, default=12)
+    p.add_argument("--with-tortuosity", action="store_true", help="also time the tortuosity of the argmax labels")
+    p.add_argument("--out", type=Path, default=RESULTS / "microstructure_volume")
+    p.add_argument("--note", default="")
+    return p.parse_args(argv)
+
+
+def timed(step: str, command: list[str], workdir: Path) -> dict[str, Any]:
+    """Run ``command`` under ``/usr/bin/time``: its wall seconds and peak RSS (GiB)."""
+    report = workdir / f"{step}.time"
+    started = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(report), *command], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{step} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    seconds, kib = report.read_text().split()[-2:]
+    print(f"[{time.strftime('%H:%M:%S')}] {step}: {float(seconds):.0f} s, peak RSS {int(kib) / 2**20:.2f} GiB", flush=True)
+    return {"step": step, "command": " ".join(command[1:]), "seconds": float(seconds), "wall_s": wall,
+            "peak_rss_gib": int(kib) / 2**20}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    metadata = run_metadata(__file__, argv)
+    volume = import_socpristine(args.source, args.cache_dir)
+    socseg = str(Path(sys.executable).with_name("socseg"))
+    rows = []
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="socseg-microstructure-volume-") as tmp:
+        work = Path(tmp)
+        store = work / "volume.zarr"
+        rows.append(timed("segment", [socseg, "segment", args.model, str(volume), str(store), "--probabilities"], work))
+        metrics = work / "metrics.json"
+        rows.append(timed("microstructure", [socseg, "microstructure", str(store), "--samples", str(args.samples),
+                                             "--unit", "voxel", "--output", str(metrics)], work))
+        record = json.loads(metrics.read_text())
+        figures["intervals"] = len(record.get("intervals", {}).get("intervals", {}))
+        if args.with_tortuosity:
+            rows.append(timed("tortuosity (argmax labels)", [socseg, "microstructure", str(store), "--samples", "0",
+                                                            "--unit", "voxel", "--size-phases", "none", "--tortuosity",
+                                                            "--output", str(work / "tortuosity.json")], work))
+    for row in rows:
+        key = row["step"].split()[0]
+        figures[f"{key}_seconds"], figures[f"{key}_peak_rss_gib"] = row["seconds"], row["peak_rss_gib"]
+    settings = {"volume": "SOCPristine slices 1-200, 200x501x501 uint16", "model": args.model,
+                "samples": args.samples, "timing": "/usr/bin/time of each command, a fresh process each"}
+    if args.note:
+        settings["note"] = args.note
+    columns = [("step", "step"), ("seconds", "seconds", ".0f"), ("peak_rss_gib", "peak RSS (GiB)", ".2f"), ("command", "command")]
+    json_path, md_path = write_result(args.out, "microstructure_volume", "A whole volume's microstructure with intervals: time and memory",
+                                      metadata, settings, figures, columns, rows)
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
