@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import re
 import sys
@@ -41,7 +42,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
     sys.path.append(str(Path(__file__).resolve().parent))
 
 from _common import (REPO, ONEDNN_ISA_ENV, command_line, cpu_class, cpu_info, describe_load, floats, git_commit,  # noqa: E402
-                     git_dirty, hardware, import_socpristine, machine_load)
+                     git_dirty, hardware, import_socpristine, machine_load, write_result)
 
 from socseg.params import ENCODERS  # noqa: E402
 BASELINES = ("threshold", "rf")
@@ -73,6 +74,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="also train METHOD on TASK with a random slice split (repeatable) [default: unet:ni]; 'none' to skip")
     run.add_argument("--leakage-split", type=lambda t: floats(t, 4), default=[0.7, 0.1, 0.2, 0],
                      metavar="TRAIN,VAL,TEST,GAP", help="random split: the report's 80/20, 1/8 of the 80 for early stopping")
+    run.add_argument("--folds", type=int, default=0, metavar="K",
+                     help="k contiguous z-folds instead of one test slab: each fold held out in turn, GAP slices "
+                          "dropped on each side of it, validation from the rest (cross-validation; one training "
+                          "volume, no --test-volume)")
     run.add_argument("--tta", default="", help="comma list of encoders also scored with 8-fold flip/rotation TTA")
     run.add_argument("--variant", action="append", default=[], metavar="NAME=ENCODER",
                      help="one more U-Net method named NAME (usable in --methods, --set NAME:..., --minutes NAME=...), "
@@ -130,7 +135,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # last, so that the explicit override decides for that method wherever it stands on the line.
     named = [s for s in args.sets if s.partition("=")[0].rpartition(":")[0] in args.search_sources]
     args.sets = searched + [s for s in args.sets if s not in named] + named
-    leakage = args.leakage if args.leakage is not None else ["unet:ni"]
+    if args.folds and (args.folds < 2 or args.test_volume is not None or len(args.train_volume or []) > 1):
+        p.error("--folds takes K >= 2, one training volume and no --test-volume")
+    leakage = args.leakage if args.leakage is not None else (["none"] if args.folds else ["unet:ni"])
     args.leakage = [] if leakage == ["none"] else [tuple(s.split(":", 1)) for s in leakage]
     if any(len(s) != 2 for s in args.leakage):
         p.error("--leakage takes METHOD:TASK, e.g. unet:ni")
@@ -239,6 +246,66 @@ def shuffled_copy(volume_dir: Path, cache: Path, seed: int = 0) -> Path:
                                        "order": order.tolist()}})
         save_volume(Volume(volume.image[order], volume.labels[order], meta), target)
     return target
+
+
+def fold_bounds(n_slices: int, folds: int, fold: int) -> tuple[int, int]:
+    """[start, stop) of contiguous z-fold ``fold`` of ``folds`` (sizes differ by at most one slice)."""
+    edges = [round(n_slices * k / folds) for k in range(folds + 1)]
+    return edges[fold], edges[fold + 1]
+
+
+def fold_order(n_slices: int, folds: int, fold: int, gap: int) -> tuple[list[int], int]:
+    """Slice order of a volume copy whose slab split (train | gap | val | gap | test) holds ``fold``
+    out as the test slab, and the number of slices used for train + val.
+
+    The copy is ``after[gap:] + before + fold``: the held-out fold last, the ``gap`` slices after it
+    dropped, the ``gap`` slices before it become the split's gap before the test slab, so nothing
+    within ``gap`` slices of the fold on either side is trained or validated on. Where ``after``
+    meets ``before`` (slices n-1 and 0) the training part has a seam; the fold's last slice reads
+    its own copy as 2.5D context on the far side (its real neighbour is dropped)."""
+    start, stop = fold_bounds(n_slices, folds, fold)
+    order = list(range(min(stop + gap, n_slices), n_slices)) + list(range(0, start)) + list(range(start, stop))
+    return order, len(order) - (stop - start)
+
+
+def fold_copy(volume_dir: Path, cache: Path, folds: int, fold: int, gap: int) -> tuple[Path, list[int]]:
+    """The volume in :func:`fold_order` (cached), and that order."""
+    import numpy as np
+
+    from socseg.data.volumes import Volume, VolumeMeta, load_volume, save_volume
+
+    volume = load_volume(volume_dir, mmap=True, verify=False)
+    order, _ = fold_order(volume.image.shape[0], folds, fold, gap)
+    name = f"{volume.meta.name}-fold{fold + 1}of{folds}-gap{gap}"
+    target = cache / "data" / name
+    if not (target / "volume.json").is_file():
+        index = np.asarray(order)
+        meta = VolumeMeta(**{**volume.meta.__dict__, "name": name, "checksums": {}, "shape": (len(order), *volume.image.shape[1:]),
+                             "extra": {**volume.meta.extra, "fold_of": volume.meta.name, "order": order}})
+        save_volume(Volume(np.asarray(volume.image[index]), np.asarray(volume.labels[index]), meta), target)
+    return target, order
+
+
+def fold_setting(volume_dir: Path, cache: Path, folds: int, fold: int, split: Sequence[float], tmp: Path) -> Setting:
+    """Fold ``fold``'s setting: its copy split into train | gap | val | gap | test = the fold, the
+    validation share ``split[1] / (split[0] + split[1])`` of the slices left."""
+    train, val, _, gap = split
+    copy, order = fold_copy(volume_dir, cache, folds, fold, int(gap))
+    start, stop = fold_bounds(_volume_slices(volume_dir), folds, fold)
+    rest = len(order) - (stop - start) - 2 * int(gap)  # slices for train + val (two gaps inside the copy)
+    n_val = max(1, round(rest * val / (train + val)))
+    usable = rest + (stop - start)
+    fractions = [(rest - n_val) / usable, n_val / usable, (stop - start) / usable, gap]  # exact slice counts
+    setting = make_setting(f"z-fold {fold + 1}/{folds}, gap {int(gap)}", [copy], None, fractions, tmp)
+    if setting.tests[0][1] != (len(order) - (stop - start), len(order)):
+        raise SystemExit(f"fold {fold + 1}: the split's test slab {setting.tests[0][1]} is not the held-out fold")
+    return setting
+
+
+def _volume_slices(volume_dir: Path) -> int:
+    from socseg.data.volumes import load_volume
+
+    return int(load_volume(volume_dir, mmap=True, verify=False).image.shape[0])
 
 
 def link_volumes(dirs: Sequence[Path], into: Path) -> list[str]:
@@ -520,6 +587,61 @@ def write_outputs(rows: list[dict], header: dict[str, str], out: Path) -> tuple[
     return out / "accuracy.csv", out / "accuracy.md"
 
 
+def cv_summary(rows: list[dict]) -> list[dict]:
+    """Per task and method over the folds: mean and standard deviation of each IoU; per U-Net
+    method, the paired difference to the forest (same fold) of mean IoU and IoU Ni."""
+    import numpy as np
+
+    out = []
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("iou_") or k == "mean_iou"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"]), []).append(r)
+    for (task, method), mine in groups.items():
+        row: dict[str, Any] = {"task": task, "method": method, "folds": len(mine)}
+        for k in keys:
+            values = [r[k] for r in mine if isinstance(r.get(k), float) and not math.isnan(r[k])]
+            if values:
+                row[f"{k}_mean"], row[f"{k}_std"] = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        forest = {r["split"]: r for r in groups.get((task, METHOD_LABELS["rf"]), [])}
+        paired = [(r, forest[r["split"]]) for r in mine if r["split"] in forest and method != METHOD_LABELS["rf"]]
+        for k in ("mean_iou", "iou_ni"):
+            diffs = [a[k] - b[k] for a, b in paired if k in a and k in b]
+            if diffs and method not in (METHOD_LABELS["rf"], METHOD_LABELS["threshold"]):
+                row[f"{k}_minus_forest_mean"] = float(np.mean(diffs))
+                row[f"{k}_minus_forest_std"] = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
+                row[f"{k}_minus_forest_min"] = float(min(diffs))
+        out.append(row)
+    return out
+
+
+def write_cv_summary(rows: list[dict], args, header: dict[str, str]) -> None:
+    """``cv.json`` / ``cv.md`` beside accuracy.csv: the cross-validated table (rewritten after each fold)."""
+    summary = cv_summary(rows)
+    names = sorted({k[:-5] for r in summary for k in r if k.endswith("_mean") and k.startswith("iou_")},
+                   key=lambda k: ["iou_rest", "iou_pore", "iou_ysz", "iou_ni"].index(k) if k in
+                   ("iou_rest", "iou_pore", "iou_ysz", "iou_ni") else 9)
+    columns = [("task", "task"), ("method", "method"), ("folds", "folds")]
+    for k in [*names, "mean_iou"]:
+        columns += [(f"{k}_mean", f"{k.replace('iou_', 'IoU ').replace('mean_iou', 'mean IoU')} mean", ".4f"),
+                    (f"{k}_std", "sd", ".4f")]
+    columns += [("mean_iou_minus_forest_mean", "mean IoU - forest", "+.4f"), ("mean_iou_minus_forest_std", "sd", ".4f"),
+                ("iou_ni_minus_forest_mean", "IoU Ni - forest", "+.4f"), ("iou_ni_minus_forest_std", "sd", ".4f"),
+                ("iou_ni_minus_forest_min", "worst fold", "+.4f")]
+    metadata = {"command": header["command"].strip("`"), "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                "git_commit": git_commit(), "git_dirty": git_dirty(), "hardware": cpu_info(),
+                "cpu_class": cpu_class(cpu_info().get("flags", {}), os.environ.get(ONEDNN_ISA_ENV)),
+                "load_start": None}
+    settings = {"data": header.get("data", ""), "folds": args.folds, "per fold rows": str(args.out / "accuracy.csv")}
+    figures: dict[str, Any] = {}  # {task: {method: {figure: value}}}: render.py reads dotted paths
+    for r in summary:
+        figures.setdefault(r["task"], {})[r["method"]] = {k: v for k, v in r.items() if k not in ("task", "method")}
+    notes = ["sd: sample standard deviation over the folds (ddof 1). The paired difference is taken fold by fold "
+             "against the forest trained and scored on the same fold."]
+    write_result(args.out, "cv", f"Cross-validated accuracy ({args.folds} z-folds)", metadata, settings, figures,
+                 columns, summary, notes)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -544,6 +666,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         label = f"other volume ({args.test_volume.name})" if cross else f"z-slabs, gap {int(split[3])}"
         slab = make_setting(label, train_dirs, args.test_volume, split, Path(tmp))
         test_desc = "; ".join(f"{d.name} z {z[0]}-{z[1] - 1}" if z else f"{d.name} (whole)" for d, z in slab.tests)
+        settings = [slab]
+        if args.folds:
+            settings = [fold_setting(train_dirs[0], args.cache_dir, args.folds, f, split, Path(tmp)) for f in range(args.folds)]
+            n = _volume_slices(train_dirs[0])
+            test_desc = (f"each of {args.folds} contiguous z-folds in turn ("
+                         + ", ".join(f"z {a}-{b - 1}" for a, b in (fold_bounds(n, args.folds, f) for f in range(args.folds)))
+                         + f"), {int(split[3])} slices dropped on each side of it; validation "
+                           f"{split[1] / (split[0] + split[1]):.0%} of the rest")
         header = {
             "command": f"`{command}`",
             "date / commit": f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} / {context['git_commit']}"
@@ -583,13 +713,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             mlflow.log_params({"split": "/".join(map(str, split)), "tasks": ",".join(args.tasks),
                                "methods": ",".join(args.methods), "train_volumes": ",".join(map(str, train_dirs)),
                                "test_volume": str(args.test_volume or "test slabs")})
-            for method in args.methods:  # cheap baselines first: a crash or a stop keeps them
-                for task in args.tasks:
-                    if method in BASELINES:
-                        add(run_baseline(method, task, slab, params, args), task, method, slab)
-                    else:
-                        for row in run_unet(method, task, slab, params, args, tta=method in args.tta):
-                            add(row, task, method, slab)
+            for setting in settings:
+                for method in args.methods:  # cheap baselines first: a crash or a stop keeps them
+                    for task in args.tasks:
+                        if method in BASELINES:
+                            add(run_baseline(method, task, setting, params, args), task, method, setting)
+                        else:
+                            for row in run_unet(method, task, setting, params, args, tta=method in args.tta):
+                                add(row, task, method, setting)
+                if args.folds:
+                    write_cv_summary(rows, args, header)
             for method, task in args.leakage:
                 shuffled = shuffled_copy(train_dirs[0], args.cache_dir)
                 leak = make_setting("random slices 80/20 (leaks)", [shuffled], None, args.leakage_split, Path(tmp))

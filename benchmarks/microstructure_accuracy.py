@@ -140,22 +140,24 @@ def comparison_rows(method: str, found: dict[str, Any], truth: dict[str, float])
 
 
 def figures_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{method: {metric with "_" for ".": {"rel_error", "covered"}, "covered", ...}}`` (render.py
+    reads dotted paths, so no key holds a dot)."""
     figures: dict[str, Any] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
+        entry: dict[str, Any] = {}
         for r in mine:
             if r["metric"] in HEADLINE:
-                figures[f"{method}.{r['metric']}.rel_error"] = r["rel_error"]
-                if r["covers"] is not None:
-                    figures[f"{method}.{r['metric']}.covered"] = r["covers"]
+                entry[r["metric"].replace(".", "_")] = {"rel_error": r["rel_error"], "covered": r["covers"]}
         checked = [r for r in mine if r["covers"] is not None]
         if checked:
-            figures[f"{method}.covered"] = f"{sum(r['covers'] for r in checked)}/{len(checked)}"
+            entry["covered"] = f"{sum(r['covers'] for r in checked)}/{len(checked)}"
         errors = [abs(r["rel_error"]) for r in mine if r["rel_error"] is not None]
-        figures[f"{method}.median_abs_rel_error"] = float(np.median(errors)) if errors else None
-        figures[f"{method}.goals_met"] = ", ".join(f"{k} {'yes' if abs(r['rel_error']) <= g else 'no'}"
-                                                   for k, g in GOALS.items() for r in mine
-                                                   if r["metric"] == k and r["rel_error"] is not None)
+        entry["median_abs_rel_error"] = float(np.median(errors)) if errors else None
+        entry["goals_met"] = ", ".join(f"{k} {'yes' if abs(r['rel_error']) <= g else 'no'}"
+                                       for k, g in GOALS.items() for r in mine
+                                       if r["metric"] == k and r["rel_error"] is not None)
+        figures[method] = entry
     return figures
 
 
@@ -319,8 +321,11 @@ def write_error_analysis(args: argparse.Namespace, metadata: dict[str, Any], set
                          bands: list[dict[str, Any]], islands: list[dict[str, Any]], ceiling: dict[str, float]) -> None:
     """Where the errors are: IoU by distance to a label boundary; TPB without small islands."""
     names = [k[4:] for k in bands[0] if k.startswith("iou_")]
-    figures = {**ceiling, **{f"{r['method']}.{r['band']}.error_share": r["error_share"] for r in bands},
-               **{f"{r['method']}.tpb_rel_error.islands_below_{r['islands_removed_below']}": r["rel_error"] for r in islands}}
+    figures: dict[str, Any] = {"ceiling": {k.replace(".", "_"): v for k, v in ceiling.items()}}
+    for r in bands:
+        figures.setdefault(r["method"], {}).setdefault("error_share", {})[r["band"]] = r["error_share"]
+    for r in islands:
+        figures.setdefault(r["method"], {}).setdefault("tpb_rel_error", {})[f"islands_below_{r['islands_removed_below']}"] = r["rel_error"]
     rows = [{"table": "IoU by band", **r} for r in bands] + [{"table": "TPB without islands", **r} for r in islands]
     columns = [("table", "table"), ("method", "method"), ("band", "band"), ("pixels", "share of pixels", ".1%"),
                ("error_share", "share of errors", ".1%"), *[(f"iou_{n}", f"IoU {n}", ".4f") for n in names],

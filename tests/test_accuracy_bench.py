@@ -110,3 +110,45 @@ def test_fixed_scores_a_separate_test_volume_with_the_training_range(repo_root, 
     on_float = _unet_scored_on(accuracy, unet["model_uri"], volumes["b-float"])
     assert on_float.scores["iou_ni"] < float(unet["iou_ni"])  # no longer what it found on B's own scale
     assert on_float.scores["mean_iou"] != pytest.approx(float(unet["mean_iou"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("fold", range(4))
+def test_fold_copies_hold_each_fold_out_with_a_gap_on_both_sides(repo_root, fold):
+    from socseg.data.split import slab_split
+
+    accuracy = _accuracy_module(repo_root)
+    n, folds, gap = 40, 4, 3
+    start, stop = accuracy.fold_bounds(n, folds, fold)
+    assert stop - start == 10
+    order, used = accuracy.fold_order(n, folds, fold, gap)
+    assert order[-10:] == list(range(start, stop)) and len(set(order)) == len(order)
+    rest = used - 2 * gap
+    split = slab_split(len(order), (rest - 4) / (rest + 10), 4 / (rest + 10), 10 / (rest + 10), gap)
+    assert split.test == (len(order) - 10, len(order))
+    seen = [order[i] for subset in ("train", "val") for i in split.range(subset)]
+    assert seen and all(z < start - gap or z >= stop + gap for z in seen)  # nothing within gap of the fold
+    assert len(seen) == rest
+
+
+def test_cross_validation_scores_every_fold_and_pairs_the_u_net_with_the_forest(repo_root, tiny_params, mlflow_env, tmp_path):
+    accuracy = _accuracy_module(repo_root)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params))
+    out = tmp_path / "cv"
+    accuracy.main(["--params", str(params_file), "--train-volume", f"{tiny_params['data']['dir']}/tiny",
+                   "--split", "0.6,0.2,0.2,2", "--folds", "3", "--tasks", "ni", "--methods", "rf,unet",
+                   "--rf-trees", "5", "--rf-samples", "2000", "--rf-jobs", "1", "--epochs", "1",
+                   "--steps-per-epoch", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    rows = list(csv.DictReader((out / "accuracy.csv").open()))
+    assert sorted(r["split"] for r in rows) == sorted([f"z-fold {f}/3, gap 2" for f in (1, 2, 3)] * 2)
+    record = __import__("json").loads((out / "cv.json").read_text())
+    by_method = {r["method"]: r for r in record["rows"]}
+    unet, forest = by_method["U-Net (from scratch)"], by_method["random forest (ilastik features)"]
+    assert unet["folds"] == forest["folds"] == 3
+    unet_folds = {r["split"]: float(r["iou_ni"]) for r in rows if r["method"] == "U-Net (from scratch)"}
+    forest_folds = {r["split"]: float(r["iou_ni"]) for r in rows if r["method"].startswith("random forest")}
+    diffs = [unet_folds[k] - forest_folds[k] for k in unet_folds]
+    assert unet["iou_ni_minus_forest_mean"] == pytest.approx(np.mean(diffs), abs=1e-5)
+    assert unet["iou_ni_minus_forest_min"] == pytest.approx(min(diffs), abs=1e-5)
+    assert forest["iou_ni_mean"] == pytest.approx(np.mean(list(forest_folds.values())), abs=1e-5)
+    assert "iou_ni_minus_forest_mean" not in forest

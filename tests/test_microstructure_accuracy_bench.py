@@ -44,8 +44,9 @@ def test_the_labels_own_probabilities_have_no_error_and_covered_intervals(bench,
     assert all(r["rel_error"] == pytest.approx(0.0, abs=1e-12) for r in rows if r["rel_error"] is not None)
     assert all(r["covers"] for r in rows)
     figures = bench.figures_of(rows)
-    assert figures["exact.covered"] == f"{len(rows)}/{len(rows)}"
-    assert figures["exact.goals_met"].startswith("tpb.density yes")
+    assert figures["exact"]["covered"] == f"{len(rows)}/{len(rows)}"
+    assert figures["exact"]["goals_met"].startswith("tpb.density yes")
+    assert figures["exact"]["tpb_density"] == {"rel_error": 0.0, "covered": True}
 
 
 def test_a_noisy_prediction_has_tpb_errors_and_missing_percolation_is_infinite(bench, truth):
