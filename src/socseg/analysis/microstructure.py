@@ -585,8 +585,9 @@ def measure(
     ``size_phases``: phases whose size distribution to measure (default: ``ni`` if present;
     ``[]`` skips the local thickness, the slowest step). ``tortuosity``: phases whose tortuosity
     factor and effective diffusivity to compute along z, y and x (``True``: every phase; see
-    :mod:`socseg.analysis.tortuosity`) -- by far the slowest step when asked for: ~2-3 s per
-    million voxels per phase and axis on 2 cores (``benchmarks/results/tortuosity/``).
+    :mod:`socseg.analysis.tortuosity`) -- by far the slowest step when asked for: ~1-2.5 s per
+    million voxels per phase and axis on 2 cores (``benchmarks/results/tortuosity/``,
+    ``benchmarks/results/microstructure_volume/``).
 
     Memory: the uint8 phase index (1 B/voxel), one int32 component array (4 B/voxel) at a
     time, local thickness ~10 B/voxel. A 500^3 phantom here (2 cores): 7 s and 1.0 GiB peak

@@ -28,21 +28,32 @@ parallel value; layers across it the series value (or None for an insulating lay
 with dead-end branches ``1 + dead volume / channel volume``; a 1-voxel zig-zag ``(N/L)^2`` for a
 path of ``N`` voxels across ``L`` layers (exact for this discretisation, not for a continuum).
 
-Volumes larger than :data:`DEFAULT_MAX_VOXELS` per solve (memory: the multigrid hierarchy takes
-~300-600 B per conducting voxel) are solved as **columns**: the full length along the axis, the
-cross-section cut into near-square tiles, each column solved on its own and their fluxes added
-(columns side by side conduct in parallel). A cut is a no-flux wall, so by Rayleigh's monotonicity
-the columns' ``D_eff`` is a lower bound of the whole volume's (the factor an upper bound), and a
-phase that percolates only through paths crossing a cut reads as not percolating in that column.
-The bias measured in ``benchmarks/results/tortuosity/`` is reported there.
+Volumes larger than :data:`DEFAULT_MAX_VOXELS` (64 Mi voxels: a 200x501x501 volume is solved
+whole) are solved as **columns**: the full length along the axis, the cross-section cut into
+near-square tiles, each column solved on its own and their fluxes added (columns side by side
+conduct in parallel). A cut is a no-flux wall, so by Rayleigh's monotonicity the columns' ``D_eff``
+is a lower bound of the whole volume's (the factor an upper bound), and a phase that percolates
+only through paths crossing a cut reads as not percolating in that column. The bias is large for
+long, thin columns (``benchmarks/results/tortuosity/``, SOCPristine labels along z): 4 columns of
+55x256x256 raise the factor by 3-5 %, 16 columns by 12-27 %, 4 columns of 200x256x256 by 9 % (YSZ)
+to 96 % (pore, which percolates along z through few long paths). Columns are therefore a last
+resort: the ``method`` of each result names their number, and a larger ``max_voxels`` is worth its
+memory (~600 B per conducting voxel at the peak: the multigrid hierarchy).
 
-Library choice (``benchmarks/tortuosity_bench.py``, 2 CPU cores): TauFactor 1.2.1 (CPU PyTorch)
-gives the same values as this solver to ~1e-4 (same discretisation) but is 4-8x slower on a CPU
-(its over-relaxation needs ~N iterations for N voxels along the axis) and needs PyTorch, whose
-default Linux wheel on PyPI is the CUDA build (several GB). PoreSpy 3.2.0 ``tortuosity_fd`` needs
-OpenPNM, which pulls pypardiso + MKL (~1 GB, unused by this solve), runs 2-3x slower and takes
-~2x the memory, and puts the boundary conditions on the first/last voxel centres (length ``L-1``:
-~0.3-0.8 % higher factors at 64-200 voxels). Hence the solve here on scipy + pyamg (9 MB).
+Library choice (``benchmarks/tortuosity_bench.py``, 2 CPU cores, each solver single-threaded in its
+own process; known geometries, random blobs and crops of the SOCPristine labels):
+
+* TauFactor 1.2.1 (CPU PyTorch) uses the same discretisation and definition; its factors differ
+  from these by a median 1e-4 (at most 2.4e-3 at its default ``conv_crit`` 1e-2), it takes 0.3-2x
+  this solver's time (0.4-2.6x at ``conv_crit`` 1e-3; faster along short axes, slower along long ones: its over-relaxation needs
+  more iterations the longer the axis), but it does not notice a phase that does not percolate
+  (it iterates to its limit) and it needs PyTorch.
+* PoreSpy 3.2.0 ``tortuosity_fd`` needs OpenPNM, which pulls pypardiso + MKL (~0.7 GB, unused by
+  this solve), takes 1.4-2.3x the time and 2.3-2.6x the memory, puts the boundary conditions on
+  the first/last voxel centres (length ``L-1``) and divides by the percolating fraction; converted
+  to the total fraction its factors differ from these by -0.8 to +0.6 % on the real crops.
+* This solver reproduces the known answers to ~1e-6, detects non-percolating phases before any
+  solve, and needs scipy + pyamg (9 MB): hence the choice. Both others remain useful cross-checks.
 
 pyamg is imported inside the solve: a ~1 s import that CLI start-up should not pay.
 """
@@ -60,8 +71,9 @@ from scipy import sparse
 from scipy.sparse import linalg as sparse_linalg
 
 AXES: tuple[str, str, str] = ("z", "y", "x")
-# Voxels per solve: a 160^3 sub-volume, ~1 GiB peak for a phase filling 40 % of it.
-DEFAULT_MAX_VOXELS = 1 << 22
+# Voxels per solve: a 200x501x501 volume in one piece (the column bias is large; see the module
+# docstring). Peak memory ~600 B per conducting voxel: ~12 GiB for a phase filling 40 % of 64 Mi voxels.
+DEFAULT_MAX_VOXELS = 1 << 26
 # Relative difference between the flux in and the flux out at which a solve is taken as converged.
 FLUX_TOLERANCE = 1e-4
 # Systems up to this many unknowns are solved directly (exact, and faster than building a hierarchy).
