@@ -618,7 +618,8 @@ def cv_summary(rows: list[dict]) -> list[dict]:
 def write_cv_summary(rows: list[dict], args, header: dict[str, str]) -> None:
     """``cv.json`` / ``cv.md`` beside accuracy.csv: the cross-validated table (rewritten after each fold)."""
     summary = cv_summary(rows)
-    names = sorted({k[:-5] for r in summary for k in r if k.endswith("_mean") and k.startswith("iou_")},
+    names = sorted({k[:-5] for r in summary for k in r
+                    if k.endswith("_mean") and k.startswith("iou_") and "_minus_" not in k},
                    key=lambda k: ["iou_rest", "iou_pore", "iou_ysz", "iou_ni"].index(k) if k in
                    ("iou_rest", "iou_pore", "iou_ysz", "iou_ni") else 9)
     columns = [("task", "task"), ("method", "method"), ("folds", "folds")]
