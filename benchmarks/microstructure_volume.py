@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append(timed("microstructure", [socseg, "microstructure", str(store), "--samples", str(args.samples),
                                              "--unit", "voxel", "--output", str(metrics)], work))
         record = json.loads(metrics.read_text())
-        figures["intervals"] = len(record.get("intervals", {}).get("intervals", {}))
+        figures["metrics_with_intervals"] = len(record.get("intervals") or {})  # the JSON of --output
         if args.with_tortuosity:
             rows.append(timed("tortuosity (argmax labels)", [socseg, "microstructure", str(store), "--samples", "0",
                                                             "--unit", "voxel", "--size-phases", "none", "--tortuosity",
