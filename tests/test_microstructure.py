@@ -719,3 +719,18 @@ def test_command_tortuosity_flag_asks_measure_for_it(tmp_path, monkeypatch):
     for flags, expected in (([], None), (["--tortuosity"], True), (["--no-tortuosity"], None)):
         assert _run([str(stack), "--unit", "voxel", "--size-phases", "none", *flags]).exit_code == 0
         assert calls.pop().get("tortuosity") == expected, flags
+    assert _run([str(stack), "--unit", "voxel", "--size-phases", "none", "--tortuosity",
+                 "--tortuosity-max-voxels", "5000"]).exit_code == 0
+    assert calls.pop()["tortuosity_max_voxels"] == 5000
+    refused = _run([str(stack), "--unit", "voxel", "--tortuosity", "--tortuosity-max-voxels", "10"])
+    assert refused.exit_code == 2 and "--tortuosity-max-voxels" in refused.output
+
+
+def test_tortuosity_max_voxels_solves_in_columns():
+    labels = np.zeros((32, 32, 32), np.uint8)
+    labels[:, :, 16:] = 1  # two slabs along z: each phase straight, factor 1
+    whole = measure(labels, {0: "pore", 1: "ni"}, size_phases=[], tortuosity=True)
+    columns = measure(labels, {0: "pore", 1: "ni"}, size_phases=[], tortuosity=True, tortuosity_max_voxels=32 * 32 * 17)
+    assert whole.tortuosity["ni"]["z"].method == "fd-cg-amg"
+    assert columns.tortuosity["ni"]["z"].method == "fd-cg-amg, 2 columns"
+    assert columns.tortuosity["ni"]["z"].factor == pytest.approx(1.0, abs=1e-6)  # straight: no bias to see here

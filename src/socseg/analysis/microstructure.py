@@ -75,7 +75,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from socseg.analysis.tortuosity import TortuosityResult, phase_tortuosity
+from socseg.analysis.tortuosity import DEFAULT_MAX_VOXELS, TortuosityResult, phase_tortuosity
 from socseg.data.volumes import label_lut
 
 AXES: tuple[str, str, str] = ("z", "y", "x")
@@ -575,6 +575,7 @@ def measure(
     tpb_correction: float = TPB_ISOTROPIC_CORRECTION,
     surface_correction: float = SURFACE_ISOTROPIC_CORRECTION,
     tortuosity: bool | Sequence[str] = False,
+    tortuosity_max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> MicrostructureResult:
     """Measure fractions, surfaces/interfaces, percolation, TPB (+ active TPB) and sizes.
 
@@ -588,6 +589,8 @@ def measure(
     :mod:`socseg.analysis.tortuosity`) -- by far the slowest step when asked for: ~1-2.5 s per
     million voxels per phase and axis on 2 cores (``benchmarks/results/tortuosity/``,
     ``benchmarks/results/microstructure_volume/``).
+    ``tortuosity_max_voxels``: voxels per solve; a larger volume is solved in columns, which
+    needs less memory (~600 B per conducting voxel) but biases the factors up (see that module).
 
     Memory: the uint8 phase index (1 B/voxel), one int32 component array (4 B/voxel) at a
     time, local thickness ~10 B/voxel. A 500^3 phantom here (2 cores): 7 s and 1.0 GiB peak
@@ -611,7 +614,8 @@ def measure(
     tpb = active_tpb.result(names, voxel, total_volume, tpb_correction) if active_tpb is not None else None
     tortuosity_phases = _tortuosity_phases(names, tortuosity)
     tortuosity_results = (
-        phase_tortuosity(index, dict(enumerate(names)), tortuosity_phases, voxel_size=voxel) if tortuosity_phases else {}
+        phase_tortuosity(index, dict(enumerate(names)), tortuosity_phases, voxel_size=voxel,
+                         max_voxels=tortuosity_max_voxels) if tortuosity_phases else {}
     )
 
     return MicrostructureResult(

@@ -191,11 +191,15 @@ def _report(volume: str, name: str, kind: str, pred: MicrostructureResult, truth
     return report
 
 
-def _options(phases: str | None, size_phases: str | None, tpb_correction: float, tortuosity: bool) -> dict[str, Any]:
+def measure_options(phases: str | None, size_phases: str | None, tpb_correction: float, tortuosity: bool,
+             tortuosity_max_voxels: int | None = None) -> dict[str, Any]:
+    """``measure``'s options from the command's flags (shared with ``socseg report``)."""
     options: dict[str, Any] = dict(tpb_phases=_names(phases), size_phases=_names(size_phases),
                                    tpb_correction=tpb_correction)
     if tortuosity:
         options["tortuosity"] = True
+        if tortuosity_max_voxels is not None:
+            options["tortuosity_max_voxels"] = tortuosity_max_voxels
     return options
 
 
@@ -220,6 +224,9 @@ def _options(phases: str | None, size_phases: str | None, tpb_correction: float,
 @click.option("--tpb-correction", type=float, default=TPB_ISOTROPIC_CORRECTION, show_default=True, help="Factor applied to the voxel-edge TPB length.")
 @click.option("--tortuosity/--no-tortuosity", default=False, show_default=True,
               help="Also the tortuosity factor and effective diffusivity ratio of each phase along each axis (slow).")
+@click.option("--tortuosity-max-voxels", type=click.IntRange(min=4096), default=None,
+              help="With --tortuosity: voxels per solve (default: 2^26, a 200x501x501 volume whole, ~12 GiB). "
+                   "Larger volumes are solved in columns: less memory, factors biased up.")
 @click.option("--samples", type=int, default=None,
               help=f"Probability volume: label volumes measured for the intervals, at least 2 per class "
               f"(0: the argmax only) [default: {DEFAULT_SAMPLES}]. Time grows with it.")
@@ -230,7 +237,7 @@ def _options(phases: str | None, size_phases: str | None, tpb_correction: float,
 def microstructure(
     volume: str, truth: str | None, as_json: bool, output: str | None, phase_map: str | None,
     voxel_size: float | None, unit: str, phases: str | None, size_phases: str | None, tpb_correction: float,
-    tortuosity: bool, samples: int | None, spread: float | None,
+    tortuosity: bool, tortuosity_max_voxels: int | None, samples: int | None, spread: float | None,
 ) -> None:
     """Microstructure metrics of VOLUME (and of --truth, with the relative error of VOLUME).
 
@@ -244,7 +251,7 @@ def microstructure(
         mapping = parse_phase_map(phase_map) if phase_map is not None else None
         default = typed(load_params()).data.phase_map
         reference = load_labels(truth, mapping, default) if truth is not None else None
-        options = _options(phases, size_phases, tpb_correction, tortuosity)
+        options = measure_options(phases, size_phases, tpb_correction, tortuosity, tortuosity_max_voxels)
         if sweep is not None:
             probabilities = ProbabilityVolume.open(volume)
             _check_plan(sweep, probabilities.n_classes)

@@ -6,23 +6,14 @@ module level: the CLI imports every command module at start-up, and only this on
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from socseg.analysis.intervals import BiasSweep
 from socseg.analysis.microstructure import TPB_ISOTROPIC_CORRECTION
+from socseg.commands.microstructure import measure_options
 from socseg.commands.options import CommandError
 from socseg.data.volumes import parse_phase_map
 from socseg.params import load_params, typed
-
-
-def phase_names(text: str | None) -> list[str] | None:
-    """``"pore,ysz,ni"`` -> names; ``"none"`` -> [] (skip); None -> None (the default)."""
-    if text is None:
-        return None
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    return [] if [n.lower() for n in names] == ["none"] else names
 
 
 @click.command("report")
@@ -54,6 +45,9 @@ def phase_names(text: str | None) -> list[str] | None:
               help="Factor applied to the voxel-edge TPB length.")
 @click.option("--tortuosity/--no-tortuosity", default=False, show_default=True,
               help="Also the tortuosity factor and effective diffusivity ratio of each phase along each axis (slow).")
+@click.option("--tortuosity-max-voxels", type=click.IntRange(min=4096), default=None,
+              help="With --tortuosity: voxels per solve (default: 2^26, a 200x501x501 volume whole, ~12 GiB). "
+                   "Larger volumes are solved in columns: less memory, factors biased up.")
 @click.option("--samples", type=int, default=None,
               help=f"With probabilities: label volumes measured for the intervals, at least 2 per class (0: none) "
                    f"[default: {BiasSweep.samples}]. Time grows with it.")
@@ -63,7 +57,8 @@ def phase_names(text: str | None) -> list[str] | None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.html (never an input).")
 def report(volume: str, out: str, truth: str | None, image: str | None, probabilities: str | None,
            uncertainty: str | None, phase_map: str | None, voxel_size: float | None, unit: str, phases: str | None,
-           size_phases: str | None, tpb_correction: float, tortuosity: bool, samples: int | None, spread: float | None,
+           size_phases: str | None, tpb_correction: float, tortuosity: bool, tortuosity_max_voxels: int | None,
+           samples: int | None, spread: float | None,
            overwrite: bool) -> None:
     """Write OUT.html: identity, orthogonal slices (grey, labels, uncertainty), the metrics per
     phase (with intervals and errors against --truth), size distributions and tortuosity of VOLUME_OR_STORE.
@@ -83,10 +78,7 @@ def report(volume: str, out: str, truth: str | None, image: str | None, probabil
     sources = ReportSources(volume, truth, image, probabilities, uncertainty)
     try:
         target = check_report_path(out, sources.paths(), overwrite)
-        options: dict[str, Any] = dict(tpb_phases=phase_names(phases), size_phases=phase_names(size_phases),
-                                       tpb_correction=tpb_correction)
-        if tortuosity:
-            options["tortuosity"] = True
+        options = measure_options(phases, size_phases, tpb_correction, tortuosity, tortuosity_max_voxels)
         sweep = None
         if samples is not None or spread is not None:
             sweep = BiasSweep(BiasSweep.samples if samples is None else samples,
