@@ -490,7 +490,8 @@ def sweep_intervals(value: dict[str, float], samples: list[dict[str, float]],
 
 
 def _sweep(probabilities: ProbabilityVolume, sweep: BiasSweep, argmax: np.ndarray, value: dict[str, float],
-           margins: ClassMargins, measure_flat: Callable[[np.ndarray, bool], dict[str, float]]) -> list[SweepSample]:
+           margins: ClassMargins,
+           measure_flat: Callable[[np.ndarray, tuple[str, ...]], dict[str, float]]) -> list[SweepSample]:
     """Measure the label volume of every (class, share) of the sweep's plan; the tortuosity only as
     :meth:`BiasSweep.tortuosity_phases` says."""
     samples = []

@@ -45,11 +45,11 @@ own process; known geometries, random blobs and crops of the SOCPristine labels)
 
 * TauFactor 1.2.1 (CPU PyTorch) uses the same discretisation and definition; its factors differ
   from these by a median 1e-4 (at most 2.4e-3 at its default ``conv_crit`` 1e-2), it takes 0.3-2x
-  this solver's time (0.4-2.6x at ``conv_crit`` 1e-3; faster along short axes, slower along long ones: its over-relaxation needs
-  more iterations the longer the axis), but it does not notice a phase that does not percolate
-  (it iterates to its limit) and it needs PyTorch.
+  this solver's time (0.4-2.6x at ``conv_crit`` 1e-3; faster along short axes, slower along long
+  ones: its over-relaxation needs more iterations the longer the axis), but it does not notice a
+  phase that does not percolate (it iterates to its limit) and it needs PyTorch.
 * PoreSpy 3.2.0 ``tortuosity_fd`` needs OpenPNM, which pulls pypardiso + MKL (~0.7 GB, unused by
-  this solve), takes 1.4-2.3x the time and 2.3-2.6x the memory, puts the boundary conditions on
+  this solve), takes 1.4-2.1x the time and 2.3-2.6x the memory, puts the boundary conditions on
   the first/last voxel centres (length ``L-1``) and divides by the percolating fraction; converted
   to the total fraction its factors differ from these by -0.8 to +0.6 % on the real crops.
 * This solver reproduces the known answers to ~1e-6, detects non-percolating phases before any
@@ -72,7 +72,8 @@ from scipy.sparse import linalg as sparse_linalg
 
 AXES: tuple[str, str, str] = ("z", "y", "x")
 # Voxels per solve: a 200x501x501 volume in one piece (the column bias is large; see the module
-# docstring). Peak memory ~600 B per conducting voxel: ~12 GiB for a phase filling 40 % of 64 Mi voxels.
+# docstring). Peak memory ~600 B per conducting voxel: 12.4 GiB measured for that volume's three
+# phases (benchmarks/results/microstructure_volume/), more for a larger one up to this size.
 DEFAULT_MAX_VOXELS = 1 << 26
 # Relative difference between the flux in and the flux out at which a solve is taken as converged.
 FLUX_TOLERANCE = 1e-4
