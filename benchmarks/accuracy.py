@@ -268,14 +268,14 @@ def fold_order(n_slices: int, folds: int, fold: int, gap: int) -> tuple[list[int
     return order, len(order) - (stop - start)
 
 
-def fold_copy(volume_dir: Path, cache: Path, folds: int, fold: int, gap: int) -> tuple[Path, list[int]]:
-    """The volume in :func:`fold_order` (cached), and that order."""
+def fold_copy(volume_dir: Path, cache: Path, folds: int, fold: int, gap: int) -> tuple[Path, list[int], int]:
+    """The volume in :func:`fold_order` (cached), that order and its slices for train + val."""
     import numpy as np
 
     from socseg.data.volumes import Volume, VolumeMeta, load_volume, save_volume
 
     volume = load_volume(volume_dir, mmap=True, verify=False)
-    order, _ = fold_order(volume.image.shape[0], folds, fold, gap)
+    order, used = fold_order(volume.image.shape[0], folds, fold, gap)
     name = f"{volume.meta.name}-fold{fold + 1}of{folds}-gap{gap}"
     target = cache / "data" / name
     if not (target / "volume.json").is_file():
@@ -283,21 +283,21 @@ def fold_copy(volume_dir: Path, cache: Path, folds: int, fold: int, gap: int) ->
         meta = VolumeMeta(**{**volume.meta.__dict__, "name": name, "checksums": {}, "shape": (len(order), *volume.image.shape[1:]),
                              "extra": {**volume.meta.extra, "fold_of": volume.meta.name, "order": order}})
         save_volume(Volume(np.asarray(volume.image[index]), np.asarray(volume.labels[index]), meta), target)
-    return target, order
+    return target, order, used
 
 
 def fold_setting(volume_dir: Path, cache: Path, folds: int, fold: int, split: Sequence[float], tmp: Path) -> Setting:
     """Fold ``fold``'s setting: its copy split into train | gap | val | gap | test = the fold, the
     validation share ``split[1] / (split[0] + split[1])`` of the slices left."""
     train, val, _, gap = split
-    copy, order = fold_copy(volume_dir, cache, folds, fold, int(gap))
-    start, stop = fold_bounds(_volume_slices(volume_dir), folds, fold)
-    rest = len(order) - (stop - start) - 2 * int(gap)  # slices for train + val (two gaps inside the copy)
+    copy, order, used = fold_copy(volume_dir, cache, folds, fold, int(gap))
+    held_out = len(order) - used
+    rest = used - 2 * int(gap)  # slices for train + val (two gaps inside the copy)
     n_val = max(1, round(rest * val / (train + val)))
-    usable = rest + (stop - start)
-    fractions = [(rest - n_val) / usable, n_val / usable, (stop - start) / usable, gap]  # exact slice counts
+    usable = rest + held_out
+    fractions = [(rest - n_val) / usable, n_val / usable, held_out / usable, gap]  # exact slice counts
     setting = make_setting(f"z-fold {fold + 1}/{folds}, gap {int(gap)}", [copy], None, fractions, tmp)
-    if setting.tests[0][1] != (len(order) - (stop - start), len(order)):
+    if setting.tests[0][1] != (used, len(order)):
         raise SystemExit(f"fold {fold + 1}: the split's test slab {setting.tests[0][1]} is not the held-out fold")
     return setting
 
@@ -604,10 +604,11 @@ def cv_summary(rows: list[dict]) -> list[dict]:
             if values:
                 row[f"{k}_mean"], row[f"{k}_std"] = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         forest = {r["split"]: r for r in groups.get((task, METHOD_LABELS["rf"]), [])}
-        paired = [(r, forest[r["split"]]) for r in mine if r["split"] in forest and method != METHOD_LABELS["rf"]]
+        baseline = method in (METHOD_LABELS["rf"], METHOD_LABELS["threshold"])
+        paired = [] if baseline else [(r, forest[r["split"]]) for r in mine if r["split"] in forest]
         for k in ("mean_iou", "iou_ni"):
             diffs = [a[k] - b[k] for a, b in paired if k in a and k in b]
-            if diffs and method not in (METHOD_LABELS["rf"], METHOD_LABELS["threshold"]):
+            if diffs:
                 row[f"{k}_minus_forest_mean"] = float(np.mean(diffs))
                 row[f"{k}_minus_forest_std"] = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
                 row[f"{k}_minus_forest_min"] = float(min(diffs))
