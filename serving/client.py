@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", choices=WINDOWS, default=None,
                         help="one pass per slice, or the sliding window (server default)")
     parser.add_argument("--step-fraction", type=float, default=None, help="sliding window: tile step / tile size (server default)")
+    parser.add_argument("--smoothing-sigma", type=float, default=None,
+                        help="in-plane Gaussian sigma (pixels) on the class probabilities before the argmax (server default)")
     parser.add_argument("--phase-map", default=None, help="label value -> phase for the metadata, e.g. 0=pore,255=ni")
     parser.add_argument("--allow-out-of-range", action="store_true",
                         help="segment even when most grey values lie outside the model's range "
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             form=args.form,
             encoding=args.encoding,
             params={"tta": args.tta, "window": args.window, "step_fraction": args.step_fraction,
+                    "smoothing_sigma": args.smoothing_sigma,
                     "allow_out_of_range": True if args.allow_out_of_range else None,
                     "grey_low": args.grey_range[0] if args.grey_range else None,
                     "grey_high": args.grey_range[1] if args.grey_range else None},

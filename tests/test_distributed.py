@@ -35,7 +35,7 @@ def _model(folder: Path, context_slices: int) -> str:
                          phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=context_slices,
                          normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"),  window="whole_slice",
                          whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=8,
-                         max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5)
+                         max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0)
     return str(save_segmenter(export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5)), config, folder / f"model{context_slices}"))
 
 

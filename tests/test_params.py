@@ -96,6 +96,8 @@ def test_the_schema_holds_no_defaults():
     (lambda p: p["tiles"]["augment"].pop("rot90"), "params.tiles.augment: missing rot90"),
     (lambda p: p["search"].update(encoders=["vgg16", "alexnet"]), "alexnet"),
     (lambda p: p["inference"].update(step_fraction=1.5), "step_fraction"),
+    (lambda p: p["inference"].update(smoothing_sigma=-0.5), "params.inference.smoothing_sigma must be in [0, 3] pixels"),
+    (lambda p: p["inference"].update(smoothing_sigma=4), "params.inference.smoothing_sigma must be in [0, 3] pixels"),
     (lambda p: p.pop("registry"), "params: missing registry"),
     (lambda p: p["finetune"].update(test_fraction=1.0), "test_fraction must be in [0, 1)"),
     (lambda p: p["finetune"].update(test_fraction=-0.1), "test_fraction must be in [0, 1)"),

@@ -41,7 +41,7 @@ def make_config(**fields):
         tta=False,
         batch_size=8,
         max_slice_pixels=100_000,
-        max_clipped_fraction=0.5,
+        max_clipped_fraction=0.5, smoothing_sigma=0.0,
     )
     return ModelConfig(**{**values, **fields})
 
@@ -181,6 +181,7 @@ def test_bad_requests_raise_a_400_that_names_the_problem(segmenter, what, reques
     "params, message",
     [
         ({"step_fraction": 1.5}, "step_fraction must be in (0, 1]"),
+        ({"smoothing_sigma": -1.0}, "smoothing_sigma must be in [0, 3] pixels"),
         ({"encoding": "png"}, "unknown encoding 'png'"),
         ({"dtype": "uint8"}, "values span"),
         ({"dtype": "int7"}, "unknown dtype"),
@@ -230,11 +231,12 @@ def test_ni_task_outputs_rest_and_ni_values():
 def test_config_of_models_logged_before_the_later_fields():
     """Records of older models lack encoder, context_slices and max_clipped_fraction: the values they ran with."""
     record = make_config().to_dict()
-    for later in ("encoder", "context_slices", "max_clipped_fraction", "window", "whole_slice_max_pixels"):
+    for later in ("encoder", "context_slices", "max_clipped_fraction", "window", "whole_slice_max_pixels",
+                  "smoothing_sigma"):
         del record[later]
     del record["normalisation"]["mode"]  # recorded neither inside normalisation nor beside it
     old = ModelConfig.from_dict(record)
-    assert (old.encoder, old.context_slices, old.max_clipped_fraction) == ("", 0, 0.5)
+    assert (old.encoder, old.context_slices, old.max_clipped_fraction, old.smoothing_sigma) == ("", 0, 0.5, 0.0)
     assert old.normalisation.mode == "fixed"  # what every model before per_volume did
     assert old.window == "sliding"  # what every model before whole-slice passes did ...
     from socseg.inference.window import fits_whole_slice
@@ -579,3 +581,18 @@ def test_fixed_model_maps_a_given_grey_range_onto_its_training_range(segmenter, 
         model.predict(rescaled)
     as_given = model.predict(rescaled, params={"grey_low": 2.5e-5 * 20000.0 - 0.55, "grey_high": 2.5e-5 * 43000.0 - 0.55})
     assert np.mean(as_given == model.predict(grey)) > 0.999
+
+
+def test_a_served_request_may_smooth_the_probabilities_as_segment_does(segmenter, saved, grey):
+    """params.smoothing_sigma reaches the predictor: the served labels equal the predictor's with the
+    same request, and differ from the unsmoothed ones (a random network's labels are speckled)."""
+    from socseg.inference.pyfunc import parse_options
+
+    model, exported = segmenter
+    predictor = Predictor(exported, model_config(str(saved[0])))
+    request = predictor.request(parse_options({"smoothing_sigma": 1.5}), source=grey)
+    assert request.window.smoothing_sigma == 1.5
+    smoothed = model.predict(grey, params={"smoothing_sigma": 1.5})
+    expected = np.array(sorted(PHASE_MAP), np.uint8)[predictor.probabilities(grey, request=request).argmax(-1)]
+    np.testing.assert_array_equal(smoothed, expected)
+    assert np.count_nonzero(smoothed != model.predict(grey)) > 0

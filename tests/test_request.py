@@ -19,7 +19,7 @@ def config(normalisation=None, **fields) -> ModelConfig:
     values = dict(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=PHASE_MAP, tile_size=64,
                   context_slices=0, normalisation=normalisation or FixedRange(low=100.0, high=900.0), window="sliding",
                   whole_slice_max_pixels=0, step_fraction=0.5, tta=True, batch_size=4, max_slice_pixels=10**6,
-                  max_clipped_fraction=0.5)
+                  max_clipped_fraction=0.5, smoothing_sigma=0.0)
     return ModelConfig(**{**values, **fields})
 
 
@@ -36,11 +36,15 @@ def test_options_are_checked_when_made_with_messages_naming_the_setting():
                          ({"step_fraction": "half"}, "step_fraction must be a number"),
                          ({"window": "tiles"}, "unknown window 'tiles': use one of whole_slice, sliding"),
                          ({"grey_range": (5.0, 5.0)}, "LOW must be below HIGH"),
-                         ({"grey_range": (float("nan"), 5.0)}, "must be finite")]:
+                         ({"grey_range": (float("nan"), 5.0)}, "must be finite"),
+                         ({"smoothing_sigma": -1}, r"smoothing_sigma must be in \[0, 3\] pixels, got -1"),
+                         ({"smoothing_sigma": "wide"}, "smoothing_sigma must be a number of pixels")]:
         with pytest.raises(ValueError, match=message):
             InferenceOptions(**bad)
     assert InferenceOptions(tta=False, window="whole_slice").record() == {"tta": False, "step_fraction": None,
                                                                           "window": "whole_slice"}
+    # A store written before smoothing existed records no smoothing_sigma: unset, it still resumes.
+    assert InferenceOptions(smoothing_sigma="0.7").record()["smoothing_sigma"] == 0.7
 
 
 def test_a_request_takes_the_model_settings_unless_overridden(volume):
@@ -53,8 +57,11 @@ def test_a_request_takes_the_model_settings_unless_overridden(volume):
                                                               allow_out_of_range=True), source=volume)
     assert custom.window == WindowSettings(64, 0.25, False, 4, "whole_slice", 0) and not custom.check_range
     assert InferenceRequest.resolve(model, InferenceOptions(allow_out_of_range=True), check_range=True).check_range
-    assert custom.record() == {"tta": False, "step_fraction": 0.25, "window": "whole_slice",
+    assert custom.record() == {"tta": False, "step_fraction": 0.25, "window": "whole_slice", "smoothing_sigma": 0.0,
                                "allow_out_of_range": True, "grey_range": None}
+    assert InferenceRequest.resolve(config(smoothing_sigma=1.0), source=volume).window.smoothing_sigma == 1.0
+    assert InferenceRequest.resolve(config(smoothing_sigma=1.0), InferenceOptions(smoothing_sigma=0),
+                                    source=volume).window.smoothing_sigma == 0.0
 
 
 def test_the_grey_range_is_resolved_by_the_model_normalisation(volume):

@@ -191,6 +191,7 @@ def test_client_retries_connection_errors_then_gives_up(tmp_path, serving_client
         (["--allow-out-of-range", "--tta", "--step-fraction", "0.25"],
          {"allow_out_of_range": True, "tta": True, "step_fraction": 0.25}),
         (["--no-tta"], {"tta": False}),
+        (["--smoothing-sigma", "1.0"], {"smoothing_sigma": 1.0}),
     ],
 )
 def test_client_options_become_request_params(tmp_path, monkeypatch, flags, params, serving_client):

@@ -13,6 +13,7 @@ from socseg.inference.window import (
     fixed_batch,
     gaussian_importance,
     iter_window_probabilities,
+    smooth_probabilities,
 )
 
 PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
@@ -46,7 +47,7 @@ def model_config(tile_size, step_fraction=0.5, tta=False, batch_size=8, context_
         tta=tta,
         batch_size=batch_size,
         max_slice_pixels=10**8,
-        max_clipped_fraction=0.5,
+        max_clipped_fraction=0.5, smoothing_sigma=0.0,
     )
 
 
@@ -443,3 +444,40 @@ def test_whole_slice_pass_is_the_network_on_the_padded_slice_and_close_to_the_sl
     np.testing.assert_allclose(whole_probs, reference, atol=2e-4)  # float32 kernels differ per shape
     tiled = model.probabilities(image[None], request=model.request(InferenceOptions(window="sliding"), source=image[None]))[0]
     assert np.mean(np.argmax(tiled, -1) == np.argmax(whole_probs, -1)) > 0.9
+
+
+def test_smoothing_removes_a_one_pixel_speck_and_keeps_probabilities_normalised():
+    """A pixel that only just prefers another class, alone in a field of one class, is outvoted by its
+    neighbourhood; a feature much wider than sigma keeps its class; each pixel still sums to one."""
+    probs = np.zeros((40, 40, 3), np.float32)
+    probs[..., 0] = 0.8
+    probs[..., 1] = 0.2
+    probs[10, 10] = (0.3, 0.7, 0.0)  # the speck
+    probs[20:36, 20:36] = (0.1, 0.0, 0.9)  # a 16-pixel square of Ni
+    assert smooth_probabilities(probs, 0.0) is probs
+    smoothed = smooth_probabilities(probs, 1.0)
+    assert smoothed.dtype == np.float32 and smoothed.shape == probs.shape
+    np.testing.assert_allclose(smoothed.sum(-1), 1.0, atol=1e-5)
+    assert probs.argmax(-1)[10, 10] == 1 and smoothed.argmax(-1)[10, 10] == 0
+    assert (smoothed.argmax(-1)[22:34, 22:34] == 2).all()
+
+
+def test_the_predictor_smooths_with_the_models_sigma_unless_the_request_overrides_it():
+    speckled = np.random.default_rng(1).random((2, 48, 48)).astype(np.float32)
+    plain = predictor(pointwise_softmax, 32, window="whole_slice", whole_slice_max_pixels=10**6)
+    config = plain.config
+    smoothing = Predictor(Network(pointwise_softmax), type(config)(**{**vars(config), "smoothing_sigma": 1.0}))
+    raw = plain.probabilities(speckled)
+    np.testing.assert_allclose(smoothing.probabilities(speckled), np.stack([smooth_probabilities(p, 1.0) for p in raw]),
+                               atol=1e-6)
+    override = smoothing.request(InferenceOptions(smoothing_sigma=0.0), source=speckled)
+    np.testing.assert_array_equal(smoothing.probabilities(speckled, request=override), raw)
+    assert np.count_nonzero(smoothing.classes(speckled) != plain.classes(speckled)) > 0
+
+
+def pointwise_softmax(tiles):
+    """Three class scores from each pixel's grey value alone: a speckled input gives speckled classes."""
+    grey = tiles[..., :1]
+    scores = np.concatenate([1 - grey, 0.5 * np.ones_like(grey), grey], axis=-1) * 6.0
+    scores = np.exp(scores - scores.max(-1, keepdims=True))
+    return (scores / scores.sum(-1, keepdims=True)).astype(np.float32)

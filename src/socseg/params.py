@@ -106,6 +106,21 @@ def check_step_fraction(value: Any) -> float:
     return step
 
 
+# Beyond ~3 pixels the smoothing erases phase features a few voxels wide (Ni necks, thin YSZ).
+MAX_SMOOTHING_SIGMA = 3.0
+
+
+def check_smoothing_sigma(value: Any) -> float:
+    """The in-plane Gaussian sigma (pixels) of the probability smoothing, in [0, MAX_SMOOTHING_SIGMA]."""
+    try:
+        sigma = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"smoothing_sigma must be a number of pixels in [0, {MAX_SMOOTHING_SIGMA:g}], got {value!r}") from None
+    if not 0.0 <= sigma <= MAX_SMOOTHING_SIGMA:
+        raise ValueError(f"smoothing_sigma must be in [0, {MAX_SMOOTHING_SIGMA:g}] pixels, got {value}")
+    return sigma
+
+
 def check_window(value: str) -> str:
     """An inference window name: one of :data:`WINDOWS`."""
     if value not in WINDOWS:
@@ -322,6 +337,7 @@ class InferenceParams:
     whole_slice_max_pixels: int = _help("larger slices (after padding) take the sliding window")
     step_fraction: float = _help("sliding-window step as a fraction of the tile")
     tta: bool = _help("8-fold flip/rotation test-time augmentation")
+    smoothing_sigma: float = _help("in-plane Gaussian sigma (pixels) on the class probabilities before the argmax; 0: none")
     batch_size: int = _help("tiles per forward pass")
     slice_batch: int = _help("slices per streamed chunk and per REST request")
     chunk_depth: int = _help("slices per z-chunk of a Zarr output: one task of a (Dask) run")
@@ -333,6 +349,10 @@ class InferenceParams:
             raise ParamsError(f"params.inference.whole_slice_max_pixels must be >= 0, got {self.whole_slice_max_pixels}")
         try:
             check_step_fraction(self.step_fraction)
+        except ValueError as error:
+            raise ParamsError(f"params.inference.{error}") from None
+        try:
+            check_smoothing_sigma(self.smoothing_sigma)
         except ValueError as error:
             raise ParamsError(f"params.inference.{error}") from None
         if self.chunk_depth < 1:

@@ -30,10 +30,11 @@ def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def with_options(*args: Any, tta: bool | None, window: str | None, step_fraction: float | None,
-                     allow_out_of_range: bool, grey_range: tuple[float, float] | None, **kwargs: Any) -> Any:
+                     smoothing_sigma: float | None, allow_out_of_range: bool, grey_range: tuple[float, float] | None,
+                     **kwargs: Any) -> Any:
         try:
             options = InferenceOptions(tta=tta, step_fraction=step_fraction, window=window, grey_range=grey_range,
-                                       allow_out_of_range=allow_out_of_range)
+                                       smoothing_sigma=smoothing_sigma, allow_out_of_range=allow_out_of_range)
         except ValueError as error:
             raise CommandError(str(error)) from None
         return command(*args, options=options, **kwargs)
@@ -45,6 +46,9 @@ def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="whole_slice: one pass per slice; sliding: overlapping tiles [default: the model's]."),
         click.option("--step-fraction", type=float,
                      help="Sliding window: tile step / tile size, in (0, 1] [default: the model's]."),
+        click.option("--smoothing-sigma", type=float,
+                     help="Gaussian sigma (pixels) of the in-plane smoothing of the class probabilities before the "
+                          "argmax; 0: none [default: the model's, params: inference.smoothing_sigma]."),
         click.option("--allow-out-of-range", is_flag=True,
                      help="Segment even when most grey values lie outside the model's training range (refused by default)."),
         grey_range_option,

@@ -20,7 +20,7 @@ from socseg.params import InferenceParams, parse_bool
 # record yet, and the value they behaved with (the sliding window; whole-slice passes on request,
 # up to the bound they were introduced with). `socseg relog` re-logs such a model with every field.
 _RECORDED_LATER = {"max_clipped_fraction": 0.5, "context_slices": 0, "encoder": "", "window": "sliding",
-                   "whole_slice_max_pixels": 4096 * 1024}
+                   "whole_slice_max_pixels": 4096 * 1024, "smoothing_sigma": 0.0}
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ModelConfig:
     whole_slice_max_pixels: int  # larger slices take the sliding window
     step_fraction: float
     tta: bool
+    smoothing_sigma: float  # in-plane Gaussian on the probabilities (socseg.inference.window.smooth_probabilities)
     batch_size: int
     max_slice_pixels: int
     max_clipped_fraction: float  # see Predictor.check_grey_range
@@ -67,6 +68,7 @@ class ModelConfig:
             whole_slice_max_pixels=int(record["whole_slice_max_pixels"]),
             step_fraction=float(record["step_fraction"]),
             tta=parse_bool(record["tta"]),
+            smoothing_sigma=float(record["smoothing_sigma"]),
             batch_size=int(record["batch_size"]),
             max_slice_pixels=int(record["max_slice_pixels"]),
             max_clipped_fraction=float(record["max_clipped_fraction"]),
@@ -82,6 +84,7 @@ class ModelConfig:
             "whole_slice_max_pixels": inference.whole_slice_max_pixels,
             "step_fraction": inference.step_fraction,
             "tta": inference.tta,
+            "smoothing_sigma": inference.smoothing_sigma,
             "batch_size": inference.batch_size,
             "max_slice_pixels": inference.max_slice_pixels,
             "max_clipped_fraction": inference.max_clipped_fraction,

@@ -24,7 +24,7 @@ from typing import Any
 from socseg.data.normalise import GreyRange, check_grey_range_values
 from socseg.inference.config import ModelConfig
 from socseg.inference.window import WindowSettings
-from socseg.params import check_step_fraction, check_window
+from socseg.params import check_smoothing_sigma, check_step_fraction, check_window
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class InferenceOptions:
     tta: bool | None = None
     step_fraction: float | None = None  # sliding window: tile step / tile size, (0, 1]
     window: str | None = None  # whole_slice | sliding
+    smoothing_sigma: float | None = None  # in-plane Gaussian sigma (pixels) on the probabilities, >= 0
     grey_range: GreyRange | None = None  # the source volume's grey range (e.g. `socseg stats`)
     allow_out_of_range: bool = False  # segment input mostly outside the model's grey range anyway
 
@@ -42,14 +43,18 @@ class InferenceOptions:
             object.__setattr__(self, "step_fraction", check_step_fraction(self.step_fraction))
         if self.window is not None:
             check_window(self.window)
+        if self.smoothing_sigma is not None:
+            object.__setattr__(self, "smoothing_sigma", check_smoothing_sigma(self.smoothing_sigma))
         if self.grey_range is not None:
             object.__setattr__(self, "grey_range", check_grey_range_values(*self.grey_range))
         if self.tta is not None:
             object.__setattr__(self, "tta", bool(self.tta))
 
     def record(self) -> dict[str, Any]:
-        """The overrides as given, for an output's run record (a resumed run must ask the same)."""
-        return {"tta": self.tta, "step_fraction": self.step_fraction, "window": self.window}
+        """The overrides as given, for an output's run record (a resumed run must ask the same).
+        ``smoothing_sigma`` only when given: stores written before it existed still resume."""
+        given = {} if self.smoothing_sigma is None else {"smoothing_sigma": self.smoothing_sigma}
+        return {"tta": self.tta, "step_fraction": self.step_fraction, "window": self.window, **given}
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class InferenceRequest:
             batch_size=config.batch_size,
             window=config.window if options.window is None else options.window,
             whole_slice_max_pixels=config.whole_slice_max_pixels,
+            smoothing_sigma=config.smoothing_sigma if options.smoothing_sigma is None else options.smoothing_sigma,
         )
         grey_range = config.normalisation.source_range(source, options.grey_range)
         if grey_range is not None:
@@ -83,5 +89,6 @@ class InferenceRequest:
     def record(self) -> dict[str, Any]:
         """The resolved settings, for an output's metadata."""
         return {"tta": self.window.tta, "step_fraction": self.window.step_fraction, "window": self.window.window,
+                "smoothing_sigma": self.window.smoothing_sigma,
                 "allow_out_of_range": not self.check_range,
                 "grey_range": None if self.grey_range is None else [float(v) for v in self.grey_range]}

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from socseg.data.tiling import tile_starts
-from socseg.params import check_step_fraction, check_window
+from socseg.params import check_smoothing_sigma, check_step_fraction, check_window
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -59,9 +59,11 @@ class WindowSettings:
     batch_size: int
     window: str
     whole_slice_max_pixels: int
+    smoothing_sigma: float = 0.0  # in-plane Gaussian on each slice's probabilities (smooth_probabilities)
 
     def __post_init__(self) -> None:
         check_window(self.window)
+        check_smoothing_sigma(self.smoothing_sigma)
         if self.whole_slice_max_pixels < 0:
             raise ValueError(f"whole_slice_max_pixels must be >= 0, got {self.whole_slice_max_pixels}")
         if self.tile_size <= 0:
@@ -237,10 +239,29 @@ def fits_whole_slice(height: int, width: int, settings: WindowSettings) -> bool:
     return (height + a + b) * (width + c + d) <= settings.whole_slice_max_pixels
 
 
+def smooth_probabilities(probabilities: np.ndarray, sigma: float) -> np.ndarray:
+    """``(H, W, C)`` class probabilities blurred in-plane by a Gaussian of ``sigma`` pixels (0: as given).
+
+    Why: the network decides each pixel on its own, so boundaries come out ragged and a pixel of
+    intermediate grey between pore and Ni (partial volume) often reads as YSZ. Such specks and
+    one-pixel layers each add triple-phase boundary, a sum over every pore/YSZ/Ni contact, far more
+    than they cost in IoU (benchmarks/results/cv_phases_postprocess/). Averaging the probabilities
+    over a neighbourhood before the argmax lets a class win a pixel only where it is likely around
+    it too. The smoothing is linear, so each pixel's probabilities still sum to one, and it stays
+    within the slice, so a slice's labels do not depend on which other slices share its request.
+    """
+    if sigma <= 0.0:
+        return probabilities
+    from scipy import ndimage as ndi
+
+    return ndi.gaussian_filter(probabilities, (sigma, sigma, 0.0), mode="reflect").astype(np.float32, copy=False)
+
+
 def iter_window_probabilities(
     predict: Predict, slices: Iterable[np.ndarray], settings: WindowSettings
 ) -> Iterator[np.ndarray]:
-    """Class probabilities ``(H, W, C)`` float32 for each slice, in input order.
+    """Class probabilities ``(H, W, C)`` float32 for each slice, in input order, smoothed in-plane
+    by ``settings.smoothing_sigma`` (:func:`smooth_probabilities`).
 
     A slice is ``(H, W)`` grey values, or ``(H, W, 2k + 1)`` for a 2.5D model (see
     :func:`socseg.data.context.iter_with_context)`. Slices may differ in shape. Whole-slice passes
@@ -248,6 +269,14 @@ def iter_window_probabilities(
     ``window: sliding``) goes through :func:`iter_sliding_window_probabilities`. A slice is yielded
     as soon as it is done, so memory holds only the slices of one batch.
     """
+    for probabilities in _iter_unsmoothed_probabilities(predict, slices, settings):
+        yield smooth_probabilities(probabilities, settings.smoothing_sigma)
+
+
+def _iter_unsmoothed_probabilities(
+    predict: Predict, slices: Iterable[np.ndarray], settings: WindowSettings
+) -> Iterator[np.ndarray]:
+    """:func:`iter_window_probabilities` before the smoothing."""
     if settings.window == "sliding":  # tiles of consecutive slices share forward passes
         yield from iter_sliding_window_probabilities(predict, slices, settings)
         return
