@@ -1,0 +1,216 @@
+"""Post-processing under cross-validation: which probability smoothing brings each fold's microstructure closest to the labels.
+
+    python benchmarks/cv_postprocess.py --models benchmarks/results/cv_phases/accuracy.csv \\
+        [--sigmas 0,0.5,0.7,1,1.3] [--with-forest] [--out benchmarks/results/cv_postprocess]
+
+Pixel errors of a good U-Net sit almost all on phase boundaries (``error_analysis.json``), and there
+they matter far more to the triple-phase boundary (TPB) than to IoU: a one-pixel speck of YSZ
+between pore and Ni adds a TPB loop while costing one pixel of IoU. The candidate fix is
+``inference.smoothing_sigma`` (:func:`socseg.inference.window.smooth_probabilities`): an in-plane
+Gaussian on each slice's probabilities before the argmax. This script measures it the way issue 29
+asks, on the z-fold cross-validation of ``benchmarks/accuracy.py --folds`` (its CSV names each
+fold's U-Net), so that the choice is not made on one test slab:
+
+- each fold's U-Net predicts its own held-out fold (the same fold copies and split as the CV run,
+  its predictor and grey-range mapping, no TTA); the raw probabilities are smoothed with each
+  ``--sigmas`` value exactly as the predictor does, then the argmax is scored against the manual
+  labels: per-class IoU (:mod:`socseg.model.metrics`) and the microstructure
+  (:func:`socseg.analysis.microstructure.measure`: TPB density and active TPB density per axis,
+  interfaces, percolating fractions, Ni sizes), relative error against the labels' own values;
+- two references that are not inference settings: removing 6-connected islands below 8 voxels
+  (the size below which the manual labels hold almost no components, ``error_analysis.json``) and
+  a 3-D Gaussian of sigma 0.7 (it needs each slice's neighbours' probabilities, which a served
+  request of a few slices does not have);
+- ``--with-forest``: the ilastik-style forest of accuracy.py, fitted on each fold's training slabs,
+  with the same smoothings of its vote shares.
+
+The chosen sigma (``figures.chosen_sigma``): the in-plane value with the smallest mean |TPB density
+error| over the folds among those whose mean IoU is within ``--iou-tolerance`` of no smoothing.
+
+Writes ``cv_postprocess.json`` / ``.md`` into ``--out``: one row per fold, method and variant; the
+figures hold the means and standard deviations over folds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
+    sys.path.append(str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+
+# Metrics compared with the labels; ``tpb.active_density.<axis>`` = TPB density x active share.
+METRICS = ("tpb.density", "tpb.active_density.z", "tpb.active_density.y", "tpb.active_density.x",
+           "iface.pore-ysz", "iface.pore-ni", "iface.ysz-ni", "perc.pore.z", "perc.ysz.z", "perc.ni.z",
+           "vf.pore", "vf.ysz", "vf.ni", "size.ni.d50")
+ISLAND_VOXELS = 8
+REFERENCE_3D_SIGMA = 0.7
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=Path, required=True, help="accuracy.py --folds CSV with a phases U-Net row per fold")
+    p.add_argument("--method", default="pv", help="the U-Net method name of those rows (accuracy.py --variant)")
+    p.add_argument("--split", type=lambda t: floats(t, 4), default=[0.6, 0.1, 0.3, 8], metavar="TRAIN,VAL,TEST,GAP",
+                   help="the CV run's --split")
+    p.add_argument("--sigmas", type=floats, default=[0.0, 0.5, 0.7, 1.0, 1.3], help="in-plane smoothing sigmas (pixels)")
+    p.add_argument("--iou-tolerance", type=float, default=0.0005,
+                   help="a sigma is eligible if its mean IoU is at most this far below no smoothing's")
+    p.add_argument("--with-forest", action="store_true", help="also the forest of accuracy.py, per fold")
+    p.add_argument("--rf-trees", type=int, default=100)
+    p.add_argument("--rf-samples", type=int, default=150_000)
+    p.add_argument("--rf-jobs", type=int, default=2)
+    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", "../shared/data/socpristine")))
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    p.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml")
+    p.add_argument("--out", type=Path, default=RESULTS / "cv_postprocess")
+    p.add_argument("--note", default="")
+    return p.parse_args(argv)
+
+
+def fold_models(path: Path, method: str) -> dict[int, tuple[int, str]]:
+    """``{fold index (0-based): (number of folds, model URI)}`` of the phases rows of ``method``."""
+    out: dict[int, tuple[int, str]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            found = re.match(r"z-fold (\d+)/(\d+)", row.get("split", ""))
+            if row.get("task") == "phases" and row.get("model_uri") and found and method in row.get("method", ""):
+                out[int(found.group(1)) - 1] = (int(found.group(2)), row["model_uri"])
+    if not out:
+        raise SystemExit(f"{path}: no phases rows of method {method!r} with a model_uri and a 'z-fold k/K' split")
+    return out
+
+
+def variants(sigmas: Sequence[float]) -> list[tuple[str, str, float]]:
+    """(name, kind, value): in-plane sigmas, then the two references."""
+    return ([(f"in-plane sigma {s:g}", "plane", float(s)) for s in sigmas]
+            + [(f"islands < {ISLAND_VOXELS} removed", "islands", float(ISLAND_VOXELS)),
+               (f"3-D sigma {REFERENCE_3D_SIGMA:g}", "volume", REFERENCE_3D_SIGMA)])
+
+
+def apply_variant(probabilities: np.ndarray, kind: str, value: float) -> np.ndarray:
+    """Class indices (uint8) of ``(Z, Y, X, C)`` probabilities after one variant."""
+    from scipy import ndimage as ndi
+
+    from microstructure_accuracy import without_islands
+    from socseg.inference.window import smooth_probabilities
+
+    if kind == "plane":
+        return np.stack([smooth_probabilities(p, value).argmax(-1) for p in probabilities]).astype(np.uint8)
+    if kind == "volume":
+        return ndi.gaussian_filter(probabilities, (value, value, value, 0.0)).argmax(-1).astype(np.uint8)
+    return without_islands(probabilities.argmax(-1).astype(np.uint8), int(value))
+
+
+def microstructure(labels: np.ndarray, names: list[str]) -> dict[str, float]:
+    from socseg.analysis.microstructure import flatten_metrics, measure
+
+    flat = flatten_metrics(measure(labels, dict(enumerate(names)), size_phases=["ni"]))
+    for axis in "zyx":
+        flat[f"tpb.active_density.{axis}"] = flat["tpb.density"] * flat[f"tpb.active.{axis}"]
+    return flat
+
+
+def scored(truth: np.ndarray, pred: np.ndarray, names: list[str], reference: dict[str, float]) -> dict[str, Any]:
+    """IoU per class and the relative error of each of METRICS against ``reference`` (the labels')."""
+    from socseg.model.metrics import confusion_matrix, segmentation_scores
+
+    scores = segmentation_scores(confusion_matrix(truth, pred, len(names)), names)
+    found = microstructure(pred, names)
+    row: dict[str, Any] = {"mean_iou": scores["mean_iou"], **{f"iou_{n}": scores[f"iou_{n}"] for n in names}}
+    for key in METRICS:
+        row[f"err.{key}"] = (found[key] - reference[key]) / reference[key] if reference.get(key) else None
+    return row
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method and variant: mean and sd over folds of the IoU and of each relative error."""
+    out: dict[str, dict[str, Any]] = {}
+    keys = ["mean_iou"] + [f"err.{k}" for k in METRICS]
+    for method, variant in dict.fromkeys((r["method"], r["variant"]) for r in rows):
+        mine = [r for r in rows if r["method"] == method and r["variant"] == variant]
+        entry: dict[str, Any] = {"folds": len(mine)}
+        for key in keys:
+            values = np.array([r[key] for r in mine if r.get(key) is not None], float)
+            if values.size:
+                entry[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0}
+        entry["mean_abs_err.tpb.density"] = float(np.mean([abs(r["err.tpb.density"]) for r in mine]))
+        out[f"{method} | {variant}"] = entry
+    return out
+
+
+def chosen_sigma(stats: dict[str, dict[str, Any]], method: str, sigmas: Sequence[float], tolerance: float) -> float:
+    """The in-plane sigma with the smallest mean |TPB density error| whose mean IoU is within
+    ``tolerance`` of no smoothing's."""
+    base = stats[f"{method} | in-plane sigma 0"]["mean_iou"]["mean"]
+    eligible = [s for s in sigmas if stats[f"{method} | in-plane sigma {s:g}"]["mean_iou"]["mean"] >= base - tolerance]
+    return float(min(eligible, key=lambda s: stats[f"{method} | in-plane sigma {s:g}"]["mean_abs_err.tpb.density"]))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if 0.0 not in args.sigmas:
+        raise SystemExit("--sigmas must include 0 (no smoothing): the other values are judged against it")
+    from accuracy import fit_baseline, fold_setting, test_slabs
+    from microstructure_accuracy import log, unet_probabilities
+    from socseg.params import load_params
+
+    metadata = run_metadata(__file__, argv)
+    models = fold_models(args.models, args.method)
+    params = load_params(args.params)
+    source = import_socpristine(args.source, args.cache_dir)
+    rows: list[dict[str, Any]] = []
+    for fold, (folds, model_uri) in sorted(models.items()):
+        with tempfile.TemporaryDirectory(prefix="socseg-cv-postprocess-") as tmp:
+            setting = fold_setting(source, args.cache_dir, folds, fold, args.split, Path(tmp))
+            slab = test_slabs(setting)[0]
+            names = [n.lower() for n in slab.volume.class_names]
+            truth = slab.targets("phases")
+            reference = microstructure(truth, names)
+            methods = {"U-Net": unet_probabilities(model_uri, slab)}
+            if args.with_forest:
+                forest = fit_baseline("rf", "phases", setting, params, args)
+                methods["forest"] = forest.model.probabilities(forest.data.normalised(slab), len(names))
+        for method, probabilities in methods.items():
+            for variant, kind, value in variants(args.sigmas):
+                row = {"fold": fold + 1, "method": method, "variant": variant,
+                       **scored(truth, apply_variant(probabilities, kind, value), names, reference)}
+                rows.append(row)
+                log(f"fold {fold + 1}/{folds} {method} {variant}: mean IoU {row['mean_iou']:.4f}, "
+                    f"TPB {row['err.tpb.density']:+.2%}, active TPB z {row['err.tpb.active_density.z']:+.2%}")
+        del methods
+    stats = summary(rows)
+    figures: dict[str, Any] = {"chosen_sigma": chosen_sigma(stats, "U-Net", args.sigmas, args.iou_tolerance), **stats}
+    settings = {
+        "models": f"{args.models} ({args.method} rows, one per fold)",
+        "data": f"SOCPristine, {len(models)} contiguous z-folds, split {args.split} (the CV run's fold copies)",
+        "variants": ", ".join(v for v, _, _ in variants(args.sigmas)),
+        "rule": f"chosen sigma: smallest mean |TPB density error| among in-plane sigmas with mean IoU within "
+                f"{args.iou_tolerance:g} of sigma 0",
+        "units": "voxel (no voxel size known for this data); relative errors need none",
+        **({"note": args.note} if args.note else {}),
+    }
+    columns = [("fold", "fold", "d"), ("method", "method"), ("variant", "variant"), ("mean_iou", "mean IoU", ".4f"),
+               ("err.tpb.density", "TPB", "+.1%"), ("err.tpb.active_density.z", "active TPB z", "+.1%"),
+               ("err.tpb.active_density.y", "active TPB y", "+.1%"), ("err.iface.pore-ni", "pore-Ni area", "+.1%"),
+               ("err.perc.pore.z", "pore perc. z", "+.1%"), ("err.size.ni.d50", "Ni d50", "+.1%")]
+    notes = ["Relative errors against the manual labels of the same fold. Active TPB density = TPB density x the "
+             "share of TPB whose three phases each reach both faces normal to the axis."]
+    json_path, md_path = write_result(args.out, "cv_postprocess", "Probability smoothing under z-fold cross-validation",
+                                      metadata, settings, figures, columns, rows, notes)
+    log(f"chosen sigma {figures['chosen_sigma']:g}; wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
