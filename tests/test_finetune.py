@@ -149,7 +149,7 @@ def parent(tiny_params, mlflow_env):
     tiny_params["normalise"]["mode"] = "fixed"
     result = train(tiny_params, run_name="parent", evaluate_test=False)  # no champion yet: nothing to compare
     promotion = register_and_promote(result.model_uri, "socseg-ni", result.metrics["val_mean_iou"],
-                                     evaluate=lambda uri: 0.0, run_id=result.run_id)
+                                     evaluate=lambda uri: 0.0, run_id=result.run_id, lock=params_lock(tiny_params))
     assert promotion.version == "1" and promotion.promoted
     tiny_params["finetune"].update(epochs=1, steps_per_epoch=2)
     return tiny_params
@@ -323,7 +323,8 @@ def test_the_gate_promotes_a_better_fine_tune_and_rejects_a_worse_one(tiny_param
     client = MlflowClient()
 
     ni_uri, ni_run = _constant_segmenter("all-ni", ni=True)
-    first = register_and_promote(ni_uri, "socseg-ni", 0.0, evaluate=lambda uri: 0.0, run_id=ni_run)
+    first = register_and_promote(ni_uri, "socseg-ni", 0.0, evaluate=lambda uri: 0.0, run_id=ni_run,
+                                 lock=params_lock(tiny_params))
     assert first.version == "1" and first.promoted
 
     rest_uri, _ = _constant_segmenter("all-rest", ni=False)
@@ -443,3 +444,13 @@ def test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale(tiny_p
     assert record["normalisation"]["grey_range"] == pytest.approx(list(expected))
     assert 2.0 < expected[0] < expected[1] < 200.0  # the uint8 scan's own range, not the uint16 one
     assert 0.0 <= result.metrics["test_iou_ni"] <= 1.0  # the held-out slice 9, scored through the same mapping
+
+
+def params_lock(params):
+    """The promotion lock the pipeline would take with these params (a file lock beside the test's store)."""
+    import mlflow
+
+    from socseg.params import typed
+    from socseg.training.promotion_lock import lock_for
+
+    return lock_for(typed(params), mlflow.get_tracking_uri())

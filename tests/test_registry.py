@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from socseg.training.promotion_lock import lock_factory
 from socseg.training.registry import CHALLENGER, CHAMPION, champion_version, register_and_promote
+
+
+def local_lock():
+    """The promotion lock of the test's local store (a file lock beside its SQLite file)."""
+    return lock_factory("auto", mlflow.get_tracking_uri(), "", timeout=60)
 
 
 @pytest.fixture()
@@ -22,19 +28,19 @@ def test_champion_moves_only_to_models_that_are_not_worse(logged_model):
         assert uri == f"models:/socseg-test@{CHAMPION}"
         return scores[str(client.get_model_version_by_alias("socseg-test", CHAMPION).version)]
 
-    first = register_and_promote(logged_model, "socseg-test", 0.80, evaluate, tags={"encoder": "unet"})
+    first = register_and_promote(logged_model, "socseg-test", 0.80, evaluate, local_lock(), tags={"encoder": "unet"})
     scores[first.version] = 0.80
     assert first.promoted and first.champion_version_before is None
     assert champion_version("socseg-test") == first.version
 
-    worse = register_and_promote(logged_model, "socseg-test", 0.75, evaluate)
+    worse = register_and_promote(logged_model, "socseg-test", 0.75, evaluate, local_lock())
     scores[worse.version] = 0.75
     assert not worse.promoted and worse.champion_score_before == pytest.approx(0.80)
     assert champion_version("socseg-test") == first.version
     assert str(client.get_model_version_by_alias("socseg-test", CHALLENGER).version) == worse.version
     assert client.get_model_version("socseg-test", worse.version).tags["promotion"] == "rejected"
 
-    equal = register_and_promote(logged_model, "socseg-test", 0.80, evaluate)
+    equal = register_and_promote(logged_model, "socseg-test", 0.80, evaluate, local_lock())
     assert equal.promoted and champion_version("socseg-test") == equal.version
     version = client.get_model_version("socseg-test", equal.version)
     assert version.tags["promotion"] == CHAMPION and version.tags["test_mean_iou"] == "0.800000"
@@ -45,7 +51,7 @@ def test_champion_moves_only_to_models_that_are_not_worse(logged_model):
 def test_champion_alias_loads_as_pyfunc_and_predicts(logged_model):
     import socseg.model.unet  # noqa: F401
 
-    promotion = register_and_promote(logged_model, "socseg-load", 0.5, evaluate=lambda uri: 0.0)
+    promotion = register_and_promote(logged_model, "socseg-load", 0.5, evaluate=lambda uri: 0.0, lock=local_lock())
     assert promotion.promoted
     model = mlflow.pyfunc.load_model(f"models:/socseg-load@{CHAMPION}")
     slices = np.random.default_rng(0).integers(20000, 42000, (2, 64, 64)).astype(np.float32)
@@ -235,7 +241,8 @@ def test_a_refused_registry_read_stops_registration_and_promotes_nothing(trained
 
     _, models = trained
     good, bad = models["good"], models["bad"]
-    existing = register_and_promote(good["uri"], "denied", good["score"], evaluate=lambda uri: good["score"])
+    existing = register_and_promote(good["uri"], "denied", good["score"], evaluate=lambda uri: good["score"],
+                                    lock=local_lock())
     assert existing.promoted
 
     def denied(self, name):
@@ -246,7 +253,7 @@ def test_a_refused_registry_read_stops_registration_and_promotes_nothing(trained
         patch.setattr(MlflowClient, "get_registered_model", denied)
         for name in ("denied", "denied-new"):
             with pytest.raises(RegistryError, match="denied"):
-                register_and_promote(bad["uri"], name, 1.0, evaluate=evaluated.append)
+                register_and_promote(bad["uri"], name, 1.0, evaluate=evaluated.append, lock=local_lock())
         with pytest.raises(RegistryError, match="denied"):
             champion_version("denied")
     assert not evaluated
@@ -256,7 +263,7 @@ def test_a_refused_registry_read_stops_registration_and_promotes_nothing(trained
     assert _versions("denied-new") == [] and champion_version("denied-new") is None
 
 
-def test_a_tracking_server_that_is_down_stops_registration(trained, in_store, monkeypatch):
+def test_a_tracking_server_that_is_down_stops_registration(trained, in_store, monkeypatch, tmp_path):
     import socket
 
     from socseg.training.registry import RegistryError
@@ -273,7 +280,8 @@ def test_a_tracking_server_that_is_down_stops_registration(trained, in_store, mo
     evaluated = []
     try:
         with pytest.raises(RegistryError) as error:
-            register_and_promote(models["good"]["uri"], "unreachable", 1.0, evaluate=evaluated.append)
+            register_and_promote(models["good"]["uri"], "unreachable", 1.0, evaluate=evaluated.append,
+                                 lock=lock_factory(str(tmp_path), down, "", timeout=60))
         with pytest.raises(RegistryError):
             champion_version("unreachable")
     finally:

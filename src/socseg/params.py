@@ -302,6 +302,12 @@ class SearchParams:
 class RegistryParams:
     model_name: str = _help("registered model name; {task} is the model's task")
     metric: str = _help("test metric the champion gate compares")
+    promotion_lock: str = _help("auto | postgresql:// URL | folder: where promotions of one model take turns")
+    promotion_lock_timeout: float = _help("seconds to wait for another promotion of the same model")
+
+    def __post_init__(self) -> None:
+        if not self.promotion_lock_timeout > 0:
+            raise ParamsError(f"params.registry.promotion_lock_timeout must be > 0 seconds, got {self.promotion_lock_timeout}")
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,14 @@ from socseg.data.volumes import VolumeError, parse_phase_map
 @param_option("train", "loss")
 @param_option("train", "seed")
 @param_option("data", "dir", "--data-dir", "data_dir", help="Where VOLUME is looked up when it is a name.")
+@param_option("registry", "promotion_lock")
 @click.option("--no-register", is_flag=True, help="Log the run and the model only; register nothing.")
 @click.option("--run-name", type=blankable(str), help="MLflow run name.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the result (scores, lineage, promotion) as JSON here.")
 @params_file_option
 def finetune(model_uri, volume, labels_path, phase_map, ignore_value, labelled_slices, task, epochs, steps_per_epoch,
-             learning_rate, freeze_encoder, test_fraction, max_minutes, batch_size, loss, seed, data_dir, no_register,
-             run_name, out, params_file) -> None:
+             learning_rate, freeze_encoder, test_fraction, max_minutes, batch_size, loss, seed, data_dir, promotion_lock,
+             no_register, run_name, out, params_file) -> None:
     """Fine-tune MODEL_URI on the labelled pixels of VOLUME; register it as challenger.
 
     MODEL_URI: e.g. models:/socseg-ni@champion. VOLUME: a socseg volume folder (or the name of one
@@ -62,6 +63,7 @@ def finetune(model_uri, volume, labels_path, phase_map, ignore_value, labelled_s
                       freeze_encoder=freeze_encoder, test_fraction=test_fraction, max_minutes=max_minutes),
         train=dict(batch_size=batch_size, loss=loss, seed=seed),
         data=dict(dir=data_dir),
+        registry=dict(promotion_lock=promotion_lock),
     )
     try:
         result = run_finetune(

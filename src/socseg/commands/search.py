@@ -88,14 +88,19 @@ def evaluate_best(search_json, data_dir, params_file, out) -> None:
 @click.option("--search", "search_json", default=f"{_OUTPUTS}/search.json", show_default=True)
 @click.option("--metrics", "metrics_json", default="metrics.json", show_default=True)
 @param_option("registry", "model_name")
+@param_option("registry", "promotion_lock")
+@param_option("search", "storage", help="Optuna storage URL: a PostgreSQL one also holds the promotion lock "
+              "(registry.promotion_lock auto)")
 @param_option("data", "dir", "--data-dir", "data_dir")
 @params_file_option
 @click.option("--out", default=f"{_OUTPUTS}/registered.json", show_default=True, type=click.Path(dir_okay=False))
-def register(search_json, metrics_json, model_name, data_dir, params_file, out) -> None:
-    """Register the evaluated model; alias challenger, and champion if not worse than the current one."""
+def register(search_json, metrics_json, model_name, promotion_lock, storage, data_dir, params_file, out) -> None:
+    """Register the evaluated model; alias challenger, and champion if not worse than the current one
+    (one promotion of a model at a time: registry.promotion_lock)."""
     from socseg.training.pipeline import register as run_register
 
-    params = load_with(params_file, data=dict(dir=data_dir), registry=dict(model_name=model_name))
+    params = load_with(params_file, data=dict(dir=data_dir), search=dict(storage=storage),
+                       registry=dict(model_name=model_name, promotion_lock=promotion_lock))
     promotion = run_register(params, search_json, metrics_json, out)
     if promotion["already_registered"]:
         verdict = "was already registered from this run" + (" and is champion" if promotion["promoted"] else "")

@@ -43,6 +43,7 @@ from socseg.inference.pyfunc import model_config
 from socseg.params import Params, typed
 from socseg.training import tracking
 from socseg.training.pipeline import registered_model_name
+from socseg.training.promotion_lock import lock_for
 from socseg.training.registry import register_and_promote
 from socseg.training.trainer import Phase, RunData, Schedule, TrainingRun, TrainResult, set_encoder_trainable
 
@@ -340,6 +341,7 @@ class FinetuneRun(TrainingRun):
             source.registered_name,
             score=float(result.metrics.get(metric, float("nan"))),
             evaluate=lambda uri: score_slabs(Predictor.load(uri), test_slabs).scores[metric.removeprefix("test_")],
+            lock=lock_for(self.params, mlflow.get_tracking_uri()),
             metric=metric,
             run_id=result.run_id,
             gate=bool(test_slabs),

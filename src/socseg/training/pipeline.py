@@ -24,6 +24,7 @@ from socseg.inference.predictor import Predictor
 from socseg.inference.pyfunc import model_config
 from socseg.params import Params, typed
 from socseg.training import tracking
+from socseg.training.promotion_lock import lock_for
 from socseg.training.registry import register_and_promote
 
 
@@ -123,6 +124,7 @@ def register(params: Mapping | Params, search_json: str | Path, metrics_json: st
         registered_model_name(p.registry.model_name, task),
         score=float(metrics[metric]),
         evaluate=lambda uri: score_on_test_slabs(uri, data.slabs["test"]).scores[metric.removeprefix("test_")],
+        lock=lock_for(p, mlflow.get_tracking_uri()),
         metric=metric,
         run_id=search["best_run_id"],
         tags={

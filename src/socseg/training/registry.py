@@ -4,19 +4,29 @@ Every new version gets the alias ``challenger``. It takes ``champion`` only if i
 least the current champion's *measured on the same test data now* (the champion is re-evaluated,
 not trusted from an old tag, since the data may have changed since it was promoted). A worse
 model never replaces the champion. Only the single ``register`` step decides, after the search has
-finished, so concurrent search workers never race on the alias; ``socseg finetune`` decides the same
+finished, so the workers of one search never race on the alias; ``socseg finetune`` decides the same
 way for its one model, on the new scan's held-out labelled slices (:mod:`socseg.training.finetune`).
+
+Promoters of *different* pipelines can run at once (two encoders registering ``socseg-ni``, a
+``register`` and a ``finetune``): the whole read-score-compare-set sequence runs under the model's
+promotion lock (:mod:`socseg.training.promotion_lock`), re-reading the champion once it is held.
+The new version's score is tagged when it is registered, and ``promotion`` last: a version without
+a ``promotion`` tag is a promotion that was interrupted (process killed), and the next run of the
+same pipeline (same training run) completes it instead of registering a duplicate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    from socseg.training.promotion_lock import LockFactory
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -75,13 +85,13 @@ def _registered_model(name: str, client: MlflowClient):
         return client.create_registered_model(name, description="socseg segmentation models (PXCT Ni/YSZ)")
 
 
-def _version_of_run(name: str, run_id: str, client: MlflowClient) -> str | None:
+def _version_of_run(name: str, run_id: str, client: MlflowClient):
     """The version of ``name`` already registered from ``run_id`` (re-running the same pipeline
-    finds the same best trial: it is not registered twice)."""
+    finds the same best trial: it is not registered twice), or None."""
     if not run_id:
         return None
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    return min((str(v.version) for v in versions), key=int, default=None)
+    return min(versions, key=lambda v: int(v.version), default=None)
 
 
 def register_and_promote(
@@ -89,38 +99,51 @@ def register_and_promote(
     name: str,
     score: float,
     evaluate: Evaluate,
+    lock: "LockFactory",
     tags: Mapping[str, str] | None = None,
     metric: str = "test_mean_iou",
     run_id: str = "",
     gate: bool = True,
 ) -> Promotion:
-    """Register ``model_uri`` as a new version of ``name`` and decide the champion.
+    """Register ``model_uri`` as a new version of ``name`` and decide the champion, holding
+    ``lock(name)`` (:func:`socseg.training.promotion_lock.lock_factory`) throughout.
 
     ``score`` is the new model's ``metric`` on the test data; ``evaluate(model_uri)`` scores the
     current champion on the same data. ``run_id`` (the training run) lets a re-run of the same
-    pipeline find its earlier version instead of registering a duplicate. ``gate=False`` (no test
-    data to decide on, e.g. a fine-tune with a single labelled slice): the new version becomes
-    challenger only, the champion is neither scored nor moved, and ``score`` is not recorded.
+    pipeline find its earlier version instead of registering a duplicate, and finish its promotion
+    if that was interrupted. ``gate=False`` (no test data to decide on, e.g. a fine-tune with a
+    single labelled slice): the new version becomes challenger only, the champion is neither scored
+    nor moved, and ``score`` is not recorded.
     """
     client = MlflowClient()
-    champion = (_registered_model(name, client).aliases or {}).get(CHAMPION)
-    previous = None if champion is None else str(champion)
-    existing = _version_of_run(name, run_id, client)
-    if existing is not None:
-        return Promotion(name, existing, float(score), previous, None, previous == existing, already_registered=True)
-    previous_score = evaluate(f"models:/{name}@{CHAMPION}") if previous is not None and gate else None
-    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()}).version
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    if not gate:
-        client.set_model_version_tag(name, version, "promotion", "ungated")
-        return Promotion(name, str(version), float(score), previous, None, False)
-    client.set_model_version_tag(name, version, metric, f"{score:.6f}")
-    promoted = previous_score is None or score >= previous_score
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "promotion", CHAMPION if promoted else "rejected")
-    if previous is not None:
-        client.set_model_version_tag(
-            name, version, "champion_compared", f"v{previous} {metric}={previous_score:.6f} (re-evaluated)"
-        )
-    return Promotion(name, str(version), float(score), previous, previous_score, promoted)
+    with lock(name):
+        champion = (_registered_model(name, client).aliases or {}).get(CHAMPION)  # read under the lock
+        previous = None if champion is None else str(champion)
+        existing = _version_of_run(name, run_id, client)
+        if existing is not None and "promotion" in (existing.tags or {}):
+            return Promotion(name, str(existing.version), float(score), previous, None, previous == str(existing.version),
+                             already_registered=True)
+        scored = {metric: f"{score:.6f}"} if gate else {}
+        if existing is None:
+            all_tags = {**{k: str(v) for k, v in (tags or {}).items()}, **scored}
+            version = str(mlflow.register_model(model_uri, name, tags=all_tags).version)
+        else:  # registered by an earlier run of this pipeline that was interrupted before deciding
+            version = str(existing.version)
+            for key, value in scored.items():
+                client.set_model_version_tag(name, version, key, value)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        if not gate:
+            client.set_model_version_tag(name, version, "promotion", "ungated")
+            return Promotion(name, version, float(score), previous, None, False)
+        if previous == version:  # the interrupted run had already moved the alias: only the tag is missing
+            previous = None
+        previous_score = evaluate(f"models:/{name}@{CHAMPION}") if previous is not None else None
+        promoted = previous_score is None or score >= previous_score
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        if previous is not None:
+            client.set_model_version_tag(
+                name, version, "champion_compared", f"v{previous} {metric}={previous_score:.6f} (re-evaluated)"
+            )
+        client.set_model_version_tag(name, version, "promotion", CHAMPION if promoted else "rejected")  # last: done
+        return Promotion(name, version, float(score), previous, previous_score, promoted)
