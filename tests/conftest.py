@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -132,11 +137,54 @@ def serving_client():
 def run_checked():
     """``run(args, cwd, env, timeout=900)``: run a command, fail the test with the tail of its
     output unless it exits 0, return its stdout (end-to-end tests: dvc, mlflow run, socseg)."""
-    import subprocess
-
     def run(args, cwd, env, timeout=900):
         done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         assert done.returncode == 0, f"{args}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout
 
     return run
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """The ``export KEY='value'`` lines that lab_services.sh writes to lab.env."""
+    values = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            key, value = words[1].split("=", 1)
+            values[key] = value
+    return values
+
+
+@pytest.fixture(scope="session")
+def lab(serving_client):
+    """``{"storage", "tracking_uri", "env"}`` of a running lab (PostgreSQL + ``mlflow server``):
+    ``SOCSEG_TEST_PG_URL`` / ``SOCSEG_TEST_MLFLOW_URI`` when set (``.ci/run`` starts them), else
+    started here with ``scripts/lab_services.sh`` on free loopback ports and stopped (by PID) at the end."""
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.fail("the PostgreSQL driver is missing: pip install psycopg2-binary (pinned in pyproject.toml)")
+    storage, tracking_uri = os.environ.get("SOCSEG_TEST_PG_URL"), os.environ.get("SOCSEG_TEST_MLFLOW_URI")
+    if storage and tracking_uri:
+        yield {"storage": storage, "tracking_uri": tracking_uri, "env": {}}
+        return
+    # Not pytest's tmp_path: its 0700 parents keep out the `postgres` user that runs the cluster.
+    directory = Path(tempfile.mkdtemp(prefix="socseg-lab-"))
+    directory.chmod(0o755)
+    script = ["bash", str(REPO / "scripts" / "lab_services.sh")]
+    pg_port = serving_client.free_port()
+    mlflow_port = serving_client.free_port({pg_port})
+    env = {**os.environ, "LAB_PG_PORT": str(pg_port), "LAB_MLFLOW_PORT": str(mlflow_port),
+           "LAB_PYTHON": sys.executable, "LAB_TIMEOUT": "90"}
+    try:
+        started = subprocess.run(script + ["start", str(directory)], env=env, capture_output=True, text=True,
+                                 timeout=240)
+        assert started.returncode == 0, f"lab_services.sh start failed:\n{started.stdout}\n{started.stderr}"
+        values = _read_env_file(directory / "lab.env")
+        yield {"storage": values["SOCSEG_STORAGE"], "tracking_uri": values["MLFLOW_TRACKING_URI"],
+               "env": {"PGPASSFILE": values["PGPASSFILE"]}}
+    finally:
+        stopped = subprocess.run(script + ["stop", str(directory)], capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, f"lab_services.sh stop failed:\n{stopped.stdout}\n{stopped.stderr}"
+        shutil.rmtree(directory, ignore_errors=True)

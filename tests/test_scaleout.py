@@ -1,19 +1,15 @@
 """Scale-out: two search workers on one study in a real PostgreSQL, logging to a real `mlflow server`.
 
-The services come from ``SOCSEG_TEST_PG_URL`` (Optuna storage URL) and ``SOCSEG_TEST_MLFLOW_URI``
-(tracking server) when set (``.ci/run`` starts them), otherwise this module starts its own with
-``scripts/lab_services.sh`` on free loopback ports and stops them (by PID) at the end.
+The services are conftest's ``lab`` fixture: ``SOCSEG_TEST_PG_URL`` / ``SOCSEG_TEST_MLFLOW_URI`` when
+set (``.ci/run`` starts them), otherwise ``scripts/lab_services.sh`` on free loopback ports.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,49 +20,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 N_TRIALS = 4  # study-wide target: 2-3 trials per worker (~25 s each here when both run)
 WORKERS = 2
-
-
-def _read_env_file(path: Path) -> dict[str, str]:
-    """The ``export KEY='value'`` lines that lab_services.sh writes to lab.env."""
-    values = {}
-    for line in path.read_text().splitlines():
-        words = shlex.split(line, comments=True)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            key, value = words[1].split("=", 1)
-            values[key] = value
-    return values
-
-
-@pytest.fixture(scope="module")
-def lab(serving_client):
-    """``{"storage", "tracking_uri", "env"}`` of running services; started here only if not given."""
-    try:
-        import psycopg2  # noqa: F401
-    except ImportError:
-        pytest.fail("the PostgreSQL driver is missing: pip install psycopg2-binary (pinned in pyproject.toml)")
-    storage, tracking_uri = os.environ.get("SOCSEG_TEST_PG_URL"), os.environ.get("SOCSEG_TEST_MLFLOW_URI")
-    if storage and tracking_uri:
-        yield {"storage": storage, "tracking_uri": tracking_uri, "env": {}}
-        return
-    # Not pytest's tmp_path: its 0700 parents keep out the `postgres` user that runs the cluster.
-    directory = Path(tempfile.mkdtemp(prefix="socseg-lab-"))
-    directory.chmod(0o755)
-    script = ["bash", str(REPO / "scripts" / "lab_services.sh")]
-    pg_port = serving_client.free_port()
-    mlflow_port = serving_client.free_port({pg_port})
-    env = {**os.environ, "LAB_PG_PORT": str(pg_port), "LAB_MLFLOW_PORT": str(mlflow_port),
-           "LAB_PYTHON": sys.executable, "LAB_TIMEOUT": "90"}
-    try:
-        started = subprocess.run(script + ["start", str(directory)], env=env, capture_output=True, text=True,
-                                 timeout=240)
-        assert started.returncode == 0, f"lab_services.sh start failed:\n{started.stdout}\n{started.stderr}"
-        values = _read_env_file(directory / "lab.env")
-        yield {"storage": values["SOCSEG_STORAGE"], "tracking_uri": values["MLFLOW_TRACKING_URI"],
-               "env": {"PGPASSFILE": values["PGPASSFILE"]}}
-    finally:
-        stopped = subprocess.run(script + ["stop", str(directory)], capture_output=True, text=True, timeout=120)
-        assert stopped.returncode == 0, f"lab_services.sh stop failed:\n{stopped.stdout}\n{stopped.stderr}"
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture()
