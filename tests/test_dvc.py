@@ -1,4 +1,6 @@
-"""A real DVC round trip of a stored volume: add, push to a local remote, wipe, pull, compare bytes.
+"""A real DVC round trip of a stored volume: add, push to a local remote, wipe, pull, compare bytes;
+and the lab's way: push from one clone, pull in a fresh clone, `dvc repro` there, a corrupted cache
+file detected and fetched again.
 
 Also checks what the storage format promises DVC: writing the same volume again changes no hash.
 """
@@ -31,10 +33,8 @@ def digests(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
-def test_dvc_push_pull_roundtrip(tmp_path, params):
-    repo, remote = tmp_path / "repo", tmp_path / "remote"
-    repo.mkdir()
+def isolated_env(tmp_path: Path) -> dict[str, str]:
+    """DVC and git with configs and caches of their own (nothing of the user's or the machine's)."""
     env = dict(os.environ)
     env.update(
         DVC_NO_ANALYTICS="1",
@@ -46,7 +46,18 @@ def test_dvc_push_pull_roundtrip(tmp_path, params):
         GIT_COMMITTER_NAME="socseg test",
         GIT_COMMITTER_EMAIL="test@example.invalid",
     )
-    dvc = [sys.executable, "-m", "dvc"]
+    return env
+
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_dvc_push_pull_roundtrip(tmp_path, params):
+    repo, remote = tmp_path / "repo", tmp_path / "remote"
+    repo.mkdir()
+    env = isolated_env(tmp_path)
+    dvc = DVC
 
     def make_sample(overwrite: bool = False) -> None:
         volume = synth_from_params(params, "sample", shape=(6, 48, 48), seed=0)
@@ -73,3 +84,51 @@ def test_dvc_push_pull_roundtrip(tmp_path, params):
     assert digests(repo / "data") == before
     status = run(dvc + ["status", "data.dvc"], repo, env)
     assert "up to date" in status, status
+
+
+STATS_STAGE = """stages:
+  grey_range:
+    cmd: python -m socseg.cli stats data/sample/image.tif --percentiles 0.5,99.5 > grey_range.json
+    deps:
+    - data/sample
+    outs:
+    - grey_range.json:
+        cache: false
+"""
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_a_fresh_clone_pulls_the_pushed_data_bit_for_bit_runs_repro_on_it_and_refetches_a_corrupt_cache(
+        tmp_path, params):
+    """What a lab does with a shared remote: one member pushes, another clones, pulls and reproduces."""
+    first, fresh, remote = tmp_path / "first", tmp_path / "fresh", tmp_path / "lab-remote"
+    first.mkdir()
+    env = isolated_env(tmp_path)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the stage's `python`
+    run(["git", "init", "-q"], first, env)
+    run(DVC + ["init", "-q"], first, env)
+    save_volume(synth_from_params(params, "sample", shape=(6, 48, 48), seed=3), first / "data" / "sample")
+    (first / "dvc.yaml").write_text(STATS_STAGE)
+    run(DVC + ["add", "data"], first, env)
+    run(DVC + ["remote", "add", "-d", "lab", str(remote)], first, env)
+    run(DVC + ["repro"], first, env)
+    run(["git", "add", "-A"], first, env)
+    run(["git", "commit", "-qm", "data and pipeline"], first, env)
+    run(DVC + ["push"], first, env)
+
+    run(["git", "clone", "-q", str(first), str(fresh)], tmp_path, env)
+    assert not (fresh / "data").exists()  # git carries data.dvc, not the data
+    run(DVC + ["pull"], fresh, env)
+    assert digests(fresh / "data") == digests(first / "data")
+    run(DVC + ["repro", "--force"], fresh, env)  # the pulled volume is the stage's input
+    assert (fresh / "grey_range.json").read_text() == (first / "grey_range.json").read_text()
+    assert "up to date" in run(DVC + ["status"], fresh, env)
+
+    cached = sorted(p for p in (fresh / ".dvc" / "cache").rglob("*") if p.is_file() and not p.name.endswith(".dir"))
+    victim = max(cached, key=lambda p: p.stat().st_size)  # the image stack
+    victim.chmod(0o644)
+    victim.write_bytes(b"corrupted")
+    shutil.rmtree(fresh / "data")
+    pulled = run(DVC + ["pull"], fresh, env)
+    assert "1 file fetched" in pulled, pulled  # the corrupt object was detected and fetched again
+    assert digests(fresh / "data") == digests(first / "data")
