@@ -7,6 +7,7 @@
 #   scripts/lab_services.sh start  DIR        # create (first time) or reuse the cluster, start both
 #   scripts/lab_services.sh stop   DIR        # stop both (by PID), data stay in DIR
 #   scripts/lab_services.sh status DIR
+#   scripts/lab_services.sh restart DIR [postgres|mlflow]   # one service (or both), same settings
 #   source DIR/lab.env                        # what a worker needs: URLs and the password file
 #
 # Settings (environment, read by `start`):
@@ -18,8 +19,17 @@
 #   LAB_PG_ALLOW=10.0.0.0/16      extra client network allowed into PostgreSQL (password auth)
 #   LAB_EXPERIMENTS=socseg        MLflow experiments created up front (comma-separated), so that
 #                                 workers starting together never race on creating one
-#   LAB_PYTHON=.venv/bin/python   the Python with mlflow, optuna and psycopg2
+#   LAB_PYTHON=.venv/bin/python   the Python with mlflow, optuna, psycopg2 and socseg
 #   LAB_TIMEOUT=120               seconds to wait for each server to come up
+#   LAB_AUTH=basic                users and permissions: the server runs `--app-name socseg-lab`
+#                                 (MLflow's basic-auth, plus: only MANAGE on a registered model moves
+#                                 its champion; src/socseg/training/registry_server.py). Needs
+#                                 MLFLOW_AUTH_ADMIN_PASSWORD in the environment of `start` (never
+#                                 written to a file or log); MLFLOW_AUTH_ADMIN_USERNAME (admin).
+#                                 LAB_AUTH=none: no authentication (a private machine only).
+#   LAB_RESTART_DOWN=0            `restart`: seconds the service stays down (fault drills, tests)
+#   LAB_MODELS=socseg-ni,socseg-phases   registered models the admin creates up front (with auth,
+#                                 whoever creates a registered model gets MANAGE on it)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -139,15 +149,43 @@ start() {
     "postgresql+psycopg2://$PG_USER@127.0.0.1:$PG_PORT/optuna"
 
   local tracking="http://$advertise:$mlflow_port"
+  local auth=${LAB_AUTH:-basic} app_args=()
+  case $auth in
+    basic)
+      [ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ] \
+        || die "LAB_AUTH=basic needs the admin password in MLFLOW_AUTH_ADMIN_PASSWORD (or LAB_AUTH=none)"
+      "$python" -c "import flask_wtf, socseg.training.registry_server" 2>/dev/null \
+        || die "$python lacks Flask-WTF or socseg (pip install -e . in that environment)"
+      umask 077
+      # Users, passwords and grants live in DIR/basic_auth.db; the admin's password only in the environment.
+      printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s/basic_auth.db\nadmin_username = %s\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
+        "$DIR" "${MLFLOW_AUTH_ADMIN_USERNAME:-admin}" > "$DIR/auth.ini"
+      [ -s "$DIR/flask_secret" ] || od -An -N32 -tx1 /dev/urandom | tr -d ' \n' > "$DIR/flask_secret"
+      umask 022
+      # The admin user once, before the server's workers start (they would race to create it).
+      MLFLOW_AUTH_CONFIG_PATH="$DIR/auth.ini" "$python" -c \
+        "from mlflow.server.auth import bootstrap_admin_user; bootstrap_admin_user()" >"$DIR/logs/auth-bootstrap.log" 2>&1 \
+        || { tail -n 5 "$DIR/logs/auth-bootstrap.log" >&2; die "could not create the admin user"; }
+      app_args=(--app-name socseg-lab)
+      ;;
+    none) ;;
+    *) die "LAB_AUTH must be basic or none, got '$auth'" ;;
+  esac
   if pid_alive "$DIR/mlflow.pid" mlflow; then
     echo "mlflow server already running (pid $(cat "$DIR/mlflow.pid"))"
   else
     case $artifacts in *://*) ;; *) mkdir -p "$artifacts"; artifacts=$(cd "$artifacts" && pwd) ;; esac
     # setsid: the server and its uvicorn workers form one process group, led by the recorded PID.
     # Job execution (GenAI scorer jobs, a pool of huey processes, ~1.5 GiB) is unused by socseg.
-    PGPASSFILE="$DIR/pgpass" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} setsid "$python" -m mlflow server \
+    # Only with auth: the server imports mlflow.server.auth for some requests (search_runs), which
+    # reads MLFLOW_AUTH_CONFIG_PATH and fails on a file that does not exist.
+    local auth_env=()
+    [ "$auth" = basic ] && auth_env=(MLFLOW_AUTH_CONFIG_PATH="$DIR/auth.ini"
+                                     MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$DIR/flask_secret")")
+    env "${auth_env[@]}" PGPASSFILE="$DIR/pgpass" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
+      setsid "$python" -m mlflow server \
       --backend-store-uri "$backend_url" --artifacts-destination "$artifacts" --serve-artifacts \
-      --host "$host" --port "$mlflow_port" --workers "$workers" \
+      --host "$host" --port "$mlflow_port" --workers "$workers" "${app_args[@]}" \
       >"$DIR/logs/mlflow.log" 2>&1 </dev/null &
     echo $! > "$DIR/mlflow.pid"
     local health="http://127.0.0.1:$mlflow_port/health"
@@ -160,13 +198,25 @@ start() {
   fi
   # Created up front: MLflow's set_experiment, when two processes create one name at once, leaves
   # the loser without an active experiment (its runs land in "Default").
-  MLFLOW_TRACKING_URI=$tracking "$python" - "${LAB_EXPERIMENTS-socseg}" <<'EOF'
+  # With auth, as the admin (credentials from the environment, not the command line); the
+  # registered models too, so that no member becomes their MANAGE-holding creator.
+  local admin_env=()
+  [ "$auth" = basic ] && admin_env=(MLFLOW_TRACKING_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
+                                    MLFLOW_TRACKING_PASSWORD="$MLFLOW_AUTH_ADMIN_PASSWORD")
+  env "${admin_env[@]}" MLFLOW_TRACKING_URI=$tracking "$python" - "${LAB_EXPERIMENTS-socseg}" \
+      "${LAB_MODELS-socseg-ni,socseg-phases}" <<'EOF'
 import sys
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 client = MlflowClient()
 for name in filter(None, sys.argv[1].split(",")):
     if client.get_experiment_by_name(name) is None:
         client.create_experiment(name)
+for name in filter(None, sys.argv[2].split(",")):
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="socseg segmentation models (PXCT Ni/YSZ)")
 EOF
 
   cat > "$DIR/lab.env" <<EOF
@@ -178,6 +228,9 @@ EOF
   echo "PostgreSQL pid $(cat "$DIR/postgres.pid") on $listen:$PG_PORT (databases optuna, mlflow)"
   echo "mlflow server pid $(cat "$DIR/mlflow.pid") on $tracking, artifacts in $artifacts"
   echo "workers: source $DIR/lab.env"
+  if [ "$auth" = basic ]; then
+    echo "authentication on: users log in with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)"
+  fi
 }
 
 stop_pid() {  # stop_pid PIDFILE PATTERN NAME SIGNAL GROUP(0|1)
@@ -207,6 +260,17 @@ stop() {
   stop_pid "$DIR/postgres.pid" postgres PostgreSQL INT 0
 }
 
+restart() {  # restart one service (postgres | mlflow) or both; the other keeps running
+  case ${SERVICE:-all} in
+    postgres) stop_pid "$DIR/postgres.pid" postgres PostgreSQL INT 0 ;;
+    mlflow) stop_pid "$DIR/mlflow.pid" mlflow "mlflow server" TERM 1 ;;
+    all) stop ;;
+    *) die "restart: the service is postgres, mlflow or all, got '$SERVICE'" ;;
+  esac
+  sleep "${LAB_RESTART_DOWN:-0}"
+  start
+}
+
 status() {
   local rc=0 name
   for name in postgres mlflow; do
@@ -223,10 +287,11 @@ status() {
 command=${1:-}
 case $command in
   install) install_postgres ;;
-  start|stop|status)
-    [ $# -eq 2 ] || die "usage: $0 $command DIR"
+  start|stop|status|restart)
+    [ $# -eq 2 ] || { [ "$command" = restart ] && [ $# -eq 3 ]; } || die "usage: $0 $command DIR"
     mkdir -p "$2"
     DIR=$(cd "$2" && pwd)
+    SERVICE=${3:-all}
     "$command" ;;
-  *) die "usage: $0 install | start DIR | stop DIR | status DIR" ;;
+  *) die "usage: $0 install | start DIR | stop DIR | status DIR | restart DIR [postgres|mlflow]" ;;
 esac

@@ -2,7 +2,7 @@
 
     python serving/client.py http://127.0.0.1:5000 volume.tif labels.tif [--slice-batch 8]
         [--form compact|tensor] [--encoding tiff|npy] [--tta] [--allow-out-of-range]
-        [--grey-range LOW,HIGH] [--overwrite] [--retries 5]
+        [--grey-range LOW,HIGH] [--overwrite] [--retries 8]
 
 Sends INPUT (multi-page TIFF, folder of slice TIFFs or socseg volume directory) to
 ``/invocations`` a few slices per request, reassembles the answers and writes the label stack
@@ -13,8 +13,10 @@ model's ``context_slices`` decides how many neighbouring slices go around each c
 phase map goes into OUTPUT's metadata. For a per_volume model (its ``normalisation``) the client
 estimates the whole input's grey range once and sends it with every request (``grey_low``,
 ``grey_high``; ``--grey-range`` gives it instead).
-Connection errors, timeouts and 502/503/504 are retried with exponential backoff; a 4xx is
-the server naming a problem with the request and stops the run with that message.
+Connection errors, timeouts and 502/503/504 are retried with exponential backoff (0.5 s doubling,
+at most 30 s: the default 8 retries wait about 90 s in all, long enough for a server restarted
+by its supervisor to load the model again); a 4xx is the server naming a problem with the request and
+stops the run with that message.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class RestSegmenter:
         form: str = "compact",
         encoding: str = "tiff",
         params: Mapping[str, Any] | None = None,
-        retries: int = 5,
+        retries: int = 8,
         timeout: float = 300.0,
         backoff: float = 0.5,
     ):
@@ -163,7 +165,7 @@ def segment_with_server(
     encoding: str = "tiff",
     params: Mapping[str, Any] | None = None,
     phase_map: Mapping[int, str] | None = None,
-    retries: int = 5,
+    retries: int = 8,
     timeout: float = 300.0,
     progress: bool = True,
 ) -> tuple[SegmentResult, RestSegmenter]:
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the input's grey range, sent as grey_low/grey_high with every request "
                              "[default: estimated on the whole input for a per_volume model, as `socseg stats`]")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    parser.add_argument("--retries", type=int, default=5)
+    parser.add_argument("--retries", type=int, default=8, help="retries of one request (backoff 0.5 s doubling, max 30 s)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one answer")
     args = parser.parse_args(argv)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shlex
@@ -156,11 +157,44 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+@contextlib.contextmanager
+def own_lab(serving_client, prefix: str = "socseg-lab-", **settings: str):
+    """Start ``scripts/lab_services.sh`` (PostgreSQL + ``mlflow server``) in a new directory on free
+    loopback ports; yields ``{"storage", "tracking_uri", "env", "dir", "restart"}`` and stops both (by
+    PID) at the end. ``settings``: more ``LAB_*`` variables (``LAB_AUTH`` defaults to none here);
+    ``restart(service)`` runs ``lab_services.sh restart DIR service`` with the same settings."""
+    # Not pytest's tmp_path: its 0700 parents keep out the `postgres` user that runs the cluster.
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    directory.chmod(0o755)
+    script = ["bash", str(REPO / "scripts" / "lab_services.sh")]
+    pg_port = serving_client.free_port()
+    mlflow_port = serving_client.free_port({pg_port})
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "LAB_PG_PORT": str(pg_port), "LAB_MLFLOW_PORT": str(mlflow_port), "LAB_PYTHON": sys.executable,
+           "LAB_TIMEOUT": "120", "LAB_AUTH": "none", **settings}
+
+    def lab_script(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(script + [*args], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"lab_services.sh {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        return done
+
+    try:
+        started = lab_script("start", str(directory))
+        values = _read_env_file(directory / "lab.env")
+        yield {"storage": values["SOCSEG_STORAGE"], "tracking_uri": values["MLFLOW_TRACKING_URI"],
+               "env": {"PGPASSFILE": values["PGPASSFILE"]}, "dir": directory, "output": started.stdout + started.stderr,
+               "restart": lambda service: lab_script("restart", str(directory), service)}
+    finally:
+        stopped = subprocess.run(script + ["stop", str(directory)], capture_output=True, text=True, timeout=120)
+        shutil.rmtree(directory, ignore_errors=True)
+        assert stopped.returncode == 0, f"lab_services.sh stop failed:\n{stopped.stdout}\n{stopped.stderr}"
+
+
 @pytest.fixture(scope="session")
 def lab(serving_client):
-    """``{"storage", "tracking_uri", "env"}`` of a running lab (PostgreSQL + ``mlflow server``):
-    ``SOCSEG_TEST_PG_URL`` / ``SOCSEG_TEST_MLFLOW_URI`` when set (``.ci/run`` starts them), else
-    started here with ``scripts/lab_services.sh`` on free loopback ports and stopped (by PID) at the end."""
+    """``{"storage", "tracking_uri", "env"}`` of a running lab (PostgreSQL + ``mlflow server``), shared
+    by the session: ``SOCSEG_TEST_PG_URL`` / ``SOCSEG_TEST_MLFLOW_URI`` when set (``.ci/run`` starts
+    them), else :func:`own_lab`. Tests that restart services start their own."""
     try:
         import psycopg2  # noqa: F401
     except ImportError:
@@ -169,22 +203,40 @@ def lab(serving_client):
     if storage and tracking_uri:
         yield {"storage": storage, "tracking_uri": tracking_uri, "env": {}}
         return
-    # Not pytest's tmp_path: its 0700 parents keep out the `postgres` user that runs the cluster.
-    directory = Path(tempfile.mkdtemp(prefix="socseg-lab-"))
-    directory.chmod(0o755)
-    script = ["bash", str(REPO / "scripts" / "lab_services.sh")]
-    pg_port = serving_client.free_port()
-    mlflow_port = serving_client.free_port({pg_port})
-    env = {**os.environ, "LAB_PG_PORT": str(pg_port), "LAB_MLFLOW_PORT": str(mlflow_port),
-           "LAB_PYTHON": sys.executable, "LAB_TIMEOUT": "90"}
-    try:
-        started = subprocess.run(script + ["start", str(directory)], env=env, capture_output=True, text=True,
-                                 timeout=240)
-        assert started.returncode == 0, f"lab_services.sh start failed:\n{started.stdout}\n{started.stderr}"
-        values = _read_env_file(directory / "lab.env")
-        yield {"storage": values["SOCSEG_STORAGE"], "tracking_uri": values["MLFLOW_TRACKING_URI"],
-               "env": {"PGPASSFILE": values["PGPASSFILE"]}}
-    finally:
-        stopped = subprocess.run(script + ["stop", str(directory)], capture_output=True, text=True, timeout=120)
-        assert stopped.returncode == 0, f"lab_services.sh stop failed:\n{stopped.stdout}\n{stopped.stderr}"
-        shutil.rmtree(directory, ignore_errors=True)
+    with own_lab(serving_client) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def constant_segmenter():
+    """``make(name, ni) -> (model URI, run id)``: a logged segmenter with a known answer (below), in
+    the active tracking store."""
+    return _constant_segmenter
+
+
+def _constant_segmenter(name: str, ni: bool) -> tuple[str, str]:
+    """A per_volume ni segmenter whose answer is known: a 1x1 convolution with zero kernel and bias
+    +-40 says "ni" (or "rest") everywhere, and stays so through a short fine-tune (the sigmoid is
+    saturated: float32 gradients of 0, Adam steps of at most the learning rate). Logged in a run of
+    its own; returns (model URI, run id)."""
+    import keras
+    import mlflow
+    import numpy as np
+
+    from socseg.data.normalise import Normalisation, Normaliser
+    from socseg.inference.predictor import ModelConfig
+    from socseg.inference.pyfunc import log_segmenter
+    from socseg.model.export import export_model
+
+    inputs = keras.Input((None, None, 1))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    network = keras.Model(inputs, conv(inputs))
+    conv.set_weights([np.zeros((1, 1, 1, 1), np.float32), np.array([40.0 if ni else -40.0], np.float32)])
+    config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32,
+                         context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
+                                                          "high_percentile": 99.5}, "per_volume"),
+                          window="whole_slice", whole_slice_max_pixels=10**6,
+                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0)
+    with mlflow.start_run(run_name=name) as run:
+        info = log_segmenter(export_model(network, Normaliser(0.0, 1.0, 0.5, 99.5)), config)
+    return info.model_uri, run.info.run_id

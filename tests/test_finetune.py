@@ -275,34 +275,7 @@ def test_finetune_registers_a_gated_challenger_with_lineage(parent, new_scan, tm
     assert not any(k.startswith("test_") and k != "test_labelled_pixels" for k in one.metrics)
 
 
-def _constant_segmenter(name: str, ni: bool) -> tuple[str, str]:
-    """A per_volume ni segmenter whose answer is known: a 1x1 convolution with zero kernel and bias
-    +-40 says "ni" (or "rest") everywhere, and stays so through a short fine-tune (the sigmoid is
-    saturated: float32 gradients of 0, Adam steps of at most the learning rate). Logged in a run of
-    its own; returns (model URI, run id)."""
-    import keras
-    import mlflow
-
-    from socseg.data.normalise import Normalisation, Normaliser
-    from socseg.inference.predictor import ModelConfig
-    from socseg.inference.pyfunc import log_segmenter
-    from socseg.model.export import export_model
-
-    inputs = keras.Input((None, None, 1))
-    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
-    network = keras.Model(inputs, conv(inputs))
-    conv.set_weights([np.zeros((1, 1, 1, 1), np.float32), np.array([40.0 if ni else -40.0], np.float32)])
-    config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=dict(PHASES), tile_size=32,
-                         context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
-                                                          "high_percentile": 99.5}, "per_volume"),
-                          window="whole_slice", whole_slice_max_pixels=10**6,
-                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0)
-    with mlflow.start_run(run_name=name) as run:
-        info = log_segmenter(export_model(network, Normaliser(0.0, 1.0, 0.5, 99.5)), config)
-    return info.model_uri, run.info.run_id
-
-
-def test_the_gate_promotes_a_better_fine_tune_and_rejects_a_worse_one(tiny_params, mlflow_env, new_scan):
+def test_the_gate_promotes_a_better_fine_tune_and_rejects_a_worse_one(tiny_params, mlflow_env, new_scan, constant_segmenter):
     """Constant models on the held-out slice 14 (labels known): "all rest" scores mean IoU
     rest/2 (IoU rest = rest pixels / labelled pixels, IoU ni = 0), "all ni" scores ni/2. With an
     "all ni" champion, a fine-tuned "all rest" model wins and becomes champion; a fine-tuned
@@ -322,12 +295,12 @@ def test_the_gate_promotes_a_better_fine_tune_and_rejects_a_worse_one(tiny_param
     configure_tracking(tiny_params)  # this test's store and experiment, whatever an earlier test left active
     client = MlflowClient()
 
-    ni_uri, ni_run = _constant_segmenter("all-ni", ni=True)
+    ni_uri, ni_run = constant_segmenter("all-ni", ni=True)
     first = register_and_promote(ni_uri, "socseg-ni", 0.0, evaluate=lambda uri: 0.0, run_id=ni_run,
                                  lock=params_lock(tiny_params))
     assert first.version == "1" and first.promoted
 
-    rest_uri, _ = _constant_segmenter("all-rest", ni=False)
+    rest_uri, _ = constant_segmenter("all-rest", ni=False)
     better = finetune(tiny_params, rest_uri, grey, labels=labels_path)
     assert better.test_slices == [14] and better.metrics["test_mean_iou"] == pytest.approx(all_rest, abs=1e-9)
     assert better.promotion["champion_score_before"] == pytest.approx(all_ni, abs=1e-9)

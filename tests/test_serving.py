@@ -182,6 +182,67 @@ def test_client_retries_connection_errors_then_gives_up(tmp_path, serving_client
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.tif"]  # no output, no partial file
 
 
+@pytest.mark.slow(seconds=60)
+def test_the_client_rides_out_a_server_killed_and_restarted_mid_volume(tiny_params, mlflow_env, tmp_path,
+                                                                        serving_client, capsys):
+    """`mlflow models serve` SIGKILLed while serving/client.py is halfway through a volume and
+    started again on the same port: the client retries, and its labels equal an undisturbed run's."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from socseg.training.train import train
+
+    client = serving_client
+    tiny_params["train"]["context_slices"] = 1
+    uri = train(tiny_params, run_name="tiny").model_uri
+    volume = tmp_path / "volume.tif"
+    grey = np.random.default_rng(5).integers(20000, 42000, (40, 64, 64)).astype(np.uint16)
+    tifffile.imwrite(volume, grey, photometric="minisblack")
+    port = client.free_port()
+    posts = []
+    post = client.RestSegmenter.post
+
+    def counted(self, body):
+        posts.append(time.monotonic())
+        return post(self, body)
+
+    client.RestSegmenter.post = counted
+    outcome = {}
+    try:
+        with client.local_server(uri, port=port, timeout=120, log_path=tmp_path / "first.log") as (url, process):
+            _, undisturbed = client.segment_with_server(url, str(volume), str(tmp_path / "undisturbed.tif"),
+                                                        slice_batch=1, progress=False)
+            undisturbed_requests = len(posts)
+            posts.clear()
+
+            def segment() -> None:
+                try:
+                    outcome["result"] = client.segment_with_server(
+                        url, str(volume), str(tmp_path / "disturbed.tif"), slice_batch=1, progress=False)
+                except Exception as error:  # noqa: BLE001 (reported by the assertion below)
+                    outcome["error"] = error
+
+            worker = threading.Thread(target=segment)
+            worker.start()
+            deadline = time.monotonic() + 120
+            while len(posts) < 5 and worker.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.killpg(process.pid, signal.SIGKILL)  # mid-volume, without warning
+            process.wait(timeout=30)
+        killed_after = len(posts)
+        assert worker.is_alive() and killed_after < undisturbed_requests, "the volume was done before the kill"
+        with client.local_server(uri, port=port, timeout=120, log_path=tmp_path / "second.log"):
+            worker.join(timeout=300)
+    finally:
+        client.RestSegmenter.post = post
+    assert not worker.is_alive() and "error" not in outcome, outcome.get("error")
+    assert "retrying in" in capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "disturbed.tif"), tifffile.imread(tmp_path / "undisturbed.tif"))
+    assert outcome["result"][1].requests == undisturbed.requests  # every chunk answered once, none twice
+
+
 
 @pytest.mark.parametrize(
     ("flags", "params"),

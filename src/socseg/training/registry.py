@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 if TYPE_CHECKING:
@@ -38,6 +38,10 @@ class RegistryError(RuntimeError):
     """The registry could not be read or written: nothing is promoted."""
 
 
+class PromotionDenied(RegistryError):
+    """The new version won the gate but this user may not move ``champion``: it stays challenger."""
+
+
 @dataclass
 class Promotion:
     name: str
@@ -50,6 +54,23 @@ class Promotion:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def _move_champion(client: MlflowClient, name: str, version: str, why: str) -> None:
+    """Point ``champion`` at ``version``; a server that refuses (the lab's rule: only MANAGE on the
+    registered model moves it, :mod:`socseg.training.registry_server`) leaves the version challenger,
+    tagged ``promotion=denied``, and raises :class:`PromotionDenied` naming the missing permission."""
+    try:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(PERMISSION_DENIED) and "403" not in error.message:
+            raise
+        client.set_model_version_tag(name, version, "promotion", "denied")
+        refused = error.message.split("Response body:", 1)[-1].strip(" '\"") or "permission denied"
+        raise PromotionDenied(f"{name} v{version} earned champion ({why}) but the server refused to move the alias: "
+                              f"{refused}; v{version} stays challenger (tag promotion=denied) until a maintainer "
+                              f"sets it: MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, {version!r})"
+                              ) from None
 
 
 def _missing(error: MlflowException) -> bool:
@@ -140,7 +161,8 @@ def register_and_promote(
         previous_score = evaluate(f"models:/{name}@{CHAMPION}") if previous is not None else None
         promoted = previous_score is None or score >= previous_score
         if promoted:
-            client.set_registered_model_alias(name, CHAMPION, version)
+            _move_champion(client, name, version, f"{metric} {score:.4f}"
+                           + ("" if previous_score is None else f" >= v{previous} {previous_score:.4f}"))
         if previous is not None:
             client.set_model_version_tag(
                 name, version, "champion_compared", f"v{previous} {metric}={previous_score:.6f} (re-evaluated)"

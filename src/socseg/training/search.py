@@ -31,6 +31,7 @@ from socseg.data.split import check_context_gap
 from socseg.params import set_dotted, typed
 from socseg.training import tracking
 from socseg.training.runtime import runtime_tags
+from socseg.training.study_storage import OutageTolerantStorage
 from socseg.training.train import train
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -208,10 +209,14 @@ def check_study_identity(study: optuna.Study, identity: Mapping[str, Any]) -> No
 
 
 def open_study(params: Mapping, study_name: str, storage: str | None = None) -> optuna.Study:
-    """Create or load (``load_if_exists``) the study, with heartbeat so dead workers' trials get retried."""
+    """Create or load (``load_if_exists``) the study, with heartbeat so dead workers' trials get retried,
+    on a storage that rides out a database restart (:mod:`socseg.training.study_storage`)."""
     search = typed(params).search
-    rdb = optuna.storages.RDBStorage(
-        storage or search.storage,
+    url = storage or search.storage
+    rdb = OutageTolerantStorage(
+        url,
+        outage_seconds=search.grace_period,  # as long as the study waits for a silent trial
+        redacted_url=_redact(url),
         heartbeat_interval=search.heartbeat_interval,
         grace_period=search.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
