@@ -86,9 +86,16 @@ def test_roles_reader_segments_member_registers_challengers_only_maintainer_move
     first = register_and_promote(rest_uri, MODEL, 0.5, lambda uri: 0.0, lock)
     assert first.promoted
 
-    # A reader loads the champion and segments a volume with socseg's own command ...
+    # A reader loads the champion and segments a volume with socseg's own command, logged in through
+    # MLflow's credentials file (the in-process calls here use its environment variables) ...
+    home = tmp_path / "home"
+    (home / ".mlflow").mkdir(parents=True)
+    credentials = home / ".mlflow" / "credentials"
+    credentials.write_text(f"[mlflow]\nmlflow_tracking_username = reader\n"
+                           f"mlflow_tracking_password = {as_user.passwords['reader']}\n")
+    credentials.chmod(0o600)
     reader_env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-                  "MLFLOW_TRACKING_URI": auth_lab["tracking_uri"], **as_user("reader")}
+                  "MLFLOW_TRACKING_URI": auth_lab["tracking_uri"], "HOME": str(home)}
     volume = np.random.default_rng(0).integers(20000, 40000, (3, 48, 48)).astype(np.uint16)
     tifffile.imwrite(tmp_path / "scan.tif", volume, photometric="minisblack")
     segmented = subprocess.run([sys.executable, "-m", "socseg.cli", "segment", f"models:/{MODEL}@{CHAMPION}",
@@ -97,6 +104,7 @@ def test_roles_reader_segments_member_registers_challengers_only_maintainer_move
     assert segmented.returncode == 0, segmented.stderr[-2000:]
     assert (tifffile.imread(tmp_path / "labels.tif") == 0).all()  # "all rest"
     # ... but cannot log a run or register.
+    as_user("reader")
     with pytest.raises(MlflowException, match="403|Permission denied"):
         MlflowClient().create_run(experiment_id)
     with pytest.raises(MlflowException, match="403|Permission denied"):
