@@ -650,7 +650,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "quickstart": "speed.md", "suite": "speed.md", "normalisation": "new-scans.md", "finetune": "new-scans.md",
     "uncertainty": "new-scans.md", "serving": "serving.md", "serving_load": "serving.md", "distributed": "cluster.md",
     "gpu_h100": "gpu.md", "microstructure_accuracy": "microstructure.md", "microstructure_volume": "microstructure.md",
-    "tortuosity": "microstructure.md", "cv_ni": "accuracy.md", "base_2p5d_pv_phases": "microstructure.md",
+    "tortuosity": "microstructure.md", "cv_ni": "accuracy.md", "cv_phases": "accuracy.md", "cv_postprocess": "microstructure.md", "base_2p5d_pv_phases": "microstructure.md",
 }
 
 

@@ -28,18 +28,17 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator
+from typing import Iterator
 from urllib.parse import urlparse
 
 from socseg.params import Params
-from socseg.training.registry import RegistryError
+from socseg.training.registry import LockFactory, RegistryError
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 POLL_SECONDS = 0.25
 REPORT_EVERY = 30.0
-LockFactory = Callable[[str], ContextManager[None]]
 
 
 class PromotionLockError(RegistryError):

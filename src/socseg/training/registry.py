@@ -18,15 +18,16 @@ same pipeline (same training run) completes it instead of registering a duplicat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Callable, ContextManager, Mapping
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-if TYPE_CHECKING:
-    from socseg.training.promotion_lock import LockFactory
+# ``lock(name)``: held while one promotion of registered model ``name`` runs
+# (:mod:`socseg.training.promotion_lock` makes them).
+LockFactory = Callable[[str], ContextManager[None]]
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
