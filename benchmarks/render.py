@@ -518,6 +518,11 @@ JSON_TABLES: dict[str, list[Column]] = {
            ("iou_ni_mean", "IoU Ni mean", ".4f"), ("iou_ni_std", "sd", ".4f"), ("mean_iou_mean", "mean IoU mean", ".4f"),
            ("mean_iou_std", "sd", ".4f"), ("iou_ni_minus_forest_mean", "IoU Ni - forest", "+.4f"),
            ("iou_ni_minus_forest_std", "sd", ".4f"), ("iou_ni_minus_forest_min", "worst fold", "+.4f")],
+    "cv_postprocess": [("fold", "fold", "d"), ("method", "method", ""), ("variant", "variant", ""),
+                       ("mean_iou", "mean IoU", ".4f"), ("err.tpb.density", "TPB", "+.1%"),
+                       ("err.tpb.active_density.z", "active TPB z", "+.1%"), ("err.iface.pore-ni", "pore-Ni area", "+.1%"),
+                       ("err.perc.pore.z", "pore perc. z", "+.1%"), ("err.vf.ni", "Ni fraction", "+.1%"),
+                       ("err.size.ni.d50", "Ni d50", "+.1%")],
     "inference": [("model", "model", ""), ("window", "window", ""), ("iou_ni", "IoU Ni", ".4f"),
                   ("mean_iou", "mean IoU", ".4f"), ("slices_per_s", "slices/s", ".2f"),
                   ("x_forest", "x forest", ".2f"), ("settings", "settings", "")],
@@ -744,6 +749,36 @@ def microstructure_one_pixel_shift_x(results: Results) -> float:
     flat = figures.get("one_pixel_shift_x.mean_iou")  # files written before the figures were nested
     return float(flat if flat is not None else figures["ceiling"]["one_pixel_shift_x_mean_iou"])
 
+
+def _cv_postprocess_variant(results: Results, variant: str) -> str:
+    """The variant name of cv_postprocess for ``none`` (sigma 0), ``chosen`` (its chosen sigma) or ``3d``."""
+    chosen = results.data("cv_postprocess/cv_postprocess.json")["figures"]["chosen_sigma"]
+    return {"none": "in-plane sigma 0", "chosen": f"in-plane sigma {chosen:g}", "3d": "3-D sigma 0.7"}[variant]
+
+
+def _cv_postprocess_mean(results: Results, method: str, variant: str, metric: str) -> float:
+    """cv_postprocess: the mean over folds of ``metric`` for ``method`` with ``variant``."""
+    figures = results.data("cv_postprocess/cv_postprocess.json")["figures"]
+    return float(figures[f"{method} | {_cv_postprocess_variant(results, variant)}"][metric]["mean"])
+
+
+for _method, _short in (("U-Net", "unet"), ("forest", "forest")):
+    for _variant in ("none", "chosen", "3d"):
+        for _metric, _name in (("err.tpb.density", "tpb"), ("err.tpb.active_density.z", "active_tpb_z"),
+                               ("mean_iou", "iou")):
+            def _figure(results: Results, method: str = _method, variant: str = _variant, metric: str = _metric) -> float:
+                """cv_postprocess: a method's mean over folds of one metric with one smoothing variant."""
+                return _cv_postprocess_mean(results, method, variant, metric)
+
+            derived(f"cv_postprocess_{_name}_{_short}_{_variant}")(_figure)
+
+
+@derived("cv_postprocess_folds_within_3pct_unet_chosen")
+def cv_postprocess_folds_within_3pct_unet_chosen(results: Results) -> float:
+    """cv_postprocess rows: folds whose U-Net TPB density with the chosen sigma is within 3 % of the labels'."""
+    variant = _cv_postprocess_variant(results, "chosen")
+    rows = results.data("cv_postprocess/cv_postprocess.json")["rows"]
+    return float(sum(abs(r["err.tpb.density"]) <= 0.03 for r in rows if r["method"] == "U-Net" and r["variant"] == variant))
 
 # --------------------------------------------------------------------------- configuration page
 
