@@ -656,6 +656,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "uncertainty": "new-scans.md", "serving": "serving.md", "serving_load": "serving.md", "distributed": "cluster.md",
     "gpu_h100": "gpu.md", "microstructure_accuracy": "microstructure.md", "microstructure_volume": "microstructure.md",
     "tortuosity": "microstructure.md", "cv_ni": "accuracy.md", "cv_phases": "accuracy.md", "cv_postprocess": "microstructure.md", "base_2p5d_pv_phases": "microstructure.md",
+    "napari": "../viewer.md",
 }
 
 
@@ -670,7 +671,7 @@ def results_index(results: Results) -> str:
             rows.append({"file": f"`{rel}`", "date": record.date, "commit": record.commit, "tree": tree_state(record),
                          "class": record.cpu_class + (f"; {record.gpu}" if record.gpu else ""),
                          "load": "recorded" if record.load != "not recorded" else "not recorded",
-                         "page": f"[{page[:-3]}]({page})" if page else "not shown on a page yet"})
+                         "page": f"[{page[:-3].removeprefix('../')}]({page})" if page else "not shown on a page yet"})
     return table([("file", "result file", ""), ("date", "date", ""), ("commit", "commit", ""), ("tree", "tree", ""),
                   ("class", "CPU class (GPU)", ""), ("load", "what else ran", ""), ("page", "page", "")], rows)
 
@@ -934,7 +935,9 @@ def cli_page_here() -> str:
 # --------------------------------------------------------------------------- documents and generated files
 
 IMAGES = {"docs/benchmarks/img/finetune.png": "finetune/finetune.png",
-          "docs/benchmarks/img/uncertainty.png": "uncertainty/uncertainty.png"}
+          "docs/benchmarks/img/uncertainty.png": "uncertainty/uncertainty.png",
+          **{f"docs/benchmarks/img/{name}.png": f"napari/{name}.png"
+             for name in ("viewer_labels", "viewer_uncertainty", "viewer_finetuned")}}
 
 
 def generated(root: Path) -> dict[str, str | bytes]:

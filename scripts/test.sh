@@ -9,4 +9,10 @@ bash scripts/setup_env.sh
 # first (tests/conftest.py orders them by their slow(seconds=N) marks; --no-loadscope-reorder keeps
 # that order instead of xdist's by number of tests). The 25 slowest tests are listed at the end, to
 # keep an eye on the suite's time.
-exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=25 "$@"
+# The napari viewer tests need a display: without one, a virtual X server (Xvfb, installed by
+# scripts/setup_display.sh) runs the suite.
+display=()
+if [ -z "${DISPLAY:-}" ] && [ -z "${WAYLAND_DISPLAY:-}" ] && command -v xvfb-run >/dev/null 2>&1; then
+  display=(xvfb-run -a -s "-screen 0 1280x1024x24")
+fi
+exec "${display[@]}" .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=25 "$@"

@@ -20,6 +20,10 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The napari GUI tests run in a pytest process of their own (tests/test_viewer_widget.py starts
+# it): a process that has loaded TensorFlow cannot open an OpenGL viewer (socseg.viewer.jobs).
+collect_ignore = [] if os.environ.get("SOCSEG_GUI_TESTS") else ["napari_gui"]
+
 SLOW_TEST_SECONDS = 10.0  # what a ``slow`` test without ``seconds=`` is expected to take
 
 
@@ -240,3 +244,59 @@ def _constant_segmenter(name: str, ni: bool) -> tuple[str, str]:
     with mlflow.start_run(run_name=name) as run:
         info = log_segmenter(export_model(network, Normaliser(0.0, 1.0, 0.5, 99.5)), config)
     return info.model_uri, run.info.run_id
+
+
+@pytest.fixture()
+def parent(tiny_params, mlflow_env):
+    """A tiny trained fixed-mode ni model registered as socseg-ni v1, champion (fixed: a scan on
+    another grey scale is refused; a per_volume parent is fine-tuned in
+    test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale)."""
+    return register_parent(tiny_params)
+
+
+def register_parent(tiny_params: dict) -> dict:
+    """:func:`parent`'s work, callable in a child process (the napari GUI tests): trains and
+    registers in the store ``MLFLOW_TRACKING_URI`` names; returns the params fine-tunes use."""
+    from socseg.training.registry import register_and_promote
+    from socseg.training.train import train
+
+    tiny_params["normalise"]["mode"] = "fixed"
+    result = train(tiny_params, run_name="parent", evaluate_test=False)  # no champion yet: nothing to compare
+    promotion = register_and_promote(result.model_uri, "socseg-ni", result.metrics["val_mean_iou"],
+                                     evaluate=lambda uri: 0.0, run_id=result.run_id, lock=params_lock(tiny_params))
+    assert promotion.version == "1" and promotion.promoted
+    tiny_params["finetune"].update(epochs=1, steps_per_epoch=2)
+    return tiny_params
+
+
+def params_lock(params):
+    """The promotion lock the pipeline would take with these params (a file lock beside the test's store)."""
+    import mlflow
+
+    from socseg.params import typed
+    from socseg.training.promotion_lock import lock_for
+
+    return lock_for(typed(params), mlflow.get_tracking_uri())
+
+
+def tiny_segmenter(folder: Path, context_slices: int) -> str:
+    """A small untrained 3-phase U-Net saved as a socseg segmenter folder (a model URI without a
+    tracking server), fixed grey range 20000..43000."""
+    import keras
+
+    from socseg.data.normalise import Normalisation
+
+    from socseg.data.normalise import Normaliser
+    from socseg.inference.predictor import ModelConfig
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.model.export import export_model
+    from socseg.model.unet import build_model
+
+    keras.utils.set_random_seed(3)
+    network = build_model("unet", "phases", n_classes=3, base_filters=4, context_slices=context_slices)
+    config = ModelConfig(task="phases", encoder="unet", class_names=["pore", "ysz", "ni"],
+                         phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=context_slices,
+                         normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"),  window="whole_slice",
+                         whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=8,
+                         max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0)
+    return str(save_segmenter(export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5)), config, folder / f"model{context_slices}"))

@@ -11,32 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import tiny_segmenter
 
-from socseg.data.normalise import Normalisation
 from socseg.data.chunked import ChunkedLabels
 from socseg.data.volumes import VolumeError
 
 SHAPE = (20, 48, 40)
-
-
-def _model(folder: Path, context_slices: int) -> str:
-    """A small untrained U-Net saved as a socseg segmenter folder (a model URI without a tracking server)."""
-    import keras
-
-    from socseg.data.normalise import Normaliser
-    from socseg.inference.predictor import ModelConfig
-    from socseg.inference.pyfunc import save_segmenter
-    from socseg.model.export import export_model
-    from socseg.model.unet import build_model
-
-    keras.utils.set_random_seed(3)
-    network = build_model("unet", "phases", n_classes=3, base_filters=4, context_slices=context_slices)
-    config = ModelConfig(task="phases", encoder="unet", class_names=["pore", "ysz", "ni"],
-                         phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=context_slices,
-                         normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"),  window="whole_slice",
-                         whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=8,
-                         max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0)
-    return str(save_segmenter(export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5)), config, folder / f"model{context_slices}"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +36,7 @@ def volume(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[int, str]:
     folder = tmp_path_factory.mktemp("models")
-    return {k: _model(folder, k) for k in (0, 1, 2)}
+    return {k: tiny_segmenter(folder, k) for k in (0, 1, 2)}
 
 
 @pytest.fixture(scope="module")

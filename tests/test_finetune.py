@@ -13,6 +13,8 @@ import pytest
 import tifffile
 import yaml
 
+from conftest import params_lock
+
 from socseg.data.tasks import IGNORE
 
 PHASES = {0: "pore", 128: "ysz", 255: "ni"}
@@ -136,23 +138,6 @@ def test_crops_of_sparse_targets_always_hold_a_label():
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture()
-def parent(tiny_params, mlflow_env):
-    """A tiny trained fixed-mode ni model registered as socseg-ni v1, champion (fixed: a scan on
-    another grey scale is refused; a per_volume parent is fine-tuned in
-    test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale)."""
-    from socseg.training.registry import register_and_promote
-    from socseg.training.train import train
-
-    tiny_params["normalise"]["mode"] = "fixed"
-    result = train(tiny_params, run_name="parent", evaluate_test=False)  # no champion yet: nothing to compare
-    promotion = register_and_promote(result.model_uri, "socseg-ni", result.metrics["val_mean_iou"],
-                                     evaluate=lambda uri: 0.0, run_id=result.run_id, lock=params_lock(tiny_params))
-    assert promotion.version == "1" and promotion.promoted
-    tiny_params["finetune"].update(epochs=1, steps_per_epoch=2)
-    return tiny_params
 
 
 @pytest.fixture()
@@ -418,12 +403,3 @@ def test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale(tiny_p
     assert 2.0 < expected[0] < expected[1] < 200.0  # the uint8 scan's own range, not the uint16 one
     assert 0.0 <= result.metrics["test_iou_ni"] <= 1.0  # the held-out slice 9, scored through the same mapping
 
-
-def params_lock(params):
-    """The promotion lock the pipeline would take with these params (a file lock beside the test's store)."""
-    import mlflow
-
-    from socseg.params import typed
-    from socseg.training.promotion_lock import lock_for
-
-    return lock_for(typed(params), mlflow.get_tracking_uri())

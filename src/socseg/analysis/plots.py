@@ -11,13 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-_PHASE_COLOURS = {"pore": "#1f1f1f", "ysz": "#3a7dd8", "ni": "#e8b33a", "rest": "#6b6b6b"}
-
-
-def phase_colours(class_names: Sequence[str]) -> list[str]:
-    """One fixed colour per phase name (matplotlib's cycle for unknown names), so every figure
-    draws a phase alike."""
-    return [_PHASE_COLOURS.get(name.lower(), f"C{i}") for i, name in enumerate(class_names)]
+from socseg.data.phases import phase_colours  # noqa: E402
 
 
 def training_curves_figure(history: Mapping[str, Sequence[float]]) -> plt.Figure:

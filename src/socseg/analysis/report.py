@@ -7,7 +7,7 @@ written beside it, or a ``.zarr`` store holding them), or a socseg volume direct
 * the volume's identity: path, shape, voxel size, phase map and what ``socseg segment`` recorded
   (model, source, settings);
 * the central z, y and x planes of the grey image, the labels over it (one fixed colour per phase,
-  :func:`socseg.analysis.plots.phase_colours`), the truth's labels and the model's uncertainty
+  :func:`socseg.data.phases.phase_colours`), the truth's labels and the model's uncertainty
   where they exist;
 * the metrics of :func:`socseg.analysis.microstructure.measure` per phase and for the whole volume,
   with an interval per metric when one is given (from the probability volume) and the relative
@@ -46,7 +46,6 @@ from socseg.analysis.intervals import (
     recorded_voxel_size_nm,
 )
 from socseg.analysis.microstructure import AXES, MicrostructureResult, flatten_metrics, measure, relative_errors
-from socseg.analysis.plots import phase_colours
 from socseg.analysis.uncertainty import (
     PROBABILITIES_CONTENT,
     UNCERTAINTY_CONTENT,
@@ -62,6 +61,7 @@ from socseg.data.formats import (
     detect_format,
     on_disk,
 )
+from socseg.data.phases import phase_colours
 from socseg.data.stacks import (
     LabelVolume,
     SliceReader,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import tifffile
@@ -71,7 +71,12 @@ def rank_slices(path: str | os.PathLike) -> list[SliceUncertainty]:
     ``path``: a ``.zarr`` label store segmented with ``--probabilities`` (its ``uncertainty``
     array), or the uncertainty TIFF of ``socseg segment ... --uncertainty PATH.tif``.
     """
-    blocks = _tiff_blocks(Path(path)) if Path(path).suffix.lower() in TIFF_SUFFIXES else _zarr_blocks(path)
+    return rank_blocks(_tiff_blocks(Path(path)) if Path(path).suffix.lower() in TIFF_SUFFIXES else _zarr_blocks(path))
+
+
+def rank_blocks(blocks: Iterable[tuple[int, np.ndarray]]) -> list[SliceUncertainty]:
+    """:func:`rank_slices` of ``(first slice, uint8 uncertainty block)`` pairs (e.g. an
+    uncertainty volume in memory as one block: ``[(0, volume)]``)."""
     slices = []
     for start, block in blocks:
         block = np.asarray(block, dtype=np.float32) / 255.0

@@ -55,7 +55,7 @@ def finetune(model_uri, volume, labels_path, phase_map, ignore_value, labelled_s
     champion gate (the champion is scored on them too) come from them; with one labelled slice
     there is nothing to gate on and the result is challenger only.
     """
-    from socseg.training.finetune import FinetuneError, finetune as run_finetune
+    from socseg.training.finetune import FinetuneError, finetune as run_finetune, promotion_verdict
 
     params = load_with(
         params_file,
@@ -82,19 +82,10 @@ def finetune(model_uri, volume, labels_path, phase_map, ignore_value, labelled_s
     scores = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("test_")}
     if scores:
         click.echo(json.dumps(scores, indent=2))
-    promotion = result.promotion
-    if promotion is not None:
-        if promotion["already_registered"]:
-            verdict = "was already registered"
-        elif promotion["promoted"]:
-            verdict = "is the new champion"
-        elif promotion["champion_score_before"] is None and not result.test_slices:
-            verdict = "is challenger (one labelled slice: no held-out slice to gate on)"
-        else:
-            verdict = (f"stays challenger (champion v{promotion['champion_version_before']} scores "
-                       f"{promotion['champion_score_before']:.4f} on the held-out slices)")
-        click.echo(f"{promotion['name']} v{promotion['version']} {verdict}")
+    verdict = promotion_verdict(result)
+    if verdict:
+        click.echo(verdict)
     if out:
         write_json({"run_id": result.run_id, "model_uri": result.model_uri, "parent_model_uri": result.parent_model_uri,
                     "lineage": result.lineage, "train_slices": result.train_slices, "test_slices": result.test_slices,
-                    "metrics": result.metrics, "promotion": promotion}, out)
+                    "metrics": result.metrics, "promotion": result.promotion}, out)

@@ -95,6 +95,23 @@ def open_zarr_array(path: str | os.PathLike[str], mode: str = "r") -> Any:
                       f"({', '.join(sorted(arrays)) or 'none'}): name the array, e.g. {path}/<array>")
 
 
+def open_zarr_labels(path: str | os.PathLike[str]) -> Any:
+    """The label array of a Zarr store: an OME-NGFF image's first label image (``labels/<name>``,
+    as ``socseg segment`` writes the phases beside the grey image), else what
+    :func:`open_zarr_array` opens (a bare label array, or a store of socseg's first layout)."""
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception:  # missing or corrupt: open_zarr_array says so
+        return open_zarr_array(path)
+    if isinstance(node, zarr.Group) and "labels" in {name for name, _ in node.groups()}:
+        names = (dict(node["labels"].attrs).get("ome") or {}).get("labels") or dict(node["labels"].attrs).get("labels")
+        if names:
+            return open_zarr_array(Path(str(path)) / "labels" / names[0])
+    return open_zarr_array(path)
+
+
 # --------------------------------------------------------------------------- opened inputs
 
 
@@ -310,6 +327,10 @@ class ZarrArray(InputFormat):
 
     def open(self, path: str) -> SliceSource:
         return ArraySlices(open_zarr_array(path), Path(path))
+
+    def read_labels(self, path: str) -> np.ndarray:
+        """An OME-NGFF store's label image (``labels/...``), not its grey image."""
+        return np.asarray(open_zarr_labels(path)[:])
 
     def socseg_record(self, path: str) -> dict[str, Any]:
         import zarr

@@ -88,11 +88,12 @@ def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
         stack = reader.read(piece.read.start, piece.read.stop)
     probabilities = predictor.probabilities(stack, piece.before, piece.after, job.request)
     labels = predictor.to_labels(predictor.to_classes(probabilities))
+    grey = stack[piece.before:piece.before + (stop - start)] if store.image is not None else None
     if job.probabilities:
         classes = class_probabilities(probabilities)
-        store.write(index, labels, quantise(classes), quantise(normalised_entropy(classes)))
+        store.write(index, labels, quantise(classes), quantise(normalised_entropy(classes)), image=grey)
     else:
-        store.write(index, labels)
+        store.write(index, labels, image=grey)
     return {"index": index, "slices": stop - start, "seconds": time.perf_counter() - started, "worker": _worker_name()}
 
 
@@ -175,7 +176,7 @@ def segment_to_zarr(
         raise ValueError(f"chunk depth {chunk_depth} is smaller than the model's context ({config.context_slices} "
                          "slices on each side): use a chunk depth of at least that (inference.chunk_depth)")
     with SliceReader(source) as reader:
-        shape = reader.shape
+        shape, dtype = reader.shape, reader.dtype
         request = InferenceRequest.resolve(config, options, source=reader)
     job = ChunkJob(model_uri, tracking_uri, str(source), str(output), request, target.probabilities)
     run = {"model_uri": model_uri, "source": str(Path(str(source)).resolve()) if split_hdf5_path(source) is None
@@ -186,7 +187,7 @@ def segment_to_zarr(
                 "model_uri": model_uri, "source": str(source), "context_slices": config.context_slices}
     n_classes = len(config.class_names) if target.probabilities else 0
     store = ChunkedLabels.create_or_resume(output, shape, chunk_depth, run, metadata, _voxel_size_nm(str(source)),
-                                           target.overwrite, n_classes)
+                                           target.overwrite, n_classes, image_dtype=dtype)
     return _finish(store, job, scheduler, progress)
 
 

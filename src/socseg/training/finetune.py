@@ -412,3 +412,20 @@ def finetune(
         registered_name=source.registered_name if register else "", promotion=promotion,
         train_slices=source.train_slices, test_slices=source.test_slices,
     )
+
+
+def promotion_verdict(result: FinetuneResult) -> str:
+    """One line on what the registry made of a fine-tuned model ('' when nothing was registered)."""
+    promotion = result.promotion
+    if promotion is None:
+        return ""
+    if promotion["already_registered"]:
+        verdict = "was already registered"
+    elif promotion["promoted"]:
+        verdict = "is the new champion"
+    elif promotion["champion_score_before"] is None and not result.test_slices:
+        verdict = "is challenger (one labelled slice: no held-out slice to gate on)"
+    else:
+        verdict = (f"stays challenger (champion v{promotion['champion_version_before']} scores "
+                   f"{promotion['champion_score_before']:.4f} on the held-out slices)")
+    return f"{promotion['name']} v{promotion['version']} {verdict}"
