@@ -161,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     viewer.screenshot(str(args.out / "viewer_finetuned.png"), canvas_only=False, flash=False)
     scored = [z for z in range(len(grey)) if z not in PAINTED]
     summary = widget.finetune_result
-    before = scores(base.labels[scored], truth[scored], base.phase_map)
-    after = scores(widget.segmentation.labels[scored], truth[scored], base.phase_map)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # the scorer loads Keras
+        before = pool.submit(scores, base.labels[scored], truth[scored], base.phase_map).result()
+        after = pool.submit(scores, widget.segmentation.labels[scored], truth[scored], base.phase_map).result()
     figures = {
         "train_seconds": train_seconds, "segment_seconds": segment_seconds, "finetune_and_resegment_seconds": finetune_seconds,
         "slices": len(grey), "most_uncertain_slice": int(start + top), "painted_slices": [int(start + z) for z in PAINTED],

@@ -9,50 +9,19 @@ reads its progress and result through a pipe. Cancelling a segmentation terminat
 writes no file, so nothing is left behind. (A fine-tune is not cancelled half-way: its MLflow
 run and registration are the record of it.)
 
-This module and the results it returns (:class:`Segmentation`, :class:`FinetuneSummary`) import
-neither TensorFlow nor Keras; :mod:`socseg.viewer.session` (imported in the child only) does the work.
+Neither this module nor the results it returns (:mod:`socseg.viewer.results`) imports TensorFlow
+or Keras; :mod:`socseg.viewer.session` (imported in the child only) does the work.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import traceback
-from dataclasses import dataclass, field
 from typing import Any, Generator
 
-import numpy as np
-
-from socseg.analysis.uncertainty import SliceUncertainty, rank_blocks
+from socseg.viewer.results import FinetuneSummary
 
 POLL_SECONDS = 0.2
-
-
-@dataclass
-class Segmentation:
-    """One segmented image layer: label values and uncertainty (uint8, normalised entropy x 255)."""
-
-    labels: np.ndarray
-    uncertainty: np.ndarray
-    phase_map: dict[int, str]
-    model_uri: str
-    record: dict[str, Any] = field(default_factory=dict)  # the request's settings, as outputs record them
-
-    def suggested_slices(self, top: int) -> list[SliceUncertainty]:
-        """The ``top`` slices ``socseg suggest-slices`` would pick: most uncertain first."""
-        return rank_blocks([(0, self.uncertainty)])[:top]
-
-
-@dataclass
-class FinetuneSummary:
-    """What the viewer shows of a fine-tune (the child's FinetuneResult, without its objects)."""
-
-    model_uri: str
-    run_id: str
-    train_slices: list[int]
-    test_slices: list[int]
-    metrics: dict[str, float]
-    verdict: str  # what the registry made of it (socseg.training.finetune.promotion_verdict)
-    promotion: dict[str, Any] | None = field(default=None)
 
 
 class JobError(RuntimeError):
@@ -71,8 +40,8 @@ def child_main(conn: Any, task: str, kwargs: dict[str, Any]) -> None:
 
         if task == "segment":
             predictor = session.load_predictor(kwargs["model_uri"], kwargs["tracking_uri"])
-            image = kwargs["image"]
-            total = int(image.shape[0]) if image.ndim == 3 else 1
+            image = kwargs["image"]  # an array, or the path of the file the layer was opened from
+            total = int(kwargs["slices"])
             generator = session.segment_array(predictor, image, slice_batch=kwargs["slice_batch"],
                                               model_uri=kwargs["model_uri"])
             while True:

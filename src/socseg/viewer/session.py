@@ -9,16 +9,18 @@ does). Nothing here writes a file: the segmentation lives in memory until the us
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from typing import Any, Generator, Mapping
 
 import numpy as np
 
 from socseg.analysis.uncertainty import class_probabilities, normalised_entropy, quantise
 from socseg.data.context import iter_chunks
+from socseg.data.stacks import SliceReader
 from socseg.data.volumes import IMAGE_DTYPES, Volume, VolumeError, VolumeMeta, check_image_array
 from socseg.inference.predictor import Predictor
 from socseg.inference.request import InferenceOptions
-from socseg.viewer.jobs import Segmentation
+from socseg.viewer.results import Segmentation
 from socseg.viewer.layers import correction_to_labels, painted_slices
 
 
@@ -47,20 +49,34 @@ def as_stack(image: Any) -> Any:
 def segment_array(predictor: Predictor, image: Any, options: InferenceOptions = InferenceOptions(),
                   slice_batch: int = 8, model_uri: str = "") -> Generator[int, None, Segmentation]:
     """Segment a grey stack chunk by chunk, yielding the number of slices done; returns the
-    :class:`Segmentation`. The request is resolved once on the whole stack and each chunk is read
-    with the model's context slices, as ``socseg segment`` does, so the labels are the same voxel
-    for voxel. Memory: the label and uncertainty volumes (uint8) and one chunk's probabilities."""
-    stack = as_stack(image)
-    request = predictor.request(options, source=stack)
-    labels = np.empty(stack.shape, dtype=np.uint8)
-    uncertainty = np.empty(stack.shape, dtype=np.uint8)
-    for piece in iter_chunks(stack.shape[0], slice_batch, predictor.context_slices):
-        chunk = np.asarray(stack[piece.read])
-        check_image_array(chunk, "the image layer")
-        probabilities = predictor.probabilities(chunk, piece.before, piece.after, request)
-        labels[piece.start:piece.stop] = predictor.to_labels(predictor.to_classes(probabilities))
-        uncertainty[piece.start:piece.stop] = quantise(normalised_entropy(class_probabilities(probabilities)))
-        yield piece.stop
+    :class:`Segmentation`. ``image``: the layer's array, or the path of the file it was opened
+    from (any input ``socseg segment`` reads), read a chunk at a time. The request is resolved once
+    on the whole stack and each chunk is read with the model's context slices, as ``socseg
+    segment`` does, so the labels are the same voxel for voxel. Memory: the label and uncertainty
+    volumes (uint8), one chunk's probabilities and, for an array, the array."""
+    with ExitStack() as closing:
+        if isinstance(image, (str, os.PathLike)):
+            reader = closing.enter_context(SliceReader(image))
+            shape, read = reader.shape, reader.read
+            request = predictor.request(options, source=reader)
+        else:
+            stack = as_stack(image)
+            shape = stack.shape
+
+            def read(start: int, stop: int) -> np.ndarray:
+                chunk = np.asarray(stack[start:stop])
+                check_image_array(chunk, "the image layer")
+                return chunk
+
+            request = predictor.request(options, source=stack)
+        labels = np.empty(shape, dtype=np.uint8)
+        uncertainty = np.empty(shape, dtype=np.uint8)
+        for piece in iter_chunks(shape[0], slice_batch, predictor.context_slices):
+            probabilities = predictor.probabilities(read(piece.read.start, piece.read.stop), piece.before, piece.after,
+                                                    request)
+            labels[piece.start:piece.stop] = predictor.to_labels(predictor.to_classes(probabilities))
+            uncertainty[piece.start:piece.stop] = quantise(normalised_entropy(class_probabilities(probabilities)))
+            yield piece.stop
     return Segmentation(labels, uncertainty, dict(predictor.config.label_phase_map), model_uri,
                         {"model_uri": model_uri, **request.record()})
 

@@ -28,8 +28,9 @@ from qtpy.QtWidgets import (
 
 from socseg.params import load_params, typed
 from socseg.training.tracking import tracking_uri
-from socseg.viewer.jobs import FinetuneSummary, Segmentation, run_in_child
+from socseg.viewer.jobs import run_in_child
 from socseg.viewer.layers import CORRECTION_ROLE, UNCERTAINTY_COLORMAP, correction_layer, labels_layer
+from socseg.viewer.results import FinetuneSummary, Segmentation
 
 
 class SegmentWidget(QWidget):
@@ -143,11 +144,12 @@ class SegmentWidget(QWidget):
         uri, store = model_uri or self.model.text().strip(), self.tracking.text().strip()
         slice_batch = typed(self.params).inference.slice_batch
 
-        data = np.asarray(image.data)
+        data = layer_source(image)
+        slices = image.data.shape[0] if image.data.ndim == 3 else 1
 
         def job():
             return (yield from run_in_child("segment", model_uri=uri, tracking_uri=store, image=data,
-                                            slice_batch=slice_batch))
+                                            slices=slices, slice_batch=slice_batch))
 
         self.worker = create_worker(job, _start_thread=False)
         self.worker.yielded.connect(self._progress)
@@ -253,5 +255,24 @@ class SegmentWidget(QWidget):
 
 def scores_text(metrics: Mapping[str, float]) -> str:
     """The held-out scores of a fine-tuned run, one per line."""
-    rows = [f"{key.removeprefix('test_')}: {value:.4f}" for key, value in sorted(metrics.items()) if key.startswith("test_")]
+    rows = [f"{key.removeprefix('test_')}: {value:.4f}" for key, value in sorted(metrics.items())
+            if key.startswith(("test_iou_", "test_mean_iou"))]
     return "\n".join(rows) if rows else "no held-out painted slice: no scores (paint at least two slices)"
+
+
+def layer_source(layer: Any) -> Any:
+    """What the child segments: the file an image layer was opened from, when the layer still
+    holds that file's whole stack (the child then reads it a chunk at a time, as ``socseg segment``
+    does), else the layer's array."""
+    from socseg.data.stacks import SliceReader
+    from socseg.data.volumes import VolumeError
+
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if path:
+        try:
+            with SliceReader(path) as reader:
+                if tuple(reader.shape) == tuple(layer.data.shape) and np.dtype(reader.dtype) == np.dtype(layer.data.dtype):
+                    return str(path)
+        except (VolumeError, OSError):
+            pass  # not a file socseg reads (another plugin's format): the array it is
+    return np.asarray(layer.data)
