@@ -79,6 +79,12 @@ def test_napari_finds_the_plugin_and_opens_a_store_as_image_and_labels(viewer, t
     labels = layers[1]
     assert labels.name == "s phases" and list(labels.features["phase"]) == ["pore", "ysz", "ni"]
     assert np.all(np.asarray(labels.data) == 128)
+    # the generic OME-Zarr plugin shows the same store as the scan with a Labels layer over it
+    generic = viewer.open(str(tmp_path / "s.zarr"), plugin="napari-ome-zarr")
+    kinds = sorted(type(layer).__name__ for layer in generic)
+    assert kinds == ["Image", "Labels"], kinds
+    (phases,) = [layer for layer in generic if type(layer).__name__ == "Labels"]
+    assert np.all(np.asarray(phases.data[0]) == 128)
 
 
 def test_the_widget_segments_as_socseg_segment_does_and_lists_the_uncertain_slices(viewer, qtbot, params, tmp_path):
