@@ -101,6 +101,15 @@ def test_the_widget_segments_as_socseg_segment_does_and_lists_the_uncertain_slic
     assert widget.suggestions.count() == 5 and widget.progress.value() == 9
     widget._go_to_slice(widget.suggestions.item(0))
     assert viewer.dims.current_step[0] == widget.segmentation.suggested_slices(1)[0].z
+    # a single 2-D image is segmented as a stack of one slice, and painted in 2-D
+    tifffile.imwrite(tmp_path / "one.tif", grey[4])
+    single = in_child(reference_labels, model, str(tmp_path / "one.tif"), str(tmp_path / "one_ref.tif"))
+    viewer.layers.clear()
+    viewer.add_image(grey[4], name="one")
+    widget.image_layer.setCurrentText("one")
+    _wait(qtbot, widget.segment())
+    np.testing.assert_array_equal(viewer.layers["one phases"].data, single.reshape(grey.shape[1:]))
+    assert widget.new_correction_layer().data.shape == grey.shape[1:]
 
 
 def test_cancel_adds_nothing_and_writes_nothing(viewer, qtbot, params, tmp_path):

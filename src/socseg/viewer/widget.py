@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -31,6 +32,8 @@ from socseg.training.tracking import tracking_uri
 from socseg.viewer.jobs import run_in_child
 from socseg.viewer.layers import CORRECTION_ROLE, UNCERTAINTY_COLORMAP, correction_layer, labels_layer
 from socseg.viewer.results import FinetuneSummary, Segmentation
+
+USER_ROLE = Qt.ItemDataRole.UserRole  # where a suggestion keeps its slice index
 
 
 class SegmentWidget(QWidget):
@@ -175,23 +178,28 @@ class SegmentWidget(QWidget):
     def _show(self, result: Segmentation, image: Any) -> None:
         self.segmentation = result
         scale = list(image.scale)
-        data, kwargs, _ = labels_layer(result.labels, result.phase_map, f"{image.name} phases",
+        labels, uncertainty = result.labels, result.uncertainty
+        if image.data.ndim == 2:  # a single image was segmented as a stack of one slice
+            labels, uncertainty = labels[0], uncertainty[0]
+        data, kwargs, _ = labels_layer(labels, result.phase_map, f"{image.name} phases",
                                        model_uri=result.model_uri, source=image.name)
         self.viewer.add_labels(data, scale=scale, **kwargs)
-        self.viewer.add_image(result.uncertainty, name=f"{image.name} uncertainty", scale=scale,
+        self.viewer.add_image(uncertainty, name=f"{image.name} uncertainty", scale=scale,
                               colormap=UNCERTAINTY_COLORMAP, contrast_limits=[0, 255], opacity=0.5, visible=False,
                               metadata={"socseg": {"role": "uncertainty", "model_uri": result.model_uri}})
         self.suggestions.clear()
         for entry in result.suggested_slices(self.top.value()):
             item = QListWidgetItem(f"z {entry.z}: mean uncertainty {entry.mean:.3f}")
-            item.setData(256, entry.z)  # Qt.UserRole
+            item.setData(USER_ROLE, entry.z)
             self.suggestions.addItem(item)
         self.status.setText(f"{image.name}: segmented with {result.model_uri}")
         self.progress.setValue(self.progress.maximum())
         self._busy(False)
 
     def _go_to_slice(self, item: QListWidgetItem) -> None:
-        z = int(item.data(256))
+        if self.viewer.dims.ndim < 3:
+            return  # a single image: nothing to go to
+        z = int(item.data(USER_ROLE))
         step = list(self.viewer.dims.current_step)
         step[0] = z
         self.viewer.dims.current_step = tuple(step)
@@ -207,8 +215,8 @@ class SegmentWidget(QWidget):
         except ValueError as error:
             self._fail(error)
             return None
-        shape = image.data.shape if image.data.ndim == 3 else (1, *image.data.shape)
-        data, kwargs, _ = correction_layer(shape, self.segmentation.phase_map, f"{image.name} corrections", image.name)
+        data, kwargs, _ = correction_layer(image.data.shape, self.segmentation.phase_map, f"{image.name} corrections",
+                                           image.name)
         layer = self.viewer.add_labels(data, scale=list(image.scale), **kwargs)
         names = ", ".join(f"{i + 1} = {name}" for i, name in enumerate(self.segmentation.phase_map.values()))
         self.status.setText(f"paint {names} (0 = unlabelled) on a few slices, then fine-tune")
