@@ -20,6 +20,16 @@ are saved in the .keras file. On a CPU without native bf16 (``ONEDNN_MAX_CPU_ISA
 one, or an AVX2 laptop) that bf16 is emulated. ``--precisions as_trained,float32`` scores the
 model as it loads and also the same weights computing in float32 (what ``auto`` trains on such a
 CPU); every U-Net row records the policy its layers computed in (``compute_dtype``).
+
+Runtimes (``--runtimes``): ``keras`` (the network through Keras), ``openvino`` (socseg's default
+CPU runtime, :mod:`socseg.inference.runtime`: the same weights compiled by OpenVINO in the precision
+Keras computes in), ``openvino-int8`` (that model quantised to int8 by NNCF's post-training
+quantisation, calibrated on ``--calibration-slices`` slices of the training slab) and
+``onnxruntime`` (``model.export(format="onnx")`` run by ONNX Runtime's CPU provider). Each row
+records the share of test-slab pixels whose label equals the Keras row's (same model, precision
+and window): a runtime is only worth adopting at >= 99.9 %. Under ``ONEDNN_MAX_CPU_ISA`` OpenVINO's
+convolutions (its own oneDNN) are capped too: the row records the convolution kernels OpenVINO
+picked (e.g. ``brgconv_avx2_f32``) as the check; ONNX Runtime's MLAS kernels ignore the cap.
 """
 
 from __future__ import annotations
@@ -81,6 +91,18 @@ def compute_dtypes(network: Any) -> str:
     return ", ".join(sorted(names)) or "none"
 
 
+RUNTIME_CHOICES = ("keras", "openvino", "openvino-int8", "onnxruntime")
+
+
+def parse_runtimes(text: str) -> list[str]:
+    """``keras,openvino`` -> the runtimes each U-Net is scored with (keras first: the reference)."""
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in chosen if item not in RUNTIME_CHOICES]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown runtime(s) {bad or text!r}: use {', '.join(RUNTIME_CHOICES)}")
+    return ["keras", *[r for r in chosen if r != "keras"]]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, required=True, help="accuracy.py CSV: U-Net rows with a model_uri")
@@ -92,6 +114,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precisions", type=parse_precisions, default=["as_trained"],
                    help="comma list: as_trained (the logged model as it loads) and/or float32 (the same weights "
                         "computing in float32)")
+    p.add_argument("--runtimes", type=parse_runtimes, default=["keras"],
+                   help=f"comma list of {', '.join(RUNTIME_CHOICES)} (keras always runs: the reference)")
+    p.add_argument("--calibration-slices", type=int, default=16,
+                   help="openvino-int8: training-slab slices its quantisation is calibrated on")
     p.add_argument("--test-slices", type=int, default=0, help="score only the first N test slices (0: all)")
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--rf-samples", type=int, default=150_000)
@@ -144,39 +170,112 @@ def forest_row(volume, split, slab, args) -> dict[str, Any]:
 
 
 def unet_rows(label: str, model_uri: str, slab, windows: list[dict[str, Any]],
-              precisions: Sequence[str] = ("as_trained",)) -> list[dict[str, Any]]:
+              precisions: Sequence[str] = ("as_trained",), runtimes: Sequence[str] = ("keras",),
+              calibration: Any = None) -> list[dict[str, Any]]:
+    """Rows of one logged U-Net: every precision x runtime x window; ``calibration``: the training
+    slab (an ``openvino-int8`` row quantises on some of its slices)."""
     from socseg.inference.predictor import Predictor
 
-    loaded = Predictor.load(model_uri)
+    loaded = Predictor.load(model_uri, runtime="keras")
     trained = compute_dtypes(loaded.network)
     rows = []
     for precision in precisions:
         if precision == "as_trained":
-            predictor, dtype = loaded, f"{trained} (as trained)"
+            network, dtype = loaded.network, f"{trained} (as trained)"
         else:
-            predictor = Predictor(float32_network(loaded.network)[0], loaded.config)
-            dtype = f"{compute_dtypes(predictor.network)} (weights of the {trained} model)"
-        rows += window_rows(label, model_uri, predictor, slab, windows, dtype)
+            network = float32_network(loaded.network)[0]
+            dtype = f"{compute_dtypes(network)} (weights of the {trained} model)"
+        reference: dict[str, Any] = {}  # window -> the Keras row's test-slab labels
+        for runtime in runtimes:
+            try:
+                predictor = runtime_predictor(network, loaded.config, runtime, calibration)
+            except Exception as error:  # noqa: BLE001 - a runtime that cannot run this model is a finding
+                rows.append({"model": label, "window": "-", "model_uri": model_uri, "compute_dtype": dtype,
+                             "runtime": runtime, "error": failure(error), "settings": f"did not run: {failure(error)}"})
+                print(f"[{time.strftime('%H:%M:%S')}] {label:28s} {runtime:14s} FAILED: {failure(error)}", flush=True)
+                continue
+            rows += window_rows(label, model_uri, predictor, slab, windows, dtype, reference)
     return rows
 
 
+def runtime_predictor(network: Any, config: Any, runtime: str, calibration: Any = None):
+    """A predictor of ``network`` whose forward passes run on ``runtime`` (see the module doc)."""
+    from types import SimpleNamespace
+
+    from socseg.inference.predictor import Predictor
+    from socseg.inference.runtime import RuntimeNetwork, runtime_network
+
+    if runtime == "keras":
+        return Predictor(network, config, runtime_network(network, "keras"))
+    if runtime == "openvino":
+        return Predictor(network, config, runtime_network(network, "openvino"))
+    if runtime == "onnxruntime":
+        from runtime_bench import build_onnxruntime
+
+        work = Path(tempfile.mkdtemp(prefix="socseg-onnx-"))
+        predict, description = build_onnxruntime(network, work)
+        return Predictor(network, config, RuntimeNetwork(SimpleNamespace(predict_on_batch=predict), description))
+    if runtime == "openvino-int8":
+        return Predictor(network, config, int8_network(network, config, calibration))
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def int8_network(network: Any, config: Any, calibration: Any) -> Any:
+    """``network`` in OpenVINO, quantised to int8 by NNCF (post-training, calibrated on the network
+    inputs that segmenting ``calibration`` (a training Slab) produces)."""
+    import nncf
+    import numpy as np
+    import openvino as ov
+
+    from socseg.inference.predictor import Predictor
+    from socseg.inference.runtime import OpenVinoNetwork, RuntimeNetwork, export_ir, openvino_version
+
+    if calibration is None:
+        raise ValueError("openvino-int8 needs calibration slices (the training slab)")
+    inputs: list[np.ndarray] = []
+
+    class Recorder:  # the network, remembering what the predictor feeds it
+        def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+            inputs.append(np.array(x, np.float32))
+            return network.predict_on_batch(x)
+
+    recording = Predictor(network, config, RuntimeNetwork(Recorder(), "recorder"))
+    volume, (start, stop) = calibration.volume, calibration.z_range
+    request = recording.request(source=volume.image, check_range=False)
+    k = config.context_slices
+    recording.probabilities(np.asarray(volume.image[max(0, start - k):stop + k]), min(k, start),
+                            min(k, volume.image.shape[0] - stop), request)
+    with tempfile.TemporaryDirectory(prefix="socseg-int8-") as tmp:
+        model = ov.Core().read_model(str(export_ir(network, Path(tmp) / "ir")))
+        quantised = nncf.quantize(model, nncf.Dataset(inputs), subset_size=len(inputs))
+        compiled = OpenVinoNetwork(quantised, "f32")  # int8 where quantised, f32 elsewhere
+    return RuntimeNetwork(compiled, f"openvino {openvino_version()} (CPU, int8 NNCF {nncf.__version__}, "
+                                    f"calibrated on {len(inputs)} training-slab passes)")
+
+
 def window_rows(label: str, model_uri: str, predictor, slab, windows: list[dict[str, Any]],
-                dtype: str) -> list[dict[str, Any]]:
-    """One row per window setting: IoU and slices/s of ``predictor`` on the slab (after a warm-up)."""
+                dtype: str, reference: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per window setting: IoU and slices/s of ``predictor`` on the slab (after a warm-up);
+    ``reference`` (window -> labels) holds the Keras row's labels (filled by it) that later
+    runtimes' labels are compared with."""
+    import numpy as np
+
     from socseg.data.prepare import Slab
     from socseg.inference.evaluate import score_slabs
     from socseg.inference.request import InferenceOptions
 
+    reference = {} if reference is None else reference
     rows = []
     for settings in windows:
         name = settings["window"] + (f", step {settings['step_fraction']:g}" if settings["step_fraction"] else "")
         row = {"model": label, "window": name, "model_uri": model_uri, "compute_dtype": dtype,
+               "runtime": predictor.runtime, "conv_kernels": convolution_kernels(predictor),
                "settings": f"batch {predictor.config.batch_size} tiles of {predictor.config.tile_size}^2, "
                            f"context {predictor.config.context_slices}"}
         try:
             options = InferenceOptions(tta=False, **settings)
             score_slabs(predictor, [Slab(slab.volume, (slab.z_range[0], slab.z_range[0] + 2))], "ni", options=options)
-            evaluation = score_slabs(predictor, [slab], "ni", options=options)
+            evaluation = score_slabs(predictor, [slab], "ni", options=options, keep_predictions=True)
         except Exception as error:  # e.g. a bf16 model under ONEDNN_MAX_CPU_ISA=AVX2: recorded, the others still run
             row.update(iou_ni=None, mean_iou=None, seconds=None, slices_per_s=None, error=failure(error))
             row["settings"] += f"; did not run: {row['error']}"
@@ -184,12 +283,32 @@ def window_rows(label: str, model_uri: str, predictor, slab, windows: list[dict[
                   flush=True)
             rows.append(row)
             continue
+        labels = evaluation.predictions[0]
+        reference.setdefault(name, labels)  # the first runtime scored (keras) is the reference
         row.update(iou_ni=evaluation.scores["iou_ni"], mean_iou=evaluation.scores["mean_iou"], seconds=evaluation.seconds,
-                   slices_per_s=evaluation.n_slices / evaluation.seconds)
+                   slices_per_s=evaluation.n_slices / evaluation.seconds,
+                   agreement=100.0 * float(np.mean(labels == reference[name])))
         rows.append(row)
-        print(f"[{time.strftime('%H:%M:%S')}] {label:28s} {name:22s} {dtype.split()[0]:15s} IoU Ni {row['iou_ni']:.4f} "
-              f"{row['slices_per_s']:.2f} slices/s", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {label:28s} {name:22s} {dtype.split()[0]:15s} {predictor.runtime[:24]:24s} "
+              f"IoU Ni {row['iou_ni']:.4f} {row['slices_per_s']:.2f} slices/s, labels = Keras {row['agreement']:.3f} %",
+              flush=True)
     return rows
+
+
+def convolution_kernels(predictor: Any) -> str:
+    """The kernels OpenVINO runs the convolutions with (its profiling), e.g. ``brgconv_avx2_f32``:
+    shows which instructions it really used; "" for other runtimes."""
+    from socseg.inference.runtime import OpenVinoNetwork
+
+    runner = getattr(getattr(predictor, "_predict", None), "__self__", None)
+    if not isinstance(runner, OpenVinoNetwork):
+        return ""
+    kernels = set()
+    for op in runner.compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and str(info["layerType"].astype(str)) == "Convolution":
+            kernels.add(str(info["primitiveType"].astype(str)))
+    return ", ".join(sorted(kernels))
 
 
 def failure(error: Exception) -> str:
@@ -239,8 +358,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     metadata = run_metadata(__file__, argv)
     rows = [forest_row(volume, split, slab, args)]
     print(f"[{time.strftime('%H:%M:%S')}] forest: IoU Ni {rows[0]['iou_ni']:.4f} {rows[0]['slices_per_s']:.2f} slices/s", flush=True)
+    from socseg.data.prepare import Slab
+
+    calibration = Slab(volume, (split.train[1] - args.calibration_slices, split.train[1])) if "openvino-int8" in args.runtimes else None
     for _, model in models.iterrows():
-        rows += unet_rows(str(model["method"]), str(model["model_uri"]), slab, args.windows, args.precisions)
+        rows += unet_rows(str(model["method"]), str(model["model_uri"]), slab, args.windows, args.precisions,
+                          args.runtimes, calibration)
     if args.quickstart:
         with tempfile.TemporaryDirectory(prefix="socseg-inference-") as tmp:
             rows.append(quickstart_row(Path(tmp)))
@@ -249,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         row["x_forest"] = row["slices_per_s"] / forest if row.get("slices_per_s") else None
     settings = {"data": f"SOCPristine test slab z {slab.z_range[0]}-{slab.z_range[1] - 1} (split {args.split}), 501x501",
                 "models": str(args.models), "tta": "off", "timing": "prediction only, after a 2-slice warm-up",
+                "runtimes": ", ".join(args.runtimes) + " (labels = Keras: share of test-slab pixels labelled as by the "
+                            "keras row of the same model, precision and window)",
                 "precisions": ", ".join(args.precisions)
                               + " (as_trained: the dtype policy saved with the model, whatever this CPU does natively)"}
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):
@@ -261,9 +386,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.note:
         settings["note"] = args.note
     columns = [("model", "model"), ("window", "window"), ("iou_ni", "IoU Ni", ".4f"), ("mean_iou", "mean IoU", ".4f"),
-               ("slices_per_s", "slices/s"), ("x_forest", "x forest"), ("compute_dtype", "computes in"),
+               ("slices_per_s", "slices/s"), ("x_forest", "x forest"), ("agreement", "labels = Keras (%)", ".3f"),
+               ("runtime", "runtime"), ("conv_kernels", "convolution kernels"), ("compute_dtype", "computes in"),
                ("settings", "settings")]
-    failed = [f"- {r['model']}, {r['window']}, {r['compute_dtype']}: did not run ({r['error']})" for r in rows if r.get("error")]
+    failed = [f"- {r['model']}, {r['window']}, {r['compute_dtype']}, {r.get('runtime', 'keras')}: did not run ({r['error']})"
+              for r in rows if r.get("error")]
     json_path, md_path = write_result(args.out, "inference", "Inference: window vs speed, against the random forest",
                                       metadata, settings, {}, columns, rows,
                                       notes=["Settings that failed (kept as rows, no figures):", *failed] if failed else ())

@@ -78,6 +78,7 @@ class RestSegmenter:
         self.retries, self.timeout, self.backoff = retries, timeout, backoff
         self.session = requests.Session()
         self.phase_map: dict[int, str] | None = None
+        self.runtime = ""  # what runs the server's forward passes, from describe()
         self.bytes_sent = self.bytes_received = 0
         self.requests = 0
 
@@ -86,7 +87,9 @@ class RestSegmenter:
         body = json.dumps({"inputs": [[[0]]], "params": {"describe": True}}).encode()
         predictions = self.post(body)
         try:
-            return json.loads(predictions[0]["config"])
+            config = json.loads(predictions[0]["config"])
+            self.runtime = str(predictions[0].get("runtime", "not reported (an older socseg server)"))
+            return config
         except (TypeError, KeyError, IndexError, ValueError):
             raise ServerError(f"{self.url} did not describe its model: not a socseg segmenter of this version "
                               "(re-log it with socseg train)") from None
@@ -193,6 +196,7 @@ def segment_with_server(
         return {
             "phase_map": {str(k): v for k, v in sorted(known.items())} if known else None,
             "server": client.url,
+            "runtime": client.runtime,
             "source": str(source),
             "params": client.params,
         }

@@ -240,7 +240,7 @@ def _constant_segmenter(name: str, ni: bool) -> tuple[str, str]:
                          context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
                                                           "high_percentile": 99.5}, "per_volume"),
                           window="whole_slice", whole_slice_max_pixels=10**6,
-                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0)
+                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
     with mlflow.start_run(run_name=name) as run:
         info = log_segmenter(export_model(network, Normaliser(0.0, 1.0, 0.5, 99.5)), config)
     return info.model_uri, run.info.run_id
@@ -279,9 +279,9 @@ def params_lock(params):
     return lock_for(typed(params), mlflow.get_tracking_uri())
 
 
-def tiny_segmenter(folder: Path, context_slices: int) -> str:
+def tiny_segmenter(folder: Path, context_slices: int, runtime: str = "keras") -> str:
     """A small untrained 3-phase U-Net saved as a socseg segmenter folder (a model URI without a
-    tracking server), fixed grey range 20000..43000."""
+    tracking server), fixed grey range 20000..43000; ``runtime``: its inference.runtime."""
     import keras
 
     from socseg.data.normalise import Normalisation
@@ -298,5 +298,6 @@ def tiny_segmenter(folder: Path, context_slices: int) -> str:
                          phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=context_slices,
                          normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"),  window="whole_slice",
                          whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=8,
-                         max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0)
-    return str(save_segmenter(export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5)), config, folder / f"model{context_slices}"))
+                         max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime=runtime)
+    return str(save_segmenter(export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5)), config,
+                              folder / f"model{context_slices}-{runtime}"))

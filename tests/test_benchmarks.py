@@ -11,28 +11,34 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The runtimes runtime_bench.py compares with Keras: pinned in pyproject's `test` extra, so their
-# agreement checks run wherever the tests do (pip install -e ".[test]").
-RUNTIMES = ("onnx", "tf2onnx", "onnxruntime", "openvino")
+# The runtimes runtime_bench.py compares with Keras: OpenVINO is a dependency (the default CPU
+# runtime), the others are pinned in pyproject's `test` extra, so their agreement checks run wherever
+# the tests do (pip install -e ".[test]").
+RUNTIMES = ("onnx", "tf2onnx", "onnxruntime", "nncf")
+CORE_RUNTIMES = ("openvino",)
 
 
-def _test_extra_pins() -> dict[str, str]:
+def _pins(which: str) -> dict[str, str]:
+    """``which``: "dependencies" or an extra's name."""
     import re
     import tomllib
 
-    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
-    return {m.group(1).lower(): m.group(2) for m in (re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", d) for d in extra) if m}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    listed = project["dependencies"] if which == "dependencies" else project["optional-dependencies"][which]
+    return {m.group(1).lower(): m.group(2) for m in (re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", d) for d in listed) if m}
 
 
-def test_runtime_packages_are_pinned_in_the_test_extra_and_installed():
+def test_runtime_packages_are_pinned_and_installed():
     """Declared and missing is a failure naming the package, never a silent skip of the ONNX /
     OpenVINO rows; the installed versions are the pinned ones and import with this numpy."""
     import importlib
     import importlib.metadata
 
-    pins = _test_extra_pins()
-    assert set(RUNTIMES) <= set(pins), f"pyproject's test extra must pin {sorted(set(RUNTIMES) - set(pins))}"
-    for package in RUNTIMES:
+    core, extra = _pins("dependencies"), _pins("test")
+    assert set(CORE_RUNTIMES) <= set(core), f"pyproject's dependencies must pin {sorted(set(CORE_RUNTIMES) - set(core))}"
+    assert set(RUNTIMES) <= set(extra), f"pyproject's test extra must pin {sorted(set(RUNTIMES) - set(extra))}"
+    pins = {**core, **extra}
+    for package in (*CORE_RUNTIMES, *RUNTIMES):
         try:
             installed = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -66,8 +72,8 @@ def test_runtime_bench_measures_every_variant_against_keras(tmp_path):
     record = json.loads((out / "runtime.json").read_text())
     assert record["command"] == "python benchmarks/runtime_bench.py " + " ".join(args)
     assert record["figures"]["untrained_model"] is True and record["figures"]["adoption_bar"]["speedup"] == 1.5
-    pins = _test_extra_pins()
-    assert record["figures"]["runtime_versions"] == {p: pins[p] for p in RUNTIMES}
+    pins = {**_pins("dependencies"), **_pins("test")}
+    assert record["figures"]["runtime_versions"] == {p: pins[p] for p in ("onnx", "tf2onnx", "onnxruntime", "openvino")}
     assert [(r["workload"], r["variant"]) for r in record["rows"]] == [("slices", v) for v in variants]
     rows = {(r["workload"], r["variant"]): r for r in record["rows"]}
     keras_row = rows["slices", "keras"]

@@ -36,17 +36,23 @@ def _ni_segmenter(folder: Path) -> str:
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
                          tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"), 
                          window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5, tta=False, batch_size=8,
-                         max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0)
+                         max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
     return str(save_segmenter(keras.Model(inputs, outputs), config, folder / "model"))
 
 
-def test_inference_bench_scores_every_window_and_the_forest(tmp_path, params, write_slices):
+def _phantom_source(tmp_path: Path, params, write_slices) -> Path:
+    """A small phantom in the SOCPristine layout (data/ and labels/ slice files)."""
     from socseg.data.synth import synth_from_params
 
     phantom = synth_from_params(params, "bench", shape=(24, 64, 64), seed=5)
     source = tmp_path / "source"
     write_slices(source / "data", "SOCprist", phantom.image, width=4, ext=".tiff")
     write_slices(source / "labels", "slice__", phantom.labels, width=4)
+    return source
+
+
+def test_inference_bench_scores_every_window_and_the_forest(tmp_path, params, write_slices):
+    source = _phantom_source(tmp_path, params, write_slices)
     models = tmp_path / "accuracy.csv"
     models.write_text(f"task,method,model_uri\nni,tiny conv,{_ni_segmenter(tmp_path)}\nni,global threshold(s),\n")
     out = tmp_path / "out"
@@ -124,7 +130,7 @@ def test_a_setting_that_fails_is_recorded_and_the_others_still_run(params):
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
                          tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"),
                           window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
-                         tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0)
+                         tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
     slab = Slab(synth_from_params(params, "bench", shape=(6, 32, 32), seed=5), (2, 6))
     windows = parse_windows("whole_slice")
     failed = window_rows("m", "uri", Predictor(Refusing(), config), slab, windows, "mixed_bfloat16 (as trained)")
@@ -160,7 +166,7 @@ def test_normalisation_bench_scores_fixed_and_per_volume_models_on_every_transfo
                              tile_size=32, context_slices=0,
                              normalisation=Normalisation.from_dict({"low": low, "high": high, "low_percentile": 0.5, "high_percentile": 99.5}, mode),
                               window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
-                             tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0)
+                             tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
         uris[mode] = save_segmenter(keras.Model(inputs, outputs), config, tmp_path / mode)
     models = tmp_path / "accuracy.csv"
     models.write_text("task,method,model_uri\n" + "".join(f"ni,{mode},{uri}\n" for mode, uri in uris.items()))
@@ -181,3 +187,32 @@ def test_normalisation_bench_scores_fixed_and_per_volume_models_on_every_transfo
     assert by[(linear, "per_volume")] == pytest.approx(by[("original (uint16)", "per_volume")], abs=0.01)
     mapped = "fixed, range mapped at inference"
     assert by[(linear, mapped)] == pytest.approx(by[("original (uint16)", mapped)], abs=0.01)
+
+
+def test_inference_bench_compares_runtimes_with_keras(tmp_path, params, write_slices):
+    """--runtimes: each runtime's row scores the same slab and records its labels' agreement with
+    the Keras row; OpenVINO (f32) and ONNX Runtime give Keras' labels, int8 is calibrated and run."""
+    source = _phantom_source(tmp_path, params, write_slices)
+    models = tmp_path / "accuracy.csv"
+    models.write_text(f"task,method,model_uri\nni,tiny conv,{_ni_segmenter(tmp_path)}\n")
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/inference_bench.py"), "--models", str(models), "--source", str(source),
+         "--cache-dir", str(tmp_path / "cache"), "--split", "0.5,0.2,0.3,1", "--windows", "whole_slice",
+         "--precisions", "float32", "--runtimes", "openvino,openvino-int8,onnxruntime", "--calibration-slices", "4",
+         "--rf-trees", "5", "--rf-samples", "2000", "--rf-jobs", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=400, cwd=REPO,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    record = json.loads((out / "inference.json").read_text())
+    rows = {r["runtime"].split(" (")[0].split()[0] + (" int8" if "int8" in r["runtime"] else ""): r
+            for r in record["rows"][1:]}
+    assert set(rows) == {"keras", "openvino", "openvino int8", "onnxruntime"}, list(rows)
+    assert rows["keras"]["agreement"] == 100.0 and rows["keras"]["conv_kernels"] == ""
+    assert rows["openvino"]["agreement"] >= 99.9 and "f32" in rows["openvino"]["conv_kernels"]
+    assert rows["onnxruntime"]["agreement"] >= 99.9
+    assert "calibrated on" in rows["openvino int8"]["runtime"] and 0 < rows["openvino int8"]["agreement"] <= 100.0
+    for row in rows.values():
+        assert row["slices_per_s"] > 0 and 0.0 <= row["iou_ni"] <= 1.0
+    assert "labels = Keras" in record["settings"]["runtimes"]
+    assert "labels = Keras (%)" in (out / "inference.md").read_text()

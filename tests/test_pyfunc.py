@@ -41,7 +41,7 @@ def make_config(**fields):
         tta=False,
         batch_size=8,
         max_slice_pixels=100_000,
-        max_clipped_fraction=0.5, smoothing_sigma=0.0,
+        max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras",
     )
     return ModelConfig(**{**values, **fields})
 
@@ -114,7 +114,7 @@ def test_compact_form_matches_tensor_form_in_the_same_encoding(segmenter, grey, 
     expected = model.predict(grey)
     for request in (pd.DataFrame({"image": encoded}), {"image": encoded}, np.array(encoded)):
         frame = model.predict(request)
-        assert list(frame.columns) == ["labels", "phase_map"]
+        assert list(frame.columns) == ["labels", "phase_map", "runtime"]
         assert base64.b64decode(frame["labels"][0])[:2] == (b"\x93N" if encoding == "npy" else b"II")
         np.testing.assert_array_equal(np.stack([decode_array(t) for t in frame["labels"]]), expected)
     assert frame["phase_map"][0] == '{"0": "pore", "128": "ysz", "255": "ni"}'
@@ -259,7 +259,8 @@ def test_describe_answers_with_the_config_and_context_params_work(tmp_path):
     images = np.random.default_rng(2).integers(18000, 45000, (6, 24, 20)).astype(np.uint16)
 
     answer = model.predict(images, params={"describe": True})
-    assert isinstance(answer, pd.DataFrame) and list(answer.columns) == ["config"] and len(answer) == 1
+    assert isinstance(answer, pd.DataFrame) and list(answer.columns) == ["config", "runtime"] and len(answer) == 1
+    assert answer["runtime"][0].startswith("keras ")  # the config's inference.runtime: keras
     described = json.loads(answer["config"][0])
     assert described["context_slices"] == 1
     assert described["phase_map"] == {"0": "pore", "128": "ysz", "255": "ni"}

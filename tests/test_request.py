@@ -19,7 +19,7 @@ def config(normalisation=None, **fields) -> ModelConfig:
     values = dict(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=PHASE_MAP, tile_size=64,
                   context_slices=0, normalisation=normalisation or FixedRange(low=100.0, high=900.0), window="sliding",
                   whole_slice_max_pixels=0, step_fraction=0.5, tta=True, batch_size=4, max_slice_pixels=10**6,
-                  max_clipped_fraction=0.5, smoothing_sigma=0.0)
+                  max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
     return ModelConfig(**{**values, **fields})
 
 

@@ -31,7 +31,7 @@ def _config(context_slices: int = 0, batch_size: int = 16) -> ModelConfig:
         task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=PHASE_MAP, tile_size=64,
         context_slices=context_slices, normalisation=FixedRange(low=20000.0, high=43000.0),
         window="whole_slice",
-        whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=batch_size, max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0,
+        whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=batch_size, max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras",
     )
 
 

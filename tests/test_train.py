@@ -296,7 +296,7 @@ def test_validation_estimates_a_per_volume_range_once_not_every_epoch(tiny_param
                          tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
                                                                         "high_percentile": 99.5}, "per_volume"),
                           window="whole_slice", whole_slice_max_pixels=10**6,
-                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0)
+                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
     predictor = Predictor(network, config)
     volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
     slabs = [Slab(volume, (0, 6)), Slab(volume, (18, 24))]

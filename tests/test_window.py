@@ -47,7 +47,7 @@ def model_config(tile_size, step_fraction=0.5, tta=False, batch_size=8, context_
         tta=tta,
         batch_size=batch_size,
         max_slice_pixels=10**8,
-        max_clipped_fraction=0.5, smoothing_sigma=0.0,
+        max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras",
     )
 
 

@@ -130,6 +130,7 @@ TASKS = ("ni", "phases")
 LOSSES = ("ce", "dice", "ce_dice", "focal")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 AUTO = "auto"
+RUNTIMES = (AUTO, "keras", "openvino")  # socseg.inference.runtime
 ENCODER_BATCHNORM = (AUTO, "true", "false")
 
 
@@ -349,6 +350,8 @@ class InferenceParams:
     chunk_depth: int = _help("slices per z-chunk of a Zarr output: one task of a (Dask) run")
     max_slice_pixels: int = _help("largest slice the served model accepts")
     max_clipped_fraction: float = _help("refuse input with more pixels than this outside the model's grey range")
+    runtime: str = _help("what runs the forward passes: auto (OpenVINO on a CPU where installed, else Keras) | keras | openvino",
+                         RUNTIMES)
 
     def __post_init__(self) -> None:
         if self.whole_slice_max_pixels < 0:

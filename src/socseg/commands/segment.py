@@ -19,7 +19,7 @@ from socseg.data.normalise import GreyRangeEstimateError
 from socseg.data.volumes import VolumeError
 from socseg.inference.predictor import GreyRangeError
 from socseg.inference.request import InferenceOptions
-from socseg.params import WINDOWS, load_params, typed
+from socseg.params import RUNTIMES, WINDOWS, load_params, typed
 
 IN_STORE = "<in the .zarr store>"  # --probabilities / --uncertainty given without a path
 
@@ -77,12 +77,15 @@ def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
                    "equally likely), uint8. .tif OUTPUT: to PATH.tif (Z, Y, X). .zarr OUTPUT: no PATH; kept in the "
                    "store, with the probabilities. `socseg suggest-slices` ranks either.")
 @click.option("--multi-axis", is_flag=True, help="Average predictions along z, y and x (holds the volume in memory; .tif OUTPUT).")
+@click.option("--runtime", type=click.Choice(RUNTIMES),
+              help="What runs the forward passes: auto (OpenVINO on a CPU where installed, else Keras), keras or openvino "
+                   "[default: the model's, params: inference.runtime]. Recorded in the output.")
 @inference_options
 @click.option("--tracking-uri", help="Where models:/ and runs:/ URIs resolve [$MLFLOW_TRACKING_URI, params: mlflow.tracking_uri].")
 def segment(
     model_uri: str, input_path: str, output: str, overwrite: bool, slice_batch: int | None, chunk_depth: int | None,
     scheduler: str | None, probabilities: str | None, uncertainty: str | None, multi_axis: bool,
-    options: InferenceOptions, tracking_uri: str | None,
+    runtime: str | None, options: InferenceOptions, tracking_uri: str | None,
 ) -> None:
     """Segment INPUT with MODEL_URI (e.g. models:/socseg-ni@champion, runs:/<id>/segmenter).
 
@@ -106,14 +109,16 @@ def segment(
 
             depth = chunk_depth or params.inference.chunk_depth
             target = ZarrTarget(output, depth, overwrite, probabilities=bool(probabilities or uncertainty))
-            result = segment_to_zarr(model_uri, input_path, target, options, tracking_uri=uri, scheduler=scheduler)
+            result = segment_to_zarr(model_uri, input_path, target, options, tracking_uri=uri, scheduler=scheduler,
+                                     runtime=runtime)
         else:
             from socseg.inference.segment import SegmentOutputs
             from socseg.inference.segment import segment as run_segment
 
             outputs = SegmentOutputs.check(input_path, output, probabilities, uncertainty, overwrite)
             result = run_segment(model_uri, input_path, outputs, options,
-                                 slice_batch=slice_batch or params.inference.slice_batch, multi_axis=multi_axis)
+                                 slice_batch=slice_batch or params.inference.slice_batch, multi_axis=multi_axis,
+                                 runtime=runtime)
     except (VolumeError, GreyRangeError, GreyRangeEstimateError, OSError, MlflowException) as exc:
         raise CommandError(getattr(exc, "message", None) or str(exc)) from None
     z, h, w = result.shape
@@ -122,6 +127,7 @@ def segment(
         click.echo(f"{result.n_chunks} chunk(s) of {depth} slices, {result.n_skipped} already finished by an earlier run")
         click.echo(describe(result))
     else:
+        click.echo(f"runtime: {result.runtime}")
         for what, path in (("probabilities", result.probabilities), ("uncertainty", result.uncertainty)):
             if path is not None:
                 click.echo(f"{what} -> {path}")

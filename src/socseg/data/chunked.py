@@ -178,6 +178,11 @@ class ChunkedLabels:
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs.get("socseg", {}))
 
+    def record(self, **entries: Any) -> None:
+        """Add facts learnt while the chunks were written (e.g. the runtimes that made them) to the
+        store's socseg attributes."""
+        self.group.attrs["socseg"] = {**self.attrs, **entries}
+
 
 def _multiscales(name: str, voxel_size_nm: float | None) -> dict[str, Any]:
     """OME-NGFF ``multiscales`` of one full-resolution level ``0`` (axes z, y, x; micrometres

@@ -20,7 +20,7 @@ from socseg.params import InferenceParams, parse_bool
 # record yet, and the value they behaved with (the sliding window; whole-slice passes on request,
 # up to the bound they were introduced with). `socseg relog` re-logs such a model with every field.
 _RECORDED_LATER = {"max_clipped_fraction": 0.5, "context_slices": 0, "encoder": "", "window": "sliding",
-                   "whole_slice_max_pixels": 4096 * 1024, "smoothing_sigma": 0.0}
+                   "whole_slice_max_pixels": 4096 * 1024, "smoothing_sigma": 0.0, "runtime": "keras"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class ModelConfig:
     batch_size: int
     max_slice_pixels: int
     max_clipped_fraction: float  # see Predictor.check_grey_range
+    runtime: str  # auto | keras | openvino: what runs the forward passes (socseg.inference.runtime)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task))  # a task name is accepted where a Task is meant
@@ -72,6 +73,7 @@ class ModelConfig:
             batch_size=int(record["batch_size"]),
             max_slice_pixels=int(record["max_slice_pixels"]),
             max_clipped_fraction=float(record["max_clipped_fraction"]),
+            runtime=str(record["runtime"]),
         )
 
     @classmethod
@@ -88,6 +90,7 @@ class ModelConfig:
             "batch_size": inference.batch_size,
             "max_slice_pixels": inference.max_slice_pixels,
             "max_clipped_fraction": inference.max_clipped_fraction,
+            "runtime": inference.runtime,
         })
 
     def to_dict(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class ChunkJob:
     output: str
     request: InferenceRequest
     probabilities: bool = False  # also write the probability and uncertainty arrays
+    runtime: str | None = None  # auto | keras | openvino; None: the model's inference.runtime
 
 
 @dataclass
@@ -71,16 +72,16 @@ class ZarrResult:
 
 
 @lru_cache(maxsize=2)
-def worker_predictor(model_uri: str, tracking_uri: str) -> Any:
+def worker_predictor(model_uri: str, tracking_uri: str, runtime: str | None = None) -> Any:
     """The predictor of ``model_uri``, loaded once per process (a Dask worker keeps it for all its tasks)."""
     mlflow.set_tracking_uri(tracking_uri)
-    return Predictor.load(model_uri)
+    return Predictor.load(model_uri, runtime)
 
 
 def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
     """Segment z-chunk ``index`` of ``job.source`` into ``job.output``: the task of every path."""
     started = time.perf_counter()
-    predictor = worker_predictor(job.model_uri, job.tracking_uri)
+    predictor = worker_predictor(job.model_uri, job.tracking_uri, job.runtime)
     store = ChunkedLabels.open(job.output)
     start, stop = store.chunk(index)
     piece = next(iter_chunks(store.shape[0], stop - start, predictor.context_slices, start, stop))
@@ -94,7 +95,8 @@ def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
         store.write(index, labels, quantise(classes), quantise(normalised_entropy(classes)), image=grey)
     else:
         store.write(index, labels, image=grey)
-    return {"index": index, "slices": stop - start, "seconds": time.perf_counter() - started, "worker": _worker_name()}
+    return {"index": index, "slices": stop - start, "seconds": time.perf_counter() - started, "worker": _worker_name(),
+            "runtime": predictor.runtime}
 
 
 def _worker_name() -> str:
@@ -159,6 +161,7 @@ def segment_to_zarr(
     tracking_uri: str,
     scheduler: str | None = None,
     progress: bool = True,
+    runtime: str | None = None,
 ) -> ZarrResult:
     """Segment ``source`` into the Zarr store ``target.output``, resuming what a previous run finished.
 
@@ -166,6 +169,8 @@ def segment_to_zarr(
     range is estimated once: the tasks see one chunk each), and sent to every task.
     ``target.probabilities``: also keep each voxel's class probabilities and their normalised
     entropy (uncertainty: where to label next), uint8-quantised, beside the labels.
+    ``runtime`` (auto, keras, openvino): what runs each task's forward passes (None: the model's
+    ``inference.runtime``); the runtime of each worker is recorded in the store.
     """
     output, chunk_depth = target.output, target.chunk_depth
     check_paths(source, output, target.overwrite)
@@ -178,7 +183,7 @@ def segment_to_zarr(
     with SliceReader(source) as reader:
         shape, dtype = reader.shape, reader.dtype
         request = InferenceRequest.resolve(config, options, source=reader)
-    job = ChunkJob(model_uri, tracking_uri, str(source), str(output), request, target.probabilities)
+    job = ChunkJob(model_uri, tracking_uri, str(source), str(output), request, target.probabilities, runtime)
     run = {"model_uri": model_uri, "source": str(Path(str(source)).resolve()) if split_hdf5_path(source) is None
            else str(source), "shape": list(shape), "chunk_depth": chunk_depth, **options.record(),
            "probabilities": target.probabilities,
@@ -198,11 +203,14 @@ def _finish(store: ChunkedLabels, job: ChunkJob, scheduler: str | None, progress
     per_worker: dict[str, dict[str, float]] = {}
     with progress_bar(len(pending), "segment (chunks)", progress, unit="chunk") as bar:
         for done in _run(pending, job, scheduler):
-            entry = per_worker.setdefault(done["worker"], {"slices": 0, "seconds": 0.0, "chunks": 0})
+            entry = per_worker.setdefault(done["worker"], {"slices": 0, "seconds": 0.0, "chunks": 0,
+                                                           "runtime": done["runtime"]})
             entry["slices"] += done["slices"]
             entry["seconds"] += done["seconds"]
             entry["chunks"] += 1
             bar.update(1)
+    if per_worker:  # what made this run's chunks (a resumed store keeps the earlier run's entry too)
+        store.record(runtimes=sorted({*store.attrs.get("runtimes", []), *(w["runtime"] for w in per_worker.values())}))
     missing = store.pending()
     if missing:
         raise VolumeError(f"{job.output}: chunks {missing} were not written; run the command again to finish them")
@@ -238,6 +246,7 @@ def describe(result: ZarrResult) -> str:
     lines = []
     for worker, w in sorted(result.per_worker.items()):
         rate = w["slices"] / w["seconds"] if w["seconds"] else float("nan")
-        lines.append(f"  {worker}: {w['chunks']} chunk(s), {w['slices']} slices, {rate:.2f} slices/s while busy")
+        lines.append(f"  {worker}: {w['chunks']} chunk(s), {w['slices']} slices, {rate:.2f} slices/s while busy, "
+                     f"{w['runtime']}")
     return "\n".join(lines)
 

@@ -27,6 +27,7 @@ from socseg.data.context import Chunk, iter_chunks, iter_with_context
 from socseg.data.normalise import GreyRange
 from socseg.inference.config import ModelConfig
 from socseg.inference.request import InferenceOptions, InferenceRequest
+from socseg.inference.runtime import RuntimeNetwork, check_runtime
 from socseg.inference.window import Predict, fixed_batch, iter_window_probabilities
 
 __all__ = ["GreyRangeError", "ModelConfig", "Predictor"]
@@ -40,30 +41,44 @@ class Predictor:
     """Raw grey slices in, class probabilities, classes or label values out.
 
     ``network`` is the exported Keras model (raw grey ``(B, s, s, 2k + 1)`` in, probabilities
-    out: :func:`socseg.model.export.export_model`), or any object with ``predict_on_batch``.
+    out: :func:`socseg.model.export.export_model`), or any object with ``predict_on_batch``; it
+    stays the model that fine-tuning and re-logging start from. ``runtime`` runs the forward
+    passes instead when given (:func:`socseg.inference.runtime.runtime_network`: OpenVINO on a CPU).
     """
 
-    def __init__(self, network: Any, config: ModelConfig):
+    def __init__(self, network: Any, config: ModelConfig, runtime: RuntimeNetwork | None = None):
         import keras
 
         self.network = network
         self.config = config
-        predict: Predict = network.predict_on_batch
-        if keras.backend.backend() == "jax":  # one compiled shape (see fixed_batch)
+        # What every output records as the runtime that made it.
+        self.runtime = runtime.description if runtime else f"keras {keras.__version__} ({keras.backend.backend()})"
+        predict: Predict = (runtime.runner if runtime else network).predict_on_batch
+        if keras.backend.backend() == "jax" and runtime is None:  # one compiled shape (see fixed_batch)
             predict = fixed_batch(predict)
         self._predict = predict
 
     @classmethod
-    def load(cls, model_uri: str) -> "Predictor":
+    def load(cls, model_uri: str, runtime: str | None = None) -> "Predictor":
         """The predictor inside a logged socseg model (``runs:/<id>/segmenter``,
-        ``models:/socseg-ni@champion``, a local model folder)."""
+        ``models:/socseg-ni@champion``, a local model folder); ``runtime`` (auto, keras,
+        openvino) overrides the model's ``inference.runtime`` for this load."""
         import mlflow
 
-        wrapped = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+        override = {"runtime": check_runtime(runtime)} if runtime else None
+        wrapped = mlflow.pyfunc.load_model(model_uri, model_config=override).unwrap_python_model()
         predictor = getattr(wrapped, "predictor", None)
         if not isinstance(predictor, Predictor):
             raise ValueError(f"{model_uri} is not a socseg segmenter (the pyfunc model socseg train logs)")
         return predictor
+
+    def as_served(self) -> "Predictor":
+        """This network with its weights as they are now, run as the logged model will run
+        (``inference.runtime`` of its config): a training run's final scores, which the registry
+        gate compares with a loaded champion's, are then the served model's, not Keras'."""
+        from socseg.inference.runtime import runtime_network
+
+        return Predictor(self.network, self.config, runtime_network(self.network, self.config.runtime))
 
     @property
     def context_slices(self) -> int:

@@ -440,6 +440,7 @@ class Segmenter(mlflow.pyfunc.PythonModel):
         import socseg.model.losses  # noqa: F401
         import socseg.model.metrics  # noqa: F401
         import socseg.model.unet  # noqa: F401
+        from socseg.inference.runtime import runtime_network
         from socseg.model.precision import runnable_network
 
         config = ModelConfig.from_dict(context.model_config)
@@ -447,7 +448,9 @@ class Segmenter(mlflow.pyfunc.PythonModel):
         # A model keeps the dtype policy it was trained with: bf16 where it is not native would
         # crawl (emulated) or fail (oneDNN without bf16 refuses the convolutions); run float32 there.
         network, self.computes_in = runnable_network(network)
-        self.predictor = Predictor(network, config)
+        # OpenVINO on a CPU (inference.runtime auto), its IR cached by the .keras file's bytes.
+        runtime = runtime_network(network, config.runtime, Path(context.artifacts[KERAS_ARTIFACT]))
+        self.predictor = Predictor(network, config, runtime)
         # The scoring server runs requests in threads; one forward pass at a time bounds memory.
         self._lock = threading.Lock()
 
@@ -460,7 +463,7 @@ class Segmenter(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         params = dict(params or {})
         if parse_flag(params, "describe"):  # what a client needs to know (context_slices, phase map...)
-            return pd.DataFrame({"config": [json.dumps(self.config.to_dict())]})
+            return pd.DataFrame({"config": [json.dumps(self.config.to_dict())], "runtime": [self.predictor.runtime]})
         encoding = str(params.get("encoding") or "")
         if encoding and encoding not in ENCODINGS:
             raise RequestError(f"unknown encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
@@ -494,4 +497,5 @@ class Segmenter(mlflow.pyfunc.PythonModel):
         if unsure is not None:
             frame["uncertainty"] = [encode_array(u, encoding) for u in unsure]
         frame["phase_map"] = json.dumps({str(k): v for k, v in self.config.label_phase_map.items()})
+        frame["runtime"] = self.predictor.runtime
         return frame

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -67,6 +67,7 @@ class SegmentResult:
     seconds: float
     probabilities: Path | None = None
     uncertainty: Path | None = None
+    runtime: str = ""  # what ran the forward passes (socseg.inference.runtime)
 
     @property
     def slices_per_second(self) -> float:
@@ -238,6 +239,7 @@ def segment(
     slice_batch: int,
     multi_axis: bool = False,
     progress: bool = True,
+    runtime: str | None = None,
 ) -> SegmentResult:
     """Segment a volume with the model at ``model_uri`` in this process (no server).
 
@@ -248,10 +250,11 @@ def segment(
     range first (one streamed pass over a sample of slices; a constant or all-NaN input is
     refused before anything is written). Each chunk whose grey values mostly lie outside the
     model's normalisation range is refused (:meth:`~socseg.inference.predictor.Predictor.check_grey_range`)
-    unless ``options.allow_out_of_range``.
+    unless ``options.allow_out_of_range``. ``runtime`` (auto, keras, openvino) overrides the
+    model's ``inference.runtime``; the runtime used is recorded in the outputs' metadata.
     """
     outputs = SegmentOutputs.check(source, outputs)  # fail fast, before loading the model
-    predictor = Predictor.load(model_uri)
+    predictor = Predictor.load(model_uri, runtime)
     config = predictor.config
     with SliceReader(source) as reader:
         request = predictor.request(options, source=reader)
@@ -263,18 +266,21 @@ def segment(
         **request.record(),
         "multi_axis": multi_axis,
         "normalisation_mode": config.normalisation.mode,
+        "runtime": predictor.runtime,
     }
     sides = {"class_names": list(config.class_names)}
     if multi_axis:
-        return _segment_multi_axis(predictor, request, source, outputs, metadata, slice_batch, progress)
+        return replace(_segment_multi_axis(predictor, request, source, outputs, metadata, slice_batch, progress),
+                       runtime=predictor.runtime)
 
     def labels(stack: np.ndarray, before: int, after: int) -> Any:
         probs = predictor.probabilities(stack, before, after, request)
         values = predictor.to_labels(predictor.to_classes(probs))
         return (values, probs) if outputs.wants_probabilities else values
 
-    return segment_stream(labels, source, outputs, context_slices=predictor.context_slices, slice_batch=slice_batch,
-                          metadata=metadata, progress=progress, **sides)
+    return replace(segment_stream(labels, source, outputs, context_slices=predictor.context_slices,
+                                  slice_batch=slice_batch, metadata=metadata, progress=progress, **sides),
+                   runtime=predictor.runtime)
 
 
 def _segment_multi_axis(

@@ -242,7 +242,7 @@ def check_source(p: Params, model_uri: str, scan: SparseVolume, task: str | None
     slices = scan.slices_with_labels()
     train_slices, test_slices = split_labelled(slices, p.finetune.test_fraction)
     parent = resolve_parent(model_uri)
-    predictor = Predictor.load(model_uri)
+    predictor = Predictor.load(model_uri, runtime="keras")  # trained in place: its passes must see the new weights
     network, layer_range = _inner_network(predictor.network)
     try:  # a scan on another grey scale than a fixed-mode model's would train on clipped values
         grey = config.normalisation.source_range(scan.image)  # per_volume: the scan's own range; fixed: None
@@ -329,7 +329,7 @@ class FinetuneRun(TrainingRun):
             mlflow.set_tag("socseg.gate", "none: a single labelled slice, no held-out test slice")
             return {}
         grey = self.source.grey
-        scores = score_slabs(data.predictor, self.test_slabs, options=InferenceOptions(grey_range=grey)).scores
+        scores = score_slabs(data.predictor.as_served(), self.test_slabs, options=InferenceOptions(grey_range=grey)).scores
         return {f"test_{k}": v for k, v in scores.items()}
 
     def register(self, result: TrainResult, metric: str) -> dict[str, Any]:

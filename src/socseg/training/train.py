@@ -154,9 +154,10 @@ class TrainRun(TrainingRun):
         """Validation and (unless a search trial) test scores with the served settings; the test
         slab's overlays."""
         prepared, scores = self.data, {}
+        served = data.predictor.as_served()
         for subset in ("val", "test") if self.evaluate_test else ("val",):
             if prepared.slabs[subset]:
-                evaluation = score_slabs(data.predictor, prepared.slabs[subset], keep_predictions=subset == "test",
+                evaluation = score_slabs(served, prepared.slabs[subset], keep_predictions=subset == "test",
                                          grey_ranges=prepared.grey_ranges())
                 scores.update({f"{subset}_{k}": v for k, v in evaluation.scores.items()})
                 if subset == "test":
