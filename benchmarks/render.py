@@ -656,7 +656,8 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "uncertainty": "new-scans.md", "serving": "serving.md", "serving_load": "serving.md", "distributed": "cluster.md",
     "gpu_h100": "gpu.md", "microstructure_accuracy": "microstructure.md", "microstructure_volume": "microstructure.md",
     "tortuosity": "microstructure.md", "cv_ni": "accuracy.md", "cv_phases": "accuracy.md", "cv_postprocess": "microstructure.md", "base_2p5d_pv_phases": "microstructure.md",
-    "napari": "../viewer.md",
+    "napari": "../viewer.md", "runtime_avx2": "speed.md", "runtime_avx512": "speed.md",
+    "base_2p5d_pv_xeon": "speed.md", "vgg16_pv_xeon": "speed.md", "runtime_models": "speed.md",
 }
 
 

@@ -148,3 +148,18 @@ def test_converting_a_model_sends_no_telemetry(monkeypatch):
     image = np.random.default_rng(1).random((2, 16, 16, 1)).astype(np.float32)
     np.testing.assert_allclose(compiled.predict_on_batch(image), network.predict_on_batch(image), atol=1e-5)
     assert sent == []
+
+
+def test_a_model_logged_before_runtimes_runs_on_keras_unless_told(tmp_path):
+    """Models logged before inference.runtime existed keep Keras (what they behaved with); asked
+    for OpenVINO, they get it, although MLflow only overrides keys a model's config has."""
+    import yaml
+
+    folder = tiny_segmenter(tmp_path, 0, runtime="auto")
+    mlmodel = tmp_path / folder / "MLmodel"
+    record = yaml.safe_load(mlmodel.read_text())
+    del record["flavors"]["python_function"]["config"]["runtime"]
+    mlmodel.write_text(yaml.safe_dump(record))
+    assert Predictor.load(folder).runtime.startswith("keras ")
+    asked = Predictor.load(folder, runtime="openvino")
+    assert asked.runtime.startswith("openvino ") and asked.config.runtime == "openvino"

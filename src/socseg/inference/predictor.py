@@ -70,6 +70,14 @@ class Predictor:
         predictor = getattr(wrapped, "predictor", None)
         if not isinstance(predictor, Predictor):
             raise ValueError(f"{model_uri} is not a socseg segmenter (the pyfunc model socseg train logs)")
+        if runtime and predictor.config.runtime != runtime:  # a model logged before it recorded a runtime:
+            # MLflow only overrides keys the model has, so the requested runtime is applied here
+            from dataclasses import replace
+
+            from socseg.inference.runtime import runtime_network
+
+            return Predictor(predictor.network, replace(predictor.config, runtime=runtime),
+                             runtime_network(predictor.network, runtime))
         return predictor
 
     def as_served(self) -> "Predictor":
