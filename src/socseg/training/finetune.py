@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -242,7 +242,10 @@ def check_source(p: Params, model_uri: str, scan: SparseVolume, task: str | None
     slices = scan.slices_with_labels()
     train_slices, test_slices = split_labelled(slices, p.finetune.test_fraction)
     parent = resolve_parent(model_uri)
-    predictor = Predictor.load(model_uri, runtime="keras")  # trained in place: its passes must see the new weights
+    # Trained in place, so its passes run on Keras and see the new weights; the fine-tuned model
+    # keeps the parent's recorded runtime for serving.
+    loaded = Predictor.load(model_uri, runtime="keras")
+    predictor = Predictor(loaded.network, replace(loaded.config, runtime=config.runtime))
     network, layer_range = _inner_network(predictor.network)
     try:  # a scan on another grey scale than a fixed-mode model's would train on clipped values
         grey = config.normalisation.source_range(scan.image)  # per_volume: the scan's own range; fixed: None
