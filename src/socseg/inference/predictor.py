@@ -27,7 +27,7 @@ from socseg.data.context import Chunk, iter_chunks, iter_with_context
 from socseg.data.normalise import GreyRange
 from socseg.inference.config import ModelConfig
 from socseg.inference.request import InferenceOptions, InferenceRequest
-from socseg.inference.runtime import RuntimeNetwork, check_runtime
+from socseg.inference.runtime import RuntimeNetwork, check_runtime, keras_runtime
 from socseg.inference.window import Predict, fixed_batch, iter_window_probabilities
 
 __all__ = ["GreyRangeError", "ModelConfig", "Predictor"]
@@ -51,10 +51,10 @@ class Predictor:
 
         self.network = network
         self.config = config
-        # What every output records as the runtime that made it.
-        self.runtime = runtime.description if runtime else f"keras {keras.__version__} ({keras.backend.backend()})"
-        predict: Predict = (runtime.runner if runtime else network).predict_on_batch
-        if keras.backend.backend() == "jax" and runtime is None:  # one compiled shape (see fixed_batch)
+        runtime = runtime or keras_runtime(network)
+        self.runtime = runtime.description  # what every output records as the runtime that made it
+        predict: Predict = runtime.runner.predict_on_batch
+        if keras.backend.backend() == "jax" and runtime.runner is network:  # one compiled shape (see fixed_batch)
             predict = fixed_batch(predict)
         self._predict = predict
 

@@ -169,13 +169,18 @@ def openvino_network(network: Any, source_file: Path | None = None) -> OpenVinoN
     return OpenVinoNetwork(ir, precision)
 
 
+def keras_runtime(network: Any) -> RuntimeNetwork:
+    """``network`` run by Keras itself."""
+    import keras
+
+    return RuntimeNetwork(network, f"keras {keras.__version__} ({keras.backend.backend()})")
+
+
 def runtime_network(network: Any, setting: str, source_file: Path | None = None) -> RuntimeNetwork:
     """What runs ``network``'s forward passes under the runtime ``setting`` (``auto`` resolved here)."""
     chosen = resolve_runtime(setting)
     if chosen == KERAS:
-        import keras
-
-        return RuntimeNetwork(network, f"keras {keras.__version__} ({keras.backend.backend()})")
+        return keras_runtime(network)
     try:
         compiled = openvino_network(network, source_file)
     except Exception as error:  # noqa: BLE001 - any converter failure: segment with Keras instead
