@@ -211,15 +211,24 @@ class TrainingRun(ABC):
         for phase in self.schedule.phases:
             if phase.unfreeze_encoder:
                 set_encoder_trainable(network, True)
-            network.compile(
-                optimizer=keras.optimizers.Adam(learning_rate=phase.learning_rate),
-                loss=get_loss(self.schedule.loss, data.task),
-                metrics=[ThresholdedIoU(task=data.task, n_classes=data.n_classes, name="mean_iou")],
-                run_eagerly=eager,
-            )
+            compile_network(network, learning_rate=phase.learning_rate, loss=self.schedule.loss, task=data.task,
+                            n_classes=data.n_classes, eager=eager)
             network.fit(crops, initial_epoch=phase.first_epoch, epochs=phase.last_epoch, callbacks=callbacks, verbose=2)
             if network.stop_training:
                 break
+
+
+def compile_network(network: keras.Model, *, learning_rate: float, loss: str, task: str | Task, n_classes: int,
+                    eager: bool = False) -> None:
+    """Compile ``network`` as every training run does: Adam, the task's ``loss``, the thresholded
+    mean IoU as the training metric; ``eager`` runs it step by step (:func:`runs_eagerly`). The
+    training-throughput benchmark compiles through here too, so it times the step users run."""
+    network.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=get_loss(loss, task),
+        metrics=[ThresholdedIoU(task=task, n_classes=n_classes, name="mean_iou")],
+        run_eagerly=eager,
+    )
 
 
 def set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
