@@ -42,10 +42,14 @@ def git_commit() -> str:
 
 
 def git_dirty() -> bool | None:
-    """Whether tracked files differ from the commit (the figures may then come from uncommitted code)."""
+    """Whether tracked files differ from the commit (the figures may then come from uncommitted code).
+
+    Result files under ``benchmarks/results`` do not count: they are written by benchmarks, not run
+    by them, and a chain of benchmarks would otherwise mark every run after the first as dirty."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":(exclude)benchmarks/results"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.strip())
