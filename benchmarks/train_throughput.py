@@ -167,13 +167,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             base = None
             for variant in args.variants.split(","):
                 row = run_worker(cpu, model, variant, args)
+                row["cpu"] = cpu
                 row["cpu_class"] = cpu_class(flags, class_environment(cpu).get("ONEDNN_MAX_CPU_ISA"))
                 if variant == "keras":
                     base = row.get("tiles_s")
                 if base and row.get("tiles_s"):
                     row["vs_keras"] = row["tiles_s"] / base
                 rows.append(row)
-    figures = {f"{r['cpu_class']}|{r['model']}|{r['variant']}": r.get("tiles_s") for r in rows}
+    figures = {f"{r['cpu']}_{r['model']}_{r['variant']}": r.get("tiles_s") for r in rows}
     settings = {"models": {m: MODELS[m] for m in args.models.split(",")}, "steps": args.steps,
                 "warm-up steps": args.warmup_steps, "slices": args.slices,
                 "avx2 class": class_environment("avx2"), "note": args.note}

@@ -1,4 +1,4 @@
-"""The benchmark scripts of issue 17 end to end on tiny inputs: runtime_bench.py and serving_load_bench.py."""
+"""The benchmark scripts end to end on tiny inputs: runtime_bench.py, serving_load_bench.py and train_throughput.py."""
 
 from __future__ import annotations
 
@@ -95,20 +95,11 @@ def test_runtime_bench_measures_every_variant_against_keras(tmp_path):
     assert f"| slices | xla | {first['rate']:.2f} | slices/s |" in markdown and "untrained" in markdown
 
 
-def _runtime_bench():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import runtime_bench
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return runtime_bench
-
-
 def test_runtime_bench_inputs_cover_every_pixel():
     """The tile workload is the sliding window's grid (tile 128, step 64, 32-pixel mirror margin:
     8 x 8 tiles of a 501x501 slice) in batches of the model's batch size; the slice workload pads
     to 512x512 and its crop gives the slices back."""
-    bench = _runtime_bench()
+    bench = _bench_module("runtime_bench")
     stack = np.random.default_rng(0).integers(0, 65535, (3, 501, 501), dtype=np.uint16)
     batches = bench.tile_batches(stack, 0, 128, 0.5, 16)
     assert [len(b) for b in batches] == [16] * 12 and batches[0].shape[1:] == (128, 128, 1)
@@ -137,7 +128,7 @@ def test_runtime_bench_inputs_cover_every_pixel():
 )
 def test_meets_bar_on_both_sides_of_the_bar(variant, speedup, agreement, expected):
     """Issue 17's bar: >= 1.5x Keras AND labels equal on >= 99.9 % of pixels (hand-written verdicts)."""
-    assert _runtime_bench().meets_bar(variant, speedup, agreement) == expected
+    assert _bench_module("runtime_bench").meets_bar(variant, speedup, agreement) == expected
 
 
 def test_float32_copy_of_a_mixed_precision_network():
@@ -145,7 +136,7 @@ def test_float32_copy_of_a_mixed_precision_network():
     float32 copy with the same weights, whose probabilities are the bf16 ones to bf16 rounding."""
     import keras
 
-    runtime_bench = _runtime_bench()
+    runtime_bench = _bench_module("runtime_bench")
     from socseg.data.normalise import Normaliser
     from socseg.model.export import export_model
     from socseg.model.unet import build_model
@@ -190,3 +181,57 @@ def test_serving_load_bench_two_workers(tmp_path):
     written = (out / "serving_load.md").read_text()
     assert f"| 2 | 4 | 0 | {row['latency_p50_s']:.2f} | {row['latency_p95_s']:.2f} |" in written
     assert f"`{record['command']}`" in written and "**what else ran**" in written
+
+
+@pytest.mark.slow
+def test_train_throughput_times_the_training_step_per_cpu_class(tmp_path, shared_data):
+    """Two steps of the 2.5D U-Net on real slices under the AVX2 cap: a row per variant with the
+    class, backend and precision the worker really ran (float32: no native bf16 under the cap),
+    tiles/s printed = recorded; a variant whose backend is not installed gets a row saying why."""
+    pytest.importorskip("tensorflow")
+    out = tmp_path / "out"
+    try:
+        import jax  # noqa: F401
+
+        variants = ("keras", "float32")
+    except ImportError:
+        variants = ("keras", "float32", "jax")
+    args = ["--models", "2p5d", "--variants", ",".join(variants), "--classes", "avx2", "--steps", "2",
+            "--warmup-steps", "1", "--slices", "4", "--data", str(shared_data), "--out", str(out)]
+    run = _bench("train_throughput.py", args, timeout=300)
+    record = json.loads((out / "throughput.json").read_text())
+    assert record["command"] == "python benchmarks/train_throughput.py " + " ".join(args)
+    rows = {r["variant"]: r for r in record["rows"]}
+    assert list(rows) == list(variants)
+    for variant in ("keras", "float32"):
+        row = rows[variant]
+        assert row.get("error") is None, row
+        assert row["cpu"] == "avx2" and row["cpu_class"].startswith("AVX2")
+        assert row["backend"] == "tensorflow" and row["precision"] == "float32"
+        assert row["encoder"] == "unet" and row["context_slices"] == 1 and row["steps"] == 2
+        assert row["tiles_s"] > 0 and record["figures"][f"avx2_2p5d_{variant}"] == row["tiles_s"]
+        assert f"[avx2 2p5d {variant}] {row['tiles_s']}" in run.stdout
+    assert rows["keras"]["vs_keras"] == 1.0
+    if "jax" in rows:
+        assert "tiles_s" not in rows["jax"] and "jax" in rows["jax"]["error"].lower()
+    assert "| 2p5d | keras | tensorflow | float32 |" in (out / "throughput.md").read_text()
+
+
+def test_train_throughput_classes_and_variants_are_checked():
+    bench = _bench_module("train_throughput")
+    assert bench.class_environment("native") == {}
+    assert bench.class_environment("avx2") == {"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}
+    assert bench.variant_environment("jax") == {"KERAS_BACKEND": "jax"}
+    assert bench.variant_environment("xla") == {"KERAS_BACKEND": "tensorflow"}
+    with pytest.raises(ValueError, match="unknown CPU class 'avx9'"):
+        bench.class_environment("avx9")
+    with pytest.raises(ValueError, match="unknown variant 'torch'"):
+        bench.variant_environment("torch")
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
