@@ -116,7 +116,9 @@ def worker(model: str, variant: str, args: argparse.Namespace) -> dict[str, Any]
     started = time.perf_counter()
     network.fit(crops(args.steps), epochs=1, verbose=0)
     seconds = time.perf_counter() - started
-    return {"model": model, "variant": variant, "backend": keras.backend.backend(), "precision": precision,
+    backend = keras.backend.backend()
+    version = __import__(backend).__version__
+    return {"model": model, "variant": variant, "backend": f"{backend} {version}", "precision": precision,
             "jit_compile": bool(getattr(network, "jit_compile", False)), "encoder": train.encoder,
             "context_slices": train.context_slices, "batch": train.batch_size, "tile": params.tiles.size,
             "steps": args.steps, "tiles_s": train.batch_size * args.steps / seconds, "warmup_s": warmup,
