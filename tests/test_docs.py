@@ -192,10 +192,10 @@ def test_result_headers_state_the_known_discrepancies():
     quickstart = render.render_block(results, "quickstart", "t")
     assert json.loads((REPO / "benchmarks/results/quickstart/quickstart.json").read_text())["git_dirty"] is False
     assert "clean tree" in quickstart and "**CPU class**: AVX-512 + AMX" in quickstart
-    # the fresh-clone caveat is for a checkout with edits only; the AVX2 run (an earlier commit) had them
+    # the fresh-clone caveat is for a checkout with edits only; both quick-start runs had none
     assert "measures a fresh clone of commit" not in quickstart
-    assert json.loads((REPO / "benchmarks/results/quickstart_avx2/quickstart.json").read_text())["git_dirty"] is True
-    assert "measures a fresh clone of commit" in render.render_block(results, "quickstart_avx2", "t")
+    assert json.loads((REPO / "benchmarks/results/quickstart_avx2/quickstart.json").read_text())["git_dirty"] is False
+    assert "measures a fresh clone of commit" not in render.render_block(results, "quickstart_avx2", "t")
     assert "**CPU class**: AVX-512 + bf16" in render.render_block(results, "accuracy", "t")
     assert "**what else ran**: not recorded" in render.render_block(results, "2p5d", "t")
 
