@@ -161,19 +161,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     metadata = run_metadata(__file__, argv)
     flags = cpu_info()["flags"]
-    rows = []
+    variants, rows = args.variants.split(","), []
     for cpu in args.classes.split(","):
-        class_environment(cpu)
+        label = cpu_class(flags, class_environment(cpu).get("ONEDNN_MAX_CPU_ISA"))
         for model in args.models.split(","):
             if model not in MODELS:
                 raise SystemExit(f"unknown model {model!r}: choose from {', '.join(MODELS)}")
             base = None
-            for variant in args.variants.split(","):
-                if variant == "float32" and cpu == "avx2" and "keras" in args.variants.split(","):
+            for variant in variants:
+                if variant == "float32" and cpu == "avx2" and "keras" in variants:
                     continue  # under the cap `auto` trains in float32 already: the keras row is this row
                 row = run_worker(cpu, model, variant, args)
-                row["cpu"] = cpu
-                row["cpu_class"] = cpu_class(flags, class_environment(cpu).get("ONEDNN_MAX_CPU_ISA"))
+                row["cpu"], row["cpu_class"] = cpu, label
                 if variant == "keras":
                     base = row.get("tiles_s")
                 if base and row.get("tiles_s"):
