@@ -78,6 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="k contiguous z-folds instead of one test slab: each fold held out in turn, GAP slices "
                           "dropped on each side of it, validation from the rest (cross-validation; one training "
                           "volume, no --test-volume)")
+    run.add_argument("--seeds", type=int, default=1, metavar="N",
+                     help="train each U-Net method N times (train.seed, seed + 1, ...); N > 1 also scores the "
+                          "ensemble of the N (their probabilities averaged: socseg.inference.predictor.Ensemble)")
     run.add_argument("--tta", default="", help="comma list of encoders also scored with 8-fold flip/rotation TTA")
     run.add_argument("--variant", action="append", default=[], metavar="NAME=ENCODER",
                      help="one more U-Net method named NAME (usable in --methods, --set NAME:..., --minutes NAME=...), "
@@ -477,29 +480,56 @@ def minutes_for(method: str, args) -> float | None:
 
 
 def score_model(model_uri: str, setting: Setting, task: str, tta: bool = False):
-    """A logged model on the setting's test slices: its predictor through
-    ``socseg.inference.evaluate.score_slabs``, as the evaluate stage and ``socseg evaluate`` score it."""
+    """A logged model (or several, comma-separated: their ensemble) on the setting's test slices:
+    its predictor through ``socseg.inference.evaluate.score_slabs``, as the evaluate stage and
+    ``socseg evaluate`` score it."""
     from socseg.inference.evaluate import score_slabs
-    from socseg.inference.predictor import Predictor
+    from socseg.inference.predictor import load_predictor
     from socseg.inference.request import InferenceOptions
 
     # score_slabs checks the model's classes against each volume's phases
-    return score_slabs(Predictor.load(model_uri), test_slabs(setting), task, options=InferenceOptions(tta=tta))
+    return score_slabs(load_predictor(model_uri), test_slabs(setting), task, options=InferenceOptions(tta=tta))
 
 
 def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta: bool = False, trained=None) -> list[dict]:
     """Train through ``socseg.training.train`` (the logged model is what users get), then score it
-    (:func:`score_model`)."""
-    from socseg.model.unet import use_encoder_batchnorm
-    from socseg.params import typed
+    (:func:`score_model`); with ``--seeds N`` N times, then the ensemble of the N."""
     from socseg.training.train import train
 
     method, encoder = encoder, args.variants.get(encoder, encoder)
-    p = unet_params(encoder, task, params, args, setting, method)
+    base = unet_params(encoder, task, params, args, setting, method)
     budget = minutes_for(method, args)
     if budget:
-        p["train"]["max_minutes"] = budget
-    result = train(p, setting.train_names, run_name=f"{method}-{task} ({setting.label})", nested=True)
+        base["train"]["max_minutes"] = budget
+    seeds = [int(base["train"]["seed"]) + k for k in range(max(1, args.seeds))]
+    rows: list[dict] = []
+    for seed in seeds:
+        p = {**base, "train": {**base["train"], "seed": seed}}
+        suffix = f" seed {seed}" if len(seeds) > 1 else ""
+        result = train(p, setting.train_names, run_name=f"{method}{suffix}-{task} ({setting.label})", nested=True)
+        rows += scored_unet_rows(result, p, encoder, method, setting, task, args, budget, tta, suffix)
+    if len(seeds) > 1:  # the members' probabilities averaged, scored like any model
+        plain = [r for r in rows if not r["method_suffix"].endswith(" + TTA")]
+        members = [r["model_uri"] for r in plain]
+        first = rows[0]
+        for use_tta in ([False, True] if tta else [False]):
+            evaluation = score_model(",".join(members), setting, task, use_tta)
+            rows.append({**evaluation.scores, "train_s": sum(r["train_s"] for r in plain),
+                         "infer_s_per_slice": evaluation.seconds / evaluation.n_slices,
+                         "precision": first["precision"],
+                         "settings": f"probability mean of the {len(members)} seeds' models above (train s: their sum)"
+                                     + (", 8x TTA" if use_tta else ""),
+                         "run_id": "", "model_uri": ",".join(members), "n_test_slices": evaluation.n_slices,
+                         "method_suffix": f" ensemble of {len(members)}" + (" + TTA" if use_tta else "")})
+    return rows
+
+
+def scored_unet_rows(result, p: dict, encoder: str, method: str, setting: Setting, task: str, args,
+                     budget: float | None, tta: bool, suffix: str) -> list[dict]:
+    """One trained U-Net's rows: its settings and its scores on the setting's test slices (and with TTA)."""
+    from socseg.model.unet import use_encoder_batchnorm
+    from socseg.params import typed
+
     t = typed(p).train
     epochs_run = len(result.history.get("loss", []))
     settings = (f"{t.loss}, lr {t.learning_rate}, batch {t.batch_size}x{p['tiles']['size']}px, "
@@ -509,7 +539,8 @@ def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta:
                 + (f", 2.5D: {t.context_slices} neighbour slices per side" if t.context_slices else "")
                 + (", BatchNorm in the encoder" if use_encoder_batchnorm(encoder, t.encoder_weights, t.encoder_batchnorm) else "")
                 + (f", lr x{t.reduce_lr_factor} after {t.reduce_lr_patience} stalled epochs" if t.reduce_lr_patience else "")
-                + (f", settings from {args.search_sources[method]}" if method in args.search_sources else ""))
+                + (f", settings from {args.search_sources[method]}" if method in args.search_sources else "")
+                + (f", seed {t.seed}" if suffix else ""))
     rows = []
     for use_tta in ([False, True] if tta else [False]):
         evaluation = score_model(result.model_uri, setting, task, use_tta)
@@ -517,7 +548,7 @@ def run_unet(encoder: str, task: str, setting: Setting, params: dict, args, tta:
                      "infer_s_per_slice": evaluation.seconds / evaluation.n_slices,
                      "precision": t.precision, "settings": f"{settings}, {t.precision}" + (", 8x TTA" if use_tta else ""),
                      "run_id": result.run_id, "model_uri": result.model_uri, "n_test_slices": evaluation.n_slices,
-                     "method_suffix": " + TTA" if use_tta else ""})
+                     "method_suffix": suffix + (" + TTA" if use_tta else "")})
     return rows
 
 

@@ -152,3 +152,36 @@ def test_cross_validation_scores_every_fold_and_pairs_the_u_net_with_the_forest(
     assert unet["iou_ni_minus_forest_min"] == pytest.approx(min(diffs), abs=1e-5)
     assert forest["iou_ni_mean"] == pytest.approx(np.mean(list(forest_folds.values())), abs=1e-5)
     assert "iou_ni_minus_forest_mean" not in forest
+
+
+def test_seeds_train_each_u_net_again_and_score_their_ensemble(repo_root, tiny_params, volumes, mlflow_env, tmp_path):
+    """--seeds 2: one U-Net per seed (train.seed, seed + 1), then the ensemble of both, scored
+    through the same predictor path: its row names both members and its scores are those of
+    the averaged probabilities (socseg.inference.predictor.Ensemble), not of either member."""
+    from socseg.inference.predictor import Ensemble, Predictor
+
+    accuracy = _accuracy_module(repo_root)
+    tiny_params["train"]["learning_rate"] = 0.01
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params))
+    out = tmp_path / "seeds"
+    accuracy.main(["--params", str(params_file), "--train-volume", str(volumes["a"]), "--test-volume", str(volumes["b"]),
+                   "--split", "0.6,0.2,0.2,2", "--tasks", "ni", "--methods", "unet", "--leakage", "none",
+                   "--epochs", "1", "--steps-per-epoch", "3", "--seeds", "2", "--out", str(out)])
+    rows = {row["method"]: row for row in csv.DictReader((out / "accuracy.csv").open())}
+    seed = int(tiny_params["train"]["seed"])
+    first, second = rows[f"U-Net (from scratch) seed {seed}"], rows[f"U-Net (from scratch) seed {seed + 1}"]
+    ensemble = rows["U-Net (from scratch) ensemble of 2"]
+    assert first["model_uri"] != second["model_uri"]
+    assert ensemble["model_uri"] == f"{first['model_uri']},{second['model_uri']}"
+    assert float(ensemble["train_s"]) == pytest.approx(float(first["train_s"]) + float(second["train_s"]), rel=1e-6)
+    members = [Predictor.load(first["model_uri"]), Predictor.load(second["model_uri"])]
+    image = np.asarray(accuracy.test_slabs(accuracy.Setting("other", volumes["b"].parent, [], {}, [(volumes["b"], None)]))[0]
+                       .volume.image[:4])
+    weights = [m.network.get_weights()[-1] for m in members]
+    assert not np.allclose(weights[0], weights[1])  # two seeds, two networks
+    averaged = (members[0].probabilities(image) + members[1].probabilities(image)) / 2
+    np.testing.assert_allclose(Ensemble(members).probabilities(image), averaged, atol=1e-5)
+    rescored = accuracy.score_model(ensemble["model_uri"], accuracy.Setting("other", volumes["b"].parent, [], {},
+                                                                            [(volumes["b"], None)]), "ni")
+    assert float(ensemble["iou_ni"]) == pytest.approx(rescored.scores["iou_ni"], abs=1e-4)

@@ -481,3 +481,42 @@ def pointwise_softmax(tiles):
     scores = np.concatenate([1 - grey, 0.5 * np.ones_like(grey), grey], axis=-1) * 6.0
     scores = np.exp(scores - scores.max(-1, keepdims=True))
     return (scores / scores.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def test_an_ensemble_averages_its_members_probabilities_and_labels_by_the_mean():
+    """Two 'networks' that disagree on a pixel: the ensemble returns the mean of their
+    probabilities (what nnU-Net averages), so its classes follow the more confident member."""
+    from socseg.inference.predictor import Ensemble
+
+    def confident_ni(tiles):
+        return np.concatenate([0.05 + 0 * tiles, 0.05 + 0 * tiles, 0.9 + 0 * tiles], axis=-1)
+
+    def unsure_pore(tiles):
+        return np.concatenate([0.4 + 0 * tiles, 0.3 + 0 * tiles, 0.3 + 0 * tiles], axis=-1)
+
+    images = np.random.default_rng(0).random((3, 40, 40)).astype(np.float32)
+    a, b = predictor(confident_ni, 32, window="whole_slice"), predictor(unsure_pore, 32, window="whole_slice")
+    ensemble = Ensemble([a, b])
+    expected = (a.probabilities(images) + b.probabilities(images)) / 2
+    np.testing.assert_allclose(ensemble.probabilities(images), expected, atol=1e-6)
+    assert set(np.unique(b.classes(images))) == {0}
+    assert set(np.unique(ensemble.classes(images))) == {2}  # mean Ni 0.6 > pore 0.225
+    assert ensemble.runtime.startswith("ensemble of 2")
+    # an ensemble is a predictor everywhere: iter_volume streams its classes
+    chunks = list(ensemble.iter_volume(images, chunk=2))
+    assert sum(c.size for c, _ in chunks) == 3 and all((classes == 2).all() for _, classes in chunks)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"context_slices": 1}, "context_slices"),
+    ({"normalisation": FixedRange(low=0.0, high=1.0, low_percentile=1.0, high_percentile=99.0)}, "normalisation percentiles"),
+])
+def test_an_ensemble_refuses_members_that_see_other_inputs(change, named):
+    from socseg.inference.predictor import Ensemble
+
+    first = predictor(pointwise, 32)
+    other = Predictor(Network(pointwise), model_config(32, **change))
+    with pytest.raises(ValueError, match=f"member 2 differs from member 1 in {named}"):
+        Ensemble([first, other])
+    with pytest.raises(ValueError, match="at least 2 models"):
+        Ensemble([first])

@@ -19,7 +19,7 @@ split work, and must not pay for (or need) a deep-learning backend.
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from socseg.inference.request import InferenceOptions, InferenceRequest
 from socseg.inference.runtime import RuntimeNetwork, check_runtime, keras_runtime
 from socseg.inference.window import Predict, fixed_batch, iter_window_probabilities
 
-__all__ = ["GreyRangeError", "ModelConfig", "Predictor"]
+__all__ = ["Ensemble", "GreyRangeError", "ModelConfig", "Predictor", "load_predictor"]
 
 
 class GreyRangeError(ValueError):
@@ -268,6 +268,77 @@ class Predictor:
         assert total is not None
         total /= np.float32(len(names))
         return total
+
+
+class Ensemble(Predictor):
+    """Several trained networks of one task and input, their probabilities averaged.
+
+    Averaging the softmax of independently trained networks (other seeds, other folds) is what
+    nnU-Net and most segmentation challenges do for the last point of accuracy: the members' errors
+    at phase boundaries are partly independent, so the mean is smoother and better calibrated than
+    any one of them, and the members' spread is a model-uncertainty estimate. An ensemble is a
+    :class:`Predictor` everywhere one is taken (scoring, ``iter_volume``, multi-axis fusion);
+    the first member's config (window, batch, TTA, grey-range check) drives the requests, and
+    each member maps grey values with its own normalisation layer.
+    """
+
+    def __init__(self, members: Sequence[Predictor]):
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 models, got {len(members)}")
+        first = members[0].config
+        for k, member in enumerate(members[1:], start=2):
+            config = member.config
+            differs = [name for name, a, b in (
+                ("task", first.task.name, config.task.name),
+                ("class_names", first.class_names, config.class_names),
+                ("phase_map", first.phase_map, config.phase_map),
+                ("context_slices", first.context_slices, config.context_slices),
+                ("normalisation mode", first.normalisation.mode, config.normalisation.mode),
+                ("normalisation percentiles", (first.normalisation.low_percentile, first.normalisation.high_percentile),
+                 (config.normalisation.low_percentile, config.normalisation.high_percentile)),
+            ) if a != b]
+            if differs:
+                raise ValueError(f"ensemble member {k} differs from member 1 in {', '.join(differs)}: "
+                                 "averaged probabilities need one task, one class order and one input")
+        self.members = members
+        self.network = members[0].network
+        self.config = first
+        runtimes = list(dict.fromkeys(m.runtime for m in members))
+        self.runtime = f"ensemble of {len(members)} ({'; '.join(runtimes)})"
+
+    @classmethod
+    def load(cls, model_uris: Sequence[str], runtime: str | None = None) -> "Ensemble":  # type: ignore[override]
+        """The ensemble of logged socseg models (see :meth:`Predictor.load`)."""
+        return cls([Predictor.load(uri, runtime) for uri in model_uris])
+
+    def as_served(self) -> "Ensemble":
+        return Ensemble([m.as_served() for m in self.members])
+
+    def probabilities(
+        self, images: np.ndarray, context_before: int = 0, context_after: int = 0,
+        request: InferenceRequest | None = None,
+    ) -> np.ndarray:
+        """The members' :meth:`Predictor.probabilities` averaged (one request for all, resolved
+        against the first member's config when None)."""
+        images = np.asarray(images)
+        if request is None:
+            request = self.request(source=images, check_range=False)
+        total = self.members[0].probabilities(images, context_before, context_after, request)
+        for member in self.members[1:]:
+            total += member.probabilities(images, context_before, context_after, request)
+        total /= np.float32(len(self.members))
+        return total
+
+
+def load_predictor(model_uris: str | Sequence[str], runtime: str | None = None) -> Predictor:
+    """One logged model's :class:`Predictor`, or the :class:`Ensemble` of several (a sequence, or
+    one string of URIs separated by commas, as a CSV cell or a command line holds them)."""
+    uris = [u.strip() for u in model_uris.split(",")] if isinstance(model_uris, str) else list(model_uris)
+    uris = [u for u in uris if u]
+    if not uris:
+        raise ValueError("no model URI given")
+    return Predictor.load(uris[0], runtime) if len(uris) == 1 else Ensemble.load(uris, runtime)
 
 
 AXES = {"z": 0, "y": 1, "x": 2}
