@@ -60,7 +60,9 @@ REFERENCE_3D_SIGMA = 0.7
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, required=True, help="accuracy.py --folds CSV with a phases U-Net row per fold")
-    p.add_argument("--method", default="pv", help="the U-Net method name of those rows (accuracy.py --variant)")
+    p.add_argument("--method", default="pv",
+                   help="the U-Net method name of those rows (accuracy.py --variant; with --seeds, e.g. 'pv seed 42' or "
+                        "'pv ensemble of 2'); a comma list compares several, each labelled 'U-Net <name>'")
     p.add_argument("--split", type=lambda t: floats(t, 4), default=[0.6, 0.1, 0.3, 8], metavar="TRAIN,VAL,TEST,GAP",
                    help="the CV run's --split")
     p.add_argument("--sigmas", type=floats, default=[0.0, 0.5, 0.7, 1.0, 1.3], help="in-plane smoothing sigmas (pixels)")
@@ -79,12 +81,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def fold_models(path: Path, method: str) -> dict[int, tuple[int, str]]:
-    """``{fold index (0-based): (number of folds, model URI)}`` of the phases rows of ``method``."""
+    """``{fold index (0-based): (number of folds, model URI)}`` of the phases rows of ``method``
+    (the end of the row's method label: ``pv`` is not ``pv seed 42``); an ensemble row's URI
+    lists its members, comma-separated."""
     out: dict[int, tuple[int, str]] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
             found = re.match(r"z-fold (\d+)/(\d+)", row.get("split", ""))
-            if row.get("task") == "phases" and row.get("model_uri") and found and method in row.get("method", ""):
+            label = row.get("method", "")
+            named = label == method or label.endswith((f" {method}", f",{method}"))
+            if row.get("task") == "phases" and row.get("model_uri") and found and named:
                 out[int(found.group(1)) - 1] = (int(found.group(2)), row["model_uri"])
     if not out:
         raise SystemExit(f"{path}: no phases rows of method {method!r} with a model_uri and a 'z-fold k/K' split")
@@ -167,18 +173,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     from socseg.params import load_params
 
     metadata = run_metadata(__file__, argv)
-    models = fold_models(args.models, args.method)
+    method_names = [m.strip() for m in args.method.split(",") if m.strip()]
+    labels = {name: "U-Net" if len(method_names) == 1 else f"U-Net {name}" for name in method_names}
+    per_method = {name: fold_models(args.models, name) for name in method_names}
+    models = per_method[method_names[0]]
+    missing = {name: sorted(set(models) - set(found)) for name, found in per_method.items() if set(found) != set(models)}
+    if missing:
+        raise SystemExit(f"{args.models}: the methods do not cover the same folds: {missing}")
     params = load_params(args.params)
     source = import_socpristine(args.source, args.cache_dir)
     rows: list[dict[str, Any]] = []
-    for fold, (folds, model_uri) in sorted(models.items()):
+    for fold, (folds, _) in sorted(models.items()):
         with tempfile.TemporaryDirectory(prefix="socseg-cv-postprocess-") as tmp:
             setting = fold_setting(source, args.cache_dir, folds, fold, args.split, Path(tmp))
             slab = test_slabs(setting)[0]
             names = [n.lower() for n in slab.volume.class_names]
             truth = slab.targets("phases")
             reference = microstructure(truth, names)
-            methods = {"U-Net": unet_probabilities(model_uri, slab)}
+            methods = {labels[name]: unet_probabilities(per_method[name][fold][1], slab) for name in method_names}
             if args.with_forest:
                 forest = fit_baseline("rf", "phases", setting, params, args)
                 methods["forest"] = forest.model.probabilities(forest.data.normalised(slab), len(names))
@@ -191,13 +203,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"TPB {row['err.tpb.density']:+.2%}, active TPB z {row['err.tpb.active_density.z']:+.2%}")
         del methods
     stats = summary(rows)
-    figures: dict[str, Any] = {"chosen_sigma": chosen_sigma(stats, "U-Net", args.sigmas, args.iou_tolerance), **stats}
+    first = labels[method_names[0]]
+    figures: dict[str, Any] = {"chosen_sigma": chosen_sigma(stats, first, args.sigmas, args.iou_tolerance), **stats}
     settings = {
-        "models": f"{args.models} ({args.method} rows, one per fold)",
+        "models": f"{args.models} ({', '.join(method_names)} rows, one per fold each)",
         "data": f"SOCPristine, {len(models)} contiguous z-folds, split {args.split} (the CV run's fold copies)",
         "variants": ", ".join(v for v, _, _ in variants(args.sigmas)),
-        "rule": f"chosen sigma: smallest mean |TPB density error| among in-plane sigmas with mean IoU within "
-                f"{args.iou_tolerance:g} of sigma 0",
+        "rule": f"chosen sigma ({first}): smallest mean |TPB density error| among in-plane sigmas with mean IoU "
+                f"within {args.iou_tolerance:g} of sigma 0",
         "units": "voxel (no voxel size known for this data); relative errors need none",
         **({"note": args.note} if args.note else {}),
     }

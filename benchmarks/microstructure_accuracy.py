@@ -85,10 +85,10 @@ def unet_row(models: Path) -> dict[str, Any]:
 
 def unet_probabilities(model_uri: str, slab) -> np.ndarray:
     """(Z, Y, X, C) probabilities of the slab's slices, the 2.5D context from the real neighbours."""
-    from socseg.inference.predictor import Predictor
+    from socseg.inference.predictor import load_predictor
     from socseg.inference.request import InferenceOptions
 
-    predictor = Predictor.load(model_uri)
+    predictor = load_predictor(model_uri)  # several URIs, comma-separated: their ensemble
     image = slab.volume.image
     request = predictor.request(InferenceOptions(tta=False), source=image, check_range=False)
     start, stop = slab.z_range

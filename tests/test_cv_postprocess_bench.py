@@ -50,8 +50,13 @@ def test_fold_models_reads_the_phases_rows_of_the_method(bench, tmp_path):
                      "phases,global threshold(s),\"z-fold 1/5, gap 8\",\n"
                      "phases,U-Net (from scratch) pv,\"z-fold 2/5, gap 8\",models:/m-2\n"
                      "ni,U-Net (from scratch) pv,\"z-fold 1/5, gap 8\",models:/m-ni\n"
-                     "phases,U-Net (from scratch) pv,\"z-fold 1/5, gap 8\",models:/m-1\n")
+                     "phases,U-Net (from scratch) pv,\"z-fold 1/5, gap 8\",models:/m-1\n"
+                     "phases,\"U-Net (from scratch), pv seed 42\",\"z-fold 1/5, gap 8\",models:/s-1\n"
+                     "phases,\"U-Net (from scratch), pv ensemble of 2\",\"z-fold 1/5, gap 8\",\"models:/s-1,models:/s-2\"\n")
+    # the method is the end of the label: pv is neither 'pv seed 42' nor the ensemble of the seeds
     assert bench.fold_models(table, "pv") == {0: (5, "models:/m-1"), 1: (5, "models:/m-2")}
+    assert bench.fold_models(table, "pv seed 42") == {0: (5, "models:/s-1")}
+    assert bench.fold_models(table, "pv ensemble of 2") == {0: (5, "models:/s-1,models:/s-2")}
     with pytest.raises(SystemExit, match="no phases rows of method 'other'"):
         bench.fold_models(table, "other")
 

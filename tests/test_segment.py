@@ -520,3 +520,27 @@ def test_a_volume_without_grey_statistics_is_one_error_line_and_nothing_written(
         assert result.output.startswith("error: ") and message in result.output, result.output
         assert result.output.count("\n") == 1  # one line, no traceback
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]  # no OUTPUT, no partial file
+
+
+def test_several_models_segment_as_their_ensemble(tmp_path, stack, grey):
+    """MODEL_URI 'A,B': the labels of the averaged probabilities, recorded as an ensemble; a
+    .zarr OUTPUT refuses an ensemble before loading anything."""
+    from socseg.inference.predictor import Ensemble, Predictor
+
+    low = _one_conv_segmenter(tmp_path / "low", seed=3, bias=-2.0)
+    high = _one_conv_segmenter(tmp_path / "high", seed=4, bias=1.0)
+    out = tmp_path / "ensemble.tif"
+    result = CliRunner().invoke(main, ["segment", f"{low},{high}", str(stack), str(out), "--probabilities",
+                                       str(tmp_path / "probs.tif")])
+    assert result.exit_code == 0, result.output
+    assert "runtime: ensemble of 2" in result.output
+    members = [Predictor.load(low), Predictor.load(high)]
+    expected = Ensemble(members).classes(grey)
+    labels = tifffile.imread(out)
+    np.testing.assert_array_equal(labels, np.where(expected == 1, 255, 0))
+    alone = [m.classes(grey) for m in members]
+    assert not np.array_equal(alone[0], alone[1]) and not np.array_equal(expected, alone[0])
+    meta = read_label_metadata(out)
+    assert meta["model_uri"] == f"{low},{high}" and meta["runtime"].startswith("ensemble of 2")
+    refused = CliRunner().invoke(main, ["segment", f"{low},{high}", str(stack), str(tmp_path / "e.zarr")])
+    assert refused.exit_code == 2 and "an ensemble" in refused.output and not (tmp_path / "e.zarr").exists()

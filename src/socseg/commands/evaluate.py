@@ -35,7 +35,8 @@ def evaluate(model_uri: str, volume: str, as_json: bool, labels_path: str | None
              task: str | None, tta: bool | None, data_dir: str | None, tracking_uri: str | None, params_file: str | None) -> None:
     """Per-class IoU/Dice, mean IoU, accuracy and Ni fraction error of MODEL_URI on VOLUME.
 
-    MODEL_URI: e.g. runs:/<run_id>/segmenter or models:/socseg-ni@champion. VOLUME: a volume
+    MODEL_URI: e.g. runs:/<run_id>/segmenter or models:/socseg-ni@champion; several, comma-separated:
+    their ensemble (probabilities averaged). VOLUME: a volume
     folder as `socseg data import` writes it, or the name of one under the data dir; or, with
     --labels, any grey stack (TIFF, folder of TIFFs, scan.h5:/entry/data/data, .zarr). The model
     predicts as it serves (sliding window, its TTA setting, 2.5D context from the whole volume),

@@ -87,7 +87,8 @@ def segment(
     scheduler: str | None, probabilities: str | None, uncertainty: str | None, multi_axis: bool,
     runtime: str | None, options: InferenceOptions, tracking_uri: str | None,
 ) -> None:
-    """Segment INPUT with MODEL_URI (e.g. models:/socseg-ni@champion, runs:/<id>/segmenter).
+    """Segment INPUT with MODEL_URI (e.g. models:/socseg-ni@champion, runs:/<id>/segmenter; several
+    models of one task and input, comma-separated: their ensemble, probabilities averaged, .tif OUTPUT).
 
     INPUT: a multi-page TIFF, a folder of slice TIFFs, a socseg volume directory, an HDF5 dataset
     (scan.h5:/entry/data/data) or a Zarr / OME-Zarr array. OUTPUT: a label stack (.tif), or a
@@ -100,6 +101,9 @@ def segment(
 
     zarr_output = Path(output).suffix.lower() == ".zarr"
     check_output_options(zarr_output, scheduler, probabilities, uncertainty, multi_axis)
+    if zarr_output and "," in model_uri:
+        raise CommandError("an ensemble (several comma-separated MODEL_URIs) writes a .tif OUTPUT; a .zarr OUTPUT "
+                           "and the Dask workers take one model")
     try:
         params = typed(load_params())
         uri = resolve_tracking_uri(params, tracking_uri)

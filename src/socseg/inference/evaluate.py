@@ -21,7 +21,7 @@ from socseg.data.prepare import Slab
 from socseg.data.tasks import IGNORE, Task, get_task
 from socseg.data.volumes import Volume, load_volume
 from socseg.data.normalise import GreyRange
-from socseg.inference.predictor import Predictor
+from socseg.inference.predictor import Predictor, load_predictor
 from socseg.inference.request import InferenceOptions
 from socseg.model.metrics import confusion_matrix, segmentation_scores
 
@@ -148,7 +148,7 @@ def evaluate_model(
     """
     if not isinstance(volume, Volume):
         volume = load_volume(Path(volume))
-    predictor = Predictor.load(model_uri)
+    predictor = load_predictor(model_uri)  # several URIs, comma-separated: their ensemble
     z_range = z_range or (0, volume.image.shape[0])
     tile = predictor.config.tile_size
     warm_up = np.zeros((1, tile, tile), np.float32)  # any grey scale: only the first call's tracing matters

@@ -52,7 +52,7 @@ from socseg.analysis.uncertainty import (
 from socseg.data.context import iter_chunks
 from socseg.data.stacks import TIFF_SUFFIXES, LabelStackWriter, ProbabilityStackWriter, SliceReader, check_paths
 from socseg.data.volumes import VolumeError
-from socseg.inference.predictor import Predictor
+from socseg.inference.predictor import Predictor, load_predictor
 from socseg.inference.request import InferenceOptions, InferenceRequest
 
 # (slices with context, context before, context after) -> label values of the slices between; with
@@ -241,7 +241,8 @@ def segment(
     progress: bool = True,
     runtime: str | None = None,
 ) -> SegmentResult:
-    """Segment a volume with the model at ``model_uri`` in this process (no server).
+    """Segment a volume with the model at ``model_uri`` in this process (no server); several
+    URIs, comma-separated: their :class:`~socseg.inference.predictor.Ensemble` (probabilities averaged).
 
     ``outputs``: the label stack's path, or a :class:`SegmentOutputs` that also names probability
     and uncertainty ``.tif`` files (see the module doc) and whether existing files are replaced.
@@ -254,7 +255,7 @@ def segment(
     model's ``inference.runtime``; the runtime used is recorded in the outputs' metadata.
     """
     outputs = SegmentOutputs.check(source, outputs)  # fail fast, before loading the model
-    predictor = Predictor.load(model_uri, runtime)
+    predictor = load_predictor(model_uri, runtime)
     config = predictor.config
     with SliceReader(source) as reader:
         request = predictor.request(options, source=reader)
