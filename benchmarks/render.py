@@ -518,6 +518,9 @@ JSON_TABLES: dict[str, list[Column]] = {
            ("iou_ni_mean", "IoU Ni mean", ".4f"), ("iou_ni_std", "sd", ".4f"), ("mean_iou_mean", "mean IoU mean", ".4f"),
            ("mean_iou_std", "sd", ".4f"), ("iou_ni_minus_forest_mean", "IoU Ni - forest", "+.4f"),
            ("iou_ni_minus_forest_std", "sd", ".4f"), ("iou_ni_minus_forest_min", "worst fold", "+.4f")],
+    "throughput": [("cpu_class", "CPU class", ""), ("model", "model", ""), ("variant", "variant", ""),
+                   ("backend", "backend", ""), ("precision", "precision", ""), ("tiles_s", "training tiles/s", ".2f"),
+                   ("vs_keras", "x keras", ".2f"), ("warmup_s", "warm-up epoch (s)", ".1f"), ("error", "error", "")],
     "cv_postprocess": [("fold", "fold", "d"), ("method", "method", ""), ("variant", "variant", ""),
                        ("mean_iou", "mean IoU", ".4f"), ("err.tpb.density", "TPB", "+.1%"),
                        ("err.tpb.active_density.z", "active TPB z", "+.1%"), ("err.iface.pore-ni", "pore-Ni area", "+.1%"),
@@ -658,6 +661,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "tortuosity": "microstructure.md", "cv_ni": "accuracy.md", "cv_phases": "accuracy.md", "cv_postprocess": "microstructure.md", "base_2p5d_pv_phases": "microstructure.md",
     "napari": "../viewer.md", "runtime_avx2": "speed.md", "runtime_avx512": "speed.md",
     "base_2p5d_pv_xeon": "speed.md", "vgg16_pv_xeon": "speed.md", "runtime_models": "speed.md",
+    "train_throughput": "speed.md", "cv_ensemble": "accuracy.md",
 }
 
 
