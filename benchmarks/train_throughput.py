@@ -73,6 +73,7 @@ def worker(model: str, variant: str, args: argparse.Namespace) -> dict[str, Any]
     import tifffile
 
     from socseg.data.dataset import RandomCrops
+    from socseg.data.normalise import Normalisation
     from socseg.data.tasks import get_task
     from socseg.model.unet import build_model
     from socseg.params import load_params, set_dotted, typed
@@ -92,8 +93,10 @@ def worker(model: str, variant: str, args: argparse.Namespace) -> dict[str, Any]
     labels = sorted((source / "labels").glob("*.tif*"))[: args.slices]
     if not names or len(names) != len(labels):
         raise FileNotFoundError(f"no matching data/ and labels/ TIFFs under {source}")
-    image = np.stack([tifffile.imread(p) for p in names]).astype(np.float32)
-    image = (image - image.mean()) / image.std()
+    raw = np.stack([tifffile.imread(p) for p in names])
+    normalisation = Normalisation.fit(params.normalise.mode, [raw], params.normalise.low_percentile,
+                                      params.normalise.high_percentile)  # as training fits it
+    image = normalisation.unit_mapping(normalisation.source_range(raw)).apply(raw)  # the 0..1 training feeds
     target = (np.stack([tifffile.imread(p) for p in labels]) == 255).astype(np.uint8)
 
     task = get_task("ni")
