@@ -163,6 +163,34 @@ def chosen_sigma(stats: dict[str, dict[str, Any]], method: str, sigmas: Sequence
     return float(min(eligible, key=lambda s: stats[f"{method} | in-plane sigma {s:g}"]["mean_abs_err.tpb.density"]))
 
 
+def write_outputs(args: argparse.Namespace, metadata: dict[str, Any], models: dict, method_names: list[str],
+                  labels: dict[str, str], rows: list[dict[str, Any]]) -> tuple[Path, Path, dict[str, Any]]:
+    """The result file of the folds scored so far (rewritten after each fold: a stopped run keeps them)."""
+    stats = summary(rows)
+    first = labels[method_names[0]]
+    figures: dict[str, Any] = {"chosen_sigma": chosen_sigma(stats, first, args.sigmas, args.iou_tolerance), **stats}
+    done = sorted({r["fold"] for r in rows})
+    settings = {
+        "models": f"{args.models} ({', '.join(method_names)} rows, one per fold each)",
+        "data": f"SOCPristine, {len(models)} contiguous z-folds, split {args.split} (the CV run's fold copies); "
+                f"folds scored: {', '.join(map(str, done))}",
+        "variants": ", ".join(v for v, _, _ in variants(args.sigmas)),
+        "rule": f"chosen sigma ({first}): smallest mean |TPB density error| among in-plane sigmas with mean IoU "
+                f"within {args.iou_tolerance:g} of sigma 0",
+        "units": "voxel (no voxel size known for this data); relative errors need none",
+        **({"note": args.note} if args.note else {}),
+    }
+    columns = [("fold", "fold", "d"), ("method", "method"), ("variant", "variant"), ("mean_iou", "mean IoU", ".4f"),
+               ("err.tpb.density", "TPB", "+.1%"), ("err.tpb.active_density.z", "active TPB z", "+.1%"),
+               ("err.tpb.active_density.y", "active TPB y", "+.1%"), ("err.iface.pore-ni", "pore-Ni area", "+.1%"),
+               ("err.perc.pore.z", "pore perc. z", "+.1%"), ("err.size.ni.d50", "Ni d50", "+.1%")]
+    notes = ["Relative errors against the manual labels of the same fold. Active TPB density = TPB density x the "
+             "share of TPB whose three phases each reach both faces normal to the axis."]
+    json_path, md_path = write_result(args.out, "cv_postprocess", "Probability smoothing under z-fold cross-validation",
+                                      metadata, settings, figures, columns, rows, notes)
+    return json_path, md_path, figures
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -202,26 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 log(f"fold {fold + 1}/{folds} {method} {variant}: mean IoU {row['mean_iou']:.4f}, "
                     f"TPB {row['err.tpb.density']:+.2%}, active TPB z {row['err.tpb.active_density.z']:+.2%}")
         del methods
-    stats = summary(rows)
-    first = labels[method_names[0]]
-    figures: dict[str, Any] = {"chosen_sigma": chosen_sigma(stats, first, args.sigmas, args.iou_tolerance), **stats}
-    settings = {
-        "models": f"{args.models} ({', '.join(method_names)} rows, one per fold each)",
-        "data": f"SOCPristine, {len(models)} contiguous z-folds, split {args.split} (the CV run's fold copies)",
-        "variants": ", ".join(v for v, _, _ in variants(args.sigmas)),
-        "rule": f"chosen sigma ({first}): smallest mean |TPB density error| among in-plane sigmas with mean IoU "
-                f"within {args.iou_tolerance:g} of sigma 0",
-        "units": "voxel (no voxel size known for this data); relative errors need none",
-        **({"note": args.note} if args.note else {}),
-    }
-    columns = [("fold", "fold", "d"), ("method", "method"), ("variant", "variant"), ("mean_iou", "mean IoU", ".4f"),
-               ("err.tpb.density", "TPB", "+.1%"), ("err.tpb.active_density.z", "active TPB z", "+.1%"),
-               ("err.tpb.active_density.y", "active TPB y", "+.1%"), ("err.iface.pore-ni", "pore-Ni area", "+.1%"),
-               ("err.perc.pore.z", "pore perc. z", "+.1%"), ("err.size.ni.d50", "Ni d50", "+.1%")]
-    notes = ["Relative errors against the manual labels of the same fold. Active TPB density = TPB density x the "
-             "share of TPB whose three phases each reach both faces normal to the axis."]
-    json_path, md_path = write_result(args.out, "cv_postprocess", "Probability smoothing under z-fold cross-validation",
-                                      metadata, settings, figures, columns, rows, notes)
+        json_path, md_path, figures = write_outputs(args, metadata, models, method_names, labels, rows)
     log(f"chosen sigma {figures['chosen_sigma']:g}; wrote {json_path} and {md_path}")
 
 

@@ -661,7 +661,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "tortuosity": "microstructure.md", "cv_ni": "accuracy.md", "cv_phases": "accuracy.md", "cv_postprocess": "microstructure.md", "base_2p5d_pv_phases": "microstructure.md",
     "napari": "../viewer.md", "runtime_avx2": "speed.md", "runtime_avx512": "speed.md",
     "base_2p5d_pv_xeon": "speed.md", "vgg16_pv_xeon": "speed.md", "runtime_models": "speed.md",
-    "train_throughput": "speed.md", "cv_ensemble": "accuracy.md",
+    "train_throughput": "speed.md", "cv_ensemble": "accuracy.md", "cv_ensemble_microstructure": "microstructure.md",
 }
 
 
