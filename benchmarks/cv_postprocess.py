@@ -218,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             names = [n.lower() for n in slab.volume.class_names]
             truth = slab.targets("phases")
             reference = microstructure(truth, names)
-            methods = {labels[name]: unet_probabilities(per_method[name][fold][1], slab) for name in method_names}
+            # unsmoothed: each variant applies its own smoothing (models logged since the default
+            # inference.smoothing_sigma became non-zero would otherwise be smoothed twice)
+            methods = {labels[name]: unet_probabilities(per_method[name][fold][1], slab, smoothing_sigma=0.0)
+                       for name in method_names}
             if args.with_forest:
                 forest = fit_baseline("rf", "phases", setting, params, args)
                 methods["forest"] = forest.model.probabilities(forest.data.normalised(slab), len(names))

@@ -786,6 +786,42 @@ def cv_postprocess_folds_within_3pct_unet_chosen(results: Results) -> float:
     rows = results.data("cv_postprocess/cv_postprocess.json")["rows"]
     return float(sum(abs(r["err.tpb.density"]) <= 0.03 for r in rows if r["method"] == "U-Net" and r["variant"] == variant))
 
+def _cv_ensemble_entry(results: Results, member: str, variant: str) -> dict[str, Any]:
+    """cv_ensemble_microstructure: the figures of ``member`` (seed: the first seed's U-Net,
+    ensemble: the two seeds' ensemble) without smoothing (``none``) or with the run's one other
+    in-plane sigma (``smoothed``: the default smoothing when the run was made)."""
+    figures = results.data("cv_ensemble_microstructure/cv_postprocess.json")["figures"]
+    names = [k.split(" | ")[0] for k in figures if " | " in k]
+    method = next(n for n in names if (n.endswith(" ensemble of 2") if member == "ensemble" else " seed " in n))
+    sigmas = sorted({float(k.split("in-plane sigma ")[1]) for k in figures if k.startswith(method + " | in-plane sigma ")})
+    sigma = 0.0 if variant == "none" else max(sigmas)
+    return {**figures[f"{method} | in-plane sigma {sigma:g}"], "_sigma": sigma}
+
+
+for _member in ("seed", "ensemble"):
+    for _variant in ("none", "smoothed"):
+        for _metric, _name in (("err.tpb.density", "tpb"), ("err.tpb.active_density.z", "active_tpb_z"),
+                               ("mean_iou", "iou")):
+            def _ensemble_figure(results: Results, member: str = _member, variant: str = _variant,
+                                 metric: str = _metric) -> float:
+                """cv_ensemble_microstructure: one member's mean over folds of one metric."""
+                return float(_cv_ensemble_entry(results, member, variant)[metric]["mean"])
+
+            derived(f"cv_ensemble_{_name}_{_member}_{_variant}")(_ensemble_figure)
+
+        def _ensemble_abs_tpb(results: Results, member: str = _member, variant: str = _variant) -> float:
+            """cv_ensemble_microstructure: one member's mean |TPB density error| over folds."""
+            return float(_cv_ensemble_entry(results, member, variant)["mean_abs_err.tpb.density"])
+
+        derived(f"cv_ensemble_abs_tpb_{_member}_{_variant}")(_ensemble_abs_tpb)
+
+
+@derived("cv_ensemble_sigma")
+def cv_ensemble_sigma(results: Results) -> float:
+    """cv_ensemble_microstructure: the in-plane sigma of its smoothed rows."""
+    return float(_cv_ensemble_entry(results, "ensemble", "smoothed")["_sigma"])
+
+
 # --------------------------------------------------------------------------- configuration page
 
 

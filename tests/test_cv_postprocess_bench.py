@@ -111,3 +111,33 @@ def test_the_result_file_holds_the_folds_scored_so_far(bench, tmp_path):
     assert "folds scored: 1" in record["settings"]["data"]
     assert figures["U-Net pv ensemble of 2 | in-plane sigma 0"]["err.tpb.density"]["mean"] == pytest.approx(0.03)
     assert figures["chosen_sigma"] == 1.0 and "(U-Net pv seed 42)" in record["settings"]["rule"]
+
+
+def test_the_u_net_probabilities_are_unsmoothed_whatever_the_models_default(bench, tmp_path):
+    """A model logged with a smoothing default (inference.smoothing_sigma > 0) must reach the
+    variants raw: sigma 0 is then no smoothing, and sigma 1.3 is not applied twice."""
+    import keras
+
+    from socseg.data.normalise import FixedRange
+    from socseg.inference.config import ModelConfig
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.model.export import IntensityNormalisation
+    from microstructure_accuracy import unet_probabilities
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 1))
+    x = IntensityNormalisation(0.0, 1.0)(inputs)
+    outputs = keras.layers.Conv2D(3, 3, padding="same", activation="softmax")(x)
+    config = ModelConfig(task="phases", encoder="unet", class_names=["pore", "ysz", "ni"],
+                         phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=0,
+                         normalisation=FixedRange(low=0.0, high=1.0), window="whole_slice",
+                         whole_slice_max_pixels=10**8, step_fraction=0.5, tta=False, batch_size=4,
+                         max_slice_pixels=10**8, max_clipped_fraction=1.0, smoothing_sigma=1.3, runtime="keras")
+    uri = str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path / "model"))
+    image = np.random.default_rng(0).random((6, 40, 40)).astype(np.float32)
+    slab = type("Slab", (), {"volume": type("Volume", (), {"image": image})(), "z_range": (1, 5)})()
+    raw = unet_probabilities(uri, slab, smoothing_sigma=0.0)
+    as_served = unet_probabilities(uri, slab)
+    assert raw.shape == (4, 40, 40, 3)
+    assert not np.allclose(raw, as_served, atol=1e-4)  # the model's own default smooths
+    np.testing.assert_allclose(bench.apply_variant(raw, "plane", 1.3), bench.apply_variant(as_served, "plane", 0.0))
