@@ -174,7 +174,8 @@ def test_seeds_train_each_u_net_again_and_score_their_ensemble(repo_root, tiny_p
     ensemble = rows["U-Net (from scratch) ensemble of 2"]
     assert first["model_uri"] != second["model_uri"]
     assert ensemble["model_uri"] == f"{first['model_uri']},{second['model_uri']}"
-    assert float(ensemble["train_s"]) == pytest.approx(float(first["train_s"]) + float(second["train_s"]), rel=1e-6)
+    # accuracy.csv keeps 6 significant digits, so the three printed values each carry up to half a unit of the last
+    assert float(ensemble["train_s"]) == pytest.approx(float(first["train_s"]) + float(second["train_s"]), rel=2e-5)
     members = [Predictor.load(first["model_uri"]), Predictor.load(second["model_uri"])]
     image = np.asarray(accuracy.test_slabs(accuracy.Setting("other", volumes["b"].parent, [], {}, [(volumes["b"], None)]))[0]
                        .volume.image[:4])

@@ -167,6 +167,8 @@ def test_bad_chunking_and_unwritable_output_are_clear_errors(models, volume, tmp
         _segment_zarr(models[2], volume, tmp_path / "a.zarr", chunk_depth=1)
     with pytest.raises(ValueError, match="must be >= 1"):
         _segment_zarr(models[0], volume, tmp_path / "a.zarr", chunk_depth=0)
+    with pytest.raises(ValueError, match="an ensemble .* a .zarr store and its Dask workers take one model"):
+        _segment_zarr(f"{models[0]},{models[1]}", volume, tmp_path / "a.zarr")
     assert not (tmp_path / "a.zarr").exists()
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the output's parent folder should be")

@@ -101,9 +101,6 @@ def segment(
 
     zarr_output = Path(output).suffix.lower() == ".zarr"
     check_output_options(zarr_output, scheduler, probabilities, uncertainty, multi_axis)
-    if zarr_output and "," in model_uri:
-        raise CommandError("an ensemble (several comma-separated MODEL_URIs) writes a .tif OUTPUT; a .zarr OUTPUT "
-                           "and the Dask workers take one model")
     try:
         params = typed(load_params())
         uri = resolve_tracking_uri(params, tracking_uri)
@@ -113,8 +110,11 @@ def segment(
 
             depth = chunk_depth or params.inference.chunk_depth
             target = ZarrTarget(output, depth, overwrite, probabilities=bool(probabilities or uncertainty))
-            result = segment_to_zarr(model_uri, input_path, target, options, tracking_uri=uri, scheduler=scheduler,
-                                     runtime=runtime)
+            try:
+                result = segment_to_zarr(model_uri, input_path, target, options, tracking_uri=uri, scheduler=scheduler,
+                                         runtime=runtime)
+            except ValueError as exc:  # the store's settings (one model, chunk depth), refused before any chunk
+                raise CommandError(str(exc)) from None
         else:
             from socseg.inference.segment import SegmentOutputs
             from socseg.inference.segment import segment as run_segment

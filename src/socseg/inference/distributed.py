@@ -173,6 +173,9 @@ def segment_to_zarr(
     ``inference.runtime``); the runtime of each worker is recorded in the store.
     """
     output, chunk_depth = target.output, target.chunk_depth
+    if "," in model_uri:
+        raise ValueError(f"{model_uri!r}: an ensemble (several comma-separated model URIs) writes a .tif output; "
+                         "a .zarr store and its Dask workers take one model")
     check_paths(source, output, target.overwrite)
     config = model_config(model_uri)  # read from the MLmodel: the client does not load the network
     if chunk_depth < 1:
