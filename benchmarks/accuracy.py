@@ -78,6 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="k contiguous z-folds instead of one test slab: each fold held out in turn, GAP slices "
                           "dropped on each side of it, validation from the rest (cross-validation; one training "
                           "volume, no --test-volume)")
+    run.add_argument("--only-folds", type=lambda t: [int(v) for v in t.split(",")], default=None, metavar="I,J",
+                     help="with --folds: run only these folds (1-based), e.g. to measure a costly variant where "
+                          "the full cross-validation showed a weak fold; the summary covers the folds run")
     run.add_argument("--seeds", type=int, default=1, metavar="N",
                      help="train each U-Net method N times (train.seed, seed + 1, ...); N > 1 also scores the "
                           "ensemble of the N (their probabilities averaged: socseg.inference.predictor.Ensemble)")
@@ -140,6 +143,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.sets = searched + [s for s in args.sets if s not in named] + named
     if args.folds and (args.folds < 2 or args.test_volume is not None or len(args.train_volume or []) > 1):
         p.error("--folds takes K >= 2, one training volume and no --test-volume")
+    if args.only_folds is not None and (not args.folds or not all(1 <= f <= args.folds for f in args.only_folds)):
+        p.error(f"--only-folds takes fold numbers 1..K of --folds K, got {args.only_folds}")
     leakage = args.leakage if args.leakage is not None else (["none"] if args.folds else ["unet:ni"])
     args.leakage = [] if leakage == ["none"] else [tuple(s.split(":", 1)) for s in leakage]
     if any(len(s) != 2 for s in args.leakage):
@@ -701,10 +706,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         test_desc = "; ".join(f"{d.name} z {z[0]}-{z[1] - 1}" if z else f"{d.name} (whole)" for d, z in slab.tests)
         settings = [slab]
         if args.folds:
-            settings = [fold_setting(train_dirs[0], args.cache_dir, args.folds, f, split, Path(tmp)) for f in range(args.folds)]
+            chosen = [f - 1 for f in args.only_folds] if args.only_folds else range(args.folds)
+            settings = [fold_setting(train_dirs[0], args.cache_dir, args.folds, f, split, Path(tmp)) for f in chosen]
             n = _volume_slices(train_dirs[0])
             test_desc = (f"each of {args.folds} contiguous z-folds in turn ("
-                         + ", ".join(f"z {a}-{b - 1}" for a, b in (fold_bounds(n, args.folds, f) for f in range(args.folds)))
+                         + ", ".join(f"z {a}-{b - 1}" for a, b in (fold_bounds(n, args.folds, f) for f in chosen))
                          + f"), {int(split[3])} slices dropped on each side of it; validation "
                            f"{split[1] / (split[0] + split[1]):.0%} of the rest")
         header = {

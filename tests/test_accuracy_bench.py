@@ -186,3 +186,19 @@ def test_seeds_train_each_u_net_again_and_score_their_ensemble(repo_root, tiny_p
     rescored = accuracy.score_model(ensemble["model_uri"], accuracy.Setting("other", volumes["b"].parent, [], {},
                                                                             [(volumes["b"], None)]), "ni")
     assert float(ensemble["iou_ni"]) == pytest.approx(rescored.scores["iou_ni"], abs=1e-4)
+
+
+def test_only_folds_runs_the_folds_named_and_refuses_others(repo_root, tiny_params, mlflow_env, tmp_path):
+    """--only-folds 3 of --folds 3: one fold's rows, the same held-out slab as in the full run."""
+    accuracy = _accuracy_module(repo_root)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params))
+    out = tmp_path / "cv"
+    common = ["--params", str(params_file), "--train-volume", f"{tiny_params['data']['dir']}/tiny", "--split",
+              "0.6,0.2,0.2,2", "--folds", "3", "--tasks", "ni", "--methods", "threshold",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    accuracy.main([*common, "--only-folds", "3"])
+    rows = list(csv.DictReader((out / "accuracy.csv").open()))
+    assert [r["split"] for r in rows] == ["z-fold 3/3, gap 2"]
+    with pytest.raises(SystemExit):
+        accuracy.main([*common, "--only-folds", "4"])
