@@ -513,7 +513,7 @@ JSON_TABLES: dict[str, list[Column]] = {
                    ("factor", "factor", ".4f"), ("expected", "expected", ".4f"), ("seconds", "solve s", ".2f"),
                    ("peak_rss_gib", "peak RSS GiB", ".2f"), ("method", "socseg method", ""), ("error", "error", "")],
     "microstructure_volume": [("step", "step", ""), ("seconds", "s", ".0f"), ("peak_rss_gib", "peak RSS GiB", ".2f"),
-                              ("command", "command", "")],
+                              ("peak_tree_rss_gib", "all processes GiB", ".2f"), ("command", "command", "")],
     "cv": [("task", "task", ""), ("method", "method", ""), ("folds", "folds", ""),
            ("iou_ni_mean", "IoU Ni mean", ".4f"), ("iou_ni_std", "sd", ".4f"), ("mean_iou_mean", "mean IoU mean", ".4f"),
            ("mean_iou_std", "sd", ".4f"), ("iou_ni_minus_forest_mean", "IoU Ni - forest", "+.4f"),

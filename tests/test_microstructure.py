@@ -724,6 +724,11 @@ def test_command_tortuosity_flag_asks_measure_for_it(tmp_path, monkeypatch):
     assert calls.pop()["tortuosity_max_voxels"] == 5000
     refused = _run([str(stack), "--unit", "voxel", "--tortuosity", "--tortuosity-max-voxels", "10"])
     assert refused.exit_code == 2 and "--tortuosity-max-voxels" in refused.output
+    assert _run([str(stack), "--unit", "voxel", "--size-phases", "none", "--tortuosity",
+                 "--tortuosity-workers", "1"]).exit_code == 0
+    assert calls.pop()["tortuosity_workers"] == 1
+    refused = _run([str(stack), "--unit", "voxel", "--tortuosity", "--tortuosity-workers", "0"])
+    assert refused.exit_code == 2 and "--tortuosity-workers" in refused.output
 
 
 def test_tortuosity_max_voxels_solves_in_columns():

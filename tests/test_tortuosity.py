@@ -205,7 +205,41 @@ def test_phase_tortuosity_of_a_label_volume():
     assert list(phase_tortuosity(labels, {0: "pore", 128: "ysz", 255: "ni"})) == ["pore", "ysz", "ni"]
 
 
+def test_parallel_workers_give_the_serial_results():
+    """Solves in spawned worker processes: the same factors as one after another, in the same order."""
+    rng = np.random.default_rng(5)
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(rng.normal(size=(24, 28, 30)), 2.0)
+    labels = np.digitize(smooth, np.quantile(smooth, [0.35, 0.7])).astype(np.uint8)
+    phase_map = {0: "pore", 1: "ysz", 2: "ni"}
+    serial = phase_tortuosity(labels, phase_map, workers=1)
+    parallel = phase_tortuosity(labels, phase_map, workers=2)
+    assert list(parallel) == list(serial) == ["pore", "ysz", "ni"]
+    for phase in serial:
+        assert list(parallel[phase]) == ["z", "y", "x"]
+        for axis, result in serial[phase].items():
+            assert parallel[phase][axis] == result
+    assert any(r.factor is not None and r.factor > 1.2 for by_axis in serial.values() for r in by_axis.values())
+
+
+def test_workers_follow_the_cores_and_the_memory(monkeypatch):
+    from socseg.analysis.tortuosity import parallel_workers, solve_peak_bytes
+
+    gib = 2**30
+    assert parallel_workers([4 * gib] * 9, available=24 * gib, cores=2) == 2
+    assert parallel_workers([4 * gib] * 9, available=24 * gib, cores=16) == 4  # 5 x 4 GiB > 80 % of 24 GiB
+    assert parallel_workers([12 * gib, 4 * gib], available=16 * gib, cores=8) == 1
+    assert parallel_workers([4 * gib] * 2, available=24 * gib, cores=16) == 2  # no more workers than solves
+    monkeypatch.setattr(tortuosity_module, "available_memory_bytes", lambda: None)
+    assert parallel_workers([4 * gib] * 9, cores=2) == 1  # unknown memory (no /proc/meminfo): one at a time
+    mask = np.zeros((10, 10, 10), bool)
+    mask[:5] = True
+    assert solve_peak_bytes(mask) == 500 * 340 + 1000 * 12
+
+
 @pytest.mark.parametrize("call, message", [
+    (lambda: phase_tortuosity(np.zeros((3, 3, 3), np.uint8), {0: "pore"}, workers=0), r"workers must be a whole number >= 1, got 0"),
     (lambda: tortuosity(np.ones((3, 3, 3), bool), "w"), r"axis must be one of \['z', 'y', 'x'\] or 0, 1, 2; got 'w'"),
     (lambda: tortuosity(np.ones((3, 3, 3), bool), 3), r"axis must be one of .* got 3"),
     (lambda: tortuosity(np.ones((3, 3, 3), np.uint8), 0), r"the phase mask must be boolean, got dtype uint8"),

@@ -576,6 +576,7 @@ def measure(
     surface_correction: float = SURFACE_ISOTROPIC_CORRECTION,
     tortuosity: bool | Sequence[str] = False,
     tortuosity_max_voxels: int = DEFAULT_MAX_VOXELS,
+    tortuosity_workers: int | None = None,
 ) -> MicrostructureResult:
     """Measure fractions, surfaces/interfaces, percolation, TPB (+ active TPB) and sizes.
 
@@ -590,7 +591,9 @@ def measure(
     million voxels per phase and axis on 2 cores (``benchmarks/results/tortuosity/``,
     ``benchmarks/results/microstructure_volume/``).
     ``tortuosity_max_voxels``: voxels per solve; a larger volume is solved in columns, which
-    needs less memory (~600 B per conducting voxel) but biases the factors up (see that module).
+    needs less memory (~340 B per conducting voxel) but biases the factors up (see that module).
+    ``tortuosity_workers``: solves run at once in worker processes (None: as many as the cores and
+    the available memory allow; the results do not depend on it).
 
     Memory: the uint8 phase index (1 B/voxel), one int32 component array (4 B/voxel) at a
     time, local thickness ~10 B/voxel. A 500^3 phantom here (2 cores): 7 s and 1.0 GiB peak
@@ -615,7 +618,7 @@ def measure(
     tortuosity_phases = _tortuosity_phases(names, tortuosity)
     tortuosity_results = (
         phase_tortuosity(index, dict(enumerate(names)), tortuosity_phases, voxel_size=voxel,
-                         max_voxels=tortuosity_max_voxels) if tortuosity_phases else {}
+                         max_voxels=tortuosity_max_voxels, workers=tortuosity_workers) if tortuosity_phases else {}
     )
 
     return MicrostructureResult(

@@ -38,7 +38,7 @@ long, thin columns (``benchmarks/results/tortuosity/``, SOCPristine labels along
 55x256x256 raise the factor by 3-5 %, 16 columns by 12-27 %, 4 columns of 200x256x256 by 9 % (YSZ)
 to 96 % (pore, which percolates along z through few long paths). Columns are therefore a last
 resort: the ``method`` of each result names their number, and a larger ``max_voxels`` is worth its
-memory (~600 B per conducting voxel at the peak: the multigrid hierarchy).
+memory (see "Cost" below).
 
 Library choice (``benchmarks/tortuosity_bench.py``, 2 CPU cores, each solver single-threaded in its
 own process; known geometries, random blobs and crops of the SOCPristine labels):
@@ -55,13 +55,24 @@ own process; known geometries, random blobs and crops of the SOCPristine labels)
 * This solver reproduces the known answers to ~1e-6, detects non-percolating phases before any
   solve, and needs scipy + pyamg (9 MB): hence the choice. Both others remain useful cross-checks.
 
+Cost on a 200x501x501 volume (SOCPristine labels, one phase along z, 13 M conducting voxels, one
+core): smoothed aggregation (pyamg's default) spends ~60 s building its hierarchy and peaks at
+~570 B per conducting voxel; plain aggregation (``smooth=None``) builds in ~11 s and peaks at ~330 B,
+needing about twice the CG iterations with a W-cycle, so a solve takes about as long and ~40 % less
+memory: hence plain aggregation. The solves of different phases and axes are independent and each
+runs on one core, so :func:`phase_tortuosity` runs them in parallel worker processes, as many as
+the cores and the available memory allow (:func:`parallel_workers`).
+
 pyamg is imported inside the solve: a ~1 s import that CLI start-up should not pay.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -72,9 +83,12 @@ from scipy.sparse import linalg as sparse_linalg
 
 AXES: tuple[str, str, str] = ("z", "y", "x")
 # Voxels per solve: a 200x501x501 volume in one piece (the column bias is large; see the module
-# docstring). Peak memory ~600 B per conducting voxel: 12.4 GiB measured for that volume's three
-# phases (benchmarks/results/microstructure_volume/), more for a larger one up to this size.
+# docstring). Peak memory of one solve ~PEAK_BYTES_PER_UNKNOWN per conducting voxel.
 DEFAULT_MAX_VOXELS = 1 << 26
+# Peak RSS of one solve per conducting voxel (the system's assembly, then matrix + hierarchy + CG
+# vectors; 4.3 GiB for 13 M unknowns of a 200x501x501 volume), plus the volume's own arrays per voxel.
+PEAK_BYTES_PER_UNKNOWN = 340
+PEAK_BYTES_PER_VOXEL = 12
 # Relative difference between the flux in and the flux out at which a solve is taken as converged.
 FLUX_TOLERANCE = 1e-4
 # Systems up to this many unknowns are solved directly (exact, and faster than building a hierarchy).
@@ -205,13 +219,15 @@ def _system(values: np.ndarray, keep: np.ndarray, spacing: tuple[float, float, f
 
 
 def _solve(matrix: sparse.csr_matrix, rhs: np.ndarray, start: np.ndarray, mismatch) -> np.ndarray:
-    """CG + smoothed-aggregation AMG, the tolerance tightened until ``mismatch(x)`` <= FLUX_TOLERANCE."""
+    """CG + aggregation AMG, the tolerance tightened until ``mismatch(x)`` <= FLUX_TOLERANCE."""
     if matrix.shape[0] <= DIRECT_SOLVE_UNKNOWNS:
         return sparse_linalg.spsolve(matrix.tocsc(), rhs)
     import pyamg  # lazy: see the module docstring
 
-    hierarchy = pyamg.smoothed_aggregation_solver(matrix, symmetry="hermitian", max_coarse=DIRECT_SOLVE_UNKNOWNS // 10)
-    preconditioner = hierarchy.aspreconditioner(cycle="V")
+    # plain aggregation (no prolongator smoothing) and a W-cycle: see "Cost" in the module docstring
+    hierarchy = pyamg.smoothed_aggregation_solver(matrix, symmetry="hermitian", smooth=None,
+                                                  max_coarse=DIRECT_SOLVE_UNKNOWNS // 10)
+    preconditioner = hierarchy.aspreconditioner(cycle="W")
     solution, rtol = start, 1e-5  # flux mismatch 5e-5..8e-5 on real labels, one or two CG steps fewer than 1e-6
     for _ in range(4):
         solution, info = sparse_linalg.cg(matrix, rhs, x0=solution, rtol=rtol, M=preconditioner, maxiter=2000)
@@ -290,6 +306,52 @@ def tortuosity(
     return TortuosityResult(fraction / deff, deff, fraction, method)
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none: then one worker unless asked)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def solve_peak_bytes(mask: np.ndarray) -> int:
+    """Estimated peak memory of one tortuosity solve of ``mask`` (see PEAK_BYTES_PER_UNKNOWN)."""
+    return PEAK_BYTES_PER_UNKNOWN * int(np.count_nonzero(mask)) + PEAK_BYTES_PER_VOXEL * int(mask.size)
+
+
+def parallel_workers(peak_bytes: Sequence[int], available: int | None = None, cores: int | None = None) -> int:
+    """How many solves to run at once: at most one per core and per solve, and only as many as
+    fit in 80 % of the available memory with the largest solves side by side (1 when unknown)."""
+    if not peak_bytes:
+        return 1
+    available = available_memory_bytes() if available is None else available
+    cores = usable_cores() if cores is None else cores
+    if available is None:
+        return 1
+    largest = sorted(peak_bytes, reverse=True)
+    workers = 1
+    while workers < min(cores, len(largest)) and sum(largest[: workers + 1]) <= 0.8 * available:
+        workers += 1
+    return workers
+
+
+def _solve_task(mask: np.ndarray, axis: int, voxel_size: tuple[float, float, float], max_voxels: int) -> TortuosityResult:
+    """One (phase, axis) solve in a worker process."""
+    return tortuosity(mask, axis, voxel_size, max_voxels)
+
+
 def phase_tortuosity(
     labels: np.ndarray,
     phase_map: Mapping[int, str],
@@ -297,12 +359,19 @@ def phase_tortuosity(
     axes: Sequence[str] = AXES,
     voxel_size: float | Sequence[float] | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    workers: int | None = None,
 ) -> dict[str, dict[str, TortuosityResult]]:
     """``{phase name: {axis: TortuosityResult}}`` for the phases named (default: every phase of
-    ``phase_map``, names case-insensitive) of a (Z, Y, X) label volume."""
+    ``phase_map``, names case-insensitive) of a (Z, Y, X) label volume.
+
+    ``workers``: solves run at once in separate processes (None: :func:`parallel_workers`, from
+    the cores and the available memory; 1: one after another in this process). The results do
+    not depend on it."""
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise TortuosityError(f"labels must be 3-D (Z, Y, X), got shape {labels.shape}")
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise TortuosityError(f"workers must be a whole number >= 1, got {workers!r}")
     unknown = sorted(set(np.unique(labels).tolist()) - set(phase_map))
     if unknown:
         raise TortuosityError(f"label values {unknown} are not in the phase map {dict(phase_map)}")
@@ -312,9 +381,18 @@ def phase_tortuosity(
     if missing:
         raise TortuosityError(f"tortuosity: phases {missing} not in the phase map (phases: {list(phase_map.values())})")
     axis_ids = [axis_number(a) for a in axes]
-    out: dict[str, dict[str, TortuosityResult]] = {}
-    for phase in wanted:
-        value, name = by_name[phase.lower()]
-        mask = labels == value
-        out[name] = {AXES[a]: tortuosity(mask, a, voxel_size, max_voxels) for a in axis_ids}
-    return out
+    spacing = voxel_spacing(voxel_size)
+    masks = {by_name[p.lower()][1]: labels == by_name[p.lower()][0] for p in wanted}
+    tasks = [(name, a) for name in masks for a in axis_ids]
+    peaks = {name: solve_peak_bytes(mask) for name, mask in masks.items()}
+    count = parallel_workers([peaks[name] for name, _ in tasks]) if workers is None else int(workers)
+    count = min(count, len(tasks))
+    if count <= 1:
+        solved = {(name, a): tortuosity(masks[name], a, spacing, max_voxels) for name, a in tasks}
+    else:
+        # spawn: a forked copy of a process that has started TensorFlow or Dask threads can hang
+        with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
+            ordered = sorted(tasks, key=lambda t: -peaks[t[0]])  # largest first: the last to finish is short
+            futures = {task: pool.submit(_solve_task, masks[task[0]], task[1], spacing, max_voxels) for task in ordered}
+            solved = {task: future.result() for task, future in futures.items()}
+    return {name: {AXES[a]: solved[(name, a)] for a in axis_ids} for name in masks}

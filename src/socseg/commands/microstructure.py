@@ -192,7 +192,7 @@ def _report(volume: str, name: str, kind: str, pred: MicrostructureResult, truth
 
 
 def measure_options(phases: str | None, size_phases: str | None, tpb_correction: float, tortuosity: bool,
-             tortuosity_max_voxels: int | None = None) -> dict[str, Any]:
+             tortuosity_max_voxels: int | None = None, tortuosity_workers: int | None = None) -> dict[str, Any]:
     """``measure``'s options from the command's flags (shared with ``socseg report``)."""
     options: dict[str, Any] = dict(tpb_phases=_names(phases), size_phases=_names(size_phases),
                                    tpb_correction=tpb_correction)
@@ -200,6 +200,8 @@ def measure_options(phases: str | None, size_phases: str | None, tpb_correction:
         options["tortuosity"] = True
         if tortuosity_max_voxels is not None:
             options["tortuosity_max_voxels"] = tortuosity_max_voxels
+        if tortuosity_workers is not None:
+            options["tortuosity_workers"] = tortuosity_workers
     return options
 
 
@@ -225,8 +227,11 @@ def measure_options(phases: str | None, size_phases: str | None, tpb_correction:
 @click.option("--tortuosity/--no-tortuosity", default=False, show_default=True,
               help="Also the tortuosity factor and effective diffusivity ratio of each phase along each axis (slow).")
 @click.option("--tortuosity-max-voxels", type=click.IntRange(min=4096), default=None,
-              help="With --tortuosity: voxels per solve (default: 2^26, a 200x501x501 volume whole, ~12 GiB). "
-                   "Larger volumes are solved in columns: less memory, factors biased up.")
+              help="With --tortuosity: voxels per solve (default: 2^26, a 200x501x501 volume whole, ~340 B per "
+                   "voxel of the phase). Larger volumes are solved in columns: less memory, factors biased up.")
+@click.option("--tortuosity-workers", type=click.IntRange(min=1), default=None,
+              help="With --tortuosity: solves (phase x axis) run at once in worker processes [default: as many as "
+                   "the cores and the available memory allow].")
 @click.option("--samples", type=int, default=None,
               help=f"Probability volume: label volumes measured for the intervals, at least 2 per class "
               f"(0: the argmax only) [default: {DEFAULT_SAMPLES}]. Time grows with it.")
@@ -237,7 +242,8 @@ def measure_options(phases: str | None, size_phases: str | None, tpb_correction:
 def microstructure(
     volume: str, truth: str | None, as_json: bool, output: str | None, phase_map: str | None,
     voxel_size: float | None, unit: str, phases: str | None, size_phases: str | None, tpb_correction: float,
-    tortuosity: bool, tortuosity_max_voxels: int | None, samples: int | None, spread: float | None,
+    tortuosity: bool, tortuosity_max_voxels: int | None, tortuosity_workers: int | None, samples: int | None,
+    spread: float | None,
 ) -> None:
     """Microstructure metrics of VOLUME (and of --truth, with the relative error of VOLUME).
 
@@ -251,7 +257,8 @@ def microstructure(
         mapping = parse_phase_map(phase_map) if phase_map is not None else None
         default = typed(load_params()).data.phase_map
         reference = load_labels(truth, mapping, default) if truth is not None else None
-        options = measure_options(phases, size_phases, tpb_correction, tortuosity, tortuosity_max_voxels)
+        options = measure_options(phases, size_phases, tpb_correction, tortuosity, tortuosity_max_voxels,
+                                  tortuosity_workers)
         if sweep is not None:
             probabilities = ProbabilityVolume.open(volume)
             _check_plan(sweep, probabilities.n_classes)
