@@ -172,7 +172,8 @@ def write_outputs(args: argparse.Namespace, metadata: dict[str, Any], models: di
     done = sorted({r["fold"] for r in rows})
     settings = {
         "models": f"{args.models} ({', '.join(method_names)} rows, one per fold each)",
-        "data": f"SOCPristine, {len(models)} contiguous z-folds, split {args.split} (the CV run's fold copies); "
+        "data": f"SOCPristine, {len(models)} of {sorted({k for k, _ in models.values()})[0]} contiguous z-folds, split "
+                f"{args.split} (the CV run's fold copies); "
                 f"folds scored: {', '.join(map(str, done))}",
         "variants": ", ".join(v for v, _, _ in variants(args.sigmas)),
         "rule": f"chosen sigma ({first}): smallest mean |TPB density error| among in-plane sigmas with mean IoU "
