@@ -22,7 +22,13 @@ fold's U-Net), so that the choice is not made on one test slab:
   a 3-D Gaussian of sigma 0.7 (it needs each slice's neighbours' probabilities, which a served
   request of a few slices does not have);
 - ``--with-forest``: the ilastik-style forest of accuracy.py, fitted on each fold's training slabs,
-  with the same smoothings of its vote shares.
+  with the same smoothings of its vote shares;
+- ``--inference plain,tta,multi-axis``: how each U-Net predicts before those variants: one pass per
+  z-slice (plain), the 8-fold flip/rotation test-time augmentation (``inference.tta``), or the
+  mean of the probabilities from slicing the whole volume along z, y and x (``segment
+  --multi-axis``; the fold's voxels are then cut out). Each is its own method in the result
+  (``U-Net + TTA``, ``U-Net + multi-axis``), so both inference options are cross-validated for
+  IoU and microstructure at once.
 
 The chosen sigma (``figures.chosen_sigma``): the in-plane value with the smallest mean |TPB density
 error| over the folds among those whose mean IoU is within ``--iou-tolerance`` of no smoothing.
@@ -54,6 +60,8 @@ METRICS = ("tpb.density", "tpb.active_density.z", "tpb.active_density.y", "tpb.a
            "iface.pore-ysz", "iface.pore-ni", "iface.ysz-ni", "perc.pore.z", "perc.ysz.z", "perc.ni.z",
            "vf.pore", "vf.ysz", "vf.ni", "size.ni.d50")
 ISLAND_VOXELS = 8
+# --inference: the method label's suffix for each way of predicting
+INFERENCE = {"plain": "", "tta": " + TTA", "multi-axis": " + multi-axis"}
 REFERENCE_3D_SIGMA = 0.7
 
 
@@ -69,6 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iou-tolerance", type=float, default=0.0005,
                    help="a sigma is eligible if its mean IoU is at most this far below no smoothing's")
     p.add_argument("--with-forest", action="store_true", help="also the forest of accuracy.py, per fold")
+    p.add_argument("--inference", type=inference_modes, default=["plain"],
+                   help=f"comma list of how the U-Nets predict: {', '.join(INFERENCE)}")
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--rf-samples", type=int, default=150_000)
     p.add_argument("--rf-jobs", type=int, default=2)
@@ -78,6 +88,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS / "cv_postprocess")
     p.add_argument("--note", default="")
     return p.parse_args(argv)
+
+
+def inference_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in INFERENCE]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown inference mode(s) {unknown}; choose from {', '.join(INFERENCE)}")
+    return modes
+
+
+def fold_probabilities(model_uri: str, slab, mode: str) -> np.ndarray:
+    """Unsmoothed ``(Z, Y, X, C)`` probabilities of the slab's slices by one ``--inference`` mode.
+
+    Unsmoothed: each variant applies its own smoothing (models logged since the default
+    ``inference.smoothing_sigma`` became non-zero would otherwise be smoothed twice). Multi-axis
+    fusion slices the whole volume (the fold and the training slabs around it, grey values only:
+    what a user segmenting the volume gives it) and keeps the fold's slices.
+    """
+    from microstructure_accuracy import unet_probabilities
+    from socseg.inference.predictor import load_predictor
+    from socseg.inference.request import InferenceOptions
+
+    if mode != "multi-axis":
+        return unet_probabilities(model_uri, slab, smoothing_sigma=0.0, tta=mode == "tta")
+    predictor = load_predictor(model_uri)
+    image = np.asarray(slab.volume.image)
+    request = predictor.request(InferenceOptions(tta=False, smoothing_sigma=0.0), source=image, check_range=False)
+    start, stop = slab.z_range
+    return predictor.multi_axis_probabilities(image, request=request)[start:stop]
 
 
 def fold_models(path: Path, method: str) -> dict[int, tuple[int, str]]:
@@ -167,7 +206,7 @@ def write_outputs(args: argparse.Namespace, metadata: dict[str, Any], models: di
                   labels: dict[str, str], rows: list[dict[str, Any]]) -> tuple[Path, Path, dict[str, Any]]:
     """The result file of the folds scored so far (rewritten after each fold: a stopped run keeps them)."""
     stats = summary(rows)
-    first = labels[method_names[0]]
+    first = labels[method_names[0]] + INFERENCE[args.inference[0]]
     figures: dict[str, Any] = {"chosen_sigma": chosen_sigma(stats, first, args.sigmas, args.iou_tolerance), **stats}
     done = sorted({r["fold"] for r in rows})
     settings = {
@@ -176,6 +215,7 @@ def write_outputs(args: argparse.Namespace, metadata: dict[str, Any], models: di
                 f"{args.split} (the CV run's fold copies); "
                 f"folds scored: {', '.join(map(str, done))}",
         "variants": ", ".join(v for v, _, _ in variants(args.sigmas)),
+        "inference": ", ".join(args.inference) + " (unsmoothed probabilities; each variant smooths its own)",
         "rule": f"chosen sigma ({first}): smallest mean |TPB density error| among in-plane sigmas with mean IoU "
                 f"within {args.iou_tolerance:g} of sigma 0",
         "units": "voxel (no voxel size known for this data); relative errors need none",
@@ -198,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if 0.0 not in args.sigmas:
         raise SystemExit("--sigmas must include 0 (no smoothing): the other values are judged against it")
     from accuracy import fit_baseline, fold_setting, test_slabs
-    from microstructure_accuracy import log, unet_probabilities
+    from microstructure_accuracy import log
     from socseg.params import load_params
 
     metadata = run_metadata(__file__, argv)
@@ -219,10 +259,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             names = [n.lower() for n in slab.volume.class_names]
             truth = slab.targets("phases")
             reference = microstructure(truth, names)
-            # unsmoothed: each variant applies its own smoothing (models logged since the default
-            # inference.smoothing_sigma became non-zero would otherwise be smoothed twice)
-            methods = {labels[name]: unet_probabilities(per_method[name][fold][1], slab, smoothing_sigma=0.0)
-                       for name in method_names}
+            methods = {labels[name] + INFERENCE[mode]: fold_probabilities(per_method[name][fold][1], slab, mode)
+                       for name in method_names for mode in args.inference}
             if args.with_forest:
                 forest = fit_baseline("rf", "phases", setting, params, args)
                 methods["forest"] = forest.model.probabilities(forest.data.normalised(slab), len(names))

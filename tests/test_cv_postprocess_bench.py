@@ -101,7 +101,7 @@ def test_the_result_file_holds_the_folds_scored_so_far(bench, tmp_path):
     rows = [{"fold": 1, "method": f"U-Net {name}", "variant": f"in-plane sigma {s:g}", "mean_iou": 0.98,
              "err.tpb.density": err}
             for name, shift in (("pv seed 42", 0.0), ("pv ensemble of 2", -0.02)) for s, err in [(0, 0.05 + shift), (1, 0.01)]]
-    args = argparse.Namespace(sigmas=[0.0, 1.0], iou_tolerance=0.0005, models=tmp_path / "accuracy.csv",
+    args = argparse.Namespace(sigmas=[0.0, 1.0], iou_tolerance=0.0005, models=tmp_path / "accuracy.csv", inference=["plain"],
                               split=[0.6, 0.1, 0.3, 8], note="", out=tmp_path / "out")
     labels = {"pv seed 42": "U-Net pv seed 42", "pv ensemble of 2": "U-Net pv ensemble of 2"}
     metadata = {"command": "test", "date": "now", "git_commit": "abc", "git_dirty": False, "hardware": {}, "cpu_class": "x",
@@ -113,16 +113,15 @@ def test_the_result_file_holds_the_folds_scored_so_far(bench, tmp_path):
     assert figures["chosen_sigma"] == 1.0 and "(U-Net pv seed 42)" in record["settings"]["rule"]
 
 
-def test_the_u_net_probabilities_are_unsmoothed_whatever_the_models_default(bench, tmp_path):
-    """A model logged with a smoothing default (inference.smoothing_sigma > 0) must reach the
-    variants raw: sigma 0 is then no smoothing, and sigma 1.3 is not applied twice."""
+@pytest.fixture(scope="module")
+def smoothing_model(tmp_path_factory) -> str:
+    """A tiny logged 3-phase segmenter whose config smooths by default (sigma 1.3)."""
     import keras
 
     from socseg.data.normalise import FixedRange
     from socseg.inference.config import ModelConfig
     from socseg.inference.pyfunc import save_segmenter
     from socseg.model.export import IntensityNormalisation
-    from microstructure_accuracy import unet_probabilities
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((None, None, 1))
@@ -133,11 +132,50 @@ def test_the_u_net_probabilities_are_unsmoothed_whatever_the_models_default(benc
                          normalisation=FixedRange(low=0.0, high=1.0), window="whole_slice",
                          whole_slice_max_pixels=10**8, step_fraction=0.5, tta=False, batch_size=4,
                          max_slice_pixels=10**8, max_clipped_fraction=1.0, smoothing_sigma=1.3, runtime="keras")
-    uri = str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path / "model"))
+    return str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path_factory.mktemp("cvpp") / "model"))
+
+
+def fake_slab(image: np.ndarray, z_range: tuple[int, int]):
+    return type("Slab", (), {"volume": type("Volume", (), {"image": image})(), "z_range": z_range})()
+
+
+def test_the_u_net_probabilities_are_unsmoothed_whatever_the_models_default(bench, smoothing_model):
+    """A model logged with a smoothing default (inference.smoothing_sigma > 0) must reach the
+    variants raw: sigma 0 is then no smoothing, and sigma 1.3 is not applied twice."""
+    from microstructure_accuracy import unet_probabilities
+
     image = np.random.default_rng(0).random((6, 40, 40)).astype(np.float32)
-    slab = type("Slab", (), {"volume": type("Volume", (), {"image": image})(), "z_range": (1, 5)})()
-    raw = unet_probabilities(uri, slab, smoothing_sigma=0.0)
-    as_served = unet_probabilities(uri, slab)
+    slab = fake_slab(image, (1, 5))
+    raw = unet_probabilities(smoothing_model, slab, smoothing_sigma=0.0)
+    as_served = unet_probabilities(smoothing_model, slab)
     assert raw.shape == (4, 40, 40, 3)
     assert not np.allclose(raw, as_served, atol=1e-4)  # the model's own default smooths
     np.testing.assert_allclose(bench.apply_variant(raw, "plane", 1.3), bench.apply_variant(as_served, "plane", 0.0))
+    np.testing.assert_allclose(bench.fold_probabilities(smoothing_model, slab, "plain"), raw)
+
+
+def test_tta_and_multi_axis_are_the_predictors_own_and_unsmoothed(bench, smoothing_model):
+    """--inference tta is the predictor's flip/rotation TTA, multi-axis its fusion over the whole
+    volume cut to the fold; neither carries the model's default smoothing."""
+    from socseg.inference.predictor import load_predictor
+    from socseg.inference.request import InferenceOptions
+
+    image = np.random.default_rng(1).random((10, 40, 40)).astype(np.float32)
+    slab = fake_slab(image, (3, 7))
+    plain = bench.fold_probabilities(smoothing_model, slab, "plain")
+    tta = bench.fold_probabilities(smoothing_model, slab, "tta")
+    fused = bench.fold_probabilities(smoothing_model, slab, "multi-axis")
+    assert tta.shape == fused.shape == plain.shape == (4, 40, 40, 3)
+    assert not np.allclose(tta, plain, atol=1e-4) and not np.allclose(fused, plain, atol=1e-4)
+    predictor = load_predictor(smoothing_model)
+    request = predictor.request(InferenceOptions(tta=True, smoothing_sigma=0.0), source=image, check_range=False)
+    np.testing.assert_allclose(tta, predictor.probabilities(image[3:7], request=request), atol=1e-6)
+    request = predictor.request(InferenceOptions(tta=False, smoothing_sigma=0.0), source=image, check_range=False)
+    np.testing.assert_allclose(fused, predictor.multi_axis_probabilities(image, request=request)[3:7], atol=1e-6)
+
+
+def test_inference_modes_are_parsed_and_unknown_ones_refused(bench):
+    assert bench.parse_args(["--models", "a.csv", "--inference", "plain, tta,multi-axis"]).inference == [
+        "plain", "tta", "multi-axis"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "a.csv", "--inference", "plain,mirror"])
