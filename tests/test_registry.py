@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from socseg.training.promotion_lock import lock_factory
-from socseg.training.registry import CHALLENGER, CHAMPION, champion_version, register_and_promote
+from socseg.training.registry import CHALLENGER, CHAMPION, MicrostructureGuard, champion_version, register_and_promote
 
 
 def local_lock():
@@ -46,6 +46,39 @@ def test_champion_moves_only_to_models_that_are_not_worse(logged_model):
     assert version.tags["promotion"] == CHAMPION and version.tags["test_mean_iou"] == "0.800000"
     assert "re-evaluated" in version.tags["champion_compared"]
     assert client.get_model_version("socseg-test", first.version).tags["encoder"] == "unet"
+
+
+def test_a_higher_score_does_not_promote_a_model_whose_tpb_error_is_worse(logged_model):
+    """The microstructure guard: the champion's TPB error is re-measured, and a version more than
+    the tolerance above it stays challenger however high its score; within it, the score decides."""
+    client = MlflowClient()
+    errors = {}  # version -> |TPB density error| a re-measurement would give
+    measured = []
+
+    def champion_error(uri):
+        measured.append(uri)
+        return errors[str(client.get_model_version_by_alias("socseg-tpb", CHAMPION).version)]
+
+    def guard(error):
+        return MicrostructureGuard("TPB density", "test_tpb_abs_relerr", error, 0.03, champion_error)
+
+    first = register_and_promote(logged_model, "socseg-tpb", 0.97, lambda uri: 0.97, local_lock(), guard=guard(0.02))
+    errors[first.version] = 0.02
+    assert first.promoted and measured == [] and first.guard == ""  # nothing to compare with
+
+    specks = register_and_promote(logged_model, "socseg-tpb", 0.99, lambda uri: 0.97, local_lock(), guard=guard(0.06))
+    errors[specks.version] = 0.06
+    assert not specks.promoted and champion_version("socseg-tpb") == first.version
+    assert measured == [f"models:/socseg-tpb@{CHAMPION}"]
+    version = client.get_model_version("socseg-tpb", specks.version)
+    assert version.tags["promotion"] == "rejected" and version.tags["test_tpb_abs_relerr"] == "0.060000"
+    assert specks.guard == "|TPB density error| 0.0600 > champion's 0.0200 + 0.03"
+    assert version.tags["champion_compared"] == f"v{first.version} test_mean_iou=0.970000 (re-evaluated); {specks.guard}"
+
+    within = register_and_promote(logged_model, "socseg-tpb", 0.98, lambda uri: 0.97, local_lock(), guard=guard(0.045))
+    assert within.promoted and champion_version("socseg-tpb") == within.version
+    worse_score = register_and_promote(logged_model, "socseg-tpb", 0.96, lambda uri: 0.98, local_lock(), guard=guard(0.0))
+    assert not worse_score.promoted and len(measured) == 2  # the score already decided: the guard is not measured
 
 
 def test_champion_alias_loads_as_pyfunc_and_predicts(logged_model):
@@ -193,6 +226,41 @@ def test_a_worse_model_stays_challenger_against_the_re_evaluated_champion(traine
     assert tags["champion_compared"] == f"v1 test_mean_iou={good['score']:.6f} (re-evaluated)"
     assert tags["run_id"] == bad["run_id"] and tags["test_mean_iou"] == f"{bad['score']:.6f}"
     assert client.get_model_version(name, "1").tags["promotion"] == CHAMPION
+
+
+def test_the_register_stage_guards_tpb_where_the_metrics_hold_it(trained, in_store, tmp_path, monkeypatch):
+    """The register stage builds the guard from metrics.json's TPB error and registry.tpb_tolerance,
+    re-measures the champion with the one evaluation that scores it, and builds none for a model
+    without TPB (the ni task) or with the tolerance null."""
+    import json
+
+    import socseg.training.pipeline as pipeline
+    from socseg.training.registry import Promotion
+
+    params, models = trained
+    good = models["good"]
+    seen = {}
+
+    def fake_promote(model_uri, name, score, evaluate, guard=None, **kwargs):
+        seen.update(guard=guard, score=evaluate(good["uri"]), error=guard.measure(good["uri"]) if guard else None)
+        return Promotion(name, "1", score, None, None, True)
+
+    monkeypatch.setattr(pipeline, "register_and_promote", fake_promote)
+    search_json, metrics_json = _pipeline_files(tmp_path, good)
+    metrics = json.loads(metrics_json.read_text())
+    metrics[pipeline.TPB_ERROR] = -0.05
+    metrics_json.write_text(json.dumps(metrics))
+    pipeline.register(_with(params, registry={"tpb_tolerance": 0.03}), search_json, metrics_json, tmp_path / "r.json")
+    guard = seen["guard"]
+    assert guard.error == pytest.approx(0.05) and guard.tolerance == 0.03 and guard.tag == "test_tpb_abs_relerr"
+    assert seen["score"] == pytest.approx(good["score"], abs=1e-6)
+    assert seen["error"] == np.inf  # an ni model's prediction has no triple-phase boundary: never the stricter one
+    pipeline.register(_with(params, registry={"tpb_tolerance": None}), search_json, metrics_json, tmp_path / "r.json")
+    assert seen["guard"] is None
+    metrics.pop(pipeline.TPB_ERROR)
+    metrics_json.write_text(json.dumps(metrics))
+    pipeline.register(_with(params, registry={"tpb_tolerance": 0.03}), search_json, metrics_json, tmp_path / "r.json")
+    assert seen["guard"] is None
 
 
 def test_a_better_model_takes_the_champion_from_a_worse_one(trained, in_store, tmp_path):

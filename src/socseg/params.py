@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -145,6 +146,9 @@ def _help(text: str, choices: tuple[str, ...] | None = None) -> Any:
 def _convert(value: Any, kind: Any, where: str) -> Any:
     origin = typing.get_origin(kind)
     try:
+        if origin in (typing.Union, types.UnionType):  # ``X | None``: null in params.yaml is None
+            (inner,) = [a for a in typing.get_args(kind) if a is not type(None)]
+            return None if value is None else _convert(value, inner, where)
         if dataclasses.is_dataclass(kind):
             return _build(kind, value, where)
         if kind is bool:
@@ -305,10 +309,15 @@ class RegistryParams:
     metric: str = _help("test metric the champion gate compares")
     promotion_lock: str = _help("auto | postgresql:// URL | folder: where promotions of one model take turns")
     promotion_lock_timeout: float = _help("seconds to wait for another promotion of the same model")
+    tpb_tolerance: float | None = _help("3-phase models: not promoted if their |TPB density error| on the test "
+                                        "labels exceeds the champion's by more than this (0.03: 3 points); null: "
+                                        "the metric alone")
 
     def __post_init__(self) -> None:
         if not self.promotion_lock_timeout > 0:
             raise ParamsError(f"params.registry.promotion_lock_timeout must be > 0 seconds, got {self.promotion_lock_timeout}")
+        if self.tpb_tolerance is not None and not self.tpb_tolerance >= 0:
+            raise ParamsError(f"params.registry.tpb_tolerance must be >= 0 or null, got {self.tpb_tolerance}")
 
 
 @dataclass(frozen=True)

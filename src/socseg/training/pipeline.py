@@ -8,6 +8,7 @@ on validation.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
 
@@ -25,7 +26,10 @@ from socseg.inference.pyfunc import model_config
 from socseg.params import Params, typed
 from socseg.training import tracking
 from socseg.training.promotion_lock import lock_for
-from socseg.training.registry import register_and_promote
+from socseg.training.registry import MicrostructureGuard, register_and_promote
+
+# metrics.json key of the TPB density's relative error on the test slab (3-phase models only)
+TPB_ERROR = "micro_relerr.tpb.density"
 
 
 def held_out_data(params: Mapping | Params, task: str) -> PreparedData:
@@ -58,6 +62,14 @@ def microstructure_comparison(predicted_result: MicrostructureResult, true_resul
     }
 
 
+def test_slab_microstructure(evaluation: Evaluation, slabs: list[Slab], task: str) -> tuple[MicrostructureResult, MicrostructureResult]:
+    """(predicted, true) microstructure of the first test slab (voxel units) from an evaluation
+    that kept its predictions: the evaluate stage reports it, the register stage re-measures the
+    champion with it."""
+    phase_map = dict(enumerate(evaluation.class_names))
+    return measure(evaluation.predictions[0], phase_map), measure(slabs[0].targets(task), phase_map)
+
+
 def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | Path) -> dict:
     """Evaluate the search's best trial on the TEST slabs; log to the search's parent run; write metrics.json."""
     search = read_json(search_json)
@@ -69,8 +81,7 @@ def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | 
     slab, predicted = slabs[0], evaluation.predictions[0]
     truth = slab.targets(task)
     metrics = {f"test_{k}": v for k, v in evaluation.scores.items()}
-    phase_map = dict(enumerate(evaluation.class_names))
-    predicted_result, true_result = measure(predicted, phase_map), measure(truth, phase_map)  # voxel units
+    predicted_result, true_result = test_slab_microstructure(evaluation, slabs, task)
     metrics.update(microstructure_comparison(predicted_result, true_result))
     with mlflow.start_run(run_id=search["parent_run_id"]):
         mlflow.log_metrics(metrics)
@@ -119,11 +130,23 @@ def register(params: Mapping | Params, search_json: str | Path, metrics_json: st
     model_uri = metrics["model_uri"]
     task = model_config(model_uri).task
     data = held_out_data(p, task)  # loaded once: the champion is re-scored on the same slices
+    slabs = data.slabs["test"]
+    guarded = p.registry.tpb_tolerance is not None and TPB_ERROR in metrics  # 3-phase models
+    # the champion's one evaluation serves the score and the guard
+    evaluated = lru_cache(maxsize=1)(lambda uri: score_on_test_slabs(uri, slabs, keep_predictions=guarded))
+
+    def champion_tpb_error(uri: str) -> float:
+        predicted, true = test_slab_microstructure(evaluated(uri), slabs, task)
+        return abs(microstructure_comparison(predicted, true).get(TPB_ERROR, np.inf))
+
+    guard = MicrostructureGuard("TPB density", "test_tpb_abs_relerr", abs(float(metrics[TPB_ERROR])),
+                                float(p.registry.tpb_tolerance), champion_tpb_error) if guarded else None
     promotion = register_and_promote(
         model_uri,
         registered_model_name(p.registry.model_name, task),
         score=float(metrics[metric]),
-        evaluate=lambda uri: score_on_test_slabs(uri, data.slabs["test"]).scores[metric.removeprefix("test_")],
+        evaluate=lambda uri: evaluated(uri).scores[metric.removeprefix("test_")],
+        guard=guard,
         lock=lock_for(p, mlflow.get_tracking_uri()),
         metric=metric,
         run_id=search["best_run_id"],

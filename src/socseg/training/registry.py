@@ -7,6 +7,13 @@ model never replaces the champion. Only the single ``register`` step decides, af
 finished, so the workers of one search never race on the alias; ``socseg finetune`` decides the same
 way for its one model, on the new scan's held-out labelled slices (:mod:`socseg.training.finetune`).
 
+A 3-phase model can also be held to the champion's microstructure (a :class:`MicrostructureGuard`,
+``registry.tpb_tolerance``): a higher IoU does not promote a version whose TPB density is further
+from the test labels' than the champion's by more than the tolerance. IoU is a pixel count; the
+one-voxel specks that add triple-phase contacts barely move it (benchmarks/results/cv_postprocess:
+smoothing that halves the TPB error changes mean IoU by 1e-4), so the metric alone can crown a
+model whose TPB density, the number a paper reports, is worse.
+
 Promoters of *different* pipelines can run at once (two encoders registering ``socseg-ni``, a
 ``register`` and a ``finetune``): the whole read-score-compare-set sequence runs under the model's
 promotion lock (:mod:`socseg.training.promotion_lock`), re-reading the champion once it is held.
@@ -35,6 +42,30 @@ CHALLENGER = "challenger"
 Evaluate = Callable[[str], float]
 
 
+@dataclass(frozen=True)
+class MicrostructureGuard:
+    """A second condition of the champion gate, on a microstructure error.
+
+    ``error`` is the new version's absolute relative error of ``name`` against the test labels;
+    ``measure(model_uri)`` gives the champion's on the same test data, re-measured now like its
+    score. The new version is promoted only if its error is at most the champion's plus
+    ``tolerance``. ``tag`` names the version tag that records ``error``.
+    """
+
+    name: str
+    tag: str
+    error: float
+    tolerance: float
+    measure: Callable[[str], float]
+
+    def allows(self, champion_error: float) -> bool:
+        return self.error <= champion_error + self.tolerance
+
+    def comparison(self, champion_error: float) -> str:
+        return (f"|{self.name} error| {self.error:.4f} {'<=' if self.allows(champion_error) else '>'} "
+                f"champion's {champion_error:.4f} + {self.tolerance:g}")
+
+
 class RegistryError(RuntimeError):
     """The registry could not be read or written: nothing is promoted."""
 
@@ -52,6 +83,7 @@ class Promotion:
     champion_score_before: float | None
     promoted: bool
     already_registered: bool = False  # the same trained model was registered before: no new version
+    guard: str = ""  # the microstructure guard's comparison, where one decided alongside the score
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -126,6 +158,7 @@ def register_and_promote(
     metric: str = "test_mean_iou",
     run_id: str = "",
     gate: bool = True,
+    guard: MicrostructureGuard | None = None,
 ) -> Promotion:
     """Register ``model_uri`` as a new version of ``name`` and decide the champion, holding
     ``lock(name)`` (:func:`socseg.training.promotion_lock.lock_factory`) throughout.
@@ -135,7 +168,8 @@ def register_and_promote(
     pipeline find its earlier version instead of registering a duplicate, and finish its promotion
     if that was interrupted. ``gate=False`` (no test data to decide on, e.g. a fine-tune with a
     single labelled slice): the new version becomes challenger only, the champion is neither scored
-    nor moved, and ``score`` is not recorded.
+    nor moved, and ``score`` is not recorded. ``guard``: a microstructure error the new version
+    must also not worsen beyond its tolerance (checked only when the score would promote it).
     """
     client = MlflowClient()
     with lock(name):
@@ -145,7 +179,7 @@ def register_and_promote(
         if existing is not None and "promotion" in (existing.tags or {}):
             return Promotion(name, str(existing.version), float(score), previous, None, previous == str(existing.version),
                              already_registered=True)
-        scored = {metric: f"{score:.6f}"} if gate else {}
+        scored = {metric: f"{score:.6f}", **({guard.tag: f"{guard.error:.6f}"} if guard else {})} if gate else {}
         if existing is None:
             all_tags = {**{k: str(v) for k, v in (tags or {}).items()}, **scored}
             version = str(mlflow.register_model(model_uri, name, tags=all_tags).version)
@@ -161,12 +195,18 @@ def register_and_promote(
             previous = None
         previous_score = evaluate(f"models:/{name}@{CHAMPION}") if previous is not None else None
         promoted = previous_score is None or score >= previous_score
+        compared = ""
+        if promoted and previous is not None and guard is not None:
+            champion_error = guard.measure(f"models:/{name}@{CHAMPION}")
+            promoted, compared = guard.allows(champion_error), guard.comparison(champion_error)
         if promoted:
             _move_champion(client, name, version, f"{metric} {score:.4f}"
-                           + ("" if previous_score is None else f" >= v{previous} {previous_score:.4f}"))
+                           + ("" if previous_score is None else f" >= v{previous} {previous_score:.4f}")
+                           + (f", {compared}" if compared else ""))
         if previous is not None:
             client.set_model_version_tag(
                 name, version, "champion_compared", f"v{previous} {metric}={previous_score:.6f} (re-evaluated)"
+                + (f"; {compared}" if compared else "")
             )
         client.set_model_version_tag(name, version, "promotion", CHAMPION if promoted else "rejected")  # last: done
-        return Promotion(name, version, float(score), previous, previous_score, promoted)
+        return Promotion(name, version, float(score), previous, previous_score, promoted, guard=compared)
