@@ -32,6 +32,16 @@ def test_missing_or_malformed_params(tmp_path):
         load_params(bad)
 
 
+def test_a_key_given_twice_in_a_section_is_refused_with_its_line(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("registry:\n  tpb_tolerance: 0.03\n  metric: test_mean_iou\n  tpb_tolerance: null\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ValueError, match="'tpb_tolerance' is given twice in one section \\(line 4\\)"):
+        load_params(twice)
+    same_key_elsewhere = tmp_path / "ok.yaml"
+    same_key_elsewhere.write_text("a:\n  epochs: 1\nb:\n  epochs: 2\n")
+    assert load_params(same_key_elsewhere) == {"a": {"epochs": 1}, "b": {"epochs": 2}}
+
+
 def test_override_copies_and_skips_none(params):
     before = copy.deepcopy(params)
     assert before["train"]["epochs"] != 3  # so an in-place write would show below

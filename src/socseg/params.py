@@ -32,8 +32,22 @@ def params_path(path: str | os.PathLike | None = None) -> Path | None:
     return local if local.is_file() else None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last one
+    silently, so a setting pasted twice would be read from a line the user may not be looking at."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"params: key {key!r} is given twice in one section (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Load the parameter tree (a plain nested dict)."""
+    """Load the parameter tree (a plain nested dict); a key given twice in a section is refused."""
     source = params_path(path)
     if source is None:
         text = resources.files("socseg").joinpath("defaults/params.yaml").read_text()
@@ -41,7 +55,7 @@ def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
         if not source.is_file():
             raise FileNotFoundError(f"params file not found: {source}")
         text = source.read_text()
-    params = yaml.safe_load(text) or {}
+    params = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     if not isinstance(params, dict):
         raise ValueError(f"params file {source} must hold a mapping at top level")
     return params
