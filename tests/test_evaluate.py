@@ -28,6 +28,33 @@ def test_ni_fraction_error_by_hand():
     assert not any(key.startswith("ni_fraction") for key in other) and other["iou_b"] == pytest.approx(1 / 4)
 
 
+def test_tpb_error_of_an_evaluation_against_its_slabs_labels():
+    """The TPB error a training run logs and the register stage compares: 0 for the labels
+    themselves, positive for specks that add three-phase contacts; only 3-phase classes have one."""
+    from scipy import ndimage as ndi
+
+    from socseg.analysis.microstructure import flatten_metrics, measure
+    from socseg.inference.evaluate import Evaluation, has_tpb, tpb_error
+
+    rng = np.random.default_rng(0)
+    fields = np.stack([ndi.gaussian_filter(rng.standard_normal((8, 40, 40)), 3.0) for _ in range(3)], -1)
+    truth = fields.argmax(-1).astype(np.uint8)
+    specks = truth.copy()
+    flip = rng.random(truth.shape) < 0.02
+    specks[flip] = (truth[flip] + 1) % 3
+    slab = type("Slab", (), {"targets": lambda self, task: truth})()
+    names = ["pore", "ysz", "ni"]
+
+    def evaluation(predicted):
+        return Evaluation(names, np.eye(3), 0.0, 8, predictions=[predicted])
+
+    assert tpb_error(evaluation(truth), [slab], "phases") == 0.0
+    found = tpb_error(evaluation(specks), [slab], "phases")
+    by_hand = [flatten_metrics(measure(v, dict(enumerate(names))))["tpb.density"] for v in (specks, truth)]
+    assert found == pytest.approx(by_hand[0] / by_hand[1] - 1) and found > 0.2
+    assert has_tpb(["Pore", "YSZ", "Ni"]) and not has_tpb(["rest", "ni"])
+
+
 def test_parse_slices():
     assert parse_slices(None, 10) == (0, 10)
     assert parse_slices("2:5", 10) == (2, 5)

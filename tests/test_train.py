@@ -155,6 +155,9 @@ def test_vgg16_phases_with_bfloat16_trains_and_tags_precision(tiny_params, mlflo
     assert run.data.tags["precision"] == "mixed_bfloat16"
     assert run.data.tags["execution"] == "eager"  # 1 epoch x 2 steps <= train.eager_max_steps
     assert {"test_iou_pore", "test_iou_ysz", "test_iou_ni"} <= set(run.data.metrics)
+    # a 3-phase run logs its TPB density error beside IoU, on validation and test
+    assert {"final_val_micro_relerr.tpb.density", "test_micro_relerr.tpb.density"} <= set(run.data.metrics)
+    assert run.data.metrics["test_micro_relerr.tpb.density"] == pytest.approx(result.metrics["test_micro_relerr.tpb.density"], nan_ok=True)
     import keras
 
     assert keras.config.dtype_policy().name == "float32"  # restored after the run

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from socseg.analysis.microstructure import TPB_PHASES, MicrostructureResult, flatten_metrics, measure, relative_errors
 from socseg.data.prepare import Slab
 from socseg.data.tasks import IGNORE, Task, get_task
 from socseg.data.volumes import Volume, load_volume
@@ -41,6 +42,30 @@ class Evaluation:
     @property
     def scores(self) -> dict[str, float]:
         return segmentation_scores(self.confusion, self.class_names)
+
+
+# The metric name of the TPB density's relative error against the labels: metrics.json
+# (``micro_relerr.tpb.density``), a training run's ``val_`` / ``test_`` metrics, a trial's attributes.
+TPB_ERROR = "micro_relerr.tpb.density"
+
+
+def slab_microstructure(evaluation: Evaluation, slabs: Sequence[Slab], task: str | Task) -> tuple[MicrostructureResult, MicrostructureResult]:
+    """(predicted, true) microstructure of the first slab (voxel units), from an evaluation that
+    kept its predictions."""
+    phase_map = dict(enumerate(evaluation.class_names))
+    return measure(evaluation.predictions[0], phase_map), measure(slabs[0].targets(task), phase_map)
+
+
+def has_tpb(class_names: Sequence[str]) -> bool:
+    """Whether labels of these classes have a triple-phase boundary (the 3-phase task)."""
+    return set(TPB_PHASES) <= {name.lower() for name in class_names}
+
+
+def tpb_error(evaluation: Evaluation, slabs: Sequence[Slab], task: str | Task) -> float:
+    """Relative error of the first slab's predicted TPB density against its labels' (NaN where
+    the labels hold none)."""
+    predicted, true = (flatten_metrics(r) for r in slab_microstructure(evaluation, slabs, task))
+    return float(relative_errors(predicted, true).get("tpb.density", np.nan))
 
 
 def slab_confusion(slab: Slab, classes: np.ndarray, task: str | Task, start: int | None = None) -> np.ndarray:

@@ -16,20 +16,17 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 
-from socseg.analysis.microstructure import MicrostructureResult, flatten_metrics, measure, relative_errors
+from socseg.analysis.microstructure import MicrostructureResult, flatten_metrics, relative_errors
 from socseg.analysis.plots import confusion_figure, slab_overlay_figure
 from socseg.analysis.report import evaluation_report
 from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data, read_json, write_json
-from socseg.inference.evaluate import Evaluation, score_slabs
+from socseg.inference.evaluate import TPB_ERROR, Evaluation, score_slabs, slab_microstructure
 from socseg.inference.predictor import Predictor
 from socseg.inference.pyfunc import model_config
 from socseg.params import Params, typed
 from socseg.training import tracking
 from socseg.training.promotion_lock import lock_for
 from socseg.training.registry import MicrostructureGuard, register_and_promote
-
-# metrics.json key of the TPB density's relative error on the test slab (3-phase models only)
-TPB_ERROR = "micro_relerr.tpb.density"
 
 
 def held_out_data(params: Mapping | Params, task: str) -> PreparedData:
@@ -62,14 +59,6 @@ def microstructure_comparison(predicted_result: MicrostructureResult, true_resul
     }
 
 
-def test_slab_microstructure(evaluation: Evaluation, slabs: list[Slab], task: str) -> tuple[MicrostructureResult, MicrostructureResult]:
-    """(predicted, true) microstructure of the first test slab (voxel units) from an evaluation
-    that kept its predictions: the evaluate stage reports it, the register stage re-measures the
-    champion with it."""
-    phase_map = dict(enumerate(evaluation.class_names))
-    return measure(evaluation.predictions[0], phase_map), measure(slabs[0].targets(task), phase_map)
-
-
 def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | Path) -> dict:
     """Evaluate the search's best trial on the TEST slabs; log to the search's parent run; write metrics.json."""
     search = read_json(search_json)
@@ -81,7 +70,7 @@ def evaluate_best(params: Mapping | Params, search_json: str | Path, out: str | 
     slab, predicted = slabs[0], evaluation.predictions[0]
     truth = slab.targets(task)
     metrics = {f"test_{k}": v for k, v in evaluation.scores.items()}
-    predicted_result, true_result = test_slab_microstructure(evaluation, slabs, task)
+    predicted_result, true_result = slab_microstructure(evaluation, slabs, task)
     metrics.update(microstructure_comparison(predicted_result, true_result))
     with mlflow.start_run(run_id=search["parent_run_id"]):
         mlflow.log_metrics(metrics)
@@ -136,7 +125,7 @@ def register(params: Mapping | Params, search_json: str | Path, metrics_json: st
     evaluated = lru_cache(maxsize=1)(lambda uri: score_on_test_slabs(uri, slabs, keep_predictions=guarded))
 
     def champion_tpb_error(uri: str) -> float:
-        predicted, true = test_slab_microstructure(evaluated(uri), slabs, task)
+        predicted, true = slab_microstructure(evaluated(uri), slabs, task)
         return abs(microstructure_comparison(predicted, true).get(TPB_ERROR, np.inf))
 
     guard = MicrostructureGuard("TPB density", "test_tpb_abs_relerr", abs(float(metrics[TPB_ERROR])),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -28,6 +29,7 @@ from sqlalchemy.engine import make_url
 
 from socseg.data.prepare import data_fingerprint
 from socseg.data.split import check_context_gap
+from socseg.inference.evaluate import TPB_ERROR
 from socseg.params import set_dotted, typed
 from socseg.training import tracking
 from socseg.training.runtime import runtime_tags
@@ -285,6 +287,9 @@ def trial_objective(params: Mapping, encoder: str, study_name: str, worker: str,
         if result.pruned:
             raise optuna.TrialPruned(f"pruned at epoch {len(result.history.get(OBJECTIVE, []))}")
         trial.set_user_attr("model_uri", result.model_uri)
+        tpb = float(result.metrics.get(f"val_{TPB_ERROR}", math.nan))
+        if math.isfinite(tpb):  # 3-phase: the trials table shows the TPB error beside IoU
+            trial.set_user_attr(f"val_{TPB_ERROR}", tpb)
         return result.metrics[OBJECTIVE]
 
     return objective

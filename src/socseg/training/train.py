@@ -21,7 +21,7 @@ from socseg.analysis.plots import slab_overlay_figure
 from socseg.data.dataset import Augmentation
 from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data
 from socseg.data.split import check_split_context
-from socseg.inference.evaluate import Evaluation, score_slabs
+from socseg.inference.evaluate import TPB_ERROR, Evaluation, has_tpb, score_slabs, tpb_error
 from socseg.inference.request import InferenceOptions
 from socseg.inference.predictor import ModelConfig, Predictor
 from socseg.model.export import export_model
@@ -152,14 +152,19 @@ class TrainRun(TrainingRun):
 
     def final_scores(self, data: RunData) -> dict[str, float]:
         """Validation and (unless a search trial) test scores with the served settings; the test
-        slab's overlays."""
+        slab's overlays. A 3-phase model also gets its TPB density error on the first slab of each
+        (``val_micro_relerr.tpb.density``): IoU barely sees the specks that add TPB, so a search
+        trial's table shows both."""
         prepared, scores = self.data, {}
         served = data.predictor.as_served()
+        tpb = has_tpb(prepared.class_names)
         for subset in ("val", "test") if self.evaluate_test else ("val",):
             if prepared.slabs[subset]:
-                evaluation = score_slabs(served, prepared.slabs[subset], keep_predictions=subset == "test",
+                evaluation = score_slabs(served, prepared.slabs[subset], keep_predictions=subset == "test" or tpb,
                                          grey_ranges=prepared.grey_ranges())
                 scores.update({f"{subset}_{k}": v for k, v in evaluation.scores.items()})
+                if tpb:
+                    scores[f"{subset}_{TPB_ERROR}"] = tpb_error(evaluation, prepared.slabs[subset], prepared.task)
                 if subset == "test":
                     _log_overlays(prepared, evaluation)
         return scores
