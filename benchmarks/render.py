@@ -662,6 +662,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "napari": "../viewer.md", "runtime_avx2": "speed.md", "runtime_avx512": "speed.md",
     "base_2p5d_pv_xeon": "speed.md", "vgg16_pv_xeon": "speed.md", "runtime_models": "speed.md",
     "train_throughput": "speed.md", "cv_ensemble": "accuracy.md", "cv_ensemble_microstructure": "microstructure.md",
+    "cv_fold1_long": "accuracy.md", "cv_inference": "accuracy.md",
 }
 
 
