@@ -207,3 +207,38 @@ def test_training_metric_skips_ignored_pixels():
     metric.update_state(truth, right)
     assert float(metric.result()) == pytest.approx(1.0)
     assert keras.ops.convert_to_numpy(metric.confusion).sum() == 2
+
+
+def test_near_boundary_marks_the_pixels_on_both_sides_of_a_label_edge_and_not_an_unlabelled_edge():
+    from socseg.data.tasks import IGNORE
+    from socseg.model.losses import near_boundary
+
+    truth = np.zeros((1, 5, 6), dtype="int32")
+    truth[0, :, 3:] = 2  # a vertical edge between columns 2 and 3
+    truth[0, 4, :] = IGNORE  # an unlabelled bottom row: its edge is no boundary
+    one_hot = np.eye(3, dtype="float32")[np.where(truth == IGNORE, 0, truth)] * (truth != IGNORE)[..., None]
+    near = keras.ops.convert_to_numpy(near_boundary(keras.ops.convert_to_tensor(one_hot)))[0]
+    expected = np.zeros((5, 6))
+    expected[:, 2:4] = 1  # columns 2 and 3 touch the other class
+    assert near.tolist() == expected.tolist()
+
+
+def test_boundary_ce_dice_weights_the_ce_of_boundary_pixels_by_hand():
+    """2x2 phases map: every pixel touches another class, so weights are uniform and the loss is
+    ce_dice; on a 1x4 ni row with one edge, the two edge pixels count 1 + w times."""
+    assert value(get_loss("boundary_ce_dice", "phases"), PH_TRUE, PH_PROB) == pytest.approx(
+        value(get_loss("ce_dice", "phases"), PH_TRUE, PH_PROB), rel=1e-5)
+    truth = np.array([[[0, 0, 1, 1, 1]]], dtype="int32")
+    prob = np.array([[[0.1, 0.3, 0.6, 0.8, 0.9]]], dtype="float32")[..., None]
+    p_true = np.array([0.9, 0.7, 0.6, 0.8, 0.9])
+    weights = np.array([1, 5, 5, 1, 1], dtype=float)  # boundary_weight 4 on columns 1 and 2
+    ce = -(weights * np.log(p_true)).sum() / weights.sum()
+    dice_only = value(get_loss("dice", "ni"), truth, prob)
+    assert value(get_loss("boundary_ce_dice", "ni"), truth, prob) == pytest.approx(ce + dice_only, rel=1e-5)
+    # the same wrong P(ni) 0.8 at the edge costs more, against the interior, than under plain ce_dice
+    edge_wrong = prob.copy(); edge_wrong[0, 0, 1, 0] = 0.8  # noqa: E702
+    inner_wrong = prob.copy(); inner_wrong[0, 0, 0, 0] = 0.8  # noqa: E702
+    boundary, plain = get_loss("boundary_ce_dice", "ni"), get_loss("ce_dice", "ni")
+    gap_boundary = value(boundary, truth, edge_wrong) - value(boundary, truth, inner_wrong)
+    gap_plain = value(plain, truth, edge_wrong) - value(plain, truth, inner_wrong)
+    assert gap_boundary > gap_plain + 0.1

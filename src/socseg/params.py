@@ -142,7 +142,7 @@ def check_window(value: str) -> str:
         raise ValueError(f"unknown window {value!r}: use one of {', '.join(WINDOWS)}")
     return value
 TASKS = ("ni", "phases")
-LOSSES = ("ce", "dice", "ce_dice", "focal")
+LOSSES = ("ce", "dice", "ce_dice", "focal", "boundary_ce_dice")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 AUTO = "auto"
 RUNTIMES = (AUTO, "keras", "openvino")  # socseg.inference.runtime
