@@ -84,9 +84,9 @@ def test_dvc_repro_runs_all_stages_then_nothing_then_only_what_changed(repo_root
     second = run_checked(dvc + ["repro"], project, env)
     assert "up to date" in second.lower()
 
-    # Each stage depends on its own code: an edit of the microstructure code reruns the evaluate
-    # stage (it reports microstructure numbers), not the search.
-    analysis = project / "src" / "socseg" / "analysis" / "microstructure.py"
+    # Each stage depends on its own code: an edit of the report code reruns the evaluate stage
+    # (it writes the report), not the search (training measures microstructure, not reports).
+    analysis = project / "src" / "socseg" / "analysis" / "report.py"
     original = analysis.read_text()
     analysis.write_text(original + "\n# edited\n")
     stale = set(json.loads(run_checked(dvc + ["status", "--json"], project, env)))
