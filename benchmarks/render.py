@@ -47,6 +47,7 @@ import csv
 import dataclasses
 import json
 import re
+import statistics
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -662,7 +663,9 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "napari": "../viewer.md", "runtime_avx2": "speed.md", "runtime_avx512": "speed.md",
     "base_2p5d_pv_xeon": "speed.md", "vgg16_pv_xeon": "speed.md", "runtime_models": "speed.md",
     "train_throughput": "speed.md", "cv_ensemble": "accuracy.md", "cv_ensemble_microstructure": "microstructure.md",
-    "cv_fold1_long": "accuracy.md", "cv_inference": "accuracy.md",
+    "cv_fold1_long": "accuracy.md", "cv_inference": "accuracy.md", "cv_inference_rerun": "accuracy.md",
+    "cv_inference_microstructure": "microstructure.md", "cv_boundary_loss": "accuracy.md",
+    "cv_boundary_loss_microstructure": "microstructure.md", "cv_multiaxis_sigma": "microstructure.md",
 }
 
 
@@ -821,6 +824,79 @@ for _member in ("seed", "ensemble"):
 def cv_ensemble_sigma(results: Results) -> float:
     """cv_ensemble_microstructure: the in-plane sigma of its smoothed rows."""
     return float(_cv_ensemble_entry(results, "ensemble", "smoothed")["_sigma"])
+
+
+def _cv_rows_mean(results: Results, rel: str, method: str, variant: str, metric: str,
+                  folds: set[int] | None = None) -> float:
+    """Mean over a cv_postprocess file's fold rows of ``metric`` for ``method`` / ``variant``
+    (``folds``: only those folds; ``abs_`` before a metric: of its absolute value; ``sd_``: the
+    sample standard deviation over the folds instead)."""
+    key = metric.removeprefix("abs_").removeprefix("sd_")
+    values = [float(r[key]) for r in results.data(rel)["rows"]
+              if r["method"] == method and r["variant"] == variant and (folds is None or r["fold"] in folds)]
+    if not values:
+        raise KeyError(f"{rel}: no rows of {method!r} / {variant!r}" + (f" in folds {sorted(folds)}" if folds else ""))
+    if metric.startswith("sd_"):
+        return statistics.stdev(values)
+    return statistics.fmean([abs(v) for v in values] if metric.startswith("abs_") else values)
+
+
+def _boundary_folds(results: Results) -> set[int]:
+    """The folds that cv_boundary_loss_microstructure scored (its run covers some of the five)."""
+    return {int(r["fold"]) for r in results.data("cv_boundary_loss_microstructure/cv_postprocess.json")["rows"]}
+
+
+_CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
+               ("err.tpb.active_density.z", "active_tpb_z"), ("mean_iou", "iou"), ("sd_mean_iou", "sd_iou"),
+               ("iou_ni", "iou_ni"), ("sd_iou_ni", "sd_iou_ni"))
+_CV_SIGMAS = (("in-plane sigma 0", "none"), ("in-plane sigma 1.3", "smoothed"))
+for _label, _short in (("U-Net", "plain"), ("U-Net + TTA", "tta"), ("U-Net + multi-axis", "multiaxis")):
+    for _variant, _vshort in _CV_SIGMAS:
+        for _metric, _name in _CV_METRICS:
+            def _inference_figure(results: Results, label: str = _label, variant: str = _variant,
+                                  metric: str = _metric) -> float:
+                """cv_inference_microstructure: one inference mode's mean over the five folds."""
+                return _cv_rows_mean(results, "cv_inference_microstructure/cv_postprocess.json", label, variant, metric)
+
+            derived(f"cv_inference_{_name}_{_short}_{_vshort}")(_inference_figure)
+
+        def _within_3pct(results: Results, label: str = _label, variant: str = _variant) -> float:
+            """cv_inference_microstructure: folds whose TPB density is within 3 % of the labels'."""
+            rows = results.data("cv_inference_microstructure/cv_postprocess.json")["rows"]
+            return float(sum(abs(r["err.tpb.density"]) <= 0.03 for r in rows if r["method"] == label and r["variant"] == variant))
+
+        derived(f"cv_inference_within_3pct_{_short}_{_vshort}")(_within_3pct)
+
+        for _metric, _name in (("err.tpb.density", "tpb"), ("mean_iou", "iou")):
+            def _fold1_figure(results: Results, label: str = _label, variant: str = _variant, metric: str = _metric) -> float:
+                """cv_inference_microstructure: one inference mode's figure on fold 1 (the top of the volume)."""
+                return _cv_rows_mean(results, "cv_inference_microstructure/cv_postprocess.json", label, variant, metric, {1})
+
+            derived(f"cv_inference_fold1_{_name}_{_short}_{_vshort}")(_fold1_figure)
+
+for _sigma in ("0", "0.5", "0.7", "1"):
+    for _metric, _name in (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"), ("mean_iou", "iou"),
+                           ("err.tpb.active_density.z", "active_tpb_z")):
+        def _multiaxis_sigma_figure(results: Results, sigma: str = _sigma, metric: str = _metric) -> float:
+            """cv_multiaxis_sigma: multi-axis fusion's mean over the five folds with one in-plane sigma."""
+            return _cv_rows_mean(results, "cv_multiaxis_sigma/cv_postprocess.json", "U-Net + multi-axis",
+                                 f"in-plane sigma {sigma}", metric)
+
+        derived(f"cv_multiaxis_{_name}_sigma_{_sigma.replace('.', 'p')}")(_multiaxis_sigma_figure)
+
+for _variant, _vshort in _CV_SIGMAS:
+    for _metric, _name in _CV_METRICS:
+        def _boundary_figure(results: Results, variant: str = _variant, metric: str = _metric) -> float:
+            """cv_boundary_loss_microstructure: the boundary-loss U-Net's mean over the folds it scored."""
+            return _cv_rows_mean(results, "cv_boundary_loss_microstructure/cv_postprocess.json", "U-Net", variant, metric)
+
+        def _paired_plain_figure(results: Results, variant: str = _variant, metric: str = _metric) -> float:
+            """cv_inference_microstructure: the ce_dice U-Net's mean over the folds the boundary run scored."""
+            return _cv_rows_mean(results, "cv_inference_microstructure/cv_postprocess.json", "U-Net", variant, metric,
+                                 _boundary_folds(results))
+
+        derived(f"cv_boundary_{_name}_{_vshort}")(_boundary_figure)
+        derived(f"cv_boundary_plain_{_name}_{_vshort}")(_paired_plain_figure)
 
 
 # --------------------------------------------------------------------------- configuration page
