@@ -786,9 +786,7 @@ for _method, _short in (("U-Net", "unet"), ("forest", "forest")):
 @derived("cv_postprocess_folds_within_3pct_unet_chosen")
 def cv_postprocess_folds_within_3pct_unet_chosen(results: Results) -> float:
     """cv_postprocess rows: folds whose U-Net TPB density with the chosen sigma is within 3 % of the labels'."""
-    variant = _cv_postprocess_variant(results, "chosen")
-    rows = results.data("cv_postprocess/cv_postprocess.json")["rows"]
-    return float(sum(abs(r["err.tpb.density"]) <= 0.03 for r in rows if r["method"] == "U-Net" and r["variant"] == variant))
+    return _folds_within_3pct(results, "cv_postprocess/cv_postprocess.json", "U-Net", _cv_postprocess_variant(results, "chosen"))
 
 def _cv_ensemble_entry(results: Results, member: str, variant: str) -> dict[str, Any]:
     """cv_ensemble_microstructure: the figures of ``member`` (seed: the first seed's U-Net,
@@ -826,16 +824,28 @@ def cv_ensemble_sigma(results: Results) -> float:
     return float(_cv_ensemble_entry(results, "ensemble", "smoothed")["_sigma"])
 
 
+def _cv_rows(results: Results, rel: str, method: str, variant: str, folds: set[int] | None = None) -> list[dict]:
+    """A cv_postprocess file's fold rows of ``method`` / ``variant`` (``folds``: only those folds)."""
+    rows = [r for r in results.data(rel)["rows"]
+            if r["method"] == method and r["variant"] == variant and (folds is None or r["fold"] in folds)]
+    if not rows:
+        raise KeyError(f"{rel}: no rows of {method!r} / {variant!r}" + (f" in folds {sorted(folds)}" if folds else ""))
+    return rows
+
+
+def _folds_within_3pct(results: Results, rel: str, method: str, variant: str) -> float:
+    """How many of a cv_postprocess file's folds put ``method`` / ``variant``'s TPB density within
+    3 % of the labels'."""
+    return float(sum(abs(r["err.tpb.density"]) <= 0.03 for r in _cv_rows(results, rel, method, variant)))
+
+
 def _cv_rows_mean(results: Results, rel: str, method: str, variant: str, metric: str,
                   folds: set[int] | None = None) -> float:
     """Mean over a cv_postprocess file's fold rows of ``metric`` for ``method`` / ``variant``
     (``folds``: only those folds; ``abs_`` before a metric: of its absolute value; ``sd_``: the
     sample standard deviation over the folds instead)."""
     key = metric.removeprefix("abs_").removeprefix("sd_")
-    values = [float(r[key]) for r in results.data(rel)["rows"]
-              if r["method"] == method and r["variant"] == variant and (folds is None or r["fold"] in folds)]
-    if not values:
-        raise KeyError(f"{rel}: no rows of {method!r} / {variant!r}" + (f" in folds {sorted(folds)}" if folds else ""))
+    values = [float(r[key]) for r in _cv_rows(results, rel, method, variant, folds)]
     if metric.startswith("sd_"):
         return statistics.stdev(values)
     return statistics.fmean([abs(v) for v in values] if metric.startswith("abs_") else values)
@@ -862,8 +872,7 @@ for _label, _short in (("U-Net", "plain"), ("U-Net + TTA", "tta"), ("U-Net + mul
 
         def _within_3pct(results: Results, label: str = _label, variant: str = _variant) -> float:
             """cv_inference_microstructure: folds whose TPB density is within 3 % of the labels'."""
-            rows = results.data("cv_inference_microstructure/cv_postprocess.json")["rows"]
-            return float(sum(abs(r["err.tpb.density"]) <= 0.03 for r in rows if r["method"] == label and r["variant"] == variant))
+            return _folds_within_3pct(results, "cv_inference_microstructure/cv_postprocess.json", label, variant)
 
         derived(f"cv_inference_within_3pct_{_short}_{_vshort}")(_within_3pct)
 
