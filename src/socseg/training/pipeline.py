@@ -20,7 +20,7 @@ from socseg.analysis.microstructure import MicrostructureResult, flatten_metrics
 from socseg.analysis.plots import confusion_figure, slab_overlay_figure
 from socseg.analysis.report import evaluation_report
 from socseg.data.prepare import PreparedData, Slab, load_labelled_volumes, prepare_data, read_json, write_json
-from socseg.inference.evaluate import TPB_ERROR, Evaluation, score_slabs, slab_microstructure
+from socseg.inference.evaluate import TPB_ERROR, Evaluation, score_slabs, slab_microstructure, tpb_error
 from socseg.inference.predictor import Predictor
 from socseg.inference.pyfunc import model_config
 from socseg.params import Params, typed
@@ -125,8 +125,8 @@ def register(params: Mapping | Params, search_json: str | Path, metrics_json: st
     evaluated = lru_cache(maxsize=1)(lambda uri: score_on_test_slabs(uri, slabs, keep_predictions=guarded))
 
     def champion_tpb_error(uri: str) -> float:
-        predicted, true = slab_microstructure(evaluated(uri), slabs, task)
-        return abs(microstructure_comparison(predicted, true).get(TPB_ERROR, np.inf))
+        error = tpb_error(evaluated(uri), slabs, task)
+        return abs(error) if np.isfinite(error) else np.inf
 
     guard = MicrostructureGuard("TPB density", "test_tpb_abs_relerr", abs(float(metrics[TPB_ERROR])),
                                 float(p.registry.tpb_tolerance), champion_tpb_error) if guarded else None
