@@ -25,8 +25,8 @@ fold's U-Net), so that the choice is not made on one test slab:
   with the same smoothings of its vote shares;
 - ``--inference plain,tta,multi-axis``: how each U-Net predicts before those variants: one pass per
   z-slice (plain), the 8-fold flip/rotation test-time augmentation (``inference.tta``), or the
-  mean of the probabilities from slicing the whole volume along z, y and x (``segment
-  --multi-axis``; the fold's voxels are then cut out). Each is its own method in the result
+  mean of the probabilities from slicing along z, y and x (``inference.planes: zyx``; the fold read
+  with the model's ``fusion_halo`` slices around it, as ``socseg segment`` reads a chunk). Each is its own method in the result
   (``U-Net + TTA``, ``U-Net + multi-axis``), so both inference options are cross-validated for
   IoU and microstructure at once.
 
@@ -103,20 +103,14 @@ def fold_probabilities(model_uri: str, slab, mode: str) -> np.ndarray:
 
     Unsmoothed: each variant applies its own smoothing (models logged since the default
     ``inference.smoothing_sigma`` became non-zero would otherwise be smoothed twice). Multi-axis
-    fusion slices the whole volume (the fold and the training slabs around it, grey values only:
-    what a user segmenting the volume gives it) and keeps the fold's slices.
+    fusion (``planes`` zyx) reads the fold with the model's ``fusion_halo`` slices on either side
+    from the training slabs around it (grey values only: what a user segmenting the volume gives
+    it), as ``socseg segment`` does; plain and TTA predict z-slices only.
     """
     from microstructure_accuracy import unet_probabilities
-    from socseg.inference.predictor import load_predictor
-    from socseg.inference.request import InferenceOptions
 
-    if mode != "multi-axis":
-        return unet_probabilities(model_uri, slab, smoothing_sigma=0.0, tta=mode == "tta")
-    predictor = load_predictor(model_uri)
-    image = np.asarray(slab.volume.image)
-    request = predictor.request(InferenceOptions(tta=False, smoothing_sigma=0.0), source=image, check_range=False)
-    start, stop = slab.z_range
-    return predictor.multi_axis_probabilities(image, request=request)[start:stop]
+    return unet_probabilities(model_uri, slab, smoothing_sigma=0.0, tta=mode == "tta",
+                              planes="zyx" if mode == "multi-axis" else "z")
 
 
 def fold_models(path: Path, method: str) -> dict[int, tuple[int, str]]:

@@ -83,19 +83,21 @@ def unet_row(models: Path) -> dict[str, Any]:
     return rows.iloc[0].to_dict()
 
 
-def unet_probabilities(model_uri: str, slab, smoothing_sigma: float | None = None, tta: bool = False) -> np.ndarray:
-    """(Z, Y, X, C) probabilities of the slab's slices, the 2.5D context from the real neighbours;
-    ``smoothing_sigma`` None: the model's own in-plane smoothing, as users get it; 0: none.
-    ``tta``: the predictor's 8-fold flip/rotation test-time augmentation."""
+def unet_probabilities(model_uri: str, slab, smoothing_sigma: float | None = None, tta: bool = False,
+                       planes: str | None = None) -> np.ndarray:
+    """(Z, Y, X, C) probabilities of the slab's slices, the context (2.5D neighbours, fusion halo)
+    from the real neighbours, as ``socseg segment`` reads them; ``smoothing_sigma`` None: the
+    model's own in-plane smoothing, as users get it; 0: none. ``tta``: the predictor's 8-fold
+    flip/rotation test-time augmentation. ``planes`` None: the model's own (``inference.planes``)."""
     from socseg.inference.predictor import load_predictor
     from socseg.inference.request import InferenceOptions
 
     predictor = load_predictor(model_uri)  # several URIs, comma-separated: their ensemble
     image = slab.volume.image
-    request = predictor.request(InferenceOptions(tta=tta, smoothing_sigma=smoothing_sigma), source=image,
+    request = predictor.request(InferenceOptions(tta=tta, smoothing_sigma=smoothing_sigma, planes=planes), source=image,
                                 check_range=False)
     start, stop = slab.z_range
-    context = predictor.context_slices
+    context = request.context(predictor.context_slices)
     before, after = min(context, start), min(context, image.shape[0] - stop)
     return predictor.probabilities(np.asarray(image[start - before:stop + after]), before, after, request)
 

@@ -143,14 +143,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"model: {described}; slice batch {args.slice_batch}")
 
         predictor = Predictor.load(uri)
+        request = predictor.request(source=tifffile.imread(volume))  # the whole input's range, as segment resolves it
 
         def labels(stack, before, after):
-            return predictor.to_labels(predictor.classes(stack, before, after))
+            return predictor.to_labels(predictor.classes(stack, before, after, request))
 
         labels(tifffile.imread(volume, key=0)[None], 0, 0)  # warm-up: first-call tracing is not throughput
         rate = max(
             segment_stream(labels, volume, SegmentOutputs(folder / "local.tif", overwrite=True),
-                           context_slices=predictor.context_slices, slice_batch=args.slice_batch,
+                           context=request.context(predictor.context_slices),
+                           slice_batch=request.chunk_slices(args.slice_batch),
                            progress=False).slices_per_second
             for _ in range(args.repeat)
         )

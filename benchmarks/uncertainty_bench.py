@@ -53,7 +53,7 @@ def slice_statistics(predictor: Any, image: np.ndarray, labels_volume: Any, z_ra
     targets = Slab(labels_volume, z_range).targets(predictor.config.task)
     step = max(1, targets.size // PIXEL_SAMPLE)
     means, errors, pixel_u, pixel_wrong = [], [], [], []
-    for piece in iter_chunks(image.shape[0], 8, predictor.context_slices, start, stop):
+    for piece in iter_chunks(image.shape[0], request.chunk_slices(8), request.context(predictor.context_slices), start, stop):
         probs = predictor.probabilities(np.asarray(image[piece.read]), piece.before, piece.after, request)
         unsure = uncertainty(probs)
         wrong = predictor.to_classes(probs) != targets[piece.start - start : piece.stop - start]

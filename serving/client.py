@@ -38,6 +38,7 @@ import numpy as np
 import requests
 
 from socseg.inference.config import ModelConfig
+from socseg.inference.request import InferenceOptions, InferenceRequest
 from socseg.params import WINDOWS
 from socseg.inference.pyfunc import IMAGE_COLUMN, decode_array, encode_array
 from socseg.inference.segment import SegmentOutputs, SegmentResult, segment_stream
@@ -175,21 +176,26 @@ def segment_with_server(
     """Segment ``source`` through the server at ``url`` into the label stack ``output``.
 
     A 2.5D model (the server reports its ``context_slices``) gets that many neighbouring slices
-    around each chunk, so slices at chunk borders see their true neighbours.
+    around each chunk, so slices at chunk borders see their true neighbours; a model that fuses
+    y and x planes (its ``planes``, or ``params["planes"]``) gets ``fusion_depth`` slices per request
+    with ``fusion_halo`` more on either side, as ``socseg segment`` reads them.
     """
     client = RestSegmenter(url, form=form, encoding=encoding, params=params, retries=retries, timeout=timeout)
     config = client.describe()
     if phase_map is None and config.get("phase_map"):
         client.phase_map = {int(k): v for k, v in label_phase_map(config).items()}
     model = ModelConfig.from_dict(config)
-    if "grey_low" not in client.params:
-        # Each request carries only some slices: a per_volume model gets the whole input's grey range
-        # with every one, estimated as `socseg segment` and `socseg stats` do, so the labels do not
-        # depend on the batching (a fixed model: none, raw values).
-        with SliceReader(source) as reader:
-            grey_range = model.normalisation.source_range(reader)
-        if grey_range is not None:
-            client.params.update(grey_low=grey_range[0], grey_high=grey_range[1])
+    given = client.params.get("grey_low"), client.params.get("grey_high")
+    given = None if given[0] is None else (float(given[0]), float(given[1]))
+    # Each request carries only some slices: a per_volume model gets the whole input's grey range
+    # with every one, estimated as `socseg segment` and `socseg stats` do, so the labels do not
+    # depend on the batching (a fixed model: none, raw values). The same request says how many
+    # slices go in one request and how many neighbours around them (2.5D context, fusion halo).
+    with SliceReader(source) as reader:
+        request = InferenceRequest.resolve(model, InferenceOptions(planes=client.params.get("planes"), grey_range=given),
+                                           source=reader)
+    if given is None and request.grey_range is not None:
+        client.params.update(grey_low=request.grey_range[0], grey_high=request.grey_range[1])
 
     def metadata() -> dict[str, Any]:  # asked after the first answer, which carries the phase map
         known = dict(phase_map) if phase_map else client.phase_map
@@ -202,8 +208,8 @@ def segment_with_server(
         }
 
     outputs = SegmentOutputs.check(source, output, overwrite=overwrite)
-    result = segment_stream(client, source, outputs, context_slices=int(config.get("context_slices", 0)),
-                            slice_batch=slice_batch, metadata=metadata, progress=progress)
+    result = segment_stream(client, source, outputs, context=request.context(model.context_slices),
+                            slice_batch=request.chunk_slices(slice_batch), metadata=metadata, progress=progress)
     return result, client
 
 
@@ -280,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-fraction", type=float, default=None, help="sliding window: tile step / tile size (server default)")
     parser.add_argument("--smoothing-sigma", type=float, default=None,
                         help="in-plane Gaussian sigma (pixels) on the class probabilities before the argmax (server default)")
+    parser.add_argument("--planes", default=None,
+                        help="planes predicted and averaged: z (slice by slice) or zyx (multi-axis fusion) (server default)")
     parser.add_argument("--phase-map", default=None, help="label value -> phase for the metadata, e.g. 0=pore,255=ni")
     parser.add_argument("--allow-out-of-range", action="store_true",
                         help="segment even when most grey values lie outside the model's range "
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             form=args.form,
             encoding=args.encoding,
             params={"tta": args.tta, "window": args.window, "step_fraction": args.step_fraction,
-                    "smoothing_sigma": args.smoothing_sigma,
+                    "smoothing_sigma": args.smoothing_sigma, "planes": args.planes,
                     "allow_out_of_range": True if args.allow_out_of_range else None,
                     "grey_low": args.grey_range[0] if args.grey_range else None,
                     "grey_high": args.grey_range[1] if args.grey_range else None},
@@ -313,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             retries=args.retries,
             timeout=args.timeout,
         )
-    except (VolumeError, ServerError, GreyRangeEstimateError, OSError) as exc:
+    except (VolumeError, ServerError, GreyRangeEstimateError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     z, h, w = result.shape

@@ -131,7 +131,7 @@ def smoothing_model(tmp_path_factory) -> str:
                          phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=0,
                          normalisation=FixedRange(low=0.0, high=1.0), window="whole_slice",
                          whole_slice_max_pixels=10**8, step_fraction=0.5, tta=False, batch_size=4,
-                         max_slice_pixels=10**8, max_clipped_fraction=1.0, smoothing_sigma=1.3, runtime="keras")
+                         max_slice_pixels=10**8, max_clipped_fraction=1.0, smoothing_sigma=1.3, runtime="keras", planes="z", fusion_depth=64, fusion_halo=16)
     return str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path_factory.mktemp("cvpp") / "model"))
 
 
@@ -155,8 +155,9 @@ def test_the_u_net_probabilities_are_unsmoothed_whatever_the_models_default(benc
 
 
 def test_tta_and_multi_axis_are_the_predictors_own_and_unsmoothed(bench, smoothing_model):
-    """--inference tta is the predictor's flip/rotation TTA, multi-axis its fusion over the whole
-    volume cut to the fold; neither carries the model's default smoothing."""
+    """--inference tta is the predictor's flip/rotation TTA, multi-axis its fusion (the fold read with
+    the model's fusion halo around it, as segment reads a chunk); neither carries the model's default
+    smoothing, and plain and TTA stay slice by slice."""
     from socseg.inference.predictor import load_predictor
     from socseg.inference.request import InferenceOptions
 
@@ -170,8 +171,11 @@ def test_tta_and_multi_axis_are_the_predictors_own_and_unsmoothed(bench, smoothi
     predictor = load_predictor(smoothing_model)
     request = predictor.request(InferenceOptions(tta=True, smoothing_sigma=0.0), source=image, check_range=False)
     np.testing.assert_allclose(tta, predictor.probabilities(image[3:7], request=request), atol=1e-6)
-    request = predictor.request(InferenceOptions(tta=False, smoothing_sigma=0.0), source=image, check_range=False)
-    np.testing.assert_allclose(fused, predictor.multi_axis_probabilities(image, request=request)[3:7], atol=1e-6)
+    request = predictor.request(InferenceOptions(tta=False, smoothing_sigma=0.0, planes="zyx"), source=image,
+                                check_range=False)
+    halo = request.context(predictor.context_slices)
+    assert halo == 16  # the model's fusion_halo: the fold reads slices 0..9 around 3..6
+    np.testing.assert_allclose(fused, predictor.probabilities(image, 3, 3, request), atol=1e-6)
 
 
 def test_inference_modes_are_parsed_and_unknown_ones_refused(bench):

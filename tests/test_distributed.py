@@ -230,8 +230,8 @@ def test_segment_command_writes_zarr_and_names_wrong_combinations(models, volume
     np.testing.assert_array_equal(_zarr_labels(tmp_path / "cli.zarr"), _tif_labels(models[1], volume, tmp_path / "r.tif"))
     bad = runner.invoke(main, ["segment", models[1], str(volume), str(tmp_path / "x.tif"), "--scheduler", "local:2"])
     assert bad.exit_code == 2 and "--scheduler writes a chunked .zarr OUTPUT" in bad.stderr
-    bad = runner.invoke(main, ["segment", models[1], str(volume), str(tmp_path / "x.zarr"), "--multi-axis"])
-    assert bad.exit_code == 2 and "--multi-axis" in bad.stderr
+    bad = runner.invoke(main, ["segment", models[1], str(volume), str(tmp_path / "x.zarr"), "--planes", "zq"])
+    assert bad.exit_code == 2 and "planes must be distinct letters of 'zyx'" in bad.stderr
 
 
 def test_evaluate_scores_hdf5_grey_against_zarr_labels_as_it_scores_a_volume(models, tmp_path, params):

@@ -389,7 +389,7 @@ def test_a_per_volume_model_is_fine_tuned_on_a_scan_of_another_grey_scale(tiny_p
                          tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
                                                                         "high_percentile": 99.5}, "per_volume"),
                           window="whole_slice", whole_slice_max_pixels=10**6,
-                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
+                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras", planes="z", fusion_depth=64, fusion_halo=16)
     uri = str(save_segmenter(export_model(keras.Model(inputs, outputs), Normaliser(0.0, 1.0, 0.5, 99.5)), config,
                              tmp_path / "per-volume-model"))
     phantom = synth_from_params(tiny_params, "scan8", shape=(12, 64, 64), seed=8)

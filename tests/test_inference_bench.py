@@ -36,7 +36,7 @@ def _ni_segmenter(folder: Path) -> str:
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
                          tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"), 
                          window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5, tta=False, batch_size=8,
-                         max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
+                         max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras", planes="z", fusion_depth=64, fusion_halo=16)
     return str(save_segmenter(keras.Model(inputs, outputs), config, folder / "model"))
 
 
@@ -130,7 +130,7 @@ def test_a_setting_that_fails_is_recorded_and_the_others_still_run(params):
     config = ModelConfig(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map={0: "pore", 128: "ysz", 255: "ni"},
                          tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"),
                           window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
-                         tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
+                         tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras", planes="z", fusion_depth=64, fusion_halo=16)
     slab = Slab(synth_from_params(params, "bench", shape=(6, 32, 32), seed=5), (2, 6))
     windows = parse_windows("whole_slice")
     failed = window_rows("m", "uri", Predictor(Refusing(), config), slab, windows, "mixed_bfloat16 (as trained)")
@@ -166,7 +166,7 @@ def test_normalisation_bench_scores_fixed_and_per_volume_models_on_every_transfo
                              tile_size=32, context_slices=0,
                              normalisation=Normalisation.from_dict({"low": low, "high": high, "low_percentile": 0.5, "high_percentile": 99.5}, mode),
                               window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
-                             tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
+                             tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras", planes="z", fusion_depth=64, fusion_halo=16)
         uris[mode] = save_segmenter(keras.Model(inputs, outputs), config, tmp_path / mode)
     models = tmp_path / "accuracy.csv"
     models.write_text("task,method,model_uri\n" + "".join(f"ni,{mode},{uri}\n" for mode, uri in uris.items()))

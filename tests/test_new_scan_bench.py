@@ -51,7 +51,7 @@ def _threshold_model(folder: Path, context_slices: int = 0) -> str:
                          tile_size=32, context_slices=context_slices,
                          normalisation=Normalisation.from_dict({"low": low, "high": high, "low_percentile": 0.5, "high_percentile": 99.5}, "fixed"),
                           window="whole_slice", whole_slice_max_pixels=10**6, step_fraction=0.5,
-                         tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
+                         tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras", planes="z", fusion_depth=64, fusion_halo=16)
     return str(save_segmenter(network, config, folder / f"threshold-model-{context_slices}"))
 
 

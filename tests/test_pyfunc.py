@@ -41,7 +41,7 @@ def make_config(**fields):
         tta=False,
         batch_size=8,
         max_slice_pixels=100_000,
-        max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras",
+        max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras", planes="z", fusion_depth=64, fusion_halo=16,
     )
     return ModelConfig(**{**values, **fields})
 
@@ -598,3 +598,23 @@ def test_a_served_request_may_smooth_the_probabilities_as_segment_does(segmenter
     expected = np.array(sorted(PHASE_MAP), np.uint8)[predictor.probabilities(grey, request=request).argmax(-1)]
     np.testing.assert_array_equal(smoothed, expected)
     assert np.count_nonzero(smoothed != model.predict(grey)) > 0
+
+
+def test_a_served_request_may_fuse_planes_as_segment_does(segmenter, saved, grey):
+    """params.planes reaches the predictor: fused over the request's slices (the client sends the
+    fusion halo as context_before/after), equal to the predictor's labels with the same request;
+    the signature offers the model's own planes, and a bad value is a clear 400."""
+    from socseg.inference.pyfunc import parse_options
+
+    model, exported = segmenter
+    predictor = Predictor(exported, model_config(str(saved[0])))
+    request = predictor.request(parse_options({"planes": "zyx"}), source=grey)
+    assert request.planes == "zyx" and request.fuses
+    fused = model.predict(grey, params={"planes": "zyx", "context_before": 1, "context_after": 1})
+    expected = np.array(sorted(PHASE_MAP), np.uint8)[predictor.probabilities(grey, 1, 1, request).argmax(-1)]
+    np.testing.assert_array_equal(fused, expected)
+    assert np.count_nonzero(fused != model.predict(grey)[1:-1]) > 0
+    planes = {p.name: p.default for p in model.metadata.get_params_schema().params}["planes"]
+    assert planes == model_config(str(saved[0])).planes
+    with pytest.raises(Exception, match="planes must be distinct letters of 'zyx'"):
+        model.predict(grey, params={"planes": "zw"})

@@ -67,7 +67,7 @@ def write_phantom(root: Path) -> dict[str, Path]:
         probabilities = threshold_probabilities(stack)
         return to_label_values(probabilities), probabilities
 
-    segment_stream(predict, truth_dir, outputs, context_slices=0, slice_batch=4, metadata=record,
+    segment_stream(predict, truth_dir, outputs, context=0, slice_batch=4, metadata=record,
                    class_names=["pore", "ysz", "ni"], progress=False)
     store = ChunkedLabels.create_or_resume(root / "labels.zarr", SHAPE, 4, {"model_uri": "test"}, record,
                                            voxel_size_nm=50.0, n_classes=3)

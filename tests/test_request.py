@@ -19,7 +19,7 @@ def config(normalisation=None, **fields) -> ModelConfig:
     values = dict(task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=PHASE_MAP, tile_size=64,
                   context_slices=0, normalisation=normalisation or FixedRange(low=100.0, high=900.0), window="sliding",
                   whole_slice_max_pixels=0, step_fraction=0.5, tta=True, batch_size=4, max_slice_pixels=10**6,
-                  max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
+                  max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras", planes="z", fusion_depth=64, fusion_halo=16)
     return ModelConfig(**{**values, **fields})
 
 
@@ -45,6 +45,7 @@ def test_options_are_checked_when_made_with_messages_naming_the_setting():
                                                                           "window": "whole_slice"}
     # A store written before smoothing existed records no smoothing_sigma: unset, it still resumes.
     assert InferenceOptions(smoothing_sigma="0.7").record()["smoothing_sigma"] == 0.7
+    assert "planes" not in InferenceOptions().record() and InferenceOptions(planes="zyx").record()["planes"] == "zyx"
 
 
 def test_a_request_takes_the_model_settings_unless_overridden(volume):
@@ -58,10 +59,15 @@ def test_a_request_takes_the_model_settings_unless_overridden(volume):
     assert custom.window == WindowSettings(64, 0.25, False, 4, "whole_slice", 0) and not custom.check_range
     assert InferenceRequest.resolve(model, InferenceOptions(allow_out_of_range=True), check_range=True).check_range
     assert custom.record() == {"tta": False, "step_fraction": 0.25, "window": "whole_slice", "smoothing_sigma": 0.0,
-                               "allow_out_of_range": True, "grey_range": None}
+                               "planes": "z", "allow_out_of_range": True, "grey_range": None}
     assert InferenceRequest.resolve(config(smoothing_sigma=1.0), source=volume).window.smoothing_sigma == 1.0
     assert InferenceRequest.resolve(config(smoothing_sigma=1.0), InferenceOptions(smoothing_sigma=0),
                                     source=volume).window.smoothing_sigma == 0.0
+    fused = InferenceRequest.resolve(config(planes="zyx", fusion_depth=32, fusion_halo=6), source=volume)
+    assert (fused.planes, fused.fuses, fused.context(1), fused.context(9), fused.chunk_slices(8)) == ("zyx", True, 6, 9, 32)
+    alone = InferenceRequest.resolve(config(planes="zyx"), InferenceOptions(planes="Z"), source=volume)
+    assert (alone.planes, alone.fuses, alone.context(1), alone.chunk_slices(8)) == ("z", False, 1, 8)
+    assert InferenceRequest.resolve(model, InferenceOptions(planes="xz"), source=volume).planes == "zx"
 
 
 def test_the_grey_range_is_resolved_by_the_model_normalisation(volume):

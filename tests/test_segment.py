@@ -25,17 +25,19 @@ from socseg.inference.segment import segment, segment_stream
 PHASE_MAP = {0: "pore", 128: "ysz", 255: "ni"}
 
 
-def _config(context_slices: int = 0, batch_size: int = 16) -> ModelConfig:
+def _config(context_slices: int = 0, batch_size: int = 16, planes: str = "z", fusion_depth: int = 64,
+            fusion_halo: int = 16) -> ModelConfig:
     """An 'ni' model's config: tile 64, normalisation 20000..43000, whole-slice passes, no TTA."""
     return ModelConfig(
         task="ni", encoder="unet", class_names=["rest", "ni"], phase_map=PHASE_MAP, tile_size=64,
         context_slices=context_slices, normalisation=FixedRange(low=20000.0, high=43000.0),
         window="whole_slice",
-        whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=batch_size, max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras",
+        whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=batch_size, max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras", planes=planes, fusion_depth=fusion_depth,
+        fusion_halo=fusion_halo,
     )
 
 
-def _one_conv_segmenter(folder, context_slices: int = 0, seed: int = 1, bias: float = -0.5) -> str:
+def _one_conv_segmenter(folder, context_slices: int = 0, seed: int = 1, bias: float = -0.5, **fusion) -> str:
     """A one-convolution 'ni' network (fast, deterministic) saved as a pyfunc segmenter, tile 64."""
     import keras
 
@@ -46,12 +48,19 @@ def _one_conv_segmenter(folder, context_slices: int = 0, seed: int = 1, bias: fl
     inputs = keras.Input((None, None, 2 * context_slices + 1))
     x = IntensityNormalisation(20000.0, 43000.0)(inputs)
     outputs = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", bias_initializer=keras.initializers.Constant(bias))(x)
-    return str(save_segmenter(keras.Model(inputs, outputs), _config(context_slices), folder / "model"))
+    return str(save_segmenter(keras.Model(inputs, outputs), _config(context_slices, **fusion), folder / "model"))
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     return _one_conv_segmenter(tmp_path_factory.mktemp("seg"))
+
+
+@pytest.fixture(scope="module")
+def model_fused_path(tmp_path_factory):
+    """2.5D and multi-axis fusion by default (planes zyx), in chunks of 3 slices with a halo of 2."""
+    return _one_conv_segmenter(tmp_path_factory.mktemp("fused"), context_slices=1, seed=2, bias=-1.0, planes="zyx",
+                               fusion_depth=3, fusion_halo=2)
 
 
 @pytest.fixture(scope="module")
@@ -107,18 +116,33 @@ def test_folder_of_slices_and_volume_directory_give_the_same_labels(model_path, 
         np.testing.assert_array_equal(tifffile.imread(tmp_path / f"{name}.tif"), a)
 
 
-@pytest.mark.parametrize("multi_axis", [False, True])
-def test_2p5d_model_gives_the_same_labels_whatever_the_chunking(model_2p5d_path, stack, grey, tmp_path, multi_axis):
+def test_2p5d_model_gives_the_same_labels_whatever_the_chunking(model_2p5d_path, stack, grey, tmp_path):
     """Each chunk travels with its neighbouring slices (the model's context_slices), so chunk borders are invisible."""
     small, large = tmp_path / "small.tif", tmp_path / "large.tif"
-    segment(model_2p5d_path, stack, small, slice_batch=2, multi_axis=multi_axis, progress=False)
-    segment(model_2p5d_path, stack, large, slice_batch=100, multi_axis=multi_axis, progress=False)
+    segment(model_2p5d_path, stack, small, slice_batch=2, progress=False)
+    segment(model_2p5d_path, stack, large, slice_batch=100, progress=False)
     np.testing.assert_array_equal(tifffile.imread(small), tifffile.imread(large))
-    if not multi_axis:
-        model = mlflow.pyfunc.load_model(model_2p5d_path)
-        np.testing.assert_array_equal(tifffile.imread(small), model.predict(grey))
-        without_context = np.concatenate([model.predict(grey[a : a + 2]) for a in range(0, len(grey), 2)])
-        assert not np.array_equal(without_context, model.predict(grey))  # so the context is what makes them equal
+    model = mlflow.pyfunc.load_model(model_2p5d_path)
+    np.testing.assert_array_equal(tifffile.imread(small), model.predict(grey))
+    without_context = np.concatenate([model.predict(grey[a : a + 2]) for a in range(0, len(grey), 2)])
+    assert not np.array_equal(without_context, model.predict(grey))  # so the context is what makes them equal
+
+
+def test_a_fusing_model_streams_chunks_that_give_the_whole_volume_fusion(model_fused_path, stack, grey, tmp_path):
+    """planes zyx streams: chunks of fusion_depth slices, each read with fusion_halo slices around it
+    (beyond the 3x3 network's reach), give the labels of fusing the whole volume at once, and differ
+    from slice-by-slice labels; the output records the planes."""
+    from socseg.inference.predictor import Predictor
+
+    out = tmp_path / "fused.tif"
+    segment(model_fused_path, stack, out, slice_batch=2, progress=False)
+    predictor = Predictor.load(model_fused_path)
+    whole = predictor.to_labels(predictor.to_classes(predictor.probabilities(grey, request=predictor.request(source=grey))))
+    np.testing.assert_array_equal(tifffile.imread(out), whole)
+    assert read_label_metadata(out)["planes"] == "zyx"
+    segment(model_fused_path, stack, tmp_path / "z.tif", InferenceOptions(planes="z"), slice_batch=2, progress=False)
+    assert not np.array_equal(tifffile.imread(tmp_path / "z.tif"), whole)
+    assert read_label_metadata(tmp_path / "z.tif")["planes"] == "z"
 
 
 def test_refuses_to_overwrite_input_or_an_existing_output(stack, tmp_path):
@@ -153,21 +177,21 @@ def test_an_interrupted_run_leaves_no_output_and_keeps_the_old_one(stack, tmp_pa
 
     out = tmp_path / "labels.tif"
     with pytest.raises(KeyboardInterrupt):
-        segment_stream(interrupted, stack, out, context_slices=0, slice_batch=4, progress=False)
+        segment_stream(interrupted, stack, out, context=0, slice_batch=4, progress=False)
     assert calls == [(4, 0, 0), (4, 0, 0)]  # a 2-D model: no context slices around the chunks
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif"]  # no OUTPUT, no partial file
     out.write_bytes(b"previous result")
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        segment_stream(interrupted, stack, SegmentOutputs(out, overwrite=True), context_slices=0, slice_batch=4, progress=False)
+        segment_stream(interrupted, stack, SegmentOutputs(out, overwrite=True), context=0, slice_batch=4, progress=False)
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif", "labels.tif"]
     with pytest.raises(VolumeError, match="labels of shape"):
         segment_stream(lambda b, before, after: np.zeros((1, 2, 2), np.uint8), stack, SegmentOutputs(out, overwrite=True),
-                       context_slices=0, slice_batch=4, progress=False)
+                       context=0, slice_batch=4, progress=False)
     assert out.read_bytes() == b"previous result"
     with pytest.raises(ValueError, match="slice_batch must be >= 1"):
-        segment_stream(interrupted, stack, SegmentOutputs(out, overwrite=True), context_slices=0, slice_batch=0, progress=False)
+        segment_stream(interrupted, stack, SegmentOutputs(out, overwrite=True), context=0, slice_batch=0, progress=False)
 
 
 def test_stream_sends_each_chunk_with_its_context_slices(stack, grey, tmp_path):
@@ -180,7 +204,7 @@ def test_stream_sends_each_chunk_with_its_context_slices(stack, grey, tmp_path):
         return (batch[before : len(batch) - after] // 256).astype(np.uint8)
 
     out = tmp_path / "labels.tif"
-    result = segment_stream(label_by_grey, stack, out, context_slices=2, slice_batch=4, progress=False)
+    result = segment_stream(label_by_grey, stack, out, context=2, slice_batch=4, progress=False)
     # 11 slices in chunks 0-3, 4-7, 8-10, read with context (0, 2), (2, 2), (2, 0)
     assert [(b, a) for _, b, a in calls] == [(0, 2), (2, 2), (2, 0)]
     for (batch, _, _), read in zip(calls, (slice(0, 6), slice(2, 10), slice(6, 11))):
@@ -208,13 +232,18 @@ def test_bad_input_files_are_named(model_path, tmp_path):
 def test_cli_segments_with_multi_axis_fusion_and_reports_errors(model_path, stack, grey, tmp_path):
     out = tmp_path / "fused.tif"
     runner = CliRunner()
-    result = runner.invoke(main, ["segment", model_path, str(stack), str(out), "--multi-axis", "--tta", "--slice-batch", "5"])
+    result = runner.invoke(main, ["segment", model_path, str(stack), str(out), "--planes", "zyx", "--tta", "--slice-batch", "5"])
     assert result.exit_code == 0, result.output
     assert "segmented 11x90x130" in result.output
     fused = tifffile.imread(out)
     assert fused.shape == grey.shape and set(np.unique(fused)) <= {0, 255}
     meta = read_label_metadata(out)
-    assert meta["multi_axis"] is True and meta["tta"] is True
+    assert meta["planes"] == "zyx" and meta["tta"] is True
+    deprecated = runner.invoke(main, ["segment", model_path, str(stack), str(tmp_path / "old.tif"), "--multi-axis", "--tta"])
+    assert deprecated.exit_code == 0, deprecated.output
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "old.tif"), fused)  # --multi-axis still means --planes zyx
+    clash = runner.invoke(main, ["segment", model_path, str(stack), str(tmp_path / "c.tif"), "--multi-axis", "--planes", "z"])
+    assert clash.exit_code == 2 and "--multi-axis means --planes zyx" in clash.output
     again = runner.invoke(main, ["segment", model_path, str(stack), str(out)])
     assert again.exit_code == 2 and "already exists (use --overwrite" in again.output
     bad_uri = runner.invoke(main, ["segment", str(tmp_path / "nothing"), str(stack), str(tmp_path / "x.tif")])
@@ -356,17 +385,21 @@ def test_cli_refuses_a_volume_outside_the_models_grey_range(threshold_model_path
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "b.tif"), expected)
 
 
-@pytest.mark.parametrize("multi_axis", [False, True])
-def test_each_chunk_is_checked_and_a_late_refusal_leaves_no_output(model_path, phantom, tmp_path, multi_axis):
+def test_each_chunk_is_checked_and_a_late_refusal_leaves_no_output(model_path, model_fused_path, phantom, tmp_path):
+    """The range check sees each chunk's own slices: neither the rest of the volume nor a fusion
+    halo dilutes a few slices on another grey scale."""
     _, _, image, rescaled, _ = phantom
     mixed = np.concatenate([image[:4].astype(np.float32), rescaled[4:]])  # slices 4-5 on another scale
     source = tmp_path / "mixed.tif"
     tifffile.imwrite(source, mixed, photometric="minisblack")
     out = tmp_path / "labels.tif"
     with pytest.raises(GreyRangeError, match="grey values out of this model's range: 100.0%"):
-        segment(model_path, source, out, slice_batch=2, multi_axis=multi_axis, progress=False)  # 0-1, 2-3 pass, 4-5 not
+        segment(model_path, source, out, slice_batch=2, progress=False)  # 0-1, 2-3 pass, 4-5 not
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.tif"]  # no OUTPUT, no partial file
-    segment(model_path, source, out, slice_batch=6, multi_axis=multi_axis, progress=False)  # one chunk, 33% clipped
+    with pytest.raises(GreyRangeError, match=r"grey values out of this model's range: 6\d\.\d%"):
+        segment(model_fused_path, source, out, slice_batch=6, progress=False)  # chunks 0-2, 3-5 (halo 2 around)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.tif"]
+    segment(model_path, source, out, slice_batch=6, progress=False)  # one chunk, 33% clipped
     assert tifffile.imread(out).shape == mixed.shape
 
 

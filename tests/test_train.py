@@ -65,18 +65,18 @@ def test_run_logs_params_tags_curves_and_final_scores(trained):
 
 
 def test_early_stopping_restores_the_best_validation_epoch(trained):
-    """The logged model holds the best epoch's weights: scored as each epoch was (VALIDATION_WINDOW),
+    """The logged model holds the best epoch's weights: scored as each epoch was (VALIDATION_INFERENCE),
     it gets the best validation score of the curve again."""
     from socseg.data.prepare import load_labelled_volumes, prepare_data
     from socseg.inference.evaluate import score_slabs
     from socseg.inference.predictor import Predictor
-    from socseg.training.train import VALIDATION_WINDOW
+    from socseg.training.train import VALIDATION_INFERENCE
 
     params, result = trained
     val_curve = result.history["val_mean_iou"]
     assert result.best_epoch == int(np.argmax(val_curve))
     slabs = prepare_data(params, load_labelled_volumes(params), "ni").slabs["val"]
-    rescored = score_slabs(Predictor.load(result.model_uri), slabs, options=VALIDATION_WINDOW).scores
+    rescored = score_slabs(Predictor.load(result.model_uri), slabs, options=VALIDATION_INFERENCE).scores
     assert rescored["mean_iou"] == pytest.approx(max(val_curve), abs=1e-9)
     # The final validation score is measured with the served window (what `socseg evaluate` reports).
     served = score_slabs(Predictor.load(result.model_uri), slabs).scores
@@ -299,7 +299,7 @@ def test_validation_estimates_a_per_volume_range_once_not_every_epoch(tiny_param
                          tile_size=32, context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
                                                                         "high_percentile": 99.5}, "per_volume"),
                           window="whole_slice", whole_slice_max_pixels=10**6,
-                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
+                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras", planes="z", fusion_depth=64, fusion_halo=16)
     predictor = Predictor(network, config)
     volume = load_volume(f"{tiny_params['data']['dir']}/tiny")
     slabs = [Slab(volume, (0, 6)), Slab(volume, (18, 24))]

@@ -16,6 +16,7 @@ from socseg.cli import main
 from socseg.data.chunked import ChunkedLabels
 from socseg.data.stacks import read_label_metadata, read_probability_metadata
 from socseg.data.volumes import VolumeError
+from socseg.inference.request import InferenceOptions
 from socseg.inference.segment import SegmentOutputs, segment, segment_stream
 
 SHAPE = (6, 8, 10)
@@ -156,7 +157,7 @@ def test_tiff_probabilities_and_uncertainty_are_the_predictors_and_do_not_depend
 def test_multi_axis_writes_probabilities_and_uncertainty_of_its_fused_prediction(models, stack, grey, tmp_path):
     model = models[("phases", 1)]
     outputs = SegmentOutputs.check(stack, tmp_path / "l.tif", probabilities=tmp_path / "p.tif", uncertainty=tmp_path / "u.tif")
-    segment(model, stack, outputs, slice_batch=4, multi_axis=True, progress=False)
+    segment(model, stack, outputs, InferenceOptions(planes="zyx"), slice_batch=4, progress=False)
     labels, probs, unsure = (tifffile.imread(tmp_path / n) for n in ("l.tif", "p.tif", "u.tif"))
     assert probs.shape == (grey.shape[0], 3, *grey.shape[1:]) and unsure.shape == labels.shape == grey.shape
     per_class = np.moveaxis(probs, 1, -1)
@@ -196,7 +197,7 @@ def test_side_outputs_are_refused_before_any_work_and_never_left_half_written(mo
 
     with pytest.raises(KeyboardInterrupt):
         outputs = SegmentOutputs.check(stack, out, probabilities=tmp_path / "p.tif", uncertainty=existing, overwrite=True)
-        segment_stream(interrupted, stack, outputs, context_slices=0, slice_batch=4, progress=False,
+        segment_stream(interrupted, stack, outputs, context=0, slice_batch=4, progress=False,
                        class_names=["rest", "ni"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.tif", "old-u.tif"]  # no partial file of any
     assert existing.read_bytes() == b"keep me"

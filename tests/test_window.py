@@ -4,6 +4,7 @@ multi-axis fusion; whole stacks through the :class:`Predictor`."""
 import numpy as np
 import pytest
 
+from socseg.data.context import iter_chunks
 from socseg.data.normalise import FixedRange
 from socseg.inference.predictor import ModelConfig, Predictor
 from socseg.inference.request import InferenceOptions, InferenceRequest
@@ -32,7 +33,7 @@ class Network:
 
 
 def model_config(tile_size, step_fraction=0.5, tta=False, batch_size=8, context_slices=0, normalisation=None,
-                 window="sliding", whole_slice_max_pixels=0):
+                 window="sliding", whole_slice_max_pixels=0, planes="z", fusion_depth=4, fusion_halo=2):
     return ModelConfig(
         task="phases",
         encoder="unet",
@@ -48,6 +49,7 @@ def model_config(tile_size, step_fraction=0.5, tta=False, batch_size=8, context_
         batch_size=batch_size,
         max_slice_pixels=10**8,
         max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras",
+        planes=planes, fusion_depth=fusion_depth, fusion_halo=fusion_halo,
     )
 
 
@@ -218,31 +220,55 @@ def test_a_request_gives_the_model_window_settings_and_per_call_overrides():
 def test_multi_axis_fusion_places_each_axis_back_where_it_came_from():
     """A 2.5D 'network' (k = 1) answering the following plane: along each axis that is a different
     neighbour, so the mean of the three axes shows where each went and that its context came from
-    the axis being sliced, whatever the chunking."""
+    the axis being sliced."""
     volume = np.random.default_rng(3).random((6, 9, 11), dtype=np.float32)
-    model = predictor(lambda tiles: tiles[..., 2:], 16, batch_size=6, context_slices=1)
+    model = predictor(lambda tiles: tiles[..., 2:], 16, batch_size=6, context_slices=1, planes="zyx")
 
     def following(axis):
         index = np.minimum(np.arange(volume.shape[axis]) + 1, volume.shape[axis] - 1)
         return np.take(volume, index, axis=axis)
 
-    counted = []
-    fused = model.multi_axis_probabilities(volume, chunk=4, progress=counted.append)
+    fused = model.probabilities(volume)  # the model's own planes
     assert fused.shape == (6, 9, 11, 1)
     np.testing.assert_allclose(fused[..., 0], (following(0) + following(1) + following(2)) / 3, rtol=1e-5)
-    assert sum(counted) == 6 + 9 + 11  # every plane of every axis reported once
-    for chunk in (1, 2, 100):  # chunk boundaries change nothing: each chunk reads its true neighbours
-        np.testing.assert_allclose(model.multi_axis_probabilities(volume, chunk=chunk), fused, rtol=1e-6)
-    only_z = model.multi_axis_probabilities(volume, axes=("z",), chunk=4)
-    np.testing.assert_allclose(only_z[..., 0], following(0), rtol=1e-6)
-    only_x = model.multi_axis_probabilities(volume, axes=("x",))
-    np.testing.assert_allclose(only_x[..., 0], following(2), rtol=1e-6)
-    with pytest.raises(ValueError, match="axes"):
-        model.multi_axis_probabilities(volume, axes=("q",))
-    with pytest.raises(ValueError, match="axes"):
-        model.multi_axis_probabilities(volume, axes=())
-    with pytest.raises(ValueError, match="volume"):
-        model.multi_axis_probabilities(volume[0])
+
+    def along(planes):
+        return model.probabilities(volume, request=model.request(InferenceOptions(planes=planes), source=volume))[..., 0]
+
+    np.testing.assert_allclose(along("z"), following(0), rtol=1e-6)
+    np.testing.assert_allclose(along("x"), following(2), rtol=1e-6)
+    np.testing.assert_allclose(along("yz"), (following(0) + following(1)) / 2, rtol=1e-5)  # any order, zyx kept
+    for bad in ("q", "", "zz", "zyxw"):
+        with pytest.raises(ValueError, match="planes must be distinct letters of 'zyx'"):
+            InferenceOptions(planes=bad)
+
+
+def test_a_fused_chunk_read_with_its_halo_is_predicted_as_in_the_whole_volume():
+    """Multi-axis fusion streams: a chunk's y and x planes reach into the ``fusion_halo`` slices
+    read around it, so chunks give the whole volume's probabilities wherever the network's reach
+    along z (here one row of the plane) stays within the halo; without the halo they differ at
+    chunk borders. Every chunked path reads what the request says (iter_volume here)."""
+    volume = np.random.default_rng(5).random((13, 9, 11), dtype=np.float32)
+
+    def next_row(tiles):  # each output row is the input row below it, as three class scores
+        below = np.roll(tiles[..., :1], -1, axis=1)
+        return np.concatenate([below, 1.0 - below, np.full_like(below, 0.4)], axis=-1)
+
+    model = predictor(next_row, 16, window="whole_slice", whole_slice_max_pixels=10**8, planes="zyx",
+                      fusion_depth=4, fusion_halo=2)
+    whole = model.probabilities(volume)
+    request = model.request(source=volume)
+    assert request.fuses and request.context(0) == 2 and request.chunk_slices(8) == 4
+    chunks = list(iter_chunks(13, request.chunk_slices(8), request.context(model.context_slices)))
+    assert [(c.start, c.before, c.after) for c in chunks] == [(0, 0, 2), (4, 2, 2), (8, 2, 1), (12, 2, 0)]
+    pieces = [model.probabilities(volume[c.read], c.before, c.after, request) for c in chunks]
+    np.testing.assert_allclose(np.concatenate(pieces), whole, rtol=1e-6)
+    bare = [model.probabilities(volume[c.read], c.before, c.after, request) for c in iter_chunks(13, 4, 0)]
+    assert not np.allclose(np.concatenate(bare), whole)  # the halo is what makes them equal
+    streamed = np.concatenate([classes for _, classes in model.iter_volume(volume, request=request)])
+    np.testing.assert_array_equal(streamed, model.to_classes(whole))
+    slice_by_slice = model.request(InferenceOptions(planes="z"), source=volume)
+    assert not slice_by_slice.fuses and slice_by_slice.context(1) == 1 and slice_by_slice.chunk_slices(8) == 8
 
 
 @pytest.fixture(scope="module")

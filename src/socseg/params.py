@@ -136,6 +136,19 @@ def check_smoothing_sigma(value: Any) -> float:
     return sigma
 
 
+PLANE_AXES = "zyx"
+
+
+def check_planes(value: Any) -> str:
+    """The planes a volume is predicted in and averaged over: distinct letters of ``zyx``, given in
+    any order and returned in ``zyx`` order ("z": slice by slice; "zyx": multi-axis fusion)."""
+    text = str(value).strip().lower() if value is not None else ""
+    letters = set(text)
+    if not text or not letters <= set(PLANE_AXES) or len(letters) != len(text):
+        raise ValueError(f"planes must be distinct letters of 'zyx' (e.g. z or zyx), got {value!r}")
+    return "".join(a for a in PLANE_AXES if a in letters)
+
+
 def check_window(value: str) -> str:
     """An inference window name: one of :data:`WINDOWS`."""
     if value not in WINDOWS:
@@ -368,6 +381,9 @@ class InferenceParams:
     step_fraction: float = _help("sliding-window step as a fraction of the tile")
     tta: bool = _help("8-fold flip/rotation test-time augmentation")
     smoothing_sigma: float = _help("in-plane Gaussian sigma (pixels) on the class probabilities before the argmax; 0: none")
+    planes: str = _help("planes predicted and averaged: z (slice by slice) or zyx (multi-axis fusion), any of z, y, x")
+    fusion_depth: int = _help("with y or x in planes: slices per streamed chunk and per REST request")
+    fusion_halo: int = _help("with y or x in planes: grey slices read on either side of a chunk for the y and x planes")
     batch_size: int = _help("tiles per forward pass")
     slice_batch: int = _help("slices per streamed chunk and per REST request")
     chunk_depth: int = _help("slices per z-chunk of a Zarr output: one task of a (Dask) run")
@@ -387,6 +403,14 @@ class InferenceParams:
             check_smoothing_sigma(self.smoothing_sigma)
         except ValueError as error:
             raise ParamsError(f"params.inference.{error}") from None
+        try:
+            object.__setattr__(self, "planes", check_planes(self.planes))
+        except ValueError as error:
+            raise ParamsError(f"params.inference.{error}") from None
+        if self.fusion_depth < 1:
+            raise ParamsError(f"params.inference.fusion_depth must be >= 1, got {self.fusion_depth}")
+        if self.fusion_halo < 0:
+            raise ParamsError(f"params.inference.fusion_halo must be >= 0, got {self.fusion_halo}")
         if self.chunk_depth < 1:
             raise ParamsError(f"params.inference.chunk_depth must be >= 1, got {self.chunk_depth}")
         if not 0.0 < self.max_clipped_fraction <= 1.0:

@@ -8,6 +8,7 @@ the other commands start without them."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,11 +31,11 @@ def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def with_options(*args: Any, tta: bool | None, window: str | None, step_fraction: float | None,
-                     smoothing_sigma: float | None, allow_out_of_range: bool, grey_range: tuple[float, float] | None,
-                     **kwargs: Any) -> Any:
+                     smoothing_sigma: float | None, planes: str | None, allow_out_of_range: bool,
+                     grey_range: tuple[float, float] | None, **kwargs: Any) -> Any:
         try:
             options = InferenceOptions(tta=tta, step_fraction=step_fraction, window=window, grey_range=grey_range,
-                                       smoothing_sigma=smoothing_sigma, allow_out_of_range=allow_out_of_range)
+                                       smoothing_sigma=smoothing_sigma, planes=planes, allow_out_of_range=allow_out_of_range)
         except ValueError as error:
             raise CommandError(str(error)) from None
         return command(*args, options=options, **kwargs)
@@ -49,6 +50,10 @@ def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--smoothing-sigma", type=float,
                      help="Gaussian sigma (pixels) of the in-plane smoothing of the class probabilities before the "
                           "argmax; 0: none [default: the model's, params: inference.smoothing_sigma]."),
+        click.option("--planes", metavar="z|zyx",
+                     help="Planes each voxel is predicted in, probabilities averaged: zyx (multi-axis fusion, the most "
+                          "accurate) or z (slice by slice, ~3.5x faster); any of z, y, x [default: the model's, "
+                          "params: inference.planes]."),
         click.option("--allow-out-of-range", is_flag=True,
                      help="Segment even when most grey values lie outside the model's training range (refused by default)."),
         grey_range_option,
@@ -76,7 +81,7 @@ def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
               help="Also write the uncertainty: normalised entropy of the probabilities x 255 (0 sure, 255 every class "
                    "equally likely), uint8. .tif OUTPUT: to PATH.tif (Z, Y, X). .zarr OUTPUT: no PATH; kept in the "
                    "store, with the probabilities. `socseg suggest-slices` ranks either.")
-@click.option("--multi-axis", is_flag=True, help="Average predictions along z, y and x (holds the volume in memory; .tif OUTPUT).")
+@click.option("--multi-axis", is_flag=True, hidden=True, help="Deprecated: --planes zyx (the default since 0.x).")
 @click.option("--runtime", type=click.Choice(RUNTIMES),
               help="What runs the forward passes: auto (OpenVINO on a CPU where installed, else Keras), keras or openvino "
                    "[default: the model's, params: inference.runtime]. Recorded in the output.")
@@ -100,7 +105,11 @@ def segment(
     from socseg.training.tracking import tracking_uri as resolve_tracking_uri
 
     zarr_output = Path(output).suffix.lower() == ".zarr"
-    check_output_options(zarr_output, scheduler, probabilities, uncertainty, multi_axis)
+    check_output_options(zarr_output, scheduler, probabilities, uncertainty)
+    if multi_axis:  # deprecated spelling of --planes zyx (CHANGELOG.md)
+        if options.planes not in (None, "zyx"):
+            raise CommandError(f"--multi-axis means --planes zyx, not --planes {options.planes}: give one of them")
+        options = replace(options, planes="zyx")
     try:
         params = typed(load_params())
         uri = resolve_tracking_uri(params, tracking_uri)
@@ -121,8 +130,7 @@ def segment(
 
             outputs = SegmentOutputs.check(input_path, output, probabilities, uncertainty, overwrite)
             result = run_segment(model_uri, input_path, outputs, options,
-                                 slice_batch=slice_batch or params.inference.slice_batch, multi_axis=multi_axis,
-                                 runtime=runtime)
+                                 slice_batch=slice_batch or params.inference.slice_batch, runtime=runtime)
     except (VolumeError, GreyRangeError, GreyRangeEstimateError, OSError, MlflowException) as exc:
         raise CommandError(getattr(exc, "message", None) or str(exc)) from None
     z, h, w = result.shape
@@ -138,7 +146,7 @@ def segment(
 
 
 def check_output_options(zarr_output: bool, scheduler: str | None, probabilities: str | None,
-                         uncertainty: str | None, multi_axis: bool) -> None:
+                         uncertainty: str | None) -> None:
     """Refuse option combinations the OUTPUT kind cannot take, before anything is loaded."""
     if scheduler and not zarr_output:
         raise CommandError("--scheduler writes a chunked .zarr OUTPUT; name one (e.g. labels.zarr)")
@@ -148,5 +156,3 @@ def check_output_options(zarr_output: bool, scheduler: str | None, probabilities
                                f"give {option} without a path")
         if not zarr_output and value == IN_STORE:
             raise CommandError(f"{option} needs a path for a .tif OUTPUT, e.g. {option} {option[2:]}.tif")
-    if multi_axis and zarr_output:
-        raise CommandError("--multi-axis holds the whole volume in one process: use a .tif OUTPUT")

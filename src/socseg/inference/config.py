@@ -14,13 +14,14 @@ from typing import Any, Mapping
 
 from socseg.data.normalise import Normalisation
 from socseg.data.tasks import Task, get_task
-from socseg.params import InferenceParams, parse_bool
+from socseg.params import InferenceParams, check_planes, parse_bool
 
 # Compatibility (CHANGELOG.md, "Deprecated"): what models logged by earlier socseg versions did not
 # record yet, and the value they behaved with (the sliding window; whole-slice passes on request,
 # up to the bound they were introduced with). `socseg relog` re-logs such a model with every field.
 _RECORDED_LATER = {"max_clipped_fraction": 0.5, "context_slices": 0, "encoder": "", "window": "sliding",
-                   "whole_slice_max_pixels": 4096 * 1024, "smoothing_sigma": 0.0, "runtime": "keras"}
+                   "whole_slice_max_pixels": 4096 * 1024, "smoothing_sigma": 0.0, "runtime": "keras",
+                   "planes": "z", "fusion_depth": 64, "fusion_halo": 16}
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class ModelConfig:
     step_fraction: float
     tta: bool
     smoothing_sigma: float  # in-plane Gaussian on the probabilities (socseg.inference.window.smooth_probabilities)
+    planes: str  # planes predicted and averaged: "z", or "zyx" (multi-axis fusion; Predictor.probabilities)
+    fusion_depth: int  # with y or x in planes: slices per chunk (segment, REST client)
+    fusion_halo: int  # with y or x in planes: grey slices read on either side of a chunk
     batch_size: int
     max_slice_pixels: int
     max_clipped_fraction: float  # see Predictor.check_grey_range
@@ -70,6 +74,9 @@ class ModelConfig:
             step_fraction=float(record["step_fraction"]),
             tta=parse_bool(record["tta"]),
             smoothing_sigma=float(record["smoothing_sigma"]),
+            planes=check_planes(record["planes"]),
+            fusion_depth=int(record["fusion_depth"]),
+            fusion_halo=int(record["fusion_halo"]),
             batch_size=int(record["batch_size"]),
             max_slice_pixels=int(record["max_slice_pixels"]),
             max_clipped_fraction=float(record["max_clipped_fraction"]),
@@ -87,6 +94,9 @@ class ModelConfig:
             "step_fraction": inference.step_fraction,
             "tta": inference.tta,
             "smoothing_sigma": inference.smoothing_sigma,
+            "planes": inference.planes,
+            "fusion_depth": inference.fusion_depth,
+            "fusion_halo": inference.fusion_halo,
             "batch_size": inference.batch_size,
             "max_slice_pixels": inference.max_slice_pixels,
             "max_clipped_fraction": inference.max_clipped_fraction,

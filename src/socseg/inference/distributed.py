@@ -2,7 +2,9 @@
 
 ``socseg segment MODEL INPUT OUTPUT.zarr [--scheduler local[:N] | tcp://HOST:PORT]``. The volume is
 cut into z-chunks of ``inference.chunk_depth`` slices; one task segments one z-chunk, read with
-the model's 2.5D context slices around it, with the predictor that ``socseg segment`` and the
+the slices the request needs around it (the model's 2.5D context; with multi-axis fusion,
+``inference.planes: zyx``, the ``fusion_halo``: a z-chunk's y and x planes then cost
+``(chunk_depth + 2 x fusion_halo) / chunk_depth`` times a whole volume's), with the predictor that ``socseg segment`` and the
 served model use, and writes it into :class:`socseg.data.chunked.ChunkedLabels`. Without a
 scheduler the same tasks run here one after the other, so both paths write the same store.
 
@@ -84,7 +86,7 @@ def segment_chunk(index: int, job: ChunkJob) -> dict[str, Any]:
     predictor = worker_predictor(job.model_uri, job.tracking_uri, job.runtime)
     store = ChunkedLabels.open(job.output)
     start, stop = store.chunk(index)
-    piece = next(iter_chunks(store.shape[0], stop - start, predictor.context_slices, start, stop))
+    piece = next(iter_chunks(store.shape[0], stop - start, job.request.context(predictor.context_slices), start, stop))
     with SliceReader(job.source) as reader:
         stack = reader.read(piece.read.start, piece.read.stop)
     probabilities = predictor.probabilities(stack, piece.before, piece.after, job.request)
@@ -189,10 +191,12 @@ def segment_to_zarr(
     job = ChunkJob(model_uri, tracking_uri, str(source), str(output), request, target.probabilities, runtime)
     run = {"model_uri": model_uri, "source": str(Path(str(source)).resolve()) if split_hdf5_path(source) is None
            else str(source), "shape": list(shape), "chunk_depth": chunk_depth, **options.record(),
+           "planes": request.planes,  # resolved: a store written slice by slice is not resumed with fusion, nor the reverse
            "probabilities": target.probabilities,
            **({"grey_range": list(request.grey_range)} if request.grey_range is not None else {})}  # a resume must use the same
     metadata = {"phase_map": {str(k): v for k, v in config.label_phase_map.items()}, "task": config.task.name,
-                "model_uri": model_uri, "source": str(source), "context_slices": config.context_slices}
+                "model_uri": model_uri, "source": str(source), "context_slices": config.context_slices,
+                "planes": request.planes}
     n_classes = len(config.class_names) if target.probabilities else 0
     store = ChunkedLabels.create_or_resume(output, shape, chunk_depth, run, metadata, _voxel_size_nm(str(source)),
                                            target.overwrite, n_classes, image_dtype=dtype)

@@ -19,7 +19,7 @@ split work, and must not pay for (or need) a deep-learning backend.
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -31,6 +31,8 @@ from socseg.inference.runtime import RuntimeNetwork, check_runtime, keras_runtim
 from socseg.inference.window import Predict, fixed_batch, iter_window_probabilities
 
 __all__ = ["Ensemble", "GreyRangeError", "ModelConfig", "Predictor", "load_predictor"]
+
+AXES = {"z": 0, "y": 1, "x": 2}  # request.planes letter -> array axis of a (Z, Y, X) stack
 
 
 class GreyRangeError(ValueError):
@@ -169,9 +171,22 @@ class Predictor:
     ) -> np.ndarray:
         """``(N, H, W, C)`` float32 blended probabilities for adjacent slices ``(N + before + after, H, W)``.
 
-        The first ``context_before`` and last ``context_after`` slices are context only (a 2.5D
-        model's neighbours of the chunk): not predicted, not returned. At the stack's ends the
-        outermost slice stands in for missing neighbours.
+        The first ``context_before`` and last ``context_after`` slices are context only: not
+        predicted, not returned. At the stack's ends the outermost slice stands in for missing
+        neighbours.
+
+        ``request.planes``: the planes each voxel is predicted in. ``"z"``: each slice on its own
+        (a 2.5D model with its ``context_slices`` neighbours). With ``y`` or ``x`` (multi-axis
+        fusion, as in volume-segmantics) the whole stack is also cut along y and x, each such
+        (Z, X) or (Z, Y) plane predicted with its own neighbours along that axis, and the
+        probabilities of the returned slices averaged over the planes: a 2-D network then sees each
+        voxel in three planes, which removes the slice-to-slice flicker of z-only prediction at
+        phase boundaries (the cross-validated gain in IoU and TPB density:
+        ``benchmarks/results/cv_inference_microstructure``). The context slices are what the y
+        and x planes extend into beyond the chunk, so a chunk read with
+        :meth:`InferenceRequest.context` slices around it (``fusion_halo``) is predicted as in
+        the whole volume (``benchmarks/results/fusion_halo``); each plane is smoothed in its own
+        plane (``smoothing_sigma``) before the average.
 
         ``request``: the call's settings (:meth:`request`), built once by the entry point; its
         grey range is mapped onto the model's normalisation range (:meth:`map_grey`) and, if it
@@ -184,20 +199,36 @@ class Predictor:
             raise ValueError(f"expected a (N, H, W) stack, got shape {images.shape}")
         if request is None:
             request = self.request(source=images, check_range=False)
-        images = self.map_grey(images, request.grey_range)
-        if request.check_range:
-            self._check_mapped(images, request.grey_range)
         n = len(images) - context_before - context_after
         if context_before < 0 or context_after < 0 or n < 0:
             raise ValueError(f"context {context_before} + {context_after} does not fit a stack of {len(images)} slices")
-        stream = iter_with_context(images, self.context_slices)
-        out: np.ndarray | None = None
-        between = islice(stream, context_before, context_before + n)  # context slices are not predicted
-        for k, probs in enumerate(iter_window_probabilities(self._predict, between, request.window)):
-            if out is None:
-                out = np.empty((n, *probs.shape), dtype=np.float32)
-            out[k] = probs
-        return out if out is not None else np.empty((0, *images.shape[1:], 1), np.float32)
+        images = self.map_grey(images, request.grey_range)
+        if request.check_range:  # the slices segmented: a fusion halo would dilute a chunk of another scale
+            self._check_mapped(images[context_before : context_before + n], request.grey_range)
+        total: np.ndarray | None = None
+        for axis in request.planes:
+            stack = np.moveaxis(images, AXES[axis], 0)
+            wanted = (context_before, n) if axis == "z" else (0, stack.shape[0])  # z: context slices not predicted
+            for k, probs in self._plane_probabilities(stack, *wanted, request):
+                if axis != "z":  # a (Z, ., C) plane: keep the chunk's rows
+                    probs = probs[context_before : context_before + n]
+                if total is None:
+                    total = np.zeros((n, *images.shape[1:], probs.shape[-1]), dtype=np.float32)
+                np.moveaxis(total, AXES[axis], 0)[k] += probs
+        if total is None:
+            return np.empty((0, *images.shape[1:], 1), np.float32)
+        if len(request.planes) > 1:
+            total /= np.float32(len(request.planes))
+        return total
+
+    def _plane_probabilities(
+        self, planes: np.ndarray, first: int, count: int, request: InferenceRequest,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(k, probabilities)`` of planes ``first .. first + count - 1`` of a mapped stack, each
+        with its neighbours along the stack as 2.5D context; ``k`` is the plane's index minus ``first``."""
+        stream = iter_with_context(planes, self.context_slices)
+        between = islice(stream, first, first + count)
+        yield from enumerate(iter_window_probabilities(self._predict, between, request.window))
 
     def to_classes(self, probabilities: np.ndarray) -> np.ndarray:
         """Class indices (uint8) of the task's output probabilities."""
@@ -217,7 +248,8 @@ class Predictor:
         request: InferenceRequest | None = None,
     ) -> Iterator[tuple[Chunk, np.ndarray]]:
         """``(chunk, class indices)`` for slices ``z_range`` of a stack ``(Z, H, W)`` (an array or a
-        memory map), ``chunk`` slices at a time; a 2.5D model's context comes from the whole
+        memory map), ``chunk`` slices at a time (with fusion ``request.fusion_depth``); the context
+        (2.5D neighbours, the fusion halo: :meth:`InferenceRequest.context`) comes from the whole
         stack, so the slices around ``z_range`` are real neighbours. ``request`` None: the
         model's settings with the whole stack as the volume (a per_volume model maps the
         stack's range, as training did, not each chunk's)."""
@@ -225,49 +257,9 @@ class Predictor:
             request = self.request(source=images, check_range=False)
         total = images.shape[0]
         start, stop = z_range or (0, total)
-        for piece in iter_chunks(total, chunk, self.context_slices, start, stop):
+        for piece in iter_chunks(total, request.chunk_slices(chunk), request.context(self.context_slices), start, stop):
             stack = np.asarray(images[piece.read])
             yield piece, self.classes(stack, piece.before, piece.after, request)
-
-    def multi_axis_probabilities(
-        self,
-        volume: np.ndarray,
-        axes: tuple[str, ...] = ("z", "y", "x"),
-        chunk: int = 8,
-        progress: Callable[[int], Any] | None = None,
-        request: InferenceRequest | None = None,
-    ) -> np.ndarray:
-        """Mean of the probabilities from slicing ``volume`` (Z, Y, X) along each of ``axes``.
-
-        As in volume-segmantics: a 2-D network sees each voxel in three planes, and averaging
-        removes the slice-to-slice flicker of z-only prediction. Holds the volume's
-        probabilities, ``4 * C`` bytes per voxel. ``progress(n)`` is called after every ``n``
-        planes. A 2.5D model sees each plane's real neighbours along the axis being sliced.
-        ``request`` None: the model's settings, ``volume`` as the source of the grey range.
-        """
-        volume = np.asarray(volume)
-        if volume.ndim != 3:
-            raise ValueError(f"expected a (Z, Y, X) volume, got shape {volume.shape}")
-        names = list(axes)
-        unknown = [a for a in names if a not in AXES]
-        if unknown or not names:
-            raise ValueError(f"axes must be a non-empty subset of z, y, x; got {names}")
-        if request is None:  # the volume's range, not each plane chunk's
-            request = self.request(source=volume, check_range=False)
-        total: np.ndarray | None = None
-        for name in names:
-            planes = np.moveaxis(volume, AXES[name], 0)
-            for piece in iter_chunks(planes.shape[0], chunk, self.context_slices):
-                stack = np.ascontiguousarray(planes[piece.read])
-                probs = self.probabilities(stack, piece.before, piece.after, request)
-                if total is None:
-                    total = np.zeros((*volume.shape, probs.shape[-1]), dtype=np.float32)
-                np.moveaxis(total, AXES[name], 0)[piece.start : piece.stop] += probs
-                if progress is not None:
-                    progress(piece.size)
-        assert total is not None
-        total /= np.float32(len(names))
-        return total
 
 
 class Ensemble(Predictor):
@@ -277,7 +269,7 @@ class Ensemble(Predictor):
     nnU-Net and most segmentation challenges do for the last point of accuracy: the members' errors
     at phase boundaries are partly independent, so the mean is smoother and better calibrated than
     any one of them, and the members' spread is a model-uncertainty estimate. An ensemble is a
-    :class:`Predictor` everywhere one is taken (scoring, ``iter_volume``, multi-axis fusion);
+    :class:`Predictor` everywhere one is taken (scoring, ``iter_volume``, serving);
     the first member's config (window, batch, TTA, grey-range check) drives the requests, and
     each member maps grey values with its own normalisation layer.
     """
@@ -340,5 +332,3 @@ def load_predictor(model_uris: str | Sequence[str], runtime: str | None = None) 
         raise ValueError("no model URI given")
     return Predictor.load(uris[0], runtime) if len(uris) == 1 else Ensemble.load(uris, runtime)
 
-
-AXES = {"z": 0, "y": 1, "x": 2}

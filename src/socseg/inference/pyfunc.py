@@ -80,6 +80,7 @@ def _signature(config: ModelConfig) -> ModelSignature:
                 ParamSpec("window", "string", config.window),  # whole_slice | sliding
                 ParamSpec("step_fraction", "double", config.step_fraction),
                 ParamSpec("smoothing_sigma", "double", config.smoothing_sigma),  # in-plane, pixels; 0: none
+                ParamSpec("planes", "string", config.planes),  # planes fused: z | zyx (any of z, y, x)
                 ParamSpec("encoding", "string", ""),  # compact output: "" = as the input, npy, tiff
                 ParamSpec("dtype", "string", ""),  # tensor input: declared grey dtype, checked
                 ParamSpec("context_before", "long", 0),  # 2.5D: leading slices sent as context only
@@ -373,13 +374,14 @@ def parse_grey_range_params(params: Mapping[str, Any]) -> tuple[float, float] | 
 
 
 def parse_options(params: Mapping[str, Any]) -> InferenceOptions:
-    """A request's inference settings (``tta``, ``window``, ``step_fraction``, ``smoothing_sigma``,
+    """A request's inference settings (``tta``, ``window``, ``step_fraction``, ``smoothing_sigma``, ``planes``,
     ``grey_low``/``grey_high``, ``allow_out_of_range``) as :class:`InferenceOptions`, checked once."""
     grey_range = parse_grey_range_params(params)
     tta = None if params.get("tta") is None else parse_flag(params, "tta")
     try:
         return InferenceOptions(tta=tta, step_fraction=params.get("step_fraction"), window=params.get("window") or None,
                                 smoothing_sigma=params.get("smoothing_sigma"), grey_range=grey_range,
+                                planes=params.get("planes") or None,
                                 allow_out_of_range=parse_flag(params, "allow_out_of_range"))
     except ValueError as error:
         raise RequestError(str(error)) from None

@@ -24,7 +24,7 @@ from typing import Any
 from socseg.data.normalise import GreyRange, check_grey_range_values
 from socseg.inference.config import ModelConfig
 from socseg.inference.window import WindowSettings
-from socseg.params import check_smoothing_sigma, check_step_fraction, check_window
+from socseg.params import check_planes, check_smoothing_sigma, check_step_fraction, check_window
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class InferenceOptions:
     smoothing_sigma: float | None = None  # in-plane Gaussian sigma (pixels) on the probabilities, >= 0
     grey_range: GreyRange | None = None  # the source volume's grey range (e.g. `socseg stats`)
     allow_out_of_range: bool = False  # segment input mostly outside the model's grey range anyway
+    planes: str | None = None  # planes predicted and averaged: "z" | "zyx" (any of z, y, x)
 
     def __post_init__(self) -> None:
         if self.step_fraction is not None:
@@ -49,11 +50,15 @@ class InferenceOptions:
             object.__setattr__(self, "grey_range", check_grey_range_values(*self.grey_range))
         if self.tta is not None:
             object.__setattr__(self, "tta", bool(self.tta))
+        if self.planes is not None:
+            object.__setattr__(self, "planes", check_planes(self.planes))
 
     def record(self) -> dict[str, Any]:
         """The overrides as given, for an output's run record (a resumed run must ask the same).
-        ``smoothing_sigma`` only when given: stores written before it existed still resume."""
+        ``smoothing_sigma`` and ``planes`` only when given: stores written before they existed still resume."""
         given = {} if self.smoothing_sigma is None else {"smoothing_sigma": self.smoothing_sigma}
+        if self.planes is not None:
+            given["planes"] = self.planes
         return {"tta": self.tta, "step_fraction": self.step_fraction, "window": self.window, **given}
 
 
@@ -64,6 +69,24 @@ class InferenceRequest:
     window: WindowSettings
     grey_range: GreyRange | None  # mapped onto the model's normalisation layer; None: raw values
     check_range: bool  # refuse input mostly outside the model's range (Predictor.check_grey_range)
+    planes: str  # planes predicted and averaged, in zyx order ("z": slice by slice)
+    fusion_depth: int  # with y or x in planes: slices per chunk
+    fusion_halo: int  # with y or x in planes: grey slices read on either side of a chunk
+
+    @property
+    def fuses(self) -> bool:
+        """Whether y or x planes are predicted too (multi-axis fusion)."""
+        return self.planes != "z"
+
+    def context(self, context_slices: int) -> int:
+        """Slices to read on either side of a chunk: the model's 2.5D context, and with fusion
+        the halo the y and x planes need to extend beyond the chunk as they do in the volume."""
+        return max(int(context_slices), self.fusion_halo) if self.fuses else int(context_slices)
+
+    def chunk_slices(self, slice_batch: int) -> int:
+        """Slices per streamed chunk or REST request: ``slice_batch``; with fusion ``fusion_depth``
+        (each chunk carries ``2 x fusion_halo`` extra slices through the y and x passes)."""
+        return self.fusion_depth if self.fuses else int(slice_batch)
 
     @classmethod
     def resolve(cls, config: ModelConfig, options: InferenceOptions = InferenceOptions(), source: Any = None,
@@ -84,11 +107,12 @@ class InferenceRequest:
         if grey_range is not None:
             grey_range = (float(grey_range[0]), float(grey_range[1]))
         checked = not options.allow_out_of_range if check_range is None else check_range
-        return cls(window, grey_range, checked)
+        planes = config.planes if options.planes is None else options.planes
+        return cls(window, grey_range, checked, planes, config.fusion_depth, config.fusion_halo)
 
     def record(self) -> dict[str, Any]:
         """The resolved settings, for an output's metadata."""
         return {"tta": self.window.tta, "step_fraction": self.window.step_fraction, "window": self.window.window,
-                "smoothing_sigma": self.window.smoothing_sigma,
+                "smoothing_sigma": self.window.smoothing_sigma, "planes": self.planes,
                 "allow_out_of_range": not self.check_range,
                 "grey_range": None if self.grey_range is None else [float(v) for v in self.grey_range]}

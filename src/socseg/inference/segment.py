@@ -4,9 +4,10 @@
 ``serving/client.py`` (a running ``mlflow models serve``) share :func:`segment_stream`; only the
 function that turns a chunk of grey slices into label slices differs. Guarantees:
 
-* Memory does not grow with depth: INPUT is read ``slice_batch`` slices at a time (a multi-page
-  TIFF page by page, a folder file by file) and each label slice is written as soon as it exists.
-  Only ``--multi-axis`` needs the whole volume (and its probabilities) in memory.
+* Memory does not grow with depth: INPUT is read ``slice_batch`` slices at a time (with multi-axis
+  fusion, ``inference.planes: zyx``, ``fusion_depth`` slices and ``fusion_halo`` more on either side;
+  a multi-page TIFF page by page, a folder file by file) and each label slice is written as soon
+  as it exists.
 * OUTPUT appears complete or not at all: labels go to a hidden ``.OUTPUT.partial-*`` file next to
   it, renamed over OUTPUT at the end; any error or Ctrl-C removes it.
 * INPUT is never overwritten, and an existing OUTPUT only with ``overwrite``.
@@ -193,7 +194,7 @@ def segment_stream(
     source: str | os.PathLike,
     outputs: SegmentOutputs,
     *,
-    context_slices: int,
+    context: int,
     slice_batch: int,
     metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     class_names: list[str] | None = None,
@@ -201,9 +202,9 @@ def segment_stream(
 ) -> SegmentResult:
     """Segment ``source`` chunk by chunk with ``predict_chunk`` and write ``outputs`` atomically.
 
-    Each chunk of ``slice_batch`` slices is read with up to ``context_slices`` neighbouring
-    slices on either side (:func:`socseg.data.context.iter_chunks`; the model's own
-    ``context_slices``), and ``predict_chunk(slices, before, after)`` returns the labels of the
+    Each chunk of ``slice_batch`` slices is read with up to ``context`` neighbouring slices on
+    either side (:func:`socseg.data.context.iter_chunks`; what the request needs:
+    :meth:`~socseg.inference.request.InferenceRequest.context`), and ``predict_chunk(slices, before, after)`` returns the labels of the
     slices between the ``before`` and ``after`` context slices; when ``outputs`` want
     probabilities or uncertainty (see the module doc) it returns ``(labels, probabilities)``,
     and ``class_names`` names the probability channels.
@@ -215,7 +216,7 @@ def segment_stream(
     with SliceReader(source) as reader:  # source as given: an HDF5 path names its dataset
         writers = OutputWriters(outputs, reader.shape, metadata, class_names)
         with writers, progress_bar(reader.shape[0], "segment", progress) as bar:
-            for chunk in iter_chunks(reader.shape[0], slice_batch, context_slices):
+            for chunk in iter_chunks(reader.shape[0], slice_batch, context):
                 stack = reader.read(chunk.read.start, chunk.read.stop)
                 predicted = predict_chunk(stack, chunk.before, chunk.after)
                 labels, probs = predicted if writers.wants_probabilities else (predicted, None)
@@ -237,7 +238,6 @@ def segment(
     options: InferenceOptions = InferenceOptions(),
     *,
     slice_batch: int,
-    multi_axis: bool = False,
     progress: bool = True,
     runtime: str | None = None,
 ) -> SegmentResult:
@@ -246,7 +246,9 @@ def segment(
 
     ``outputs``: the label stack's path, or a :class:`SegmentOutputs` that also names probability
     and uncertainty ``.tif`` files (see the module doc) and whether existing files are replaced.
-    ``options``: the per-call settings (None fields: the model's). The request is resolved once,
+    ``options``: the per-call settings (None fields: the model's), the planes fused
+    (``options.planes``) among them: chunks are then ``fusion_depth`` slices instead of
+    ``slice_batch``, read with ``fusion_halo`` slices on either side. The request is resolved once,
     on the whole input: a per_volume model without ``options.grey_range`` estimates the input's
     range first (one streamed pass over a sample of slices; a constant or all-NaN input is
     refused before anything is written). Each chunk whose grey values mostly lie outside the
@@ -265,47 +267,18 @@ def segment(
         "model_uri": model_uri,
         "source": str(source),
         **request.record(),
-        "multi_axis": multi_axis,
         "normalisation_mode": config.normalisation.mode,
         "runtime": predictor.runtime,
     }
     sides = {"class_names": list(config.class_names)}
-    if multi_axis:
-        return replace(_segment_multi_axis(predictor, request, source, outputs, metadata, slice_batch, progress),
-                       runtime=predictor.runtime)
 
     def labels(stack: np.ndarray, before: int, after: int) -> Any:
         probs = predictor.probabilities(stack, before, after, request)
         values = predictor.to_labels(predictor.to_classes(probs))
         return (values, probs) if outputs.wants_probabilities else values
 
-    return replace(segment_stream(labels, source, outputs, context_slices=predictor.context_slices,
-                                  slice_batch=slice_batch, metadata=metadata, progress=progress, **sides),
+    return replace(segment_stream(labels, source, outputs, context=request.context(predictor.context_slices),
+                                  slice_batch=request.chunk_slices(slice_batch), metadata=metadata, progress=progress,
+                                  **sides),
                    runtime=predictor.runtime)
 
-
-def _segment_multi_axis(
-    predictor: Predictor, request: InferenceRequest, source: str | os.PathLike, outputs: SegmentOutputs,
-    metadata: Mapping[str, Any], slice_batch: int, progress: bool,
-) -> SegmentResult:
-    """Multi-axis: z, y and x planes averaged (volume-segmantics); holds the volume in memory."""
-    started = time.perf_counter()
-    with SliceReader(source) as reader:
-        # Checked chunk by chunk, as without --multi-axis: a few slices on another grey scale are
-        # refused even when the rest of the volume would dilute them below the limit.
-        volume = np.empty(reader.shape, reader.dtype)
-        for start in range(0, reader.shape[0], slice_batch):
-            stop = min(start + slice_batch, reader.shape[0])
-            volume[start:stop] = reader.read(start, stop)
-            if request.check_range:
-                predictor.check_grey_range(volume[start:stop], request.grey_range)
-    z, y, x = volume.shape
-    with progress_bar(z + y + x, "segment (3 axes)", progress) as bar:
-        probs = predictor.multi_axis_probabilities(volume, chunk=slice_batch, progress=bar.update, request=request)
-    del volume
-    with OutputWriters(outputs, probs.shape[:3], metadata, list(predictor.config.class_names)) as writers:
-        for start in range(0, z, slice_batch):
-            chunk = probs[start : start + slice_batch]
-            writers.write(predictor.to_labels(predictor.to_classes(chunk)), chunk)
-    return SegmentResult(outputs.labels, (z, y, x), time.perf_counter() - started, outputs.probabilities,
-                         outputs.uncertainty)

@@ -33,10 +33,10 @@ from socseg.training.runtime import set_precision
 from socseg.training.trainer import Phase, RunData, Schedule, TrainingRun, TrainResult
 
 # Validation after every epoch scores the whole validation slabs through the predictor users get,
-# one pass per slice without TTA: the cheapest window, whatever the served settings, for the
-# epoch-to-epoch comparison that early stopping and the search need. Final scores use the served
-# settings.
-VALIDATION_WINDOW = InferenceOptions(window="whole_slice", tta=False)
+# one pass per z-slice without TTA or multi-axis fusion: the cheapest inference, whatever the served
+# settings, for the epoch-to-epoch comparison that early stopping and the search need. Final scores
+# use the served settings.
+VALIDATION_INFERENCE = InferenceOptions(window="whole_slice", tta=False, planes="z")
 
 
 class SlabValidation(keras.callbacks.Callback):
@@ -44,7 +44,7 @@ class SlabValidation(keras.callbacks.Callback):
 
     The scores come from :func:`socseg.inference.evaluate.score_slabs` with the predictor of the
     exported model (which shares the training network's weights), so early stopping optimises
-    what the evaluate stage reports, with :data:`VALIDATION_WINDOW`. A per_volume model's volume
+    what the evaluate stage reports, with :data:`VALIDATION_INFERENCE`. A per_volume model's volume
     grey ranges do not change between epochs: ``grey_ranges`` (volume name -> range, what
     :meth:`PreparedData.grey_ranges` estimated once) are used every epoch.
     """
@@ -55,7 +55,7 @@ class SlabValidation(keras.callbacks.Callback):
         self.predictor, self.slabs, self.grey_ranges = predictor, slabs, grey_ranges
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        scores = score_slabs(self.predictor, self.slabs, grey_ranges=self.grey_ranges, options=VALIDATION_WINDOW).scores
+        scores = score_slabs(self.predictor, self.slabs, grey_ranges=self.grey_ranges, options=VALIDATION_INFERENCE).scores
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in scores.items() if k.startswith(("iou", "mean_iou", "mean_dice"))})
 

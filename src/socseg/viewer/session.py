@@ -51,8 +51,8 @@ def segment_array(predictor: Predictor, image: Any, options: InferenceOptions = 
     """Segment a grey stack chunk by chunk, yielding the number of slices done; returns the
     :class:`Segmentation`. ``image``: the layer's array, or the path of the file it was opened
     from (any input ``socseg segment`` reads), read a chunk at a time. The request is resolved once
-    on the whole stack and each chunk is read with the model's context slices, as ``socseg
-    segment`` does, so the labels are the same voxel for voxel. Memory: the label and uncertainty
+    on the whole stack and each chunk is read with the context slices it needs (2.5D, fusion
+    halo), as ``socseg segment`` does, so the labels are the same voxel for voxel. Memory: the label and uncertainty
     volumes (uint8), one chunk's probabilities and, for an array, the array."""
     with ExitStack() as closing:
         if isinstance(image, (str, os.PathLike)):
@@ -71,7 +71,7 @@ def segment_array(predictor: Predictor, image: Any, options: InferenceOptions = 
             request = predictor.request(options, source=stack)
         labels = np.empty(shape, dtype=np.uint8)
         uncertainty = np.empty(shape, dtype=np.uint8)
-        for piece in iter_chunks(shape[0], slice_batch, predictor.context_slices):
+        for piece in iter_chunks(shape[0], request.chunk_slices(slice_batch), request.context(predictor.context_slices)):
             probabilities = predictor.probabilities(read(piece.read.start, piece.read.stop), piece.before, piece.after,
                                                     request)
             labels[piece.start:piece.stop] = predictor.to_labels(predictor.to_classes(probabilities))
