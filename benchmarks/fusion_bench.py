@@ -150,16 +150,19 @@ def volume_timing(model_uri: str, image: np.ndarray) -> list[dict[str, Any]]:
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per way of predicting (keyed z, whole, halo<h>): means and sds over the folds."""
+    """Per way of predicting (keyed z, whole, halo<h>): means and sds over the folds (keys without
+    dots, so the docs can name them)."""
     out: dict[str, dict[str, Any]] = {}
     for way in dict.fromkeys(r["way_id"] for r in rows):
         mine = [r for r in rows if r["way_id"] == way]
         entry: dict[str, Any] = {"label": mine[0]["way"], "folds": len(mine)}
-        for key in ("mean_iou", "err.tpb.density", "err.tpb.active_density.z", "same_as_whole", "s_per_slice"):
+        for key, name in (("mean_iou", "mean_iou"), ("err.tpb.density", "tpb_err"),
+                          ("err.tpb.active_density.z", "active_tpb_z_err"), ("same_as_whole", "same_as_whole"),
+                          ("s_per_slice", "s_per_slice")):
             values = np.array([r[key] for r in mine if r.get(key) is not None], float)
             if values.size:
-                entry[key] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0}
-        entry["mean_abs_err.tpb.density"] = float(np.mean([abs(r["err.tpb.density"]) for r in mine]))
+                entry[name] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0}
+        entry["mean_abs_tpb_err"] = float(np.mean([abs(r["err.tpb.density"]) for r in mine]))
         out[way] = entry
     return out
 

@@ -666,6 +666,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_fold1_long": "accuracy.md", "cv_inference": "accuracy.md", "cv_inference_rerun": "accuracy.md",
     "cv_inference_microstructure": "microstructure.md", "cv_boundary_loss": "accuracy.md",
     "cv_boundary_loss_microstructure": "microstructure.md", "cv_multiaxis_sigma": "microstructure.md",
+    "fusion_halo": "microstructure.md",
 }
 
 

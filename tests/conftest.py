@@ -78,6 +78,9 @@ def make_tiny_params(params: dict, folder: Path) -> dict:
     # make that hardware-dependent (bf16 on AVX512-BF16/AMX machines).
     p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1, precision="float32")
     p["mlflow"]["tracking_uri"] = f"sqlite:///{folder / 'mlflow.db'}"
+    # Slice by slice: the y and x planes of a 24-slice phantom through a one-epoch network add time,
+    # not meaning; fusion has its own tests (test_window, test_segment, test_pyfunc, test_serving).
+    p["inference"]["planes"] = "z"
     volume = synth_from_params(p, "tiny", shape=(24, 64, 64), seed=1)
     save_volume(volume, Path(p["data"]["dir"]) / "tiny")
     return p
@@ -240,7 +243,8 @@ def _constant_segmenter(name: str, ni: bool) -> tuple[str, str]:
                          context_slices=0, normalisation=Normalisation.from_dict({"low": 0.0, "high": 1.0, "low_percentile": 0.5,
                                                           "high_percentile": 99.5}, "per_volume"),
                           window="whole_slice", whole_slice_max_pixels=10**6,
-                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras")
+                         step_fraction=0.5, tta=False, batch_size=8, max_slice_pixels=10**6, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime="keras",
+                         planes="z", fusion_depth=64, fusion_halo=16)
     with mlflow.start_run(run_name=name) as run:
         info = log_segmenter(export_model(network, Normaliser(0.0, 1.0, 0.5, 99.5)), config)
     return info.model_uri, run.info.run_id
@@ -298,6 +302,7 @@ def tiny_segmenter(folder: Path, context_slices: int, runtime: str = "keras") ->
                          phase_map={0: "pore", 128: "ysz", 255: "ni"}, tile_size=32, context_slices=context_slices,
                          normalisation=Normalisation.from_dict({"low": 20000.0, "high": 43000.0}, "fixed"),  window="whole_slice",
                          whole_slice_max_pixels=4096 * 4096, step_fraction=0.5, tta=False, batch_size=8,
-                         max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime=runtime)
+                         max_slice_pixels=4096 * 4096, max_clipped_fraction=0.5, smoothing_sigma=0.0, runtime=runtime,
+                         planes="z", fusion_depth=64, fusion_halo=16)
     return str(save_segmenter(export_model(network, Normaliser(20000.0, 43000.0, 0.5, 99.5)), config,
                               folder / f"model{context_slices}-{runtime}"))

@@ -319,13 +319,14 @@ def test_relog_gives_an_old_model_this_versions_serving_code(segmenter, grey, tm
     new = mlflow.pyfunc.load_model(uri)
     local = Path(mlflow.artifacts.download_artifacts(uri))
     assert b"socseg.inference.pyfunc" in (local / "python_model.pkl").read_bytes()
-    # The same network: with the old model's window and smoothing, the same labels.
-    np.testing.assert_array_equal(new.predict(grey, params={"window": "sliding", "smoothing_sigma": 0.0}),
+    # The same network: with the old model's window, smoothing and planes, the same labels.
+    np.testing.assert_array_equal(new.predict(grey, params={"window": "sliding", "smoothing_sigma": 0.0, "planes": "z"}),
                                   model.predict(grey))
     described = json.loads(new.predict(grey[:1], params={"describe": True})["config"][0])
     inference = typed(load_params()).inference
     assert described == ModelConfig.from_training(model_config(str(old)).to_dict(), inference).to_dict()
     assert described["window"] == inference.window and model_config(str(old)).window == "sliding"
+    assert described["planes"] == inference.planes and model_config(str(old)).planes == "z"
     assert mlflow.get_run(mlflow.models.get_model_info(uri).run_id).data.tags["relogged_from"] == str(old)
 
 

@@ -253,6 +253,7 @@ def test_the_client_rides_out_a_server_killed_and_restarted_mid_volume(tiny_para
          {"allow_out_of_range": True, "tta": True, "step_fraction": 0.25}),
         (["--no-tta"], {"tta": False}),
         (["--smoothing-sigma", "1.0"], {"smoothing_sigma": 1.0}),
+        (["--planes", "z"], {"planes": "z"}),
     ],
 )
 def test_client_options_become_request_params(tmp_path, monkeypatch, flags, params, serving_client):
@@ -300,6 +301,75 @@ def test_serving_bench_writes_its_result_file(tmp_path):
     assert f"| {first['mode']} | {first['slices_per_s']:.2f} |" in (out / "serving.md").read_text()
 
 
+def _serve_in_process(serving_client, monkeypatch, model_path: str) -> list[dict]:
+    """Replace the client's HTTP with the pyfunc model at ``model_path`` answering in this process;
+    returns the list that collects each request's params."""
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(model_path)
+    sent: list[dict] = []
+
+    def post(self, body: bytes):
+        request = json.loads(body)
+        params = request.get("params") or {}
+        sent.append(params)
+        if "dataframe_split" in request:
+            split = request["dataframe_split"]
+            data = pd.DataFrame(split["data"], columns=split["columns"])
+        else:
+            data = np.asarray(request["inputs"])
+        answer = model.predict(data, params=params)
+        return answer.to_dict(orient="records") if isinstance(answer, pd.DataFrame) else np.asarray(answer).tolist()
+
+    monkeypatch.setattr(serving_client.RestSegmenter, "post", post)
+    return sent
+
+
+def test_the_client_sends_a_fusing_models_chunks_with_their_halo(serving_client, tmp_path, monkeypatch):
+    """A model fusing planes (planes zyx): the client reads fusion_depth slices per request with
+    fusion_halo neighbours as context (from describe), so the served labels equal `socseg segment`'s
+    and differ from slice-by-slice ones; --planes z goes back to slice_batch chunks."""
+    import keras
+
+    from socseg.inference.predictor import ModelConfig
+    from socseg.inference.pyfunc import save_segmenter
+    from socseg.inference.request import InferenceOptions
+    from socseg.inference.segment import segment
+    from socseg.model.export import IntensityNormalisation
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((None, None, 1))
+    outputs = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(IntensityNormalisation(0.0, 1.0)(inputs))
+    config = ModelConfig.from_dict({
+        "task": "ni", "encoder": "unet", "class_names": ["rest", "ni"], "phase_map": {"0": "pore", "128": "ysz", "255": "ni"},
+        "tile_size": 32, "context_slices": 0, "window": "whole_slice", "whole_slice_max_pixels": 4096 * 4096,
+        "step_fraction": 0.5, "tta": False, "batch_size": 8, "max_slice_pixels": MAX_PIXELS, "max_clipped_fraction": 0.5,
+        "planes": "zyx", "fusion_depth": 3, "fusion_halo": 2,
+        "normalisation": {"mode": "fixed", "low": 0.0, "high": 1.0}})
+    model_path = str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path / "model"))
+    sent = _serve_in_process(serving_client, monkeypatch, model_path)
+    volume = np.random.default_rng(6).random((8, 30, 40)).astype(np.float32)
+    source = tmp_path / "scan.tif"
+    tifffile.imwrite(source, volume, photometric="minisblack")
+    segment(model_path, source, tmp_path / "local.tif", slice_batch=8, progress=False)
+    segment(model_path, source, tmp_path / "z.tif", InferenceOptions(planes="z"), slice_batch=8, progress=False)
+    local = tifffile.imread(tmp_path / "local.tif")
+    assert not np.array_equal(local, tifffile.imread(tmp_path / "z.tif"))
+
+    serving_client.segment_with_server("http://fake", str(source), str(tmp_path / "served.tif"), slice_batch=8,
+                                       progress=False)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "served.tif"), local)
+    chunks = [(p.get("context_before", 0), p.get("context_after", 0)) for p in sent[1:]]
+    assert chunks == [(0, 2), (2, 2), (2, 0)]  # slices 0-2, 3-5, 6-7 with up to 2 neighbours each side
+    sent.clear()
+    assert serving_client.main(["http://fake", str(source), str(tmp_path / "served-z.tif"), "--slice-batch", "4",
+                                "--planes", "z"]) == 0
+    assert len(sent) == 3 and all(p["planes"] == "z" and "context_before" not in p for p in sent[1:])
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "served-z.tif"), tifffile.imread(tmp_path / "z.tif"))
+    assert serving_client.main(["http://fake", str(source), str(tmp_path / "bad.tif"), "--planes", "w"]) == 2
+    assert not (tmp_path / "bad.tif").exists()
+
+
 def test_client_sends_a_per_volume_models_whole_input_range_with_every_request(serving_client, tmp_path, monkeypatch):
     """serving/client.py, its HTTP replaced by the pyfunc model itself: for a per_volume model the
     whole input's grey range goes with every request (as `socseg segment` applies it to every
@@ -307,7 +377,6 @@ def test_client_sends_a_per_volume_models_whole_input_range_with_every_request(s
     import dataclasses
 
     import keras
-    import pandas as pd
 
     from socseg.data.normalise import grey_range
     from socseg.data.stacks import read_label_metadata
@@ -326,22 +395,7 @@ def test_client_sends_a_per_volume_models_whole_input_range_with_every_request(s
         "step_fraction": 0.5, "tta": False, "batch_size": 8, "max_slice_pixels": MAX_PIXELS, "max_clipped_fraction": 0.5,
         "normalisation": {"mode": "per_volume", "low": 0.0, "high": 1.0, "low_percentile": 0.5, "high_percentile": 99.5}})
     model_path = str(save_segmenter(keras.Model(inputs, outputs), config, tmp_path / "model"))
-    model = mlflow.pyfunc.load_model(model_path)
-    sent: list[dict] = []
-
-    def post(self, body: bytes):
-        request = json.loads(body)
-        params = request.get("params") or {}
-        sent.append(params)
-        if "dataframe_split" in request:
-            split = request["dataframe_split"]
-            data = pd.DataFrame(split["data"], columns=split["columns"])
-        else:
-            data = np.asarray(request["inputs"])
-        answer = model.predict(data, params=params)
-        return answer.to_dict(orient="records") if isinstance(answer, pd.DataFrame) else np.asarray(answer).tolist()
-
-    monkeypatch.setattr(serving_client.RestSegmenter, "post", post)
+    sent = _serve_in_process(serving_client, monkeypatch, model_path)
     rng = np.random.default_rng(5)
     volume = (2.5e-5 * rng.integers(20000, 43000, (6, 30, 40)) - 0.55).astype(np.float32)  # a float32 scan
     volume[3:] *= 1.1  # later slices brighter: a range per request would differ from the whole volume's

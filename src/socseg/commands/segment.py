@@ -81,7 +81,7 @@ def inference_options(command: Callable[..., Any]) -> Callable[..., Any]:
               help="Also write the uncertainty: normalised entropy of the probabilities x 255 (0 sure, 255 every class "
                    "equally likely), uint8. .tif OUTPUT: to PATH.tif (Z, Y, X). .zarr OUTPUT: no PATH; kept in the "
                    "store, with the probabilities. `socseg suggest-slices` ranks either.")
-@click.option("--multi-axis", is_flag=True, hidden=True, help="Deprecated: --planes zyx (the default since 0.x).")
+@click.option("--multi-axis", is_flag=True, hidden=True, help="Deprecated (removed in 0.2.0): --planes zyx, now the default.")
 @click.option("--runtime", type=click.Choice(RUNTIMES),
               help="What runs the forward passes: auto (OpenVINO on a CPU where installed, else Keras), keras or openvino "
                    "[default: the model's, params: inference.runtime]. Recorded in the output.")
