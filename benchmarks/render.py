@@ -527,6 +527,9 @@ JSON_TABLES: dict[str, list[Column]] = {
                        ("err.tpb.active_density.z", "active TPB z", "+.1%"), ("err.iface.pore-ni", "pore-Ni area", "+.1%"),
                        ("err.perc.pore.z", "pore perc. z", "+.1%"), ("err.vf.ni", "Ni fraction", "+.1%"),
                        ("err.size.ni.d50", "Ni d50", "+.1%")],
+    "fusion_halo": [("fold", "fold", "d"), ("way", "prediction", ""), ("mean_iou", "mean IoU", ".4f"),
+                    ("err.tpb.density", "TPB", "+.1%"), ("err.tpb.active_density.z", "active TPB z", "+.1%"),
+                    ("same_as_whole", "labels as whole-volume fusion", ".5f"), ("s_per_slice", "s / fold slice", ".2f")],
     "inference": [("model", "model", ""), ("window", "window", ""), ("iou_ni", "IoU Ni", ".4f"),
                   ("mean_iou", "mean IoU", ".4f"), ("slices_per_s", "slices/s", ".2f"),
                   ("x_forest", "x forest", ".2f"), ("settings", "settings", "")],
@@ -666,7 +669,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_fold1_long": "accuracy.md", "cv_inference": "accuracy.md", "cv_inference_rerun": "accuracy.md",
     "cv_inference_microstructure": "microstructure.md", "cv_boundary_loss": "accuracy.md",
     "cv_boundary_loss_microstructure": "microstructure.md", "cv_multiaxis_sigma": "microstructure.md",
-    "fusion_halo": "microstructure.md",
+    "fusion_halo": "microstructure.md", "cv_inference_xeon": "accuracy.md",
 }
 
 
@@ -893,6 +896,14 @@ for _sigma in ("0", "0.5", "0.7", "1"):
                                  f"in-plane sigma {sigma}", metric)
 
         derived(f"cv_multiaxis_{_name}_sigma_{_sigma.replace('.', 'p')}")(_multiaxis_sigma_figure)
+
+for _way in ("z", "halo16"):
+    def _fusion_fold1_tpb(results: Results, way: str = _way) -> float:
+        """fusion_halo: fold 1's TPB density error for one way of predicting (its rows' keys hold dots)."""
+        rows = results.data("fusion_halo/fusion_halo.json")["rows"]
+        return next(float(r["err.tpb.density"]) for r in rows if int(r["fold"]) == 1 and r["way_id"] == way)
+
+    derived(f"fusion_fold1_tpb_{_way}")(_fusion_fold1_tpb)
 
 for _variant, _vshort in _CV_SIGMAS:
     for _metric, _name in _CV_METRICS:
