@@ -27,7 +27,9 @@ from socseg.inference.request import InferenceOptions
 from socseg.model.metrics import confusion_matrix, segmentation_scores
 
 # Slices predicted per chunk: bounds the (Z, H, W, C) float32 probabilities held at once. Every
-# scoring path uses it, so floating-point batch effects are the same for all of them.
+# scoring path uses it, so floating-point batch effects are the same for all of them. A model that
+# fuses planes scores in its fusion_depth chunks instead (InferenceRequest.chunk_slices), as
+# `socseg segment` streams it.
 SCORING_CHUNK = 8
 
 
