@@ -49,17 +49,21 @@ def cluster():
         yield local
 
 
-def _segment_zarr(model: str, source, output, scheduler=None, chunk_depth=6, overwrite=False, probabilities=False):
+def _segment_zarr(model: str, source, output, scheduler=None, chunk_depth=6, overwrite=False, probabilities=False,
+                  options=None):
     from socseg.inference.distributed import ZarrTarget, segment_to_zarr
+    from socseg.inference.request import InferenceOptions
 
     target = ZarrTarget(output, chunk_depth, overwrite, probabilities)
-    return segment_to_zarr(model, source, target, tracking_uri="sqlite:///unused.db", scheduler=scheduler, progress=False)
+    return segment_to_zarr(model, source, target, options or InferenceOptions(), tracking_uri="sqlite:///unused.db",
+                           scheduler=scheduler, progress=False)
 
 
-def _tif_labels(model: str, source, output) -> np.ndarray:
+def _tif_labels(model: str, source, output, options=None) -> np.ndarray:
+    from socseg.inference.request import InferenceOptions
     from socseg.inference.segment import segment
 
-    segment(model, source, output, slice_batch=4, progress=False)
+    segment(model, source, output, options or InferenceOptions(), slice_batch=4, progress=False)
     return tifffile.imread(output)
 
 
@@ -132,6 +136,27 @@ def test_a_rerun_skips_finished_chunks_and_redoes_the_unfinished(models, volume,
     with pytest.raises(VolumeError, match="another run"):
         _segment_zarr(models[0], volume, output)
     _segment_zarr(models[0], volume, output, overwrite=True)
+
+
+def test_a_fused_zarr_run_writes_what_a_fused_tif_run_writes_and_never_resumes_a_slice_by_slice_store(
+        models, volume, tmp_path):
+    """planes zyx into a Zarr store: each task reads its chunk with the fusion halo (16 slices: with
+    chunks of 10, the whole 20-slice phantom, as the .tif run's one chunk), so the store holds the
+    .tif run's labels; the store records its planes, so a store written slice by slice is not
+    resumed fused (nor the reverse), and resumes slice by slice."""
+    from socseg.inference.request import InferenceOptions
+
+    fused = InferenceOptions(planes="zyx")
+    expected = _tif_labels(models[1], volume, tmp_path / "fused.tif", fused)
+    assert not np.array_equal(expected, _tif_labels(models[1], volume, tmp_path / "z.tif"))
+    _segment_zarr(models[1], volume, tmp_path / "fused.zarr", chunk_depth=10, options=fused)
+    np.testing.assert_array_equal(_zarr_labels(tmp_path / "fused.zarr"), expected)
+    _segment_zarr(models[1], volume, tmp_path / "z.zarr")
+    with pytest.raises(VolumeError, match="differs in: planes"):
+        _segment_zarr(models[1], volume, tmp_path / "z.zarr", options=fused)
+    with pytest.raises(VolumeError, match="differs in: planes"):
+        _segment_zarr(models[1], volume, tmp_path / "fused.zarr", chunk_depth=10, options=InferenceOptions(planes="z"))
+    assert _segment_zarr(models[1], volume, tmp_path / "z.zarr", options=InferenceOptions(planes="z")).n_skipped == 4
 
 
 def test_hdf5_and_zarr_inputs_give_the_labels_of_the_tiff(models, volume, tmp_path):

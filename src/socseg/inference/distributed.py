@@ -190,8 +190,11 @@ def segment_to_zarr(
         request = InferenceRequest.resolve(config, options, source=reader)
     job = ChunkJob(model_uri, tracking_uri, str(source), str(output), request, target.probabilities, runtime)
     run = {"model_uri": model_uri, "source": str(Path(str(source)).resolve()) if split_hdf5_path(source) is None
-           else str(source), "shape": list(shape), "chunk_depth": chunk_depth, **options.record(),
-           "planes": request.planes,  # resolved: a store written slice by slice is not resumed with fusion, nor the reverse
+           else str(source), "shape": list(shape), "chunk_depth": chunk_depth,
+           **{k: v for k, v in options.record().items() if k != "planes"},
+           # the resolved planes when fused: a store written slice by slice (also one from before planes
+           # existed) resumes slice by slice only, and a fused one fused only
+           **({"planes": request.planes} if request.fuses else {}),
            "probabilities": target.probabilities,
            **({"grey_range": list(request.grey_range)} if request.grey_range is not None else {})}  # a resume must use the same
     metadata = {"phase_map": {str(k): v for k, v in config.label_phase_map.items()}, "task": config.task.name,
