@@ -669,7 +669,8 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_fold1_long": "accuracy.md", "cv_inference": "accuracy.md", "cv_inference_rerun": "accuracy.md",
     "cv_inference_microstructure": "microstructure.md", "cv_boundary_loss": "accuracy.md",
     "cv_boundary_loss_microstructure": "microstructure.md", "cv_multiaxis_sigma": "microstructure.md",
-    "fusion_halo": "microstructure.md", "cv_inference_xeon": "accuracy.md",
+    "fusion_halo": "microstructure.md", "cv_inference_xeon": "accuracy.md", "cv_context2": "accuracy.md",
+    "fusion_context2": "microstructure.md",
 }
 
 
@@ -904,6 +905,23 @@ for _way in ("z", "halo16"):
         return next(float(r["err.tpb.density"]) for r in rows if int(r["fold"]) == 1 and r["way_id"] == way)
 
     derived(f"fusion_fold1_tpb_{_way}")(_fusion_fold1_tpb)
+
+def _fusion_context2_folds(results: Results) -> set[int]:
+    """The folds fusion_context2 predicted (its run may cover some of the five)."""
+    return {int(r["fold"]) for r in results.data("fusion_context2/fusion_halo.json")["rows"]}
+
+
+for _way in ("z", "halo16"):
+    for _metric, _name in (("mean_iou", "iou"), ("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb")):
+        def _context1_figure(results: Results, way: str = _way, metric: str = _metric) -> float:
+            """fusion_halo (context 1): one way's mean over the folds fusion_context2 covered."""
+            folds = _fusion_context2_folds(results)
+            key = metric.removeprefix("abs_")
+            values = [float(r[key]) for r in results.data("fusion_halo/fusion_halo.json")["rows"]
+                      if r["way_id"] == way and int(r["fold"]) in folds]
+            return statistics.fmean([abs(v) for v in values] if metric.startswith("abs_") else values)
+
+        derived(f"fusion_context1_{_name}_{_way}")(_context1_figure)
 
 for _variant, _vshort in _CV_SIGMAS:
     for _metric, _name in _CV_METRICS:
