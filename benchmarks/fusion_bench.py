@@ -129,11 +129,11 @@ def volume_timing(model_uri: str, image: np.ndarray) -> list[dict[str, Any]]:
     """``segment()`` of the whole volume (TIFF in and out), planes z then zyx: seconds, slices/s."""
     import tifffile
 
-    from socseg.inference.predictor import load_predictor
+    from socseg.inference.pyfunc import model_config
     from socseg.inference.request import InferenceOptions
     from socseg.inference.segment import SegmentOutputs, segment
 
-    config = load_predictor(model_uri).config
+    config = model_config(model_uri)  # segment() loads the network itself
     rows = []
     with tempfile.TemporaryDirectory(prefix="socseg-fusion-time-") as tmp:
         grey = Path(tmp) / "grey.tif"
