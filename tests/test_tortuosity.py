@@ -4,6 +4,9 @@ isolated clusters, 1-voxel zig-zags), anisotropic voxels, sub-volume columns and
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -151,14 +154,33 @@ def test_transposing_the_volume_and_its_voxel_size_changes_nothing():
 
 def test_multigrid_path_agrees_with_the_direct_solve(monkeypatch):
     """Above DIRECT_SOLVE_UNKNOWNS the system goes to CG + AMG: same answer as the exact solve
-    within the flux tolerance, and straight channels still exactly 1."""
+    within the solve tolerance, and straight channels still exactly 1."""
     mask = blurred_mask((24, 24, 24), 0.45)
     direct = tortuosity(mask, "x").factor
     monkeypatch.setattr(tortuosity_module, "DIRECT_SOLVE_UNKNOWNS", 100)
     iterative = tortuosity(mask, "x").factor
     assert direct > 1.2  # a tortuous phase, not a trivial one
-    assert iterative == pytest.approx(direct, rel=5 * tortuosity_module.FLUX_TOLERANCE)
+    assert iterative == pytest.approx(direct, rel=5 * tortuosity_module.SOLVE_TOLERANCE)
+    assert iterative <= direct * (1 + 1e-12)  # the dissipated power bounds the flux from above: the factor from below
     assert tortuosity(straight_channels((20, 24, 24), 0), "z").factor == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_tolerance_bounds_the_error_from_one_side_and_a_looser_one_stops_sooner(monkeypatch, caplog):
+    """The iterative flux is the dissipated power: never below the exact flux, within the tolerance
+    of it, and a looser tolerance takes fewer cycles."""
+    mask = blurred_mask((40, 40, 40), 0.45)
+    monkeypatch.setattr(tortuosity_module, "DIRECT_SOLVE_UNKNOWNS", mask.size)
+    exact = tortuosity(mask, "z").factor  # direct solve
+    monkeypatch.setattr(tortuosity_module, "DIRECT_SOLVE_UNKNOWNS", 100)
+    iterations = {}
+    for tolerance in (1e-2, 1e-3, 1e-6):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger=tortuosity_module.__name__):
+            factor = tortuosity(mask, "z", tolerance=tolerance).factor
+        assert factor <= exact * (1 + 1e-12)
+        assert factor == pytest.approx(exact, rel=tolerance)
+        iterations[tolerance] = int(re.search(r"(\d+) iterations", caplog.text).group(1))
+    assert iterations[1e-2] < iterations[1e-3] < iterations[1e-6]
 
 
 def test_columns_cover_the_cross_section_once_and_respect_the_voxel_budget():
@@ -243,6 +265,7 @@ def test_workers_follow_the_cores_and_the_memory(monkeypatch):
     (lambda: tortuosity(np.ones((3, 3, 3), bool), "w"), r"axis must be one of \['z', 'y', 'x'\] or 0, 1, 2; got 'w'"),
     (lambda: tortuosity(np.ones((3, 3, 3), bool), 3), r"axis must be one of .* got 3"),
     (lambda: tortuosity(np.ones((3, 3, 3), np.uint8), 0), r"the phase mask must be boolean, got dtype uint8"),
+    (lambda: tortuosity(np.ones((3, 3, 3), bool), 0, tolerance=0), r"tolerance must be a number between 0 and 1, got 0"),
     (lambda: tortuosity(np.ones((3, 3), bool), 0), r"the volume must be 3-D \(Z, Y, X\), got shape \(3, 3\)"),
     (lambda: tortuosity(np.ones((3, 3, 3), bool), 0, voxel_size=(1.0, -1.0, 1.0)),
      r"voxel size must be one or three positive numbers \(z, y, x\), got \(1.0, -1.0, 1.0\)"),
