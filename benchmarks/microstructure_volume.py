@@ -1,7 +1,7 @@
 """Time and peak memory of a whole volume's microstructure with intervals, as a user runs it.
 
     python benchmarks/microstructure_volume.py --model runs:/<id>/model [--samples 12] [--with-tortuosity] \\
-        [--out benchmarks/results/microstructure_volume]
+        [--with-everything] [--out benchmarks/results/microstructure_volume]
 
 The commands, each a fresh process timed by ``/usr/bin/time`` (wall seconds, peak RSS):
 
@@ -11,7 +11,10 @@ The commands, each a fresh process timed by ``/usr/bin/time`` (wall seconds, pea
    with its class-bias interval (Ni sizes included, no tortuosity);
 3. with ``--with-tortuosity``: ``socseg microstructure store.zarr --samples 0 --tortuosity``: the
    tortuosity of the argmax labels along z, y and x, the cost one labels volume adds (an interval
-   measures it again on each class's two extreme volumes: 7 volumes for three classes).
+   measures it again on each class's two extreme volumes: 7 volumes for three classes);
+4. with ``--with-everything``: ``socseg microstructure store.zarr --samples N --tortuosity``: every
+   metric with its interval, Ni sizes and the tortuosity of each phase along each axis included
+   (the argmax and each phase's two extremes): the whole microstructure a report holds.
 
 Writes ``microstructure_volume.json`` / ``.md`` into ``--out``.
 """
@@ -41,6 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
     p.add_argument("--samples", type=int, default=12)
     p.add_argument("--with-tortuosity", action="store_true", help="also time the tortuosity of the argmax labels")
+    p.add_argument("--with-everything", action="store_true",
+                   help="also time every metric with its interval, tortuosity included")
     p.add_argument("--out", type=Path, default=RESULTS / "microstructure_volume")
     p.add_argument("--note", default="")
     return p.parse_args(argv)
@@ -105,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows.append(timed("tortuosity (argmax labels)", [socseg, "microstructure", str(store), "--samples", "0",
                                                             "--unit", "voxel", "--size-phases", "none", "--tortuosity",
                                                             "--output", str(work / "tortuosity.json")], work))
+        if args.with_everything:
+            rows.append(timed("everything (intervals, tortuosity)",
+                              [socseg, "microstructure", str(store), "--samples", str(args.samples), "--unit", "voxel",
+                               "--tortuosity", "--output", str(work / "everything.json")], work))
+            record = json.loads((work / "everything.json").read_text())
+            figures["everything_tortuosity_intervals"] = sum(1 for key in record.get("intervals") or {} if key.startswith("tau."))
     for row in rows:
         key = row["step"].split()[0]
         figures[f"{key}_seconds"], figures[f"{key}_peak_rss_gib"] = row["seconds"], row["peak_rss_gib"]

@@ -183,6 +183,23 @@ def test_the_tolerance_bounds_the_error_from_one_side_and_a_looser_one_stops_soo
     assert iterations[1e-2] < iterations[1e-3] < iterations[1e-6]
 
 
+def test_the_w_cycle_is_pyamgs():
+    """The hand-rolled cycle (pyamg's without its residual norms) applies the same operator as
+    pyamg's own W-cycle preconditioner, on a hierarchy of several levels."""
+    import pyamg
+
+    mask = blurred_mask((30, 30, 30), 0.5)
+    keep = tortuosity_module._spanning(mask)
+    matrix, rhs, *_ = tortuosity_module._system(mask, keep, (1.0, 1.0, 1.0))
+    hierarchy = pyamg.smoothed_aggregation_solver(matrix, symmetry="hermitian", smooth=None, strength=None, max_coarse=50)
+    assert len(hierarchy.levels) >= 3
+    vector = np.random.default_rng(0).standard_normal(matrix.shape[0])
+    expected = hierarchy.aspreconditioner(cycle="W") @ vector
+    ours = np.zeros_like(vector)
+    tortuosity_module._w_cycle(hierarchy, 0, ours, vector)
+    np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+
+
 def test_columns_cover_the_cross_section_once_and_respect_the_voxel_budget():
     shape = (20, 70, 45)
     columns = column_slices(shape, 0, 20 * 40 * 40)

@@ -182,16 +182,17 @@ def _system(values: np.ndarray, keep: np.ndarray, spacing: tuple[float, float, f
     finite-volume diffusion along axis 0 on the voxels ``keep``.
 
     Unknowns are numbered in C order, so a voxel's neighbours -z, -y, -x, itself, +x, +y, +z have
-    ascending numbers: the CSR rows are filled from an (n, 7) table without a COO copy
-    (~180 B per unknown at the peak, against ~290 B through COO).
+    ascending numbers: the table (n, 7) of columns and values *is* the CSR arrays, seven slots a
+    row; an absent neighbour's slot holds the row's own column and the value 0, and
+    ``eliminate_zeros`` drops it in place (no masked copy of the table, no COO).
     """
     n = int(np.count_nonzero(keep))
-    index = np.full(keep.shape, -1, dtype=np.int64 if n >= 2**31 else np.int32)
+    index = np.full(keep.shape, -1, dtype=np.int64 if 7 * n + 1 >= 2**31 else np.int32)
     index[keep] = np.arange(n, dtype=index.dtype)
     value = values[keep].astype(np.float64)
     cell = math.prod(spacing)
     weight = [cell / h**2 for h in spacing]  # face area / centre distance along each axis
-    columns = np.full((n, 7), -1, dtype=index.dtype)
+    columns = np.repeat(np.arange(n, dtype=index.dtype), 7).reshape(n, 7)
     entries = np.zeros((n, 7))
     diagonal = np.zeros(n)
     for k in range(3):
@@ -200,7 +201,10 @@ def _system(values: np.ndarray, keep: np.ndarray, spacing: tuple[float, float, f
         both = keep[tuple(low)] & keep[tuple(high)]
         a, b = index[tuple(low)][both], index[tuple(high)][both]  # a < b, each unique along this axis
         del both
-        g = weight[k] * 2.0 * value[a] * value[b] / (value[a] + value[b])  # harmonic mean
+        if values.dtype == bool:  # one phase: every conductance along the axis is the same
+            g = np.full(a.size, weight[k])
+        else:
+            g = weight[k] * 2.0 * value[a] * value[b] / (value[a] + value[b])  # harmonic mean
         columns[a, 6 - k], entries[a, 6 - k] = b, -g
         columns[b, k], entries[b, k] = a, -g
         diagonal[a] += g
@@ -211,11 +215,11 @@ def _system(values: np.ndarray, keep: np.ndarray, spacing: tuple[float, float, f
     g_in, g_out = 2.0 * weight[0] * value[inlet], 2.0 * weight[0] * value[outlet]  # half a voxel to the face
     diagonal[inlet] += g_in
     diagonal[outlet] += g_out
-    columns[:, 3], entries[:, 3] = np.arange(n, dtype=columns.dtype), diagonal
-    present = columns >= 0
-    row_starts = np.concatenate([[0], np.cumsum(np.count_nonzero(present, axis=1))])
-    matrix = sparse.csr_matrix((entries[present], columns[present], row_starts), shape=(n, n))
-    del columns, entries, present
+    entries[:, 3] = diagonal  # > 0: a voxel of a spanning cluster has a neighbour or a face
+    row_starts = np.arange(0, 7 * n + 1, 7, dtype=columns.dtype)
+    matrix = sparse.csr_matrix((entries.reshape(-1), columns.reshape(-1), row_starts), shape=(n, n))
+    matrix.eliminate_zeros()  # the absent neighbours' slots
+    del columns, entries
     rhs = np.zeros(n)
     rhs[inlet] = g_in
     layer_sizes = np.count_nonzero(keep.reshape(keep.shape[0], -1), axis=1)
@@ -249,14 +253,26 @@ def _solve(matrix: sparse.csr_matrix, rhs: np.ndarray, start: np.ndarray, face_t
         return _power(matrix, rhs, face_term, solution, rhs - matrix @ solution)
     import pyamg  # lazy: see the module docstring
 
+    # strength=None: the matrix itself as the strength of connection. pyamg's default (symmetric,
+    # theta 0) keeps every connection too and the aggregation reads only the pattern, so the
+    # aggregates are the same, without building and scaling a copy of the matrix on every level.
     hierarchy = pyamg.smoothed_aggregation_solver(
-        matrix, symmetry="hermitian", smooth=None, max_coarse=DIRECT_SOLVE_UNKNOWNS // 10,
+        matrix, symmetry="hermitian", smooth=None, strength=None, max_coarse=DIRECT_SOLVE_UNKNOWNS // 10,
         presmoother=("gauss_seidel", {"sweep": "forward"}), postsmoother=("gauss_seidel", {"sweep": "backward"}))
-    preconditioner = hierarchy.aspreconditioner(cycle="W")
+    for level in hierarchy.levels:  # pyamg leaves the coarse levels in BSR (1x1 blocks): CSR relaxes faster
+        level.A = level.A.tocsr()
+        if hasattr(level, "P"):
+            level.P, level.R = level.P.tocsr(), level.R.tocsr()
+
+    def preconditioner(vector: np.ndarray) -> np.ndarray:
+        correction = np.zeros_like(vector)
+        _w_cycle(hierarchy, 0, correction, vector)
+        return correction
+
     solution = start.astype(np.float64, copy=True)
     residual = rhs - matrix @ solution
     power = _power(matrix, rhs, face_term, solution, residual)
-    direction = preconditioner @ residual
+    direction = preconditioner(residual)
     along = float(residual @ direction)
     decrements: list[float] = []
     for _ in range(MAX_ITERATIONS):
@@ -273,11 +289,29 @@ def _solve(matrix: sparse.csr_matrix, rhs: np.ndarray, start: np.ndarray, face_t
             if 2.0 * decrements[-1] * rate / (1.0 - rate) <= tolerance * power:
                 _log.debug("tortuosity solve: %d unknowns, %d iterations, flux %.9g", matrix.shape[0], len(decrements), power)
                 return power
-        smoothed = preconditioner @ residual
+        smoothed = preconditioner(residual)
         along, previous_along = float(residual @ smoothed), along
         direction = smoothed + (along / previous_along) * direction
     warnings.warn(f"tortuosity: no convergence to {tolerance:g} in {MAX_ITERATIONS} iterations", RuntimeWarning, stacklevel=3)
     return power
+
+
+def _w_cycle(hierarchy, level: int, solution: np.ndarray, rhs: np.ndarray) -> None:
+    """One multigrid W-cycle on ``level`` of a pyamg hierarchy, in place: the cycle of pyamg's
+    ``MultilevelSolver`` (``aspreconditioner(cycle="W")``) without the two residual norms its
+    ``solve`` computes around every cycle, each a product with the finest matrix."""
+    levels = hierarchy.levels
+    here = levels[level]
+    here.presmoother(here.A, solution, rhs)
+    coarse_rhs = here.R @ (rhs - here.A @ solution)
+    coarse = np.zeros_like(coarse_rhs)
+    if level == len(levels) - 2:
+        coarse[:] = hierarchy.coarse_solver(levels[-1].A, coarse_rhs)
+    else:
+        _w_cycle(hierarchy, level + 1, coarse, coarse_rhs)
+        _w_cycle(hierarchy, level + 1, coarse, coarse_rhs)
+    solution += here.P @ coarse
+    here.postsmoother(here.A, solution, rhs)
 
 
 def _column_flux(diffusivity: np.ndarray, spacing: tuple[float, float, float], tolerance: float) -> float:
