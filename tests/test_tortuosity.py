@@ -274,7 +274,7 @@ def test_workers_follow_the_cores_and_the_memory(monkeypatch):
     assert parallel_workers([4 * gib] * 9, cores=2) == 1  # unknown memory (no /proc/meminfo): one at a time
     mask = np.zeros((10, 10, 10), bool)
     mask[:5] = True
-    assert solve_peak_bytes(mask) == 500 * 340 + 1000 * 12
+    assert solve_peak_bytes(mask) == 500 * tortuosity_module.PEAK_BYTES_PER_UNKNOWN + 1000 * tortuosity_module.PEAK_BYTES_PER_VOXEL
 
 
 @pytest.mark.parametrize("call, message", [

@@ -591,7 +591,7 @@ def measure(
     million voxels per phase and axis on 2 cores (``benchmarks/results/tortuosity/``,
     ``benchmarks/results/microstructure_volume/``).
     ``tortuosity_max_voxels``: voxels per solve; a larger volume is solved in columns, which
-    needs less memory (~340 B per conducting voxel) but biases the factors up (see that module).
+    needs less memory (~240 B per conducting voxel) but biases the factors up (see that module).
     ``tortuosity_workers``: solves run at once in worker processes (None: as many as the cores and
     the available memory allow; the results do not depend on it).
 

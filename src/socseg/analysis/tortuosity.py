@@ -56,11 +56,13 @@ own process; known geometries, random blobs and crops of the SOCPristine labels)
 * This solver reproduces the known answers to ~1e-6, detects non-percolating phases before any
   solve, and needs scipy + pyamg (9 MB): hence the choice. Both others remain useful cross-checks.
 
-Cost on a 200x501x501 volume (SOCPristine labels, one phase along z, 13 M conducting voxels, one
-core): smoothed aggregation (pyamg's default) spends ~60 s building its hierarchy and peaks at
-~570 B per conducting voxel; plain aggregation (``smooth=None``) builds in ~11 s and peaks at ~330 B,
-needing about twice the CG iterations with a W-cycle, so a solve takes about as long and ~40 % less
-memory: hence plain aggregation. The solves of different phases and axes are independent and each
+Cost: time, CG iterations and peak memory of each solve of a 200x501x501 volume are in
+``benchmarks/results/tortuosity_solver`` (against a tight reference tolerance and the solver
+before this one). The choices behind them: plain aggregation (``smooth=None``), whose hierarchy
+builds several times faster than pyamg's default smoothed aggregation and ~40 % smaller, with a
+W-cycle (a V-cycle needs over twice the iterations with plain aggregation); the matrix itself as
+the strength of connection; coarse levels in CSR; the flux read as dissipated power with its own
+stopping rule (:func:`_solve`). The solves of different phases and axes are independent and each
 runs on one core, so :func:`phase_tortuosity` runs them in parallel worker processes, as many as
 the cores and the available memory allow (:func:`parallel_workers`).
 
@@ -87,10 +89,11 @@ AXES: tuple[str, str, str] = ("z", "y", "x")
 # Voxels per solve: a 200x501x501 volume in one piece (the column bias is large; see the module
 # docstring). Peak memory of one solve ~PEAK_BYTES_PER_UNKNOWN per conducting voxel.
 DEFAULT_MAX_VOXELS = 1 << 26
-# Peak RSS of one solve per conducting voxel (the system's assembly, then matrix + hierarchy + CG
-# vectors; 4.3 GiB for 13 M unknowns of a 200x501x501 volume), plus the volume's own arrays per voxel.
-PEAK_BYTES_PER_UNKNOWN = 340
-PEAK_BYTES_PER_VOXEL = 12
+# Peak RSS of one solve per conducting voxel (matrix + hierarchy + CG vectors), plus the volume's own
+# arrays per voxel: a little above the peaks of benchmarks/results/tortuosity_solver (the three
+# phases of a 200x501x501 volume, 13-22 M unknowns), so that parallel_workers errs on the safe side.
+PEAK_BYTES_PER_UNKNOWN = 240
+PEAK_BYTES_PER_VOXEL = 4
 # Relative accuracy of a solve's flux (D_eff), estimated as described in _solve: a tenth of a percent,
 # well below what the segmentation moves a factor by (intervals of percents; TauFactor's default is 1e-2).
 SOLVE_TOLERANCE = 1e-3

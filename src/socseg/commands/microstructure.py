@@ -227,7 +227,7 @@ def measure_options(phases: str | None, size_phases: str | None, tpb_correction:
 @click.option("--tortuosity/--no-tortuosity", default=False, show_default=True,
               help="Also the tortuosity factor and effective diffusivity ratio of each phase along each axis (slow).")
 @click.option("--tortuosity-max-voxels", type=click.IntRange(min=4096), default=None,
-              help="With --tortuosity: voxels per solve (default: 2^26, a 200x501x501 volume whole, ~340 B per "
+              help="With --tortuosity: voxels per solve (default: 2^26, a 200x501x501 volume whole, ~240 B per "
                    "voxel of the phase). Larger volumes are solved in columns: less memory, factors biased up.")
 @click.option("--tortuosity-workers", type=click.IntRange(min=1), default=None,
               help="With --tortuosity: solves (phase x axis) run at once in worker processes [default: as many as "

@@ -46,7 +46,7 @@ from socseg.params import load_params, typed
 @click.option("--tortuosity/--no-tortuosity", default=False, show_default=True,
               help="Also the tortuosity factor and effective diffusivity ratio of each phase along each axis (slow).")
 @click.option("--tortuosity-max-voxels", type=click.IntRange(min=4096), default=None,
-              help="With --tortuosity: voxels per solve (default: 2^26, a 200x501x501 volume whole, ~340 B per voxel of the phase). "
+              help="With --tortuosity: voxels per solve (default: 2^26, a 200x501x501 volume whole, ~240 B per voxel of the phase). "
                    "Larger volumes are solved in columns: less memory, factors biased up.")
 @click.option("--samples", type=int, default=None,
               help=f"With probabilities: label volumes measured for the intervals, at least 2 per class (0: none) "
