@@ -14,8 +14,8 @@ phase and one axis, from the steady-state diffusion through the phase's voxels:
   set of parallel layers the parallel value. Voxel spacings enter the conductances, so anisotropic
   voxels are handled (face area / distance per axis).
 * **Solve**: only the clusters touching both end faces carry flux (the others are dropped: they
-  would make the system singular); conjugate gradients on ``scipy.sparse`` with a smoothed-
-  aggregation algebraic multigrid preconditioner (pyamg, the multigrid PoreSpy's solver uses),
+  would make the system singular); conjugate gradients on ``scipy.sparse`` with an aggregation
+  algebraic multigrid preconditioner (pyamg, the multigrid PoreSpy's solver uses),
   until the flux, read as the power the potential dissipates, is within :data:`SOLVE_TOLERANCE`
   (relative; :func:`_solve`).
 * **Outputs**: ``effective_diffusivity_ratio`` = flux x length / (cross-section x concentration
@@ -322,7 +322,7 @@ def _column_flux(diffusivity: np.ndarray, spacing: tuple[float, float, float], t
     keep = _spanning(diffusivity > 0)
     if keep is None:
         return 0.0
-    matrix, rhs, start, (inlet, g_in), (outlet, g_out) = _system(diffusivity, keep, spacing)
+    matrix, rhs, start, (_, g_in), _ = _system(diffusivity, keep, spacing)
     del keep
     return _solve(matrix, rhs, start, float(g_in.sum()), tolerance)
 
