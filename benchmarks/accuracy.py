@@ -31,6 +31,7 @@ import datetime as dt
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -268,11 +269,23 @@ def fold_order(n_slices: int, folds: int, fold: int, gap: int) -> tuple[list[int
 
     The copy is ``after[gap:] + before + fold``: the held-out fold last, the ``gap`` slices after it
     dropped, the ``gap`` slices before it become the split's gap before the test slab, so nothing
-    within ``gap`` slices of the fold on either side is trained or validated on. Where ``after``
-    meets ``before`` (slices n-1 and 0) the training part has a seam; the fold's last slice reads
-    its own copy as 2.5D context on the far side (its real neighbour is dropped)."""
+    within ``gap`` slices of the fold on either side is trained or validated on, and the fold's
+    first slice reads its real neighbours as 2.5D context (and the y and x planes of fusion run on
+    into them). Where ``after`` meets ``before`` (slices n-1 and 0) the training part has a seam;
+    the fold's last slice reads its own copy as context on the far side (its real neighbour is
+    dropped), as the volume's last slice does.
+
+    The first fold has nothing before it, so that order would put slice n-1 right before slice 0:
+    slice 0 would read slice n-1 as its neighbour, a wrong context that ruined its prediction. Its
+    copy is the volume reversed instead, ``after`` from slice n-1-gap down, then the fold from its
+    last slice down to slice 0: the ``gap`` slices after the fold become the split's gap before it
+    (real neighbours, not trained on) and slice 0 ends the copy (mirror context, as in the volume);
+    the slices trained and validated on are the same set as the other order's, z-flipped."""
     start, stop = fold_bounds(n_slices, folds, fold)
-    order = list(range(min(stop + gap, n_slices), n_slices)) + list(range(0, start)) + list(range(start, stop))
+    if start == 0:
+        order = list(range(n_slices - 1 - gap, stop - 1, -1)) + list(range(stop - 1, -1, -1))
+    else:
+        order = list(range(min(stop + gap, n_slices), n_slices)) + list(range(0, start)) + list(range(start, stop))
     return order, len(order) - (stop - start)
 
 
@@ -286,6 +299,8 @@ def fold_copy(volume_dir: Path, cache: Path, folds: int, fold: int, gap: int) ->
     order, used = fold_order(volume.image.shape[0], folds, fold, gap)
     name = f"{volume.meta.name}-fold{fold + 1}of{folds}-gap{gap}"
     target = cache / "data" / name
+    if (target / "volume.json").is_file() and load_volume(target, mmap=True, verify=False).meta.extra.get("order") != order:
+        shutil.rmtree(target)  # cached by an earlier version of fold_order
     if not (target / "volume.json").is_file():
         index = np.asarray(order)
         meta = VolumeMeta(**{**volume.meta.__dict__, "name": name, "checksums": {}, "shape": (len(order), *volume.image.shape[1:]),

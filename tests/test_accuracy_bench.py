@@ -121,7 +121,12 @@ def test_fold_copies_hold_each_fold_out_with_a_gap_on_both_sides(repo_root, fold
     start, stop = accuracy.fold_bounds(n, folds, fold)
     assert stop - start == 10
     order, used = accuracy.fold_order(n, folds, fold, gap)
-    assert order[-10:] == list(range(start, stop)) and len(set(order)) == len(order)
+    held_out = order[-10:]
+    assert sorted(held_out) == list(range(start, stop)) and len(set(order)) == len(order)
+    assert all(abs(a - b) == 1 for a, b in zip(held_out, held_out[1:]))  # contiguous, either direction
+    # the slices right before the fold in the copy are its real neighbours (its 2.5D context)
+    before = order[-10 - gap:-10]
+    assert all(abs(a - b) == 1 for a, b in zip(before + held_out[:1], before[1:] + held_out[:1]))
     rest = used - 2 * gap
     split = slab_split(len(order), (rest - 4) / (rest + 10), 4 / (rest + 10), 10 / (rest + 10), gap)
     assert split.test == (len(order) - 10, len(order))
