@@ -1,0 +1,30 @@
+"""benchmarks/fold_seam.py: the three arrangements of the first fold and the neighbour slice 0 reads."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks/fold_seam.py"
+    spec = importlib.util.spec_from_file_location("socseg_fold_seam_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_old_copy_puts_the_last_slice_before_slice_0_and_the_others_do_not(bench):
+    arrangements = bench.orders(40, 4, 3)
+    assert set(arrangements) == {"old copy (slice n-1 before slice 0)", "volume order", "copy of fold_order now"}
+    old, volume, now = (arrangements[k] for k in ("old copy (slice n-1 before slice 0)", "volume order", "copy of fold_order now"))
+    assert bench._neighbour(old, 0) == "39"
+    assert bench._neighbour(volume, 0) == "none (mirror)"
+    assert bench._neighbour(now, 0) == "none (mirror)"
+    assert sorted(old[-10:]) == sorted(now[-10:]) == list(range(10))  # the copies end with the fold
+    assert now[-11] == 10  # ... whose last slice reads its real neighbour there
