@@ -31,13 +31,14 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
+from _common import REPO, RESULTS, import_socpristine, run_metadata, write_result  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the 3-phase U-Net trained for the first fold")
     p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--gap", type=int, default=8)
     p.add_argument("--note", default="")
@@ -45,21 +46,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_stack(folder: Path) -> np.ndarray:
-    import tifffile
-
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
-    return np.stack([tifffile.imread(f) for f in files])
+ARRANGEMENTS = {"old_copy": "old copy (slice n-1 before slice 0)", "volume": "volume order",
+                "new_copy": "copy of fold_order now"}
 
 
 def orders(n: int, folds: int, gap: int) -> dict[str, list[int]]:
-    """Slice orders whose last ``stop`` slices are the first fold."""
+    """The slice order of each of :data:`ARRANGEMENTS`, by key."""
     from accuracy import fold_bounds, fold_order
 
     _, stop = fold_bounds(n, folds, 0)
-    return {"old copy (slice n-1 before slice 0)": list(range(stop + gap, n)) + list(range(0, stop)),
-            "volume order": list(range(n)),
-            "copy of fold_order now": fold_order(n, folds, 0, gap)[0]}
+    return {"old_copy": list(range(stop + gap, n)) + list(range(0, stop)), "volume": list(range(n)),
+            "new_copy": fold_order(n, folds, 0, gap)[0]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -67,19 +64,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from accuracy import fold_bounds
     from cv_postprocess import microstructure, scored
+    from socseg.data.volumes import load_volume
     from socseg.inference.predictor import load_predictor
     from socseg.inference.request import InferenceOptions
 
     metadata = run_metadata(__file__, argv)
-    image, labels = read_stack(args.source / "data"), read_stack(args.source / "labels")
-    names = ["pore", "ysz", "ni"]
-    classes = np.select([labels == 0, labels == 128], [0, 1], 2).astype(np.uint8)
+    source = load_volume(import_socpristine(args.source, args.cache_dir), mmap=True, verify=False)
+    image, names = np.asarray(source.image), [n.lower() for n in source.class_names]
     start, stop = fold_bounds(image.shape[0], args.folds, 0)
-    truth = classes[start:stop]
+    truth = source.class_index(slice(start, stop))
     reference = microstructure(truth, names)
     predictor = load_predictor(args.model)
     rows: list[dict[str, Any]] = []
-    for arrangement, order in orders(image.shape[0], args.folds, args.gap).items():
+    for key, order in orders(image.shape[0], args.folds, args.gap).items():
         volume = image[order]
         first = min(order.index(z) for z in range(start, stop))  # where the fold begins in this order
         for planes in ("z", "zyx"):
@@ -90,15 +87,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             predicted = predictor.to_classes(probabilities).astype(np.uint8)
             in_volume_order = np.empty_like(predicted)
             in_volume_order[[order[first + k] - start for k in range(stop - start)]] = predicted
-            row = {"arrangement": arrangement, "planes": planes,
+            row = {"key": key, "arrangement": ARRANGEMENTS[key], "planes": planes,
                    "neighbour_before_slice_0": _neighbour(order, start),
                    **scored(truth, in_volume_order, names, reference)}
             accuracy_per_slice = (in_volume_order == truth).reshape(stop - start, -1).mean(axis=1)
             row["accuracy_slice_0"], row["accuracy_last_slice"] = float(accuracy_per_slice[0]), float(accuracy_per_slice[-1])
             rows.append(row)
-            print(f"{arrangement} {planes}: mean IoU {row['mean_iou']:.4f}, TPB {row['err.tpb.density']:+.2%}, "
+            print(f"{ARRANGEMENTS[key]} {planes}: mean IoU {row['mean_iou']:.4f}, TPB {row['err.tpb.density']:+.2%}, "
                   f"slice 0 accuracy {row['accuracy_slice_0']:.4f}", flush=True)
-    figures = {f"{_key(r['arrangement'])}_{r['planes']}": {"mean_iou": r["mean_iou"], "tpb_err": r["err.tpb.density"],
+    figures = {f"{r['key']}_{r['planes']}": {"mean_iou": r["mean_iou"], "tpb_err": r["err.tpb.density"],
                                                            "accuracy_slice_0": r["accuracy_slice_0"]} for r in rows}
     settings = {"model": args.model, "fold": f"1 of {args.folds} (slices {start}-{stop - 1}), gap {args.gap}",
                 "prediction": "planes z and zyx; the fold read with the request's context (fusion: its halo) from the arrangement",
@@ -118,10 +115,6 @@ def _neighbour(order: list[int], z: int) -> str:
     sides = [order[k - 1] if k > 0 else None, order[k + 1] if k + 1 < len(order) else None]
     outside = [s for s in sides if s != z + 1]
     return "none (mirror)" if not outside or outside[0] is None else str(outside[0])
-
-
-def _key(arrangement: str) -> str:
-    return {"old copy (slice n-1 before slice 0)": "old_copy", "volume order": "volume", "copy of fold_order now": "new_copy"}[arrangement]
 
 
 if __name__ == "__main__":

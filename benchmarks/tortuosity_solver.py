@@ -42,6 +42,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
     sys.path.append(str(Path(__file__).resolve().parent))
 
 from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
+from tortuosity_bench import read_labels  # noqa: E402
 
 PHASES = {"pore": 0, "ysz": 128, "ni": 255}
 AXES = ("z", "y", "x")
@@ -53,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", type=Path, default=REPO.parent / "shared" / "data" / "socpristine" / "labels",
                    help="folder of label slices (0 pore, 128 YSZ, 255 Ni)")
-    p.add_argument("--slices", type=int, default=None, help="use the first N slices only [all]")
+    p.add_argument("--slices", type=int, default=None, help="use the slices numbered up to N only (slice__N.tif) [all]")
     p.add_argument("--axes", default="z,y,x", help="comma list of axes")
     p.add_argument("--reference-tolerance", type=float, default=1e-7)
     p.add_argument("--baseline", default=None, help="git ref of an earlier solver to time on the same machine")
@@ -62,15 +63,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--note", default="", help="free text for the result header")
     p.add_argument("--out", type=Path, default=RESULTS / "tortuosity_solver")
     return p.parse_args(argv)
-
-
-def read_labels(folder: Path, count: int | None) -> np.ndarray:
-    import tifffile
-
-    files = sorted(folder.glob("*.tif"))[:count]
-    if not files:
-        raise SystemExit(f"no .tif label slices in {folder}")
-    return np.stack([tifffile.imread(f) for f in files])
 
 
 def load_module(path: Path, name: str):
@@ -129,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     metadata = run_metadata(__file__, argv)
     from socseg.analysis.tortuosity import SOLVE_TOLERANCE
 
-    labels = read_labels(args.labels, args.slices)
+    if not any(args.labels.glob("slice__*.tif")):
+        raise SystemExit(f"no slice__*.tif label slices in {args.labels}")
+    labels = read_labels(args.labels, 0, args.slices)
     axes = [a for a in args.axes.split(",") if a]
     baseline_axes = [a for a in args.baseline_axes.split(",") if a] if args.baseline else []
     with tempfile.TemporaryDirectory(prefix="socseg-tortuosity-solver-") as tmp:

@@ -21,8 +21,8 @@ def bench():
 
 def test_the_old_copy_puts_the_last_slice_before_slice_0_and_the_others_do_not(bench):
     arrangements = bench.orders(40, 4, 3)
-    assert set(arrangements) == {"old copy (slice n-1 before slice 0)", "volume order", "copy of fold_order now"}
-    old, volume, now = (arrangements[k] for k in ("old copy (slice n-1 before slice 0)", "volume order", "copy of fold_order now"))
+    assert set(arrangements) == set(bench.ARRANGEMENTS) == {"old_copy", "volume", "new_copy"}
+    old, volume, now = (arrangements[k] for k in ("old_copy", "volume", "new_copy"))
     assert bench._neighbour(old, 0) == "39"
     assert bench._neighbour(volume, 0) == "none (mirror)"
     assert bench._neighbour(now, 0) == "none (mirror)"
