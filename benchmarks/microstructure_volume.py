@@ -1,14 +1,15 @@
 """Time and peak memory of a whole volume's microstructure with intervals, as a user runs it.
 
     python benchmarks/microstructure_volume.py --model runs:/<id>/model [--samples 12] [--with-tortuosity] \\
-        [--with-everything] [--out benchmarks/results/microstructure_volume]
+        [--with-everything] [--skip-metrics] [--out benchmarks/results/microstructure_volume]
 
 The commands, each a fresh process timed by ``/usr/bin/time`` (wall seconds, peak RSS):
 
 1. ``socseg segment MODEL VOLUME store.zarr --probabilities`` on all 200 slices of SOCPristine
    (501x501), the probabilities kept in the store;
 2. ``socseg microstructure store.zarr --samples N --unit voxel``: every metric of the argmax labels
-   with its class-bias interval (Ni sizes included, no tortuosity);
+   with its class-bias interval (Ni sizes included, no tortuosity); ``--skip-metrics`` leaves it
+   out (a re-run after a change to the tortuosity only);
 3. with ``--with-tortuosity``: ``socseg microstructure store.zarr --samples 0 --tortuosity``: the
    tortuosity of the argmax labels along z, y and x, the cost one labels volume adds (an interval
    measures it again on each class's two extreme volumes: 7 volumes for three classes);
@@ -46,6 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--with-tortuosity", action="store_true", help="also time the tortuosity of the argmax labels")
     p.add_argument("--with-everything", action="store_true",
                    help="also time every metric with its interval, tortuosity included")
+    p.add_argument("--skip-metrics", action="store_true", help="leave out step 2 (every metric without tortuosity)")
     p.add_argument("--out", type=Path, default=RESULTS / "microstructure_volume")
     p.add_argument("--note", default="")
     return p.parse_args(argv)
@@ -101,11 +103,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         work = Path(tmp)
         store = work / "volume.zarr"
         rows.append(timed("segment", [socseg, "segment", args.model, str(volume), str(store), "--probabilities"], work))
-        metrics = work / "metrics.json"
-        rows.append(timed("microstructure", [socseg, "microstructure", str(store), "--samples", str(args.samples),
-                                             "--unit", "voxel", "--output", str(metrics)], work))
-        record = json.loads(metrics.read_text())
-        figures["metrics_with_intervals"] = len(record.get("intervals") or {})  # the JSON of --output
+        if not args.skip_metrics:
+            metrics = work / "metrics.json"
+            rows.append(timed("microstructure", [socseg, "microstructure", str(store), "--samples", str(args.samples),
+                                                 "--unit", "voxel", "--output", str(metrics)], work))
+            record = json.loads(metrics.read_text())
+            figures["metrics_with_intervals"] = len(record.get("intervals") or {})  # the JSON of --output
         if args.with_tortuosity:
             rows.append(timed("tortuosity (argmax labels)", [socseg, "microstructure", str(store), "--samples", "0",
                                                             "--unit", "voxel", "--size-phases", "none", "--tortuosity",

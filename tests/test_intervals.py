@@ -12,7 +12,9 @@ import tifffile
 from scipy import ndimage as ndi
 from scipy.special import softmax
 
+import socseg.analysis.tortuosity as tortuosity_module
 from socseg.analysis.intervals import (
+    LOG_SCALE,
     BiasSweep,
     MetricInterval,
     ProbabilityVolume,
@@ -25,6 +27,7 @@ from socseg.analysis.intervals import (
     sweep_intervals,
 )
 from socseg.analysis.microstructure import flatten_metrics, measure
+from socseg.analysis.tortuosity import tortuosity
 from socseg.analysis.uncertainty import PROBABILITIES_CONTENT
 from socseg.data.chunked import ChunkedLabels
 from socseg.data.stacks import LabelStackWriter, ProbabilityStackWriter
@@ -239,6 +242,32 @@ def test_each_phase_s_tortuosity_is_measured_on_its_own_class_s_extremes_only():
     taus = [s.metrics["tau.ni.z"] for s in result.samples if "tau.ni.z" in s.metrics] + [result.intervals["tau.ni.z"].value]
     assert len(taus) == 3 and (result.intervals["tau.ni.z"].low, result.intervals["tau.ni.z"].high) == (min(taus), max(taus))
     assert not any(k.startswith("tau.ysz") for k in result.intervals)
+
+
+def test_sweep_volumes_started_from_the_argmax_field_get_a_fresh_solve_s_tortuosity(monkeypatch):
+    """The sweep's solves start from the argmax's concentration field (one queue for all volumes):
+    each sweep volume's factor is what a solve of its own labels from scratch gives, to the
+    solve tolerance; the argmax's is that solve exactly."""
+    monkeypatch.setattr(tortuosity_module, "DIRECT_SOLVE_UNKNOWNS", 100)  # CG in this process (workers 1)
+    volume = ProbabilityVolume.from_array(softmax(smooth_fields((24, 36, 36)) / 0.15, axis=-1), NAMES)
+    result = measure_with_intervals(volume, BiasSweep(6), size_phases=[], tortuosity=["ni"], tortuosity_workers=1)
+    argmax, _ = decide(volume)
+    assert result.intervals["tau.ni.z"].value == tortuosity(argmax == 2, "z").factor
+    assert result.result.tortuosity["ni"]["x"] == tortuosity(argmax == 2, "x")
+    checked = 0
+    for sample in result.samples:
+        if sample.tortuosity == ("ni",):
+            bias = np.zeros(3, np.int64)
+            bias[NAMES.index(sample.swept_class)] = round(sample.bias * LOG_SCALE)
+            labels, changed = decide(volume, bias, argmax)
+            assert changed > 0
+            for axis in ("z", "y", "x"):
+                fresh = tortuosity(labels == 2, axis)  # deff: also where Ni stops percolating (no factor)
+                assert sample.metrics[f"deff.ni.{axis}"] == pytest.approx(fresh.effective_diffusivity_ratio,
+                                                                          rel=tortuosity_module.SOLVE_TOLERANCE)
+                assert (f"tau.ni.{axis}" in sample.metrics) == (fresh.factor is not None)
+                checked += 1
+    assert checked == 6  # Ni's two extremes, three axes each
 
 
 @pytest.mark.parametrize("array, names, message", [

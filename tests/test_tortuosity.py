@@ -13,11 +13,13 @@ from scipy import ndimage as ndi
 
 import socseg.analysis.tortuosity as tortuosity_module
 from socseg.analysis.tortuosity import (
+    SolveQueue,
     TortuosityError,
     column_slices,
     effective_diffusivity,
     phase_tortuosity,
     tortuosity,
+    tortuosity_field,
 )
 
 
@@ -198,6 +200,91 @@ def test_the_w_cycle_is_pyamgs():
     ours = np.zeros_like(vector)
     tortuosity_module._w_cycle(hierarchy, 0, ours, vector)
     np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+
+
+def iterations_of(caplog, call) -> int:
+    """CG iterations of the one iterative solve ``call`` makes (from the debug log)."""
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger=tortuosity_module.__name__):
+        call()
+    return int(re.search(r"(\d+) iterations", caplog.text).group(1))
+
+
+def test_the_concentration_field_falls_from_inlet_to_outlet_and_is_nan_where_no_flux_goes():
+    channels = straight_channels((10, 12, 12), 0)
+    channels[:, 0, 0] = True
+    channels[5, 0, 0] = False  # a rod cut in two: dead ends touching one face each, no flux
+    result, field = tortuosity_field(channels, "z")
+    assert result.factor is not None and field.dtype == np.float32 and field.shape == channels.shape
+    rods = straight_channels((10, 12, 12), 0)
+    profile = 1.0 - (np.arange(10) + 0.5) / 10  # linear between the faces half a voxel beyond
+    np.testing.assert_allclose(field[:, 1, 1], profile, atol=1e-6)
+    assert np.isnan(field[~rods]).all() and not np.isnan(field[rods]).any()
+    along_y = tortuosity_field(np.moveaxis(channels, 0, 1), "y")[1]
+    np.testing.assert_allclose(np.moveaxis(along_y, 1, 0), field, atol=1e-6, equal_nan=True)
+    assert tortuosity_field(channels, "z", keep_field=False)[1] is None
+
+
+def test_a_warm_start_from_a_similar_volume_gives_the_same_factor_in_fewer_iterations(monkeypatch, caplog):
+    """A sweep volume's solve started from the argmax's field: the answer within the tolerance
+    (from the same side), in fewer CG iterations than from a straight channel's profile."""
+    monkeypatch.setattr(tortuosity_module, "DIRECT_SOLVE_UNKNOWNS", 100)
+    mask = blurred_mask((40, 40, 40), 0.45)
+    rim = ndi.binary_dilation(mask) & ~mask
+    grown = mask | (rim & (np.random.default_rng(1).random(mask.shape) < 0.3))  # ~a sweep volume's gain
+    shrunk = mask & ~(ndi.binary_dilation(~mask) & (np.random.default_rng(2).random(mask.shape) < 0.3))
+    _, field = tortuosity_field(mask, "z")
+    for changed in (grown, shrunk):
+        monkeypatch.setattr(tortuosity_module, "DIRECT_SOLVE_UNKNOWNS", changed.size)
+        exact = tortuosity(changed, "z").factor
+        monkeypatch.setattr(tortuosity_module, "DIRECT_SOLVE_UNKNOWNS", 100)
+        cold = iterations_of(caplog, lambda: tortuosity(changed, "z"))
+        warm = iterations_of(caplog, lambda: tortuosity(changed, "z", start=field))
+        factor = tortuosity(changed, "z", start=field).factor
+        assert factor == pytest.approx(exact, rel=tortuosity_module.SOLVE_TOLERANCE)
+        assert factor <= exact * (1 + 1e-12)
+        assert warm < cold
+    with pytest.raises(TortuosityError, match=r"the start field has shape \(40, 40, 40\), the volume \(40, 40, 39\)"):
+        tortuosity(mask[:, :, :-1], "z", start=field)
+
+
+def test_the_warm_start_fills_voxels_the_field_lacks_from_their_neighbours():
+    keep = np.ones((1, 1, 6), bool)
+    field = np.array([[[1.0, np.nan, 0.5, np.nan, np.nan, np.nan]]], np.float32)
+    profile = np.full(6, -1.0)
+    start = tortuosity_module._warm_start(profile, keep, field)
+    # voxel 1: mean of 1 and 0.5; voxels 3, 4, 5 grow from voxel 2, one per pass (3 passes)
+    np.testing.assert_allclose(start, [1.0, 0.75, 0.5, 0.5, 0.5, 0.5])
+    monkey = tortuosity_module.WARM_START_FILL_PASSES
+    try:
+        tortuosity_module.WARM_START_FILL_PASSES = 1
+        np.testing.assert_allclose(tortuosity_module._warm_start(profile, keep, field), [1.0, 0.75, 0.5, 0.5, -1.0, -1.0])
+    finally:
+        tortuosity_module.WARM_START_FILL_PASSES = monkey
+
+
+def test_the_solve_queue_runs_warm_starts_in_workers_as_in_this_process():
+    mask = blurred_mask((40, 40, 40), 0.45)  # above DIRECT_SOLVE_UNKNOWNS: iterative in the spawned workers too
+    assert mask.sum() > tortuosity_module.DIRECT_SOLVE_UNKNOWNS
+    grown = mask | ndi.binary_dilation(mask) & (np.random.default_rng(3).random(mask.shape) < 0.2)
+    found = {}
+    for workers in (1, 2):
+        with SolveQueue(workers=workers) as queue:
+            queue.add_mask("argmax", mask)
+            queue.add_mask("grown", grown)
+            for axis in ("z", "x"):
+                queue.submit(("argmax", axis), "argmax", axis, keep_field=True)
+            for axis in ("z", "x"):
+                queue.submit(("grown", axis), "grown", axis, start_from=("argmax", axis))
+            found[workers] = {task: queue.result(task) for task in
+                              [("argmax", "z"), ("argmax", "x"), ("grown", "z"), ("grown", "x")]}
+            with pytest.raises(ValueError, match=r"tortuosity task \('grown', 'z'\) keeps no field to start \('again', 'z'\) from"):
+                queue.submit(("again", "z"), "grown", "z", start_from=("grown", "z"))
+            with pytest.raises(ValueError, match=r"submitted twice"):
+                queue.submit(("grown", "z"), "grown", "z")
+    assert found[1] == found[2]
+    assert found[1][("argmax", "z")] == tortuosity(mask, "z")
+    assert found[1][("grown", "x")].factor == pytest.approx(tortuosity(grown, "x").factor, rel=tortuosity_module.SOLVE_TOLERANCE)
 
 
 def test_columns_cover_the_cross_section_once_and_respect_the_voxel_budget():

@@ -70,7 +70,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -475,7 +475,7 @@ def _size_phase_ids(
     return size_ids
 
 
-def _tortuosity_phases(names: list[str], tortuosity: bool | Sequence[str]) -> list[str]:
+def tortuosity_phases(names: list[str], tortuosity: bool | Sequence[str]) -> list[str]:
     """The phase names ``measure(..., tortuosity=...)`` asks for: True -> all, False -> none."""
     if tortuosity is True:
         return list(names)
@@ -615,10 +615,10 @@ def measure(
     active_tpb = _ActiveTPB.find(index, tpb_ids) if tpb_ids is not None else None
     percolation, sizes = _connectivity(index, names, voxel, unit, active_tpb, size_ids)
     tpb = active_tpb.result(names, voxel, total_volume, tpb_correction) if active_tpb is not None else None
-    tortuosity_phases = _tortuosity_phases(names, tortuosity)
+    asked = tortuosity_phases(names, tortuosity)
     tortuosity_results = (
-        phase_tortuosity(index, dict(enumerate(names)), tortuosity_phases, voxel_size=voxel,
-                         max_voxels=tortuosity_max_voxels, workers=tortuosity_workers) if tortuosity_phases else {}
+        phase_tortuosity(index, dict(enumerate(names)), asked, voxel_size=voxel,
+                         max_voxels=tortuosity_max_voxels, workers=tortuosity_workers) if asked else {}
     )
 
     return MicrostructureResult(
@@ -682,11 +682,18 @@ def flatten_metrics(result: MicrostructureResult, prefix: str = "") -> dict[str,
     for name, size in result.sizes.items():
         for key in ("d_mean", "d10", "d50", "d90", "feature_d_mean"):
             put(f"size.{low[name]}.{key}", getattr(size, key))
-    for name, by_axis in result.tortuosity.items():
+    out.update(flatten_tortuosity(result.tortuosity, prefix))
+    return out
+
+
+def flatten_tortuosity(tortuosity: Mapping[str, Mapping[str, TortuosityResult]], prefix: str = "") -> dict[str, float]:
+    """The ``tau.<phase>.<axis>`` and ``deff.<phase>.<axis>`` entries of :func:`flatten_metrics`."""
+    out: dict[str, float] = {}
+    for name, by_axis in tortuosity.items():
         for axis, tau in by_axis.items():
             if tau.factor is not None:
-                put(f"tau.{low[name]}.{axis}", tau.factor)
-            put(f"deff.{low[name]}.{axis}", tau.effective_diffusivity_ratio)
+                out[f"{prefix}tau.{name.lower()}.{axis}"] = float(tau.factor)
+            out[f"{prefix}deff.{name.lower()}.{axis}"] = float(tau.effective_diffusivity_ratio)
     return out
 
 

@@ -63,8 +63,10 @@ builds several times faster than pyamg's default smoothed aggregation and ~40 % 
 W-cycle (a V-cycle needs over twice the iterations with plain aggregation); the matrix itself as
 the strength of connection; coarse levels in CSR; the flux read as dissipated power with its own
 stopping rule (:func:`_solve`). The solves of different phases and axes are independent and each
-runs on one core, so :func:`phase_tortuosity` runs them in parallel worker processes, as many as
-the cores and the available memory allow (:func:`parallel_workers`).
+runs on one core, so they run in parallel worker processes (:class:`SolveQueue`), as many as the
+cores and the available memory allow (:func:`parallel_workers`). A solve may start from the
+concentration field of a similar volume (:func:`tortuosity_field`): the interval sweep's volumes
+differ from the argmax by a few percent of the voxels and start from its field.
 
 pyamg is imported inside the solve: a ~1 s import that CLI start-up should not pay.
 """
@@ -76,9 +78,10 @@ import math
 import multiprocessing
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+import tempfile
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -98,6 +101,8 @@ PEAK_BYTES_PER_VOXEL = 4
 # well below what the segmentation moves a factor by (intervals of percents; TauFactor's default is 1e-2).
 SOLVE_TOLERANCE = 1e-3
 MAX_ITERATIONS = 300
+# Passes of neighbour averaging that carry a warm start's field onto voxels it lacks (_warm_start).
+WARM_START_FILL_PASSES = 3
 # Systems up to this many unknowns are solved directly (exact, and faster than building a hierarchy).
 DIRECT_SOLVE_UNKNOWNS = 20_000
 # Columns narrower than this would make the no-flux walls between them dominate the answer.
@@ -238,8 +243,10 @@ def _power(matrix: sparse.csr_matrix, rhs: np.ndarray, face_term: float, solutio
     return face_term - float(rhs @ solution) - float(solution @ residual)
 
 
-def _solve(matrix: sparse.csr_matrix, rhs: np.ndarray, start: np.ndarray, face_term: float, tolerance: float) -> float:
-    """The flux through the system (drop 1 between the faces), to ``tolerance`` relative.
+def _solve(matrix: sparse.csr_matrix, rhs: np.ndarray, start: np.ndarray, face_term: float,
+           tolerance: float) -> tuple[float, np.ndarray]:
+    """The flux through the system (drop 1 between the faces), to ``tolerance`` relative, and the
+    concentration it was read from.
 
     Preconditioned conjugate gradients, written out because the stopping rule needs the residual
     (scipy's ``cg`` hands its callback only the iterate). The flux is read as the dissipated power
@@ -253,7 +260,7 @@ def _solve(matrix: sparse.csr_matrix, rhs: np.ndarray, start: np.ndarray, face_t
     default symmetric sweeps on both sides)."""
     if matrix.shape[0] <= DIRECT_SOLVE_UNKNOWNS:
         solution = sparse_linalg.spsolve(matrix.tocsc(), rhs)
-        return _power(matrix, rhs, face_term, solution, rhs - matrix @ solution)
+        return _power(matrix, rhs, face_term, solution, rhs - matrix @ solution), solution
     import pyamg  # lazy: see the module docstring
 
     # strength=None: the matrix itself as the strength of connection. pyamg's default (symmetric,
@@ -280,7 +287,7 @@ def _solve(matrix: sparse.csr_matrix, rhs: np.ndarray, start: np.ndarray, face_t
     decrements: list[float] = []
     for _ in range(MAX_ITERATIONS):
         if along <= 0.0:  # the start is the exact solution (straight channels) or the residual vanished
-            return power
+            return power, solution
         image = matrix @ direction
         step = along / float(direction @ image)
         solution += step * direction
@@ -291,12 +298,12 @@ def _solve(matrix: sparse.csr_matrix, rhs: np.ndarray, start: np.ndarray, face_t
             rate = min(max(decrements[-1] / decrements[-2], 0.5) if decrements[-2] > 0 else 0.5, 0.95)
             if 2.0 * decrements[-1] * rate / (1.0 - rate) <= tolerance * power:
                 _log.debug("tortuosity solve: %d unknowns, %d iterations, flux %.9g", matrix.shape[0], len(decrements), power)
-                return power
+                return power, solution
         smoothed = preconditioner(residual)
         along, previous_along = float(residual @ smoothed), along
         direction = smoothed + (along / previous_along) * direction
     warnings.warn(f"tortuosity: no convergence to {tolerance:g} in {MAX_ITERATIONS} iterations", RuntimeWarning, stacklevel=3)
-    return power
+    return power, solution
 
 
 def _w_cycle(hierarchy, level: int, solution: np.ndarray, rhs: np.ndarray) -> None:
@@ -317,30 +324,76 @@ def _w_cycle(hierarchy, level: int, solution: np.ndarray, rhs: np.ndarray) -> No
     here.postsmoother(here.A, solution, rhs)
 
 
-def _column_flux(diffusivity: np.ndarray, spacing: tuple[float, float, float], tolerance: float) -> float:
-    """Flux through a sub-volume (transport along axis 0, concentration drop 1, no-flux sides)."""
+def _warm_start(profile: np.ndarray, keep: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """The CG start on the unknowns ``keep`` from ``field``, the concentration of a similar volume
+    (NaN where it had none): its value where it has one; at a voxel it lacks, the mean of the
+    neighbours it has, over :data:`WARM_START_FILL_PASSES` growing passes; ``profile`` (a straight
+    channel's) where still unknown. The voxels a sweep volume gains sit on the phase's boundary,
+    next to known ones, so one or two passes reach nearly all of them."""
+    guess = np.array(field, dtype=np.float32)  # a copy: the field may be a read-only memory map
+    flat = guess.reshape(-1)
+    holes = np.flatnonzero(keep.reshape(-1) & np.isnan(flat))
+    strides = [int(np.prod(keep.shape[k + 1:])) for k in range(3)]
+    for _ in range(WARM_START_FILL_PASSES):
+        if holes.size == 0:
+            break
+        where = np.unravel_index(holes, keep.shape)
+        total, count = np.zeros(holes.size), np.zeros(holes.size)
+        for k in range(3):
+            for step in (-1, 1):
+                inside = np.flatnonzero((where[k] + step >= 0) & (where[k] + step < keep.shape[k]))
+                values = flat[holes[inside] + step * strides[k]]
+                known = ~np.isnan(values)
+                total[inside[known]] += values[known]
+                count[inside[known]] += 1
+        filled = count > 0
+        flat[holes[filled]] = total[filled] / count[filled]  # after the pass: each pass grows one voxel
+        holes = holes[~filled]
+    start = guess[keep].astype(np.float64)
+    unknown = np.isnan(start)
+    start[unknown] = profile[unknown]
+    return start
+
+
+def _column_flux(diffusivity: np.ndarray, spacing: tuple[float, float, float], tolerance: float,
+                 field: np.ndarray | None = None) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+    """(flux, conducting voxels, their concentration) of a sub-volume (transport along axis 0,
+    concentration drop 1, no-flux sides); ``field``: a warm start (:func:`_warm_start`)."""
     keep = _spanning(diffusivity > 0)
     if keep is None:
-        return 0.0
+        return 0.0, None, None
     matrix, rhs, start, (_, g_in), _ = _system(diffusivity, keep, spacing)
-    del keep
-    return _solve(matrix, rhs, start, float(g_in.sum()), tolerance)
+    if field is not None:
+        start = _warm_start(start, keep, field)
+    flux, solution = _solve(matrix, rhs, start, float(g_in.sum()), tolerance)
+    return flux, keep, solution
 
 
 def _effective(values: np.ndarray, axis: int, spacing: tuple[float, float, float], max_voxels: int,
-               tolerance: float = SOLVE_TOLERANCE) -> tuple[float, int]:
-    """(D_eff / D_ref along ``axis``, number of columns solved) of a diffusivity (or 0/1 mask) volume."""
+               tolerance: float = SOLVE_TOLERANCE, start: np.ndarray | None = None,
+               keep_field: bool = False) -> tuple[float, int, np.ndarray | None]:
+    """(D_eff / D_ref along ``axis``, number of columns solved, concentration field or None) of a
+    diffusivity (or 0/1 mask) volume. ``start``: the field of a similar volume along the same axis
+    (a warm start); ``keep_field``: return this solve's field, float32 (Z, Y, X), NaN outside the
+    clusters that connect the two faces."""
     if values.ndim != 3 or min(values.shape) < 1:
         raise TortuosityError(f"the volume must be 3-D (Z, Y, X), got shape {values.shape}")
+    if start is not None and tuple(start.shape) != tuple(values.shape):
+        raise TortuosityError(f"the start field has shape {tuple(start.shape)}, the volume {tuple(values.shape)}")
     columns = column_slices(values.shape, axis, max_voxels)
     ordered = (spacing[axis], *(spacing[k] for k in range(3) if k != axis))
+    field = np.full(values.shape, np.nan, dtype=np.float32) if keep_field else None
     flux = 0.0
     for window in columns:
         column = np.ascontiguousarray(np.moveaxis(values[window], axis, 0))  # a mask stays 1 B/voxel
-        flux += _column_flux(column, ordered, tolerance)  # columns side by side conduct in parallel
+        guess = None if start is None else np.moveaxis(start[window], axis, 0)
+        part, keep, solution = _column_flux(column, ordered, tolerance, guess)
+        flux += part  # columns side by side conduct in parallel
+        if field is not None and keep is not None:
+            np.moveaxis(field[window], axis, 0)[keep] = solution  # a view: writes into field
     length = values.shape[axis] * spacing[axis]
     area = math.prod(values.shape[k] * spacing[k] for k in range(3) if k != axis)
-    return flux * length / area, len(columns)
+    return flux * length / area, len(columns), field
 
 
 def effective_diffusivity(
@@ -363,20 +416,44 @@ def tortuosity(
     voxel_size: float | Sequence[float] | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     tolerance: float = SOLVE_TOLERANCE,
+    start: np.ndarray | None = None,
 ) -> TortuosityResult:
     """Tortuosity factor of the phase ``mask`` (True: the phase) along ``axis`` (``"z"``/0 ...);
-    ``tolerance``: relative accuracy of the iterative solve (see :data:`SOLVE_TOLERANCE`)."""
+    ``tolerance``: relative accuracy of the iterative solve (see :data:`SOLVE_TOLERANCE`);
+    ``start``: see :func:`tortuosity_field`."""
+    return tortuosity_field(mask, axis, voxel_size, max_voxels, tolerance, start, keep_field=False)[0]
+
+
+def tortuosity_field(
+    mask: np.ndarray,
+    axis: int | str,
+    voxel_size: float | Sequence[float] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    tolerance: float = SOLVE_TOLERANCE,
+    start: np.ndarray | None = None,
+    keep_field: bool = True,
+) -> tuple[TortuosityResult, np.ndarray | None]:
+    """:func:`tortuosity` and the concentration field it was read from: float32 (Z, Y, X), 1 at
+    the inlet face of ``axis`` and 0 at the outlet, NaN where no flux goes (``keep_field=False``:
+    None, nothing kept).
+
+    ``start``: the field of a *similar* mask along the same axis, e.g. the argmax phase for a
+    volume that moved a few percent of its boundary voxels (a class-bias sweep): CG starts from
+    it (:func:`_warm_start`) instead of a straight channel's profile, about half the iterations
+    there (``benchmarks/results/microstructure_volume``). The answer is the same to the solve
+    tolerance: the stopping rule reads the flux, wherever the iterations began."""
     mask = np.asarray(mask)
     if mask.dtype != bool:
         raise TortuosityError(f"the phase mask must be boolean, got dtype {mask.dtype}")
     if not (isinstance(tolerance, (float, int)) and 0 < tolerance < 1):
         raise TortuosityError(f"tolerance must be a number between 0 and 1, got {tolerance!r}")
-    deff, columns = _effective(mask, axis_number(axis), voxel_spacing(voxel_size), max_voxels, float(tolerance))
+    deff, columns, field = _effective(mask, axis_number(axis), voxel_spacing(voxel_size), max_voxels,
+                                      float(tolerance), start, keep_field)
     fraction = float(np.count_nonzero(mask) / mask.size) if mask.size else 0.0
     method = METHOD if columns == 1 else f"{METHOD}, {columns} columns"
     if deff <= 0.0:
-        return TortuosityResult(None, 0.0, fraction, method)
-    return TortuosityResult(fraction / deff, deff, fraction, method)
+        return TortuosityResult(None, 0.0, fraction, method), field
+    return TortuosityResult(fraction / deff, deff, fraction, method), field
 
 
 def available_memory_bytes() -> int | None:
@@ -420,9 +497,101 @@ def parallel_workers(peak_bytes: Sequence[int], available: int | None = None, co
     return workers
 
 
-def _solve_task(mask: np.ndarray, axis: int, voxel_size: tuple[float, float, float], max_voxels: int) -> TortuosityResult:
-    """One (phase, axis) solve in a worker process."""
-    return tortuosity(mask, axis, voxel_size, max_voxels)
+def solve_workers(peak_bytes: Sequence[int], workers: int | None = None) -> int:
+    """Worker processes for solves of these peaks: ``workers`` when given (validated), else
+    :func:`parallel_workers`; never more than the solves."""
+    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
+        raise TortuosityError(f"workers must be a whole number >= 1, got {workers!r}")
+    count = parallel_workers(peak_bytes) if workers is None else int(workers)
+    return max(1, min(count, len(peak_bytes)))
+
+
+def _solve_files(mask_path: str, axis: int, spacing: tuple[float, float, float], max_voxels: int,
+                 tolerance: float, start_path: str | None, field_path: str | None) -> TortuosityResult:
+    """One (mask, axis) solve, in a worker process or this one: mask and fields travel as .npy
+    files (a field is 4 B/voxel: pickled through a pipe it would sit in both processes at once)."""
+    start = np.load(start_path, mmap_mode="r") if start_path else None
+    result, field = tortuosity_field(np.load(mask_path), axis, spacing, max_voxels, tolerance, start,
+                                     keep_field=field_path is not None)
+    if field_path is not None:
+        np.save(field_path, field)
+    return result
+
+
+class SolveQueue:
+    """Tortuosity solves of any number of masks in one set of worker processes, fed as they come.
+
+    Each (mask, axis) is a task on one core; the tasks of several volumes (the argmax and the
+    sweep volumes of :mod:`socseg.analysis.intervals`) share the workers, so none idles while
+    another volume's last axis runs, and the caller keeps working (measuring the next volume) while
+    they solve. A task may start from the concentration field of an earlier one
+    (``start_from``: a warm start, :func:`tortuosity_field`); that one must keep its field
+    (``keep_field``), and :meth:`submit` waits for it before it queues the new task.
+
+    Masks and fields go through a scratch folder (removed on close): 1 B per voxel per mask,
+    4 B per voxel per kept field (a 200x501x501 volume: 50 MB and 200 MB). ``workers`` 1: each
+    task runs in this process when submitted. The results do not depend on ``workers``.
+    """
+
+    def __init__(self, voxel_size: float | Sequence[float] | None = None, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 workers: int = 1, tolerance: float = SOLVE_TOLERANCE) -> None:
+        self._spacing = voxel_spacing(voxel_size)
+        self._max_voxels, self._tolerance = int(max_voxels), float(tolerance)
+        self._scratch = tempfile.TemporaryDirectory(prefix="socseg-tortuosity-")
+        # spawn: a forked copy of a process that has started TensorFlow or Dask threads can hang
+        self._pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+                      if workers > 1 else None)
+        self._masks: dict[Hashable, str] = {}
+        self._tasks: dict[Hashable, Future] = {}
+        self._fields: dict[Hashable, str] = {}
+
+    def __enter__(self) -> "SolveQueue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers (cancelling what has not started) and remove the scratch files."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._scratch.cleanup()
+
+    def add_mask(self, name: Hashable, mask: np.ndarray) -> None:
+        """Store a boolean phase mask under ``name`` for :meth:`submit`."""
+        mask = np.asarray(mask)
+        if mask.dtype != bool:
+            raise TortuosityError(f"the phase mask must be boolean, got dtype {mask.dtype}")
+        path = os.path.join(self._scratch.name, f"mask-{len(self._masks)}.npy")
+        np.save(path, mask)
+        self._masks[name] = path
+
+    def submit(self, task: Hashable, mask: Hashable, axis: int | str, start_from: Hashable | None = None,
+               keep_field: bool = False) -> None:
+        """Queue the solve ``task`` of the stored mask ``mask`` along ``axis``."""
+        if task in self._tasks:
+            raise ValueError(f"tortuosity task {task!r} submitted twice")
+        start = None
+        if start_from is not None:
+            if start_from not in self._fields:
+                raise ValueError(f"tortuosity task {start_from!r} keeps no field to start {task!r} from")
+            self._tasks[start_from].result()  # its field is written when it ends
+            start = self._fields[start_from]
+        field = os.path.join(self._scratch.name, f"field-{len(self._tasks)}.npy") if keep_field else None
+        args = (self._masks[mask], axis_number(axis), self._spacing, self._max_voxels, self._tolerance, start, field)
+        if self._pool is None:
+            done: Future = Future()
+            done.set_result(_solve_files(*args))
+            self._tasks[task] = done
+        else:
+            self._tasks[task] = self._pool.submit(_solve_files, *args)
+        if field is not None:
+            self._fields[task] = field
+
+    def result(self, task: Hashable) -> TortuosityResult:
+        """The result of ``task``, waiting for it."""
+        return self._tasks[task].result()
 
 
 def phase_tortuosity(
@@ -443,8 +612,7 @@ def phase_tortuosity(
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise TortuosityError(f"labels must be 3-D (Z, Y, X), got shape {labels.shape}")
-    if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
-        raise TortuosityError(f"workers must be a whole number >= 1, got {workers!r}")
+    solve_workers([], workers)  # refuses a bad count before any slow work
     unknown = sorted(set(np.unique(labels).tolist()) - set(phase_map))
     if unknown:
         raise TortuosityError(f"label values {unknown} are not in the phase map {dict(phase_map)}")
@@ -458,14 +626,10 @@ def phase_tortuosity(
     masks = {by_name[p.lower()][1]: labels == by_name[p.lower()][0] for p in wanted}
     tasks = [(name, a) for name in masks for a in axis_ids]
     peaks = {name: solve_peak_bytes(mask) for name, mask in masks.items()}
-    count = parallel_workers([peaks[name] for name, _ in tasks]) if workers is None else int(workers)
-    count = min(count, len(tasks))
-    if count <= 1:
-        solved = {(name, a): tortuosity(masks[name], a, spacing, max_voxels) for name, a in tasks}
-    else:
-        # spawn: a forked copy of a process that has started TensorFlow or Dask threads can hang
-        with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
-            ordered = sorted(tasks, key=lambda t: -peaks[t[0]])  # largest first: the last to finish is short
-            futures = {task: pool.submit(_solve_task, masks[task[0]], task[1], spacing, max_voxels) for task in ordered}
-            solved = {task: future.result() for task, future in futures.items()}
-    return {name: {AXES[a]: solved[(name, a)] for a in axis_ids} for name in masks}
+    count = solve_workers([peaks[name] for name, _ in tasks], workers)
+    with SolveQueue(spacing, max_voxels, count) as queue:
+        for name, mask in masks.items():
+            queue.add_mask(name, mask)
+        for task in sorted(tasks, key=lambda t: -peaks[t[0]]):  # largest first: the last to finish is short
+            queue.submit(task, task[0], task[1])
+        return {name: {AXES[a]: queue.result((name, a)) for a in axis_ids} for name in masks}
