@@ -873,28 +873,35 @@ _CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
                ("err.tpb.active_density.z", "active_tpb_z"), ("mean_iou", "iou"), ("sd_mean_iou", "sd_iou"),
                ("iou_ni", "iou_ni"), ("sd_iou_ni", "sd_iou_ni"))
 _CV_SIGMAS = (("in-plane sigma 0", "none"), ("in-plane sigma 1.3", "smoothed"))
-for _label, _short in (("U-Net", "plain"), ("U-Net + TTA", "tta"), ("U-Net + multi-axis", "multiaxis")):
-    for _variant, _vshort in _CV_SIGMAS:
-        for _metric, _name in _CV_METRICS:
-            def _inference_figure(results: Results, label: str = _label, variant: str = _variant,
-                                  metric: str = _metric) -> float:
-                """cv_inference_microstructure: one inference mode's mean over the five folds."""
-                return _cv_rows_mean(results, "cv_inference_microstructure/cv_postprocess.json", label, variant, metric)
+# cv_inference_microstructure: the fold models of cv_inference (first fold with the wrong neighbour);
+# cv_fixed_microstructure: those of cv_fixed_folds, the same recipe after the fold-copy fix
+_CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference"),
+                       ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed"))
+for _rel, _prefix in _CV_INFERENCE_FILES:
+    for _label, _short in (("U-Net", "plain"), ("U-Net + TTA", "tta"), ("U-Net + multi-axis", "multiaxis")):
+        for _variant, _vshort in _CV_SIGMAS:
+            for _metric, _name in _CV_METRICS:
+                def _inference_figure(results: Results, rel: str = _rel, label: str = _label, variant: str = _variant,
+                                      metric: str = _metric) -> float:
+                    """One inference mode's mean over the five folds."""
+                    return _cv_rows_mean(results, rel, label, variant, metric)
 
-            derived(f"cv_inference_{_name}_{_short}_{_vshort}")(_inference_figure)
+                derived(f"{_prefix}_{_name}_{_short}_{_vshort}")(_inference_figure)
 
-        def _within_3pct(results: Results, label: str = _label, variant: str = _variant) -> float:
-            """cv_inference_microstructure: folds whose TPB density is within 3 % of the labels'."""
-            return _folds_within_3pct(results, "cv_inference_microstructure/cv_postprocess.json", label, variant)
+            def _within_3pct(results: Results, rel: str = _rel, label: str = _label, variant: str = _variant) -> float:
+                """Folds whose TPB density is within 3 % of the labels'."""
+                return _folds_within_3pct(results, rel, label, variant)
 
-        derived(f"cv_inference_within_3pct_{_short}_{_vshort}")(_within_3pct)
+            derived(f"{_prefix}_within_3pct_{_short}_{_vshort}")(_within_3pct)
 
-        for _metric, _name in (("err.tpb.density", "tpb"), ("mean_iou", "iou")):
-            def _fold1_figure(results: Results, label: str = _label, variant: str = _variant, metric: str = _metric) -> float:
-                """cv_inference_microstructure: one inference mode's figure on fold 1 (the top of the volume)."""
-                return _cv_rows_mean(results, "cv_inference_microstructure/cv_postprocess.json", label, variant, metric, {1})
+            for _metric, _name in (("err.tpb.density", "tpb"), ("mean_iou", "iou"), ("abs_err.tpb.density", "abs_tpb")):
+                for _fold in range(1, 6):
+                    def _fold_figure(results: Results, rel: str = _rel, label: str = _label, variant: str = _variant,
+                                     metric: str = _metric, fold: int = _fold) -> float:
+                        """One inference mode's figure on one fold (fold 1: the top of the volume)."""
+                        return _cv_rows_mean(results, rel, label, variant, metric, {fold})
 
-            derived(f"cv_inference_fold1_{_name}_{_short}_{_vshort}")(_fold1_figure)
+                    derived(f"{_prefix}_fold{_fold}_{_name}_{_short}_{_vshort}")(_fold_figure)
 
 for _sigma in ("0", "0.5", "0.7", "1"):
     for _metric, _name in (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"), ("mean_iou", "iou"),

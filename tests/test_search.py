@@ -340,3 +340,29 @@ def test_params_yaml_searches_only_contexts_its_gap_holds(params):
 
     assert max(searchable_values(params["search"]["space"], "train.context_slices", None)) <= params["split"]["gap"]
     check_search_context_gap(params)
+
+
+def _completed(number: int, iou: float, tpb_error: float | None) -> optuna.trial.FrozenTrial:
+    from socseg.inference.evaluate import TPB_ERROR
+
+    attrs = {} if tpb_error is None else {f"val_{TPB_ERROR}": tpb_error}
+    trial = optuna.trial.create_trial(value=iou, params={}, distributions={}, user_attrs=attrs)
+    trial.number = number
+    return trial
+
+
+def test_the_best_trial_is_the_best_iou_among_those_near_the_least_tpb_error():
+    """The champion gate's TPB rule applied among trials: a higher IoU whose |TPB error| is more
+    than the tolerance above the least any trial reached is passed over."""
+    from socseg.training.search import choose_best_trial
+
+    trials = [_completed(0, 0.985, 0.08), _completed(1, 0.984, -0.02), _completed(2, 0.980, 0.01),
+              _completed(3, 0.9845, 0.041)]
+    assert choose_best_trial(trials, 0.03).number == 1  # trial 0 and 3: more than 0.01 + 0.03
+    assert choose_best_trial(trials, 0.05).number == 3  # 0.041 within 0.01 + 0.05, 0.08 not
+    assert choose_best_trial(trials, 0.08).number == 0
+    assert choose_best_trial(trials, None).number == 0  # the metric alone, as optuna's best_trial
+    ni_task = [_completed(0, 0.97, None), _completed(1, 0.98, None), _completed(2, 0.98, None)]
+    assert choose_best_trial(ni_task, 0.03).number == 1  # no TPB error: IoU alone; a tie goes to the earlier
+    with pytest.raises(ValueError, match="no completed trial"):
+        choose_best_trial([], 0.03)

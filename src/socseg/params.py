@@ -337,7 +337,8 @@ class RegistryParams:
     promotion_lock: str = _help("auto | postgresql:// URL | folder: where promotions of one model take turns")
     promotion_lock_timeout: float = _help("seconds to wait for another promotion of the same model")
     tpb_tolerance: float | None = _help("3-phase models: not promoted if their |TPB density error| on the test "
-                                        "labels exceeds the champion's by more than this (0.03: 3 points); null: "
+                                        "labels exceeds the champion's by more than this (0.03: 3 points); a search "
+                                        "picks its best trial among those within it of the least val error; null: "
                                         "the metric alone")
 
     def __post_init__(self) -> None:

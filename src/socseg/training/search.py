@@ -17,7 +17,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import keras
 import matplotlib.pyplot as plt
@@ -263,6 +263,26 @@ class SearchResult:
         return dict(self.__dict__)
 
 
+def choose_best_trial(completed: Sequence[optuna.trial.FrozenTrial],
+                      tpb_tolerance: float | None) -> optuna.trial.FrozenTrial:
+    """The trial a search hands on (to the register step): the highest validation mean IoU, among
+    the trials whose |validation TPB density error| is within ``tpb_tolerance`` of the smallest
+    any completed trial reached (``registry.tpb_tolerance``: the champion gate's rule, applied
+    among trials, so the search does not pick a model the gate would refuse for its TPB while a
+    trial almost as good in IoU gets it right). Trials without a TPB error (the ``ni`` task) or
+    ``tpb_tolerance`` None: the highest IoU alone, as Optuna's ``best_trial``. Ties: the earlier."""
+    if not completed:
+        raise ValueError("no completed trial to choose from")
+    key = f"val_{TPB_ERROR}"
+    errors = {t.number: abs(float(t.user_attrs[key])) for t in completed
+              if key in t.user_attrs and math.isfinite(float(t.user_attrs[key]))}
+    eligible = list(completed)
+    if tpb_tolerance is not None and errors:
+        least = min(errors.values())
+        eligible = [t for t in completed if t.number in errors and errors[t.number] <= least + tpb_tolerance]
+    return max(sorted(eligible, key=lambda t: t.number), key=lambda t: float(t.value))
+
+
 def trial_objective(params: Mapping, encoder: str, study_name: str, worker: str,
                     started: list[int]) -> Callable[[optuna.Trial], float]:
     """The study's objective: one nested training run per trial (validation only, pruned by the
@@ -338,7 +358,10 @@ def run_search(
         completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not completed:
             raise RuntimeError(f"study {study.study_name!r} has no completed trial (all pruned or failed)")
-        best = study.best_trial
+        best = choose_best_trial(completed, p.registry.tpb_tolerance)
+        if best.number != study.best_trial.number:
+            mlflow.set_tag("best_trial_rule", f"trial {study.best_trial.number} has the highest IoU but its |val TPB "
+                                              f"error| is more than registry.tpb_tolerance above the least; trial {best.number} chosen")
         mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
         mlflow.log_metrics({"best_val_mean_iou": best.value, "best_trial": best.number,
                             "n_finished_trials": len(finished_trials(study)), "n_trained_trials": len(started)})
