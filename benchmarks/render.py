@@ -678,7 +678,8 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_inference_microstructure": "microstructure.md", "cv_boundary_loss": "accuracy.md",
     "cv_boundary_loss_microstructure": "microstructure.md", "cv_multiaxis_sigma": "microstructure.md",
     "fusion_halo": "microstructure.md", "cv_inference_xeon": "accuracy.md", "cv_context2": "accuracy.md",
-    "fusion_context2": "microstructure.md",
+    "fusion_context2": "microstructure.md", "cv_fixed_folds": "accuracy.md",
+    "cv_fixed_microstructure": "microstructure.md", "microstructure_volume_queue": "microstructure.md",
 }
 
 
