@@ -847,10 +847,10 @@ def _cv_rows(results: Results, rel: str, method: str, variant: str, folds: set[i
     return rows
 
 
-def _folds_within_3pct(results: Results, rel: str, method: str, variant: str) -> float:
-    """How many of a cv_postprocess file's folds put ``method`` / ``variant``'s TPB density within
-    3 % of the labels'."""
-    return float(sum(abs(r["err.tpb.density"]) <= 0.03 for r in _cv_rows(results, rel, method, variant)))
+def _folds_within_3pct(results: Results, rel: str, method: str, variant: str, metric: str = "err.tpb.density") -> float:
+    """How many of a cv_postprocess file's folds put ``method`` / ``variant``'s ``metric`` (a
+    relative error; default the TPB density's) within 3 % of the labels'."""
+    return float(sum(abs(r[metric]) <= 0.03 for r in _cv_rows(results, rel, method, variant)))
 
 
 def _cv_rows_mean(results: Results, rel: str, method: str, variant: str, metric: str,
@@ -894,6 +894,12 @@ for _rel, _prefix in _CV_INFERENCE_FILES:
                 return _folds_within_3pct(results, rel, label, variant)
 
             derived(f"{_prefix}_within_3pct_{_short}_{_vshort}")(_within_3pct)
+
+            def _active_within_3pct(results: Results, rel: str = _rel, label: str = _label, variant: str = _variant) -> float:
+                """Folds whose active TPB density along z is within 3 % of the labels'."""
+                return _folds_within_3pct(results, rel, label, variant, "err.tpb.active_density.z")
+
+            derived(f"{_prefix}_active_within_3pct_{_short}_{_vshort}")(_active_within_3pct)
 
             for _metric, _name in (("err.tpb.density", "tpb"), ("mean_iou", "iou"), ("abs_err.tpb.density", "abs_tpb")):
                 for _fold in range(1, 6):
