@@ -103,7 +103,7 @@ import tifffile
 
 from socseg.analysis.microstructure import (MicrostructureResult, flatten_metrics, flatten_tortuosity, measure,
                                             tortuosity_phases)
-from socseg.analysis.tortuosity import AXES, DEFAULT_MAX_VOXELS, SolveQueue, solve_peak_bytes, solve_workers
+from socseg.analysis.tortuosity import AXES, DEFAULT_MAX_VOXELS, phase_solves
 from socseg.analysis.uncertainty import PROBABILITIES_CONTENT, class_probabilities, quantise
 from socseg.data.chunked import ChunkedLabels
 from socseg.data.formats import MULTIPAGE_TIFF, ZARR_ARRAY
@@ -554,16 +554,8 @@ def measure_with_intervals(
     with ExitStack() as stack:
         queue, kept = None, []
         if asked:
-            masks = {name: argmax == names.index(name) for name in asked}
-            peaks = {name: solve_peak_bytes(mask) for name, mask in masks.items()}
-            count = solve_workers([peaks[name] for name in asked for _ in AXES], workers)
-            queue = stack.enter_context(SolveQueue(voxel_size, max_voxels, count))
-            for name, mask in masks.items():
-                queue.add_mask(("argmax", name), mask)
-            del masks
-            for name in sorted(asked, key=lambda n: -peaks[n]):  # largest first: the last to finish is short
-                for axis in AXES:
-                    queue.submit(("argmax", name, axis), ("argmax", name), axis, keep_field=True)
+            queue = stack.enter_context(phase_solves({name: argmax == names.index(name) for name in asked}, AXES,
+                                                     voxel_size, max_voxels, workers, "argmax", keep_field=True))
 
         def keep_for_tortuosity(index: int, labels: np.ndarray, phases: tuple[str, ...]) -> None:
             for name in phases:

@@ -624,12 +624,25 @@ def phase_tortuosity(
     axis_ids = [axis_number(a) for a in axes]
     spacing = voxel_spacing(voxel_size)
     masks = {by_name[p.lower()][1]: labels == by_name[p.lower()][0] for p in wanted}
-    tasks = [(name, a) for name in masks for a in axis_ids]
+    with phase_solves(masks, axis_ids, spacing, max_voxels, workers) as queue:
+        return {name: {AXES[a]: queue.result((None, name, a)) for a in axis_ids} for name in masks}
+
+
+def phase_solves(masks: Mapping[str, np.ndarray], axes: Sequence[int | str],
+                 voxel_size: float | Sequence[float] | None = None, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 workers: int | None = None, tag: Hashable = None, keep_field: bool = False) -> SolveQueue:
+    """A :class:`SolveQueue` with every (phase mask, axis) of ``masks`` submitted, the largest
+    phases first (the last solve to finish is then a short one): masks stored as ``(tag, name)``,
+    tasks as ``(tag, name, axis)``. ``workers`` None: :func:`parallel_workers` for these solves."""
     peaks = {name: solve_peak_bytes(mask) for name, mask in masks.items()}
-    count = solve_workers([peaks[name] for name, _ in tasks], workers)
-    with SolveQueue(spacing, max_voxels, count) as queue:
+    queue = SolveQueue(voxel_size, max_voxels, solve_workers([peaks[name] for name in masks for _ in axes], workers))
+    try:
         for name, mask in masks.items():
-            queue.add_mask(name, mask)
-        for task in sorted(tasks, key=lambda t: -peaks[t[0]]):  # largest first: the last to finish is short
-            queue.submit(task, task[0], task[1])
-        return {name: {AXES[a]: queue.result((name, a)) for a in axis_ids} for name in masks}
+            queue.add_mask((tag, name), mask)
+        for name in sorted(masks, key=lambda n: -peaks[n]):
+            for axis in axes:
+                queue.submit((tag, name, axis), (tag, name), axis, keep_field=keep_field)
+    except BaseException:
+        queue.close()
+        raise
+    return queue
