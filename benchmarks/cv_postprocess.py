@@ -30,6 +30,12 @@ fold's U-Net), so that the choice is not made on one test slab:
   (``U-Net + TTA``, ``U-Net + multi-axis``), so both inference options are cross-validated for
   IoU and microstructure at once.
 
+``--score-on train`` scores each fold's U-Net on slices it was trained on instead: a window as
+long as its fold, from the longest run of its training slices that are neighbours in the volume
+(its 2.5D context and fusion halo are then real neighbours, all trained on). That is how well the
+recipe fits labels it has seen, the ceiling its held-out score could reach without a better fit
+(issue 29 point 5).
+
 The chosen sigma (``figures.chosen_sigma``): the in-plane value with the smallest mean |TPB density
 error| over the folds among those whose mean IoU is within ``--iou-tolerance`` of no smoothing.
 
@@ -79,6 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--with-forest", action="store_true", help="also the forest of accuracy.py, per fold")
     p.add_argument("--inference", type=inference_modes, default=["plain"],
                    help=f"comma list of how the U-Nets predict: {', '.join(INFERENCE)}")
+    p.add_argument("--score-on", choices=["heldout", "train"], default="heldout",
+                   help="score each fold's model on its held-out fold, or on a window of its own training slices")
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--rf-samples", type=int, default=150_000)
     p.add_argument("--rf-jobs", type=int, default=2)
@@ -128,6 +136,30 @@ def fold_models(path: Path, method: str) -> dict[int, tuple[int, str]]:
     if not out:
         raise SystemExit(f"{path}: no phases rows of method {method!r} with a model_uri and a 'z-fold k/K' split")
     return out
+
+
+def training_window(setting, length: int):
+    """A slab of ``length`` training slices of a fold copy, centred in the longest run of them that
+    are neighbours in the original volume (``meta.extra["order"]``), so that its context and fusion
+    halo are real, trained-on neighbours."""
+    from socseg.data.prepare import Slab
+    from socseg.data.split import slab_split
+    from socseg.data.volumes import load_volume
+
+    volume = load_volume(setting.tests[0][0])
+    order = volume.meta.extra["order"]
+    split = setting.split
+    start, stop = slab_split(len(order), split["train"], split["val"], split["test"], int(split["gap"])).train
+    runs, first = [], start
+    for i in range(start + 1, stop + 1):
+        if i == stop or abs(order[i] - order[i - 1]) != 1:
+            runs.append((first, i))
+            first = i
+    run_start, run_stop = max(runs, key=lambda r: r[1] - r[0])
+    if run_stop - run_start < length:
+        raise SystemExit(f"{setting.label}: no {length} neighbouring training slices (longest run {run_stop - run_start})")
+    begin = run_start + (run_stop - run_start - length) // 2
+    return Slab(volume, (begin, begin + length))
 
 
 def variants(sigmas: Sequence[float]) -> list[tuple[str, str, float]]:
@@ -209,6 +241,8 @@ def write_outputs(args: argparse.Namespace, metadata: dict[str, Any], models: di
                 f"{args.split} (the CV run's fold copies); "
                 f"folds scored: {', '.join(map(str, done))}",
         "variants": ", ".join(v for v, _, _ in variants(args.sigmas)),
+        "scored on": ("each fold's held-out fold" if args.score_on == "heldout" else
+                      "a window of each fold's own training slices, as long as the fold, neighbours in the volume"),
         "inference": ", ".join(args.inference) + " (unsmoothed probabilities; each variant smooths its own)",
         "rule": f"chosen sigma ({first}): smallest mean |TPB density error| among in-plane sigmas with mean IoU "
                 f"within {args.iou_tolerance:g} of sigma 0",
@@ -219,7 +253,7 @@ def write_outputs(args: argparse.Namespace, metadata: dict[str, Any], models: di
                ("err.tpb.density", "TPB", "+.1%"), ("err.tpb.active_density.z", "active TPB z", "+.1%"),
                ("err.tpb.active_density.y", "active TPB y", "+.1%"), ("err.iface.pore-ni", "pore-Ni area", "+.1%"),
                ("err.perc.pore.z", "pore perc. z", "+.1%"), ("err.size.ni.d50", "Ni d50", "+.1%")]
-    notes = ["Relative errors against the manual labels of the same fold. Active TPB density = TPB density x the "
+    notes = ["Relative errors against the manual labels of the slices scored. Active TPB density = TPB density x the "
              "share of TPB whose three phases each reach both faces normal to the axis."]
     json_path, md_path = write_result(args.out, "cv_postprocess", "Probability smoothing under z-fold cross-validation",
                                       metadata, settings, figures, columns, rows, notes)
@@ -250,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix="socseg-cv-postprocess-") as tmp:
             setting = fold_setting(source, args.cache_dir, folds, fold, args.split, Path(tmp))
             slab = test_slabs(setting)[0]
+            if args.score_on == "train":
+                slab = training_window(setting, slab.z_range[1] - slab.z_range[0])
             names = [n.lower() for n in slab.volume.class_names]
             truth = slab.targets("phases")
             reference = microstructure(truth, names)

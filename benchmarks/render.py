@@ -873,14 +873,24 @@ def _boundary_folds(results: Results) -> set[int]:
 _CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
                ("err.tpb.active_density.z", "active_tpb_z"), ("mean_iou", "iou"), ("sd_mean_iou", "sd_iou"),
                ("iou_ni", "iou_ni"), ("sd_iou_ni", "sd_iou_ni"))
-_CV_SIGMAS = (("in-plane sigma 0", "none"), ("in-plane sigma 1.3", "smoothed"))
 # cv_inference_microstructure: the fold models of cv_inference (first fold with the wrong neighbour);
-# cv_fixed_microstructure: those of cv_fixed_folds, the same recipe after the fold-copy fix
-_CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference"),
-                       ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed"))
-for _rel, _prefix in _CV_INFERENCE_FILES:
+# cv_fixed_microstructure: those of cv_fixed_folds, the same recipe after the fold-copy fix;
+# cv_fused_sigma: cv_fixed_folds' models fused with more in-plane sigmas; cv_fit_ceiling: the same
+# models scored on slices they were trained on. Each with the in-plane sigmas it ran.
+_CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference", ("0", "1.3")),
+                       ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed", ("0", "1.3")),
+                       ("cv_fused_sigma/cv_postprocess.json", "cv_fused", ("0", "0.7", "1", "1.3")),
+                       ("cv_fit_ceiling/cv_postprocess.json", "cv_fit", ("0", "1.3")))
+
+
+def _sigma_name(sigma: str) -> str:
+    """A figure name's part for an in-plane sigma: none (0), smoothed (1.3, the default), else sigma_<value>."""
+    return {"0": "none", "1.3": "smoothed"}.get(sigma, "sigma_" + sigma.replace(".", "p"))
+
+
+for _rel, _prefix, _sigmas in _CV_INFERENCE_FILES:
     for _label, _short in (("U-Net", "plain"), ("U-Net + TTA", "tta"), ("U-Net + multi-axis", "multiaxis")):
-        for _variant, _vshort in _CV_SIGMAS:
+        for _variant, _vshort in ((f"in-plane sigma {s}", _sigma_name(s)) for s in _sigmas):
             for _metric, _name in _CV_METRICS:
                 def _inference_figure(results: Results, rel: str = _rel, label: str = _label, variant: str = _variant,
                                       metric: str = _metric) -> float:
@@ -945,7 +955,7 @@ for _way in ("z", "halo16"):
 
         derived(f"fusion_context1_{_name}_{_way}")(_context1_figure)
 
-for _variant, _vshort in _CV_SIGMAS:
+for _variant, _vshort in ((f"in-plane sigma {s}", _sigma_name(s)) for s in ("0", "1.3")):
     for _metric, _name in _CV_METRICS:
         def _boundary_figure(results: Results, variant: str = _variant, metric: str = _metric) -> float:
             """cv_boundary_loss_microstructure: the boundary-loss U-Net's mean over the folds it scored."""

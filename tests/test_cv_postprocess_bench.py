@@ -183,3 +183,32 @@ def test_inference_modes_are_parsed_and_unknown_ones_refused(bench):
         "plain", "tta", "multi-axis"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--models", "a.csv", "--inference", "plain,mirror"])
+
+
+@pytest.mark.parametrize("fold", range(4))
+def test_the_training_window_is_trained_slices_that_are_neighbours_in_the_volume(bench, tiny_params, tmp_path, fold):
+    """--score-on train: a window as long as the fold, inside the copy's training slab, whose
+    slices are neighbours in the original volume and keep their own labels."""
+    import accuracy
+    from socseg.data.split import slab_split
+    from socseg.data.volumes import load_volume
+
+    source = Path(tiny_params["data"]["dir"]) / "tiny"
+    gap = 1
+    setting = accuracy.fold_setting(source, tmp_path / "cache", 4, fold, [0.6, 0.1, 0.3, gap], tmp_path / "setting")
+    held_out = accuracy.test_slabs(setting)[0]
+    length = held_out.z_range[1] - held_out.z_range[0]
+    window = bench.training_window(setting, length)
+    start, stop = window.z_range
+    order = window.volume.meta.extra["order"]
+    split = setting.split
+    train = slab_split(len(order), split["train"], split["val"], split["test"], gap).train
+    assert stop - start == length and train[0] <= start and stop <= train[1]
+    original = order[start:stop]
+    assert all(abs(a - b) == 1 for a, b in zip(original, original[1:]))
+    fold_start, fold_stop = accuracy.fold_bounds(24, 4, fold)
+    assert all(z < fold_start - gap or z >= fold_stop + gap for z in original)
+    labels = load_volume(source).class_index(slice(0, 24))
+    assert np.array_equal(window.volume.class_index(slice(start, stop)), labels[original])
+    with pytest.raises(SystemExit, match="no 40 neighbouring training slices"):
+        bench.training_window(setting, 40)

@@ -11,6 +11,7 @@ import pytest
 import tifffile
 
 from conftest import tiny_segmenter
+from socseg.cache import CACHE_ENV
 from socseg.inference import runtime as rt
 from socseg.inference.predictor import Predictor
 from socseg.inference.request import InferenceOptions
@@ -60,7 +61,7 @@ def test_openvino_and_keras_give_the_same_probabilities(auto_model, grey):
 
 
 def test_the_ir_is_cached_by_the_model_file(auto_model, tmp_path, monkeypatch):
-    monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     exports = []
     real_export = rt.export_ir
     monkeypatch.setattr(rt, "export_ir", lambda network, folder: exports.append(folder) or real_export(network, folder))

@@ -30,7 +30,7 @@ def test_a_bf16_model_runs_in_float32_where_bf16_is_not_native(monkeypatch):
     network = mixed_network()
     batch = np.random.default_rng(0).random((2, 12, 12, 1), dtype=np.float32)
     monkeypatch.setattr("socseg.model.precision.gpu_supports_bf16", lambda: None)
-    monkeypatch.setattr("socseg.model.precision.cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr("socseg.model.precision.cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
 
     capped = precision.onednn_allows_bf16
     monkeypatch.setattr(precision, "onednn_allows_bf16", lambda isa_cap=None: capped("AVX2"))
@@ -91,3 +91,41 @@ def test_a_logged_bf16_segmenter_loads_in_float32_without_native_bf16(tmp_path, 
     assert inner.computes_in.startswith("float32") and not computes_in_bf16(inner.predictor.network)
     agree = np.mean(np.asarray(converted.predict(grey)) == np.asarray(as_trained.predict(grey)))
     assert agree > 0.99
+
+
+def test_the_probe_times_a_training_step_and_restores_the_dtype_policy():
+    import keras
+
+    from socseg.model.precision import time_training_step
+
+    before = keras.config.dtype_policy().name
+    seconds = time_training_step("mixed_bfloat16", steps=1, batch=2, size=32)
+    assert 0 < seconds < 60 and keras.config.dtype_policy().name == before
+
+
+@pytest.mark.parametrize("float32_s, bf16_s, expected", [(1.0, 0.5, "mixed_bfloat16"), (1.0, 1.5, "float32"),
+                                                         (1.0, 0.95, "float32")])  # 5 % is within the margin
+def test_the_measured_precision_is_the_faster_one_and_is_kept_per_machine(float32_s, bf16_s, expected, tmp_path,
+                                                                          monkeypatch):
+    import json
+
+    from socseg.model import precision
+
+    monkeypatch.setenv("SOCSEG_CACHE", str(tmp_path))
+    steps = {"float32": float32_s, "mixed_bfloat16": bf16_s}
+    calls = []
+    monkeypatch.setattr(precision, "time_training_step", lambda policy: calls.append(policy) or steps[policy])
+    precision.measured_cpu_precision.cache_clear()
+    try:
+        assert precision.measured_cpu_precision() == expected and len(calls) == 2
+        record = json.loads((tmp_path / precision.PROBE_FILE).read_text())
+        (key, entry), = record.items()
+        assert entry["precision"] == expected and entry["float32_step_s"] == float32_s and "oneDNN cap" in key
+        precision.measured_cpu_precision.cache_clear()  # a new process: the file answers, no new probe
+        assert precision.measured_cpu_precision() == expected and len(calls) == 2
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # another cap is another machine key
+        precision.measured_cpu_precision.cache_clear()
+        precision.measured_cpu_precision()
+        assert len(calls) == 4 and len(json.loads((tmp_path / precision.PROBE_FILE).read_text())) == 2
+    finally:
+        precision.measured_cpu_precision.cache_clear()

@@ -11,7 +11,7 @@ from socseg.training.runtime import runs_eagerly, runtime_tags
     [
         ({"avx2", "avx512f"}, None, "float32"),               # AVX-512 without bf16: emulated bf16 is slower
         ({"avx2"}, None, "float32"),
-        ({"avx512f", "avx512_bf16"}, None, "mixed_bfloat16"),
+        ({"avx512f", "avx512_bf16"}, None, "measured"),       # bf16 without AMX: the probe decides
         ({"amx_bf16", "amx_tile"}, None, "mixed_bfloat16"),
         ({"avx2"}, True, "mixed_bfloat16"),                   # an Ampere/Hopper GPU decides, not the CPU
         ({"avx512_bf16"}, False, "float32"),                  # an older GPU: float32 there
@@ -21,7 +21,7 @@ def test_auto_precision_follows_the_hardware(flags, gpu_bf16, expected, monkeypa
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     if gpu_bf16 is None:  # no GPU on this machine, whatever the test machine has
         monkeypatch.setattr("socseg.model.precision.gpu_supports_bf16", lambda: None)
-    assert resolve_precision("auto", flags=flags, gpu_bf16=gpu_bf16) == expected
+    assert resolve_precision("auto", flags=flags, gpu_bf16=gpu_bf16, probe=lambda: "measured") == expected
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_auto_precision_follows_the_hardware(flags, gpu_bf16, expected, monkeypa
     [
         ("AVX2", "float32"),              # the stand-in for CPUs without AVX-512: no native bf16 there
         ("avx512_core", "float32"),       # AVX-512 without its bf16 extension
-        ("AVX512_CORE_BF16", "mixed_bfloat16"),
+        ("AVX512_CORE_BF16", "measured"),  # bf16 units but AMX capped away: the probe decides
         ("AVX512_CORE_AMX", "mixed_bfloat16"),
         ("", "mixed_bfloat16"),           # set but empty: no cap
     ],
@@ -37,7 +37,7 @@ def test_auto_precision_follows_the_hardware(flags, gpu_bf16, expected, monkeypa
 def test_a_onednn_isa_cap_below_bf16_makes_auto_choose_float32(cap, expected, monkeypatch):
     monkeypatch.setattr("socseg.model.precision.gpu_supports_bf16", lambda: None)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-    assert resolve_precision("auto", flags={"avx512f", "avx512_bf16"}) == expected
+    assert resolve_precision("auto", flags={"avx512f", "avx512_bf16", "amx_bf16"}, probe=lambda: "measured") == expected
 
 
 def test_explicit_precision_is_kept_and_unknown_is_refused():
@@ -51,7 +51,8 @@ def test_explicit_precision_is_kept_and_unknown_is_refused():
     "cpu, gpu, expected",
     [
         ({"avx2", "avx512f"}, None, "float32"),
-        ({"avx512_bf16"}, None, "mixed_bfloat16"),
+        ({"avx512_bf16", "amx_bf16"}, None, "mixed_bfloat16"),
+        ({"avx512_bf16"}, None, "float32"),  # the (faked) probe found float32 the faster here
         ({"amx_bf16"}, (8, 0), "mixed_bfloat16"),
         ({"amx_bf16"}, (7, 5), "float32"),  # a Turing GPU trains, and it has no native bf16
         (set(), (9, 0), "mixed_bfloat16"),
@@ -68,6 +69,8 @@ def test_run_tags_name_the_precision_resolved_from_the_probed_hardware(cpu, gpu,
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 {' '.join(sorted(cpu))}\n\n")
     real_flags = runtime.cpu_flags
     monkeypatch.setattr(runtime, "cpu_flags", lambda: real_flags(str(cpuinfo)))
+    monkeypatch.setattr(runtime, "measured_cpu_precision", lambda: "float32")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     device = tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [device] if gpu and kind == "GPU" else [])
     monkeypatch.setattr(tf.config.experimental, "get_device_details",

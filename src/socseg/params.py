@@ -285,7 +285,8 @@ class TrainParams:
     learning_rate: float = _help("Adam learning rate")
     dropout: float = _help("decoder dropout")
     loss: str = _help("training loss", LOSSES)
-    precision: str = _help("auto: bf16 where the GPU or CPU does it natively, else float32", (AUTO, *PRECISIONS))
+    precision: str = _help("auto: bf16 on a GPU or CPU that does it natively and faster (a CPU with AVX512-BF16 "
+                                 "but no AMX: measured once per machine), else float32", (AUTO, *PRECISIONS))
     encoder_weights: str = field(metadata={"help": "imagenet | none | path to a local weights file",
                                            "choices": ("imagenet", "none"), "or_path": True})
     encoder_batchnorm: str = _help("VGG16 only: BatchNorm after each conv (auto: when training from scratch)",

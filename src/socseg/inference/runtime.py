@@ -32,10 +32,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from socseg.cache import cache_root
 from socseg.params import AUTO, RUNTIMES
 
 KERAS, OPENVINO = "keras", "openvino"
-CACHE_ENV = "SOCSEG_CACHE"  # the cache root socseg and its benchmarks share (default ~/.cache/socseg)
 IR_NAME = "segmenter.xml"  # + segmenter.bin
 
 
@@ -70,10 +70,6 @@ def resolve_runtime(setting: str, gpu: bool | None = None) -> str:
 
         gpu = gpu_supports_bf16() is not None
     return OPENVINO if not gpu and openvino_version() is not None else KERAS
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "socseg")
 
 
 def _ir_key(source_file: Path) -> str:
