@@ -673,7 +673,9 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "tortuosity": "microstructure.md", "tortuosity_solver": "microstructure.md", "fold_seam": "microstructure.md", "fusion_rerun": "microstructure.md", "cv_ni": "accuracy.md", "cv_phases": "accuracy.md", "cv_postprocess": "microstructure.md", "base_2p5d_pv_phases": "microstructure.md",
     "napari": "../viewer.md", "runtime_avx2": "speed.md", "runtime_avx512": "speed.md",
     "base_2p5d_pv_xeon": "speed.md", "vgg16_pv_xeon": "speed.md", "runtime_models": "speed.md",
-    "train_throughput": "speed.md", "cv_ensemble": "accuracy.md", "cv_ensemble_microstructure": "microstructure.md",
+    "train_throughput": "speed.md", "train_throughput_avx512": "speed.md",
+    "quickstart_avx512": "speed.md", "cv_fused_sigma": "microstructure.md", "cv_fit_ceiling": "accuracy.md",
+    "cv_ni_fixed": "accuracy.md", "cv_ensemble": "accuracy.md", "cv_ensemble_microstructure": "microstructure.md",
     "cv_fold1_long": "accuracy.md", "cv_inference": "accuracy.md", "cv_inference_rerun": "accuracy.md",
     "cv_inference_microstructure": "microstructure.md", "cv_boundary_loss": "accuracy.md",
     "cv_boundary_loss_microstructure": "microstructure.md", "cv_multiaxis_sigma": "microstructure.md",
@@ -880,7 +882,7 @@ _CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
 _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference", ("0", "1.3")),
                        ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed", ("0", "1.3")),
                        ("cv_fused_sigma/cv_postprocess.json", "cv_fused", ("0", "0.7", "1", "1.3")),
-                       ("cv_fit_ceiling/cv_postprocess.json", "cv_fit", ("0", "1.3")))
+                       ("cv_fit_ceiling/cv_postprocess.json", "cv_fit", ("0", "0.7", "1.3")))
 
 
 def _sigma_name(sigma: str) -> str:

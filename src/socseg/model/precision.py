@@ -161,7 +161,7 @@ def time_training_step(policy: str, steps: int = 4, batch: int = 8, size: int = 
 @functools.lru_cache(maxsize=None)
 def measured_cpu_precision() -> str:
     """The faster of ``mixed_bfloat16`` and ``float32`` for training on this CPU, measured once
-    (:func:`time_training_step`, some 20 s) and then read from ``precision.json`` in the socseg
+    (:func:`time_training_step`, under half a minute) and then read from ``precision.json`` in the socseg
     cache; bf16 only if it is :data:`PROBE_MARGIN` times faster. A cache that cannot be written
     costs a probe per process, nothing else."""
     path = cache_root() / PROBE_FILE
