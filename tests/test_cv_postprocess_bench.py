@@ -102,13 +102,14 @@ def test_the_result_file_holds_the_folds_scored_so_far(bench, tmp_path):
              "err.tpb.density": err}
             for name, shift in (("pv seed 42", 0.0), ("pv ensemble of 2", -0.02)) for s, err in [(0, 0.05 + shift), (1, 0.01)]]
     args = argparse.Namespace(sigmas=[0.0, 1.0], iou_tolerance=0.0005, models=tmp_path / "accuracy.csv", inference=["plain"],
-                              split=[0.6, 0.1, 0.3, 8], note="", out=tmp_path / "out")
+                              score_on="train", split=[0.6, 0.1, 0.3, 8], note="", out=tmp_path / "out")
     labels = {"pv seed 42": "U-Net pv seed 42", "pv ensemble of 2": "U-Net pv ensemble of 2"}
     metadata = {"command": "test", "date": "now", "git_commit": "abc", "git_dirty": False, "hardware": {}, "cpu_class": "x",
                 "load_start": None}
     json_path, _, figures = bench.write_outputs(args, metadata, {0: (5, "a"), 1: (5, "b")}, list(labels), labels, rows)
     record = json.loads(json_path.read_text())
     assert "folds scored: 1" in record["settings"]["data"]
+    assert record["settings"]["scored on"].startswith("a window of each fold's own training slices")
     assert figures["U-Net pv ensemble of 2 | in-plane sigma 0"]["err.tpb.density"]["mean"] == pytest.approx(0.03)
     assert figures["chosen_sigma"] == 1.0 and "(U-Net pv seed 42)" in record["settings"]["rule"]
 
