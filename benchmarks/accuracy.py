@@ -681,8 +681,9 @@ def write_cv_summary(rows: list[dict], args, header: dict[str, str]) -> None:
     columns += [("mean_iou_minus_forest_mean", "mean IoU - forest", "+.4f"), ("mean_iou_minus_forest_std", "sd", ".4f"),
                 ("iou_ni_minus_forest_mean", "IoU Ni - forest", "+.4f"), ("iou_ni_minus_forest_std", "sd", ".4f"),
                 ("iou_ni_minus_forest_min", "worst fold", "+.4f")]
+    # the commit the run started from (its rows carry it), not the checkout's HEAD when a fold ends
     metadata = {"command": header["command"].strip("`"), "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-                "git_commit": git_commit(), "git_dirty": git_dirty(), "hardware": cpu_info(),
+                "git_commit": rows[0]["git_commit"], "git_dirty": rows[0]["git_dirty"], "hardware": cpu_info(),
                 "cpu_class": cpu_class(cpu_info().get("flags", {}), os.environ.get(ONEDNN_ISA_ENV)),
                 "load_start": None}
     settings = {"data": header.get("data", ""), "folds": args.folds, "per fold rows": str(args.out / "accuracy.csv")}

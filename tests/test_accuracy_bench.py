@@ -207,3 +207,20 @@ def test_only_folds_runs_the_folds_named_and_refuses_others(repo_root, tiny_para
     assert [r["split"] for r in rows] == ["z-fold 3/3, gap 2"]
     with pytest.raises(SystemExit):
         accuracy.main([*common, "--only-folds", "4"])
+
+
+def test_the_cv_summary_records_the_commit_the_run_started_from(repo_root, tmp_path):
+    """cv.json is rewritten after each fold; a commit made meanwhile is not the code that ran."""
+    import argparse
+    import json
+
+    accuracy = _accuracy_module(repo_root)
+    rows = [{"task": "ni", "method": method, "split": f"z-fold {k}/2, gap 2", "iou_ni": iou, "mean_iou": iou,
+             "git_commit": "abc1234", "git_dirty": True}
+            for k in (1, 2) for method, iou in ((accuracy.METHOD_LABELS["rf"], 0.97), ("U-Net (from scratch)", 0.98 + k / 1000))]
+    args = argparse.Namespace(folds=2, out=tmp_path)
+    accuracy.write_cv_summary(rows, args, {"command": "`python benchmarks/accuracy.py --folds 2`", "data": "phantom"})
+    record = json.loads((tmp_path / "cv.json").read_text())
+    assert record["git_commit"] == "abc1234" and record["git_dirty"] is True
+    unet = next(r for r in record["rows"] if r["method"] == "U-Net (from scratch)")
+    assert unet["iou_ni_minus_forest_mean"] == pytest.approx(0.0115)
