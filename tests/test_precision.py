@@ -129,3 +129,33 @@ def test_the_measured_precision_is_the_faster_one_and_is_kept_per_machine(float3
         assert len(calls) == 4 and len(json.loads((tmp_path / precision.PROBE_FILE).read_text())) == 2
     finally:
         precision.measured_cpu_precision.cache_clear()
+
+
+@pytest.mark.slow(seconds=15)
+def test_processes_that_start_at_once_share_one_probe(tmp_path):
+    """Dask workers loading a model at once: the first times the step, the others wait for its
+    answer instead of timing each other's contention."""
+    import os
+    import subprocess
+    import sys
+
+    probes = tmp_path / "probes"
+    script = f"""
+import time
+from socseg.model import precision
+
+def fake_step(policy):
+    with open({str(probes)!r}, "a") as handle:
+        handle.write(policy + "\\n")
+    time.sleep(1.0)
+    return 1.0 if policy == "float32" else 2.0
+
+precision.time_training_step = fake_step
+print("CHOICE", precision.measured_cpu_precision())
+"""
+    env = {**os.environ, "SOCSEG_CACHE": str(tmp_path / "cache"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    workers = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    assert [line for out in outputs for line in out.splitlines() if line.startswith("CHOICE")] == ["CHOICE float32"] * 2
+    assert probes.read_text().split() == ["float32", "mixed_bfloat16"]

@@ -161,30 +161,42 @@ def time_training_step(policy: str, steps: int = 4, batch: int = 8, size: int = 
 @functools.lru_cache(maxsize=None)
 def measured_cpu_precision() -> str:
     """The faster of ``mixed_bfloat16`` and ``float32`` for training on this CPU, measured once
-    (:func:`time_training_step`, under half a minute) and then read from ``precision.json`` in the socseg
-    cache; bf16 only if it is :data:`PROBE_MARGIN` times faster. A cache that cannot be written
-    costs a probe per process, nothing else."""
+    (:func:`time_training_step`, under half a minute) and then read from ``precision.json`` in the
+    socseg cache; bf16 only if it is :data:`PROBE_MARGIN` times faster. Processes that start at
+    once (Dask workers loading a model) wait on a lock for the first one's answer rather than time
+    each other's contention. A cache that cannot be written costs a probe per process, nothing else."""
+    from filelock import FileLock, Timeout
+
     path = cache_root() / PROBE_FILE
     key = _machine_key()
     try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError):
-        records = {}
-    if isinstance(records.get(key), dict) and records[key].get("precision") in PRECISIONS:
-        return records[key]["precision"]
-    float32_s = time_training_step("float32")
-    bf16_s = time_training_step("mixed_bfloat16")
-    choice = "mixed_bfloat16" if float32_s >= PROBE_MARGIN * bf16_s else "float32"
-    records[key] = {"precision": choice, "float32_step_s": round(float32_s, 4), "bf16_step_s": round(bf16_s, 4),
-                    "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(records, indent=1))
-        partial.replace(path)
-    except OSError:
-        pass
-    return choice
+        lock = FileLock(str(path) + ".lock", timeout=300)
+        lock.acquire()
+    except (OSError, Timeout):
+        lock = None
+    try:
+        try:
+            records = json.loads(path.read_text())
+        except (OSError, ValueError):
+            records = {}
+        if isinstance(records.get(key), dict) and records[key].get("precision") in PRECISIONS:
+            return records[key]["precision"]
+        float32_s = time_training_step("float32")
+        bf16_s = time_training_step("mixed_bfloat16")
+        choice = "mixed_bfloat16" if float32_s >= PROBE_MARGIN * bf16_s else "float32"
+        records[key] = {"precision": choice, "float32_step_s": round(float32_s, 4), "bf16_step_s": round(bf16_s, 4),
+                        "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        try:
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(records, indent=1))
+            partial.replace(path)
+        except OSError:
+            pass
+        return choice
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def onednn_allows_bf16(isa_cap: str | None = None) -> bool:
