@@ -36,6 +36,10 @@ long as its fold, from the longest run of its training slices that are neighbour
 recipe fits labels it has seen, the ceiling its held-out score could reach without a better fit
 (issue 29 point 5).
 
+``--tortuosity`` adds the tortuosity factor of each phase along z, y and x
+(:mod:`socseg.analysis.tortuosity`) to the labels' and the in-plane variants' metrics (not to the
+two references: the solves are the slow part), so its relative error is cross-validated too.
+
 The chosen sigma (``figures.chosen_sigma``): the in-plane value with the smallest mean |TPB density
 error| over the folds among those whose mean IoU is within ``--iou-tolerance`` of no smoothing.
 
@@ -65,6 +69,8 @@ from _common import RESULTS, floats, import_socpristine, run_metadata, write_res
 METRICS = ("tpb.density", "tpb.active_density.z", "tpb.active_density.y", "tpb.active_density.x",
            "iface.pore-ysz", "iface.pore-ni", "iface.ysz-ni", "perc.pore.z", "perc.ysz.z", "perc.ni.z",
            "vf.pore", "vf.ysz", "vf.ni", "size.ni.d50")
+# --tortuosity: the tortuosity factor of each phase along each axis (issue 27's 5 % goal)
+TORTUOSITY_METRICS = tuple(f"tau.{phase}.{axis}" for phase in ("pore", "ysz", "ni") for axis in "zyx")
 ISLAND_VOXELS = 8
 # --inference: the method label's suffix for each way of predicting
 INFERENCE = {"plain": "", "tta": " + TTA", "multi-axis": " + multi-axis"}
@@ -87,6 +93,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"comma list of how the U-Nets predict: {', '.join(INFERENCE)}")
     p.add_argument("--score-on", choices=["heldout", "train"], default="heldout",
                    help="score each fold's model on its held-out fold, or on a window of its own training slices")
+    p.add_argument("--tortuosity", action="store_true",
+                   help="also each phase's tortuosity factor per axis, for the labels and the in-plane variants")
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--rf-samples", type=int, default=150_000)
     p.add_argument("--rf-jobs", type=int, default=2)
@@ -183,31 +191,33 @@ def apply_variant(probabilities: np.ndarray, kind: str, value: float) -> np.ndar
     return without_islands(probabilities.argmax(-1).astype(np.uint8), int(value))
 
 
-def microstructure(labels: np.ndarray, names: list[str]) -> dict[str, float]:
+def microstructure(labels: np.ndarray, names: list[str], tortuosity: bool = False) -> dict[str, float]:
     from socseg.analysis.microstructure import flatten_metrics, measure
 
-    flat = flatten_metrics(measure(labels, dict(enumerate(names)), size_phases=["ni"]))
+    flat = flatten_metrics(measure(labels, dict(enumerate(names)), size_phases=["ni"], tortuosity=tortuosity))
     for axis in "zyx":
         flat[f"tpb.active_density.{axis}"] = flat["tpb.density"] * flat[f"tpb.active.{axis}"]
     return flat
 
 
-def scored(truth: np.ndarray, pred: np.ndarray, names: list[str], reference: dict[str, float]) -> dict[str, Any]:
-    """IoU per class and the relative error of each of METRICS against ``reference`` (the labels')."""
+def scored(truth: np.ndarray, pred: np.ndarray, names: list[str], reference: dict[str, float],
+           tortuosity: bool = False) -> dict[str, Any]:
+    """IoU per class and the relative error of each of METRICS (and TORTUOSITY_METRICS with
+    ``tortuosity``) against ``reference`` (the labels')."""
     from socseg.model.metrics import confusion_matrix, segmentation_scores
 
     scores = segmentation_scores(confusion_matrix(truth, pred, len(names)), names)
-    found = microstructure(pred, names)
+    found = microstructure(pred, names, tortuosity)
     row: dict[str, Any] = {"mean_iou": scores["mean_iou"], **{f"iou_{n}": scores[f"iou_{n}"] for n in names}}
-    for key in METRICS:
-        row[f"err.{key}"] = (found[key] - reference[key]) / reference[key] if reference.get(key) else None
+    for key in METRICS + (TORTUOSITY_METRICS if tortuosity else ()):
+        row[f"err.{key}"] = (found[key] - reference[key]) / reference[key] if reference.get(key) and key in found else None
     return row
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method and variant: mean and sd over folds of the IoU and of each relative error."""
     out: dict[str, dict[str, Any]] = {}
-    keys = ["mean_iou"] + [f"err.{k}" for k in METRICS]
+    keys = ["mean_iou"] + [f"err.{k}" for k in METRICS + TORTUOSITY_METRICS]
     for method, variant in dict.fromkeys((r["method"], r["variant"]) for r in rows):
         mine = [r for r in rows if r["method"] == method and r["variant"] == variant]
         entry: dict[str, Any] = {"folds": len(mine)}
@@ -247,12 +257,17 @@ def write_outputs(args: argparse.Namespace, metadata: dict[str, Any], models: di
         "rule": f"chosen sigma ({first}): smallest mean |TPB density error| among in-plane sigmas with mean IoU "
                 f"within {args.iou_tolerance:g} of sigma 0",
         "units": "voxel (no voxel size known for this data); relative errors need none",
+        "tortuosity": ("tortuosity factor per phase and axis for the labels and the in-plane variants"
+                       if args.tortuosity else "not solved"),
         **({"note": args.note} if args.note else {}),
     }
     columns = [("fold", "fold", "d"), ("method", "method"), ("variant", "variant"), ("mean_iou", "mean IoU", ".4f"),
                ("err.tpb.density", "TPB", "+.1%"), ("err.tpb.active_density.z", "active TPB z", "+.1%"),
                ("err.tpb.active_density.y", "active TPB y", "+.1%"), ("err.iface.pore-ni", "pore-Ni area", "+.1%"),
                ("err.perc.pore.z", "pore perc. z", "+.1%"), ("err.size.ni.d50", "Ni d50", "+.1%")]
+    if args.tortuosity:
+        columns += [(f"err.tau.{phase}.z", f"tau {name} z", "+.1%") for phase, name in
+                    (("pore", "pore"), ("ysz", "YSZ"), ("ni", "Ni"))]
     notes = ["Relative errors against the manual labels of the slices scored. Active TPB density = TPB density x the "
              "share of TPB whose three phases each reach both faces normal to the axis."]
     json_path, md_path = write_result(args.out, "cv_postprocess", "Probability smoothing under z-fold cross-validation",
@@ -288,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 slab = training_window(setting, slab.z_range[1] - slab.z_range[0])
             names = [n.lower() for n in slab.volume.class_names]
             truth = slab.targets("phases")
-            reference = microstructure(truth, names)
+            reference = microstructure(truth, names, args.tortuosity)
             methods = {labels[name] + INFERENCE[mode]: fold_probabilities(per_method[name][fold][1], slab, mode)
                        for name in method_names for mode in args.inference}
             if args.with_forest:
@@ -297,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for method, probabilities in methods.items():
             for variant, kind, value in variants(args.sigmas):
                 row = {"fold": fold + 1, "method": method, "variant": variant,
-                       **scored(truth, apply_variant(probabilities, kind, value), names, reference)}
+                       **scored(truth, apply_variant(probabilities, kind, value), names, reference,
+                                args.tortuosity and kind == "plane")}
                 rows.append(row)
                 log(f"fold {fold + 1}/{folds} {method} {variant}: mean IoU {row['mean_iou']:.4f}, "
                     f"TPB {row['err.tpb.density']:+.2%}, active TPB z {row['err.tpb.active_density.z']:+.2%}")

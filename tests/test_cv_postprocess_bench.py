@@ -92,6 +92,23 @@ def test_scores_are_zero_for_the_labels_and_the_choice_follows_the_tpb_error(ben
     assert bench.chosen_sigma(stats, "U-Net", [0, 1, 2], 0.1) == 2.0
 
 
+def test_tortuosity_errors_are_zero_for_the_labels_and_move_with_the_prediction(bench, truth):
+    """--tortuosity: each phase's factor per axis joins the compared metrics (and the summary)."""
+    reference = bench.microstructure(truth, NAMES, tortuosity=True)
+    solved = [key for key in bench.TORTUOSITY_METRICS if key in reference]
+    assert solved and all(reference[key] >= 1.0 for key in solved)
+    same = bench.scored(truth, truth, NAMES, reference, tortuosity=True)
+    assert all(same[f"err.{key}"] == 0.0 for key in solved)
+    grown = np.where(ndi.binary_dilation(truth == 0, iterations=1), 0, truth).astype(np.uint8)  # wider pores
+    moved = bench.scored(truth, grown, NAMES, reference, tortuosity=True)
+    pore = [key for key in solved if key.startswith("tau.pore.")]
+    assert pore and all(moved[f"err.{key}"] < 0 for key in pore)  # wider pores conduct more directly
+    plain = bench.scored(truth, grown, NAMES, reference)  # without --tortuosity: no factor solved
+    assert "err.tau.pore.z" not in plain
+    stats = bench.summary([{"fold": 1, "method": "U-Net", "variant": "in-plane sigma 0", **moved}])
+    assert "err.tau.pore.z" in stats["U-Net | in-plane sigma 0"] or "tau.pore.z" not in reference
+
+
 def test_the_result_file_holds_the_folds_scored_so_far(bench, tmp_path):
     """Rewritten after each fold, so a run stopped half-way keeps its folds; two methods (one
     seed's model and the ensemble) each get their figures, the choice follows the first."""
@@ -102,7 +119,7 @@ def test_the_result_file_holds_the_folds_scored_so_far(bench, tmp_path):
              "err.tpb.density": err}
             for name, shift in (("pv seed 42", 0.0), ("pv ensemble of 2", -0.02)) for s, err in [(0, 0.05 + shift), (1, 0.01)]]
     args = argparse.Namespace(sigmas=[0.0, 1.0], iou_tolerance=0.0005, models=tmp_path / "accuracy.csv", inference=["plain"],
-                              score_on="train", split=[0.6, 0.1, 0.3, 8], note="", out=tmp_path / "out")
+                              score_on="train", tortuosity=False, split=[0.6, 0.1, 0.3, 8], note="", out=tmp_path / "out")
     labels = {"pv seed 42": "U-Net pv seed 42", "pv ensemble of 2": "U-Net pv ensemble of 2"}
     metadata = {"command": "test", "date": "now", "git_commit": "abc", "git_dirty": False, "hardware": {}, "cpu_class": "x",
                 "load_start": None}
