@@ -46,6 +46,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import re
 import statistics
 import sys
@@ -673,9 +674,11 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "tortuosity": "microstructure.md", "tortuosity_solver": "microstructure.md", "fold_seam": "microstructure.md", "fusion_rerun": "microstructure.md", "cv_ni": "accuracy.md", "cv_phases": "accuracy.md", "cv_postprocess": "microstructure.md", "base_2p5d_pv_phases": "microstructure.md",
     "napari": "../viewer.md", "runtime_avx2": "speed.md", "runtime_avx512": "speed.md",
     "base_2p5d_pv_xeon": "speed.md", "vgg16_pv_xeon": "speed.md", "runtime_models": "speed.md",
-    "train_throughput": "speed.md", "train_throughput_avx512": "speed.md",
-    "quickstart_avx512": "speed.md", "cv_fused_sigma": "microstructure.md", "cv_fit_ceiling": "accuracy.md",
-    "cv_ni_fixed": "accuracy.md", "cv_ensemble": "accuracy.md", "cv_ensemble_microstructure": "microstructure.md",
+    "train_throughput": "speed.md", "train_throughput_avx512": "speed.md", "quickstart_avx512": "speed.md",
+    "quickstart_avx512_float32": "speed.md", "cv_fused_sigma": "microstructure.md", "cv_fit_ceiling": "accuracy.md",
+    "cv_ni_fixed": "accuracy.md", "cv_fold2_long": "accuracy.md", "cv_fold2_long_fit": "accuracy.md",
+    "cv_fold2_long_heldout": "accuracy.md", "cv_tortuosity": "microstructure.md", "cv_ensemble": "accuracy.md",
+    "cv_ensemble_microstructure": "microstructure.md",
     "cv_fold1_long": "accuracy.md", "cv_inference": "accuracy.md", "cv_inference_rerun": "accuracy.md",
     "cv_inference_microstructure": "microstructure.md", "cv_boundary_loss": "accuracy.md",
     "cv_boundary_loss_microstructure": "microstructure.md", "cv_multiaxis_sigma": "microstructure.md",
@@ -878,11 +881,14 @@ _CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
 # cv_inference_microstructure: the fold models of cv_inference (first fold with the wrong neighbour);
 # cv_fixed_microstructure: those of cv_fixed_folds, the same recipe after the fold-copy fix;
 # cv_fused_sigma: cv_fixed_folds' models fused with more in-plane sigmas; cv_fit_ceiling: the same
-# models scored on slices they were trained on. Each with the in-plane sigmas it ran.
+# models scored on slices they were trained on; cv_fold2_long_*: fold 2's model trained three times as
+# long, on its training window and its held-out fold. Each with the in-plane sigmas it ran.
 _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference", ("0", "1.3")),
                        ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed", ("0", "1.3")),
                        ("cv_fused_sigma/cv_postprocess.json", "cv_fused", ("0", "0.7", "1", "1.3")),
-                       ("cv_fit_ceiling/cv_postprocess.json", "cv_fit", ("0", "0.7", "1.3")))
+                       ("cv_fit_ceiling/cv_postprocess.json", "cv_fit", ("0", "0.7", "1.3")),
+                       ("cv_fold2_long_fit/cv_postprocess.json", "cv_long_fit", ("0", "0.7")),
+                       ("cv_fold2_long_heldout/cv_postprocess.json", "cv_long_heldout", ("0", "0.7")))
 
 
 def _sigma_name(sigma: str) -> str:
@@ -931,6 +937,32 @@ for _sigma in ("0", "0.5", "0.7", "1"):
                                  f"in-plane sigma {sigma}", metric)
 
         derived(f"cv_multiaxis_{_name}_sigma_{_sigma.replace('.', 'p')}")(_multiaxis_sigma_figure)
+
+def _tortuosity_errors(results: Results, variant: str, phase: str | None = None, axis: str | None = None) -> list[float]:
+    """cv_tortuosity: the fused U-Net's relative tortuosity-factor errors over the folds (solved
+    factors only: a phase that does not span the slab along an axis has none)."""
+    rows = _cv_rows(results, "cv_tortuosity/cv_postprocess.json", "U-Net + multi-axis", variant)
+    keys = [f"err.tau.{p}.{a}" for p in ((phase,) if phase else ("pore", "ysz", "ni")) for a in ((axis,) if axis else "zyx")]
+    return [float(r[k]) for r in rows for k in keys if r.get(k) is not None]
+
+
+for _variant, _vshort in (("in-plane sigma 0", "none"), ("in-plane sigma 0.7", "sigma_0p7")):
+    for _stat in ("abs_mean", "abs_max", "within_5pct", "solved"):
+        def _tau_figure(results: Results, variant: str = _variant, stat: str = _stat) -> float:
+            """cv_tortuosity over every fold, phase and axis solved: mean or largest |error|, how many within 5 %, how many."""
+            errors = [abs(e) for e in _tortuosity_errors(results, variant)]
+            return {"abs_mean": statistics.fmean(errors) if errors else math.nan, "abs_max": max(errors, default=math.nan),
+                    "within_5pct": float(sum(e <= 0.05 for e in errors)), "solved": float(len(errors))}[stat]
+
+        derived(f"cv_tau_{_stat}_{_vshort}")(_tau_figure)
+    for _phase in ("pore", "ysz", "ni"):
+        for _axis in "zyx":
+            def _tau_mean(results: Results, variant: str = _variant, phase: str = _phase, axis: str = _axis) -> float:
+                """cv_tortuosity: one phase and axis's mean relative tortuosity error over the folds that solved it."""
+                errors = _tortuosity_errors(results, variant, phase, axis)
+                return statistics.fmean(errors) if errors else math.nan
+
+            derived(f"cv_tau_{_phase}_{_axis}_{_vshort}")(_tau_mean)
 
 for _way in ("z", "halo16"):
     def _fusion_fold1_tpb(results: Results, way: str = _way) -> float:
