@@ -105,11 +105,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from accuracy import fit_baseline, fold_setting, test_slabs
     from cv_postprocess import fold_models, fold_probabilities
     from microstructure_accuracy import comparison_rows, figures_of, log, measured
-    from socseg.params import load_params
+    from socseg.params import load_params, typed
 
     metadata = run_metadata(__file__, argv)
     params = load_params(args.params)
-    sigma = float(params.inference.smoothing_sigma)
+    sigma = float(typed(params).inference.smoothing_sigma)
     models = fold_models(args.models, args.method)
     folds = sorted({k for k, _ in models.values()})
     if len(folds) != 1 or len(models) != folds[0]:
