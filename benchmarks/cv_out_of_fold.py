@@ -30,6 +30,7 @@ whole volume per method.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import sys
@@ -99,6 +100,16 @@ def iou_figures(truth: np.ndarray, pred: np.ndarray, names: list[str]) -> dict[s
     return {"mean_iou": float(scores["mean_iou"]), **{f"iou_{n}": float(scores[f"iou_{n}"]) for n in names}}
 
 
+def tortuosity_summary(rows: list[dict[str, Any]], goal: float = 0.05) -> dict[str, Any]:
+    """How many tortuosity factors (``tau.<phase>.<axis>``) are within ``goal`` of the labels', and the
+    largest relative error; a factor only one side can solve (the other does not percolate) counts as missed."""
+    factors = [r for r in rows if r["metric"].startswith("tau.")]
+    errors = [abs(r["rel_error"]) if r["rel_error"] is not None
+              else 0.0 if math.isinf(r["labels"]) and math.isinf(r["value"]) else math.inf for r in factors]
+    return {"tau_within_5pct": f"{sum(e <= goal for e in errors)}/{len(errors)}",
+            "tau_max_abs_rel_error": max(errors) if errors else None}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -146,29 +157,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     unet_plain = unet.argmax(-1).astype(np.uint8)
     unet = smoothed(unet, sigma)
     whole = (slice(None),) * 3
-    methods: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {
-        f"U-Net (fused, sigma {sigma:g})": (None, unet), "U-Net (fused, sigma 0)": (unet_plain, None)}
+    # figure key (render.py reads dotted paths: no dot in it) -> (row label, labels, probabilities)
+    methods: dict[str, tuple[str, np.ndarray | None, np.ndarray | None]] = {
+        "unet": (f"U-Net fused, sigma {sigma:g}", None, unet), "unet_unsmoothed": ("U-Net fused, sigma 0", unet_plain, None)}
     if forest is not None:
-        methods["forest"] = (forest, None)
+        methods["forest"] = ("forest", forest, None)
     step = time.perf_counter()
     reference = measured(truth, None, names, whole, 0)["value"]
     seconds["labels"] = time.perf_counter() - step
     log(f"labels measured in {seconds['labels']:.0f} s")
     rows: list[dict[str, Any]] = []
     ious: dict[str, dict[str, float]] = {}
-    for method, (labels, probabilities) in methods.items():
+    figures: dict[str, Any] = {}
+    for key, (method, labels, probabilities) in methods.items():
         step = time.perf_counter()
         found = measured(labels, probabilities, names, whole, args.samples if probabilities is not None else 0)
-        seconds[method] = time.perf_counter() - step
+        seconds[key] = time.perf_counter() - step
         pred = labels if labels is not None else probabilities.argmax(-1).astype(np.uint8)
-        ious[method] = iou_figures(truth, pred, names)
-        rows += comparison_rows(method, found, reference)
-        tpb = next(r for r in rows if r["method"] == method and r["metric"] == "tpb.density")
-        log(f"{method}: mean IoU {ious[method]['mean_iou']:.4f}, TPB {tpb['rel_error']:+.2%}, measured in "
-            f"{seconds[method]:.0f} s")
-    figures = figures_of(rows)
-    for method, scores in ious.items():
-        figures[method].update(scores)
+        mine = comparison_rows(method, found, reference)
+        rows += mine
+        figures[key] = {"label": method, **iou_figures(truth, pred, names), **figures_of(mine)[method],
+                        **tortuosity_summary(mine)}
+        log(f"{method}: mean IoU {figures[key]['mean_iou']:.4f}, TPB {figures[key]['tpb_density']['rel_error']:+.2%}, "
+            f"tortuosity within 5 %: {figures[key]['tau_within_5pct']}, measured in {seconds[key]:.0f} s")
     settings = {
         "data": f"SOCPristine, all {truth.shape[0]} slices ({truth.shape}), each from the held-out fold of its "
                 f"{folds[0]}-fold cross-validation (split {args.split}, the CV run's fold copies)",
