@@ -325,7 +325,7 @@ def fold_setting(volume_dir: Path, cache: Path, folds: int, fold: int, split: Se
     return setting
 
 
-def _volume_slices(volume_dir: Path) -> int:
+def volume_slices(volume_dir: Path) -> int:
     from socseg.data.volumes import load_volume
 
     return int(load_volume(volume_dir, mmap=True, verify=False).image.shape[0])
@@ -724,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.folds:
             chosen = [f - 1 for f in args.only_folds] if args.only_folds else range(args.folds)
             settings = [fold_setting(train_dirs[0], args.cache_dir, args.folds, f, split, Path(tmp)) for f in chosen]
-            n = _volume_slices(train_dirs[0])
+            n = volume_slices(train_dirs[0])
             test_desc = (f"each of {args.folds} contiguous z-folds in turn ("
                          + ", ".join(f"z {a}-{b - 1}" for a, b in (fold_bounds(n, args.folds, f) for f in chosen))
                          + f"), {int(split[3])} slices dropped on each side of it; validation "

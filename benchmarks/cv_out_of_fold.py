@@ -113,7 +113,7 @@ def tortuosity_summary(rows: list[dict[str, Any]], goal: float = 0.05) -> dict[s
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from accuracy import fit_baseline, fold_setting, test_slabs
+    from accuracy import fit_baseline, fold_setting, test_slabs, volume_slices
     from cv_postprocess import fold_models, fold_probabilities
     from microstructure_accuracy import comparison_rows, figures_of, log, measured
     from socseg.params import load_params, typed
@@ -138,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             slab = test_slabs(setting)[0]
             names = [n.lower() for n in slab.volume.class_names]
             positions = held_out_positions(slab)
-            if filled is None:
-                filled = np.zeros(len(slab.volume.meta.extra["order"]), dtype=bool)
+            if filled is None:  # the source volume's slices (a fold copy drops the gap after its fold)
+                filled = np.zeros(volume_slices(source), dtype=bool)
             shape = (len(filled), *slab.volume.image.shape[1:])
             truth = place(truth, shape, positions, slab.targets("phases"), filled)
             probabilities = fold_probabilities(uri, slab, "multi-axis")
