@@ -502,11 +502,13 @@ ACCURACY_COLUMNS: list[Column] = [
     ("iou_ysz", "IoU YSZ", ".4f"), ("iou_ni", "IoU Ni", ".4f"), ("mean_iou", "mean IoU", ".4f"),
     ("ni_fraction_error", "Ni frac. err.", ".4f"), ("train_s", "train s", ".0f"), ("infer_s_per_slice", "infer s/slice", ".2f"),
 ]
+_METRIC_COMPARISON: list[Column] = [("method", "method", ""), ("metric", "metric", ""), ("labels", "labels", ".5g"),
+                                     ("value", "method's", ".5g"), ("rel_error", "rel. error", "+.2%"),
+                                     ("low", "interval low", ".5g"), ("high", "interval high", ".5g"),
+                                     ("covers", "covers the labels'", "")]
 JSON_TABLES: dict[str, list[Column]] = {
-    "microstructure_accuracy": [("method", "method", ""), ("metric", "metric", ""), ("labels", "labels", ".5g"),
-                                ("value", "method's", ".5g"), ("rel_error", "rel. error", "+.2%"),
-                                ("low", "interval low", ".5g"), ("high", "interval high", ".5g"),
-                                ("covers", "covers the labels'", "")],
+    "microstructure_accuracy": _METRIC_COMPARISON,
+    "cv_out_of_fold": _METRIC_COMPARISON,
     "error_analysis": [("table", "table", ""), ("method", "method", ""), ("band", "band", ""),
                        ("pixels", "share of pixels", ".1%"), ("error_share", "share of errors", ".1%"),
                        ("mean_iou", "mean IoU", ".4f"), ("islands_removed_below", "islands below (voxels)", ""),
