@@ -690,6 +690,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_fold2_base32": "accuracy.md", "cv_fold2_base32_heldout": "accuracy.md", "cv_fold2_base32_fit": "accuracy.md",
     "cv_out_of_fold": "microstructure.md", "cv_fit_sigma": "microstructure.md", "cv_tta_fixed": "microstructure.md",
     "cv_fold2_boundary": "microstructure.md", "cv_fold2_boundary_heldout": "microstructure.md",
+    "cv_fold3_boundary": "microstructure.md", "cv_fold3_boundary_heldout": "microstructure.md",
 }
 
 
@@ -889,7 +890,7 @@ _CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
 # models scored on slices they were trained on; cv_fold2_long_*: fold 2's model trained three times as
 # long, on its training window and its held-out fold; cv_fold2_base32_*: fold 2's model twice as wide,
 # likewise; cv_fit_sigma: cv_fit_ceiling's windows with cv_fused_sigma's four sigmas; cv_tta_fixed:
-# cv_fixed_folds' models with TTA and fused; cv_fold2_boundary_heldout: fold 2's boundary_ce_dice model. Each with the in-plane sigmas it ran.
+# cv_fixed_folds' models with TTA and fused; cv_fold2/3_boundary_heldout: folds 2 and 3's boundary_ce_dice models. Each with the in-plane sigmas it ran.
 _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference", ("0", "1.3")),
                        ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed", ("0", "1.3")),
                        ("cv_fused_sigma/cv_postprocess.json", "cv_fused", ("0", "0.7", "1", "1.3")),
@@ -899,6 +900,7 @@ _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_i
                        ("cv_fit_sigma/cv_postprocess.json", "cv_fit_sigma", ("0", "0.7", "1", "1.3")),
                        ("cv_tta_fixed/cv_postprocess.json", "cv_tta_fixed", ("0", "0.7")),
                        ("cv_fold2_boundary_heldout/cv_postprocess.json", "cv_boundary_heldout", ("0", "0.7")),
+                       ("cv_fold3_boundary_heldout/cv_postprocess.json", "cv_boundary3_heldout", ("0", "0.7")),
                        ("cv_fold2_base32_fit/cv_postprocess.json", "cv_base32_fit", ("0", "0.7")),
                        ("cv_fold2_base32_heldout/cv_postprocess.json", "cv_base32_heldout", ("0", "0.7")))
 
