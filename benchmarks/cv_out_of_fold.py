@@ -44,15 +44,12 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import REPO, RESULTS, add_fold_model_arguments, import_socpristine, run_metadata, write_result  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=Path, required=True, help="accuracy.py --folds CSV with a phases U-Net row per fold")
-    p.add_argument("--method", default="pv", help="the U-Net method name of those rows (accuracy.py --variant)")
-    p.add_argument("--split", type=lambda t: floats(t, 4), default=[0.6, 0.1, 0.3, 8], metavar="TRAIN,VAL,TEST,GAP",
-                   help="the CV run's --split")
+    add_fold_model_arguments(p, "the U-Net method name of those rows (accuracy.py --variant)")
     p.add_argument("--samples", type=int, default=12, help="class-bias sweep volumes per interval (U-Net)")
     p.add_argument("--with-forest", action="store_true", help="also the forest of accuracy.py, per fold")
     p.add_argument("--rf-trees", type=int, default=100)

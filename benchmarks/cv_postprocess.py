@@ -63,7 +63,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_fold_model_arguments, floats, import_socpristine, run_metadata, write_result  # noqa: E402
 
 # Metrics compared with the labels; ``tpb.active_density.<axis>`` = TPB density x active share.
 METRICS = ("tpb.density", "tpb.active_density.z", "tpb.active_density.y", "tpb.active_density.x",
@@ -79,12 +79,9 @@ REFERENCE_3D_SIGMA = 0.7
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=Path, required=True, help="accuracy.py --folds CSV with a phases U-Net row per fold")
-    p.add_argument("--method", default="pv",
-                   help="the U-Net method name of those rows (accuracy.py --variant; with --seeds, e.g. 'pv seed 42' or "
-                        "'pv ensemble of 2'); a comma list compares several, each labelled 'U-Net <name>'")
-    p.add_argument("--split", type=lambda t: floats(t, 4), default=[0.6, 0.1, 0.3, 8], metavar="TRAIN,VAL,TEST,GAP",
-                   help="the CV run's --split")
+    add_fold_model_arguments(p, "the U-Net method name of those rows (accuracy.py --variant; with --seeds, e.g. "
+                                "'pv seed 42' or 'pv ensemble of 2'); a comma list compares several, each labelled "
+                                "'U-Net <name>'")
     p.add_argument("--sigmas", type=floats, default=[0.0, 0.5, 0.7, 1.0, 1.3], help="in-plane smoothing sigmas (pixels)")
     p.add_argument("--iou-tolerance", type=float, default=0.0005,
                    help="a sigma is eligible if its mean IoU is at most this far below no smoothing's")

@@ -43,7 +43,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_fold_model_arguments, floats, import_socpristine, run_metadata, write_result  # noqa: E402
 
 WHOLE = "zyx, whole volume"
 PLAIN = "z (slice by slice)"
@@ -51,10 +51,7 @@ PLAIN = "z (slice by slice)"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=Path, required=True, help="accuracy.py --folds CSV with a phases U-Net row per fold")
-    p.add_argument("--method", default="pv", help="the U-Net method name of those rows")
-    p.add_argument("--split", type=lambda t: floats(t, 4), default=[0.6, 0.1, 0.3, 8], metavar="TRAIN,VAL,TEST,GAP",
-                   help="the CV run's --split")
+    add_fold_model_arguments(p, "the U-Net method name of those rows")
     p.add_argument("--halos", type=lambda t: [int(v) for v in floats(t)], default=[0, 8, 16],
                    help="grey slices read on either side of a chunk")
     p.add_argument("--depth", type=int, default=None, help="slices per chunk [the model's inference.fusion_depth]")
