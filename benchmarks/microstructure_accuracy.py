@@ -111,22 +111,30 @@ def centre_crop(shape: Sequence[int], size: int) -> tuple[slice, slice, slice]:
 
 def measured(labels: np.ndarray | None, probabilities: np.ndarray | None, names: list[str], crop, samples: int) -> dict[str, Any]:
     """``{"value": {...}, "low": {...}, "high": {...}}`` over all flat metrics: the slab's metrics
-    with Ni sizes, the crop's tortuosity; intervals where probabilities are given."""
+    with Ni sizes, the crop's tortuosity; intervals where probabilities are given. A crop that is
+    the whole slab is measured in one pass (one sweep, not one for the metrics and one for tortuosity)."""
     from socseg.analysis.intervals import BiasSweep, ProbabilityVolume, measure_with_intervals
     from socseg.analysis.microstructure import flatten_metrics, measure
 
     phase_map = dict(enumerate(names))
     transport = ("tau.", "deff.")
-    passes = [((slice(None),) * 3, {"size_phases": ["ni"]}, False), (crop, {"size_phases": [], "tortuosity": True}, True)]
+    whole = (slice(None),) * 3
+    # (part, options, which keys to keep: transport only, all but transport, or None for all)
+    passes: list[tuple[Any, dict[str, Any], bool | None]] = (
+        [(whole, {"size_phases": ["ni"], "tortuosity": True}, None)] if tuple(crop) == whole  # one pass does both
+        else [(whole, {"size_phases": ["ni"]}, False), (crop, {"size_phases": [], "tortuosity": True}, True)])
     out: dict[str, dict[str, float]] = {"value": {}, "low": {}, "high": {}}
     for part, options, transport_only in passes:
+        def kept(key: str, transport_only: bool | None = transport_only) -> bool:
+            return transport_only is None or key.startswith(transport) == transport_only
+
         if probabilities is None:
             values = flatten_metrics(measure(labels[part], phase_map, **options))
-            out["value"].update({k: v for k, v in values.items() if k.startswith(transport) == transport_only})
+            out["value"].update({k: v for k, v in values.items() if kept(k)})
             continue
         result = measure_with_intervals(ProbabilityVolume.from_array(probabilities[part], names), BiasSweep(samples), **options)
         for key, interval in result.intervals.items():
-            if key.startswith(transport) == transport_only:
+            if kept(key):
                 out["value"][key], out["low"][key], out["high"][key] = interval.value, interval.low, interval.high
     return out
 

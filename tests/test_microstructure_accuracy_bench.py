@@ -49,6 +49,31 @@ def test_the_labels_own_probabilities_have_no_error_and_covered_intervals(bench,
     assert figures["exact"]["tpb_density"] == {"rel_error": 0.0, "covered": True}
 
 
+def test_a_whole_volume_crop_is_measured_in_one_pass_with_the_same_values(bench, truth, monkeypatch):
+    """Crop = whole volume: one sweep gives every metric and interval that the two passes give."""
+    probabilities = np.clip(np.eye(3, dtype=np.float32)[truth] * 0.8 + 0.1
+                            + np.random.default_rng(2).normal(0, 0.05, (*truth.shape, 3)).astype(np.float32), 0, 1)
+    whole = bench.centre_crop(truth.shape, 0)
+    calls = []
+    import socseg.analysis.intervals as intervals  # measured() imports it at call time: the patch counts the sweeps
+
+    counted = intervals.measure_with_intervals
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(intervals, "measure_with_intervals", counting)
+    one_pass = bench.measured(None, probabilities, NAMES, whole, 6)
+    assert len(calls) == 1 and calls[0]["tortuosity"] and calls[0]["size_phases"] == ["ni"]
+    two_pass = bench.measured(None, probabilities, NAMES, (slice(None), slice(0, None), slice(None)), 6)
+    assert len(calls) == 3  # a crop given as another slice object of the same extent still takes two passes
+    assert one_pass["value"].keys() == two_pass["value"].keys() and any(k.startswith("tau.") for k in one_pass["value"])
+    for part in ("value", "low", "high"):
+        for key, value in two_pass[part].items():
+            assert one_pass[part][key] == pytest.approx(value, rel=1e-9), (part, key)
+
+
 def test_a_noisy_prediction_has_tpb_errors_and_missing_percolation_is_infinite(bench, truth):
     crop = bench.centre_crop(truth.shape, 0)
     reference = bench.measured(truth, None, NAMES, crop, 0)["value"]
