@@ -236,10 +236,17 @@ def write_result(out: Path, name: str, title: str, metadata: Mapping[str, Any], 
 def add_fold_model_arguments(parser: "argparse.ArgumentParser", method_help: str) -> None:
     """``--models`` (an accuracy.py ``--folds`` CSV), ``--method`` (its U-Net rows) and ``--split``
     (the CV run's): the arguments of every benchmark that reuses a cross-validation's fold models."""
-    parser.add_argument("--models", type=Path, required=True, help="accuracy.py --folds CSV with a phases U-Net row per fold")
+    parser.add_argument("--models", type=Path, nargs="+", required=True, metavar="CSV",
+                        help="accuracy.py --folds CSV(s) with a phases U-Net row per fold; folds trained in "
+                             "separate runs are given as several CSVs")
     parser.add_argument("--method", default="pv", help=method_help)
     parser.add_argument("--split", type=lambda t: floats(t, 4), default=[0.6, 0.1, 0.3, 8], metavar="TRAIN,VAL,TEST,GAP",
                         help="the CV run's --split")
+
+
+def joined_paths(paths: Sequence[Path]) -> str:
+    """``--models a.csv b.csv`` as the result files and messages name it."""
+    return ", ".join(map(str, paths))
 
 
 def floats(text: str, n: int | None = None) -> list[float]:

@@ -44,7 +44,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, add_fold_model_arguments, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import REPO, RESULTS, add_fold_model_arguments, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     models = fold_models(args.models, args.method)
     folds = sorted({k for k, _ in models.values()})
     if len(folds) != 1 or len(models) != folds[0]:
-        raise SystemExit(f"{args.models}: a U-Net for each of the folds is needed, found folds {sorted(i + 1 for i in models)} "
+        raise SystemExit(f"{joined_paths(args.models)}: a U-Net for each of the folds is needed, found folds {sorted(i + 1 for i in models)} "
                          f"of {folds}")
     source = import_socpristine(args.source, args.cache_dir)
     seconds: dict[str, float] = {}
@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = {
         "data": f"SOCPristine, all {truth.shape[0]} slices ({truth.shape}), each from the held-out fold of its "
                 f"{folds[0]}-fold cross-validation (split {args.split}, the CV run's fold copies)",
-        "U-Net": f"the {args.method} rows of {args.models}, one model per fold; fused over z, y and x; in-plane sigma "
+        "U-Net": f"the {args.method} rows of {joined_paths(args.models)}, one model per fold; fused over z, y and x; in-plane sigma "
                  f"{sigma:g} (params inference.smoothing_sigma) and 0",
         "forest": (f"{args.rf_trees} trees, {args.rf_samples} training pixels, fitted per fold (accuracy.py's forest); "
                    "argmax, no smoothing" if args.with_forest else "not run"),

@@ -63,7 +63,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_fold_model_arguments, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_fold_model_arguments, floats, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
 
 # Metrics compared with the labels; ``tpb.active_density.<axis>`` = TPB density x active share.
 METRICS = ("tpb.density", "tpb.active_density.z", "tpb.active_density.y", "tpb.active_density.x",
@@ -126,20 +126,32 @@ def fold_probabilities(model_uri: str, slab, mode: str) -> np.ndarray:
                               planes="zyx" if mode == "multi-axis" else "z")
 
 
-def fold_models(path: Path, method: str) -> dict[int, tuple[int, str]]:
+def fold_models(paths: Path | Sequence[Path], method: str) -> dict[int, tuple[int, str]]:
     """``{fold index (0-based): (number of folds, model URI)}`` of the phases rows of ``method``
     (the end of the row's method label: ``pv`` is not ``pv seed 42``); an ensemble row's URI
-    lists its members, comma-separated."""
+    lists its members, comma-separated. Several CSVs (folds trained in separate runs) are read as
+    one table; a fold found twice, or a different number of folds, is refused rather than guessed."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out: dict[int, tuple[int, str]] = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            found = re.match(r"z-fold (\d+)/(\d+)", row.get("split", ""))
-            label = row.get("method", "")
-            named = label == method or label.endswith((f" {method}", f",{method}"))
-            if row.get("task") == "phases" and row.get("model_uri") and found and named:
-                out[int(found.group(1)) - 1] = (int(found.group(2)), row["model_uri"])
+    source: dict[int, Path] = {}
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                found = re.match(r"z-fold (\d+)/(\d+)", row.get("split", ""))
+                label = row.get("method", "")
+                named = label == method or label.endswith((f" {method}", f",{method}"))
+                if not (row.get("task") == "phases" and row.get("model_uri") and found and named):
+                    continue
+                fold = int(found.group(1)) - 1
+                if fold in source and source[fold] != path:
+                    raise SystemExit(f"fold {fold + 1} of method {method!r} is in both {source[fold]} and {path}")
+                out[fold], source[fold] = (int(found.group(2)), row["model_uri"]), path
     if not out:
-        raise SystemExit(f"{path}: no phases rows of method {method!r} with a model_uri and a 'z-fold k/K' split")
+        raise SystemExit(f"{joined_paths(paths)}: no phases rows of method {method!r} with a model_uri "
+                         "and a 'z-fold k/K' split")
+    if len({k for k, _ in out.values()}) > 1:
+        raise SystemExit(f"{joined_paths(paths)}: the rows of method {method!r} come from cross-validations "
+                         f"with different numbers of folds: {sorted({k for k, _ in out.values()})}")
     return out
 
 
@@ -243,7 +255,7 @@ def write_outputs(args: argparse.Namespace, metadata: dict[str, Any], models: di
     figures: dict[str, Any] = {"chosen_sigma": chosen_sigma(stats, first, args.sigmas, args.iou_tolerance), **stats}
     done = sorted({r["fold"] for r in rows})
     settings = {
-        "models": f"{args.models} ({', '.join(method_names)} rows, one per fold each)",
+        "models": f"{joined_paths(args.models)} ({', '.join(method_names)} rows, one per fold each)",
         "data": f"SOCPristine, {len(models)} of {sorted({k for k, _ in models.values()})[0]} contiguous z-folds, split "
                 f"{args.split} (the CV run's fold copies); "
                 f"folds scored: {', '.join(map(str, done))}",
@@ -288,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     models = per_method[method_names[0]]
     missing = {name: sorted(set(models) - set(found)) for name, found in per_method.items() if set(found) != set(models)}
     if missing:
-        raise SystemExit(f"{args.models}: the methods do not cover the same folds: {missing}")
+        raise SystemExit(f"{joined_paths(args.models)}: the methods do not cover the same folds: {missing}")
     params = load_params(args.params)
     source = import_socpristine(args.source, args.cache_dir)
     rows: list[dict[str, Any]] = []

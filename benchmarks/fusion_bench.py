@@ -43,7 +43,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_fold_model_arguments, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_fold_model_arguments, floats, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
 
 WHOLE = "zyx, whole volume"
 PLAIN = "z (slice by slice)"
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.time_volume and fold == wanted[-1]:
                 timing = volume_timing(uri, np.asarray(slab.volume.image))
         settings = {
-            "models": f"{args.models} ({args.method} rows, one per fold)",
+            "models": f"{joined_paths(args.models)} ({args.method} rows, one per fold)",
             "data": f"SOCPristine, z-folds {', '.join(str(r) for r in sorted({r['fold'] for r in rows}))} of "
                     f"{folds}, split {args.split} (the CV run's fold copies)",
             "ways": "z slice by slice; zyx over the whole volume; zyx in chunks aligned at slice 0 with each halo",

@@ -61,6 +61,26 @@ def test_fold_models_reads_the_phases_rows_of_the_method(bench, tmp_path):
         bench.fold_models(table, "other")
 
 
+def test_fold_models_joins_folds_trained_in_separate_runs_and_refuses_a_fold_twice(bench, tmp_path):
+    header = "task,method,split,model_uri\n"
+    first, second, other_k = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
+    first.write_text(header + "phases,U-Net pv,\"z-fold 2/5, gap 8\",models:/m-2\n")
+    second.write_text(header + "phases,U-Net pv,\"z-fold 1/5, gap 8\",models:/m-1\n"
+                      "phases,U-Net pv,\"z-fold 4/5, gap 8\",models:/m-4\n")
+    other_k.write_text(header + "phases,U-Net pv,\"z-fold 3/4, gap 8\",models:/k-3\n")
+    assert bench.fold_models([first, second], "pv") == {0: (5, "models:/m-1"), 1: (5, "models:/m-2"),
+                                                       3: (5, "models:/m-4")}
+    again = tmp_path / "again.csv"
+    again.write_text(header + "phases,U-Net pv,\"z-fold 2/5, gap 8\",models:/m-2b\n")
+    with pytest.raises(SystemExit, match="fold 2 of method 'pv' is in both"):
+        bench.fold_models([first, second, again], "pv")
+    with pytest.raises(SystemExit, match="different numbers of folds"):
+        bench.fold_models([first, other_k], "pv")
+    # the command line takes several CSVs for --models
+    args = bench.parse_args(["--models", str(first), str(second)])
+    assert args.models == [first, second]
+
+
 def test_the_in_plane_variant_is_the_predictors_smoothing_and_removes_specks(bench, truth):
     from socseg.inference.window import smooth_probabilities
 
@@ -118,7 +138,7 @@ def test_the_result_file_holds_the_folds_scored_so_far(bench, tmp_path):
     rows = [{"fold": 1, "method": f"U-Net {name}", "variant": f"in-plane sigma {s:g}", "mean_iou": 0.98,
              "err.tpb.density": err}
             for name, shift in (("pv seed 42", 0.0), ("pv ensemble of 2", -0.02)) for s, err in [(0, 0.05 + shift), (1, 0.01)]]
-    args = argparse.Namespace(sigmas=[0.0, 1.0], iou_tolerance=0.0005, models=tmp_path / "accuracy.csv", inference=["plain"],
+    args = argparse.Namespace(sigmas=[0.0, 1.0], iou_tolerance=0.0005, models=[tmp_path / "accuracy.csv"], inference=["plain"],
                               score_on="train", tortuosity=False, split=[0.6, 0.1, 0.3, 8], note="", out=tmp_path / "out")
     labels = {"pv seed 42": "U-Net pv seed 42", "pv ensemble of 2": "U-Net pv ensemble of 2"}
     metadata = {"command": "test", "date": "now", "git_commit": "abc", "git_dirty": False, "hardware": {}, "cpu_class": "x",
