@@ -36,6 +36,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,10 +48,9 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
 from _common import REPO, RESULTS, add_fold_model_arguments, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_out_of_fold_arguments(p: argparse.ArgumentParser) -> None:
+    """What :func:`out_of_fold` reads: the fold models, the forest's settings, the data and params."""
     add_fold_model_arguments(p, "the U-Net method name of those rows (accuracy.py --variant)")
-    p.add_argument("--samples", type=int, default=12, help="class-bias sweep volumes per interval (U-Net)")
     p.add_argument("--with-forest", action="store_true", help="also the forest of accuracy.py, per fold")
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--rf-samples", type=int, default=150_000)
@@ -58,6 +58,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
     p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
     p.add_argument("--params", type=Path, default=REPO / "params.yaml")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_of_fold_arguments(p)
+    p.add_argument("--samples", type=int, default=12, help="class-bias sweep volumes per interval (U-Net)")
     p.add_argument("--out", type=Path, default=RESULTS / "cv_out_of_fold")
     p.add_argument("--note", default="")
     return p.parse_args(argv)
@@ -107,24 +113,36 @@ def tortuosity_summary(rows: list[dict[str, Any]], goal: float = 0.05) -> dict[s
             "tau_max_abs_rel_error": max(errors) if errors else None}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+@dataclass
+class OutOfFold:
+    """The whole volume assembled from the held-out folds: labels, the U-Net's fused probabilities
+    (unsmoothed) and, when asked, the forest's labels, each slice from the fold that held it out."""
+
+    truth: np.ndarray
+    probabilities: np.ndarray
+    forest: np.ndarray | None
+    names: list[str]
+    n_folds: int
+    sigma: float  # the served in-plane smoothing (params inference.smoothing_sigma)
+    seconds: float
+
+
+def out_of_fold(args: argparse.Namespace) -> OutOfFold:
+    """Each fold's U-Net of ``args.models`` (and with ``args.with_forest`` the forest, fitted per
+    fold) on its held-out fold, put back in place; every slice of the source volume exactly once."""
     from accuracy import fit_baseline, fold_setting, test_slabs, volume_slices
     from cv_postprocess import fold_models, fold_probabilities
-    from microstructure_accuracy import comparison_rows, figures_of, log, measured
+    from microstructure_accuracy import log
     from socseg.params import load_params, typed
 
-    metadata = run_metadata(__file__, argv)
     params = load_params(args.params)
-    sigma = float(typed(params).inference.smoothing_sigma)
+
     models = fold_models(args.models, args.method)
     folds = sorted({k for k, _ in models.values()})
     if len(folds) != 1 or len(models) != folds[0]:
-        raise SystemExit(f"{joined_paths(args.models)}: a U-Net for each of the folds is needed, found folds {sorted(i + 1 for i in models)} "
-                         f"of {folds}")
+        raise SystemExit(f"{joined_paths(args.models)}: a U-Net for each of the folds is needed, found folds "
+                         f"{sorted(i + 1 for i in models)} of {folds}")
     source = import_socpristine(args.source, args.cache_dir)
-    seconds: dict[str, float] = {}
     truth = unet = forest = None
     filled: np.ndarray | None = None
     names: list[str] = []
@@ -147,10 +165,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                 forest = place(forest, shape, positions, found.argmax(-1).astype(np.uint8), filled)
             filled[positions] = True
             log(f"fold {fold + 1}/{n_folds}: slices {positions.min()}-{positions.max()} predicted")
-    seconds["predict"] = time.perf_counter() - started
     if filled is None or not filled.all():
         raise SystemExit(f"slices {np.flatnonzero(~filled).tolist()} are held out by no fold")
     assert truth is not None and unet is not None
+    return OutOfFold(truth, unet, forest, names, folds[0], float(typed(params).inference.smoothing_sigma),
+                     time.perf_counter() - started)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from microstructure_accuracy import comparison_rows, figures_of, log, measured
+
+    metadata = run_metadata(__file__, argv)
+    volumes = out_of_fold(args)
+    sigma = volumes.sigma
+    truth, unet, forest, names = volumes.truth, volumes.probabilities, volumes.forest, volumes.names
+    seconds: dict[str, float] = {"predict": volumes.seconds}
     unet_plain = unet.argmax(-1).astype(np.uint8)
     unet = smoothed(unet, sigma)
     whole = (slice(None),) * 3
@@ -179,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"tortuosity within 5 %: {figures[key]['tau_within_5pct']}, measured in {seconds[key]:.0f} s")
     settings = {
         "data": f"SOCPristine, all {truth.shape[0]} slices ({truth.shape}), each from the held-out fold of its "
-                f"{folds[0]}-fold cross-validation (split {args.split}, the CV run's fold copies)",
+                f"{volumes.n_folds}-fold cross-validation (split {args.split}, the CV run's fold copies)",
         "U-Net": f"the {args.method} rows of {joined_paths(args.models)}, one model per fold; fused over z, y and x; in-plane sigma "
                  f"{sigma:g} (params inference.smoothing_sigma) and 0",
         "forest": (f"{args.rf_trees} trees, {args.rf_samples} training pixels, fitted per fold (accuracy.py's forest); "
