@@ -691,6 +691,8 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_out_of_fold": "microstructure.md", "cv_fit_sigma": "microstructure.md", "cv_tta_fixed": "microstructure.md",
     "cv_fold2_boundary": "microstructure.md", "cv_fold2_boundary_heldout": "microstructure.md",
     "cv_fold3_boundary": "microstructure.md", "cv_fold3_boundary_heldout": "microstructure.md",
+    "cv_folds145_boundary": "microstructure.md", "cv_boundary_fixed": "microstructure.md",
+    "ni_connectivity": "microstructure.md", "cv_out_of_fold_boundary": "microstructure.md",
 }
 
 
@@ -890,7 +892,8 @@ _CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
 # models scored on slices they were trained on; cv_fold2_long_*: fold 2's model trained three times as
 # long, on its training window and its held-out fold; cv_fold2_base32_*: fold 2's model twice as wide,
 # likewise; cv_fit_sigma: cv_fit_ceiling's windows with cv_fused_sigma's four sigmas; cv_tta_fixed:
-# cv_fixed_folds' models with TTA and fused; cv_fold2/3_boundary_heldout: folds 2 and 3's boundary_ce_dice models. Each with the in-plane sigmas it ran.
+# cv_fixed_folds' models with TTA and fused; cv_fold2/3_boundary_heldout: folds 2 and 3's boundary_ce_dice models;
+# cv_boundary_fixed: the boundary_ce_dice models of all five folds. Each with the in-plane sigmas it ran.
 _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference", ("0", "1.3")),
                        ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed", ("0", "1.3")),
                        ("cv_fused_sigma/cv_postprocess.json", "cv_fused", ("0", "0.7", "1", "1.3")),
@@ -901,6 +904,7 @@ _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_i
                        ("cv_tta_fixed/cv_postprocess.json", "cv_tta_fixed", ("0", "0.7")),
                        ("cv_fold2_boundary_heldout/cv_postprocess.json", "cv_boundary_heldout", ("0", "0.7")),
                        ("cv_fold3_boundary_heldout/cv_postprocess.json", "cv_boundary3_heldout", ("0", "0.7")),
+                       ("cv_boundary_fixed/cv_postprocess.json", "cv_boundary_fixed", ("0", "0.7")),
                        ("cv_fold2_base32_fit/cv_postprocess.json", "cv_base32_fit", ("0", "0.7")),
                        ("cv_fold2_base32_heldout/cv_postprocess.json", "cv_base32_heldout", ("0", "0.7")))
 
@@ -941,6 +945,43 @@ for _rel, _prefix, _sigmas in _CV_INFERENCE_FILES:
                         return _cv_rows_mean(results, rel, label, variant, metric, {fold})
 
                     derived(f"{_prefix}_fold{_fold}_{_name}_{_short}_{_vshort}")(_fold_figure)
+
+
+def _paired_boundary(results: Results, metric: str, sigma: str) -> list[float]:
+    """Per fold, cv_boundary_fixed's fused ``metric`` at ``sigma`` minus cv_fused_sigma's (the ce_dice
+    fold models of the same folds, scored the same way): the boundary-aware loss's paired change."""
+    variant = f"in-plane sigma {sigma}"
+    key = metric.removeprefix("abs_")
+
+    def by_fold(rel: str) -> dict[int, float]:
+        values = {int(r["fold"]): float(r[key]) for r in _cv_rows(results, rel, "U-Net + multi-axis", variant)}
+        return {f: abs(v) for f, v in values.items()} if metric.startswith("abs_") else values
+
+    loss, base = by_fold("cv_boundary_fixed/cv_postprocess.json"), by_fold("cv_fused_sigma/cv_postprocess.json")
+    if set(loss) != set(base):
+        raise KeyError(f"cv_boundary_fixed folds {sorted(loss)} differ from cv_fused_sigma's {sorted(base)}")
+    return [loss[f] - base[f] for f in sorted(loss)]
+
+
+for _sigma in ("0", "0.7"):
+    for _metric, _name in (("mean_iou", "iou"), ("iou_ni", "iou_ni"), ("abs_err.tpb.density", "abs_tpb")):
+        def _paired_mean(results: Results, metric: str = _metric, sigma: str = _sigma) -> float:
+            """The boundary-aware loss's paired change over the five folds, mean."""
+            return statistics.fmean(_paired_boundary(results, metric, sigma))
+
+        def _paired_sd(results: Results, metric: str = _metric, sigma: str = _sigma) -> float:
+            """The boundary-aware loss's paired change over the five folds, sample standard deviation."""
+            return statistics.stdev(_paired_boundary(results, metric, sigma))
+
+        def _paired_better(results: Results, metric: str = _metric, sigma: str = _sigma) -> float:
+            """Folds on which the boundary-aware loss does better (a higher IoU, a smaller |TPB error|)."""
+            sign = -1.0 if metric.startswith("abs_") else 1.0
+            return float(sum(sign * d > 0 for d in _paired_boundary(results, metric, sigma)))
+
+        _tag = _sigma_name(_sigma)
+        derived(f"cv_boundary_paired_{_name}_{_tag}")(_paired_mean)
+        derived(f"cv_boundary_paired_sd_{_name}_{_tag}")(_paired_sd)
+        derived(f"cv_boundary_folds_better_{_name}_{_tag}")(_paired_better)
 
 for _sigma in ("0", "0.5", "0.7", "1"):
     for _metric, _name in (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"), ("mean_iou", "iou"),
