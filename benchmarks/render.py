@@ -513,6 +513,12 @@ JSON_TABLES: dict[str, list[Column]] = {
                        ("pixels", "share of pixels", ".1%"), ("error_share", "share of errors", ".1%"),
                        ("mean_iou", "mean IoU", ".4f"), ("islands_removed_below", "islands below (voxels)", ""),
                        ("tpb_density", "TPB density", ".5g"), ("rel_error", "TPB rel. error", "+.2%")],
+    "ni_connectivity": [("isolated_in", "isolated in", ""), ("voxels", "voxels", ""), ("share", "share of its isolated", ".1%"),
+                        ("z", "z", ""), ("distance", "distance", ".2f"), ("bridge_scale", "bridge (0 YSZ, 1 Ni)", ".2f"),
+                        ("kept.unet", "kept by the U-Net", ".2f"), ("joined.unet", "joined by the U-Net", ""),
+                        ("kept.labels", "kept by the labels", ".2f"), ("joined.labels", "joined by the labels", ""),
+                        ("added_voxels", "contact voxels", ""), ("added_z", "their z", ""),
+                        ("added_near_seam", "at a fold seam", "")],
     "tortuosity": [("geometry", "geometry", ""), ("phase", "phase", ""), ("axis", "axis", ""), ("solver", "solver", ""),
                    ("factor", "factor", ".4f"), ("expected", "expected", ".4f"), ("seconds", "solve s", ".2f"),
                    ("peak_rss_gib", "peak RSS GiB", ".2f"), ("method", "socseg method", ""), ("error", "error", "")],
@@ -992,6 +998,17 @@ for _sigma in ("0", "0.5", "0.7", "1"):
                                  f"in-plane sigma {sigma}", metric)
 
         derived(f"cv_multiaxis_{_name}_sigma_{_sigma.replace('.', 'p')}")(_multiaxis_sigma_figure)
+
+@derived("ni_connectivity_kept_isolated_max_bridge")
+def _kept_isolated_max_bridge(results: Results) -> float:
+    """ni_connectivity: the highest bridge level among the labels' isolated Ni components that the
+    served U-Net leaves isolated (those with a path within reach)."""
+    rows = [r for r in results.data("ni_connectivity/ni_connectivity.json")["rows"]
+            if r["isolated_in"] == "labels" and not r.get("joined.unet") and r.get("bridge_scale") is not None]
+    if not rows:
+        raise KeyError("ni_connectivity: no isolated labels component that the U-Net keeps has a bridge level")
+    return max(float(r["bridge_scale"]) for r in rows)
+
 
 def _tortuosity_errors(results: Results, variant: str, phase: str | None = None, axis: str | None = None) -> list[float]:
     """cv_tortuosity: the fused U-Net's relative tortuosity-factor errors over the folds (solved
