@@ -699,6 +699,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_fold3_boundary": "microstructure.md", "cv_fold3_boundary_heldout": "microstructure.md",
     "cv_folds145_boundary": "microstructure.md", "cv_boundary_fixed": "microstructure.md",
     "ni_connectivity": "microstructure.md", "cv_out_of_fold_boundary": "microstructure.md",
+    "cv_ni_boundary": "accuracy.md",
 }
 
 
@@ -998,6 +999,37 @@ for _sigma in ("0", "0.5", "0.7", "1"):
                                  f"in-plane sigma {sigma}", metric)
 
         derived(f"cv_multiaxis_{_name}_sigma_{_sigma.replace('.', 'p')}")(_multiaxis_sigma_figure)
+
+def _ni_boundary_paired(results: Results) -> list[float]:
+    """Per fold, cv_ni_boundary's U-Net Ni IoU minus cv_ni_fixed's (same folds, recipe and scoring,
+    ``ce_dice``): the boundary-aware loss's paired change on the ``ni`` task."""
+    def by_fold(rel: str) -> dict[str, float]:
+        return {r["split"]: float(r["iou_ni"]) for r in accuracy_rows(results, rel)
+                if r["task"] == "ni" and r["method"].startswith("U-Net") and r.get("model_uri")}
+
+    loss, base = by_fold("cv_ni_boundary/accuracy.csv"), by_fold("cv_ni_fixed/accuracy.csv")
+    if not loss or set(loss) != set(base):
+        raise KeyError(f"cv_ni_boundary folds {sorted(loss)} differ from cv_ni_fixed's {sorted(base)}")
+    return [loss[k] - base[k] for k in sorted(loss)]
+
+
+@derived("cv_ni_boundary_paired_iou_ni")
+def _ni_boundary_paired_mean(results: Results) -> float:
+    """The boundary-aware loss's paired Ni IoU change on the ni task, mean over the folds."""
+    return statistics.fmean(_ni_boundary_paired(results))
+
+
+@derived("cv_ni_boundary_paired_sd_iou_ni")
+def _ni_boundary_paired_sd(results: Results) -> float:
+    """The boundary-aware loss's paired Ni IoU change on the ni task, sample standard deviation."""
+    return statistics.stdev(_ni_boundary_paired(results))
+
+
+@derived("cv_ni_boundary_folds_better")
+def _ni_boundary_folds_better(results: Results) -> float:
+    """Folds on which the boundary-aware loss gives the ni task a higher Ni IoU."""
+    return float(sum(d > 0 for d in _ni_boundary_paired(results)))
+
 
 @derived("ni_connectivity_kept_isolated_max_bridge")
 def _kept_isolated_max_bridge(results: Results) -> float:
