@@ -308,7 +308,10 @@ def test_a_trained_model_is_unsure_at_phase_boundaries_not_inside_grains(tiny_pa
     from socseg.training.train import train
 
     tiny_params["tiles"]["steps_per_epoch"] = 20
-    tiny_params["train"].update(task="ni", epochs=3, learning_rate=0.01)
+    # ce_dice, not the default boundary_ce_dice: at this one-minute budget the boundary-weighted
+    # loss leaves a model unsure everywhere (15 % of pixels wrong against 5 %, measured when it became
+    # the default), so the map's relation to boundaries, which this test is about, cannot show.
+    tiny_params["train"].update(task="ni", epochs=3, learning_rate=0.01, loss="ce_dice")
     model = train(tiny_params, run_name="tiny").model_uri
     phantom = synth_from_params(tiny_params, "unseen", shape=(6, 64, 80), seed=3)
     tifffile.imwrite(tmp_path / "phantom.tif", phantom.image, photometric="minisblack")
