@@ -88,6 +88,12 @@ def isolated_components(mask: np.ndarray, image: np.ndarray | None = None, reach
     """The components of ``mask`` (one phase, ``(Z, Y, X)`` bool) touching no face, largest first,
     with their distance to the rest of the phase and, given the grey-value ``image``, their bridge
     level; both looked for within ``reach`` voxels of each component's bounding box."""
+    return _labelled_isolated(mask, image, reach)[1]
+
+
+def _labelled_isolated(mask: np.ndarray, image: np.ndarray | None,
+                       reach: int) -> tuple[np.ndarray, list[IsolatedComponent]]:
+    """:func:`isolated_components` and the 6-connected labelling their ``label`` fields refer to."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
         raise ValueError(f"isolated_components needs a (Z, Y, X) mask, got shape {mask.shape}")
@@ -108,7 +114,7 @@ def isolated_components(mask: np.ndarray, image: np.ndarray | None = None, reach
         level = _bridge_level(me, rest, image[box]) if image is not None else None
         z = boxes[label - 1][0]
         found.append(IsolatedComponent(int(label), int(sizes[label]), (int(z.start), int(z.stop - 1)), distance, level))
-    return found
+    return components, found
 
 
 def compare_isolated(reference: np.ndarray, other: np.ndarray, image: np.ndarray | None = None,
@@ -121,9 +127,9 @@ def compare_isolated(reference: np.ndarray, other: np.ndarray, image: np.ndarray
         raise ValueError(f"the two masks differ in shape: {reference.shape} and {other.shape}")
     theirs, n = ndi.label(other, structure=_SIX_CONNECTED)
     touching = _touching_faces(theirs, n)
-    mine, _ = ndi.label(reference, structure=_SIX_CONNECTED)
+    mine, isolated = _labelled_isolated(reference, image, reach)
     out = []
-    for component in isolated_components(reference, image, reach):
+    for component in isolated:
         held = theirs[mine == component.label]
         kept = held[held > 0]
         joined = bool(kept.size) and bool(touching[np.bincount(kept).argmax()])
