@@ -74,15 +74,14 @@ def component_rows(reference_name: str, reference: np.ndarray, others: dict[str,
     """One row per isolated component of ``reference``: its size, distance and bridge level, and per
     other segmentation whether it keeps and joins it; where the first other joins it, where the
     added contact lies in z."""
-    from scipy import ndimage as ndi
-
-    from socseg.analysis.connectivity import compare_isolated
+    from socseg.analysis.connectivity import compare_isolated, labelled_isolated
 
     low, high = scale
-    comparisons = {name: compare_isolated(reference, mask, image, reach) for name, mask in others.items()}
+    isolated = labelled_isolated(reference, image, reach)  # labelled once, bridge levels found once
+    labelled = isolated[0]
+    comparisons = {name: compare_isolated(reference, mask, image, reach, isolated) for name, mask in others.items()}
     first = next(iter(others))
     total = sum(c.component.voxels for c in comparisons[first]) or 1
-    labelled, _ = ndi.label(reference, structure=ndi.generate_binary_structure(3, 1))
     rows = []
     for i, base in enumerate(comparisons[first]):
         part = base.component

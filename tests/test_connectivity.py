@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from socseg.analysis.connectivity import compare_isolated, isolated_components
+from socseg.analysis.connectivity import compare_isolated, isolated_components, labelled_isolated
 
 
 @pytest.fixture
@@ -46,6 +46,9 @@ def test_compare_isolated_says_what_the_other_segmentation_keeps_and_joins(elect
     assert (missing.component.voxels, missing.kept, missing.joined) == (64, 0.0, False)
     same = compare_isolated(mask, mask)[0]
     assert (same.kept, same.joined) == (1.0, False)
+    # the reference labelled once serves several comparisons with the same answers
+    once = labelled_isolated(mask, image, reach=6)
+    assert compare_isolated(mask, bridged, image, 6, once) == [joined, speck]
 
 
 def test_bad_input_is_refused_with_the_problem_named(electrode):

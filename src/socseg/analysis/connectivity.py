@@ -88,11 +88,11 @@ def isolated_components(mask: np.ndarray, image: np.ndarray | None = None, reach
     """The components of ``mask`` (one phase, ``(Z, Y, X)`` bool) touching no face, largest first,
     with their distance to the rest of the phase and, given the grey-value ``image``, their bridge
     level; both looked for within ``reach`` voxels of each component's bounding box."""
-    return _labelled_isolated(mask, image, reach)[1]
+    return labelled_isolated(mask, image, reach)[1]
 
 
-def _labelled_isolated(mask: np.ndarray, image: np.ndarray | None,
-                       reach: int) -> tuple[np.ndarray, list[IsolatedComponent]]:
+def labelled_isolated(mask: np.ndarray, image: np.ndarray | None = None,
+                      reach: int = 8) -> tuple[np.ndarray, list[IsolatedComponent]]:
     """:func:`isolated_components` and the 6-connected labelling their ``label`` fields refer to."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
@@ -118,18 +118,20 @@ def _labelled_isolated(mask: np.ndarray, image: np.ndarray | None,
 
 
 def compare_isolated(reference: np.ndarray, other: np.ndarray, image: np.ndarray | None = None,
-                     reach: int = 8) -> list[IsolatedComparison]:
+                     reach: int = 8,
+                     isolated: tuple[np.ndarray, list[IsolatedComponent]] | None = None) -> list[IsolatedComparison]:
     """Each isolated component of ``reference`` (:func:`isolated_components`) with the share of it
     that ``other`` (the same phase in another segmentation) keeps and whether ``other`` joins it to
-    a component touching a face."""
+    a component touching a face. ``isolated``: the reference's :func:`labelled_isolated`, when one
+    reference is compared with several segmentations (its bridge levels are then found once)."""
     reference, other = np.asarray(reference, dtype=bool), np.asarray(other, dtype=bool)
     if reference.shape != other.shape:
         raise ValueError(f"the two masks differ in shape: {reference.shape} and {other.shape}")
     theirs, n = ndi.label(other, structure=_SIX_CONNECTED)
     touching = _touching_faces(theirs, n)
-    mine, isolated = _labelled_isolated(reference, image, reach)
+    mine, components = isolated if isolated is not None else labelled_isolated(reference, image, reach)
     out = []
-    for component in isolated:
+    for component in components:
         held = theirs[mine == component.label]
         kept = held[held > 0]
         joined = bool(kept.size) and bool(touching[np.bincount(kept).argmax()])
