@@ -82,6 +82,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_fold_model_arguments(p, "the U-Net method name of those rows (accuracy.py --variant; with --seeds, e.g. "
                                 "'pv seed 42' or 'pv ensemble of 2'); a comma list compares several, each labelled "
                                 "'U-Net <name>'")
+    p.add_argument("--ensemble", action="store_true",
+                   help="a fold found in several --models CSVs is scored as the ensemble of their models "
+                        "(probabilities averaged), labelled 'U-Net ensemble of N'")
     p.add_argument("--sigmas", type=floats, default=[0.0, 0.5, 0.7, 1.0, 1.3], help="in-plane smoothing sigmas (pixels)")
     p.add_argument("--iou-tolerance", type=float, default=0.0005,
                    help="a sigma is eligible if its mean IoU is at most this far below no smoothing's")
@@ -126,14 +129,20 @@ def fold_probabilities(model_uri: str, slab, mode: str) -> np.ndarray:
                               planes="zyx" if mode == "multi-axis" else "z")
 
 
-def fold_models(paths: Path | Sequence[Path], method: str) -> dict[int, tuple[int, str]]:
+def fold_models(paths: Path | Sequence[Path], method: str, ensemble: bool = False) -> dict[int, tuple[int, str]]:
     """``{fold index (0-based): (number of folds, model URI)}`` of the phases rows of ``method``
     (the end of the row's method label: ``pv`` is not ``pv seed 42``); an ensemble row's URI
     lists its members, comma-separated. Several CSVs (folds trained in separate runs) are read as
-    one table; a fold found twice, or a different number of folds, is refused rather than guessed."""
+    one table; a fold found twice, or a different number of folds, is refused rather than guessed.
+
+    ``ensemble``: a fold found in several CSVs is not refused but becomes the ensemble of their
+    models (URIs joined by commas: their probabilities averaged), e.g. one recipe trained with two
+    losses or two lengths; every fold must then have the same number of members, so that the
+    figure averaged over folds is one recipe's."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out: dict[int, tuple[int, str]] = {}
     source: dict[int, Path] = {}
+    members: dict[int, list[str]] = {}
     for path in paths:
         with open(path, newline="") as handle:
             for row in csv.DictReader(handle):
@@ -143,9 +152,19 @@ def fold_models(paths: Path | Sequence[Path], method: str) -> dict[int, tuple[in
                 if not (row.get("task") == "phases" and row.get("model_uri") and found and named):
                     continue
                 fold = int(found.group(1)) - 1
-                if fold in source and source[fold] != path:
+                if ensemble and fold in source and source[fold] == path:
+                    raise SystemExit(f"{path}: fold {fold + 1} of method {method!r} is in it twice; --ensemble "
+                                     "takes one model per fold from each CSV")
+                if fold in source and source[fold] != path and not ensemble:
                     raise SystemExit(f"fold {fold + 1} of method {method!r} is in both {source[fold]} and {path}")
+                members.setdefault(fold, []).append(row["model_uri"])
                 out[fold], source[fold] = (int(found.group(2)), row["model_uri"]), path
+    if ensemble and out:
+        sizes = {fold: len(uris) for fold, uris in members.items()}
+        if len(set(sizes.values())) > 1:
+            raise SystemExit(f"{joined_paths(paths)}: --ensemble needs the same number of models for every fold "
+                             f"of method {method!r}, found {dict(sorted((f + 1, n) for f, n in sizes.items()))}")
+        out = {fold: (out[fold][0], ",".join(uris)) for fold, uris in members.items()}
     if not out:
         raise SystemExit(f"{joined_paths(paths)}: no phases rows of method {method!r} with a model_uri "
                          "and a 'z-fold k/K' split")
@@ -255,7 +274,9 @@ def write_outputs(args: argparse.Namespace, metadata: dict[str, Any], models: di
     figures: dict[str, Any] = {"chosen_sigma": chosen_sigma(stats, first, args.sigmas, args.iou_tolerance), **stats}
     done = sorted({r["fold"] for r in rows})
     settings = {
-        "models": f"{joined_paths(args.models)} ({', '.join(method_names)} rows, one per fold each)",
+        "models": f"{joined_paths(args.models)} ({', '.join(method_names)} rows, "
+                  + ("each fold the ensemble of its models in these files, probabilities averaged)" if args.ensemble
+                     else "one per fold each)"),
         "data": f"SOCPristine, {len(models)} of {sorted({k for k, _ in models.values()})[0]} contiguous z-folds, split "
                 f"{args.split} (the CV run's fold copies); "
                 f"folds scored: {', '.join(map(str, done))}",
@@ -295,9 +316,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     metadata = run_metadata(__file__, argv)
     method_names = [m.strip() for m in args.method.split(",") if m.strip()]
-    labels = {name: "U-Net" if len(method_names) == 1 else f"U-Net {name}" for name in method_names}
-    per_method = {name: fold_models(args.models, name) for name in method_names}
+    per_method = {name: fold_models(args.models, name, args.ensemble) for name in method_names}
     models = per_method[method_names[0]]
+    members = {name: len(next(iter(found.values()))[1].split(",")) for name, found in per_method.items()}
+    labels = {name: ("U-Net" if len(method_names) == 1 else f"U-Net {name}")
+              + (f" ensemble of {members[name]}" if args.ensemble and members[name] > 1 else "")
+              for name in method_names}
     missing = {name: sorted(set(models) - set(found)) for name, found in per_method.items() if set(found) != set(models)}
     if missing:
         raise SystemExit(f"{joined_paths(args.models)}: the methods do not cover the same folds: {missing}")

@@ -81,6 +81,27 @@ def test_fold_models_joins_folds_trained_in_separate_runs_and_refuses_a_fold_twi
     assert args.models == [first, second]
 
 
+def test_ensemble_averages_the_models_each_csv_holds_for_a_fold(bench, tmp_path):
+    """--ensemble: one recipe trained twice (another loss, another length) in separate runs is
+    scored as the ensemble of the two for each fold; unequal member counts are refused."""
+    header = "task,method,split,model_uri\n"
+    first, second, part = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
+    first.write_text(header + "phases,U-Net pv,\"z-fold 1/5, gap 8\",models:/a-1\n"
+                     "phases,U-Net pv,\"z-fold 2/5, gap 8\",models:/a-2\n")
+    second.write_text(header + "phases,U-Net pv,\"z-fold 2/5, gap 8\",models:/b-2\n")
+    part.write_text(header + "phases,U-Net pv,\"z-fold 1/5, gap 8\",models:/b-1\n")
+    assert bench.fold_models([first, second, part], "pv", ensemble=True) == {
+        0: (5, "models:/a-1,models:/b-1"), 1: (5, "models:/a-2,models:/b-2")}
+    with pytest.raises(SystemExit, match=r"same number of models for every fold .* found \{1: 1, 2: 2\}"):
+        bench.fold_models([first, second], "pv", ensemble=True)
+    twice = tmp_path / "twice.csv"
+    twice.write_text(header + "phases,U-Net pv,\"z-fold 1/5, gap 8\",models:/t-1\n"
+                     "phases,U-Net pv,\"z-fold 1/5, gap 8\",models:/t-1b\n")
+    with pytest.raises(SystemExit, match="fold 1 of method 'pv' is in it twice"):
+        bench.fold_models([twice], "pv", ensemble=True)
+    assert bench.parse_args(["--models", str(first), "--ensemble"]).ensemble
+
+
 def test_the_in_plane_variant_is_the_predictors_smoothing_and_removes_specks(bench, truth):
     from socseg.inference.window import smooth_probabilities
 
@@ -139,13 +160,15 @@ def test_the_result_file_holds_the_folds_scored_so_far(bench, tmp_path):
              "err.tpb.density": err}
             for name, shift in (("pv seed 42", 0.0), ("pv ensemble of 2", -0.02)) for s, err in [(0, 0.05 + shift), (1, 0.01)]]
     args = argparse.Namespace(sigmas=[0.0, 1.0], iou_tolerance=0.0005, models=[tmp_path / "accuracy.csv"], inference=["plain"],
-                              score_on="train", tortuosity=False, split=[0.6, 0.1, 0.3, 8], note="", out=tmp_path / "out")
+                              score_on="train", tortuosity=False, split=[0.6, 0.1, 0.3, 8], note="", out=tmp_path / "out",
+                              ensemble=False)
     labels = {"pv seed 42": "U-Net pv seed 42", "pv ensemble of 2": "U-Net pv ensemble of 2"}
     metadata = {"command": "test", "date": "now", "git_commit": "abc", "git_dirty": False, "hardware": {}, "cpu_class": "x",
                 "load_start": None}
     json_path, _, figures = bench.write_outputs(args, metadata, {0: (5, "a"), 1: (5, "b")}, list(labels), labels, rows)
     record = json.loads(json_path.read_text())
     assert "folds scored: 1" in record["settings"]["data"]
+    assert record["settings"]["models"].endswith("one per fold each)")
     assert record["settings"]["scored on"].startswith("a window of each fold's own training slices")
     assert figures["U-Net pv ensemble of 2 | in-plane sigma 0"]["err.tpb.density"]["mean"] == pytest.approx(0.03)
     assert figures["chosen_sigma"] == 1.0 and "(U-Net pv seed 42)" in record["settings"]["rule"]

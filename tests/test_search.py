@@ -366,3 +366,28 @@ def test_the_best_trial_is_the_best_iou_among_those_near_the_least_tpb_error():
     assert choose_best_trial(ni_task, 0.03).number == 1  # no TPB error: IoU alone; a tie goes to the earlier
     with pytest.raises(ValueError, match="no completed trial"):
         choose_best_trial([], 0.03)
+
+
+def test_a_real_three_phase_search_hands_on_the_trial_the_tpb_rule_chooses(search_params, mlflow_env):
+    """A real 3-phase search (SQLite study, MLflow store, trained trials): every completed trial
+    carries its validation TPB error, and with a zero tolerance the trial handed on is the one
+    with the least |TPB error|, tagged on the parent run whenever that is not the best IoU."""
+    from socseg.inference.evaluate import TPB_ERROR
+    from socseg.training.search import run_search
+
+    search_params["train"].update(task="phases")
+    search_params["search"].update(n_trials=3)
+    search_params["search"]["space"] = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}}
+    search_params["registry"]["tpb_tolerance"] = 0.0
+    result = run_search(search_params, encoder="unet")
+
+    study = optuna.load_study(study_name="t", storage=search_params["search"]["storage"])
+    completed = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(completed) >= 2
+    errors = {t.number: abs(t.user_attrs[f"val_{TPB_ERROR}"]) for t in completed}  # KeyError: not recorded
+    least_error = min(errors, key=lambda n: (errors[n], n))
+    assert result.best_trial == least_error
+    assert result.best_value == pytest.approx(study.trials[least_error].value)
+    assert result.best_run_id == study.trials[least_error].user_attrs["run_id"]
+    rule_tag = MlflowClient().get_run(result.parent_run_id).data.tags.get("best_trial_rule")
+    assert (rule_tag is not None) == (least_error != study.best_trial.number)
