@@ -592,7 +592,9 @@ def result_files(results: Results, folder: str) -> list[str]:
 
     A ``.json`` with ``command`` and ``rows`` (``_common.write_result``), a ``.csv`` with its ``.md``
     twin (accuracy.py), and ``trials.csv`` beside ``search.md`` (search_real.py); inputs such as
-    ``normalisation/models.csv`` and ``search.json`` are not results of their own.
+    ``normalisation/models.csv`` and ``search.json`` are not results of their own. Sub-folders one
+    level down are read too, after the folder's own files: one measurement run in parts (e.g. one
+    accuracy.py invocation per fold, ``cv_boundary_long/fold1/``) is one folder on the page.
     """
     if folder == "accuracy":
         return ["accuracy.csv"]
@@ -605,6 +607,9 @@ def result_files(results: Results, folder: str) -> list[str]:
         elif path.suffix == ".csv" and (path.with_suffix(".md").is_file() or
                                         (path.name == "trials.csv" and (base / "search.md").is_file())):
             found.append(rel)
+    if "/" not in folder:
+        for sub in sorted(p for p in base.iterdir() if p.is_dir()):
+            found += result_files(results, f"{folder}/{sub.name}")
     return found
 
 

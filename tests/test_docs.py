@@ -335,3 +335,20 @@ def test_result_files_of_the_current_format_show_cpu_class_load_and_tree(tmp_pat
     accuracy = render.render_block(results, "base_2p5d_pv", "t")
     assert "commit b680caf; uncommitted changes in tracked files" in accuracy and "**CPU class**: AVX-512 + bf16" in accuracy
     assert "**what else ran**: start: load average 0.3" in accuracy and "| U-Net | – | – | – | 0.9803 |" in accuracy
+
+
+def test_a_folder_run_in_parts_renders_each_part_after_its_own_files(tmp_path):
+    """One measurement run as one invocation per fold (sub-folders fold1/, fold2/) is one folder on
+    the page: its own files first, then each part's, in name order; deeper folders are not read."""
+    header = "# Accuracy benchmark\n\n- **command**: `python benchmarks/accuracy.py --only-folds {f}`\n"
+    results = results_tree(tmp_path, {
+        "benchmarks/results/long/accuracy.csv": SAMPLE_CSV, "benchmarks/results/long/accuracy.md": header.format(f="all"),
+        **{f"benchmarks/results/long/fold{f}/accuracy.{ext}": (header.format(f=f) if ext == "md" else SAMPLE_CSV)
+           for f in (2, 1) for ext in ("md", "csv")},
+        "benchmarks/results/long/fold1/deeper/accuracy.csv": SAMPLE_CSV,
+        "benchmarks/results/long/fold1/deeper/accuracy.md": header.format(f=9)})
+    assert render.result_files(results, "long") == ["long/accuracy.csv", "long/fold1/accuracy.csv",
+                                                    "long/fold2/accuracy.csv"]
+    block = render.render_block(results, "long", "t")
+    assert block.index("--only-folds all") < block.index("--only-folds 1") < block.index("--only-folds 2")
+    assert "--only-folds 9" not in block
