@@ -704,7 +704,8 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_fold3_boundary": "microstructure.md", "cv_fold3_boundary_heldout": "microstructure.md",
     "cv_folds145_boundary": "microstructure.md", "cv_boundary_fixed": "microstructure.md",
     "ni_connectivity": "microstructure.md", "cv_out_of_fold_boundary": "microstructure.md",
-    "cv_ni_boundary": "accuracy.md",
+    "cv_ni_boundary": "accuracy.md", "cv_boundary_long": "accuracy.md", "cv_boundary_long_fused": "accuracy.md",
+    "cv_ensemble_loss": "accuracy.md",
 }
 
 
@@ -905,7 +906,9 @@ _CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
 # long, on its training window and its held-out fold; cv_fold2_base32_*: fold 2's model twice as wide,
 # likewise; cv_fit_sigma: cv_fit_ceiling's windows with cv_fused_sigma's four sigmas; cv_tta_fixed:
 # cv_fixed_folds' models with TTA and fused; cv_fold2/3_boundary_heldout: folds 2 and 3's boundary_ce_dice models;
-# cv_boundary_fixed: the boundary_ce_dice models of all five folds. Each with the in-plane sigmas it ran.
+# cv_boundary_fixed: the boundary_ce_dice models of all five folds; cv_boundary_long: those trained
+# 60 epochs; cv_ensemble_loss: each fold's ce_dice and boundary models averaged. Each with the
+# in-plane sigmas it ran.
 _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference", ("0", "1.3")),
                        ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed", ("0", "1.3")),
                        ("cv_fused_sigma/cv_postprocess.json", "cv_fused", ("0", "0.7", "1", "1.3")),
@@ -918,7 +921,13 @@ _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_i
                        ("cv_fold3_boundary_heldout/cv_postprocess.json", "cv_boundary3_heldout", ("0", "0.7")),
                        ("cv_boundary_fixed/cv_postprocess.json", "cv_boundary_fixed", ("0", "0.7")),
                        ("cv_fold2_base32_fit/cv_postprocess.json", "cv_base32_fit", ("0", "0.7")),
-                       ("cv_fold2_base32_heldout/cv_postprocess.json", "cv_base32_heldout", ("0", "0.7")))
+                       ("cv_fold2_base32_heldout/cv_postprocess.json", "cv_base32_heldout", ("0", "0.7")),
+                       ("cv_boundary_long_fused/cv_postprocess.json", "cv_boundary_long", ("0", "0.7")),
+                       ("cv_ensemble_loss/cv_postprocess.json", "cv_ensemble_loss", ("0", "0.7")))
+# The method labels of a file's rows and their short names in figure names; an --ensemble file's
+# rows are the ensemble's.
+_CV_LABELS = (("U-Net", "plain"), ("U-Net + TTA", "tta"), ("U-Net + multi-axis", "multiaxis"))
+_CV_FILE_LABELS = {"cv_ensemble_loss": (("U-Net ensemble of 2 + multi-axis", "multiaxis"),)}
 
 
 def _sigma_name(sigma: str) -> str:
@@ -927,7 +936,7 @@ def _sigma_name(sigma: str) -> str:
 
 
 for _rel, _prefix, _sigmas in _CV_INFERENCE_FILES:
-    for _label, _short in (("U-Net", "plain"), ("U-Net + TTA", "tta"), ("U-Net + multi-axis", "multiaxis")):
+    for _label, _short in _CV_FILE_LABELS.get(_prefix, _CV_LABELS):
         for _variant, _vshort in ((f"in-plane sigma {s}", _sigma_name(s)) for s in _sigmas):
             for _metric, _name in _CV_METRICS:
                 def _inference_figure(results: Results, rel: str = _rel, label: str = _label, variant: str = _variant,
@@ -959,41 +968,61 @@ for _rel, _prefix, _sigmas in _CV_INFERENCE_FILES:
                     derived(f"{_prefix}_fold{_fold}_{_name}_{_short}_{_vshort}")(_fold_figure)
 
 
-def _paired_boundary(results: Results, metric: str, sigma: str) -> list[float]:
-    """Per fold, cv_boundary_fixed's fused ``metric`` at ``sigma`` minus cv_fused_sigma's (the ce_dice
-    fold models of the same folds, scored the same way): the boundary-aware loss's paired change."""
+FUSED = "U-Net + multi-axis"
+# Paired comparisons fold by fold, each of two cv_postprocess files' fused rows: prefix ->
+# (file, method label, base file, base method label, what differs). cv_boundary: the boundary-aware
+# loss against ce_dice (30 epochs each); cv_long: the boundary loss trained 60 epochs against 30;
+# cv_ensemble_loss: the ce_dice and boundary models of a fold averaged against the boundary model
+# alone; cv_ensemble_vs_long: that ensemble (60 epochs of training in all) against one 60-epoch model.
+_PAIRED = {
+    "cv_boundary": ("cv_boundary_fixed/cv_postprocess.json", FUSED, "cv_fused_sigma/cv_postprocess.json", FUSED,
+                    "the boundary-aware loss"),
+    "cv_long": ("cv_boundary_long_fused/cv_postprocess.json", FUSED, "cv_boundary_fixed/cv_postprocess.json", FUSED,
+                "twice the training"),
+    "cv_ensemble_loss": ("cv_ensemble_loss/cv_postprocess.json", "U-Net ensemble of 2 + multi-axis",
+                         "cv_boundary_fixed/cv_postprocess.json", FUSED, "the two-loss ensemble"),
+    "cv_ensemble_vs_long": ("cv_ensemble_loss/cv_postprocess.json", "U-Net ensemble of 2 + multi-axis",
+                            "cv_boundary_long_fused/cv_postprocess.json", FUSED, "the ensemble over one long model"),
+}
+
+
+def _paired(results: Results, prefix: str, metric: str, sigma: str) -> list[float]:
+    """Per fold, ``metric`` at in-plane ``sigma`` of ``_PAIRED[prefix]``'s file minus its base's
+    (``abs_``: of absolute values): the paired change of what differs between the two."""
+    rel, label, base_rel, base_label, _ = _PAIRED[prefix]
     variant = f"in-plane sigma {sigma}"
     key = metric.removeprefix("abs_")
 
-    def by_fold(rel: str) -> dict[int, float]:
-        values = {int(r["fold"]): float(r[key]) for r in _cv_rows(results, rel, "U-Net + multi-axis", variant)}
+    def by_fold(rel: str, label: str) -> dict[int, float]:
+        values = {int(r["fold"]): float(r[key]) for r in _cv_rows(results, rel, label, variant)}
         return {f: abs(v) for f, v in values.items()} if metric.startswith("abs_") else values
 
-    loss, base = by_fold("cv_boundary_fixed/cv_postprocess.json"), by_fold("cv_fused_sigma/cv_postprocess.json")
-    if set(loss) != set(base):
-        raise KeyError(f"cv_boundary_fixed folds {sorted(loss)} differ from cv_fused_sigma's {sorted(base)}")
-    return [loss[f] - base[f] for f in sorted(loss)]
+    new, base = by_fold(rel, label), by_fold(base_rel, base_label)
+    if set(new) != set(base):
+        raise KeyError(f"{rel} folds {sorted(new)} differ from {base_rel}'s {sorted(base)}")
+    return [new[f] - base[f] for f in sorted(new)]
 
 
-for _sigma in ("0", "0.7"):
-    for _metric, _name in (("mean_iou", "iou"), ("iou_ni", "iou_ni"), ("abs_err.tpb.density", "abs_tpb")):
-        def _paired_mean(results: Results, metric: str = _metric, sigma: str = _sigma) -> float:
-            """The boundary-aware loss's paired change over the five folds, mean."""
-            return statistics.fmean(_paired_boundary(results, metric, sigma))
+for _prefix in _PAIRED:
+    for _sigma in ("0", "0.7"):
+        for _metric, _name in (("mean_iou", "iou"), ("iou_ni", "iou_ni"), ("abs_err.tpb.density", "abs_tpb")):
+            def _paired_mean(results: Results, prefix: str = _prefix, metric: str = _metric, sigma: str = _sigma) -> float:
+                """A paired change over the folds, mean."""
+                return statistics.fmean(_paired(results, prefix, metric, sigma))
 
-        def _paired_sd(results: Results, metric: str = _metric, sigma: str = _sigma) -> float:
-            """The boundary-aware loss's paired change over the five folds, sample standard deviation."""
-            return statistics.stdev(_paired_boundary(results, metric, sigma))
+            def _paired_sd(results: Results, prefix: str = _prefix, metric: str = _metric, sigma: str = _sigma) -> float:
+                """A paired change over the folds, sample standard deviation."""
+                return statistics.stdev(_paired(results, prefix, metric, sigma))
 
-        def _paired_better(results: Results, metric: str = _metric, sigma: str = _sigma) -> float:
-            """Folds on which the boundary-aware loss does better (a higher IoU, a smaller |TPB error|)."""
-            sign = -1.0 if metric.startswith("abs_") else 1.0
-            return float(sum(sign * d > 0 for d in _paired_boundary(results, metric, sigma)))
+            def _paired_better(results: Results, prefix: str = _prefix, metric: str = _metric, sigma: str = _sigma) -> float:
+                """Folds on which the change does better (a higher IoU, a smaller |TPB error|)."""
+                sign = -1.0 if metric.startswith("abs_") else 1.0
+                return float(sum(sign * d > 0 for d in _paired(results, prefix, metric, sigma)))
 
-        _tag = _sigma_name(_sigma)
-        derived(f"cv_boundary_paired_{_name}_{_tag}")(_paired_mean)
-        derived(f"cv_boundary_paired_sd_{_name}_{_tag}")(_paired_sd)
-        derived(f"cv_boundary_folds_better_{_name}_{_tag}")(_paired_better)
+            _tag = _sigma_name(_sigma)
+            derived(f"{_prefix}_paired_{_name}_{_tag}")(_paired_mean)
+            derived(f"{_prefix}_paired_sd_{_name}_{_tag}")(_paired_sd)
+            derived(f"{_prefix}_folds_better_{_name}_{_tag}")(_paired_better)
 
 for _sigma in ("0", "0.5", "0.7", "1"):
     for _metric, _name in (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"), ("mean_iou", "iou"),
