@@ -1024,6 +1024,41 @@ for _prefix in _PAIRED:
             derived(f"{_prefix}_paired_sd_{_name}_{_tag}")(_paired_sd)
             derived(f"{_prefix}_folds_better_{_name}_{_tag}")(_paired_better)
 
+def _interval_pairs(results: Results, method: str = "U-Net fused, sigma 0.7") -> list[tuple[dict, dict]]:
+    """(ce_dice row, boundary_ce_dice row) of each metric with an interval in both out-of-fold files."""
+    def rows(rel: str) -> dict[str, dict]:
+        return {r["metric"]: r for r in results.data(rel)["rows"] if r["method"] == method and r.get("low") is not None}
+
+    base, loss = rows("cv_out_of_fold/cv_out_of_fold.json"), rows("cv_out_of_fold_boundary/cv_out_of_fold.json")
+    return [(base[m], loss[m]) for m in loss if m in base]
+
+
+@derived("cv_oof_interval_width_ratio")
+def cv_oof_interval_width_ratio(results: Results) -> float:
+    """Median over metrics of the boundary-loss interval's width over the ce_dice one's (out of fold)."""
+    return statistics.median((b["high"] - b["low"]) / (a["high"] - a["low"]) for a, b in _interval_pairs(results)
+                             if a["high"] > a["low"])
+
+
+@derived("cv_oof_intervals_narrower")
+def cv_oof_intervals_narrower(results: Results) -> float:
+    """Metrics whose boundary-loss interval is narrower than the ce_dice one."""
+    return float(sum(b["high"] - b["low"] < a["high"] - a["low"] for a, b in _interval_pairs(results)))
+
+
+@derived("cv_oof_intervals_compared")
+def cv_oof_intervals_compared(results: Results) -> float:
+    """Metrics with an interval in both out-of-fold files."""
+    return float(len(_interval_pairs(results)))
+
+
+@derived("cv_oof_error_ratio")
+def cv_oof_error_ratio(results: Results) -> float:
+    """Median over metrics of the boundary-loss |value - labels| over the ce_dice one's."""
+    return statistics.median(abs(b["value"] - b["labels"]) / abs(a["value"] - a["labels"])
+                             for a, b in _interval_pairs(results) if a["labels"] is not None and a["value"] != a["labels"])
+
+
 for _sigma in ("0", "0.5", "0.7", "1"):
     for _metric, _name in (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"), ("mean_iou", "iou"),
                            ("err.tpb.active_density.z", "active_tpb_z")):
