@@ -958,6 +958,14 @@ for _rel, _prefix, _sigmas in _CV_INFERENCE_FILES:
 
             derived(f"{_prefix}_active_within_3pct_{_short}_{_vshort}")(_active_within_3pct)
 
+            for _metric, _name in (("mean_iou", "iou"), ("iou_ni", "iou_ni")):
+                def _at_goal(results: Results, rel: str = _rel, label: str = _label, variant: str = _variant,
+                             metric: str = _metric) -> float:
+                    """Folds whose IoU reaches issue 29's goal of 0.99 (rounded to 4 decimals, as shown)."""
+                    return float(sum(round(float(r[metric]), 4) >= 0.99 for r in _cv_rows(results, rel, label, variant)))
+
+                derived(f"{_prefix}_folds_at_0p99_{_name}_{_short}_{_vshort}")(_at_goal)
+
             for _metric, _name in (("err.tpb.density", "tpb"), ("mean_iou", "iou"), ("abs_err.tpb.density", "abs_tpb")):
                 for _fold in range(1, 6):
                     def _fold_figure(results: Results, rel: str = _rel, label: str = _label, variant: str = _variant,
