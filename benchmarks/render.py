@@ -705,6 +705,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_folds145_boundary": "microstructure.md", "cv_boundary_fixed": "microstructure.md",
     "ni_connectivity": "microstructure.md", "cv_out_of_fold_boundary": "microstructure.md",
     "cv_ni_boundary": "accuracy.md", "cv_boundary_long": "accuracy.md", "cv_boundary_long_fused": "accuracy.md",
+    "cv_boundary_long_fit": "accuracy.md",
     "cv_ensemble_loss": "accuracy.md",
 }
 
@@ -907,7 +908,7 @@ _CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
 # likewise; cv_fit_sigma: cv_fit_ceiling's windows with cv_fused_sigma's four sigmas; cv_tta_fixed:
 # cv_fixed_folds' models with TTA and fused; cv_fold2/3_boundary_heldout: folds 2 and 3's boundary_ce_dice models;
 # cv_boundary_fixed: the boundary_ce_dice models of all five folds; cv_boundary_long: those trained
-# 60 epochs; cv_ensemble_loss: each fold's ce_dice and boundary models averaged. Each with the
+# 60 epochs (cv_boundary_long_fit: on their training windows); cv_ensemble_loss: each fold's ce_dice and boundary models averaged. Each with the
 # in-plane sigmas it ran.
 _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference", ("0", "1.3")),
                        ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed", ("0", "1.3")),
@@ -923,6 +924,7 @@ _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_i
                        ("cv_fold2_base32_fit/cv_postprocess.json", "cv_base32_fit", ("0", "0.7")),
                        ("cv_fold2_base32_heldout/cv_postprocess.json", "cv_base32_heldout", ("0", "0.7")),
                        ("cv_boundary_long_fused/cv_postprocess.json", "cv_boundary_long", ("0", "0.7")),
+                       ("cv_boundary_long_fit/cv_postprocess.json", "cv_boundary_long_fit", ("0", "0.7")),
                        ("cv_ensemble_loss/cv_postprocess.json", "cv_ensemble_loss", ("0", "0.7")))
 # The method labels of a file's rows and their short names in figure names; an --ensemble file's
 # rows are the ensemble's.
@@ -981,7 +983,8 @@ FUSED = "U-Net + multi-axis"
 # (file, method label, base file, base method label, what differs). cv_boundary: the boundary-aware
 # loss against ce_dice (30 epochs each); cv_long: the boundary loss trained 60 epochs against 30;
 # cv_ensemble_loss: the ce_dice and boundary models of a fold averaged against the boundary model
-# alone; cv_ensemble_vs_long: that ensemble (60 epochs of training in all) against one 60-epoch model.
+# alone; cv_ensemble_vs_long: that ensemble (60 epochs of training in all) against one 60-epoch model;
+# cv_fit_gap / cv_long_fit_gap: a fold model on its training window against its held-out fold.
 _PAIRED = {
     "cv_boundary": ("cv_boundary_fixed/cv_postprocess.json", FUSED, "cv_fused_sigma/cv_postprocess.json", FUSED,
                     "the boundary-aware loss"),
@@ -991,6 +994,10 @@ _PAIRED = {
                          "cv_boundary_fixed/cv_postprocess.json", FUSED, "the two-loss ensemble"),
     "cv_ensemble_vs_long": ("cv_ensemble_loss/cv_postprocess.json", "U-Net ensemble of 2 + multi-axis",
                             "cv_boundary_long_fused/cv_postprocess.json", FUSED, "the ensemble over one long model"),
+    "cv_fit_gap": ("cv_fit_ceiling/cv_postprocess.json", FUSED, "cv_fused_sigma/cv_postprocess.json", FUSED,
+                   "seen minus unseen slices, ce_dice 30 epochs"),
+    "cv_long_fit_gap": ("cv_boundary_long_fit/cv_postprocess.json", FUSED, "cv_boundary_long_fused/cv_postprocess.json",
+                        FUSED, "seen minus unseen slices, boundary_ce_dice 60 epochs"),
 }
 
 
