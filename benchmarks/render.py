@@ -908,8 +908,8 @@ _CV_METRICS = (("err.tpb.density", "tpb"), ("abs_err.tpb.density", "abs_tpb"),
 # likewise; cv_fit_sigma: cv_fit_ceiling's windows with cv_fused_sigma's four sigmas; cv_tta_fixed:
 # cv_fixed_folds' models with TTA and fused; cv_fold2/3_boundary_heldout: folds 2 and 3's boundary_ce_dice models;
 # cv_boundary_fixed: the boundary_ce_dice models of all five folds; cv_boundary_long: those trained
-# 60 epochs (cv_boundary_long_fit: on their training windows); cv_ensemble_loss: each fold's ce_dice and boundary models averaged. Each with the
-# in-plane sigmas it ran.
+# 60 epochs (cv_boundary_long_fit: on their training windows); cv_ensemble_loss: each fold's ce_dice
+# and boundary models averaged. Each with the in-plane sigmas it ran.
 _CV_INFERENCE_FILES = (("cv_inference_microstructure/cv_postprocess.json", "cv_inference", ("0", "1.3")),
                        ("cv_fixed_microstructure/cv_postprocess.json", "cv_fixed", ("0", "1.3")),
                        ("cv_fused_sigma/cv_postprocess.json", "cv_fused", ("0", "0.7", "1", "1.3")),
@@ -980,31 +980,28 @@ for _rel, _prefix, _sigmas in _CV_INFERENCE_FILES:
 
 FUSED = "U-Net + multi-axis"
 # Paired comparisons fold by fold, each of two cv_postprocess files' fused rows: prefix ->
-# (file, method label, base file, base method label, what differs). cv_boundary: the boundary-aware
+# (file, method label, base file, base method label). cv_boundary: the boundary-aware
 # loss against ce_dice (30 epochs each); cv_long: the boundary loss trained 60 epochs against 30;
 # cv_ensemble_loss: the ce_dice and boundary models of a fold averaged against the boundary model
 # alone; cv_ensemble_vs_long: that ensemble (60 epochs of training in all) against one 60-epoch model;
 # cv_fit_gap / cv_long_fit_gap: a fold model on its training window against its held-out fold.
 _PAIRED = {
-    "cv_boundary": ("cv_boundary_fixed/cv_postprocess.json", FUSED, "cv_fused_sigma/cv_postprocess.json", FUSED,
-                    "the boundary-aware loss"),
-    "cv_long": ("cv_boundary_long_fused/cv_postprocess.json", FUSED, "cv_boundary_fixed/cv_postprocess.json", FUSED,
-                "twice the training"),
+    "cv_boundary": ("cv_boundary_fixed/cv_postprocess.json", FUSED, "cv_fused_sigma/cv_postprocess.json", FUSED),
+    "cv_long": ("cv_boundary_long_fused/cv_postprocess.json", FUSED, "cv_boundary_fixed/cv_postprocess.json", FUSED),
     "cv_ensemble_loss": ("cv_ensemble_loss/cv_postprocess.json", "U-Net ensemble of 2 + multi-axis",
-                         "cv_boundary_fixed/cv_postprocess.json", FUSED, "the two-loss ensemble"),
+                         "cv_boundary_fixed/cv_postprocess.json", FUSED),
     "cv_ensemble_vs_long": ("cv_ensemble_loss/cv_postprocess.json", "U-Net ensemble of 2 + multi-axis",
-                            "cv_boundary_long_fused/cv_postprocess.json", FUSED, "the ensemble over one long model"),
-    "cv_fit_gap": ("cv_fit_ceiling/cv_postprocess.json", FUSED, "cv_fused_sigma/cv_postprocess.json", FUSED,
-                   "seen minus unseen slices, ce_dice 30 epochs"),
+                            "cv_boundary_long_fused/cv_postprocess.json", FUSED),
+    "cv_fit_gap": ("cv_fit_ceiling/cv_postprocess.json", FUSED, "cv_fused_sigma/cv_postprocess.json", FUSED),
     "cv_long_fit_gap": ("cv_boundary_long_fit/cv_postprocess.json", FUSED, "cv_boundary_long_fused/cv_postprocess.json",
-                        FUSED, "seen minus unseen slices, boundary_ce_dice 60 epochs"),
+                        FUSED),
 }
 
 
 def _paired(results: Results, prefix: str, metric: str, sigma: str) -> list[float]:
     """Per fold, ``metric`` at in-plane ``sigma`` of ``_PAIRED[prefix]``'s file minus its base's
     (``abs_``: of absolute values): the paired change of what differs between the two."""
-    rel, label, base_rel, base_label, _ = _PAIRED[prefix]
+    rel, label, base_rel, base_label = _PAIRED[prefix]
     variant = f"in-plane sigma {sigma}"
     key = metric.removeprefix("abs_")
 
@@ -1038,6 +1035,7 @@ for _prefix in _PAIRED:
             derived(f"{_prefix}_paired_{_name}_{_tag}")(_paired_mean)
             derived(f"{_prefix}_paired_sd_{_name}_{_tag}")(_paired_sd)
             derived(f"{_prefix}_folds_better_{_name}_{_tag}")(_paired_better)
+
 
 def _interval_pairs(results: Results, method: str = "U-Net fused, sigma 0.7") -> list[tuple[dict, dict]]:
     """(ce_dice row, boundary_ce_dice row) of each metric with an interval in both out-of-fold files."""
