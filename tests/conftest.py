@@ -76,7 +76,10 @@ def make_tiny_params(params: dict, folder: Path) -> dict:
     p["tiles"].update(size=32, steps_per_epoch=2)
     # float32: tests compare scores across batch sizes and processes; train.precision: auto would
     # make that hardware-dependent (bf16 on AVX512-BF16/AMX machines).
-    p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1, precision="float32")
+    # 2-D (params.yaml's recipe is 2.5D): most tests compare a slab's labels with a prediction of
+    # those slices alone, which 2.5D makes differ at the slab's ends; tests of 2.5D set context_slices.
+    p["train"].update(encoder="unet", epochs=1, batch_size=2, base_filters=4, patience=1, precision="float32",
+                      context_slices=0)
     p["mlflow"]["tracking_uri"] = f"sqlite:///{folder / 'mlflow.db'}"
     # Slice by slice: the y and x planes of a 24-slice phantom through a one-epoch network add time,
     # not meaning; fusion has its own tests (test_window, test_segment, test_pyfunc, test_serving).
@@ -127,6 +130,25 @@ def _write_slices(folder: Path, stem: str, arrays, width: int = 3, ext: str = ".
 def write_slices():
     """Write arrays as one TIFF per slice, ``<stem><number><ext>`` as microscopes export them."""
     return _write_slices
+
+
+def _load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (benchmarks are scripts, not part of the package),
+    registered under ``socseg_<name>_benchmark`` so that dataclasses and pickling find it."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"socseg_{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Load a benchmark script by name: ``load_benchmark("cv_postprocess")``."""
+    return _load_benchmark
 
 
 @pytest.fixture(scope="session")

@@ -3,28 +3,15 @@ whole volume once; a slice held out twice or by no fold is refused."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"socseg_{name}_benchmark", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def bench():
-    return load("cv_out_of_fold")
+def bench(load_benchmark):
+    return load_benchmark("cv_out_of_fold")
 
 
 def fold_slab(order: list[int], used: int) -> SimpleNamespace:
@@ -33,8 +20,8 @@ def fold_slab(order: list[int], used: int) -> SimpleNamespace:
     return SimpleNamespace(volume=SimpleNamespace(meta=meta), z_range=(used, len(order)))
 
 
-def test_five_held_out_folds_fill_the_volume_once_in_their_place(bench):
-    accuracy = load("accuracy")
+def test_five_held_out_folds_fill_the_volume_once_in_their_place(bench, load_benchmark):
+    accuracy = load_benchmark("accuracy")
     volume = np.arange(200)[:, None, None] * np.ones((1, 3, 4), int)  # each slice holds its own z
     filled = np.zeros(200, bool)
     assembled = None

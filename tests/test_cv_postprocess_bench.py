@@ -3,8 +3,6 @@ in-plane one is the predictor's own smoothing), its scores against the labels an
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +13,8 @@ NAMES = ["pore", "ysz", "ni"]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks/cv_postprocess.py"
-    spec = importlib.util.spec_from_file_location("socseg_cv_postprocess_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("cv_postprocess")
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks/fold_seam.py"
-    spec = importlib.util.spec_from_file_location("socseg_fold_seam_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("fold_seam")
 
 
 def test_the_old_copy_puts_the_last_slice_before_slice_0_and_the_others_do_not(bench):

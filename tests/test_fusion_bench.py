@@ -3,22 +3,14 @@ a summary whose keys the docs can name."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks/fusion_bench.py"
-    spec = importlib.util.spec_from_file_location("socseg_fusion_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("fusion_bench")
 
 
 @pytest.fixture(scope="module")

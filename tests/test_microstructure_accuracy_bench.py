@@ -4,10 +4,7 @@ percolating in one volume only is shown as infinite, not dropped."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +14,8 @@ NAMES = ["pore", "ysz", "ni"]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks/microstructure_accuracy.py"
-    spec = importlib.util.spec_from_file_location("socseg_microstructure_accuracy_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("microstructure_accuracy")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,12 @@ def test_trial_params_apply_the_space_from_params(search_params):
     from socseg.training.search import trial_params
 
     trial = optuna.trial.FixedTrial(
-        {"train.learning_rate": 0.001, "train.loss": "ce", "tiles.augment.intensity_jitter": 0.07, "train.encoder": "vgg16"}
+        {"train.learning_rate": 0.0023, "train.loss": "ce", "tiles.augment.intensity_jitter": 0.07, "train.encoder": "vgg16"}
     )
     before = copy.deepcopy(search_params)
-    assert before["train"]["learning_rate"] != 0.001 and before["train"]["loss"] != "ce"  # the trial changes both
+    assert before["train"]["learning_rate"] != 0.0023 and before["train"]["loss"] != "ce"  # the trial changes both
     tree = trial_params(search_params, "all", trial)
-    assert tree["train"]["learning_rate"] == 0.001 and tree["train"]["loss"] == "ce"
+    assert tree["train"]["learning_rate"] == 0.0023 and tree["train"]["loss"] == "ce"
     assert tree["tiles"]["augment"]["intensity_jitter"] == 0.07
     assert tree["train"]["encoder"] == "vgg16"
     assert search_params == before  # base params untouched, nested sections included
