@@ -706,7 +706,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "ni_connectivity": "microstructure.md", "cv_out_of_fold_boundary": "microstructure.md",
     "cv_ni_boundary": "accuracy.md", "cv_boundary_long": "accuracy.md", "cv_boundary_long_fused": "accuracy.md",
     "cv_boundary_long_fit": "accuracy.md",
-    "cv_ensemble_loss": "accuracy.md", "cv_out_of_fold_long": "microstructure.md",
+    "cv_ensemble_loss": "accuracy.md", "cv_out_of_fold_long": "microstructure.md", "interface_errors": "accuracy.md",
 }
 
 
@@ -1122,6 +1122,19 @@ def _kept_isolated_max_bridge(results: Results) -> float:
     if not rows:
         raise KeyError("ni_connectivity: no isolated labels component that the U-Net keeps has a bridge level")
     return max(float(r["bridge_scale"]) for r in rows)
+
+
+@derived("interface_errors_doublings_for_ni_goal")
+def _doublings_for_ni_goal(results: Results) -> float:
+    """interface_errors: how many more doublings of the training budget would take the 60-epoch
+    models' Ni errors down to Ni IoU 0.99 if each doubling cut them as the one from 30 to 60 epochs
+    did (a geometric extrapolation from one step, stated as such where it is shown)."""
+    figures = results.data("interface_errors/interface_errors.json")["figures"]
+    long, short = figures["cv_boundary_long_fused"], figures["cv_boundary_fixed"]
+    per_doubling = long["wrong_voxels"]["ni"] / short["wrong_voxels"]["ni"]
+    if not 0.0 < per_doubling < 1.0:
+        raise KeyError(f"interface_errors: the longer training did not cut the Ni errors ({per_doubling:.3f})")
+    return math.log(1.0 - long["ni_error_cut_for_goal"]["mean"]) / math.log(per_doubling)
 
 
 def _tortuosity_errors(results: Results, variant: str, phase: str | None = None, axis: str | None = None) -> list[float]:
