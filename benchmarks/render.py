@@ -711,6 +711,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_ni_boundary": "accuracy.md", "cv_boundary_long": "accuracy.md", "cv_boundary_long_fused": "accuracy.md",
     "cv_boundary_long_fit": "accuracy.md",
     "cv_ensemble_loss": "accuracy.md", "cv_out_of_fold_long": "microstructure.md", "interface_errors": "accuracy.md",
+    "quickstart_avx2_native": "speed.md",
 }
 
 
