@@ -124,6 +124,18 @@ def fold_rows(record: Mapping[str, Any], method: str, variant: str) -> dict[int,
     return rows
 
 
+def fold_layout(record: Mapping[str, Any]) -> tuple[int, tuple[float, ...]]:
+    """(number of folds, split) of the cross-validation a cv_postprocess record scored, from its
+    settings; a record that does not say is refused rather than guessed."""
+    import re
+
+    data = record.get("settings", {}).get("data", "")
+    found = re.search(r"of (\d+) contiguous z-folds, split \[([^\]]+)\]", data)
+    if found is None:
+        raise SystemExit(f"settings.data {data!r}: no fold count and split recorded")
+    return int(found.group(1)), tuple(float(v) for v in found.group(2).split(","))
+
+
 def analyse(label: str, scored: Mapping[int, Mapping[str, Any]], truths: Mapping[int, np.ndarray],
             cnr: Mapping[str, float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (one per fold and interface, one per fold and phase) and figures for one scores file."""
@@ -189,17 +201,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if [n.lower() for n in volume.class_names] != list(PHASES):
         raise SystemExit(f"{source}: phases {volume.class_names}, expected {PHASES}")
     grey = contrast(np.asarray(volume.image), np.asarray(volume.class_index(slice(0, volume.image.shape[0]))), PHASES)
-    settings_split = {path: record["command"].split("--split ")[1].split()[0] if "--split " in record["command"] else "0.6,0.1,0.3,8"
-                      for path, record in records.items()}
-    if len(set(settings_split.values())) != 1:
-        raise SystemExit(f"the scores files use different splits: {settings_split}")
-    split = [float(v) for v in next(iter(settings_split.values())).split(",")]
+    layouts = {(fold_layout(record)) for record in records.values()}
+    if len(layouts) != 1:
+        raise SystemExit(f"the scores files come from different cross-validations (folds, split): {sorted(layouts)}")
+    n_folds, split = next(iter(layouts))
     folds = {fold for rows in scored.values() for fold in rows}
-    n_folds = 5
     truths = {}
     for fold in sorted(folds):
         with tempfile.TemporaryDirectory(prefix="socseg-interface-errors-") as tmp:
-            slab = test_slabs(fold_setting(source, args.cache_dir, n_folds, fold - 1, split, Path(tmp)))[0]
+            slab = test_slabs(fold_setting(source, args.cache_dir, n_folds, fold - 1, list(split), Path(tmp)))[0]
             truths[fold] = np.asarray(slab.targets("phases"))
     rows: list[dict[str, Any]] = []
     figures: dict[str, Any] = {"cnr": grey["cnr"], "grey": grey["phases"]}

@@ -92,3 +92,10 @@ def test_contrast_to_noise_of_each_pair(bench):
     assert grey["cnr"]["pore-ysz"] == pytest.approx(10.0, rel=0.05)
     assert grey["cnr"]["ysz-ni"] == pytest.approx(5.0, rel=0.05)
     assert grey["cnr"]["pore-ni"] == pytest.approx(15.0, rel=0.05)
+
+
+def test_the_fold_layout_is_read_from_the_record_and_a_silent_one_is_refused(bench):
+    data = "SOCPristine, 5 of 5 contiguous z-folds, split [0.6, 0.1, 0.3, 8] (the CV run's fold copies)"
+    assert bench.fold_layout({"settings": {"data": data}}) == (5, (0.6, 0.1, 0.3, 8.0))
+    with pytest.raises(SystemExit, match="no fold count and split"):
+        bench.fold_layout({"settings": {"data": "SOCPristine"}})
