@@ -145,7 +145,8 @@ def analyse(label: str, scored: Mapping[int, Mapping[str, Any]], truths: Mapping
     for fold, row in sorted(scored.items()):
         truth = truths[fold]
         voxels = {name: float((truth == i).sum()) for i, name in enumerate(PHASES)}
-        faces = interface_faces(truth, len(PHASES))
+        upper = interface_faces(truth, len(PHASES))
+        faces = upper + upper.T  # faces[a, b] == faces[b, a]; a row sums to that phase's own faces
         wrong = {name: wrong_voxels(voxels[name], row[f"iou_{name}"], row[f"err.vf.{name}"]) for name in PHASES}
         confused = pair_confusions(wrong)
         rates = {}
@@ -155,15 +156,13 @@ def analyse(label: str, scored: Mapping[int, Mapping[str, Any]], truths: Mapping
             per_face[f"{a}-{b}"].append(rates[(a, b)])
             rows.append({"scores": label, "fold": fold, "kind": "interface", "name": f"{a}-{b}", "faces": n_faces,
                          "wrong_voxels": confused[(a, b)], "per_face": rates[(a, b)], "cnr": cnr[f"{a}-{b}"]})
-        ni_faces = {pair: int(faces[PHASES.index(pair[0]), PHASES.index(pair[1])]) for pair in PAIRS if "ni" in pair}
-        like_pore_ysz = rates[("pore", "ysz")] * sum(ni_faces.values())
+        like_pore_ysz = rates[("pore", "ysz")] * faces[PHASES.index("ni")].sum()
         ni_iou.append(row["iou_ni"])
         ni_if_like_pore_ysz.append(iou_from_wrong(voxels["ni"], like_pore_ysz))
         needed = 2.0 * voxels["ni"] * (1.0 - NI_GOAL) / (1.0 + NI_GOAL)
         ni_cut.append(1.0 - needed / wrong["ni"])
         for name in PHASES:
-            own_faces = int(sum(faces[min(i, PHASES.index(name)), max(i, PHASES.index(name))]
-                                for i in range(len(PHASES)) if i != PHASES.index(name)))
+            own_faces = int(faces[PHASES.index(name)].sum())
             rows.append({"scores": label, "fold": fold, "kind": "phase", "name": name, "faces": own_faces,
                          "wrong_voxels": wrong[name], "faces_per_voxel": own_faces / voxels[name],
                          "iou": row[f"iou_{name}"]})
