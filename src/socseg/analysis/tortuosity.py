@@ -87,6 +87,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import linalg as sparse_linalg
+from threadpoolctl import threadpool_limits
 
 AXES: tuple[str, str, str] = ("z", "y", "x")
 # Voxels per solve: a 200x501x501 volume in one piece (the column bias is large; see the module
@@ -365,7 +366,12 @@ def _column_flux(diffusivity: np.ndarray, spacing: tuple[float, float, float], t
     matrix, rhs, start, (_, g_in), _ = _system(diffusivity, keep, spacing)
     if field is not None:
         start = _warm_start(start, keep, field)
-    flux, solution = _solve(matrix, rhs, start, float(g_in.sum()), tolerance)
+    # BLAS on one thread, whatever this process started with: a threaded dot product sums in
+    # another order, so a solve in a worker started with OPENBLAS_NUM_THREADS=1 (a Dask nanny
+    # leaves it in the environment of the process that started it) would otherwise differ from
+    # the same solve here in the last digits. A solve is meant for one core (SolveQueue).
+    with threadpool_limits(limits=1, user_api="blas"):
+        flux, solution = _solve(matrix, rhs, start, float(g_in.sum()), tolerance)
     return flux, keep, solution
 
 
