@@ -233,6 +233,18 @@ def write_result(out: Path, name: str, title: str, metadata: Mapping[str, Any], 
     return json_path, md_path
 
 
+def add_socpristine_arguments(parser: "argparse.ArgumentParser | argparse._ArgumentGroup") -> None:
+    """``--source`` (the SOCPristine folder) and ``--cache-dir`` (where :func:`import_socpristine`
+    keeps its import): the data arguments of every benchmark that reads the real volume."""
+    parser.add_argument("--source", type=Path,
+                        default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")),
+                        help="SOCPristine folder (data/, labels/) [default: $SOCSEG_SHARED_DATA or ../shared/data/socpristine]")
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy",
+                        help="where the imported SOCPristine volume (and accuracy.py's shuffled copy) live "
+                             "[default: $SOCSEG_CACHE/accuracy or ~/.cache/socseg/accuracy]")
+
+
 def add_fold_model_arguments(parser: "argparse.ArgumentParser", method_help: str) -> None:
     """``--models`` (an accuracy.py ``--folds`` CSV), ``--method`` (its U-Net rows) and ``--split``
     (the CV run's): the arguments of every benchmark that reuses a cross-validation's fold models."""

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import (REPO, ONEDNN_ISA_ENV, command_line, cpu_class, cpu_info, describe_load, floats, git_commit,  # noqa: E402
+from _common import (REPO, ONEDNN_ISA_ENV, add_socpristine_arguments, command_line, cpu_class, cpu_info, describe_load, floats, git_commit,  # noqa: E402
                      git_dirty, hardware, import_socpristine, machine_load, write_result)
 
 from socseg.params import ENCODERS  # noqa: E402
@@ -61,10 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data = p.add_argument_group("data")
     data.add_argument("--train-volume", action="append", type=Path, help="training volume folder (repeatable)")
     data.add_argument("--test-volume", type=Path, help="test volume folder (default: test slab of each training volume)")
-    data.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")),
-                      help="SOCPristine folder (data/, labels/) used when no --train-volume is given")
-    data.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy",
-                      help="where the imported SOCPristine and the shuffled copy for the leakage run live")
+    add_socpristine_arguments(data)
     data.add_argument("--split", type=lambda t: floats(t, 4), default=None, metavar="TRAIN,VAL,TEST,GAP",
                       help="slab split fractions and gap [default: params.yaml split]")
     data.add_argument("--params", type=Path, default=REPO / "params.yaml")

@@ -45,7 +45,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, add_fold_model_arguments, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
+from _common import REPO, RESULTS, add_fold_model_arguments, add_socpristine_arguments, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
 
 
 def add_out_of_fold_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,8 +55,7 @@ def add_out_of_fold_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--rf-samples", type=int, default=150_000)
     p.add_argument("--rf-jobs", type=int, default=2)
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--params", type=Path, default=REPO / "params.yaml")
 
 

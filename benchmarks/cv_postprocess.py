@@ -63,7 +63,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_fold_model_arguments, floats, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_fold_model_arguments, add_socpristine_arguments, floats, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
 
 # Metrics compared with the labels; ``tpb.active_density.<axis>`` = TPB density x active share.
 METRICS = ("tpb.density", "tpb.active_density.z", "tpb.active_density.y", "tpb.active_density.x",
@@ -98,8 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--rf-samples", type=int, default=150_000)
     p.add_argument("--rf-jobs", type=int, default=2)
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", "../shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml")
     p.add_argument("--out", type=Path, default=RESULTS / "cv_postprocess")
     p.add_argument("--note", default="")

@@ -45,7 +45,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import REPO, RESULTS, add_socpristine_arguments, floats, import_socpristine, run_metadata, write_result  # noqa: E402
 
 NEW_SCANS = {  # name -> (gamma, blur sigma, noise x native): another beamtime's contrast, resolution and dose
     "gamma 0.5 + blur 2 + noise 4x": (0.5, 2.0, 4.0),
@@ -122,8 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="params override for the fine-tunes, e.g. finetune.epochs=10 (repeatable)")
     p.add_argument("--forest-trees", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--experiment", default="socseg-finetune-bench")
     p.add_argument("--out", type=Path, default=RESULTS / "finetune")
     p.add_argument("--note", default="")

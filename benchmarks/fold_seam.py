@@ -31,14 +31,13 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_socpristine_arguments, import_socpristine, run_metadata, write_result  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the 3-phase U-Net trained for the first fold")
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--gap", type=int, default=8)
     p.add_argument("--note", default="")

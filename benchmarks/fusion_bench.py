@@ -43,7 +43,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_fold_model_arguments, floats, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_fold_model_arguments, add_socpristine_arguments, floats, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
 
 WHOLE = "zyx, whole volume"
 PLAIN = "z (slice by slice)"
@@ -57,8 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=None, help="slices per chunk [the model's inference.fusion_depth]")
     p.add_argument("--only-folds", type=lambda t: [int(v) for v in floats(t)], default=None, help="1-based folds to run")
     p.add_argument("--time-volume", action="store_true", help="also time segment() on the whole volume, z and zyx")
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", "../shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--out", type=Path, default=RESULTS / "fusion_halo")
     p.add_argument("--note", default="")
     return p.parse_args(argv)

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_socpristine_arguments, floats, import_socpristine, run_metadata, write_result  # noqa: E402
 
 from socseg.model.precision import float32_network  # noqa: E402
 
@@ -108,8 +108,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=Path, required=True, help="accuracy.py CSV: U-Net rows with a model_uri")
     p.add_argument("--split", type=lambda t: floats(t, 4), default=[0.6, 0.1, 0.3, 8], metavar="TRAIN,VAL,TEST,GAP",
                    help="the split the models were trained with (their test slab is scored)")
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--windows", type=parse_windows, default=parse_windows("sliding:0.5,sliding:0.75,sliding:1.0,whole_slice"))
     p.add_argument("--precisions", type=parse_precisions, default=["as_trained"],
                    help="comma list: as_trained (the logged model as it loads) and/or float32 (the same weights "

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -46,7 +45,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_socpristine_arguments, import_socpristine, run_metadata, write_result  # noqa: E402
 
 PHASES = ("pore", "ysz", "ni")
 PAIRS = (("pore", "ysz"), ("pore", "ni"), ("ysz", "ni"))
@@ -59,8 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scores", type=Path, nargs="+", required=True, help="cv_postprocess.json files (held-out folds)")
     p.add_argument("--method", default="U-Net + multi-axis", help="the method of their rows to take")
     p.add_argument("--variant", default="in-plane sigma 0.7", help="the variant of their rows to take")
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", "../shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--out", type=Path, default=RESULTS / "interface_errors")
     p.add_argument("--note", default="")
     return p.parse_args(argv)

@@ -44,7 +44,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import REPO, RESULTS, add_socpristine_arguments, floats, import_socpristine, run_metadata, write_result  # noqa: E402
 
 # The metrics the goals name, shown first in the summary and in ``figures``.
 HEADLINE = ("tpb.density", "tpb.active.z", "vf.ni", "iface.pore-ni", "perc.ni.isolated", "size.ni.d50",
@@ -56,8 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, required=True, help="accuracy.py CSV with a phases U-Net row (model_uri)")
     p.add_argument("--split", type=lambda t: floats(t, 4), default=[0.6, 0.1, 0.3, 8], metavar="TRAIN,VAL,TEST,GAP")
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--params", type=Path, default=REPO / "params.yaml")
     p.add_argument("--samples", type=int, default=12, help="class-bias sweep volumes per interval")
     p.add_argument("--tortuosity-crop", type=int, default=256, help="y/x size of the centred crop for tortuosity; 0: none")

@@ -37,7 +37,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_socpristine_arguments, import_socpristine, run_metadata, write_result  # noqa: E402
 
 PAINTED = (4, 26)  # slices of the opened stack painted with corrections (0-based)
 
@@ -46,8 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=6.0, help="training budget of the base model")
     p.add_argument("--slices", default="150,182", help="the stack opened in napari: z range start,stop of the volume")
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", "../shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml")
     p.add_argument("--out", type=Path, default=RESULTS / "napari")
     return p.parse_args(argv)

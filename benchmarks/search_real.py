@@ -27,7 +27,7 @@ import yaml
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import REPO, command_line, floats, git_commit, hardware, import_socpristine  # noqa: E402
+from _common import REPO, add_socpristine_arguments, command_line, floats, git_commit, hardware, import_socpristine  # noqa: E402
 
 from socseg.params import ENCODERS  # noqa: E402
 
@@ -53,8 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="fixed params override for every trial, e.g. train.reduce_lr_patience=5")
     p.add_argument("--train-volume", type=Path, help="volume folder (default: SOCPristine from --source)")
-    p.add_argument("--source", type=Path, default=Path(os.environ.get("SOCSEG_SHARED_DATA", REPO.parent / "shared/data/socpristine")))
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("SOCSEG_CACHE", Path.home() / ".cache/socseg")) / "accuracy")
+    add_socpristine_arguments(p)
     p.add_argument("--params", type=Path, default=REPO / "params.yaml")
     p.add_argument("--study-name", default=None, help="default: real-<encoder>-<task>")
     p.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite in --cache-dir)")
