@@ -3,8 +3,10 @@
 Each run clones the committed HEAD into a temporary folder (no data, no stores, no .venv), runs
 ``bash scripts/setup_env.sh`` (timed as "install": pip reuses its wheel cache, as on a machine that
 installed once) and then ``bash scripts/quickstart.sh`` (timed as "after install": MLproject `main`
-with VGG16, evaluation, registration, `socseg segment` of the sample). The champion's test Ni IoU
-is read from the clone's metrics.json. Writes ``quickstart.json`` and ``quickstart.md`` to --out.
+with the default encoder, evaluation, registration, `socseg segment` of the sample). The champion's
+test Ni IoU is read from the clone's metrics.json, its encoder from outputs/search.json, and the
+seconds `socseg segment` reports for the sample from the log. Writes ``quickstart.json`` and
+``quickstart.md`` to --out.
 
     python benchmarks/quickstart_bench.py --runs 2
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -35,6 +38,13 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def segment_seconds(log: str) -> float | None:
+    """The seconds ``socseg segment`` reports for the sample ("segmented 48x192x192 in 85.3 s ..."),
+    or None when the log has no such line."""
+    found = re.findall(r"^segmented \S+ in ([0-9.]+) s", log, flags=re.M)
+    return float(found[-1]) if found else None
+
+
 def one_run(number: int, log_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="socseg-quickstart-") as tmp:
         clone = Path(tmp) / "socseg"
@@ -51,7 +61,9 @@ def one_run(number: int, log_dir: Path) -> dict:
                                  f"see {log_dir / f'run{number}-{step}.log'}")
         metrics = json.loads((clone / "metrics.json").read_text())
         row["test_iou_ni"] = round(float(metrics["test_iou_ni"]), 4)
+        row["encoder"] = json.loads((clone / "outputs" / "search.json").read_text())["best_encoder"]
         row["segmented"] = (clone / "outputs" / "sample_segmented.tif").is_file()
+        row["segment_s"] = segment_seconds((log_dir / f"run{number}-after_install.log").read_text())
         row["load_after"] = round(load_average(), 2)
     print(f"run {number}: {row}", flush=True)
     return row
@@ -81,7 +93,8 @@ def main() -> None:
                               f"if any, are not in them: checkout dirty {metadata['checkout_dirty']})"},
         figures=figures,
         columns=[("run", "run"), ("install_s", "install (s)", ".1f"), ("after_install_s", "after install (s)", ".1f"),
-                 ("test_iou_ni", "champion test Ni IoU", ".4f"), ("segmented", "sample segmented"),
+                 ("test_iou_ni", "champion test Ni IoU", ".4f"), ("encoder", "champion encoder"),
+                 ("segmented", "sample segmented"), ("segment_s", "socseg segment of the sample (s)", ".1f"),
                  ("load_before", "load avg before", ".2f"), ("load_after", "load avg after", ".2f")],
         rows=rows,
         notes=[f"Median after install: {figures['median_after_install_s']:.0f} s; median install (pip wheel cache "

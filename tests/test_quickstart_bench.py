@@ -1,0 +1,11 @@
+"""benchmarks/quickstart_bench.py: what it reads from a quick start's log."""
+
+
+def test_the_segment_time_is_the_last_one_socseg_segment_reports(load_benchmark):
+    quickstart_bench = load_benchmark("quickstart_bench")
+    log = ("Epoch 4/4\n40/40 - 19s - 472ms/step - loss: 0.0159\n"
+           "segmented 48x192x192 in 85.3 s (0.56 slices/s) -> outputs/a.tif\n"
+           "runtime: openvino 2026.4.1 (CPU, f32, 2 threads)\n"
+           "segmented 48x192x192 in 6.1 s (7.85 slices/s) -> outputs/sample_segmented.tif\n")
+    assert quickstart_bench.segment_seconds(log) == 6.1
+    assert quickstart_bench.segment_seconds("Done. nothing segmented in 3 s here\n") is None
