@@ -577,7 +577,8 @@ JSON_TABLES: dict[str, list[Column]] = {
     "distributed": [("mode", "mode", ""), ("slices_per_s", "slices/s", ".2f"), ("seconds", "wall s", ".1f"),
                     ("peak_rss_mib", "peak RSS per process (MiB)", ""), ("identical", "labels = single process", "")],
     "quickstart": [("run", "run", ""), ("install_s", "install s", ".1f"), ("after_install_s", "after install s", ".1f"),
-                   ("test_iou_ni", "champion test IoU Ni", ".4f"), ("segmented", "sample segmented", ""),
+                   ("test_iou_ni", "champion test IoU Ni", ".4f"), ("encoder", "champion encoder", ""),
+                   ("segmented", "sample segmented", ""), ("segment_s", "socseg segment s", ".1f"),
                    ("load_before", "load avg before", ".2f"), ("load_after", "load avg after", ".2f")],
     "suite": [("exit_code", "exit code", ""), ("ci_run_s", ".ci/run s", ".0f"), ("pytest_s", "pytest s", ".0f"),
               ("summary", "pytest summary", "")],
@@ -711,7 +712,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_ni_boundary": "accuracy.md", "cv_boundary_long": "accuracy.md", "cv_boundary_long_fused": "accuracy.md",
     "cv_boundary_long_fit": "accuracy.md",
     "cv_ensemble_loss": "accuracy.md", "cv_out_of_fold_long": "microstructure.md", "interface_errors": "accuracy.md",
-    "quickstart_avx2_native": "speed.md",
+    "quickstart_avx2_native": "speed.md", "quickstart_unet_avx2": "speed.md",
 }
 
 
