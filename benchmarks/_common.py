@@ -233,6 +233,34 @@ def write_result(out: Path, name: str, title: str, metadata: Mapping[str, Any], 
     return json_path, md_path
 
 
+def segment_volume_timing(model_uri: str, image: "np.ndarray", planes: Sequence[str] = ("z", "zyx")) -> list[dict[str, Any]]:
+    """``socseg.inference.segment.segment()`` of a whole volume (TIFF in and out, the model's own
+    runtime, smoothing and fusion settings), once per ``planes``: seconds and slices/s, what a user
+    of ``socseg segment`` waits for (reading and writing included, model loading not)."""
+    import tempfile
+
+    import tifffile
+
+    from socseg.inference.pyfunc import model_config
+    from socseg.inference.request import InferenceOptions
+    from socseg.inference.segment import SegmentOutputs, segment
+
+    config = model_config(model_uri)  # segment() loads the network itself
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="socseg-volume-time-") as tmp:
+        grey = Path(tmp) / "grey.tif"
+        tifffile.imwrite(grey, image, photometric="minisblack")
+        for plane in planes:
+            result = segment(model_uri, grey, SegmentOutputs.check(grey, Path(tmp) / f"{plane}.tif"),
+                             InferenceOptions(planes=plane), slice_batch=8, progress=False)
+            rows.append({"planes": plane, "slices": int(image.shape[0]), "seconds": result.seconds,
+                         "slices_per_s": result.slices_per_second, "runtime": result.runtime,
+                         "chunk": "8 slices" if plane == "z" else
+                         f"{config.fusion_depth} slices, halo {config.fusion_halo} (the model's)"})
+            print(f"whole volume, planes {plane}: {result.seconds:.1f} s ({result.slices_per_second:.2f} slices/s)", flush=True)
+    return rows
+
+
 def add_socpristine_arguments(parser: "argparse.ArgumentParser | argparse._ArgumentGroup") -> None:
     """``--source`` (the SOCPristine folder) and ``--cache-dir`` (where :func:`import_socpristine`
     keeps its import): the data arguments of every benchmark that reads the real volume."""

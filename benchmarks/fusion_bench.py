@@ -43,7 +43,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_fold_model_arguments, add_socpristine_arguments, floats, import_socpristine, joined_paths, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_fold_model_arguments, add_socpristine_arguments, floats, import_socpristine, joined_paths, run_metadata, segment_volume_timing, write_result  # noqa: E402
 
 WHOLE = "zyx, whole volume"
 PLAIN = "z (slice by slice)"
@@ -121,30 +121,6 @@ def fold_rows(model_uri: str, slab, halos: Sequence[int], depth: int | None, fol
     return rows
 
 
-def volume_timing(model_uri: str, image: np.ndarray) -> list[dict[str, Any]]:
-    """``segment()`` of the whole volume (TIFF in and out), planes z then zyx: seconds, slices/s."""
-    import tifffile
-
-    from socseg.inference.pyfunc import model_config
-    from socseg.inference.request import InferenceOptions
-    from socseg.inference.segment import SegmentOutputs, segment
-
-    config = model_config(model_uri)  # segment() loads the network itself
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="socseg-fusion-time-") as tmp:
-        grey = Path(tmp) / "grey.tif"
-        tifffile.imwrite(grey, image, photometric="minisblack")
-        for planes in ("z", "zyx"):
-            result = segment(model_uri, grey, SegmentOutputs.check(grey, Path(tmp) / f"{planes}.tif"),
-                             InferenceOptions(planes=planes), slice_batch=8, progress=False)
-            rows.append({"planes": planes, "slices": image.shape[0], "seconds": result.seconds,
-                         "slices_per_s": result.slices_per_second, "runtime": result.runtime,
-                         "chunk": "8 slices" if planes == "z" else
-                         f"{config.fusion_depth} slices, halo {config.fusion_halo} (the model's)"})
-            print(f"whole volume, planes {planes}: {result.seconds:.1f} s ({result.slices_per_second:.2f} slices/s)", flush=True)
-    return rows
-
-
 def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per way of predicting (keyed z, whole, halo<h>): means and sds over the folds (keys without
     dots, so the docs can name them)."""
@@ -185,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             slab = test_slabs(setting)[0]
             rows.extend(fold_rows(uri, slab, args.halos, args.depth, fold + 1))
             if args.time_volume and fold == wanted[-1]:
-                timing = volume_timing(uri, np.asarray(slab.volume.image))
+                timing = segment_volume_timing(uri, np.asarray(slab.volume.image))
         settings = {
             "models": f"{joined_paths(args.models)} ({args.method} rows, one per fold)",
             "data": f"SOCPristine, z-folds {', '.join(str(r) for r in sorted({r['fold'] for r in rows}))} of "

@@ -21,6 +21,12 @@ one, or an AVX2 laptop) that bf16 is emulated. ``--precisions as_trained,float32
 model as it loads and also the same weights computing in float32 (what ``auto`` trains on such a
 CPU); every U-Net row records the policy its layers computed in (``compute_dtype``).
 
+Planes (``--planes``): each window is timed with the model's own ``inference.planes`` (``model``,
+what ``socseg segment`` does with it; models saved since multi-axis fusion became the default fuse
+z, y and x) and with any other planes setting listed (``z``: slice by slice, the quick look), so
+the slices/s of the default path and of the quick look sit side by side. The row's ``planes``
+names what ran; fusing costs about three forward passes per slice.
+
 Runtimes (``--runtimes``): ``keras`` (the network through Keras), ``openvino`` (socseg's default
 CPU runtime, :mod:`socseg.inference.runtime`: the same weights compiled by OpenVINO in the precision
 Keras computes in), ``openvino-int8`` (that model quantised to int8 by NNCF's post-training
@@ -45,7 +51,7 @@ from typing import Any, Sequence
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_socpristine_arguments, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_socpristine_arguments, floats, import_socpristine, run_metadata, segment_volume_timing, write_result  # noqa: E402
 
 from socseg.model.precision import float32_network  # noqa: E402
 
@@ -60,6 +66,19 @@ def parse_windows(text: str) -> list[dict[str, Any]]:
         if name not in WINDOWS:
             raise argparse.ArgumentTypeError(f"unknown window {name!r}: use {', '.join(WINDOWS)}")
         out.append({"window": name, "step_fraction": float(step) if step else None})
+    return out
+
+
+def parse_planes(text: str) -> list[str | None]:
+    """``model,z`` -> planes overrides (None: the model's own ``inference.planes``)."""
+    from socseg.params import check_planes
+
+    out: list[str | None] = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            out.append(None if item == "model" else check_planes(item))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"planes {item!r}: {error} (or 'model')") from None
     return out
 
 
@@ -110,6 +129,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the split the models were trained with (their test slab is scored)")
     add_socpristine_arguments(p)
     p.add_argument("--windows", type=parse_windows, default=parse_windows("sliding:0.5,sliding:0.75,sliding:1.0,whole_slice"))
+    p.add_argument("--planes", type=parse_planes, default=[None], metavar="PLANES[,PLANES...]",
+                   help="comma list of planes settings each window is timed with: model (the model's own "
+                        "inference.planes, what socseg segment does), z (slice by slice), zyx (fused), ...")
     p.add_argument("--precisions", type=parse_precisions, default=["as_trained"],
                    help="comma list: as_trained (the logged model as it loads) and/or float32 (the same weights "
                         "computing in float32)")
@@ -121,6 +143,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rf-trees", type=int, default=100)
     p.add_argument("--rf-samples", type=int, default=150_000)
     p.add_argument("--rf-jobs", type=int, default=2)
+    p.add_argument("--volume", action="store_true",
+                   help="also time socseg segment of the whole SOCPristine volume with the first model, "
+                        "planes z and the model's own (figures.volume_timing): what a user waits for")
     p.add_argument("--quickstart", action="store_true", help="also time socseg segment of the sample with the quick-start model")
     p.add_argument("--out", type=Path, default=RESULTS / "inference")
     p.add_argument("--note", default="")
@@ -267,10 +292,13 @@ def window_rows(label: str, model_uri: str, predictor, slab, windows: list[dict[
     rows = []
     for settings in windows:
         name = settings["window"] + (f", step {settings['step_fraction']:g}" if settings["step_fraction"] else "")
+        planes = settings.get("planes") or predictor.config.planes
+        name += f", planes {planes}"
         row = {"model": label, "window": name, "model_uri": model_uri, "compute_dtype": dtype,
-               "runtime": predictor.runtime, "conv_kernels": convolution_kernels(predictor),
+               "runtime": predictor.runtime, "conv_kernels": convolution_kernels(predictor), "planes": planes,
                "settings": f"batch {predictor.config.batch_size} tiles of {predictor.config.tile_size}^2, "
-                           f"context {predictor.config.context_slices}"}
+                           f"context {predictor.config.context_slices}, planes {planes}, smoothing sigma "
+                           f"{predictor.config.smoothing_sigma:g}"}
         try:
             options = InferenceOptions(tta=False, **settings)
             score_slabs(predictor, [Slab(slab.volume, (slab.z_range[0], slab.z_range[0] + 2))], "ni", options=options)
@@ -361,13 +389,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     calibration = Slab(volume, (split.train[1] - args.calibration_slices, split.train[1])) if "openvino-int8" in args.runtimes else None
     for _, model in models.iterrows():
-        rows += unet_rows(str(model["method"]), str(model["model_uri"]), slab, args.windows, args.precisions,
+        windows = [{**window, "planes": planes} for window in args.windows for planes in args.planes]
+        rows += unet_rows(str(model["method"]), str(model["model_uri"]), slab, windows, args.precisions,
                           args.runtimes, calibration)
     if args.quickstart:
         with tempfile.TemporaryDirectory(prefix="socseg-inference-") as tmp:
             rows.append(quickstart_row(Path(tmp)))
+    figures: dict[str, Any] = {}
+    if args.volume:
+        import numpy as np
+
+        from socseg.inference.pyfunc import model_config
+
+        first = models.iloc[0]
+        model_planes = model_config(str(first["model_uri"])).planes
+        figures["volume_timing"] = segment_volume_timing(str(first["model_uri"]), np.asarray(volume.image),
+                                                         ["z"] + ([model_planes] if model_planes != "z" else []))
+        for timing in figures["volume_timing"]:
+            timing["model"] = str(first["method"])
     forest = rows[0]["slices_per_s"]
-    for row in rows:
+    for row in [*rows, *figures.get("volume_timing", [])]:
         row["x_forest"] = row["slices_per_s"] / forest if row.get("slices_per_s") else None
     settings = {"data": f"SOCPristine test slab z {slab.z_range[0]}-{slab.z_range[1] - 1} (split {args.split}), 501x501",
                 "models": str(args.models), "tta": "off", "timing": "prediction only, after a 2-slice warm-up",
@@ -384,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                               "ONEDNN_MAX_CPU_ISA does not apply to them")
     if args.note:
         settings["note"] = args.note
+    if args.volume:
+        settings["volume"] = (f"figures.volume_timing: socseg segment of the whole {volume.image.shape[0]}-slice volume "
+                              "(TIFF in and out, the model's runtime, smoothing and chunked fusion), first model only; "
+                              "x_forest against the forest row's slices/s")
     columns = [("model", "model"), ("window", "window"), ("iou_ni", "IoU Ni", ".4f"), ("mean_iou", "mean IoU", ".4f"),
                ("slices_per_s", "slices/s"), ("x_forest", "x forest"), ("agreement", "labels = Keras (%)", ".3f"),
                ("runtime", "runtime"), ("conv_kernels", "convolution kernels"), ("compute_dtype", "computes in"),
@@ -391,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     failed = [f"- {r['model']}, {r['window']}, {r['compute_dtype']}, {r.get('runtime', 'keras')}: did not run ({r['error']})"
               for r in rows if r.get("error")]
     json_path, md_path = write_result(args.out, "inference", "Inference: window vs speed, against the random forest",
-                                      metadata, settings, {}, columns, rows,
+                                      metadata, settings, figures, columns, rows,
                                       notes=["Settings that failed (kept as rows, no figures):", *failed] if failed else ())
     print(f"wrote {json_path} and {md_path}")
 

@@ -713,6 +713,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_boundary_long_fit": "accuracy.md",
     "cv_ensemble_loss": "accuracy.md", "cv_out_of_fold_long": "microstructure.md", "interface_errors": "accuracy.md",
     "quickstart_avx2_native": "speed.md", "quickstart_unet_avx2": "speed.md",
+    "base_2p5d_pv_epyc": "speed.md", "runtime_avx2_native": "speed.md",
 }
 
 

@@ -59,20 +59,22 @@ def test_inference_bench_scores_every_window_and_the_forest(tmp_path, params, wr
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/inference_bench.py"), "--models", str(models), "--source", str(source),
          "--cache-dir", str(tmp_path / "cache"), "--split", "0.5,0.2,0.3,1", "--windows", "sliding:0.5,sliding:1.0,whole_slice",
-         "--precisions", "as_trained,float32", "--rf-trees", "5", "--rf-samples", "2000", "--rf-jobs", "1", "--out", str(out)],
+         "--precisions", "as_trained,float32", "--planes", "model,zyx", "--volume", "--rf-trees", "5", "--rf-samples", "2000", "--rf-jobs", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     record = json.loads((out / "inference.json").read_text())
     rows = record["rows"]
-    windows = ["sliding, step 0.5", "sliding, step 1", "whole_slice"]
+    # Each window with the model's own planes (z, saved with it) and fused over z, y and x.
+    windows = [f"{w}, planes {p}" for w in ("sliding, step 0.5", "sliding, step 1", "whole_slice") for p in ("z", "zyx")]
     assert [r["window"] for r in rows] == ["-", *windows, *windows]
+    assert [r["planes"] for r in rows[1:7]] == ["z", "zyx"] * 3
     # Every window first as the model loads (its saved bf16 policy where bf16 is native and faster
     # here, else its float32 copy: socseg.model.precision), then with the same weights in float32.
     from socseg.model.precision import native_bf16
 
     loaded = "mixed_bfloat16" if native_bf16() else "float32"
-    assert [r["compute_dtype"].split()[0] for r in rows[1:]] == [loaded] * 3 + ["float32"] * 3
+    assert [r["compute_dtype"].split()[0] for r in rows[1:]] == [loaded] * 6 + ["float32"] * 6
     assert "as_trained, float32" in record["settings"]["precisions"]
     assert rows[0]["model"].startswith("random forest") and rows[0]["x_forest"] == 1.0
     for row in rows:
@@ -80,7 +82,11 @@ def test_inference_bench_scores_every_window_and_the_forest(tmp_path, params, wr
     # A one-convolution network: every window gives (nearly) the same labels, so the same IoU.
     assert np.ptp([r["iou_ni"] for r in rows[1:]]) < 0.02
     assert "test slab" in record["settings"]["data"] and record["git_commit"]
-    assert "| whole_slice |" in (out / "inference.md").read_text()
+    assert "| whole_slice, planes zyx |" in (out / "inference.md").read_text()
+    # --volume: socseg segment of the whole phantom with the first model, as saved (planes z only)
+    (timing,) = record["figures"]["volume_timing"]
+    assert timing["planes"] == "z" and timing["slices"] == 24 and timing["model"] == "tiny conv"
+    assert timing["slices_per_s"] > 0 and timing["x_forest"] == pytest.approx(timing["slices_per_s"] / rows[0]["slices_per_s"])
 
 
 def test_float32_network_computes_in_float32_with_the_same_weights():
@@ -220,3 +226,12 @@ def test_inference_bench_compares_runtimes_with_keras(tmp_path, params, write_sl
         assert row["slices_per_s"] > 0 and 0.0 <= row["iou_ni"] <= 1.0
     assert "labels = Keras" in record["settings"]["runtimes"]
     assert "labels = Keras (%)" in (out / "inference.md").read_text()
+
+
+def test_planes_are_the_models_own_or_checked():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from inference_bench import parse_planes
+
+    assert parse_planes("model,z,zyx") == [None, "z", "zyx"]
+    with pytest.raises(Exception, match="planes 'q'"):
+        parse_planes("model,q")
