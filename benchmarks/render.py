@@ -580,6 +580,9 @@ JSON_TABLES: dict[str, list[Column]] = {
                    ("test_iou_ni", "champion test IoU Ni", ".4f"), ("encoder", "champion encoder", ""),
                    ("segmented", "sample segmented", ""), ("segment_s", "socseg segment s", ".1f"),
                    ("load_before", "load avg before", ".2f"), ("load_after", "load avg after", ".2f")],
+    "fusion_depth": [("way", "way", ""), ("seconds", "seconds", ".1f"), ("slices_per_s", "slices/s", ".2f"),
+                     ("x_whole_time", "x whole-volume time", ".2f"), ("numpy_peak_mib", "NumPy peak MiB", ",.0f"),
+                     ("same_as_whole", "labels as whole-volume fusion", ".5%")],
     "suite": [("exit_code", "exit code", ""), ("ci_run_s", ".ci/run s", ".0f"), ("pytest_s", "pytest s", ".0f"),
               ("summary", "pytest summary", "")],
 }
@@ -713,7 +716,7 @@ PAGES = {  # where each folder's table is shown on the site (docs/benchmarks/)
     "cv_boundary_long_fit": "accuracy.md",
     "cv_ensemble_loss": "accuracy.md", "cv_out_of_fold_long": "microstructure.md", "interface_errors": "accuracy.md",
     "quickstart_avx2_native": "speed.md", "quickstart_unet_avx2": "speed.md",
-    "base_2p5d_pv_epyc": "speed.md", "runtime_avx2_native": "speed.md",
+    "base_2p5d_pv_epyc": "speed.md", "runtime_avx2_native": "speed.md", "fusion_depth_avx2": "speed.md",
 }
 
 
