@@ -233,6 +233,18 @@ def write_result(out: Path, name: str, title: str, metadata: Mapping[str, Any], 
     return json_path, md_path
 
 
+def model_rows(csv_path: Path, task: str | None = None) -> "pd.DataFrame":
+    """The rows of an ``accuracy.py`` CSV that name a logged model (``model_uri``), of ``task``
+    when given; refuses a CSV with none."""
+    import pandas as pd
+
+    models = pd.read_csv(csv_path)
+    wanted = models["model_uri"].notna() & ((models["task"] == task) if task else True)
+    if not wanted.any():
+        raise SystemExit(f"{csv_path}: no {task + '-task ' if task else ''}row with a model_uri")
+    return models[wanted]
+
+
 def segment_volume_timing(model_uri: str, image: "np.ndarray", planes: Sequence[str] = ("z", "zyx")) -> list[dict[str, Any]]:
     """``socseg.inference.segment.segment()`` of a whole volume (TIFF in and out, the model's own
     runtime, smoothing and fusion settings), once per ``planes``: seconds and slices/s, what a user

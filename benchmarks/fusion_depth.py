@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, add_socpristine_arguments, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_socpristine_arguments, import_socpristine, model_rows, run_metadata, write_result  # noqa: E402
 
 
 def parse_ways(text: str) -> list[tuple[int | None, int]]:
@@ -100,16 +100,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import pandas as pd
-
     from socseg.data.volumes import load_volume
     from socseg.inference.predictor import Predictor
 
-    models = pd.read_csv(args.models)
-    models = models[models["model_uri"].notna()]
-    if models.empty:
-        raise SystemExit(f"{args.models}: no row with a model_uri")
-    model = models.iloc[0]
+    model = model_rows(args.models).iloc[0]
     image = np.asarray(load_volume(import_socpristine(args.source, args.cache_dir)).image)
     metadata = run_metadata(__file__, argv)
     predictor = Predictor.load(str(model["model_uri"])).as_served()

@@ -51,7 +51,7 @@ from typing import Any, Sequence
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_socpristine_arguments, floats, import_socpristine, run_metadata, segment_volume_timing, write_result  # noqa: E402
+from _common import RESULTS, add_socpristine_arguments, floats, import_socpristine, model_rows, run_metadata, segment_volume_timing, write_result  # noqa: E402
 
 from socseg.model.precision import float32_network  # noqa: E402
 
@@ -375,12 +375,7 @@ def quickstart_row(tmp: Path) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import pandas as pd
-
-    models = pd.read_csv(args.models)
-    models = models[models["model_uri"].notna() & (models["task"] == "ni")]
-    if models.empty:
-        raise SystemExit(f"{args.models}: no ni-task row with a model_uri")
+    models = model_rows(args.models, "ni")
     volume, split, slab = test_slab(import_socpristine(args.source, args.cache_dir), args.split, args.test_slices)
     metadata = run_metadata(__file__, argv)
     rows = [forest_row(volume, split, slab, args)]

@@ -36,7 +36,7 @@ import numpy as np
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_socpristine_arguments, floats, import_socpristine, run_metadata, write_result  # noqa: E402
+from _common import RESULTS, add_socpristine_arguments, floats, import_socpristine, model_rows, run_metadata, write_result  # noqa: E402
 
 
 def native_noise_sigma(image: np.ndarray) -> float:
@@ -90,8 +90,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import pandas as pd
-
     from socseg.data.prepare import Slab
     from socseg.data.split import slab_split
     from socseg.data.volumes import Volume, VolumeMeta, load_volume
@@ -99,10 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from socseg.inference.predictor import Predictor
     from socseg.inference.request import InferenceOptions
 
-    models = pd.read_csv(args.models)
-    models = models[models["model_uri"].notna()]
-    if models.empty:
-        raise SystemExit(f"{args.models}: no row with a model_uri")
+    models = model_rows(args.models)
     volume = load_volume(import_socpristine(args.source, args.cache_dir))
     train, val, test, gap = args.split
     z_range = slab_split(volume.image.shape[0], train, val, test, int(gap)).test

@@ -297,3 +297,17 @@ def test_quantise_volume_normalises_on_the_training_slab_and_keeps_labels(repo_r
     assert (record["low"], record["high"]) == (float(grey[a:b].min()), float(grey[a:b].max()))
     assert copy.image[a:b].min() == 0 and copy.image[a:b].max() == 255 and (copy.image[25:] == 255).all()
     assert (source / "image.tif").read_bytes() == before
+
+
+def test_benchmark_model_rows_keep_logged_models_of_the_task(repo_root, tmp_path, monkeypatch):
+    """benchmarks/_common.py: the model rows inference_bench, normalisation_bench and fusion_depth read."""
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    import _common
+
+    csv = tmp_path / "accuracy.csv"
+    csv.write_text("task,method,model_uri\nni,forest,\nni,U-Net,models:/m-1\nphases,U-Net,models:/m-2\n")
+    assert list(_common.model_rows(csv)["model_uri"]) == ["models:/m-1", "models:/m-2"]
+    assert list(_common.model_rows(csv, "phases")["method"]) == ["U-Net"]
+    csv.write_text("task,method,model_uri\nni,forest,\nphases,U-Net,models:/m-2\n")
+    with pytest.raises(SystemExit, match="no ni-task row with a model_uri"):
+        _common.model_rows(csv, "ni")
