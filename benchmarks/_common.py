@@ -245,6 +245,15 @@ def model_rows(csv_path: Path, task: str | None = None) -> "pd.DataFrame":
     return models[wanted]
 
 
+def quickstart_command() -> tuple[str, dict[str, str]]:
+    """The ``mlflow run`` line of ``scripts/quickstart.sh`` and its ``-P name=value`` parameters."""
+    script = (REPO / "scripts" / "quickstart.sh").read_text()
+    line = next(row.strip() for row in script.splitlines() if row.strip().startswith("mlflow run")).rstrip(" \\")
+    words = shlex.split(line)
+    parameters = dict(words[i + 1].split("=", 1) for i, word in enumerate(words[:-1]) if word == "-P")
+    return line, parameters
+
+
 def segment_volume_timing(model_uri: str, image: "np.ndarray", planes: Sequence[str] = ("z", "zyx")) -> list[dict[str, Any]]:
     """``socseg.inference.segment.segment()`` of a whole volume (TIFF in and out, the model's own
     runtime, smoothing and fusion settings), once per ``planes``: seconds and slices/s, what a user

@@ -10,9 +10,9 @@ the scoring path of the evaluate stage, no TTA) with every ``--windows`` setting
 ilastik-style random forest trained here on the same training slab: IoU and slices/s of
 prediction (the forest: feature filters + trees; the U-Nets: normalisation + network + blending;
 neither counts reading). Each setting is warmed up on two slices first (graph tracing is not
-inference). ``--quickstart`` also trains the README quick-start model (one VGG16 run, 3 epochs x
-15 steps, on the built-in sample) and times ``socseg segment`` of the 48x192x192 sample after
-model load. Writes ``inference.json`` and ``inference.md`` into ``--out``.
+inference). ``--quickstart`` also trains a model like the README quick start's (the encoder,
+epochs and steps of ``scripts/quickstart.sh``, on the built-in sample) and times ``socseg segment``
+of the 48x192x192 sample after model load. Writes ``inference.json`` and ``inference.md`` into ``--out``.
 
 Precision: a logged model computes in the dtype policy it was trained with (``train.precision``;
 ``auto`` is bf16 on a CPU with AVX512-BF16 or AMX), whatever CPU loads it: the layers' policies
@@ -51,7 +51,7 @@ from typing import Any, Sequence
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests) rather than run as a script
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, add_socpristine_arguments, floats, import_socpristine, model_rows, run_metadata, segment_volume_timing, write_result  # noqa: E402
+from _common import RESULTS, add_socpristine_arguments, floats, import_socpristine, model_rows, quickstart_command, run_metadata, segment_volume_timing, write_result  # noqa: E402
 
 from socseg.model.precision import float32_network  # noqa: E402
 
@@ -347,8 +347,9 @@ def failure(error: Exception) -> str:
 
 
 def quickstart_row(tmp: Path) -> dict[str, Any]:
-    """The README quick start's model (one VGG16 run, 3 x 15 steps, on the sample), then ``socseg
-    segment`` of the sample with it: seconds after model load (SegmentResult.seconds)."""
+    """A model like the README quick start's (one training run with the encoder, epochs and steps
+    of ``scripts/quickstart.sh``, params.yaml for the rest, on the sample), then ``socseg segment``
+    of the sample with it: seconds after model load (SegmentResult.seconds)."""
     import mlflow
 
     from socseg.data.prepare import load_labelled_volumes
@@ -357,8 +358,10 @@ def quickstart_row(tmp: Path) -> dict[str, Any]:
     from socseg.training.train import train
 
     p = load_params()
-    p["train"].update(encoder="vgg16", epochs=3)
-    p["tiles"]["steps_per_epoch"] = 15
+    _, quickstart = quickstart_command()
+    p["train"]["encoder"] = quickstart.get("encoder", p["train"]["encoder"])
+    p["train"]["epochs"] = int(quickstart.get("epochs", p["train"]["epochs"]))
+    p["tiles"]["steps_per_epoch"] = int(quickstart.get("steps_per_epoch", p["tiles"]["steps_per_epoch"]))
     p["mlflow"]["experiment"] = "socseg-inference-bench"
     volume = load_labelled_volumes(p, ["sample"])[0]
     result = train(p, ["sample"], run_name="quickstart-model")
@@ -367,7 +370,8 @@ def quickstart_row(tmp: Path) -> dict[str, Any]:
     segmented = segment(result.model_uri, image, tmp / "sample-labels.tif", slice_batch=p["inference"]["slice_batch"],
                         progress=False)
     z, h, w = volume.image.shape
-    return {"model": "quick-start VGG16 (3 x 15 steps)", "window": p["inference"]["window"], "seconds": segmented.seconds,
+    return {"model": f"quick-start {p['train']['encoder']} ({p['train']['epochs']} x {p['tiles']['steps_per_epoch']} steps)",
+            "window": p["inference"]["window"], "seconds": segmented.seconds,
             "slices_per_s": segmented.slices_per_second, "settings": f"socseg segment of the {z}x{h}x{w} sample, after model load",
             "model_uri": result.model_uri}
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, run_metadata, write_result  # noqa: E402
+from _common import REPO, RESULTS, quickstart_command, run_metadata, write_result  # noqa: E402
 
 from socseg.model.precision import resolve_precision  # noqa: E402
 
@@ -84,11 +84,10 @@ def main() -> None:
         "median_install_s": statistics.median(r["install_s"] for r in rows),
         "min_test_iou_ni": min(r["test_iou_ni"] for r in rows),
     }
-    quickstart = (REPO / "scripts" / "quickstart.sh").read_text()
-    mlflow_line = next(line.strip() for line in quickstart.splitlines() if line.strip().startswith("mlflow run"))
+    mlflow_line, _ = quickstart_command()
     write_result(
         args.out, "quickstart", "Quick start from fresh clones", metadata,
-        settings={"runs": args.runs, "quickstart": mlflow_line.rstrip(" \\"),
+        settings={"runs": args.runs, "quickstart": mlflow_line,
                   "measured": f"fresh clones of commit {metadata['git_commit']} (the checkout's uncommitted changes, "
                               f"if any, are not in them: checkout dirty {metadata['checkout_dirty']})"},
         figures=figures,

@@ -9,3 +9,11 @@ def test_the_segment_time_is_the_last_one_socseg_segment_reports(load_benchmark)
            "segmented 48x192x192 in 6.1 s (7.85 slices/s) -> outputs/sample_segmented.tif\n")
     assert quickstart_bench.segment_seconds(log) == 6.1
     assert quickstart_bench.segment_seconds("Done. nothing segmented in 3 s here\n") is None
+
+
+def test_the_quickstart_command_is_read_from_the_script(load_benchmark):
+    common = load_benchmark("_common")
+    line, parameters = common.quickstart_command()
+    script = (common.REPO / "scripts" / "quickstart.sh").read_text()
+    assert line.startswith("mlflow run . ") and line in script and not line.endswith("\\")
+    assert parameters["n_trials"] == "1" and int(parameters["epochs"]) >= 1 and int(parameters["steps_per_epoch"]) >= 1
