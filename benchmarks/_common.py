@@ -254,10 +254,12 @@ def quickstart_command() -> tuple[str, dict[str, str]]:
     return line, parameters
 
 
-def segment_volume_timing(model_uri: str, image: "np.ndarray", planes: Sequence[str] = ("z", "zyx")) -> list[dict[str, Any]]:
+def segment_volume_timing(model_uri: str, image: "np.ndarray",
+                          planes: Sequence[str | None] = ("z", "zyx")) -> list[dict[str, Any]]:
     """``socseg.inference.segment.segment()`` of a whole volume (TIFF in and out, the model's own
-    runtime, smoothing and fusion settings), once per ``planes``: seconds and slices/s, what a user
-    of ``socseg segment`` waits for (reading and writing included, model loading not)."""
+    runtime, smoothing and fusion settings), once per distinct ``planes`` (None: the model's own
+    ``inference.planes``): seconds and slices/s, what a user of ``socseg segment`` waits for
+    (reading and writing included, model loading not)."""
     import tempfile
 
     import tifffile
@@ -271,7 +273,7 @@ def segment_volume_timing(model_uri: str, image: "np.ndarray", planes: Sequence[
     with tempfile.TemporaryDirectory(prefix="socseg-volume-time-") as tmp:
         grey = Path(tmp) / "grey.tif"
         tifffile.imwrite(grey, image, photometric="minisblack")
-        for plane in planes:
+        for plane in dict.fromkeys(plane or config.planes for plane in planes):
             result = segment(model_uri, grey, SegmentOutputs.check(grey, Path(tmp) / f"{plane}.tif"),
                              InferenceOptions(planes=plane), slice_batch=8, progress=False)
             rows.append({"planes": plane, "slices": int(image.shape[0]), "seconds": result.seconds,

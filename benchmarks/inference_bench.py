@@ -398,12 +398,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.volume:
         import numpy as np
 
-        from socseg.inference.pyfunc import model_config
-
         first = models.iloc[0]
-        model_planes = model_config(str(first["model_uri"])).planes
-        figures["volume_timing"] = segment_volume_timing(str(first["model_uri"]), np.asarray(volume.image),
-                                                         ["z"] + ([model_planes] if model_planes != "z" else []))
+        figures["volume_timing"] = segment_volume_timing(str(first["model_uri"]), np.asarray(volume.image), ["z", None])
         for timing in figures["volume_timing"]:
             timing["model"] = str(first["method"])
     forest = rows[0]["slices_per_s"]
